@@ -1,0 +1,602 @@
+//! HTTP: parse a request into a service call, authenticate, map the answer
+//! and errors to status codes. No platform logic lives here.
+//!
+//! One warp filter captures every request; `route` matches method and path
+//! segments, so unknown routes and bad input get the same JSON error shape as
+//! everything else instead of warp's default rejections.
+
+pub mod types;
+
+use crate::model::{CallId, EnvVar, FunctionSpec, Name};
+use crate::service::{FunctionUpdate, OutputAnswer, Scope, Service, ServiceError};
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use types::*;
+use warp::http::{HeaderMap, Method, StatusCode};
+use warp::reply::Response;
+use warp::{Filter, Reply};
+
+/// The spec served at `/openapi.yaml`.
+pub const OPENAPI: &str = include_str!("../../assets/openapi.yaml");
+
+/// Longest a single `/wait` long-poll holds before answering 201/202; clients loop.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+/// "Forever" for `/sync`, without overflowing an Instant.
+const SYNC_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
+
+type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, warp::Error>> + Send>>;
+
+/// An HTTP error as the API shows it: a status and a stable code.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+    fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> ApiError {
+        let message = e.to_string();
+        let (status, code) = match e {
+            ServiceError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ServiceError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ServiceError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ServiceError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ServiceError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ServiceError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ServiceError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "engine_unavailable"),
+            ServiceError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %message, "internal error");
+        }
+        ApiError::new(status, code, message)
+    }
+}
+
+impl From<crate::model::IdError> for ApiError {
+    fn from(e: crate::model::IdError) -> ApiError {
+        ApiError::bad_request(e.to_string())
+    }
+}
+
+impl ApiError {
+    fn into_response(self) -> Response {
+        json_response(
+            self.status,
+            &ErrorBody {
+                error: ErrorDetail {
+                    code: self.code.to_string(),
+                    message: self.message,
+                },
+            },
+        )
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+/// One request, as the router needs it.
+struct Req {
+    method: Method,
+    path: String,
+    query: HashMap<String, String>,
+    raw_query: String,
+    headers: HeaderMap,
+    body: BodyStream,
+}
+
+/// The whole API as one warp filter.
+pub fn routes(svc: Arc<Service>) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    let raw_query = warp::query::raw()
+        .or(warp::any().map(String::new))
+        .unify();
+    warp::method()
+        .and(warp::path::full())
+        .and(raw_query)
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .then(move |method, path: warp::path::FullPath, raw_query: String, headers, body| {
+            let svc = Arc::clone(&svc);
+            let body: BodyStream = boxed_body(body);
+            async move {
+                let query = parse_query(&raw_query);
+                let req = Req {
+                    method,
+                    path: path.as_str().to_string(),
+                    query,
+                    raw_query,
+                    headers,
+                    body,
+                };
+                match route(&svc, req).await {
+                    Ok(r) => r,
+                    Err(e) => e.into_response(),
+                }
+            }
+        })
+}
+
+fn boxed_body<S, B>(body: S) -> BodyStream
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send + 'static,
+    B: Buf,
+{
+    Box::pin(body.map(|r| r.map(|mut b| b.copy_to_bytes(b.remaining()))))
+}
+
+async fn route(svc: &Arc<Service>, req: Req) -> ApiResult {
+    let segs: Vec<String> = req
+        .path
+        .trim_matches('/')
+        .split('/')
+        .map(|s| percent_decode(s))
+        .collect();
+    let s: Vec<&str> = segs.iter().map(String::as_str).collect();
+    let m = &req.method;
+    match s.as_slice() {
+        // ---- data plane: capability URLs ----
+        ["call", name, secret] => {
+            let f = svc.function_by_secret(name, secret)?;
+            accept(svc, f, false, req).await
+        }
+        ["call", name, secret, "sync"] => {
+            let f = svc.function_by_secret(name, secret)?;
+            accept(svc, f, true, req).await
+        }
+        ["output", name, secret, id] if m == Method::GET => {
+            let f = svc.function_by_secret(name, secret)?;
+            output(svc, &Scope::Function(&f), id, None).await
+        }
+        ["output", name, secret, id, "wait"] if m == Method::GET => {
+            let f = svc.function_by_secret(name, secret)?;
+            output(svc, &Scope::Function(&f), id, Some(wait_param(&req)?)).await
+        }
+        ["logs", name, secret] if m == Method::GET => {
+            let f = svc.function_by_secret(name, secret)?;
+            logs(svc, f, &req)
+        }
+        ["status", name, secret] if m == Method::GET => {
+            let f = svc.function_by_secret(name, secret)?;
+            Ok(json_response(StatusCode::OK, &StatusView::from(svc.stats(&f)?)))
+        }
+
+        // ---- unauthenticated service routes ----
+        ["healthz"] if m == Method::GET => {
+            let engine = svc.engine_ok().await;
+            let h = Health {
+                status: "ok".into(),
+                engine: if engine { "up" } else { "down" }.into(),
+            };
+            Ok(json_response(StatusCode::OK, &h))
+        }
+        ["metrics"] if m == Method::GET => Ok(text_response(metrics(svc).await, "text/plain; version=0.0.4")),
+        ["openapi.yaml"] if m == Method::GET => Ok(text_response(OPENAPI.to_string(), "application/yaml")),
+
+        // ---- management API ----
+        ["v1", rest @ ..] => {
+            let caller = authenticate(svc, &req.headers)?;
+            v1(svc, &caller, rest, req).await
+        }
+        _ => Err(ApiError::not_found(format!("no route for {} {}", req.method, req.path))),
+    }
+}
+
+async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req: Req) -> ApiResult {
+    let m = req.method.clone();
+    match rest {
+        ["functions"] if m == Method::GET => {
+            let list: Vec<FunctionView> = svc
+                .list_functions(caller)?
+                .iter()
+                .map(|f| FunctionView::new(f, svc.address(f)))
+                .collect();
+            Ok(json_response(StatusCode::OK, &list))
+        }
+        ["functions"] if m == Method::POST => {
+            let body: FunctionCreate = json_body(req.body).await?;
+            let name = Name::parse(&body.name)?;
+            let spec = FunctionSpec {
+                image: body.image,
+                command: body.command,
+                env: parse_env(&body.env)?,
+                timeout_ms: body.timeout.as_deref().map(parse_timeout).transpose()?.flatten(),
+                memory_bytes: body.memory,
+                cpus: body.cpus,
+            };
+            let f = svc.create_function(caller, name, spec).await?;
+            Ok(json_response(StatusCode::CREATED, &FunctionView::new(&f, svc.address(&f))))
+        }
+        ["functions", name] if m == Method::GET => {
+            let f = svc.function(caller, &Name::parse(name)?)?;
+            Ok(json_response(StatusCode::OK, &FunctionView::new(&f, svc.address(&f))))
+        }
+        ["functions", name] if m == Method::PATCH => {
+            let body: FunctionPatch = json_body(req.body).await?;
+            let update = FunctionUpdate {
+                image: body.image,
+                command: body.command,
+                env_set: parse_env(&body.env)?,
+                env_unset: body.unset_env,
+                timeout_ms: body.timeout.as_deref().map(parse_timeout).transpose()?,
+                memory_bytes: body.memory,
+                cpus: body.cpus,
+                refresh: body.refresh,
+            };
+            let f = svc.update_function(caller, &Name::parse(name)?, update).await?;
+            Ok(json_response(StatusCode::OK, &FunctionView::new(&f, svc.address(&f))))
+        }
+        ["functions", name] if m == Method::DELETE => {
+            let force = flag(&req, "force");
+            svc.delete_function(caller, &Name::parse(name)?, force).await?;
+            Ok(empty(StatusCode::NO_CONTENT))
+        }
+        ["functions", name, "call"] if m == Method::POST => {
+            let f = svc.function(caller, &Name::parse(name)?)?;
+            let sync = flag(&req, "sync");
+            accept(svc, f, sync, req).await
+        }
+        ["functions", name, "logs"] if m == Method::GET => {
+            let f = svc.function(caller, &Name::parse(name)?)?;
+            logs(svc, f, &req)
+        }
+        ["functions", name, "status"] if m == Method::GET => {
+            let f = svc.function(caller, &Name::parse(name)?)?;
+            Ok(json_response(StatusCode::OK, &StatusView::from(svc.stats(&f)?)))
+        }
+        ["calls", id] if m == Method::GET => {
+            let call = svc.call(&Scope::User(caller), &CallId::parse(id)?)?;
+            Ok(json_response(StatusCode::OK, &CallView::from(&call)))
+        }
+        ["calls", id, "output"] if m == Method::GET => {
+            let wait = if req.query.contains_key("wait") { Some(wait_param(&req)?) } else { None };
+            output(svc, &Scope::User(caller), id, wait).await
+        }
+        ["users"] if m == Method::GET => {
+            let users: Vec<UserView> = svc.list_users(caller)?.iter().map(|u| UserView::new(u, None)).collect();
+            Ok(json_response(StatusCode::OK, &users))
+        }
+        ["users"] if m == Method::POST => {
+            let body: UserCreate = json_body(req.body).await?;
+            let (user, key) = svc.add_user(caller, Name::parse(&body.name)?, body.max_concurrency, body.admin)?;
+            Ok(json_response(StatusCode::CREATED, &UserView::new(&user, Some(key.as_str().to_string()))))
+        }
+        ["users", name] if m == Method::PATCH => {
+            let body: UserPatch = json_body(req.body).await?;
+            let (user, key) = svc.update_user(caller, &Name::parse(name)?, body.max_concurrency, body.rotate_key)?;
+            Ok(json_response(StatusCode::OK, &UserView::new(&user, key.map(|k| k.as_str().to_string()))))
+        }
+        ["users", name] if m == Method::DELETE => {
+            svc.delete_user(caller, &Name::parse(name)?)?;
+            Ok(empty(StatusCode::NO_CONTENT))
+        }
+        _ => Err(ApiError::not_found(format!("no route for {} {}", req.method, req.path))),
+    }
+}
+
+fn authenticate(svc: &Service, headers: &HeaderMap) -> Result<crate::model::User, ApiError> {
+    let key = headers
+        .get(warp::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(|| ApiError::from(ServiceError::Unauthorized))?;
+    Ok(svc.authenticate(key)?)
+}
+
+/// Reads the body (bounded), accepts the call, and for `sync` waits for it.
+async fn accept(svc: &Arc<Service>, f: crate::model::Function, sync: bool, req: Req) -> ApiResult {
+    let env = request_env(&req);
+    let payload = read_body(svc, &req.headers, req.body).await?;
+    let id = svc.accept(&f, payload, env).await?;
+    if !sync {
+        return Ok(json_response(StatusCode::ACCEPTED, &CallAccepted { call_id: id.to_string() }));
+    }
+    output(svc, &Scope::Function(&f), &id.to_string(), Some(SYNC_WAIT)).await
+}
+
+async fn output(svc: &Arc<Service>, scope: &Scope<'_>, id: &str, wait: Option<Duration>) -> ApiResult {
+    let id = CallId::parse(id).map_err(|_| ApiError::not_found(format!("call {id} not found")))?;
+    let state = |status, state: &str| {
+        json_response(status, &serde_json::json!({"CallId": id.to_string(), "State": state}))
+    };
+    Ok(match svc.output(scope, &id, wait).await? {
+        OutputAnswer::Output(bytes) => {
+            let mut r = warp::http::Response::new(bytes).into_response();
+            r.headers_mut().insert(
+                warp::http::header::CONTENT_TYPE,
+                warp::http::HeaderValue::from_static("application/octet-stream"),
+            );
+            r
+        }
+        OutputAnswer::Running => state(StatusCode::CREATED, "RUNNING"),
+        OutputAnswer::Pending => state(StatusCode::ACCEPTED, "PENDING"),
+        OutputAnswer::Failed(call) => json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &serde_json::json!({
+                "error": {"code": "call_failed", "message": call.message.clone().unwrap_or_default()},
+                "CallId": call.id.to_string(),
+                "ExitCode": call.exit_code,
+                "ShortStderr": String::from_utf8_lossy(&call.short_stderr),
+            }),
+        ),
+        OutputAnswer::Gone(call) => ApiError::new(StatusCode::GONE, "output_gone", Service::output_state_message(&call)).into_response(),
+    })
+}
+
+fn logs(svc: &Arc<Service>, f: crate::model::Function, req: &Req) -> ApiResult {
+    let tail = match req.query.get("tail") {
+        Some(t) => Some(t.parse::<usize>().map_err(|_| ApiError::bad_request(format!("invalid tail {t:?}")))?),
+        None => None,
+    };
+    let call = match req.query.get("callid") {
+        Some(c) => Some(CallId::parse(c)?),
+        None => None,
+    };
+    let follow = flag(req, "follow");
+    let first = svc.events(&f, None, call.as_ref(), tail)?;
+    let mut last = first.last().map(|(seq, _)| *seq);
+    let lines = |events: Vec<(u64, crate::model::Event)>| -> Bytes {
+        let mut out = Vec::new();
+        for (_, e) in events {
+            // Serializing a struct of strings cannot fail.
+            if let Ok(mut line) = serde_json::to_vec(&EventView::from(&e)) {
+                line.push(b'\n');
+                out.extend(line);
+            }
+        }
+        Bytes::from(out)
+    };
+    if !follow {
+        return Ok(with_type(warp::http::Response::new(lines(first)).into_response(), "application/x-ndjson"));
+    }
+    // Follow: send what is there, then new events as calls change state,
+    // until the client goes away or the function is removed.
+    let svc = Arc::clone(svc);
+    let head = lines(first);
+    let mut changes = svc.scheduler.subscribe();
+    let stream = async_stream(move |tx| async move {
+        if tx.send(head).await.is_err() {
+            return;
+        }
+        loop {
+            if changes.changed().await.is_err() {
+                return;
+            }
+            let Ok(events) = svc.events(&f, last, call.as_ref(), None) else {
+                return;
+            };
+            if let Some((seq, _)) = events.last() {
+                last = Some(*seq);
+            }
+            if !events.is_empty() && tx.send(lines(events)).await.is_err() {
+                return;
+            }
+            if svc.store.get_function(&f.name).ok().flatten().is_none() {
+                return;
+            }
+        }
+    });
+    Ok(with_type(warp::reply::stream(stream).into_response(), "application/x-ndjson"))
+}
+
+/// A byte stream fed by a task; the task stops when the client goes away.
+fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + Sync + 'static
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(f(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok)
+}
+
+async fn metrics(svc: &Service) -> String {
+    let engine = svc.engine_ok().await;
+    format!(
+        "# HELP hyperfuncd_queued_calls Calls waiting in the per-user queues.\n\
+         # TYPE hyperfuncd_queued_calls gauge\nhyperfuncd_queued_calls {}\n\
+         # HELP hyperfuncd_running_calls Calls running in containers.\n\
+         # TYPE hyperfuncd_running_calls gauge\nhyperfuncd_running_calls {}\n\
+         # HELP hyperfuncd_engine_up Whether the Docker Engine answers.\n\
+         # TYPE hyperfuncd_engine_up gauge\nhyperfuncd_engine_up {}\n\
+         # HELP hyperfuncd_db_bytes Size of the database on disk.\n\
+         # TYPE hyperfuncd_db_bytes gauge\nhyperfuncd_db_bytes {}\n",
+        svc.store.queue_len(),
+        svc.scheduler.running_total(),
+        u8::from(engine),
+        svc.store.size_on_disk(),
+    )
+}
+
+/// The CGI-style environment of a call: `X-Foo-Bar: v` → `HTTP_X_FOO_BAR=v`,
+/// plus REQUEST_METHOD and QUERY_STRING. The management API's own
+/// Authorization header is never passed on.
+fn request_env(req: &Req) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = Vec::new();
+    for (name, value) in &req.headers {
+        if name == warp::http::header::AUTHORIZATION && req.path.starts_with("/v1/") {
+            continue;
+        }
+        let Ok(value) = value.to_str() else { continue };
+        let key = format!("HTTP_{}", name.as_str().to_ascii_uppercase().replace('-', "_"));
+        if !key.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_') {
+            continue;
+        }
+        match env.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, v)) => {
+                v.push_str(", ");
+                v.push_str(value);
+            }
+            None => env.push((key, value.to_string())),
+        }
+    }
+    env.push(("REQUEST_METHOD".into(), req.method.to_string()));
+    env.push(("QUERY_STRING".into(), req.raw_query.clone()));
+    env
+}
+
+/// Reads a call body without ever holding more than the STDIN limit.
+async fn read_body(svc: &Service, headers: &HeaderMap, mut body: BodyStream) -> Result<Bytes, ApiError> {
+    let limit = svc.config.limits.max_stdin_bytes;
+    let declared = headers
+        .get(warp::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(svc.too_large().into());
+    }
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
+        if (buf.len() + chunk.len()) as u64 > limit {
+            return Err(svc.too_large().into());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+/// JSON request bodies are small; 1 MiB is plenty.
+async fn json_body<T: serde::de::DeserializeOwned>(mut body: BodyStream) -> Result<T, ApiError> {
+    const LIMIT: usize = 1024 * 1024;
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
+        if buf.len() + chunk.len() > LIMIT {
+            return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "JSON body over 1 MiB"));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&buf).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+fn parse_env(vars: &[String]) -> Result<Vec<EnvVar>, ApiError> {
+    vars.iter().map(|v| EnvVar::parse(v).map_err(ApiError::bad_request)).collect()
+}
+
+/// `30s`, `5m`, `1h30m`; `none`/`0` means no timeout.
+fn parse_timeout(s: &str) -> Result<Option<u64>, ApiError> {
+    match s.trim() {
+        "" | "none" | "0" => Ok(None),
+        t => humantime::parse_duration(t)
+            .map(|d| Some(d.as_millis() as u64))
+            .map_err(|e| ApiError::bad_request(format!("invalid timeout {t:?}: {e}"))),
+    }
+}
+
+fn wait_param(req: &Req) -> Result<Duration, ApiError> {
+    match req.query.get("wait").map(String::as_str) {
+        None | Some("") | Some("1") | Some("true") => Ok(MAX_WAIT),
+        Some(s) => s
+            .parse::<u64>()
+            .map(|n| Duration::from_secs(n).min(MAX_WAIT))
+            .map_err(|_| ApiError::bad_request(format!("invalid wait {s:?}: seconds expected"))),
+    }
+}
+
+fn flag(req: &Req, name: &str) -> bool {
+    matches!(req.query.get(name).map(String::as_str), Some("" | "1" | "true" | "yes"))
+}
+
+fn parse_query(raw: &str) -> HashMap<String, String> {
+    raw.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (percent_decode(k), percent_decode(v)),
+            None => (percent_decode(p), String::new()),
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match b[i] {
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn json_response<T: serde::Serialize>(status: StatusCode, value: &T) -> Response {
+    let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    let mut r = warp::http::Response::new(Bytes::from(body)).into_response();
+    *r.status_mut() = status;
+    with_type(r, "application/json")
+}
+
+fn text_response(text: String, content_type: &'static str) -> Response {
+    with_type(warp::http::Response::new(Bytes::from(text)).into_response(), content_type)
+}
+
+fn empty(status: StatusCode) -> Response {
+    let mut r = warp::http::Response::new(Bytes::new()).into_response();
+    *r.status_mut() = status;
+    r
+}
+
+fn with_type(mut r: Response, content_type: &'static str) -> Response {
+    r.headers_mut().insert(
+        warp::http::header::CONTENT_TYPE,
+        warp::http::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_and_percent_decoding() {
+        let q = parse_query("tail=5&callid=a%2Db&follow&x=a+b");
+        assert_eq!(q["tail"], "5");
+        assert_eq!(q["callid"], "a-b");
+        assert_eq!(q["follow"], "");
+        assert_eq!(q["x"], "a b");
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        assert_eq!(percent_decode("%41"), "A");
+    }
+
+    #[test]
+    fn timeouts() {
+        assert_eq!(parse_timeout("none").unwrap(), None);
+        assert_eq!(parse_timeout("1m30s").unwrap(), Some(90_000));
+        assert!(parse_timeout("soon").is_err());
+    }
+}

@@ -1,0 +1,262 @@
+//! The JSON bodies of the API. The CLI sends and reads these same types, so
+//! the two cannot drift apart. Field names are PascalCase, as in Docker's API.
+
+use crate::model::{format_time, Call, Event, Function, User};
+use crate::store::FunctionStats;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct FunctionCreate {
+    pub name: String,
+    pub image: String,
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// `K=V` strings.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// A duration such as `30s` or `5m`; absent: no timeout.
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub memory: Option<u64>,
+    #[serde(default)]
+    pub cpus: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct FunctionPatch {
+    #[serde(default)]
+    pub image: Option<String>,
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// `K=V` strings to add or replace.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Names to remove from the environment.
+    #[serde(default)]
+    pub unset_env: Vec<String>,
+    /// A duration; `none` removes the timeout.
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub memory: Option<u64>,
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    /// Issue a new URL; the old one answers 404 from now on.
+    #[serde(default)]
+    pub refresh: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct FunctionView {
+    pub name: String,
+    pub owner: String,
+    pub image: String,
+    pub command: Vec<String>,
+    pub env: Vec<String>,
+    pub timeout: Option<String>,
+    pub memory: Option<u64>,
+    pub cpus: Option<f64>,
+    /// The call URL: whoever holds it may call the function.
+    pub address: String,
+    pub created: String,
+    pub updated: String,
+}
+
+impl FunctionView {
+    pub fn new(f: &Function, address: String) -> FunctionView {
+        FunctionView {
+            name: f.name.to_string(),
+            owner: f.owner.to_string(),
+            image: f.spec.image.clone(),
+            command: f.spec.command.clone(),
+            env: f.spec.env.iter().map(|e| format!("{}={}", e.name, e.value)).collect(),
+            timeout: f
+                .spec
+                .timeout_ms
+                .map(|t| humantime::format_duration(std::time::Duration::from_millis(t)).to_string()),
+            memory: f.spec.memory_bytes,
+            cpus: f.spec.cpus,
+            address,
+            created: format_time(f.created_ms),
+            updated: format_time(f.updated_ms),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CallAccepted {
+    pub call_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CallView {
+    pub call_id: String,
+    pub function: String,
+    pub owner: String,
+    pub state: String,
+    pub created: String,
+    pub started: Option<String>,
+    pub finished: Option<String>,
+    pub exit_code: Option<i64>,
+    pub message: Option<String>,
+    pub stdin_bytes: u64,
+    pub stdout_bytes: u64,
+    pub short_stderr: String,
+}
+
+impl From<&Call> for CallView {
+    fn from(c: &Call) -> CallView {
+        CallView {
+            call_id: c.id.to_string(),
+            function: c.function.to_string(),
+            owner: c.owner.to_string(),
+            state: c.state.as_str().to_string(),
+            created: format_time(c.created_ms),
+            started: c.started_ms.map(format_time),
+            finished: c.finished_ms.map(format_time),
+            exit_code: c.exit_code,
+            message: c.message.clone(),
+            stdin_bytes: c.stdin_len,
+            stdout_bytes: c.stdout_len,
+            short_stderr: String::from_utf8_lossy(&c.short_stderr).into_owned(),
+        }
+    }
+}
+
+/// One log line of `/logs` (a JSON object per line).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct EventView {
+    pub time: String,
+    pub event: String,
+    pub call_id: String,
+    pub short_stdin: String,
+    pub short_stdout: String,
+    pub short_stderr: String,
+    pub message: String,
+}
+
+impl From<&Event> for EventView {
+    fn from(e: &Event) -> EventView {
+        EventView {
+            time: format_time(e.time_ms),
+            event: e.kind.as_str().to_string(),
+            call_id: e.call_id.to_string(),
+            short_stdin: e.short_stdin.clone(),
+            short_stdout: e.short_stdout.clone(),
+            short_stderr: e.short_stderr.clone(),
+            message: e.message.clone(),
+        }
+    }
+}
+
+impl EventView {
+    /// The `func logs` text line of DESIGN 1.1.
+    pub fn line(&self) -> String {
+        let mut s = format!("{} [{}] CallId: {}", self.time, self.event, self.call_id);
+        match self.event.as_str() {
+            "CALL" => s.push_str(&format!(", ShortStdin: {}", self.short_stdin)),
+            "FINISHED" => s.push_str(&format!(
+                ", ShortStdout: {}, ShortStderr: {}",
+                self.short_stdout, self.short_stderr
+            )),
+            "FAILED" => s.push_str(&format!(
+                ", ShortStdout: {}, ShortStderr: {}, Message: {}",
+                self.short_stdout, self.short_stderr, self.message
+            )),
+            _ => {}
+        }
+        // One event, one line, whatever the payload held.
+        s.replace(['\n', '\r'], " ")
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct StatusView {
+    pub total: u64,
+    pub pending: u64,
+    pub running: u64,
+    pub finished: u64,
+    pub failed: u64,
+}
+
+impl From<FunctionStats> for StatusView {
+    fn from(s: FunctionStats) -> StatusView {
+        StatusView {
+            total: s.total,
+            pending: s.pending,
+            running: s.running,
+            finished: s.finished,
+            failed: s.failed,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct UserCreate {
+    pub name: String,
+    #[serde(default)]
+    pub max_concurrency: Option<u32>,
+    #[serde(default)]
+    pub admin: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct UserPatch {
+    #[serde(default)]
+    pub max_concurrency: Option<u32>,
+    /// Issue a new key; the old one stops working.
+    #[serde(default)]
+    pub rotate_key: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct UserView {
+    pub name: String,
+    pub max_concurrency: u32,
+    pub admin: bool,
+    pub created: String,
+    /// Only in the answer that created (or rotated) the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+impl UserView {
+    pub fn new(u: &User, key: Option<String>) -> UserView {
+        UserView {
+            name: u.name.to_string(),
+            max_concurrency: u.max_concurrency,
+            admin: u.admin,
+            created: format_time(u.created_ms),
+            key,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Health {
+    pub status: String,
+    pub engine: String,
+}

@@ -1,0 +1,161 @@
+//! The HTTP client of the CLI: the management API over HTTPS, errors turned
+//! into one readable line.
+
+use super::Profile;
+use crate::api::types::ErrorBody;
+use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use reqwest::{Response, StatusCode};
+use serde::{de::DeserializeOwned, Serialize};
+use std::time::Duration;
+
+pub struct Client {
+    http: reqwest::Client,
+    endpoint: String,
+    key: Option<String>,
+}
+
+impl Client {
+    pub fn new(p: &Profile) -> anyhow::Result<Client> {
+        let endpoint = p.endpoint.clone().ok_or_else(|| {
+            anyhow!("no endpoint: use --endpoint, HYPERFUNC_ENDPOINT or a profile, or run on the host of `hyperfuncd serve`")
+        })?;
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("hyperfuncd-cli/", env!("CARGO_PKG_VERSION")));
+        if let Some(ca) = &p.ca {
+            let pem = std::fs::read(ca).with_context(|| format!("cannot read CA file {}", ca.display()))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .with_context(|| format!("invalid CA file {}", ca.display()))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        Ok(Client {
+            http: builder.build().context("cannot set up the HTTP client")?,
+            endpoint: endpoint.trim_end_matches('/').to_string(),
+            key: p.key.clone(),
+        })
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut r = self.http.request(method, format!("{}{}", self.endpoint, path));
+        if let Some(k) = &self.key {
+            r = r.bearer_auth(k);
+        }
+        r
+    }
+
+    async fn send(&self, r: reqwest::RequestBuilder) -> anyhow::Result<Response> {
+        let resp = r
+            .send()
+            .await
+            .map_err(|e| anyhow!("cannot reach {}: {}", self.endpoint, error_chain(&e)))?;
+        check(resp).await
+    }
+
+    pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        json(self.send(self.request(reqwest::Method::GET, path)).await?).await
+    }
+
+    pub async fn post_json<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+        json(self.send(self.request(reqwest::Method::POST, path).json(body)).await?).await
+    }
+
+    pub async fn patch_json<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+        json(self.send(self.request(reqwest::Method::PATCH, path).json(body)).await?).await
+    }
+
+    pub async fn delete(&self, path: &str) -> anyhow::Result<()> {
+        self.send(self.request(reqwest::Method::DELETE, path)).await?;
+        Ok(())
+    }
+
+    pub async fn post_bytes(&self, path: &str, body: Vec<u8>) -> anyhow::Result<Response> {
+        self.send(self.request(reqwest::Method::POST, path).body(body)).await
+    }
+
+    /// A call's STDOUT; with `wait`, long-polls until the call has ended.
+    pub async fn output(&self, call_id: &str, wait: bool) -> anyhow::Result<Bytes> {
+        let path = format!(
+            "/v1/calls/{call_id}/output{}",
+            if wait { "?wait=60" } else { "" }
+        );
+        loop {
+            let resp = self.send(self.request(reqwest::Method::GET, &path)).await?;
+            match resp.status() {
+                StatusCode::CREATED | StatusCode::ACCEPTED if wait => continue,
+                StatusCode::CREATED => bail!("call {call_id} is still running (use --wait)"),
+                StatusCode::ACCEPTED => bail!("call {call_id} is still pending (use --wait)"),
+                _ => return output_bytes(resp).await,
+            }
+        }
+    }
+
+    /// Reads a line-oriented body as it arrives.
+    pub async fn stream_lines(
+        &self,
+        path: &str,
+        mut on_line: impl FnMut(&str) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let resp = self.send(self.request(reqwest::Method::GET, path)).await?;
+        let mut stream = resp.bytes_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| anyhow!("connection lost: {}", error_chain(&e)))?;
+            buf.extend_from_slice(&chunk);
+            while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=pos).collect();
+                on_line(String::from_utf8_lossy(&line[..line.len() - 1]).trim_end())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The body of a 200 output answer (other statuses were turned into errors by `check`).
+pub async fn output_bytes(resp: Response) -> anyhow::Result<Bytes> {
+    match resp.status() {
+        StatusCode::OK => Ok(resp.bytes().await?),
+        s => bail!("unexpected answer {s} from the server"),
+    }
+}
+
+pub async fn json<T: DeserializeOwned>(resp: Response) -> anyhow::Result<T> {
+    let bytes = resp.bytes().await?;
+    serde_json::from_slice(&bytes).context("unexpected answer from the server")
+}
+
+/// Turns an error status into one line: the server's message.
+async fn check(resp: Response) -> anyhow::Result<Response> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let body = resp.bytes().await.unwrap_or_default();
+    match serde_json::from_slice::<ErrorBody>(&body) {
+        Ok(e) if e.error.code == "call_failed" => {
+            let detail: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let id = detail["CallId"].as_str().unwrap_or("");
+            let stderr = detail["ShortStderr"].as_str().unwrap_or("").trim();
+            let mut msg = format!("call {id} failed: {}", e.error.message);
+            if !stderr.is_empty() {
+                msg.push_str(&format!(" (stderr: {})", stderr.replace('\n', " ")));
+            }
+            Err(anyhow!(msg))
+        }
+        Ok(e) => Err(anyhow!(e.error.message)),
+        Err(_) => Err(anyhow!("server answered {status}")),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,481 @@
+//! The command line: `serve` and the remote commands. The remote commands
+//! speak the management API with the same types the server uses
+//! (`api::types`). Only this module and `main.rs` print to stdout.
+
+mod client;
+mod profile;
+
+pub use profile::Profile;
+
+use crate::api::types::*;
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use client::Client;
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "hyperfuncd", version, about = "Docker-centric serverless functions: every call runs in a fresh container")]
+pub struct Cli {
+    #[command(flatten)]
+    pub remote: RemoteFlags,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where and how to reach a daemon (not used by `serve`).
+#[derive(Args, Debug, Clone)]
+pub struct RemoteFlags {
+    /// API endpoint, e.g. https://faas.example.com:8443 [env: HYPERFUNC_ENDPOINT]
+    #[arg(long, global = true)]
+    pub endpoint: Option<String>,
+    /// API key [env: HYPERFUNC_KEY]
+    #[arg(long, global = true)]
+    pub key: Option<String>,
+    /// PEM certificate to trust for the endpoint [env: HYPERFUNC_CA]
+    #[arg(long, global = true)]
+    pub ca: Option<PathBuf>,
+    /// Client profile file [env: HYPERFUNC_PROFILE; default: ~/.config/hyperfuncd/profile.toml]
+    #[arg(long, global = true)]
+    pub profile: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon: HTTPS API, scheduler and container runtime
+    Serve(ServeArgs),
+    /// Manage and call functions
+    #[command(subcommand)]
+    Func(FuncCmd),
+    /// Manage users (admin only)
+    #[command(subcommand)]
+    User(UserCmd),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Config file [env: HYPERFUNCD_CONFIG; default: /etc/hyperfuncd/config.toml if present]
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// State directory (overrides the config file)
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Listen address ADDR:PORT (overrides the config file)
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FuncCmd {
+    /// Register a function: IMAGE [COMMAND [ARG...]]
+    Create {
+        #[arg(long)]
+        name: String,
+        /// Environment variable K=V (repeatable)
+        #[arg(short = 'e', long = "env")]
+        env: Vec<String>,
+        /// File of K=V lines (# comments and blank lines ignored)
+        #[arg(long)]
+        env_file: Vec<PathBuf>,
+        /// Kill a call after this long, e.g. 30s, 5m (default: no limit)
+        #[arg(long)]
+        timeout: Option<String>,
+        /// Memory limit, e.g. 268435456, 256m, 1g
+        #[arg(long, value_parser = parse_bytes)]
+        memory: Option<u64>,
+        /// CPUs, e.g. 0.5
+        #[arg(long)]
+        cpus: Option<f64>,
+        image: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Change a function; running calls keep their old settings
+    Update {
+        name: String,
+        /// Add or replace an environment variable K=V (repeatable)
+        #[arg(short = 'e', long = "env")]
+        env: Vec<String>,
+        #[arg(long)]
+        env_file: Vec<PathBuf>,
+        /// Remove an environment variable (repeatable)
+        #[arg(long)]
+        unset_env: Vec<String>,
+        /// New timeout, or "none" to remove it
+        #[arg(long)]
+        timeout: Option<String>,
+        #[arg(long, value_parser = parse_bytes)]
+        memory: Option<u64>,
+        #[arg(long)]
+        cpus: Option<f64>,
+        /// New image
+        #[arg(long)]
+        image: Option<String>,
+        /// Issue a new call URL; the old one stops working
+        #[arg(long)]
+        refresh: bool,
+        /// New command and arguments (after --)
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// List functions
+    Ls {
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Show functions as JSON (one object, or an array for several names)
+    Inspect {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Remove functions
+    Rm {
+        /// Cancel queued calls and kill running ones
+        #[arg(long, short)]
+        force: bool,
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Call a function; the payload is piped STDIN, if any
+    Call {
+        /// Wait and print the call's STDOUT instead of its id
+        #[arg(long)]
+        sync: bool,
+        name: String,
+    },
+    /// Print a call's STDOUT (once: it is deleted when fetched)
+    Get {
+        /// Wait until the call has ended
+        #[arg(long)]
+        wait: bool,
+        call_id: String,
+    },
+    /// Show a function's call events
+    Logs {
+        #[arg(long)]
+        tail: Option<usize>,
+        /// Keep printing new events until interrupted
+        #[arg(long, short)]
+        follow: bool,
+        #[arg(long)]
+        callid: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+        name: String,
+    },
+    /// Count a function's calls by state
+    Status {
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UserCmd {
+    /// Add a user; prints the key once, alone on the last line
+    Add {
+        name: String,
+        #[arg(long)]
+        max_concurrency: Option<u32>,
+        /// Make the user an administrator
+        #[arg(long)]
+        admin: bool,
+    },
+    /// List users
+    Ls {
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Remove a user (who owns no functions)
+    Rm { name: String },
+    /// Change a user's quota or key
+    Update {
+        name: String,
+        #[arg(long)]
+        max_concurrency: Option<u32>,
+        /// Issue a new key (printed alone on the last line); the old one stops working
+        #[arg(long)]
+        rotate_key: bool,
+    },
+}
+
+/// Runs a remote command.
+pub async fn run_remote(flags: RemoteFlags, command: Command) -> anyhow::Result<()> {
+    let given = Profile {
+        endpoint: flags.endpoint,
+        key: flags.key,
+        ca: flags.ca,
+    };
+    let profile = profile::resolve(given, flags.profile)?;
+    let client = Client::new(&profile)?;
+    let mut out = std::io::stdout().lock();
+    match command {
+        Command::Serve(_) => bail!("serve is not a remote command"),
+        Command::Func(cmd) => func(&client, cmd, &mut out).await,
+        Command::User(cmd) => user(&client, cmd, &mut out).await,
+    }
+}
+
+async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Result<()> {
+    match cmd {
+        FuncCmd::Create { name, env, env_file, timeout, memory, cpus, image, command } => {
+            let body = FunctionCreate {
+                name,
+                image,
+                command,
+                env: collect_env(env, &env_file)?,
+                timeout,
+                memory,
+                cpus,
+            };
+            let f: FunctionView = client.post_json("/v1/functions", &body).await?;
+            writeln!(out, "{} is created with the address of {}", f.name, f.address)?;
+        }
+        FuncCmd::Update { name, env, env_file, unset_env, timeout, memory, cpus, image, refresh, command } => {
+            let body = FunctionPatch {
+                image,
+                command: (!command.is_empty()).then_some(command),
+                env: collect_env(env, &env_file)?,
+                unset_env,
+                timeout,
+                memory,
+                cpus,
+                refresh,
+            };
+            let f: FunctionView = client.patch_json(&format!("/v1/functions/{name}"), &body).await?;
+            writeln!(out, "{} is updated with the address of {}", f.name, f.address)?;
+        }
+        FuncCmd::Ls { output } => {
+            let list: Vec<FunctionView> = client.get_json("/v1/functions").await?;
+            if output == Format::Json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
+            } else {
+                let rows = list
+                    .iter()
+                    .map(|f| {
+                        vec![
+                            f.name.clone(),
+                            f.image.clone(),
+                            f.command.join(" "),
+                            f.timeout.clone().unwrap_or_else(|| "-".into()),
+                            f.created.clone(),
+                        ]
+                    })
+                    .collect();
+                table(out, &["NAME", "IMAGE", "COMMAND", "TIMEOUT", "CREATED"], rows)?;
+            }
+        }
+        FuncCmd::Inspect { names } => {
+            let mut all = Vec::new();
+            for n in &names {
+                let f: serde_json::Value = client.get_json(&format!("/v1/functions/{n}")).await?;
+                all.push(f);
+            }
+            let value = if all.len() == 1 { all.remove(0) } else { serde_json::Value::Array(all) };
+            writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+        }
+        FuncCmd::Rm { force, names } => {
+            for n in &names {
+                let q = if force { "?force=true" } else { "" };
+                client.delete(&format!("/v1/functions/{n}{q}")).await?;
+                writeln!(out, "{n}")?;
+            }
+        }
+        FuncCmd::Call { sync, name } => {
+            let payload = read_stdin_payload()?;
+            let path = format!("/v1/functions/{name}/call{}", if sync { "?sync=true" } else { "" });
+            let resp = client.post_bytes(&path, payload).await?;
+            if sync {
+                let bytes = client::output_bytes(resp).await?;
+                out.write_all(&bytes)?;
+            } else {
+                let a: CallAccepted = client::json(resp).await?;
+                writeln!(out, "CallId: {}", a.call_id)?;
+            }
+        }
+        FuncCmd::Get { wait, call_id } => {
+            let bytes = client.output(&call_id, wait).await?;
+            out.write_all(&bytes)?;
+        }
+        FuncCmd::Logs { tail, follow, callid, output, name } => {
+            let mut q = vec![];
+            if let Some(t) = tail {
+                q.push(format!("tail={t}"));
+            }
+            if follow {
+                q.push("follow=1".into());
+            }
+            if let Some(c) = callid {
+                q.push(format!("callid={c}"));
+            }
+            let path = format!("/v1/functions/{name}/logs?{}", q.join("&"));
+            client
+                .stream_lines(&path, |line| {
+                    if output == Format::Json {
+                        writeln!(out, "{line}")?;
+                    } else {
+                        let ev: EventView = serde_json::from_str(line).context("invalid log line from server")?;
+                        writeln!(out, "{}", ev.line())?;
+                    }
+                    out.flush()?;
+                    Ok(())
+                })
+                .await?;
+        }
+        FuncCmd::Status { output, name } => {
+            let s: StatusView = client.get_json(&format!("/v1/functions/{name}/status")).await?;
+            if output == Format::Json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&s)?)?;
+            } else {
+                let row = [s.total, s.pending, s.running, s.finished, s.failed].map(|n| n.to_string());
+                table(out, &["TOTAL", "PENDING", "RUNNING", "FINISHED", "FAILED"], vec![row.to_vec()])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn user(client: &Client, cmd: UserCmd, out: &mut impl Write) -> anyhow::Result<()> {
+    match cmd {
+        UserCmd::Add { name, max_concurrency, admin } => {
+            let u: UserView = client
+                .post_json("/v1/users", &UserCreate { name, max_concurrency, admin })
+                .await?;
+            writeln!(out, "user {} created (max concurrency {}); its key, shown only this once:", u.name, u.max_concurrency)?;
+            writeln!(out, "{}", u.key.unwrap_or_default())?;
+        }
+        UserCmd::Ls { output } => {
+            let users: Vec<UserView> = client.get_json("/v1/users").await?;
+            if output == Format::Json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&users)?)?;
+            } else {
+                let rows = users
+                    .iter()
+                    .map(|u| vec![u.name.clone(), u.max_concurrency.to_string(), u.admin.to_string(), u.created.clone()])
+                    .collect();
+                table(out, &["NAME", "MAX_CONCURRENCY", "ADMIN", "CREATED"], rows)?;
+            }
+        }
+        UserCmd::Rm { name } => {
+            client.delete(&format!("/v1/users/{name}")).await?;
+            writeln!(out, "{name}")?;
+        }
+        UserCmd::Update { name, max_concurrency, rotate_key } => {
+            let u: UserView = client
+                .patch_json(&format!("/v1/users/{name}"), &UserPatch { max_concurrency, rotate_key })
+                .await?;
+            writeln!(out, "user {} updated (max concurrency {})", u.name, u.max_concurrency)?;
+            if let Some(k) = u.key {
+                writeln!(out, "its new key, shown only this once:")?;
+                writeln!(out, "{k}")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The call payload: STDIN when it is piped or redirected, else nothing.
+fn read_stdin_payload() -> anyhow::Result<Vec<u8>> {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        return Ok(Vec::new());
+    }
+    let mut buf = Vec::new();
+    stdin.lock().read_to_end(&mut buf).context("cannot read STDIN")?;
+    Ok(buf)
+}
+
+fn collect_env(mut env: Vec<String>, files: &[PathBuf]) -> anyhow::Result<Vec<String>> {
+    let mut from_files = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(f).with_context(|| format!("cannot read env file {}", f.display()))?;
+        for line in text.lines().map(str::trim) {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            from_files.push(line.to_string());
+        }
+    }
+    // Flags come last so they win over files.
+    from_files.append(&mut env);
+    Ok(from_files)
+}
+
+/// `123`, `256k`, `256m`, `1g` (binary multiples).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim().to_ascii_lowercase();
+    let s = s.strip_suffix('b').unwrap_or(&s);
+    let (num, mult) = match s.chars().last() {
+        Some('k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('m') => (&s[..s.len() - 1], 1 << 20),
+        Some('g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("invalid size {s:?}: use bytes or a k/m/g suffix"))
+}
+
+fn table(out: &mut impl Write, header: &[&str], rows: Vec<Vec<String>>) -> std::io::Result<()> {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let n = cells.len();
+        cells
+            .into_iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(i, (c, w))| if i + 1 == n { c.to_string() } else { format!("{c:<w$}") })
+            .collect::<Vec<_>>()
+            .join("   ")
+    };
+    writeln!(out, "{}", line(header.to_vec()))?;
+    for r in &rows {
+        writeln!(out, "{}", line(r.iter().map(String::as_str).collect()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("1024"), Ok(1024));
+        assert_eq!(parse_bytes("256m"), Ok(256 << 20));
+        assert_eq!(parse_bytes("1G"), Ok(1 << 30));
+        assert!(parse_bytes("lots").is_err());
+    }
+
+    #[test]
+    fn cli_parses_the_contract() {
+        Cli::command_for_test().debug_assert();
+        let c = Cli::try_parse_from(["hyperfuncd", "func", "create", "--name", "h", "-e", "A=1", "img", "echo", "-n", "x"]).unwrap();
+        match c.command {
+            Command::Func(FuncCmd::Create { command, env, .. }) => {
+                assert_eq!(command, vec!["echo", "-n", "x"]);
+                assert_eq!(env, vec!["A=1"]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    impl Cli {
+        fn command_for_test() -> clap::Command {
+            <Cli as clap::CommandFactory>::command()
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! The daemon's configuration: one serde schema for the config file, with every
+//! default named here. Unknown keys are an error so a typo never goes unnoticed.
+//! The annotated reference is `config/hyperfuncd.toml`; keep the two in step.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Where the daemon looks for a config file when neither `--config` nor
+/// `HYPERFUNCD_CONFIG` names one.
+pub const SYSTEM_CONFIG_PATH: &str = "/etc/hyperfuncd/config.toml";
+
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
+pub const MIB: u64 = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address and port of the HTTPS API.
+    pub listen: SocketAddr,
+    /// Where sled, the TLS material and the admin profile live. `None` means the
+    /// platform default: `/var/lib/hyperfuncd` as root, else `$XDG_DATA_HOME/hyperfuncd`.
+    pub data_dir: Option<PathBuf>,
+    /// Host name put in call URLs and in the certificate's SANs. `None`: the
+    /// listen address if it is specific, else the machine's host name.
+    pub public_host: Option<String>,
+    pub tls: TlsConfig,
+    pub limits: LimitsConfig,
+    pub scheduler: SchedulerConfig,
+    pub container: ContainerConfig,
+    pub docker: DockerConfig,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain. With `key`, replaces the self-signed certificate.
+    pub cert: Option<PathBuf>,
+    /// PEM private key for `cert`.
+    pub key: Option<PathBuf>,
+    /// Serve plain HTTP instead of HTTPS. Refused unless `listen` is a loopback
+    /// address: keys and capability URLs never cross a network in clear text.
+    pub disable: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest request body (the call's STDIN), in bytes.
+    pub max_stdin_bytes: u64,
+    /// Largest STDOUT a call may produce, in bytes; beyond it the call fails.
+    pub max_stdout_bytes: u64,
+    /// STDERR kept per call, in bytes; the rest is discarded (the call does not fail).
+    pub max_stderr_bytes: u64,
+    /// Finished outputs kept per function, in bytes; the oldest are evicted.
+    pub output_cache_bytes: u64,
+    /// Log events kept per function, in bytes; the oldest are evicted.
+    pub log_cache_bytes: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_stdin_bytes: 5 * MIB,
+            max_stdout_bytes: 5 * MIB,
+            max_stderr_bytes: MIB,
+            output_cache_bytes: 50 * MIB,
+            log_cache_bytes: 50 * MIB,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    /// Concurrency quota given to new users unless `user add --max-concurrency` says otherwise.
+    pub default_max_concurrency: u32,
+    /// Containers running at once on this host, across all users.
+    pub host_max_running: u32,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            default_max_concurrency: 10,
+            host_max_running: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContainerConfig {
+    /// Docker network mode of call containers (`bridge`, `none`, `host`, a network name).
+    pub network_mode: String,
+    /// OCI runtime (`runsc`, `kata-runtime`); must be one the Engine knows. `None`: the Engine's default.
+    pub runtime: Option<String>,
+    /// Memory limit of a call container unless the function sets one, in bytes.
+    pub memory_bytes: u64,
+    /// Process limit of a call container.
+    pub pids_limit: i64,
+    /// Capabilities added back after dropping all of them.
+    pub cap_add: Vec<String>,
+}
+
+impl Default for ContainerConfig {
+    fn default() -> Self {
+        Self {
+            network_mode: "bridge".into(),
+            runtime: None,
+            memory_bytes: 512 * MIB,
+            pids_limit: 256,
+            cap_add: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DockerConfig {
+    /// The Engine's API socket. `None`: `DOCKER_HOST` if it is a `unix://` URL, else `/var/run/docker.sock`.
+    pub socket: Option<String>,
+    /// Seconds a pull on `func create` may take before it is given up.
+    pub pull_timeout_secs: u64,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        Self {
+            socket: None,
+            pull_timeout_secs: 600,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            // The literal is a valid socket address; a test below parses it.
+            listen: DEFAULT_LISTEN.parse().unwrap_or_else(|_| {
+                SocketAddr::from(([0, 0, 0, 0], 8443))
+            }),
+            data_dir: None,
+            public_host: None,
+            tls: TlsConfig::default(),
+            limits: LimitsConfig::default(),
+            scheduler: SchedulerConfig::default(),
+            container: ContainerConfig::default(),
+            docker: DockerConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads `explicit` if given, else `HYPERFUNCD_CONFIG`, else the system file
+    /// if present, else the defaults.
+    pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+        let from_env = std::env::var_os("HYPERFUNCD_CONFIG").map(PathBuf::from);
+        let path = match explicit.map(Path::to_path_buf).or(from_env) {
+            Some(p) => Some(p),
+            None => Some(PathBuf::from(SYSTEM_CONFIG_PATH)).filter(|p| p.exists()),
+        };
+        let config = match path {
+            None => Config::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path,
+                    message: e.message().to_string(),
+                })?
+            }
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.tls.disable && !self.listen.ip().is_loopback() {
+            return Err(ConfigError::Invalid(
+                "tls.disable is only allowed when listen is a loopback address".into(),
+            ));
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(ConfigError::Invalid(
+                "tls.cert and tls.key must be set together".into(),
+            ));
+        }
+        if self.scheduler.default_max_concurrency == 0 || self.scheduler.host_max_running == 0 {
+            return Err(ConfigError::Invalid(
+                "scheduler limits must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The data directory actually used.
+    pub fn data_dir(&self) -> PathBuf {
+        if let Some(d) = &self.data_dir {
+            return d.clone();
+        }
+        if is_root() {
+            return PathBuf::from("/var/lib/hyperfuncd");
+        }
+        let base = std::env::var_os("XDG_DATA_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+            .unwrap_or_else(|| PathBuf::from("."));
+        base.join("hyperfuncd")
+    }
+
+    /// The Engine socket path actually used.
+    pub fn docker_socket(&self) -> String {
+        if let Some(s) = &self.docker.socket {
+            return s.trim_start_matches("unix://").to_string();
+        }
+        match std::env::var("DOCKER_HOST") {
+            Ok(h) if h.starts_with("unix://") => h.trim_start_matches("unix://").to_string(),
+            _ => "/var/run/docker.sock".to_string(),
+        }
+    }
+
+    /// Host name used in call URLs.
+    pub fn public_host(&self) -> String {
+        if let Some(h) = &self.public_host {
+            return h.clone();
+        }
+        let ip = self.listen.ip();
+        if ip.is_unspecified() {
+            gethostname::gethostname().to_string_lossy().into_owned()
+        } else if ip.is_ipv6() {
+            format!("[{ip}]")
+        } else {
+            ip.to_string()
+        }
+    }
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_listen_parses() {
+        assert!(DEFAULT_LISTEN.parse::<SocketAddr>().is_ok());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = toml::from_str::<Config>("listne = \"127.0.0.1:1\"").unwrap_err();
+        assert!(err.message().contains("listne"), "{err}");
+        let err = toml::from_str::<Config>("[limits]\nmax_stdin = 3").unwrap_err();
+        assert!(err.message().contains("max_stdin"), "{err}");
+    }
+
+    #[test]
+    fn reference_config_parses_and_matches_defaults() {
+        let text = include_str!("../config/hyperfuncd.toml");
+        let parsed: Config = toml::from_str(text).expect("reference config parses");
+        let defaults = Config::default();
+        assert_eq!(
+            serde_json::to_value(&parsed).ok(),
+            serde_json::to_value(&defaults).ok(),
+            "config/hyperfuncd.toml must show the embedded defaults"
+        );
+    }
+
+    #[test]
+    fn plain_http_only_on_loopback() {
+        let mut c = Config::default();
+        c.tls.disable = true;
+        assert!(c.validate().is_err());
+        c.listen = "127.0.0.1:8080".parse().unwrap();
+        assert!(c.validate().is_ok());
+    }
+}

@@ -1,0 +1,259 @@
+//! A call and its lifecycle: CALL (accepted) → PENDING → RUNNING → FINISHED | FAILED.
+//! `Call::transition` is the one place a state changes; an illegal move is an error.
+
+use super::ids::{CallId, Name};
+use serde::{Deserialize, Serialize};
+
+/// Bytes of STDIN/STDOUT/STDERR shown in log events.
+pub const SHORT_LEN: usize = 255;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CallState {
+    /// Accepted and durable, waiting in its owner's queue.
+    Pending,
+    /// Handed to the Engine: a container may exist for it.
+    Running,
+    Finished,
+    Failed,
+}
+
+impl CallState {
+    pub fn is_done(self) -> bool {
+        matches!(self, CallState::Finished | CallState::Failed)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallState::Pending => "PENDING",
+            CallState::Running => "RUNNING",
+            CallState::Finished => "FINISHED",
+            CallState::Failed => "FAILED",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("call {id} cannot go from {from:?} to {to:?}")]
+pub struct TransitionError {
+    pub id: CallId,
+    pub from: CallState,
+    pub to: CallState,
+}
+
+/// What became of a finished call's STDOUT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OutputState {
+    /// The call has not ended yet.
+    NotYet,
+    /// In the function's output cache, waiting for a `get`.
+    Stored,
+    /// Handed out by a `get` and deleted.
+    Fetched,
+    /// Rotated out of the function's output cache before anyone fetched it.
+    Evicted,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Call {
+    pub id: CallId,
+    pub function: Name,
+    pub owner: Name,
+    /// Global acceptance order: the FIFO key in the owner's queue.
+    pub seq: u64,
+    pub state: CallState,
+    pub created_ms: u64,
+    pub started_ms: Option<u64>,
+    pub finished_ms: Option<u64>,
+    pub exit_code: Option<i64>,
+    /// Why a call failed, in words a user can act on.
+    pub message: Option<String>,
+    pub stdin_len: u64,
+    pub stdout_len: u64,
+    /// CGI-style variables from the request (HTTP_*, REQUEST_METHOD, QUERY_STRING).
+    pub request_env: Vec<(String, String)>,
+    pub short_stdin: Vec<u8>,
+    pub short_stdout: Vec<u8>,
+    pub short_stderr: Vec<u8>,
+    pub output: OutputState,
+}
+
+impl Call {
+    pub fn new(
+        function: Name,
+        owner: Name,
+        seq: u64,
+        stdin: &[u8],
+        request_env: Vec<(String, String)>,
+    ) -> Call {
+        Call {
+            id: CallId::new(),
+            function,
+            owner,
+            seq,
+            state: CallState::Pending,
+            created_ms: super::now_ms(),
+            started_ms: None,
+            finished_ms: None,
+            exit_code: None,
+            message: None,
+            stdin_len: stdin.len() as u64,
+            stdout_len: 0,
+            request_env,
+            short_stdin: short(stdin),
+            short_stdout: Vec::new(),
+            short_stderr: Vec::new(),
+            output: OutputState::NotYet,
+        }
+    }
+
+    /// Moves the call to `to`. Legal moves: PENDING→RUNNING, RUNNING→PENDING (the
+    /// Engine refused before any container existed), and any live state → FINISHED|FAILED.
+    pub fn transition(&mut self, to: CallState) -> Result<(), TransitionError> {
+        use CallState::*;
+        let legal = matches!(
+            (self.state, to),
+            (Pending, Running) | (Running, Pending) | (Running, Finished) | (Running, Failed) | (Pending, Failed)
+        );
+        if !legal {
+            return Err(TransitionError {
+                id: self.id,
+                from: self.state,
+                to,
+            });
+        }
+        let now = super::now_ms();
+        match to {
+            Running => self.started_ms = Some(now),
+            Pending => self.started_ms = None,
+            Finished | Failed => self.finished_ms = Some(now),
+        }
+        self.state = to;
+        Ok(())
+    }
+
+    /// Ends the call with `outcome`.
+    pub fn finish(&mut self, outcome: &Outcome) -> Result<(), TransitionError> {
+        self.transition(outcome.state)?;
+        self.exit_code = outcome.exit_code;
+        self.message = outcome.message.clone();
+        self.stdout_len = outcome.stdout.len() as u64;
+        self.short_stdout = short(&outcome.stdout);
+        self.short_stderr = short(&outcome.stderr);
+        self.output = OutputState::Stored;
+        Ok(())
+    }
+
+    /// The log event for the call's current state.
+    pub fn event(&self, kind: EventKind) -> Event {
+        let (short_stdout, short_stderr) = match kind {
+            EventKind::Finished | EventKind::Failed => (
+                lossy(&self.short_stdout),
+                lossy(&self.short_stderr),
+            ),
+            _ => (String::new(), String::new()),
+        };
+        Event {
+            time_ms: super::now_ms(),
+            kind,
+            call_id: self.id,
+            short_stdin: if kind == EventKind::Call {
+                lossy(&self.short_stdin)
+            } else {
+                String::new()
+            },
+            short_stdout,
+            short_stderr,
+            message: if kind == EventKind::Failed {
+                self.message.clone().unwrap_or_default()
+            } else {
+                String::new()
+            },
+        }
+    }
+}
+
+/// How a call ended, as the runtime saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub state: CallState,
+    pub exit_code: Option<i64>,
+    pub message: Option<String>,
+    pub stdout: bytes::Bytes,
+    pub stderr: bytes::Bytes,
+}
+
+impl Outcome {
+    pub fn failed(message: impl Into<String>) -> Outcome {
+        Outcome {
+            state: CallState::Failed,
+            exit_code: None,
+            message: Some(message.into()),
+            stdout: bytes::Bytes::new(),
+            stderr: bytes::Bytes::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    Call,
+    Pending,
+    Running,
+    Finished,
+    Failed,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Call => "CALL",
+            EventKind::Pending => "PENDING",
+            EventKind::Running => "RUNNING",
+            EventKind::Finished => "FINISHED",
+            EventKind::Failed => "FAILED",
+        }
+    }
+}
+
+/// One line of a function's log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub time_ms: u64,
+    pub kind: EventKind,
+    pub call_id: CallId,
+    pub short_stdin: String,
+    pub short_stdout: String,
+    pub short_stderr: String,
+    pub message: String,
+}
+
+fn short(b: &[u8]) -> Vec<u8> {
+    b[..b.len().min(SHORT_LEN)].to_vec()
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call() -> Call {
+        let n = Name::parse("f").unwrap();
+        Call::new(n.clone(), n, 1, &[b'x'; 300], vec![])
+    }
+
+    #[test]
+    fn lifecycle() {
+        let mut c = call();
+        assert_eq!(c.short_stdin.len(), SHORT_LEN);
+        assert!(c.transition(CallState::Finished).is_err());
+        c.transition(CallState::Running).unwrap();
+        assert!(c.started_ms.is_some());
+        c.finish(&Outcome::failed("boom")).unwrap();
+        assert_eq!(c.state, CallState::Failed);
+        assert_eq!(c.output, OutputState::Stored);
+        assert!(c.transition(CallState::Running).is_err());
+        assert_eq!(c.event(EventKind::Failed).message, "boom");
+    }
+}

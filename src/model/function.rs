@@ -1,0 +1,98 @@
+//! A function: an image, a command and an environment, owned by one user and
+//! reachable at a capability URL.
+
+use super::ids::{Name, Secret};
+use serde::{Deserialize, Serialize};
+
+/// One `K=V` of a function's environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvVar {
+    pub name: String,
+    pub value: String,
+}
+
+impl EnvVar {
+    /// Parses `K=V`; `K` must be a usable variable name.
+    pub fn parse(s: &str) -> Result<EnvVar, String> {
+        let (name, value) = s
+            .split_once('=')
+            .ok_or_else(|| format!("invalid environment variable {s:?}: expected K=V"))?;
+        let valid = !name.is_empty()
+            && !name.as_bytes()[0].is_ascii_digit()
+            && name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_');
+        if !valid {
+            return Err(format!("invalid environment variable name {name:?}"));
+        }
+        if value.contains('\0') {
+            return Err(format!("environment variable {name} contains a NUL byte"));
+        }
+        Ok(EnvVar {
+            name: name.to_string(),
+            value: value.to_string(),
+        })
+    }
+}
+
+/// What a user chooses about a function; everything else is the platform's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionSpec {
+    pub image: String,
+    /// Replaces the image's CMD; empty keeps the image's own.
+    pub command: Vec<String>,
+    pub env: Vec<EnvVar>,
+    /// Kill the call after this long; `None` lets it run as long as it likes.
+    pub timeout_ms: Option<u64>,
+    pub memory_bytes: Option<u64>,
+    pub cpus: Option<f64>,
+}
+
+impl FunctionSpec {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.image.trim().is_empty() || self.image.chars().any(char::is_whitespace) {
+            return Err(format!("invalid image reference {:?}", self.image));
+        }
+        if self.timeout_ms == Some(0) {
+            return Err("timeout must be greater than zero".into());
+        }
+        if let Some(c) = self.cpus {
+            if !(c > 0.0 && c <= 1024.0) {
+                return Err(format!("invalid cpus {c}: expected a number above 0"));
+            }
+        }
+        if let Some(m) = self.memory_bytes {
+            // The Engine refuses less than 6 MiB.
+            if m < 6 * 1024 * 1024 {
+                return Err(format!("memory {m} is too small: at least 6 MiB"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Function {
+    pub name: Name,
+    pub owner: Name,
+    pub spec: FunctionSpec,
+    /// The UUID of the call URL; `--refresh` replaces it, killing the old URL.
+    pub secret: Secret,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_vars() {
+        assert_eq!(
+            EnvVar::parse("A_1=x=y").unwrap(),
+            EnvVar { name: "A_1".into(), value: "x=y".into() }
+        );
+        assert!(EnvVar::parse("A=").is_ok());
+        for bad in ["A", "=x", "1A=x", "A-B=x", "A B=x"] {
+            assert!(EnvVar::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! The platform's vocabulary: validated ids, the records we persist, and the
+//! call lifecycle. Knows nothing of HTTP, sled or Docker.
+
+mod call;
+mod function;
+mod ids;
+mod user;
+
+pub use call::{Call, CallState, Event, EventKind, Outcome, OutputState, TransitionError, SHORT_LEN};
+pub use function::{EnvVar, Function, FunctionSpec};
+pub use ids::{CallId, IdError, Name, Secret};
+pub use user::{hash_key, ApiKey, User};
+
+/// Seconds since the Unix epoch, the timestamp of every record.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// RFC 3339 UTC with second precision, as the log lines show it.
+pub fn format_time(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
+}

@@ -1,0 +1,612 @@
+//! Runs one call in one fresh container on the local Docker Engine, and the
+//! few other Engine operations the platform needs (images, recovery, health).
+//!
+//! This is the only module that names bollard. It never keeps a container
+//! after its call, never stops reading a held attach (the Engine hangs if we
+//! do), and never lets a container write to the Engine's disk (log driver `none`).
+
+use crate::config::ContainerConfig;
+use crate::model::{CallId, CallState, Outcome};
+use bollard::container::LogOutput;
+use bollard::errors::Error as DockerError;
+use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
+use bollard::query_parameters::{
+    AttachContainerOptions, CreateContainerOptions, CreateImageOptions, KillContainerOptions,
+    ListContainersOptions, RemoveContainerOptions, WaitContainerOptions,
+};
+use bollard::Docker;
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
+
+pub const LABEL_CALL: &str = "io.hyperfuncd.call";
+pub const LABEL_FUNCTION: &str = "io.hyperfuncd.function";
+/// Which daemon (data directory) a container belongs to.
+pub const LABEL_INSTANCE: &str = "io.hyperfuncd.instance";
+
+/// How long the output stream may stay open after the process has exited.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(5);
+/// Seconds a single Engine request may take to answer (a wait answers at once
+/// and then streams, so this does not bound a call's run time).
+const REQUEST_TIMEOUT_SECS: u64 = 60;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The Engine did not answer; nothing was created.
+    #[error("Docker Engine unreachable at {socket}: {message}")]
+    Unavailable { socket: String, message: String },
+    #[error("image {image} is not present and could not be pulled: {message}")]
+    Pull { image: String, message: String },
+    #[error("Docker Engine error: {0}")]
+    Engine(String),
+}
+
+/// Everything needed to run one call.
+pub struct RunSpec {
+    pub call_id: CallId,
+    pub function: String,
+    pub image: String,
+    /// Empty keeps the image's CMD.
+    pub command: Vec<String>,
+    /// `K=V` pairs, final (request variables already merged under the function's).
+    pub env: Vec<String>,
+    pub memory_bytes: u64,
+    pub cpus: Option<f64>,
+    pub timeout: Option<Duration>,
+    pub stdin: Bytes,
+    pub max_stdout: u64,
+    pub max_stderr: u64,
+}
+
+pub struct Runtime {
+    socket: String,
+    instance: String,
+    container: ContainerConfig,
+    /// A negotiated client, made on first use and dropped when the Engine stops
+    /// answering so the next use renegotiates.
+    client: tokio::sync::Mutex<Option<Docker>>,
+}
+
+impl Runtime {
+    pub fn new(socket: String, instance: String, container: ContainerConfig) -> Runtime {
+        Runtime {
+            socket,
+            instance,
+            container,
+            client: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn socket(&self) -> &str {
+        &self.socket
+    }
+
+    async fn docker(&self) -> Result<Docker, RuntimeError> {
+        let mut guard = self.client.lock().await;
+        if let Some(d) = guard.as_ref() {
+            return Ok(d.clone());
+        }
+        let unavailable = |e: DockerError| RuntimeError::Unavailable {
+            socket: self.socket.clone(),
+            message: e.to_string(),
+        };
+        let docker = Docker::connect_with_unix(
+            &self.socket,
+            REQUEST_TIMEOUT_SECS,
+            bollard::API_DEFAULT_VERSION,
+        )
+        .map_err(unavailable)?
+        .negotiate_version()
+        .await
+        .map_err(unavailable)?;
+        *guard = Some(docker.clone());
+        Ok(docker)
+    }
+
+    /// Classifies an Engine error; a transport failure forgets the client.
+    async fn classify(&self, e: DockerError) -> RuntimeError {
+        if is_transport(&e) {
+            *self.client.lock().await = None;
+            RuntimeError::Unavailable {
+                socket: self.socket.clone(),
+                message: e.to_string(),
+            }
+        } else {
+            RuntimeError::Engine(engine_message(&e))
+        }
+    }
+
+    /// Whether the Engine answers a ping.
+    pub async fn ping(&self) -> Result<(), RuntimeError> {
+        let docker = self.docker().await?;
+        match docker.ping().await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.classify(e).await),
+        }
+    }
+
+    /// The Engine's OCI runtimes, to check a configured one exists.
+    pub async fn check_oci_runtime(&self) -> Result<(), RuntimeError> {
+        let Some(wanted) = &self.container.runtime else {
+            return Ok(());
+        };
+        let docker = self.docker().await?;
+        let info = match docker.info().await {
+            Ok(i) => i,
+            Err(e) => return Err(self.classify(e).await),
+        };
+        let known = info.runtimes.unwrap_or_default();
+        if known.contains_key(wanted) {
+            Ok(())
+        } else {
+            let mut names: Vec<_> = known.keys().cloned().collect();
+            names.sort();
+            Err(RuntimeError::Engine(format!(
+                "OCI runtime {wanted:?} is not known to the Docker Engine (it has: {})",
+                names.join(", ")
+            )))
+        }
+    }
+
+    /// Makes sure `image` is present locally, pulling it if not.
+    pub async fn ensure_image(&self, image: &str, pull_timeout: Duration) -> Result<(), RuntimeError> {
+        let docker = self.docker().await?;
+        match docker.inspect_image(image).await {
+            Ok(_) => return Ok(()),
+            Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => {}
+            Err(e) => return Err(self.classify(e).await),
+        }
+        let (from_image, tag) = split_reference(image);
+        tracing::info!(image, "pulling image");
+        let options = CreateImageOptions {
+            from_image: Some(from_image),
+            tag: Some(tag),
+            ..Default::default()
+        };
+        let pull = async {
+            let mut stream = docker.create_image(Some(options), None, None);
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(info) => {
+                        if let Some(detail) = info.error_detail {
+                            return Err(detail.message.unwrap_or_else(|| "pull failed".into()));
+                        }
+                        if let Some(status) = info.status {
+                            tracing::debug!(image, status, "pull progress");
+                        }
+                    }
+                    Err(e) => return Err(engine_message(&e)),
+                }
+            }
+            Ok(())
+        };
+        let result = match tokio::time::timeout(pull_timeout, pull).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no result after {}", humantime::format_duration(pull_timeout))),
+        };
+        result.map_err(|message| RuntimeError::Pull {
+            image: image.to_string(),
+            message,
+        })?;
+        // A pull that "succeeds" without the image is still a failure.
+        match docker.inspect_image(image).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(RuntimeError::Pull {
+                image: image.to_string(),
+                message: engine_message(&e),
+            }),
+        }
+    }
+
+    /// Removes every container of this instance: after a crash none may be
+    /// left behind, and a RUNNING call's output cannot be recovered from one.
+    /// Returns the call ids whose containers were found.
+    pub async fn remove_leftovers(&self) -> Result<Vec<String>, RuntimeError> {
+        let docker = self.docker().await?;
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{LABEL_INSTANCE}={}", self.instance)],
+        )]);
+        let list = docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await;
+        let list = match list {
+            Ok(l) => l,
+            Err(e) => return Err(self.classify(e).await),
+        };
+        let mut calls = Vec::new();
+        for c in list {
+            if let Some(id) = &c.id {
+                remove(&docker, id).await;
+            }
+            if let Some(call) = c.labels.and_then(|mut l| l.remove(LABEL_CALL)) {
+                calls.push(call);
+            }
+        }
+        Ok(calls)
+    }
+
+    /// Runs one call to its end. `Err(Unavailable)` means the Engine refused
+    /// before any container existed, so the call may be retried; every other
+    /// ending is an `Outcome`. The container, if one was made, is left for the
+    /// caller to `remove` once the outcome is durable: a crash in between then
+    /// leaves evidence that the call ran.
+    pub async fn run(&self, spec: RunSpec, cancel: CancellationToken) -> Result<Ran, RuntimeError> {
+        let docker = self.docker().await?;
+        let body = self.container_body(&spec);
+        let name = format!("hyperfuncd-{}", spec.call_id);
+        let created = docker
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: Some(name),
+                    ..Default::default()
+                }),
+                body,
+            )
+            .await;
+        let id = match created {
+            Ok(r) => r.id,
+            Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => {
+                return Ok(Ran {
+                    outcome: Outcome::failed(format!(
+                        "image {} is not present on the Docker Engine",
+                        spec.image
+                    )),
+                    container: None,
+                })
+            }
+            Err(e) => {
+                return match self.classify(e).await {
+                    RuntimeError::Engine(m) => Ok(Ran {
+                        outcome: Outcome::failed(format!("cannot create container: {m}")),
+                        container: None,
+                    }),
+                    other => Err(other),
+                }
+            }
+        };
+        let outcome = self.drive(&docker, &id, spec, cancel).await;
+        Ok(Ran {
+            outcome,
+            container: Some(id),
+        })
+    }
+
+    /// Removes a call's container (already gone is fine).
+    pub async fn remove(&self, container: &str) {
+        if let Ok(docker) = self.docker().await {
+            remove(&docker, container).await;
+        }
+    }
+
+    fn container_body(&self, spec: &RunSpec) -> ContainerCreateBody {
+        let labels = HashMap::from([
+            (LABEL_CALL.to_string(), spec.call_id.to_string()),
+            (LABEL_FUNCTION.to_string(), spec.function.clone()),
+            (LABEL_INSTANCE.to_string(), self.instance.clone()),
+        ]);
+        let c = &self.container;
+        ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            cmd: (!spec.command.is_empty()).then(|| spec.command.clone()),
+            env: Some(spec.env.clone()),
+            labels: Some(labels),
+            attach_stdin: Some(true),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            open_stdin: Some(true),
+            stdin_once: Some(true),
+            tty: Some(false),
+            host_config: Some(HostConfig {
+                log_config: Some(HostConfigLogConfig {
+                    typ: Some("none".into()),
+                    config: None,
+                }),
+                network_mode: Some(c.network_mode.clone()),
+                runtime: c.runtime.clone(),
+                memory: Some(i64::try_from(spec.memory_bytes).unwrap_or(i64::MAX)),
+                nano_cpus: spec.cpus.map(|c| (c * 1e9) as i64),
+                pids_limit: Some(c.pids_limit),
+                security_opt: Some(vec!["no-new-privileges".into()]),
+                cap_drop: Some(vec!["ALL".into()]),
+                cap_add: (!c.cap_add.is_empty()).then(|| c.cap_add.clone()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    async fn drive(&self, docker: &Docker, id: &str, spec: RunSpec, cancel: CancellationToken) -> Outcome {
+        let attach = docker
+            .attach_container(
+                id,
+                Some(AttachContainerOptions {
+                    stdin: true,
+                    stdout: true,
+                    stderr: true,
+                    stream: true,
+                    logs: false,
+                    detach_keys: None,
+                }),
+            )
+            .await;
+        let attach = match attach {
+            Ok(a) => a,
+            Err(e) => return Outcome::failed(format!("cannot attach to container: {}", engine_message(&e))),
+        };
+        if let Err(e) = docker.start_container(id, None).await {
+            return Outcome::failed(format!("cannot start container: {}", engine_message(&e)));
+        }
+
+        let mut input = attach.input;
+        let stdin = spec.stdin.clone();
+        // A process may exit without reading STDIN; the writer then blocks
+        // forever, so it is aborted once the container has stopped.
+        let writer = tokio::spawn(async move {
+            if input.write_all(&stdin).await.is_ok() {
+                let _ = input.shutdown().await;
+            }
+            // Held until aborted: dropping a half could close the stream.
+            std::future::pending::<()>().await;
+        });
+
+        let exceeded = CancellationToken::new();
+        let reader = tokio::spawn(read_output(
+            attach.output,
+            spec.max_stdout,
+            spec.max_stderr,
+            exceeded.clone(),
+        ));
+
+        let mut wait = docker.wait_container(
+            id,
+            Some(WaitContainerOptions {
+                condition: "not-running".into(),
+            }),
+        );
+        let deadline = async {
+            match spec.timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        enum Stop {
+            Exited(Option<Result<bollard::models::ContainerWaitResponse, DockerError>>),
+            Timeout,
+            Cancelled,
+            TooMuchOutput,
+        }
+        let mut stop = tokio::select! {
+            w = wait.next() => Stop::Exited(w),
+            _ = deadline => Stop::Timeout,
+            _ = cancel.cancelled() => Stop::Cancelled,
+            _ = exceeded.cancelled() => Stop::TooMuchOutput,
+        };
+        let exit = match stop {
+            Stop::Exited(ref mut w) => w.take(),
+            _ => {
+                // Keep reading while the kill lands: an unread attach hangs the Engine.
+                let _ = docker
+                    .kill_container(id, Some(KillContainerOptions { signal: "KILL".into() }))
+                    .await;
+                tokio::time::timeout(Duration::from_secs(30), wait.next())
+                    .await
+                    .ok()
+                    .flatten()
+            }
+        };
+        writer.abort();
+        let output = match tokio::time::timeout(DRAIN_AFTER_EXIT, reader).await {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => Captured::broken(format!("output reader failed: {e}")),
+            Err(_) => Captured::broken("the output stream did not end after the process exited".into()),
+        };
+
+        let code = match exit {
+            Some(Ok(r)) => Some(r.status_code),
+            Some(Err(DockerError::DockerContainerWaitError { code, .. })) => Some(code),
+            Some(Err(e)) => {
+                return Outcome {
+                    stdout: output.stdout.freeze(),
+                    stderr: output.stderr.freeze(),
+                    ..Outcome::failed(format!("lost the container: {}", engine_message(&e)))
+                }
+            }
+            None => None,
+        };
+        let message = match stop {
+            Stop::Timeout => Some(format!(
+                "timeout after {}",
+                humantime::format_duration(spec.timeout.unwrap_or_default())
+            )),
+            Stop::Cancelled => Some("cancelled".to_string()),
+            Stop::TooMuchOutput => Some(format!("stdout exceeded {}", human_bytes(spec.max_stdout))),
+            Stop::Exited(_) if output.exceeded => {
+                Some(format!("stdout exceeded {}", human_bytes(spec.max_stdout)))
+            }
+            Stop::Exited(_) => match (&output.error, code) {
+                (Some(e), _) => Some(e.clone()),
+                (None, Some(0)) => None,
+                (None, Some(c)) => Some(self.exit_message(docker, id, c).await),
+                (None, None) => Some("the Docker Engine did not report an exit code".into()),
+            },
+        };
+        Outcome {
+            state: if message.is_none() { CallState::Finished } else { CallState::Failed },
+            exit_code: code,
+            message,
+            stdout: output.stdout.freeze(),
+            stderr: output.stderr.freeze(),
+        }
+    }
+
+    async fn exit_message(&self, docker: &Docker, id: &str, code: i64) -> String {
+        let oom = docker
+            .inspect_container(id, None)
+            .await
+            .ok()
+            .and_then(|i| i.state)
+            .and_then(|s| s.oom_killed)
+            .unwrap_or(false);
+        if oom {
+            format!("exit code {code}: killed for exceeding its memory limit")
+        } else {
+            format!("exit code {code}")
+        }
+    }
+}
+
+/// A call that reached the Engine.
+pub struct Ran {
+    pub outcome: Outcome,
+    /// The container to remove once the outcome is stored.
+    pub container: Option<String>,
+}
+
+/// What the output reader collected.
+struct Captured {
+    stdout: BytesMut,
+    stderr: BytesMut,
+    exceeded: bool,
+    error: Option<String>,
+}
+
+impl Captured {
+    fn broken(error: String) -> Captured {
+        Captured {
+            stdout: BytesMut::new(),
+            stderr: BytesMut::new(),
+            exceeded: false,
+            error: Some(error),
+        }
+    }
+}
+
+/// Reads the attach stream to its end. Past the STDOUT cap it keeps draining
+/// (discarding) and signals `exceeded` so the container gets killed.
+async fn read_output(
+    mut output: std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<LogOutput, DockerError>> + Send>>,
+    max_stdout: u64,
+    max_stderr: u64,
+    exceeded: CancellationToken,
+) -> Captured {
+    let mut c = Captured {
+        stdout: BytesMut::new(),
+        stderr: BytesMut::new(),
+        exceeded: false,
+        error: None,
+    };
+    while let Some(item) = output.next().await {
+        match item {
+            Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
+                if c.exceeded {
+                    continue;
+                }
+                if (c.stdout.len() + message.len()) as u64 > max_stdout {
+                    c.exceeded = true;
+                    c.stdout.clear();
+                    exceeded.cancel();
+                } else {
+                    c.stdout.extend_from_slice(&message);
+                }
+            }
+            Ok(LogOutput::StdErr { message }) => {
+                let room = (max_stderr as usize).saturating_sub(c.stderr.len());
+                c.stderr.extend_from_slice(&message[..message.len().min(room)]);
+            }
+            Ok(LogOutput::StdIn { .. }) => {}
+            Err(e) => {
+                c.error = Some(format!("output stream broke: {}", engine_message(&e)));
+                break;
+            }
+        }
+    }
+    c
+}
+
+async fn remove(docker: &Docker, id: &str) {
+    let options = RemoveContainerOptions {
+        force: true,
+        v: true,
+        ..Default::default()
+    };
+    match docker.remove_container(id, Some(options)).await {
+        Ok(()) | Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => {}
+        Err(e) => tracing::warn!(container = id, error = %e, "cannot remove container"),
+    }
+}
+
+/// Whether an error means the Engine could not be reached at all.
+fn is_transport(e: &DockerError) -> bool {
+    !matches!(
+        e,
+        DockerError::DockerResponseServerError { .. }
+            | DockerError::DockerContainerWaitError { .. }
+            | DockerError::JsonDataError { .. }
+            | DockerError::JsonSerdeError { .. }
+    )
+}
+
+fn engine_message(e: &DockerError) -> String {
+    match e {
+        DockerError::DockerResponseServerError { message, .. } => message.trim().to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// `repo[:tag]` → (`repo`, `tag`); a digest reference is passed whole. An
+/// empty tag would make the Engine pull every tag, so it defaults to `latest`.
+fn split_reference(image: &str) -> (String, String) {
+    if image.contains('@') {
+        return (image.to_string(), String::new());
+    }
+    let last = image.rsplit('/').next().unwrap_or(image);
+    match last.rsplit_once(':') {
+        Some((_, tag)) => {
+            let repo = &image[..image.len() - tag.len() - 1];
+            (repo.to_string(), tag.to_string())
+        }
+        None => (image.to_string(), "latest".to_string()),
+    }
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const MIB: u64 = 1024 * 1024;
+    const KIB: u64 = 1024;
+    if n >= MIB && n % MIB == 0 {
+        format!("{} MiB", n / MIB)
+    } else if n >= KIB && n % KIB == 0 {
+        format!("{} KiB", n / KIB)
+    } else {
+        format!("{n} bytes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references() {
+        let s = |a: &str, b: &str| (a.to_string(), b.to_string());
+        assert_eq!(split_reference("busybox"), s("busybox", "latest"));
+        assert_eq!(split_reference("busybox:1.36"), s("busybox", "1.36"));
+        assert_eq!(split_reference("reg:5000/a/b"), s("reg:5000/a/b", "latest"));
+        assert_eq!(split_reference("reg:5000/a/b:v2"), s("reg:5000/a/b", "v2"));
+        assert_eq!(split_reference("a@sha256:00"), s("a@sha256:00", ""));
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(human_bytes(5 * 1024 * 1024), "5 MiB");
+        assert_eq!(human_bytes(2048), "2 KiB");
+        assert_eq!(human_bytes(1000), "1000 bytes");
+    }
+}

@@ -1,0 +1,327 @@
+//! Drains the per-user FIFO queues into containers: at most `max_concurrency`
+//! running calls per user, at most `host_max_running` on the host, users
+//! served round-robin so one user's backlog never delays another's calls.
+//! Also recovery after a crash, Engine outages, timeouts and cancellation.
+//!
+//! It never runs a call whose RUNNING state is not yet on disk, so a crash can
+//! never make a call run twice.
+
+use crate::config::Config;
+use crate::model::{Call, CallId, Name, Outcome};
+use crate::runtime::{RunSpec, Runtime, RuntimeError};
+use crate::store::{Store, StoreError};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+/// How often the dispatcher looks again while the Engine is down.
+const ENGINE_RETRY: Duration = Duration::from_secs(1);
+
+pub struct Scheduler {
+    store: Arc<Store>,
+    runtime: Arc<Runtime>,
+    config: Arc<Config>,
+    /// Wakes the dispatcher: a call was queued or a slot freed.
+    wake: Notify,
+    /// Bumped after every call state change; waiters re-read the store.
+    changes: watch::Sender<u64>,
+    state: Mutex<DispatchState>,
+}
+
+#[derive(Default)]
+struct DispatchState {
+    /// Owners that may have queued calls, in round-robin order.
+    ready: VecDeque<Name>,
+    ready_set: HashSet<Name>,
+    running: HashMap<Name, u32>,
+    running_total: u32,
+    /// One token per running call, to cancel it.
+    cancels: HashMap<CallId, CancellationToken>,
+    /// Recovery done: the queue may be drained.
+    recovered: bool,
+    /// The Engine refused the last attempt; retry after a ping succeeds.
+    engine_down: bool,
+}
+
+impl Scheduler {
+    pub fn new(store: Arc<Store>, runtime: Arc<Runtime>, config: Arc<Config>) -> Arc<Scheduler> {
+        Arc::new(Scheduler {
+            store,
+            runtime,
+            config,
+            wake: Notify::new(),
+            changes: watch::channel(0).0,
+            state: Mutex::new(DispatchState::default()),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, DispatchState> {
+        // A panic while holding this lock would be a bug; keep serving anyway.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A receiver that changes whenever any call changes state.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    pub fn changed(&self) {
+        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// A call of `owner` was queued.
+    pub fn queued(&self, owner: &Name) {
+        let mut st = self.state();
+        if st.ready_set.insert(owner.clone()) {
+            st.ready.push_back(owner.clone());
+        }
+        drop(st);
+        self.changed();
+        self.wake.notify_one();
+    }
+
+    pub fn engine_down(&self) -> bool {
+        self.state().engine_down
+    }
+
+    pub fn running_total(&self) -> u32 {
+        self.state().running_total
+    }
+
+    /// Cancels a running call: its container is killed and it ends FAILED "cancelled".
+    pub fn cancel(&self, id: &CallId) -> bool {
+        match self.state().cancels.get(id) {
+            Some(t) => {
+                t.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Drains the queues until `shutdown` fires.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            if let Err(e) = self.dispatch().await {
+                tracing::error!(error = %e, "dispatch failed");
+            }
+            let retry = {
+                let st = self.state();
+                !st.recovered || st.engine_down
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(ENGINE_RETRY), if retry => {}
+            }
+        }
+        // Cancel nothing on shutdown: running calls finish or are reconciled at the next start.
+    }
+
+    /// Reconciles the store with the Engine after a start: leftover containers
+    /// are removed; a RUNNING call whose container exists ran (at least
+    /// partly) and ends FAILED; one without a container never started and is queued again.
+    async fn recover(&self) -> Result<(), StoreError> {
+        let found = match self.runtime.remove_leftovers().await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, "recovery waits for the Docker Engine");
+                return Ok(());
+            }
+        };
+        let found: HashSet<String> = found.into_iter().collect();
+        let limits = &self.config.limits;
+        for call in self.store.running_calls()? {
+            if found.contains(&call.id.to_string()) {
+                let outcome = Outcome::failed(
+                    "hyperfuncd stopped while the call was running; its output could not be recovered",
+                );
+                self.store
+                    .finish(&call.id, &outcome, limits.output_cache_bytes, limits.log_cache_bytes)?;
+            } else {
+                self.store.requeue(&call.id)?;
+            }
+        }
+        self.store.flush().await?;
+        let owners = self.store.queued_owners()?;
+        let mut st = self.state();
+        for o in owners {
+            if st.ready_set.insert(o.clone()) {
+                st.ready.push_back(o);
+            }
+        }
+        st.recovered = true;
+        tracing::info!(queued = self.store.queue_len(), "recovery done");
+        Ok(())
+    }
+
+    /// Starts as many queued calls as the quotas allow.
+    async fn dispatch(self: &Arc<Self>) -> Result<(), StoreError> {
+        if !self.state().recovered {
+            self.recover().await?;
+            if !self.state().recovered {
+                return Ok(());
+            }
+        }
+        if self.state().engine_down {
+            if self.runtime.ping().await.is_err() {
+                return Ok(());
+            }
+            tracing::info!("Docker Engine is back; draining the queue");
+            self.state().engine_down = false;
+        }
+        let host_cap = self.config.scheduler.host_max_running;
+        // Each turn gives one owner one slot, then moves on: round-robin.
+        let mut idle_turns = 0;
+        loop {
+            let owner = {
+                let mut st = self.state();
+                if st.running_total >= host_cap || st.engine_down || idle_turns >= st.ready.len() {
+                    break;
+                }
+                match st.ready.pop_front() {
+                    Some(o) => o,
+                    None => break,
+                }
+            };
+            let quota = self
+                .store
+                .get_user(&owner)?
+                .map_or(self.config.scheduler.default_max_concurrency, |u| u.max_concurrency);
+            let running = self.state().running.get(&owner).copied().unwrap_or(0);
+            if running >= quota {
+                self.state().ready.push_back(owner);
+                idle_turns += 1;
+                continue;
+            }
+            let Some(id) = self.store.queue_head(&owner)? else {
+                self.state().ready_set.remove(&owner);
+                continue;
+            };
+            idle_turns = 0;
+            let (call, payload) = self.store.start(&id, self.config.limits.log_cache_bytes)?;
+            let token = CancellationToken::new();
+            {
+                let mut st = self.state();
+                *st.running.entry(owner.clone()).or_default() += 1;
+                st.running_total += 1;
+                st.cancels.insert(id, token.clone());
+                st.ready.push_back(owner);
+            }
+            self.changed();
+            let this = Arc::clone(self);
+            tokio::spawn(async move {
+                let owner = call.owner.clone();
+                if let Err(e) = this.execute(call, payload, token).await {
+                    tracing::error!(call = %id, error = %e, "call bookkeeping failed");
+                }
+                {
+                    let mut st = this.state();
+                    if let Some(n) = st.running.get_mut(&owner) {
+                        *n = n.saturating_sub(1);
+                    }
+                    st.running_total = st.running_total.saturating_sub(1);
+                    st.cancels.remove(&id);
+                }
+                this.changed();
+                this.wake.notify_one();
+            });
+        }
+        Ok(())
+    }
+
+    async fn execute(&self, call: Call, payload: bytes::Bytes, token: CancellationToken) -> Result<(), StoreError> {
+        let limits = &self.config.limits;
+        // RUNNING must be on disk before a container can exist (see module doc).
+        self.store.flush().await?;
+        let Some(function) = self.store.get_function(&call.function)? else {
+            let outcome = Outcome::failed("the function was removed");
+            self.store
+                .finish(&call.id, &outcome, limits.output_cache_bytes, limits.log_cache_bytes)?;
+            return Ok(());
+        };
+        let spec = RunSpec {
+            call_id: call.id,
+            function: function.name.to_string(),
+            image: function.spec.image.clone(),
+            command: function.spec.command.clone(),
+            env: call_env(&function.spec.env, &call.request_env),
+            memory_bytes: function
+                .spec
+                .memory_bytes
+                .unwrap_or(self.config.container.memory_bytes),
+            cpus: function.spec.cpus,
+            timeout: function.spec.timeout_ms.map(Duration::from_millis),
+            stdin: payload,
+            max_stdout: limits.max_stdout_bytes,
+            max_stderr: limits.max_stderr_bytes,
+        };
+        match self.runtime.run(spec, token).await {
+            Ok(ran) => {
+                self.store.finish(
+                    &call.id,
+                    &ran.outcome,
+                    limits.output_cache_bytes,
+                    limits.log_cache_bytes,
+                )?;
+                self.store.flush().await?;
+                if let Some(c) = ran.container {
+                    self.runtime.remove(&c).await;
+                }
+            }
+            Err(RuntimeError::Unavailable { message, .. }) => {
+                tracing::warn!(call = %call.id, error = %message, "Docker Engine unreachable; call requeued");
+                self.state().engine_down = true;
+                self.store.requeue(&call.id)?;
+                let mut st = self.state();
+                if st.ready_set.insert(call.owner.clone()) {
+                    st.ready.push_front(call.owner.clone());
+                }
+            }
+            Err(e) => {
+                self.store.finish(
+                    &call.id,
+                    &Outcome::failed(e.to_string()),
+                    limits.output_cache_bytes,
+                    limits.log_cache_bytes,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The container's environment: the request's CGI variables, then the
+/// function's own. A request variable never shadows the function's, PATH or HOME.
+pub fn call_env(function_env: &[crate::model::EnvVar], request_env: &[(String, String)]) -> Vec<String> {
+    let reserved: HashSet<&str> = function_env
+        .iter()
+        .map(|e| e.name.as_str())
+        .chain(["PATH", "HOME"])
+        .collect();
+    request_env
+        .iter()
+        .filter(|(k, _)| !reserved.contains(k.as_str()))
+        .map(|(k, v)| format!("{k}={v}"))
+        .chain(function_env.iter().map(|e| format!("{}={}", e.name, e.value)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::EnvVar;
+
+    #[test]
+    fn function_env_wins_over_headers() {
+        let fenv = vec![EnvVar::parse("HTTP_X_A=fn").unwrap()];
+        let req = vec![
+            ("HTTP_X_A".to_string(), "hdr".to_string()),
+            ("HTTP_X_B".to_string(), "b".to_string()),
+            ("PATH".to_string(), "/evil".to_string()),
+        ];
+        assert_eq!(call_env(&fenv, &req), vec!["HTTP_X_B=b", "HTTP_X_A=fn"]);
+    }
+}

@@ -1,0 +1,411 @@
+//! The platform's operations, in the vocabulary of the model: who may do what,
+//! and in which order the store, the scheduler and the runtime are asked.
+//! The HTTP layer parses into these calls and maps their errors; nothing here
+//! knows about HTTP.
+
+use crate::config::Config;
+use crate::model::{
+    now_ms, ApiKey, Call, CallId, CallState, EnvVar, Event, Function, FunctionSpec, Name, Outcome,
+    OutputState, Secret, User,
+};
+use crate::runtime::{Runtime, RuntimeError};
+use crate::scheduler::Scheduler;
+use crate::store::{FunctionStats, OutputLookup, Store, StoreError};
+use bytes::Bytes;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("missing or unknown API key")]
+    Unauthorized,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for ServiceError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(what) => ServiceError::NotFound(format!("{what} not found")),
+            StoreError::Conflict(m) => ServiceError::Conflict(m),
+            StoreError::Transition(t) => ServiceError::Conflict(t.to_string()),
+            other => ServiceError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<RuntimeError> for ServiceError {
+    fn from(e: RuntimeError) -> Self {
+        match e {
+            RuntimeError::Unavailable { .. } => ServiceError::Unavailable(e.to_string()),
+            RuntimeError::Pull { .. } => ServiceError::BadRequest(e.to_string()),
+            RuntimeError::Engine(m) => ServiceError::Internal(format!("Docker Engine: {m}")),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ServiceError>;
+
+/// Changes asked by `func update`; `None` leaves a field as it is.
+#[derive(Debug, Default, Clone)]
+pub struct FunctionUpdate {
+    pub image: Option<String>,
+    pub command: Option<Vec<String>>,
+    /// Variables to add or replace.
+    pub env_set: Vec<EnvVar>,
+    /// Variable names to remove.
+    pub env_unset: Vec<String>,
+    /// `Some(None)` removes the timeout.
+    pub timeout_ms: Option<Option<u64>>,
+    pub memory_bytes: Option<u64>,
+    pub cpus: Option<f64>,
+    /// Issue a new URL secret; the old URL stops working.
+    pub refresh: bool,
+}
+
+/// What a `get` of a call's output finds.
+#[derive(Debug)]
+pub enum OutputAnswer {
+    Output(Bytes),
+    Pending,
+    Running,
+    /// The call failed; the record says why.
+    Failed(Call),
+    /// The output was fetched already or rotated out of the cache.
+    Gone(Call),
+}
+
+/// Who is asking about a call: a user of the management API, or the holder
+/// of a function's capability URL.
+pub enum Scope<'a> {
+    User(&'a User),
+    Function(&'a Function),
+}
+
+pub struct Service {
+    pub store: Arc<Store>,
+    pub scheduler: Arc<Scheduler>,
+    pub runtime: Arc<Runtime>,
+    pub config: Arc<Config>,
+    /// `https://HOST:PORT`, the base of call URLs.
+    pub base_url: String,
+}
+
+impl Service {
+    pub fn address(&self, f: &Function) -> String {
+        format!("{}/call/{}/{}", self.base_url, f.name, f.secret.as_str())
+    }
+
+    // ---- users ----
+
+    pub fn authenticate(&self, key: &str) -> Result<User> {
+        self.store
+            .user_by_key_hash(&crate::model::hash_key(key))?
+            .ok_or(ServiceError::Unauthorized)
+    }
+
+    fn require_admin(caller: &User) -> Result<()> {
+        if caller.admin {
+            Ok(())
+        } else {
+            Err(ServiceError::Forbidden("this needs the admin key".into()))
+        }
+    }
+
+    pub fn add_user(&self, caller: &User, name: Name, max_concurrency: Option<u32>, admin: bool) -> Result<(User, ApiKey)> {
+        Self::require_admin(caller)?;
+        self.create_user(name, max_concurrency, admin)
+    }
+
+    /// Creates a user without a caller (first start makes `admin` this way).
+    pub fn create_user(&self, name: Name, max_concurrency: Option<u32>, admin: bool) -> Result<(User, ApiKey)> {
+        let max_concurrency = max_concurrency.unwrap_or(self.config.scheduler.default_max_concurrency);
+        if max_concurrency == 0 {
+            return Err(ServiceError::BadRequest("max-concurrency must be at least 1".into()));
+        }
+        let key = ApiKey::generate();
+        let user = User {
+            name,
+            key_hash: key.hash(),
+            max_concurrency,
+            admin,
+            created_ms: now_ms(),
+        };
+        self.store.create_user(&user)?;
+        Ok((user, key))
+    }
+
+    pub fn list_users(&self, caller: &User) -> Result<Vec<User>> {
+        Self::require_admin(caller)?;
+        Ok(self.store.list_users()?)
+    }
+
+    pub fn update_user(&self, caller: &User, name: &Name, max_concurrency: Option<u32>, rotate_key: bool) -> Result<(User, Option<ApiKey>)> {
+        Self::require_admin(caller)?;
+        let mut user = self
+            .store
+            .get_user(name)?
+            .ok_or_else(|| ServiceError::NotFound(format!("user {name} not found")))?;
+        if let Some(m) = max_concurrency {
+            if m == 0 {
+                return Err(ServiceError::BadRequest("max-concurrency must be at least 1".into()));
+            }
+            user.max_concurrency = m;
+        }
+        let key = rotate_key.then(ApiKey::generate);
+        if let Some(k) = &key {
+            user.key_hash = k.hash();
+        }
+        self.store.update_user(&user)?;
+        // A raised quota may let queued calls start now.
+        self.scheduler.queued(name);
+        Ok((user, key))
+    }
+
+    pub fn delete_user(&self, caller: &User, name: &Name) -> Result<()> {
+        Self::require_admin(caller)?;
+        if caller.name == *name {
+            return Err(ServiceError::Conflict("you cannot remove yourself".into()));
+        }
+        Ok(self.store.delete_user(name)?)
+    }
+
+    // ---- functions ----
+
+    pub async fn create_function(&self, caller: &User, name: Name, spec: FunctionSpec) -> Result<Function> {
+        spec.validate().map_err(ServiceError::BadRequest)?;
+        if self.store.get_function(&name)?.is_some() {
+            return Err(ServiceError::Conflict(format!("function {name} already exists")));
+        }
+        self.runtime
+            .ensure_image(&spec.image, Duration::from_secs(self.config.docker.pull_timeout_secs))
+            .await?;
+        let now = now_ms();
+        let f = Function {
+            name,
+            owner: caller.name.clone(),
+            spec,
+            secret: Secret::new(),
+            created_ms: now,
+            updated_ms: now,
+        };
+        self.store.create_function(&f)?;
+        Ok(f)
+    }
+
+    /// The function `name` if `caller` may see it; others' are "not found".
+    pub fn function(&self, caller: &User, name: &Name) -> Result<Function> {
+        match self.store.get_function(name)? {
+            Some(f) if caller.admin || f.owner == caller.name => Ok(f),
+            _ => Err(ServiceError::NotFound(format!("function {name} not found"))),
+        }
+    }
+
+    pub fn list_functions(&self, caller: &User) -> Result<Vec<Function>> {
+        let owner = (!caller.admin).then_some(&caller.name);
+        Ok(self.store.list_functions(owner)?)
+    }
+
+    pub async fn update_function(&self, caller: &User, name: &Name, u: FunctionUpdate) -> Result<Function> {
+        let mut f = self.function(caller, name)?;
+        let s = &mut f.spec;
+        if let Some(image) = u.image {
+            s.image = image;
+        }
+        if let Some(c) = u.command {
+            s.command = c;
+        }
+        s.env.retain(|e| !u.env_unset.contains(&e.name));
+        for var in u.env_set {
+            match s.env.iter_mut().find(|e| e.name == var.name) {
+                Some(e) => e.value = var.value,
+                None => s.env.push(var),
+            }
+        }
+        if let Some(t) = u.timeout_ms {
+            s.timeout_ms = t;
+        }
+        if let Some(m) = u.memory_bytes {
+            s.memory_bytes = Some(m);
+        }
+        if let Some(c) = u.cpus {
+            s.cpus = Some(c);
+        }
+        s.validate().map_err(ServiceError::BadRequest)?;
+        self.runtime
+            .ensure_image(&s.image, Duration::from_secs(self.config.docker.pull_timeout_secs))
+            .await?;
+        if u.refresh {
+            f.secret = Secret::new();
+        }
+        f.updated_ms = now_ms();
+        self.store.update_function(&f)?;
+        Ok(f)
+    }
+
+    /// Removes a function. With live calls it is a conflict unless `force`,
+    /// which fails the queued ones as cancelled and kills the running ones.
+    pub async fn delete_function(&self, caller: &User, name: &Name, force: bool) -> Result<()> {
+        let f = self.function(caller, name)?;
+        let live = self.store.live_calls(&f.name)?;
+        if !live.is_empty() && !force {
+            return Err(ServiceError::Conflict(format!(
+                "function {name} has {} queued or running call(s); use --force to cancel them",
+                live.len()
+            )));
+        }
+        let limits = &self.config.limits;
+        let mut changes = self.scheduler.subscribe();
+        for call in &live {
+            if call.state == CallState::Pending {
+                let outcome = Outcome::failed("cancelled: the function was removed");
+                // It may have started meanwhile; then it is cancelled below.
+                if self
+                    .store
+                    .finish(&call.id, &outcome, limits.output_cache_bytes, limits.log_cache_bytes)
+                    .is_ok()
+                {
+                    continue;
+                }
+            }
+            self.scheduler.cancel(&call.id);
+        }
+        // Wait (bounded) for the running ones to be killed and recorded.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !self.store.live_calls(&f.name)?.is_empty() {
+            for call in self.store.live_calls(&f.name)? {
+                self.scheduler.cancel(&call.id);
+            }
+            if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+                return Err(ServiceError::Conflict(format!(
+                    "function {name} still has running calls that did not stop in time"
+                )));
+            }
+        }
+        self.store.delete_function(&f.name)?;
+        self.scheduler.changed();
+        Ok(())
+    }
+
+    /// The function behind a capability URL; a wrong secret is "not found".
+    pub fn function_by_secret(&self, name: &str, secret: &str) -> Result<Function> {
+        let not_found = || ServiceError::NotFound("no such function URL".into());
+        let name = Name::parse(name).map_err(|_| not_found())?;
+        match self.store.get_function(&name)? {
+            Some(f) if f.secret.matches(secret) => Ok(f),
+            _ => Err(not_found()),
+        }
+    }
+
+    pub fn stats(&self, f: &Function) -> Result<FunctionStats> {
+        Ok(self.store.stats(&f.name)?)
+    }
+
+    // ---- calls ----
+
+    /// Accepts a call; returns once it and its payload are on disk.
+    pub async fn accept(&self, f: &Function, payload: Bytes, request_env: Vec<(String, String)>) -> Result<CallId> {
+        if payload.len() as u64 > self.config.limits.max_stdin_bytes {
+            return Err(self.too_large());
+        }
+        let call = Call::new(
+            f.name.clone(),
+            f.owner.clone(),
+            self.store.next_seq()?,
+            &payload,
+            request_env,
+        );
+        self.store
+            .accept(&call, &payload, self.config.limits.log_cache_bytes)?;
+        self.store.flush().await?;
+        self.scheduler.queued(&f.owner);
+        Ok(call.id)
+    }
+
+    pub fn too_large(&self) -> ServiceError {
+        ServiceError::TooLarge(format!(
+            "request body exceeds the STDIN limit of {}",
+            crate::runtime::human_bytes(self.config.limits.max_stdin_bytes)
+        ))
+    }
+
+    /// The call `id` if `scope` may see it.
+    pub fn call(&self, scope: &Scope<'_>, id: &CallId) -> Result<Call> {
+        let call = self.store.get_call(id)?;
+        match (call, scope) {
+            (Some(c), Scope::User(u)) if u.admin || c.owner == u.name => Ok(c),
+            (Some(c), Scope::Function(f)) if c.function == f.name => Ok(c),
+            _ => Err(ServiceError::NotFound(format!("call {id} not found"))),
+        }
+    }
+
+    /// Fetches (and deletes) a call's output. With `wait`, blocks until the
+    /// call has ended or `wait` has passed.
+    pub async fn output(&self, scope: &Scope<'_>, id: &CallId, wait: Option<Duration>) -> Result<OutputAnswer> {
+        let deadline = wait.map(|w| tokio::time::Instant::now() + w);
+        let mut changes = self.scheduler.subscribe();
+        loop {
+            // Visibility first, so another user's call id answers 404.
+            let call = self.call(scope, id)?;
+            if call.state.is_done() {
+                return match self.store.take_output(id)? {
+                    Some(OutputLookup::Output(_, out)) => Ok(OutputAnswer::Output(out)),
+                    Some(OutputLookup::NoOutput(c)) if c.state == CallState::Failed => Ok(OutputAnswer::Failed(c)),
+                    Some(OutputLookup::NoOutput(c)) => Ok(OutputAnswer::Gone(c)),
+                    None => Err(ServiceError::NotFound(format!("call {id} not found"))),
+                };
+            }
+            let answer = if call.state == CallState::Running {
+                OutputAnswer::Running
+            } else {
+                OutputAnswer::Pending
+            };
+            match deadline {
+                Some(d) if tokio::time::Instant::now() < d => {
+                    if tokio::time::timeout_at(d, changes.changed()).await.is_err() {
+                        return Ok(answer);
+                    }
+                }
+                _ => return Ok(answer),
+            }
+        }
+    }
+
+    /// Log events of `f` after `after`, optionally of one call, at most the last `tail`.
+    pub fn events(&self, f: &Function, after: Option<u64>, call: Option<&CallId>, tail: Option<usize>) -> Result<Vec<(u64, Event)>> {
+        let mut events = self.store.events(&f.name, after, call)?;
+        if let Some(n) = tail {
+            let skip = events.len().saturating_sub(n);
+            events.drain(..skip);
+        }
+        Ok(events)
+    }
+
+    /// Whether the Engine answers, for `/healthz`.
+    pub async fn engine_ok(&self) -> bool {
+        self.runtime.ping().await.is_ok()
+    }
+
+    pub fn output_state_message(call: &Call) -> String {
+        match call.output {
+            OutputState::Fetched => format!("the output of call {} was already fetched", call.id),
+            OutputState::Evicted => format!(
+                "the output of call {} was rotated out of function {}'s output cache",
+                call.id, call.function
+            ),
+            _ => format!("call {} has no output", call.id),
+        }
+    }
+}
