@@ -150,9 +150,9 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             // The literal is a valid socket address; a test below parses it.
-            listen: DEFAULT_LISTEN.parse().unwrap_or_else(|_| {
-                SocketAddr::from(([0, 0, 0, 0], 8443))
-            }),
+            listen: DEFAULT_LISTEN
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 8443))),
             data_dir: None,
             public_host: None,
             tls: TlsConfig::default(),

@@ -58,7 +58,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Some(tls_acceptor(&config, &data_dir, &public_host, local)?)
     };
 
-    let scheduler = Scheduler::new(Arc::clone(&store), Arc::clone(&runtime), Arc::clone(&config));
+    let scheduler = Scheduler::new(
+        Arc::clone(&store),
+        Arc::clone(&runtime),
+        Arc::clone(&config),
+    );
     let svc = Arc::new(Service {
         store: Arc::clone(&store),
         scheduler: Arc::clone(&scheduler),
@@ -85,7 +89,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     );
 
     let dispatcher = tokio::spawn(Arc::clone(&scheduler).run(shutdown.clone()));
-    serve_http(listener, tls.map(|t| t.acceptor), api::routes(svc), shutdown).await;
+    serve_http(
+        listener,
+        tls.map(|t| t.acceptor),
+        api::routes(svc),
+        shutdown,
+    )
+    .await;
     let _ = dispatcher.await;
     store.flush().await?;
     tracing::info!("stopped");
@@ -98,7 +108,12 @@ struct Tls {
     ca: PathBuf,
 }
 
-fn tls_acceptor(config: &Config, data_dir: &Path, public_host: &str, local: SocketAddr) -> anyhow::Result<Tls> {
+fn tls_acceptor(
+    config: &Config,
+    data_dir: &Path,
+    public_host: &str,
+    local: SocketAddr,
+) -> anyhow::Result<Tls> {
     let (cert_path, key_path) = match (&config.tls.cert, &config.tls.key) {
         (Some(c), Some(k)) => (c.clone(), k.clone()),
         _ => {
@@ -106,7 +121,11 @@ fn tls_acceptor(config: &Config, data_dir: &Path, public_host: &str, local: Sock
             create_private_dir(&dir)?;
             let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
             if !c.exists() || !k.exists() {
-                let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+                let mut sans = vec![
+                    "localhost".to_string(),
+                    "127.0.0.1".to_string(),
+                    "::1".to_string(),
+                ];
                 sans.push(gethostname::gethostname().to_string_lossy().into_owned());
                 sans.push(public_host.trim_matches(['[', ']']).to_string());
                 if !local.ip().is_unspecified() {
@@ -123,12 +142,14 @@ fn tls_acceptor(config: &Config, data_dir: &Path, public_host: &str, local: Sock
         }
     };
     let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
-        std::fs::File::open(&cert_path).with_context(|| format!("cannot read {}", cert_path.display()))?,
+        std::fs::File::open(&cert_path)
+            .with_context(|| format!("cannot read {}", cert_path.display()))?,
     ))
     .collect::<Result<Vec<_>, _>>()
     .with_context(|| format!("invalid certificate PEM {}", cert_path.display()))?;
     let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
-        std::fs::File::open(&key_path).with_context(|| format!("cannot read {}", key_path.display()))?,
+        std::fs::File::open(&key_path)
+            .with_context(|| format!("cannot read {}", key_path.display()))?,
     ))
     .with_context(|| format!("invalid key PEM {}", key_path.display()))?
     .ok_or_else(|| anyhow!("no private key in {}", key_path.display()))?;
@@ -138,7 +159,9 @@ fn tls_acceptor(config: &Config, data_dir: &Path, public_host: &str, local: Sock
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .context("certificate and key do not match")?;
-    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // HTTP/1.1 only: over h2, answering 413 before an oversized body has been
+    // read resets the stream and curl reports a framing error instead of the 413.
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Tls {
         acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
         ca: cert_path,
@@ -202,14 +225,15 @@ async fn serve_http<F>(
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             let result = match tls {
                 Some(acceptor) => {
-                    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => return,
-                    };
+                    let stream =
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => return,
+                        };
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                     watcher.watch(conn.into_owned()).await
                 }

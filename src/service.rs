@@ -124,16 +124,30 @@ impl Service {
         }
     }
 
-    pub fn add_user(&self, caller: &User, name: Name, max_concurrency: Option<u32>, admin: bool) -> Result<(User, ApiKey)> {
+    pub fn add_user(
+        &self,
+        caller: &User,
+        name: Name,
+        max_concurrency: Option<u32>,
+        admin: bool,
+    ) -> Result<(User, ApiKey)> {
         Self::require_admin(caller)?;
         self.create_user(name, max_concurrency, admin)
     }
 
     /// Creates a user without a caller (first start makes `admin` this way).
-    pub fn create_user(&self, name: Name, max_concurrency: Option<u32>, admin: bool) -> Result<(User, ApiKey)> {
-        let max_concurrency = max_concurrency.unwrap_or(self.config.scheduler.default_max_concurrency);
+    pub fn create_user(
+        &self,
+        name: Name,
+        max_concurrency: Option<u32>,
+        admin: bool,
+    ) -> Result<(User, ApiKey)> {
+        let max_concurrency =
+            max_concurrency.unwrap_or(self.config.scheduler.default_max_concurrency);
         if max_concurrency == 0 {
-            return Err(ServiceError::BadRequest("max-concurrency must be at least 1".into()));
+            return Err(ServiceError::BadRequest(
+                "max-concurrency must be at least 1".into(),
+            ));
         }
         let key = ApiKey::generate();
         let user = User {
@@ -152,7 +166,13 @@ impl Service {
         Ok(self.store.list_users()?)
     }
 
-    pub fn update_user(&self, caller: &User, name: &Name, max_concurrency: Option<u32>, rotate_key: bool) -> Result<(User, Option<ApiKey>)> {
+    pub fn update_user(
+        &self,
+        caller: &User,
+        name: &Name,
+        max_concurrency: Option<u32>,
+        rotate_key: bool,
+    ) -> Result<(User, Option<ApiKey>)> {
         Self::require_admin(caller)?;
         let mut user = self
             .store
@@ -160,7 +180,9 @@ impl Service {
             .ok_or_else(|| ServiceError::NotFound(format!("user {name} not found")))?;
         if let Some(m) = max_concurrency {
             if m == 0 {
-                return Err(ServiceError::BadRequest("max-concurrency must be at least 1".into()));
+                return Err(ServiceError::BadRequest(
+                    "max-concurrency must be at least 1".into(),
+                ));
             }
             user.max_concurrency = m;
         }
@@ -184,13 +206,23 @@ impl Service {
 
     // ---- functions ----
 
-    pub async fn create_function(&self, caller: &User, name: Name, spec: FunctionSpec) -> Result<Function> {
+    pub async fn create_function(
+        &self,
+        caller: &User,
+        name: Name,
+        spec: FunctionSpec,
+    ) -> Result<Function> {
         spec.validate().map_err(ServiceError::BadRequest)?;
         if self.store.get_function(&name)?.is_some() {
-            return Err(ServiceError::Conflict(format!("function {name} already exists")));
+            return Err(ServiceError::Conflict(format!(
+                "function {name} already exists"
+            )));
         }
         self.runtime
-            .ensure_image(&spec.image, Duration::from_secs(self.config.docker.pull_timeout_secs))
+            .ensure_image(
+                &spec.image,
+                Duration::from_secs(self.config.docker.pull_timeout_secs),
+            )
             .await?;
         let now = now_ms();
         let f = Function {
@@ -218,7 +250,12 @@ impl Service {
         Ok(self.store.list_functions(owner)?)
     }
 
-    pub async fn update_function(&self, caller: &User, name: &Name, u: FunctionUpdate) -> Result<Function> {
+    pub async fn update_function(
+        &self,
+        caller: &User,
+        name: &Name,
+        u: FunctionUpdate,
+    ) -> Result<Function> {
         let mut f = self.function(caller, name)?;
         let s = &mut f.spec;
         if let Some(image) = u.image {
@@ -245,7 +282,10 @@ impl Service {
         }
         s.validate().map_err(ServiceError::BadRequest)?;
         self.runtime
-            .ensure_image(&s.image, Duration::from_secs(self.config.docker.pull_timeout_secs))
+            .ensure_image(
+                &s.image,
+                Duration::from_secs(self.config.docker.pull_timeout_secs),
+            )
             .await?;
         if u.refresh {
             f.secret = Secret::new();
@@ -274,7 +314,12 @@ impl Service {
                 // It may have started meanwhile; then it is cancelled below.
                 if self
                     .store
-                    .finish(&call.id, &outcome, limits.output_cache_bytes, limits.log_cache_bytes)
+                    .finish(
+                        &call.id,
+                        &outcome,
+                        limits.output_cache_bytes,
+                        limits.log_cache_bytes,
+                    )
                     .is_ok()
                 {
                     continue;
@@ -288,7 +333,10 @@ impl Service {
             for call in self.store.live_calls(&f.name)? {
                 self.scheduler.cancel(&call.id);
             }
-            if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
                 return Err(ServiceError::Conflict(format!(
                     "function {name} still has running calls that did not stop in time"
                 )));
@@ -316,7 +364,12 @@ impl Service {
     // ---- calls ----
 
     /// Accepts a call; returns once it and its payload are on disk.
-    pub async fn accept(&self, f: &Function, payload: Bytes, request_env: Vec<(String, String)>) -> Result<CallId> {
+    pub async fn accept(
+        &self,
+        f: &Function,
+        payload: Bytes,
+        request_env: Vec<(String, String)>,
+    ) -> Result<CallId> {
         if payload.len() as u64 > self.config.limits.max_stdin_bytes {
             return Err(self.too_large());
         }
@@ -353,7 +406,12 @@ impl Service {
 
     /// Fetches (and deletes) a call's output. With `wait`, blocks until the
     /// call has ended or `wait` has passed.
-    pub async fn output(&self, scope: &Scope<'_>, id: &CallId, wait: Option<Duration>) -> Result<OutputAnswer> {
+    pub async fn output(
+        &self,
+        scope: &Scope<'_>,
+        id: &CallId,
+        wait: Option<Duration>,
+    ) -> Result<OutputAnswer> {
         let deadline = wait.map(|w| tokio::time::Instant::now() + w);
         let mut changes = self.scheduler.subscribe();
         loop {
@@ -362,7 +420,9 @@ impl Service {
             if call.state.is_done() {
                 return match self.store.take_output(id)? {
                     Some(OutputLookup::Output(_, out)) => Ok(OutputAnswer::Output(out)),
-                    Some(OutputLookup::NoOutput(c)) if c.state == CallState::Failed => Ok(OutputAnswer::Failed(c)),
+                    Some(OutputLookup::NoOutput(c)) if c.state == CallState::Failed => {
+                        Ok(OutputAnswer::Failed(c))
+                    }
                     Some(OutputLookup::NoOutput(c)) => Ok(OutputAnswer::Gone(c)),
                     None => Err(ServiceError::NotFound(format!("call {id} not found"))),
                 };
@@ -384,7 +444,13 @@ impl Service {
     }
 
     /// Log events of `f` after `after`, optionally of one call, at most the last `tail`.
-    pub fn events(&self, f: &Function, after: Option<u64>, call: Option<&CallId>, tail: Option<usize>) -> Result<Vec<(u64, Event)>> {
+    pub fn events(
+        &self,
+        f: &Function,
+        after: Option<u64>,
+        call: Option<&CallId>,
+        tail: Option<usize>,
+    ) -> Result<Vec<(u64, Event)>> {
         let mut events = self.store.events(&f.name, after, call)?;
         if let Some(n) = tail {
             let skip = events.len().saturating_sub(n);

@@ -108,34 +108,36 @@ struct Req {
 }
 
 /// The whole API as one warp filter.
-pub fn routes(svc: Arc<Service>) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
-    let raw_query = warp::query::raw()
-        .or(warp::any().map(String::new))
-        .unify();
+pub fn routes(
+    svc: Arc<Service>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    let raw_query = warp::query::raw().or(warp::any().map(String::new)).unify();
     warp::method()
         .and(warp::path::full())
         .and(raw_query)
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())
-        .then(move |method, path: warp::path::FullPath, raw_query: String, headers, body| {
-            let svc = Arc::clone(&svc);
-            let body: BodyStream = boxed_body(body);
-            async move {
-                let query = parse_query(&raw_query);
-                let req = Req {
-                    method,
-                    path: path.as_str().to_string(),
-                    query,
-                    raw_query,
-                    headers,
-                    body,
-                };
-                match route(&svc, req).await {
-                    Ok(r) => r,
-                    Err(e) => e.into_response(),
+        .then(
+            move |method, path: warp::path::FullPath, raw_query: String, headers, body| {
+                let svc = Arc::clone(&svc);
+                let body: BodyStream = boxed_body(body);
+                async move {
+                    let query = parse_query(&raw_query);
+                    let req = Req {
+                        method,
+                        path: path.as_str().to_string(),
+                        query,
+                        raw_query,
+                        headers,
+                        body,
+                    };
+                    match route(&svc, req).await {
+                        Ok(r) => r,
+                        Err(e) => e.into_response(),
+                    }
                 }
-            }
-        })
+            },
+        )
 }
 
 fn boxed_body<S, B>(body: S) -> BodyStream
@@ -151,7 +153,7 @@ async fn route(svc: &Arc<Service>, req: Req) -> ApiResult {
         .path
         .trim_matches('/')
         .split('/')
-        .map(|s| percent_decode(s))
+        .map(percent_decode)
         .collect();
     let s: Vec<&str> = segs.iter().map(String::as_str).collect();
     let m = &req.method;
@@ -179,7 +181,10 @@ async fn route(svc: &Arc<Service>, req: Req) -> ApiResult {
         }
         ["status", name, secret] if m == Method::GET => {
             let f = svc.function_by_secret(name, secret)?;
-            Ok(json_response(StatusCode::OK, &StatusView::from(svc.stats(&f)?)))
+            Ok(json_response(
+                StatusCode::OK,
+                &StatusView::from(svc.stats(&f)?),
+            ))
         }
 
         // ---- unauthenticated service routes ----
@@ -188,18 +193,27 @@ async fn route(svc: &Arc<Service>, req: Req) -> ApiResult {
             let h = Health {
                 status: "ok".into(),
                 engine: if engine { "up" } else { "down" }.into(),
+                instance: svc.runtime.instance().to_string(),
             };
             Ok(json_response(StatusCode::OK, &h))
         }
-        ["metrics"] if m == Method::GET => Ok(text_response(metrics(svc).await, "text/plain; version=0.0.4")),
-        ["openapi.yaml"] if m == Method::GET => Ok(text_response(OPENAPI.to_string(), "application/yaml")),
+        ["metrics"] if m == Method::GET => Ok(text_response(
+            metrics(svc).await,
+            "text/plain; version=0.0.4",
+        )),
+        ["openapi.yaml"] if m == Method::GET => {
+            Ok(text_response(OPENAPI.to_string(), "application/yaml"))
+        }
 
         // ---- management API ----
         ["v1", rest @ ..] => {
             let caller = authenticate(svc, &req.headers)?;
             v1(svc, &caller, rest, req).await
         }
-        _ => Err(ApiError::not_found(format!("no route for {} {}", req.method, req.path))),
+        _ => Err(ApiError::not_found(format!(
+            "no route for {} {}",
+            req.method, req.path
+        ))),
     }
 }
 
@@ -221,16 +235,27 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
                 image: body.image,
                 command: body.command,
                 env: parse_env(&body.env)?,
-                timeout_ms: body.timeout.as_deref().map(parse_timeout).transpose()?.flatten(),
+                timeout_ms: body
+                    .timeout
+                    .as_deref()
+                    .map(parse_timeout)
+                    .transpose()?
+                    .flatten(),
                 memory_bytes: body.memory,
                 cpus: body.cpus,
             };
             let f = svc.create_function(caller, name, spec).await?;
-            Ok(json_response(StatusCode::CREATED, &FunctionView::new(&f, svc.address(&f))))
+            Ok(json_response(
+                StatusCode::CREATED,
+                &FunctionView::new(&f, svc.address(&f)),
+            ))
         }
         ["functions", name] if m == Method::GET => {
             let f = svc.function(caller, &Name::parse(name)?)?;
-            Ok(json_response(StatusCode::OK, &FunctionView::new(&f, svc.address(&f))))
+            Ok(json_response(
+                StatusCode::OK,
+                &FunctionView::new(&f, svc.address(&f)),
+            ))
         }
         ["functions", name] if m == Method::PATCH => {
             let body: FunctionPatch = json_body(req.body).await?;
@@ -244,12 +269,18 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
                 cpus: body.cpus,
                 refresh: body.refresh,
             };
-            let f = svc.update_function(caller, &Name::parse(name)?, update).await?;
-            Ok(json_response(StatusCode::OK, &FunctionView::new(&f, svc.address(&f))))
+            let f = svc
+                .update_function(caller, &Name::parse(name)?, update)
+                .await?;
+            Ok(json_response(
+                StatusCode::OK,
+                &FunctionView::new(&f, svc.address(&f)),
+            ))
         }
         ["functions", name] if m == Method::DELETE => {
             let force = flag(&req, "force");
-            svc.delete_function(caller, &Name::parse(name)?, force).await?;
+            svc.delete_function(caller, &Name::parse(name)?, force)
+                .await?;
             Ok(empty(StatusCode::NO_CONTENT))
         }
         ["functions", name, "call"] if m == Method::POST => {
@@ -263,35 +294,65 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
         }
         ["functions", name, "status"] if m == Method::GET => {
             let f = svc.function(caller, &Name::parse(name)?)?;
-            Ok(json_response(StatusCode::OK, &StatusView::from(svc.stats(&f)?)))
+            Ok(json_response(
+                StatusCode::OK,
+                &StatusView::from(svc.stats(&f)?),
+            ))
         }
         ["calls", id] if m == Method::GET => {
             let call = svc.call(&Scope::User(caller), &CallId::parse(id)?)?;
             Ok(json_response(StatusCode::OK, &CallView::from(&call)))
         }
         ["calls", id, "output"] if m == Method::GET => {
-            let wait = if req.query.contains_key("wait") { Some(wait_param(&req)?) } else { None };
+            let wait = if req.query.contains_key("wait") {
+                Some(wait_param(&req)?)
+            } else {
+                None
+            };
             output(svc, &Scope::User(caller), id, wait).await
         }
         ["users"] if m == Method::GET => {
-            let users: Vec<UserView> = svc.list_users(caller)?.iter().map(|u| UserView::new(u, None)).collect();
+            let users: Vec<UserView> = svc
+                .list_users(caller)?
+                .iter()
+                .map(|u| UserView::new(u, None))
+                .collect();
             Ok(json_response(StatusCode::OK, &users))
         }
         ["users"] if m == Method::POST => {
             let body: UserCreate = json_body(req.body).await?;
-            let (user, key) = svc.add_user(caller, Name::parse(&body.name)?, body.max_concurrency, body.admin)?;
-            Ok(json_response(StatusCode::CREATED, &UserView::new(&user, Some(key.as_str().to_string()))))
+            let (user, key) = svc.add_user(
+                caller,
+                Name::parse(&body.name)?,
+                body.max_concurrency,
+                body.admin,
+            )?;
+            Ok(json_response(
+                StatusCode::CREATED,
+                &UserView::new(&user, Some(key.as_str().to_string())),
+            ))
         }
         ["users", name] if m == Method::PATCH => {
             let body: UserPatch = json_body(req.body).await?;
-            let (user, key) = svc.update_user(caller, &Name::parse(name)?, body.max_concurrency, body.rotate_key)?;
-            Ok(json_response(StatusCode::OK, &UserView::new(&user, key.map(|k| k.as_str().to_string()))))
+            let (user, key) = svc.update_user(
+                caller,
+                &Name::parse(name)?,
+                body.max_concurrency,
+                body.rotate_key,
+            )?;
+            Ok(json_response(
+                StatusCode::OK,
+                &UserView::new(&user, key.map(|k| k.as_str().to_string())),
+            ))
         }
         ["users", name] if m == Method::DELETE => {
             svc.delete_user(caller, &Name::parse(name)?)?;
             Ok(empty(StatusCode::NO_CONTENT))
         }
-        _ => Err(ApiError::not_found(format!("no route for {} {}", req.method, req.path))),
+        _ => Err(ApiError::not_found(format!(
+            "no route for {} {}",
+            req.method, req.path
+        ))),
     }
 }
 
@@ -311,15 +372,28 @@ async fn accept(svc: &Arc<Service>, f: crate::model::Function, sync: bool, req: 
     let payload = read_body(svc, &req.headers, req.body).await?;
     let id = svc.accept(&f, payload, env).await?;
     if !sync {
-        return Ok(json_response(StatusCode::ACCEPTED, &CallAccepted { call_id: id.to_string() }));
+        return Ok(json_response(
+            StatusCode::ACCEPTED,
+            &CallAccepted {
+                call_id: id.to_string(),
+            },
+        ));
     }
     output(svc, &Scope::Function(&f), &id.to_string(), Some(SYNC_WAIT)).await
 }
 
-async fn output(svc: &Arc<Service>, scope: &Scope<'_>, id: &str, wait: Option<Duration>) -> ApiResult {
+async fn output(
+    svc: &Arc<Service>,
+    scope: &Scope<'_>,
+    id: &str,
+    wait: Option<Duration>,
+) -> ApiResult {
     let id = CallId::parse(id).map_err(|_| ApiError::not_found(format!("call {id} not found")))?;
     let state = |status, state: &str| {
-        json_response(status, &serde_json::json!({"CallId": id.to_string(), "State": state}))
+        json_response(
+            status,
+            &serde_json::json!({"CallId": id.to_string(), "State": state}),
+        )
     };
     Ok(match svc.output(scope, &id, wait).await? {
         OutputAnswer::Output(bytes) => {
@@ -341,13 +415,21 @@ async fn output(svc: &Arc<Service>, scope: &Scope<'_>, id: &str, wait: Option<Du
                 "ShortStderr": String::from_utf8_lossy(&call.short_stderr),
             }),
         ),
-        OutputAnswer::Gone(call) => ApiError::new(StatusCode::GONE, "output_gone", Service::output_state_message(&call)).into_response(),
+        OutputAnswer::Gone(call) => ApiError::new(
+            StatusCode::GONE,
+            "output_gone",
+            Service::output_state_message(&call),
+        )
+        .into_response(),
     })
 }
 
 fn logs(svc: &Arc<Service>, f: crate::model::Function, req: &Req) -> ApiResult {
     let tail = match req.query.get("tail") {
-        Some(t) => Some(t.parse::<usize>().map_err(|_| ApiError::bad_request(format!("invalid tail {t:?}")))?),
+        Some(t) => Some(
+            t.parse::<usize>()
+                .map_err(|_| ApiError::bad_request(format!("invalid tail {t:?}")))?,
+        ),
         None => None,
     };
     let call = match req.query.get("callid") {
@@ -369,7 +451,10 @@ fn logs(svc: &Arc<Service>, f: crate::model::Function, req: &Req) -> ApiResult {
         Bytes::from(out)
     };
     if !follow {
-        return Ok(with_type(warp::http::Response::new(lines(first)).into_response(), "application/x-ndjson"));
+        return Ok(with_type(
+            warp::http::Response::new(lines(first)).into_response(),
+            "application/x-ndjson",
+        ));
     }
     // Follow: send what is there, then new events as calls change state,
     // until the client goes away or the function is removed.
@@ -398,11 +483,16 @@ fn logs(svc: &Arc<Service>, f: crate::model::Function, req: &Req) -> ApiResult {
             }
         }
     });
-    Ok(with_type(warp::reply::stream(stream).into_response(), "application/x-ndjson"))
+    Ok(with_type(
+        warp::reply::stream(stream).into_response(),
+        "application/x-ndjson",
+    ))
 }
 
 /// A byte stream fed by a task; the task stops when the client goes away.
-fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + Sync + 'static
+fn async_stream<F, Fut>(
+    f: F,
+) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + Sync + 'static
 where
     F: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -440,7 +530,10 @@ fn request_env(req: &Req) -> Vec<(String, String)> {
             continue;
         }
         let Ok(value) = value.to_str() else { continue };
-        let key = format!("HTTP_{}", name.as_str().to_ascii_uppercase().replace('-', "_"));
+        let key = format!(
+            "HTTP_{}",
+            name.as_str().to_ascii_uppercase().replace('-', "_")
+        );
         if !key.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_') {
             continue;
         }
@@ -458,7 +551,11 @@ fn request_env(req: &Req) -> Vec<(String, String)> {
 }
 
 /// Reads a call body without ever holding more than the STDIN limit.
-async fn read_body(svc: &Service, headers: &HeaderMap, mut body: BodyStream) -> Result<Bytes, ApiError> {
+async fn read_body(
+    svc: &Service,
+    headers: &HeaderMap,
+    mut body: BodyStream,
+) -> Result<Bytes, ApiError> {
     let limit = svc.config.limits.max_stdin_bytes;
     let declared = headers
         .get(warp::http::header::CONTENT_LENGTH)
@@ -469,7 +566,8 @@ async fn read_body(svc: &Service, headers: &HeaderMap, mut body: BodyStream) -> 
     }
     let mut buf = BytesMut::new();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
+        let chunk =
+            chunk.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
         if (buf.len() + chunk.len()) as u64 > limit {
             return Err(svc.too_large().into());
         }
@@ -483,17 +581,25 @@ async fn json_body<T: serde::de::DeserializeOwned>(mut body: BodyStream) -> Resu
     const LIMIT: usize = 1024 * 1024;
     let mut buf = BytesMut::new();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
+        let chunk =
+            chunk.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
         if buf.len() + chunk.len() > LIMIT {
-            return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "JSON body over 1 MiB"));
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "JSON body over 1 MiB",
+            ));
         }
         buf.extend_from_slice(&chunk);
     }
-    serde_json::from_slice(&buf).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(&buf)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
 fn parse_env(vars: &[String]) -> Result<Vec<EnvVar>, ApiError> {
-    vars.iter().map(|v| EnvVar::parse(v).map_err(ApiError::bad_request)).collect()
+    vars.iter()
+        .map(|v| EnvVar::parse(v).map_err(ApiError::bad_request))
+        .collect()
 }
 
 /// `30s`, `5m`, `1h30m`; `none`/`0` means no timeout.
@@ -517,7 +623,10 @@ fn wait_param(req: &Req) -> Result<Duration, ApiError> {
 }
 
 fn flag(req: &Req, name: &str) -> bool {
-    matches!(req.query.get(name).map(String::as_str), Some("" | "1" | "true" | "yes"))
+    matches!(
+        req.query.get(name).map(String::as_str),
+        Some("" | "1" | "true" | "yes")
+    )
 }
 
 fn parse_query(raw: &str) -> HashMap<String, String> {
@@ -561,7 +670,10 @@ fn json_response<T: serde::Serialize>(status: StatusCode, value: &T) -> Response
 }
 
 fn text_response(text: String, content_type: &'static str) -> Response {
-    with_type(warp::http::Response::new(Bytes::from(text)).into_response(), content_type)
+    with_type(
+        warp::http::Response::new(Bytes::from(text)).into_response(),
+        content_type,
+    )
 }
 
 fn empty(status: StatusCode) -> Response {

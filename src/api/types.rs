@@ -73,11 +73,15 @@ impl FunctionView {
             owner: f.owner.to_string(),
             image: f.spec.image.clone(),
             command: f.spec.command.clone(),
-            env: f.spec.env.iter().map(|e| format!("{}={}", e.name, e.value)).collect(),
-            timeout: f
+            env: f
                 .spec
-                .timeout_ms
-                .map(|t| humantime::format_duration(std::time::Duration::from_millis(t)).to_string()),
+                .env
+                .iter()
+                .map(|e| format!("{}={}", e.name, e.value))
+                .collect(),
+            timeout: f.spec.timeout_ms.map(|t| {
+                humantime::format_duration(std::time::Duration::from_millis(t)).to_string()
+            }),
             memory: f.spec.memory_bytes,
             cpus: f.spec.cpus,
             address,
@@ -258,5 +262,8 @@ pub struct ErrorDetail {
 #[serde(rename_all = "PascalCase")]
 pub struct Health {
     pub status: String,
+    /// `up` when the Docker Engine answers a ping, else `down`.
     pub engine: String,
+    /// The value of the `io.hyperfuncd.instance` label on this daemon's containers.
+    pub instance: String,
 }

@@ -26,7 +26,8 @@ impl Client {
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("hyperfuncd-cli/", env!("CARGO_PKG_VERSION")));
         if let Some(ca) = &p.ca {
-            let pem = std::fs::read(ca).with_context(|| format!("cannot read CA file {}", ca.display()))?;
+            let pem = std::fs::read(ca)
+                .with_context(|| format!("cannot read CA file {}", ca.display()))?;
             let cert = reqwest::Certificate::from_pem(&pem)
                 .with_context(|| format!("invalid CA file {}", ca.display()))?;
             builder = builder.add_root_certificate(cert);
@@ -39,7 +40,9 @@ impl Client {
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let mut r = self.http.request(method, format!("{}{}", self.endpoint, path));
+        let mut r = self
+            .http
+            .request(method, format!("{}{}", self.endpoint, path));
         if let Some(k) = &self.key {
             r = r.bearer_auth(k);
         }
@@ -58,21 +61,39 @@ impl Client {
         json(self.send(self.request(reqwest::Method::GET, path)).await?).await
     }
 
-    pub async fn post_json<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
-        json(self.send(self.request(reqwest::Method::POST, path).json(body)).await?).await
+    pub async fn post_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        json(
+            self.send(self.request(reqwest::Method::POST, path).json(body))
+                .await?,
+        )
+        .await
     }
 
-    pub async fn patch_json<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
-        json(self.send(self.request(reqwest::Method::PATCH, path).json(body)).await?).await
+    pub async fn patch_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        json(
+            self.send(self.request(reqwest::Method::PATCH, path).json(body))
+                .await?,
+        )
+        .await
     }
 
     pub async fn delete(&self, path: &str) -> anyhow::Result<()> {
-        self.send(self.request(reqwest::Method::DELETE, path)).await?;
+        self.send(self.request(reqwest::Method::DELETE, path))
+            .await?;
         Ok(())
     }
 
     pub async fn post_bytes(&self, path: &str, body: Vec<u8>) -> anyhow::Result<Response> {
-        self.send(self.request(reqwest::Method::POST, path).body(body)).await
+        self.send(self.request(reqwest::Method::POST, path).body(body))
+            .await
     }
 
     /// A call's STDOUT; with `wait`, long-polls until the call has ended.

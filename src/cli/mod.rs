@@ -15,7 +15,11 @@ use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "hyperfuncd", version, about = "Docker-centric serverless functions: every call runs in a fresh container")]
+#[command(
+    name = "hyperfuncd",
+    version,
+    about = "Docker-centric serverless functions: every call runs in a fresh container"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub remote: RemoteFlags,
@@ -225,7 +229,16 @@ pub async fn run_remote(flags: RemoteFlags, command: Command) -> anyhow::Result<
 
 async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Result<()> {
     match cmd {
-        FuncCmd::Create { name, env, env_file, timeout, memory, cpus, image, command } => {
+        FuncCmd::Create {
+            name,
+            env,
+            env_file,
+            timeout,
+            memory,
+            cpus,
+            image,
+            command,
+        } => {
             let body = FunctionCreate {
                 name,
                 image,
@@ -236,9 +249,24 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
                 cpus,
             };
             let f: FunctionView = client.post_json("/v1/functions", &body).await?;
-            writeln!(out, "{} is created with the address of {}", f.name, f.address)?;
+            writeln!(
+                out,
+                "{} is created with the address of {}",
+                f.name, f.address
+            )?;
         }
-        FuncCmd::Update { name, env, env_file, unset_env, timeout, memory, cpus, image, refresh, command } => {
+        FuncCmd::Update {
+            name,
+            env,
+            env_file,
+            unset_env,
+            timeout,
+            memory,
+            cpus,
+            image,
+            refresh,
+            command,
+        } => {
             let body = FunctionPatch {
                 image,
                 command: (!command.is_empty()).then_some(command),
@@ -249,8 +277,14 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
                 cpus,
                 refresh,
             };
-            let f: FunctionView = client.patch_json(&format!("/v1/functions/{name}"), &body).await?;
-            writeln!(out, "{} is updated with the address of {}", f.name, f.address)?;
+            let f: FunctionView = client
+                .patch_json(&format!("/v1/functions/{name}"), &body)
+                .await?;
+            writeln!(
+                out,
+                "{} is updated with the address of {}",
+                f.name, f.address
+            )?;
         }
         FuncCmd::Ls { output } => {
             let list: Vec<FunctionView> = client.get_json("/v1/functions").await?;
@@ -269,7 +303,11 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
                         ]
                     })
                     .collect();
-                table(out, &["NAME", "IMAGE", "COMMAND", "TIMEOUT", "CREATED"], rows)?;
+                table(
+                    out,
+                    &["NAME", "IMAGE", "COMMAND", "TIMEOUT", "CREATED"],
+                    rows,
+                )?;
             }
         }
         FuncCmd::Inspect { names } => {
@@ -278,7 +316,11 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
                 let f: serde_json::Value = client.get_json(&format!("/v1/functions/{n}")).await?;
                 all.push(f);
             }
-            let value = if all.len() == 1 { all.remove(0) } else { serde_json::Value::Array(all) };
+            let value = if all.len() == 1 {
+                all.remove(0)
+            } else {
+                serde_json::Value::Array(all)
+            };
             writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
         }
         FuncCmd::Rm { force, names } => {
@@ -290,7 +332,10 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
         }
         FuncCmd::Call { sync, name } => {
             let payload = read_stdin_payload()?;
-            let path = format!("/v1/functions/{name}/call{}", if sync { "?sync=true" } else { "" });
+            let path = format!(
+                "/v1/functions/{name}/call{}",
+                if sync { "?sync=true" } else { "" }
+            );
             let resp = client.post_bytes(&path, payload).await?;
             if sync {
                 let bytes = client::output_bytes(resp).await?;
@@ -304,7 +349,13 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
             let bytes = client.output(&call_id, wait).await?;
             out.write_all(&bytes)?;
         }
-        FuncCmd::Logs { tail, follow, callid, output, name } => {
+        FuncCmd::Logs {
+            tail,
+            follow,
+            callid,
+            output,
+            name,
+        } => {
             let mut q = vec![];
             if let Some(t) = tail {
                 q.push(format!("tail={t}"));
@@ -321,7 +372,8 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
                     if output == Format::Json {
                         writeln!(out, "{line}")?;
                     } else {
-                        let ev: EventView = serde_json::from_str(line).context("invalid log line from server")?;
+                        let ev: EventView =
+                            serde_json::from_str(line).context("invalid log line from server")?;
                         writeln!(out, "{}", ev.line())?;
                     }
                     out.flush()?;
@@ -330,12 +382,19 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
                 .await?;
         }
         FuncCmd::Status { output, name } => {
-            let s: StatusView = client.get_json(&format!("/v1/functions/{name}/status")).await?;
+            let s: StatusView = client
+                .get_json(&format!("/v1/functions/{name}/status"))
+                .await?;
             if output == Format::Json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&s)?)?;
             } else {
-                let row = [s.total, s.pending, s.running, s.finished, s.failed].map(|n| n.to_string());
-                table(out, &["TOTAL", "PENDING", "RUNNING", "FINISHED", "FAILED"], vec![row.to_vec()])?;
+                let row =
+                    [s.total, s.pending, s.running, s.finished, s.failed].map(|n| n.to_string());
+                table(
+                    out,
+                    &["TOTAL", "PENDING", "RUNNING", "FINISHED", "FAILED"],
+                    vec![row.to_vec()],
+                )?;
             }
         }
     }
@@ -344,11 +403,26 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
 
 async fn user(client: &Client, cmd: UserCmd, out: &mut impl Write) -> anyhow::Result<()> {
     match cmd {
-        UserCmd::Add { name, max_concurrency, admin } => {
+        UserCmd::Add {
+            name,
+            max_concurrency,
+            admin,
+        } => {
             let u: UserView = client
-                .post_json("/v1/users", &UserCreate { name, max_concurrency, admin })
+                .post_json(
+                    "/v1/users",
+                    &UserCreate {
+                        name,
+                        max_concurrency,
+                        admin,
+                    },
+                )
                 .await?;
-            writeln!(out, "user {} created (max concurrency {}); its key, shown only this once:", u.name, u.max_concurrency)?;
+            writeln!(
+                out,
+                "user {} created (max concurrency {}); its key, shown only this once:",
+                u.name, u.max_concurrency
+            )?;
             writeln!(out, "{}", u.key.unwrap_or_default())?;
         }
         UserCmd::Ls { output } => {
@@ -358,7 +432,14 @@ async fn user(client: &Client, cmd: UserCmd, out: &mut impl Write) -> anyhow::Re
             } else {
                 let rows = users
                     .iter()
-                    .map(|u| vec![u.name.clone(), u.max_concurrency.to_string(), u.admin.to_string(), u.created.clone()])
+                    .map(|u| {
+                        vec![
+                            u.name.clone(),
+                            u.max_concurrency.to_string(),
+                            u.admin.to_string(),
+                            u.created.clone(),
+                        ]
+                    })
                     .collect();
                 table(out, &["NAME", "MAX_CONCURRENCY", "ADMIN", "CREATED"], rows)?;
             }
@@ -367,11 +448,25 @@ async fn user(client: &Client, cmd: UserCmd, out: &mut impl Write) -> anyhow::Re
             client.delete(&format!("/v1/users/{name}")).await?;
             writeln!(out, "{name}")?;
         }
-        UserCmd::Update { name, max_concurrency, rotate_key } => {
+        UserCmd::Update {
+            name,
+            max_concurrency,
+            rotate_key,
+        } => {
             let u: UserView = client
-                .patch_json(&format!("/v1/users/{name}"), &UserPatch { max_concurrency, rotate_key })
+                .patch_json(
+                    &format!("/v1/users/{name}"),
+                    &UserPatch {
+                        max_concurrency,
+                        rotate_key,
+                    },
+                )
                 .await?;
-            writeln!(out, "user {} updated (max concurrency {})", u.name, u.max_concurrency)?;
+            writeln!(
+                out,
+                "user {} updated (max concurrency {})",
+                u.name, u.max_concurrency
+            )?;
             if let Some(k) = u.key {
                 writeln!(out, "its new key, shown only this once:")?;
                 writeln!(out, "{k}")?;
@@ -388,14 +483,18 @@ fn read_stdin_payload() -> anyhow::Result<Vec<u8>> {
         return Ok(Vec::new());
     }
     let mut buf = Vec::new();
-    stdin.lock().read_to_end(&mut buf).context("cannot read STDIN")?;
+    stdin
+        .lock()
+        .read_to_end(&mut buf)
+        .context("cannot read STDIN")?;
     Ok(buf)
 }
 
 fn collect_env(mut env: Vec<String>, files: &[PathBuf]) -> anyhow::Result<Vec<String>> {
     let mut from_files = Vec::new();
     for f in files {
-        let text = std::fs::read_to_string(f).with_context(|| format!("cannot read env file {}", f.display()))?;
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read env file {}", f.display()))?;
         for line in text.lines().map(str::trim) {
             if line.is_empty() || line.starts_with('#') {
                 continue;
@@ -437,7 +536,13 @@ fn table(out: &mut impl Write, header: &[&str], rows: Vec<Vec<String>>) -> std::
             .into_iter()
             .zip(&widths)
             .enumerate()
-            .map(|(i, (c, w))| if i + 1 == n { c.to_string() } else { format!("{c:<w$}") })
+            .map(|(i, (c, w))| {
+                if i + 1 == n {
+                    c.to_string()
+                } else {
+                    format!("{c:<w$}")
+                }
+            })
             .collect::<Vec<_>>()
             .join("   ")
     };
@@ -463,7 +568,20 @@ mod tests {
     #[test]
     fn cli_parses_the_contract() {
         Cli::command_for_test().debug_assert();
-        let c = Cli::try_parse_from(["hyperfuncd", "func", "create", "--name", "h", "-e", "A=1", "img", "echo", "-n", "x"]).unwrap();
+        let c = Cli::try_parse_from([
+            "hyperfuncd",
+            "func",
+            "create",
+            "--name",
+            "h",
+            "-e",
+            "A=1",
+            "img",
+            "echo",
+            "-n",
+            "x",
+        ])
+        .unwrap();
         match c.command {
             Command::Func(FuncCmd::Create { command, env, .. }) => {
                 assert_eq!(command, vec!["echo", "-n", "x"]);

@@ -36,11 +36,18 @@ impl Profile {
 /// profile file, the local admin profile.
 pub fn resolve(flags: Profile, profile_flag: Option<PathBuf>) -> anyhow::Result<Profile> {
     let env = Profile {
-        endpoint: std::env::var("HYPERFUNC_ENDPOINT").ok().filter(|s| !s.is_empty()),
-        key: std::env::var("HYPERFUNC_KEY").ok().filter(|s| !s.is_empty()),
-        ca: std::env::var_os("HYPERFUNC_CA").filter(|s| !s.is_empty()).map(PathBuf::from),
+        endpoint: std::env::var("HYPERFUNC_ENDPOINT")
+            .ok()
+            .filter(|s| !s.is_empty()),
+        key: std::env::var("HYPERFUNC_KEY")
+            .ok()
+            .filter(|s| !s.is_empty()),
+        ca: std::env::var_os("HYPERFUNC_CA")
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from),
     };
-    let explicit = profile_flag.or_else(|| std::env::var_os("HYPERFUNC_PROFILE").map(PathBuf::from));
+    let explicit =
+        profile_flag.or_else(|| std::env::var_os("HYPERFUNC_PROFILE").map(PathBuf::from));
     let file = match explicit {
         // A profile that was asked for must exist.
         Some(p) => Profile::load(&p)?,

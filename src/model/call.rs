@@ -111,7 +111,11 @@ impl Call {
         use CallState::*;
         let legal = matches!(
             (self.state, to),
-            (Pending, Running) | (Running, Pending) | (Running, Finished) | (Running, Failed) | (Pending, Failed)
+            (Pending, Running)
+                | (Running, Pending)
+                | (Running, Finished)
+                | (Running, Failed)
+                | (Pending, Failed)
         );
         if !legal {
             return Err(TransitionError {
@@ -145,10 +149,9 @@ impl Call {
     /// The log event for the call's current state.
     pub fn event(&self, kind: EventKind) -> Event {
         let (short_stdout, short_stderr) = match kind {
-            EventKind::Finished | EventKind::Failed => (
-                lossy(&self.short_stdout),
-                lossy(&self.short_stderr),
-            ),
+            EventKind::Finished | EventKind::Failed => {
+                (lossy(&self.short_stdout), lossy(&self.short_stderr))
+            }
             _ => (String::new(), String::new()),
         };
         Event {

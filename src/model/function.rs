@@ -88,7 +88,10 @@ mod tests {
     fn env_vars() {
         assert_eq!(
             EnvVar::parse("A_1=x=y").unwrap(),
-            EnvVar { name: "A_1".into(), value: "x=y".into() }
+            EnvVar {
+                name: "A_1".into(),
+                value: "x=y".into()
+            }
         );
         assert!(EnvVar::parse("A=").is_ok());
         for bad in ["A", "=x", "1A=x", "A-B=x", "A B=x"] {

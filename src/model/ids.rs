@@ -138,7 +138,17 @@ mod tests {
         for ok in ["a", "hello-world", "f1", &"a".repeat(63)] {
             assert!(Name::parse(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "-a", "a-", "A", "a_b", "a.b", "é", &"a".repeat(64), "a/b"] {
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "A",
+            "a_b",
+            "a.b",
+            "é",
+            &"a".repeat(64),
+            "a/b",
+        ] {
             assert!(Name::parse(bad).is_err(), "{bad}");
         }
     }

@@ -6,7 +6,9 @@ mod function;
 mod ids;
 mod user;
 
-pub use call::{Call, CallState, Event, EventKind, Outcome, OutputState, TransitionError, SHORT_LEN};
+pub use call::{
+    Call, CallState, Event, EventKind, Outcome, OutputState, TransitionError, SHORT_LEN,
+};
 pub use function::{EnvVar, Function, FunctionSpec};
 pub use ids::{CallId, IdError, Name, Secret};
 pub use user::{hash_key, ApiKey, User};

@@ -84,6 +84,10 @@ impl Runtime {
         &self.socket
     }
 
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
     async fn docker(&self) -> Result<Docker, RuntimeError> {
         let mut guard = self.client.lock().await;
         if let Some(d) = guard.as_ref() {
@@ -152,11 +156,17 @@ impl Runtime {
     }
 
     /// Makes sure `image` is present locally, pulling it if not.
-    pub async fn ensure_image(&self, image: &str, pull_timeout: Duration) -> Result<(), RuntimeError> {
+    pub async fn ensure_image(
+        &self,
+        image: &str,
+        pull_timeout: Duration,
+    ) -> Result<(), RuntimeError> {
         let docker = self.docker().await?;
         match docker.inspect_image(image).await {
             Ok(_) => return Ok(()),
-            Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => {}
+            Err(DockerError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => {}
             Err(e) => return Err(self.classify(e).await),
         }
         let (from_image, tag) = split_reference(image);
@@ -185,7 +195,10 @@ impl Runtime {
         };
         let result = match tokio::time::timeout(pull_timeout, pull).await {
             Ok(r) => r,
-            Err(_) => Err(format!("no result after {}", humantime::format_duration(pull_timeout))),
+            Err(_) => Err(format!(
+                "no result after {}",
+                humantime::format_duration(pull_timeout)
+            )),
         };
         result.map_err(|message| RuntimeError::Pull {
             image: image.to_string(),
@@ -253,7 +266,9 @@ impl Runtime {
             .await;
         let id = match created {
             Ok(r) => r.id,
-            Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => {
+            Err(DockerError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => {
                 return Ok(Ran {
                     outcome: Outcome::failed(format!(
                         "image {} is not present on the Docker Engine",
@@ -323,7 +338,13 @@ impl Runtime {
         }
     }
 
-    async fn drive(&self, docker: &Docker, id: &str, spec: RunSpec, cancel: CancellationToken) -> Outcome {
+    async fn drive(
+        &self,
+        docker: &Docker,
+        id: &str,
+        spec: RunSpec,
+        cancel: CancellationToken,
+    ) -> Outcome {
         let attach = docker
             .attach_container(
                 id,
@@ -339,7 +360,12 @@ impl Runtime {
             .await;
         let attach = match attach {
             Ok(a) => a,
-            Err(e) => return Outcome::failed(format!("cannot attach to container: {}", engine_message(&e))),
+            Err(e) => {
+                return Outcome::failed(format!(
+                    "cannot attach to container: {}",
+                    engine_message(&e)
+                ))
+            }
         };
         if let Err(e) = docker.start_container(id, None).await {
             return Outcome::failed(format!("cannot start container: {}", engine_message(&e)));
@@ -394,7 +420,12 @@ impl Runtime {
             _ => {
                 // Keep reading while the kill lands: an unread attach hangs the Engine.
                 let _ = docker
-                    .kill_container(id, Some(KillContainerOptions { signal: "KILL".into() }))
+                    .kill_container(
+                        id,
+                        Some(KillContainerOptions {
+                            signal: "KILL".into(),
+                        }),
+                    )
                     .await;
                 tokio::time::timeout(Duration::from_secs(30), wait.next())
                     .await
@@ -406,7 +437,9 @@ impl Runtime {
         let output = match tokio::time::timeout(DRAIN_AFTER_EXIT, reader).await {
             Ok(Ok(o)) => o,
             Ok(Err(e)) => Captured::broken(format!("output reader failed: {e}")),
-            Err(_) => Captured::broken("the output stream did not end after the process exited".into()),
+            Err(_) => {
+                Captured::broken("the output stream did not end after the process exited".into())
+            }
         };
 
         let code = match exit {
@@ -427,7 +460,9 @@ impl Runtime {
                 humantime::format_duration(spec.timeout.unwrap_or_default())
             )),
             Stop::Cancelled => Some("cancelled".to_string()),
-            Stop::TooMuchOutput => Some(format!("stdout exceeded {}", human_bytes(spec.max_stdout))),
+            Stop::TooMuchOutput => {
+                Some(format!("stdout exceeded {}", human_bytes(spec.max_stdout)))
+            }
             Stop::Exited(_) if output.exceeded => {
                 Some(format!("stdout exceeded {}", human_bytes(spec.max_stdout)))
             }
@@ -439,7 +474,11 @@ impl Runtime {
             },
         };
         Outcome {
-            state: if message.is_none() { CallState::Finished } else { CallState::Failed },
+            state: if message.is_none() {
+                CallState::Finished
+            } else {
+                CallState::Failed
+            },
             exit_code: code,
             message,
             stdout: output.stdout.freeze(),
@@ -492,7 +531,9 @@ impl Captured {
 /// Reads the attach stream to its end. Past the STDOUT cap it keeps draining
 /// (discarding) and signals `exceeded` so the container gets killed.
 async fn read_output(
-    mut output: std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<LogOutput, DockerError>> + Send>>,
+    mut output: std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = Result<LogOutput, DockerError>> + Send>,
+    >,
     max_stdout: u64,
     max_stderr: u64,
     exceeded: CancellationToken,
@@ -519,7 +560,8 @@ async fn read_output(
             }
             Ok(LogOutput::StdErr { message }) => {
                 let room = (max_stderr as usize).saturating_sub(c.stderr.len());
-                c.stderr.extend_from_slice(&message[..message.len().min(room)]);
+                c.stderr
+                    .extend_from_slice(&message[..message.len().min(room)]);
             }
             Ok(LogOutput::StdIn { .. }) => {}
             Err(e) => {
@@ -538,7 +580,10 @@ async fn remove(docker: &Docker, id: &str) {
         ..Default::default()
     };
     match docker.remove_container(id, Some(options)).await {
-        Ok(()) | Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => {}
+        Ok(())
+        | Err(DockerError::DockerResponseServerError {
+            status_code: 404, ..
+        }) => {}
         Err(e) => tracing::warn!(container = id, error = %e, "cannot remove container"),
     }
 }

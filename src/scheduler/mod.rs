@@ -138,8 +138,12 @@ impl Scheduler {
                 let outcome = Outcome::failed(
                     "hyperfuncd stopped while the call was running; its output could not be recovered",
                 );
-                self.store
-                    .finish(&call.id, &outcome, limits.output_cache_bytes, limits.log_cache_bytes)?;
+                self.store.finish(
+                    &call.id,
+                    &outcome,
+                    limits.output_cache_bytes,
+                    limits.log_cache_bytes,
+                )?;
             } else {
                 self.store.requeue(&call.id)?;
             }
@@ -189,7 +193,9 @@ impl Scheduler {
             let quota = self
                 .store
                 .get_user(&owner)?
-                .map_or(self.config.scheduler.default_max_concurrency, |u| u.max_concurrency);
+                .map_or(self.config.scheduler.default_max_concurrency, |u| {
+                    u.max_concurrency
+                });
             let running = self.state().running.get(&owner).copied().unwrap_or(0);
             if running >= quota {
                 self.state().ready.push_back(owner);
@@ -232,14 +238,23 @@ impl Scheduler {
         Ok(())
     }
 
-    async fn execute(&self, call: Call, payload: bytes::Bytes, token: CancellationToken) -> Result<(), StoreError> {
+    async fn execute(
+        &self,
+        call: Call,
+        payload: bytes::Bytes,
+        token: CancellationToken,
+    ) -> Result<(), StoreError> {
         let limits = &self.config.limits;
         // RUNNING must be on disk before a container can exist (see module doc).
         self.store.flush().await?;
         let Some(function) = self.store.get_function(&call.function)? else {
             let outcome = Outcome::failed("the function was removed");
-            self.store
-                .finish(&call.id, &outcome, limits.output_cache_bytes, limits.log_cache_bytes)?;
+            self.store.finish(
+                &call.id,
+                &outcome,
+                limits.output_cache_bytes,
+                limits.log_cache_bytes,
+            )?;
             return Ok(());
         };
         let spec = RunSpec {
@@ -295,7 +310,10 @@ impl Scheduler {
 
 /// The container's environment: the request's CGI variables, then the
 /// function's own. A request variable never shadows the function's, PATH or HOME.
-pub fn call_env(function_env: &[crate::model::EnvVar], request_env: &[(String, String)]) -> Vec<String> {
+pub fn call_env(
+    function_env: &[crate::model::EnvVar],
+    request_env: &[(String, String)],
+) -> Vec<String> {
     let reserved: HashSet<&str> = function_env
         .iter()
         .map(|e| e.name.as_str())
@@ -305,7 +323,11 @@ pub fn call_env(function_env: &[crate::model::EnvVar], request_env: &[(String, S
         .iter()
         .filter(|(k, _)| !reserved.contains(k.as_str()))
         .map(|(k, v)| format!("{k}={v}"))
-        .chain(function_env.iter().map(|e| format!("{}={}", e.name, e.value)))
+        .chain(
+            function_env
+                .iter()
+                .map(|e| format!("{}={}", e.name, e.value)),
+        )
         .collect()
 }
 

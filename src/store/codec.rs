@@ -82,7 +82,10 @@ mod tests {
         assert_eq!(decode::<(String, u64, Vec<u8>)>(&bytes).unwrap(), v);
         let mut bad = bytes.clone();
         bad[0] = 99;
-        assert!(matches!(decode::<(String, u64, Vec<u8>)>(&bad), Err(CodecError::Version(99))));
+        assert!(matches!(
+            decode::<(String, u64, Vec<u8>)>(&bad),
+            Err(CodecError::Version(99))
+        ));
         assert!(decode::<u64>(&[]).is_err());
         assert!(decode::<String>(&[RECORD_VERSION, 0xff]).is_err());
     }

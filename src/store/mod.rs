@@ -163,11 +163,8 @@ impl Store {
     pub fn instance_id(&self) -> Result<String, StoreError> {
         let meta = self.tree(META);
         let fresh = uuid::Uuid::new_v4().simple().to_string();
-        let _ = meta.compare_and_swap(
-            "instance_id",
-            None as Option<&[u8]>,
-            Some(encode(&fresh)?),
-        )?;
+        let _ =
+            meta.compare_and_swap("instance_id", None as Option<&[u8]>, Some(encode(&fresh)?))?;
         match meta.get("instance_id")? {
             Some(v) => Ok(decode(&v)?),
             None => Err(StoreError::NotFound("instance id".into())),
@@ -179,7 +176,10 @@ impl Store {
     pub fn create_user(&self, user: &User) -> Result<(), StoreError> {
         self.tx(|t| {
             if t[USERS].get(user.name.as_str())?.is_some() {
-                return abort(StoreError::Conflict(format!("user {} already exists", user.name)));
+                return abort(StoreError::Conflict(format!(
+                    "user {} already exists",
+                    user.name
+                )));
             }
             t[USERS].insert(user.name.as_str(), enc(user)?)?;
             t[KEYS].insert(&user.key_hash[..], user.name.as_str())?;
@@ -241,7 +241,10 @@ impl Store {
     pub fn create_function(&self, f: &Function) -> Result<(), StoreError> {
         self.tx(|t| {
             if t[FUNCTIONS].get(f.name.as_str())?.is_some() {
-                return abort(StoreError::Conflict(format!("function {} already exists", f.name)));
+                return abort(StoreError::Conflict(format!(
+                    "function {} already exists",
+                    f.name
+                )));
             }
             t[FUNCTIONS].insert(f.name.as_str(), enc(f)?)?;
             t[STATS].insert(f.name.as_str(), enc(&FunctionStats::default())?)?;
@@ -332,7 +335,11 @@ impl Store {
 
     /// The oldest queued call of `owner`, if any.
     pub fn queue_head(&self, owner: &Name) -> Result<Option<CallId>, StoreError> {
-        match self.tree(QUEUE).scan_prefix(seq_prefix(owner.as_str())).next() {
+        match self
+            .tree(QUEUE)
+            .scan_prefix(seq_prefix(owner.as_str()))
+            .next()
+        {
             None => Ok(None),
             Some(kv) => Ok(Some(call_id(&kv?.1)?)),
         }
@@ -468,7 +475,10 @@ impl Store {
     /// Calls of `function` that have not ended, oldest first.
     pub fn live_calls(&self, function: &Name) -> Result<Vec<Call>, StoreError> {
         let mut out = Vec::new();
-        for kv in self.tree(FN_CALLS).scan_prefix(seq_prefix(function.as_str())) {
+        for kv in self
+            .tree(FN_CALLS)
+            .scan_prefix(seq_prefix(function.as_str()))
+        {
             let (_, id) = kv?;
             if let Some(call) = get::<Call>(self.tree(CALLS), &id)? {
                 if !call.state.is_done() {
@@ -661,7 +671,13 @@ mod tests {
     }
 
     fn accept(store: &Store, payload: &[u8]) -> Call {
-        let call = Call::new(name("f"), name("alice"), store.next_seq().unwrap(), payload, vec![]);
+        let call = Call::new(
+            name("f"),
+            name("alice"),
+            store.next_seq().unwrap(),
+            payload,
+            vec![],
+        );
         store.accept(&call, payload, u64::MAX).unwrap();
         call
     }
@@ -684,15 +700,26 @@ mod tests {
         assert_eq!(store.queued_owners().unwrap(), vec![name("alice")]);
         assert_eq!(store.queue_head(&name("alice")).unwrap(), Some(a.id));
         let (started, payload) = store.start(&a.id, u64::MAX).unwrap();
-        assert_eq!((started.state, &payload[..]), (CallState::Running, &b"1"[..]));
+        assert_eq!(
+            (started.state, &payload[..]),
+            (CallState::Running, &b"1"[..])
+        );
         assert_eq!(store.queue_head(&name("alice")).unwrap(), Some(b.id));
-        assert!(store.start(&a.id, u64::MAX).is_err(), "a running call cannot start again");
+        assert!(
+            store.start(&a.id, u64::MAX).is_err(),
+            "a running call cannot start again"
+        );
         store.requeue(&a.id).unwrap();
         assert_eq!(store.queue_head(&name("alice")).unwrap(), Some(a.id));
         store.start(&a.id, u64::MAX).unwrap();
-        store.finish(&a.id, &ok(b"out"), u64::MAX, u64::MAX).unwrap();
+        store
+            .finish(&a.id, &ok(b"out"), u64::MAX, u64::MAX)
+            .unwrap();
         let s = store.stats(&name("f")).unwrap();
-        assert_eq!((s.total, s.pending, s.running, s.finished, s.failed), (2, 1, 0, 1, 0));
+        assert_eq!(
+            (s.total, s.pending, s.running, s.finished, s.failed),
+            (2, 1, 0, 1, 0)
+        );
         assert_eq!(s.output_bytes, 3);
         match store.take_output(&a.id).unwrap() {
             Some(OutputLookup::Output(_, out)) => assert_eq!(&out[..], b"out"),
@@ -712,7 +739,13 @@ mod tests {
             .collect();
         assert_eq!(
             kinds,
-            vec![EventKind::Call, EventKind::Pending, EventKind::Running, EventKind::Running, EventKind::Finished]
+            vec![
+                EventKind::Call,
+                EventKind::Pending,
+                EventKind::Running,
+                EventKind::Running,
+                EventKind::Finished
+            ]
         );
     }
 
@@ -723,21 +756,35 @@ mod tests {
         for _ in 0..5 {
             let c = accept(&store, b"");
             store.start(&c.id, u64::MAX).unwrap();
-            store.finish(&c.id, &ok(&[7u8; 100]), 250, u64::MAX).unwrap();
+            store
+                .finish(&c.id, &ok(&[7u8; 100]), 250, u64::MAX)
+                .unwrap();
             ids.push(c.id);
         }
         assert_eq!(store.stats(&name("f")).unwrap().output_bytes, 200);
         for id in &ids[..3] {
-            assert_eq!(store.get_call(id).unwrap().unwrap().output, OutputState::Evicted);
+            assert_eq!(
+                store.get_call(id).unwrap().unwrap().output,
+                OutputState::Evicted
+            );
         }
-        assert!(matches!(store.take_output(&ids[4]).unwrap(), Some(OutputLookup::Output(..))));
+        assert!(matches!(
+            store.take_output(&ids[4]).unwrap(),
+            Some(OutputLookup::Output(..))
+        ));
     }
 
     #[test]
     fn log_cache_stays_within_budget() {
         let (_d, store) = setup();
         for _ in 0..50 {
-            let c = Call::new(name("f"), name("alice"), store.next_seq().unwrap(), b"x", vec![]);
+            let c = Call::new(
+                name("f"),
+                name("alice"),
+                store.next_seq().unwrap(),
+                b"x",
+                vec![],
+            );
             store.accept(&c, b"x", 2000).unwrap();
         }
         let s = store.stats(&name("f")).unwrap();
@@ -756,7 +803,14 @@ mod tests {
             let f = Function {
                 name: name("f"),
                 owner: name("alice"),
-                spec: FunctionSpec { image: "i".into(), command: vec![], env: vec![], timeout_ms: None, memory_bytes: None, cpus: None },
+                spec: FunctionSpec {
+                    image: "i".into(),
+                    command: vec![],
+                    env: vec![],
+                    timeout_ms: None,
+                    memory_bytes: None,
+                    cpus: None,
+                },
                 secret: Secret::new(),
                 created_ms: 0,
                 updated_ms: 0,
