@@ -712,3 +712,6 @@ mod tests {
         assert!(parse_timeout("soon").is_err());
     }
 }
+
+#[cfg(test)]
+mod openapi_check;

@@ -1,0 +1,569 @@
+//! `assets/openapi.yaml` checked against the router (DESIGN 1.3: the spec must
+//! match what the server does).
+//!
+//! `ROUTES` lists every arm of `route()` and `v1()`. The tests check that
+//! the table and the spec name the same (method, path) pairs, that every
+//! documented operation reaches a handler (not the "no route for" fallback)
+//! and answers a status the spec documents, and that every method the table
+//! does not list falls through to the fallback, so the check can fail both
+//! ways. The service runs on a temporary store with a Runtime pointed at a
+//! socket that does not exist: nothing here needs Docker.
+
+use super::*;
+use crate::config::Config;
+use crate::runtime::Runtime;
+use crate::scheduler::Scheduler;
+use crate::store::Store;
+use serde_yaml_ng::Value;
+use std::collections::BTreeSet;
+
+/// (METHOD, path template) of every arm of `route()` and `v1()`.
+const ROUTES: &[(&str, &str)] = &[
+    // data plane
+    ("POST", "/call/{name}/{secret}"),
+    ("GET", "/call/{name}/{secret}"),
+    ("POST", "/call/{name}/{secret}/sync"),
+    ("GET", "/call/{name}/{secret}/sync"),
+    ("GET", "/output/{name}/{secret}/{callId}"),
+    ("GET", "/output/{name}/{secret}/{callId}/wait"),
+    ("GET", "/logs/{name}/{secret}"),
+    ("GET", "/status/{name}/{secret}"),
+    // service
+    ("GET", "/healthz"),
+    ("GET", "/metrics"),
+    ("GET", "/openapi.yaml"),
+    // management
+    ("GET", "/v1/functions"),
+    ("POST", "/v1/functions"),
+    ("GET", "/v1/functions/{name}"),
+    ("PATCH", "/v1/functions/{name}"),
+    ("DELETE", "/v1/functions/{name}"),
+    ("POST", "/v1/functions/{name}/call"),
+    ("GET", "/v1/functions/{name}/logs"),
+    ("GET", "/v1/functions/{name}/status"),
+    ("GET", "/v1/calls/{callId}"),
+    ("GET", "/v1/calls/{callId}/output"),
+    ("GET", "/v1/users"),
+    ("POST", "/v1/users"),
+    ("PATCH", "/v1/users/{name}"),
+    ("DELETE", "/v1/users/{name}"),
+];
+
+/// Routes that answer any method (the spec documents POST and GET).
+const ANY_METHOD: &[&str] = &["/call/{name}/{secret}", "/call/{name}/{secret}/sync"];
+
+/// The methods probed for the converse check.
+const PROBE_METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE"];
+
+/// OpenAPI's operation keys under a path item.
+const SPEC_METHODS: &[&str] = &[
+    "get", "put", "post", "delete", "options", "head", "patch", "trace",
+];
+
+const SECRET: &str = "3f2b8c1e-5d4a-4c6b-9e7f-0a1b2c3d4e5f";
+const CALL_ID: &str = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d";
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    svc: Arc<Service>,
+    key: String,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(Store::open(&dir.path().join("db")).expect("open store"));
+    let config = Arc::new(Config::default());
+    // Connects lazily: a socket that does not exist keeps Docker out of this test.
+    let runtime = Arc::new(Runtime::new(
+        "/nonexistent.sock".into(),
+        "openapi-check".into(),
+        config.container.clone(),
+    ));
+    let scheduler = Scheduler::new(
+        Arc::clone(&store),
+        Arc::clone(&runtime),
+        Arc::clone(&config),
+    );
+    let svc = Arc::new(Service {
+        store,
+        scheduler,
+        runtime,
+        config,
+        base_url: "https://localhost:8443".into(),
+    });
+    let (_, key) = svc
+        .create_user(Name::parse("admin").expect("name"), None, true)
+        .expect("create admin");
+    Fixture {
+        _dir: dir,
+        svc,
+        key: key.as_str().to_string(),
+    }
+}
+
+fn spec() -> Value {
+    serde_yaml_ng::from_str(OPENAPI).expect("assets/openapi.yaml is not valid YAML")
+}
+
+/// Follows a local `$ref` (`#/components/...`), if `v` is one.
+fn resolve<'a>(spec: &'a Value, v: &'a Value) -> &'a Value {
+    match v.get("$ref").and_then(Value::as_str) {
+        Some(r) => {
+            let target = r
+                .strip_prefix("#/")
+                .unwrap_or_else(|| panic!("non-local $ref {r}"))
+                .split('/')
+                .try_fold(spec, |node, key| node.get(key))
+                .unwrap_or_else(|| panic!("dangling $ref {r}"));
+            resolve(spec, target)
+        }
+        None => v,
+    }
+}
+
+/// (METHOD, path template, path item, operation) of every operation in the spec.
+fn operations(spec: &Value) -> Vec<(String, String, &Value, &Value)> {
+    let paths = spec
+        .get("paths")
+        .and_then(Value::as_mapping)
+        .expect("spec has no paths");
+    let mut ops = Vec::new();
+    for (path, item) in paths {
+        let path = path.as_str().expect("path keys are strings");
+        let item_map = item.as_mapping().expect("path items are mappings");
+        for (key, op) in item_map {
+            let key = key.as_str().expect("path item keys are strings");
+            if SPEC_METHODS.contains(&key) {
+                ops.push((key.to_ascii_uppercase(), path.to_string(), item, op));
+            }
+        }
+    }
+    ops
+}
+
+/// A concrete, valid-looking path for a template.
+fn concrete(template: &str) -> String {
+    let name = if template.starts_with("/v1/users/") {
+        "bob"
+    } else {
+        "f"
+    };
+    template
+        .replace("{name}", name)
+        .replace("{secret}", SECRET)
+        .replace("{callId}", CALL_ID)
+}
+
+async fn send(svc: &Arc<Service>, method: &str, path: &str, key: Option<&str>) -> (u16, Bytes) {
+    let mut req = warp::test::request().method(method).path(path);
+    if let Some(key) = key {
+        req = req.header("authorization", format!("Bearer {key}"));
+    }
+    let resp = req.reply(&routes(Arc::clone(svc))).await;
+    (resp.status().as_u16(), resp.body().clone())
+}
+
+/// The router's own "no route" answer, as opposed to a handler's 404.
+fn is_fallback(status: u16, body: &[u8]) -> bool {
+    status == 404
+        && serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+            .is_some_and(|m| m.starts_with("no route for"))
+}
+
+/// The error codes the spec lists in `ErrorDetail.code`.
+fn error_codes(spec: &Value) -> BTreeSet<String> {
+    spec["components"]["schemas"]["ErrorDetail"]["properties"]["code"]["enum"]
+        .as_sequence()
+        .expect("ErrorDetail.code has an enum")
+        .iter()
+        .map(|c| c.as_str().expect("codes are strings").to_string())
+        .collect()
+}
+
+fn documented_statuses(op: &Value) -> BTreeSet<String> {
+    op.get("responses")
+        .and_then(Value::as_mapping)
+        .expect("operation without responses")
+        .keys()
+        .map(|k| match k {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            other => panic!("bad response key {other:?}"),
+        })
+        .collect()
+}
+
+fn has_bearer_auth(op: &Value) -> bool {
+    op.get("security")
+        .and_then(Value::as_sequence)
+        .is_some_and(|reqs| reqs.iter().any(|r| r.get("bearerAuth").is_some()))
+}
+
+#[test]
+fn spec_is_openapi_3_0_3_and_refs_resolve() {
+    let spec = spec();
+    assert_eq!(spec["openapi"].as_str(), Some("3.0.3"));
+    assert!(spec["components"]["securitySchemes"]["bearerAuth"].is_mapping());
+
+    // Every $ref anywhere points at something.
+    fn walk(spec: &Value, v: &Value) {
+        match v {
+            Value::Mapping(m) => {
+                if m.contains_key("$ref") {
+                    resolve(spec, v);
+                }
+                m.values().for_each(|c| walk(spec, c));
+            }
+            Value::Sequence(s) => s.iter().for_each(|c| walk(spec, c)),
+            _ => {}
+        }
+    }
+    walk(&spec, &spec);
+
+    // Every `{param}` of a path is declared as a path parameter.
+    for (method, path, item, op) in operations(&spec) {
+        let declared: BTreeSet<String> = [item.get("parameters"), op.get("parameters")]
+            .into_iter()
+            .flatten()
+            .flat_map(|ps| ps.as_sequence().expect("parameters is a list"))
+            .map(|p| resolve(&spec, p))
+            .filter(|p| p["in"].as_str() == Some("path"))
+            .map(|p| p["name"].as_str().expect("parameter name").to_string())
+            .collect();
+        let used: BTreeSet<String> = path
+            .split('/')
+            .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+            .map(str::to_string)
+            .collect();
+        assert_eq!(declared, used, "path parameters of {method} {path}");
+    }
+}
+
+#[test]
+fn spec_lists_exactly_the_routes_of_the_router() {
+    let spec = spec();
+    let in_spec: BTreeSet<(String, String)> = operations(&spec)
+        .into_iter()
+        .map(|(m, p, _, _)| (m, p))
+        .collect();
+    let in_code: BTreeSet<(String, String)> = ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    assert_eq!(in_code.len(), ROUTES.len(), "ROUTES has duplicates");
+    let missing: Vec<_> = in_code.difference(&in_spec).collect();
+    let extra: Vec<_> = in_spec.difference(&in_code).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "spec and router disagree: routed but not documented {missing:?}; documented but not routed {extra:?}"
+    );
+}
+
+#[tokio::test]
+async fn every_documented_operation_reaches_a_handler_and_answers_a_documented_status() {
+    let fx = fixture();
+    let spec = spec();
+    let codes = error_codes(&spec);
+    let ops = operations(&spec);
+    assert!(!ops.is_empty());
+    for (method, template, _, op) in ops {
+        let path = concrete(&template);
+        let v1 = template.starts_with("/v1/");
+        assert_eq!(
+            has_bearer_auth(op),
+            v1,
+            "{method} {template}: bearerAuth security must be set exactly on /v1 routes"
+        );
+        let documented = documented_statuses(op);
+        let key = v1.then_some(fx.key.as_str());
+        let (status, body) = send(&fx.svc, &method, &path, key).await;
+        assert!(
+            !is_fallback(status, &body),
+            "{method} {path} ({template}) is documented but the router has no route for it"
+        );
+        assert!(
+            documented.contains(&status.to_string()),
+            "{method} {path} answered {status}, which the spec does not document (it has {documented:?}): {}",
+            String::from_utf8_lossy(&body)
+        );
+        if status >= 400 {
+            let v: serde_json::Value = serde_json::from_slice(&body)
+                .unwrap_or_else(|e| panic!("{method} {path}: error body is not JSON: {e}"));
+            let code = v["error"]["code"].as_str().unwrap_or_default();
+            assert!(
+                codes.contains(code) && v["error"]["message"].is_string(),
+                "{method} {path}: error body {v} does not match the Error schema"
+            );
+        }
+        if v1 {
+            let (status, body) = send(&fx.svc, &method, &path, None).await;
+            assert_eq!(status, 401, "{method} {path} without a key");
+            assert!(
+                documented.contains("401"),
+                "{method} {template} does not document 401"
+            );
+            let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+            assert_eq!(v["error"]["code"], "unauthorized");
+        }
+    }
+}
+
+#[tokio::test]
+async fn methods_and_paths_outside_the_table_answer_the_fallback() {
+    let fx = fixture();
+    let any: BTreeSet<&str> = ANY_METHOD.iter().copied().collect();
+    let routed: BTreeSet<(&str, &str)> = ROUTES.iter().copied().collect();
+    let templates: BTreeSet<&str> = ROUTES.iter().map(|(_, p)| *p).collect();
+    for template in templates {
+        let path = concrete(template);
+        let key = template.starts_with("/v1/").then_some(fx.key.as_str());
+        for &method in PROBE_METHODS {
+            let (status, body) = send(&fx.svc, method, &path, key).await;
+            let expect_route = any.contains(template) || routed.contains(&(method, template));
+            assert_eq!(
+                !is_fallback(status, &body),
+                expect_route,
+                "{method} {path}: answered {status} {}; ROUTES says it is {}routed",
+                String::from_utf8_lossy(&body),
+                if expect_route { "" } else { "not " }
+            );
+        }
+    }
+    for (method, path) in [
+        ("GET", "/v1/nothing"),
+        ("GET", "/v1/functions/f/nothing"),
+        ("DELETE", "/healthz"),
+        ("GET", "/nothing"),
+        ("GET", "/call/f"),
+        ("GET", format!("/status/f/{SECRET}/x").as_str()),
+    ] {
+        let key = path.starts_with("/v1/").then_some(fx.key.as_str());
+        let (status, body) = send(&fx.svc, method, path, key).await;
+        assert!(
+            is_fallback(status, &body),
+            "{method} {path} should answer the fallback, got {status} {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_served_spec_is_the_file() {
+    let fx = fixture();
+    let (status, body) = send(&fx.svc, "GET", "/openapi.yaml", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(&body[..], OPENAPI.as_bytes());
+}
+
+/// The property names of `components.schemas.<name>`.
+fn schema_properties(spec: &Value, name: &str) -> BTreeSet<String> {
+    spec["components"]["schemas"][name]["properties"]
+        .as_mapping()
+        .unwrap_or_else(|| panic!("schema {name} has no properties"))
+        .keys()
+        .map(|k| k.as_str().expect("property names are strings").to_string())
+        .collect()
+}
+
+fn json_keys<T: serde::Serialize>(value: &T) -> BTreeSet<String> {
+    serde_json::to_value(value)
+        .expect("serializes")
+        .as_object()
+        .expect("an object")
+        .keys()
+        .cloned()
+        .collect()
+}
+
+/// A request body holding exactly the spec's `required` fields, with
+/// placeholder values of the right JSON type.
+fn minimal_body(spec: &Value, name: &str) -> serde_json::Value {
+    let schema = &spec["components"]["schemas"][name];
+    let mut body = serde_json::Map::new();
+    for field in schema["required"].as_sequence().into_iter().flatten() {
+        let field = field.as_str().expect("required names are strings");
+        let prop = resolve(spec, &schema["properties"][field]);
+        let value = match prop["type"].as_str() {
+            Some("string") => serde_json::json!("x"),
+            Some("integer") => serde_json::json!(1),
+            Some("boolean") => serde_json::json!(false),
+            Some("array") => serde_json::json!([]),
+            other => panic!("{name}.{field}: unexpected type {other:?}"),
+        };
+        body.insert(field.to_string(), value);
+    }
+    serde_json::Value::Object(body)
+}
+
+/// Checks a request type against its schema: the same fields, the `required`
+/// ones suffice, and unknown fields are refused as the schema says.
+fn check_request<T: serde::Serialize + serde::de::DeserializeOwned>(
+    spec: &Value,
+    name: &str,
+    sample: &T,
+) {
+    assert_eq!(json_keys(sample), schema_properties(spec, name), "{name}");
+    let body = minimal_body(spec, name);
+    serde_json::from_value::<T>(body.clone()).unwrap_or_else(|e| {
+        panic!("{name}: the spec's required fields {body} do not suffice: {e}")
+    });
+    let mut extra = body;
+    extra["NoSuchField"] = serde_json::json!(1);
+    assert_eq!(
+        spec["components"]["schemas"][name]["additionalProperties"].as_bool() == Some(false),
+        serde_json::from_value::<T>(extra).is_err(),
+        "{name}: additionalProperties disagrees with deny_unknown_fields"
+    );
+}
+
+/// Checks a response type against its schema: the same fields, all required
+/// (`Option`s serialize as null) except the ones named in `optional`.
+fn check_response<T: serde::Serialize>(spec: &Value, name: &str, sample: &T, optional: &[&str]) {
+    let keys = json_keys(sample);
+    assert_eq!(keys, schema_properties(spec, name), "{name}");
+    let required: BTreeSet<String> = spec["components"]["schemas"][name]["required"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .map(|r| r.as_str().expect("required names are strings").to_string())
+        .collect();
+    let expected: BTreeSet<String> = keys
+        .into_iter()
+        .filter(|k| !optional.contains(&k.as_str()))
+        .collect();
+    assert_eq!(required, expected, "{name}: required fields");
+}
+
+#[test]
+fn schemas_match_the_api_types() {
+    let spec = spec();
+
+    check_request(
+        &spec,
+        "FunctionCreate",
+        &FunctionCreate {
+            name: "f".into(),
+            image: "i".into(),
+            command: vec![],
+            env: vec![],
+            timeout: None,
+            memory: None,
+            cpus: None,
+        },
+    );
+    check_request(&spec, "FunctionPatch", &FunctionPatch::default());
+    check_request(
+        &spec,
+        "UserCreate",
+        &UserCreate {
+            name: "bob".into(),
+            max_concurrency: None,
+            admin: false,
+        },
+    );
+    check_request(&spec, "UserPatch", &UserPatch::default());
+
+    check_response(
+        &spec,
+        "FunctionView",
+        &FunctionView {
+            name: "f".into(),
+            owner: "admin".into(),
+            image: "i".into(),
+            command: vec![],
+            env: vec![],
+            timeout: None,
+            memory: None,
+            cpus: None,
+            address: "https://localhost:8443/call/f/x".into(),
+            created: String::new(),
+            updated: String::new(),
+        },
+        &[],
+    );
+    check_response(
+        &spec,
+        "CallAccepted",
+        &CallAccepted {
+            call_id: CALL_ID.into(),
+        },
+        &[],
+    );
+    check_response(
+        &spec,
+        "CallView",
+        &CallView {
+            call_id: CALL_ID.into(),
+            function: "f".into(),
+            owner: "admin".into(),
+            state: "PENDING".into(),
+            created: String::new(),
+            started: None,
+            finished: None,
+            exit_code: None,
+            message: None,
+            stdin_bytes: 0,
+            stdout_bytes: 0,
+            short_stderr: String::new(),
+        },
+        &[],
+    );
+    check_response(
+        &spec,
+        "EventView",
+        &EventView {
+            time: String::new(),
+            event: "CALL".into(),
+            call_id: CALL_ID.into(),
+            short_stdin: String::new(),
+            short_stdout: String::new(),
+            short_stderr: String::new(),
+            message: String::new(),
+        },
+        &[],
+    );
+    check_response(
+        &spec,
+        "StatusView",
+        &StatusView {
+            total: 0,
+            pending: 0,
+            running: 0,
+            finished: 0,
+            failed: 0,
+        },
+        &[],
+    );
+    check_response(
+        &spec,
+        "UserView",
+        &UserView {
+            name: "bob".into(),
+            max_concurrency: 1,
+            admin: false,
+            created: String::new(),
+            key: Some("hfk_x".into()),
+        },
+        &["Key"],
+    );
+    check_response(
+        &spec,
+        "Health",
+        &Health {
+            status: "ok".into(),
+            engine: "down".into(),
+            instance: "i".into(),
+        },
+        &[],
+    );
+    let error = ErrorBody {
+        error: ErrorDetail {
+            code: "not_found".into(),
+            message: String::new(),
+        },
+    };
+    check_response(&spec, "Error", &error, &[]);
+    check_response(&spec, "ErrorDetail", &error.error, &[]);
+}
