@@ -83,6 +83,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         ca: tls.as_ref().map(|t| t.ca.clone()),
     };
     let profile_path = ensure_admin(&svc, &data_dir, profile)?;
+    store.flush().await?;
     println!(
         "hyperfuncd listening on {scheme}://{local}; admin profile written to {}",
         profile_path.display()

@@ -124,7 +124,7 @@ impl Service {
         }
     }
 
-    pub fn add_user(
+    pub async fn add_user(
         &self,
         caller: &User,
         name: Name,
@@ -132,10 +132,13 @@ impl Service {
         admin: bool,
     ) -> Result<(User, ApiKey)> {
         Self::require_admin(caller)?;
-        self.create_user(name, max_concurrency, admin)
+        let made = self.create_user(name, max_concurrency, admin)?;
+        self.store.flush().await?;
+        Ok(made)
     }
 
-    /// Creates a user without a caller (first start makes `admin` this way).
+    /// Creates a user without a caller (first start makes `admin` this way);
+    /// durable after the next `store.flush`.
     pub fn create_user(
         &self,
         name: Name,
@@ -166,7 +169,7 @@ impl Service {
         Ok(self.store.list_users()?)
     }
 
-    pub fn update_user(
+    pub async fn update_user(
         &self,
         caller: &User,
         name: &Name,
@@ -191,17 +194,19 @@ impl Service {
             user.key_hash = k.hash();
         }
         self.store.update_user(&user)?;
+        self.store.flush().await?;
         // A raised quota may let queued calls start now.
         self.scheduler.queued(name);
         Ok((user, key))
     }
 
-    pub fn delete_user(&self, caller: &User, name: &Name) -> Result<()> {
+    pub async fn delete_user(&self, caller: &User, name: &Name) -> Result<()> {
         Self::require_admin(caller)?;
         if caller.name == *name {
             return Err(ServiceError::Conflict("you cannot remove yourself".into()));
         }
-        Ok(self.store.delete_user(name)?)
+        self.store.delete_user(name)?;
+        Ok(self.store.flush().await?)
     }
 
     // ---- functions ----
@@ -234,6 +239,7 @@ impl Service {
             updated_ms: now,
         };
         self.store.create_function(&f)?;
+        self.store.flush().await?;
         Ok(f)
     }
 
@@ -292,6 +298,7 @@ impl Service {
         }
         f.updated_ms = now_ms();
         self.store.update_function(&f)?;
+        self.store.flush().await?;
         Ok(f)
     }
 
@@ -343,6 +350,7 @@ impl Service {
             }
         }
         self.store.delete_function(&f.name)?;
+        self.store.flush().await?;
         self.scheduler.changed();
         Ok(())
     }

@@ -26,6 +26,9 @@ pub const OPENAPI: &str = include_str!("../../assets/openapi.yaml");
 
 /// Longest a single `/wait` long-poll holds before answering 201/202; clients loop.
 const MAX_WAIT: Duration = Duration::from_secs(60);
+/// An oversized body up to this many times the STDIN limit is drained
+/// before the 413, so the client can read the answer.
+const DRAIN_FACTOR: u64 = 4;
 /// "Forever" for `/sync`, without overflowing an Instant.
 const SYNC_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -197,10 +200,14 @@ async fn route(svc: &Arc<Service>, req: Req) -> ApiResult {
             };
             Ok(json_response(StatusCode::OK, &h))
         }
-        ["metrics"] if m == Method::GET => Ok(text_response(
-            metrics(svc).await,
-            "text/plain; version=0.0.4",
-        )),
+        ["metrics"] if m == Method::GET => {
+            // Any valid key: queue sizes are not for the whole network.
+            authenticate(svc, &req.headers)?;
+            Ok(text_response(
+                metrics(svc).await,
+                "text/plain; version=0.0.4",
+            ))
+        }
         ["openapi.yaml"] if m == Method::GET => {
             Ok(text_response(OPENAPI.to_string(), "application/yaml"))
         }
@@ -221,11 +228,11 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
     let m = req.method.clone();
     match rest {
         ["functions"] if m == Method::GET => {
-            let list: Vec<FunctionView> = svc
+            let list = svc
                 .list_functions(caller)?
                 .iter()
-                .map(|f| FunctionView::new(f, svc.address(f)))
-                .collect();
+                .map(|f| view(svc, f))
+                .collect::<Result<Vec<_>, _>>()?;
             Ok(json_response(StatusCode::OK, &list))
         }
         ["functions"] if m == Method::POST => {
@@ -245,17 +252,11 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
                 cpus: body.cpus,
             };
             let f = svc.create_function(caller, name, spec).await?;
-            Ok(json_response(
-                StatusCode::CREATED,
-                &FunctionView::new(&f, svc.address(&f)),
-            ))
+            Ok(json_response(StatusCode::CREATED, &view(svc, &f)?))
         }
         ["functions", name] if m == Method::GET => {
             let f = svc.function(caller, &Name::parse(name)?)?;
-            Ok(json_response(
-                StatusCode::OK,
-                &FunctionView::new(&f, svc.address(&f)),
-            ))
+            Ok(json_response(StatusCode::OK, &view(svc, &f)?))
         }
         ["functions", name] if m == Method::PATCH => {
             let body: FunctionPatch = json_body(req.body).await?;
@@ -272,10 +273,7 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
             let f = svc
                 .update_function(caller, &Name::parse(name)?, update)
                 .await?;
-            Ok(json_response(
-                StatusCode::OK,
-                &FunctionView::new(&f, svc.address(&f)),
-            ))
+            Ok(json_response(StatusCode::OK, &view(svc, &f)?))
         }
         ["functions", name] if m == Method::DELETE => {
             let force = flag(&req, "force");
@@ -300,7 +298,9 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
             ))
         }
         ["calls", id] if m == Method::GET => {
-            let call = svc.call(&Scope::User(caller), &CallId::parse(id)?)?;
+            let id = CallId::parse(id)
+                .map_err(|_| ApiError::not_found(format!("call {id} not found")))?;
+            let call = svc.call(&Scope::User(caller), &id)?;
             Ok(json_response(StatusCode::OK, &CallView::from(&call)))
         }
         ["calls", id, "output"] if m == Method::GET => {
@@ -321,12 +321,14 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
         }
         ["users"] if m == Method::POST => {
             let body: UserCreate = json_body(req.body).await?;
-            let (user, key) = svc.add_user(
-                caller,
-                Name::parse(&body.name)?,
-                body.max_concurrency,
-                body.admin,
-            )?;
+            let (user, key) = svc
+                .add_user(
+                    caller,
+                    Name::parse(&body.name)?,
+                    body.max_concurrency,
+                    body.admin,
+                )
+                .await?;
             Ok(json_response(
                 StatusCode::CREATED,
                 &UserView::new(&user, Some(key.as_str().to_string())),
@@ -334,19 +336,21 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
         }
         ["users", name] if m == Method::PATCH => {
             let body: UserPatch = json_body(req.body).await?;
-            let (user, key) = svc.update_user(
-                caller,
-                &Name::parse(name)?,
-                body.max_concurrency,
-                body.rotate_key,
-            )?;
+            let (user, key) = svc
+                .update_user(
+                    caller,
+                    &Name::parse(name)?,
+                    body.max_concurrency,
+                    body.rotate_key,
+                )
+                .await?;
             Ok(json_response(
                 StatusCode::OK,
                 &UserView::new(&user, key.map(|k| k.as_str().to_string())),
             ))
         }
         ["users", name] if m == Method::DELETE => {
-            svc.delete_user(caller, &Name::parse(name)?)?;
+            svc.delete_user(caller, &Name::parse(name)?).await?;
             Ok(empty(StatusCode::NO_CONTENT))
         }
         _ => Err(ApiError::not_found(format!(
@@ -354,6 +358,15 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
             req.method, req.path
         ))),
     }
+}
+
+fn view(svc: &Service, f: &crate::model::Function) -> Result<FunctionView, ApiError> {
+    let cache = CacheUse {
+        stats: svc.stats(f)?,
+        output_budget: svc.config.limits.output_cache_bytes,
+        log_budget: svc.config.limits.log_cache_bytes,
+    };
+    Ok(FunctionView::new(f, svc.address(f), cache))
 }
 
 fn authenticate(svc: &Service, headers: &HeaderMap) -> Result<crate::model::User, ApiError> {
@@ -561,17 +574,29 @@ async fn read_body(
         .get(warp::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit) {
+    // A client still sending when the 413 arrives sees a broken pipe instead
+    // of the answer, so a moderately oversized body is read and discarded
+    // (never stored) before answering; a huge one is refused at once.
+    if declared.is_some_and(|n| n > limit.saturating_mul(DRAIN_FACTOR)) {
         return Err(svc.too_large().into());
     }
     let mut buf = BytesMut::new();
+    let mut seen: u64 = 0;
     while let Some(chunk) = body.next().await {
         let chunk =
             chunk.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
-        if (buf.len() + chunk.len()) as u64 > limit {
-            return Err(svc.too_large().into());
+        seen += chunk.len() as u64;
+        if seen > limit {
+            buf = BytesMut::new();
+            if seen > limit.saturating_mul(DRAIN_FACTOR) {
+                break;
+            }
+            continue;
         }
         buf.extend_from_slice(&chunk);
+    }
+    if seen > limit {
+        return Err(svc.too_large().into());
     }
     Ok(buf.freeze())
 }

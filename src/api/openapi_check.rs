@@ -270,11 +270,12 @@ async fn every_documented_operation_reaches_a_handler_and_answers_a_documented_s
     assert!(!ops.is_empty());
     for (method, template, _, op) in ops {
         let path = concrete(&template);
-        let v1 = template.starts_with("/v1/");
+        // /metrics needs a key too, though it lives outside /v1.
+        let v1 = template.starts_with("/v1/") || template == "/metrics";
         assert_eq!(
             has_bearer_auth(op),
             v1,
-            "{method} {template}: bearerAuth security must be set exactly on /v1 routes"
+            "{method} {template}: bearerAuth security must be set exactly on /v1 routes and /metrics"
         );
         let documented = documented_statuses(op);
         let key = v1.then_some(fx.key.as_str());
@@ -480,6 +481,10 @@ fn schemas_match_the_api_types() {
             address: "https://localhost:8443/call/f/x".into(),
             created: String::new(),
             updated: String::new(),
+            output_cache_bytes: 0,
+            output_cache_budget: 1,
+            log_cache_bytes: 0,
+            log_cache_budget: 1,
         },
         &[],
     );

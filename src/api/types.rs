@@ -64,10 +64,21 @@ pub struct FunctionView {
     pub address: String,
     pub created: String,
     pub updated: String,
+    pub output_cache_bytes: u64,
+    pub output_cache_budget: u64,
+    pub log_cache_bytes: u64,
+    pub log_cache_budget: u64,
+}
+
+/// A function's cache occupancy and budgets, for its view.
+pub struct CacheUse {
+    pub stats: FunctionStats,
+    pub output_budget: u64,
+    pub log_budget: u64,
 }
 
 impl FunctionView {
-    pub fn new(f: &Function, address: String) -> FunctionView {
+    pub fn new(f: &Function, address: String, cache: CacheUse) -> FunctionView {
         FunctionView {
             name: f.name.to_string(),
             owner: f.owner.to_string(),
@@ -87,6 +98,10 @@ impl FunctionView {
             address,
             created: format_time(f.created_ms),
             updated: format_time(f.updated_ms),
+            output_cache_bytes: cache.stats.output_bytes,
+            output_cache_budget: cache.output_budget,
+            log_cache_bytes: cache.stats.log_bytes,
+            log_cache_budget: cache.log_budget,
         }
     }
 }

@@ -142,7 +142,12 @@ impl Call {
         self.stdout_len = outcome.stdout.len() as u64;
         self.short_stdout = short(&outcome.stdout);
         self.short_stderr = short(&outcome.stderr);
-        self.output = OutputState::Stored;
+        // Only a FINISHED call has an output to fetch; a FAILED one has a reason.
+        self.output = if outcome.state == CallState::Finished {
+            OutputState::Stored
+        } else {
+            OutputState::NotYet
+        };
         Ok(())
     }
 
@@ -255,7 +260,7 @@ mod tests {
         assert!(c.started_ms.is_some());
         c.finish(&Outcome::failed("boom")).unwrap();
         assert_eq!(c.state, CallState::Failed);
-        assert_eq!(c.output, OutputState::Stored);
+        assert_eq!(c.output, OutputState::NotYet);
         assert!(c.transition(CallState::Running).is_err());
         assert_eq!(c.event(EventKind::Failed).message, "boom");
     }

@@ -59,6 +59,9 @@ pub struct RunSpec {
     pub stdin: Bytes,
     pub max_stdout: u64,
     pub max_stderr: u64,
+    /// Fired (or dropped) once the container has been started, so the
+    /// scheduler can start the owner's next call strictly after this one.
+    pub started: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 pub struct Runtime {
@@ -214,10 +217,9 @@ impl Runtime {
         }
     }
 
-    /// Removes every container of this instance: after a crash none may be
-    /// left behind, and a RUNNING call's output cannot be recovered from one.
-    /// Returns the call ids whose containers were found.
-    pub async fn remove_leftovers(&self) -> Result<Vec<String>, RuntimeError> {
+    /// This instance's containers, as (container id, call id label). Used by
+    /// recovery (a container is the evidence that a call ran) and the sweep.
+    pub async fn containers(&self) -> Result<Vec<(String, String)>, RuntimeError> {
         let docker = self.docker().await?;
         let filters = HashMap::from([(
             "label".to_string(),
@@ -234,16 +236,16 @@ impl Runtime {
             Ok(l) => l,
             Err(e) => return Err(self.classify(e).await),
         };
-        let mut calls = Vec::new();
-        for c in list {
-            if let Some(id) = &c.id {
-                remove(&docker, id).await;
-            }
-            if let Some(call) = c.labels.and_then(|mut l| l.remove(LABEL_CALL)) {
-                calls.push(call);
-            }
-        }
-        Ok(calls)
+        Ok(list
+            .into_iter()
+            .filter_map(|c| {
+                let call = c
+                    .labels
+                    .and_then(|mut l| l.remove(LABEL_CALL))
+                    .unwrap_or_default();
+                c.id.map(|id| (id, call))
+            })
+            .collect())
     }
 
     /// Runs one call to its end. `Err(Unavailable)` means the Engine refused
@@ -255,15 +257,22 @@ impl Runtime {
         let docker = self.docker().await?;
         let body = self.container_body(&spec);
         let name = format!("hyperfuncd-{}", spec.call_id);
-        let created = docker
-            .create_container(
-                Some(CreateContainerOptions {
-                    name: Some(name),
-                    ..Default::default()
-                }),
-                body,
-            )
+        let options = CreateContainerOptions {
+            name: Some(name.clone()),
+            ..Default::default()
+        };
+        let mut created = docker
+            .create_container(Some(options.clone()), body.clone())
             .await;
+        if let Err(DockerError::DockerResponseServerError {
+            status_code: 409, ..
+        }) = created
+        {
+            // A create whose answer was lost (the call was then requeued): that
+            // container was never started, so it is replaced.
+            remove(&docker, &name).await;
+            created = docker.create_container(Some(options), body).await;
+        }
         let id = match created {
             Ok(r) => r.id,
             Err(DockerError::DockerResponseServerError {
@@ -287,6 +296,7 @@ impl Runtime {
                 }
             }
         };
+        tracing::debug!(call = %spec.call_id, container = %id, "created");
         let outcome = self.drive(&docker, &id, spec, cancel).await;
         Ok(Ran {
             outcome,
@@ -342,7 +352,7 @@ impl Runtime {
         &self,
         docker: &Docker,
         id: &str,
-        spec: RunSpec,
+        mut spec: RunSpec,
         cancel: CancellationToken,
     ) -> Outcome {
         let attach = docker
@@ -360,15 +370,15 @@ impl Runtime {
             .await;
         let attach = match attach {
             Ok(a) => a,
-            Err(e) => {
-                return Outcome::failed(format!(
-                    "cannot attach to container: {}",
-                    engine_message(&e)
-                ))
-            }
+            Err(e) => return Outcome::failed(stage_failure("attach to", &e)),
         };
-        if let Err(e) = docker.start_container(id, None).await {
-            return Outcome::failed(format!("cannot start container: {}", engine_message(&e)));
+        let started = docker.start_container(id, None).await;
+        tracing::debug!(call = %spec.call_id, ok = started.is_ok(), "started");
+        if let Some(tx) = spec.started.take() {
+            let _ = tx.send(());
+        }
+        if let Err(e) = started {
+            return Outcome::failed(stage_failure("start", &e));
         }
 
         let mut input = attach.input;
@@ -449,7 +459,10 @@ impl Runtime {
                 return Outcome {
                     stdout: output.stdout.freeze(),
                     stderr: output.stderr.freeze(),
-                    ..Outcome::failed(format!("lost the container: {}", engine_message(&e)))
+                    ..Outcome::failed(format!(
+                        "lost the Docker Engine while the call ran: {}",
+                        engine_message(&e)
+                    ))
                 }
             }
             None => None,
@@ -470,7 +483,9 @@ impl Runtime {
                 (Some(e), _) => Some(e.clone()),
                 (None, Some(0)) => None,
                 (None, Some(c)) => Some(self.exit_message(docker, id, c).await),
-                (None, None) => Some("the Docker Engine did not report an exit code".into()),
+                (None, None) => {
+                    Some("lost the Docker Engine while the call ran: no exit code".into())
+                }
             },
         };
         Outcome {
@@ -585,6 +600,15 @@ async fn remove(docker: &Docker, id: &str) {
             status_code: 404, ..
         }) => {}
         Err(e) => tracing::warn!(container = id, error = %e, "cannot remove container"),
+    }
+}
+
+/// Why a call failed before its process ran.
+fn stage_failure(stage: &str, e: &DockerError) -> String {
+    if is_transport(e) {
+        format!("lost the Docker Engine while the call ran: cannot {stage} the container: {e}")
+    } else {
+        format!("cannot {stage} the container: {}", engine_message(e))
     }
 }
 

@@ -10,14 +10,21 @@ use crate::config::Config;
 use crate::model::{Call, CallId, Name, Outcome};
 use crate::runtime::{RunSpec, Runtime, RuntimeError};
 use crate::store::{Store, StoreError};
+use futures_util::future::{FutureExt, Shared};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::oneshot;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
+type StartSignal = Shared<oneshot::Receiver<()>>;
+
 /// How often the dispatcher looks again while the Engine is down.
 const ENGINE_RETRY: Duration = Duration::from_secs(1);
+/// How often containers that belong to no running call are swept away (an
+/// Engine restart can leave the containers of calls it killed).
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 pub struct Scheduler {
     store: Arc<Store>,
@@ -39,6 +46,10 @@ struct DispatchState {
     running_total: u32,
     /// One token per running call, to cancel it.
     cancels: HashMap<CallId, CancellationToken>,
+    /// Per owner: resolves once the owner's latest dispatched call has been
+    /// started by the Engine. The next call waits for it, so an owner's
+    /// containers start in FIFO order even when dispatched together.
+    start_chain: HashMap<Name, StartSignal>,
     /// Recovery done: the queue may be drained.
     recovered: bool,
     /// The Engine refused the last attempt; retry after a ping succeeds.
@@ -103,6 +114,8 @@ impl Scheduler {
 
     /// Drains the queues until `shutdown` fires.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if let Err(e) = self.dispatch().await {
                 tracing::error!(error = %e, "dispatch failed");
@@ -115,26 +128,32 @@ impl Scheduler {
                 _ = shutdown.cancelled() => break,
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(ENGINE_RETRY), if retry => {}
+                _ = sweep.tick() => self.sweep().await,
             }
         }
         // Cancel nothing on shutdown: running calls finish or are reconciled at the next start.
     }
 
-    /// Reconciles the store with the Engine after a start: leftover containers
-    /// are removed; a RUNNING call whose container exists ran (at least
-    /// partly) and ends FAILED; one without a container never started and is queued again.
+    /// Reconciles the store with the Engine after a start. A RUNNING call
+    /// whose container exists ran, at least partly, and ends FAILED; one
+    /// without a container never reached the Engine (its RUNNING state was
+    /// flushed before any create) and is queued again. The decisions are
+    /// flushed before any container is removed, so a crash during recovery
+    /// leaves the evidence for the next one.
     async fn recover(&self) -> Result<(), StoreError> {
-        let found = match self.runtime.remove_leftovers().await {
-            Ok(f) => f,
+        let containers = match self.runtime.containers().await {
+            Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "recovery waits for the Docker Engine");
                 return Ok(());
             }
         };
-        let found: HashSet<String> = found.into_iter().collect();
+        let ran: HashSet<&str> = containers.iter().map(|(_, call)| call.as_str()).collect();
         let limits = &self.config.limits;
         for call in self.store.running_calls()? {
-            if found.contains(&call.id.to_string()) {
+            let had_container = ran.contains(call.id.to_string().as_str());
+            tracing::debug!(call = %call.id, had_container, "recovering a RUNNING call");
+            if had_container {
                 let outcome = Outcome::failed(
                     "hyperfuncd stopped while the call was running; its output could not be recovered",
                 );
@@ -149,6 +168,9 @@ impl Scheduler {
             }
         }
         self.store.flush().await?;
+        for (container, _) in &containers {
+            self.runtime.remove(container).await;
+        }
         let owners = self.store.queued_owners()?;
         let mut st = self.state();
         for o in owners {
@@ -157,8 +179,38 @@ impl Scheduler {
             }
         }
         st.recovered = true;
-        tracing::info!(queued = self.store.queue_len(), "recovery done");
+        tracing::info!(
+            queued = self.store.queue_len(),
+            removed = containers.len(),
+            "recovery done"
+        );
         Ok(())
+    }
+
+    /// Removes this instance's containers that belong to no running call.
+    /// Never before recovery: recovery reads the leftovers as evidence.
+    async fn sweep(&self) {
+        if !self.state().recovered {
+            return;
+        }
+        let containers = match self.runtime.containers().await {
+            Ok(c) => c,
+            Err(e) => return tracing::debug!(error = %e, "sweep skipped"),
+        };
+        // Read after listing: a call enters `cancels` before its container is
+        // created and leaves it after its container is removed, so a listed
+        // container of a live call is always kept.
+        let keep: HashSet<String> = self.state().cancels.keys().map(|c| c.to_string()).collect();
+        let mut removed = 0;
+        for (container, call) in containers {
+            if !keep.contains(&call) {
+                self.runtime.remove(&container).await;
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            tracing::info!(count = removed, "removed leftover containers");
+        }
     }
 
     /// Starts as many queued calls as the quotas allow.
@@ -175,6 +227,7 @@ impl Scheduler {
             }
             tracing::info!("Docker Engine is back; draining the queue");
             self.state().engine_down = false;
+            self.sweep().await;
         }
         let host_cap = self.config.scheduler.host_max_running;
         // Each turn gives one owner one slot, then moves on: round-robin.
@@ -208,19 +261,27 @@ impl Scheduler {
             };
             idle_turns = 0;
             let (call, payload) = self.store.start(&id, self.config.limits.log_cache_bytes)?;
+            tracing::debug!(call = %id, owner = %owner, "dispatched");
             let token = CancellationToken::new();
-            {
+            let (started_tx, started_rx) = oneshot::channel();
+            let previous = {
                 let mut st = self.state();
+                let previous = st.start_chain.insert(owner.clone(), started_rx.shared());
                 *st.running.entry(owner.clone()).or_default() += 1;
                 st.running_total += 1;
                 st.cancels.insert(id, token.clone());
                 st.ready.push_back(owner);
-            }
+                previous
+            };
             self.changed();
             let this = Arc::clone(self);
             tokio::spawn(async move {
                 let owner = call.owner.clone();
-                if let Err(e) = this.execute(call, payload, token).await {
+                if let Some(previous) = previous {
+                    // Err only means that call ended before starting: fine.
+                    let _ = previous.await;
+                }
+                if let Err(e) = this.execute(call, payload, token, started_tx).await {
                     tracing::error!(call = %id, error = %e, "call bookkeeping failed");
                 }
                 {
@@ -243,6 +304,7 @@ impl Scheduler {
         call: Call,
         payload: bytes::Bytes,
         token: CancellationToken,
+        started: oneshot::Sender<()>,
     ) -> Result<(), StoreError> {
         let limits = &self.config.limits;
         // RUNNING must be on disk before a container can exist (see module doc).
@@ -272,9 +334,11 @@ impl Scheduler {
             stdin: payload,
             max_stdout: limits.max_stdout_bytes,
             max_stderr: limits.max_stderr_bytes,
+            started: Some(started),
         };
         match self.runtime.run(spec, token).await {
             Ok(ran) => {
+                tracing::debug!(call = %call.id, state = ?ran.outcome.state, "ended");
                 self.store.finish(
                     &call.id,
                     &ran.outcome,

@@ -415,33 +415,53 @@ impl Store {
         log_budget: u64,
     ) -> Result<Call, StoreError> {
         let seq = self.next_seq()?;
-        let call = self.tx(|t| {
-            let mut call: Call = tx_get(&t[CALLS], id.as_bytes(), "call")?;
-            let was = call.state;
-            if let Err(e) = call.finish(outcome) {
-                return abort(e);
+        let function = match self.get_call(id)? {
+            Some(c) => c.function,
+            None => return Err(StoreError::NotFound(format!("call {id}"))),
+        };
+        let len = outcome.stdout.len() as u64;
+        // Only a FINISHED call's output can be fetched, so only it is kept;
+        // one larger than the whole budget is rotated out at once.
+        let keep = outcome.state == CallState::Finished && len <= output_budget;
+        let call = {
+            // Room is made before the insert, so the cache never holds more
+            // than its budget, even for a moment.
+            let _guard = self.evict_lock.lock().unwrap_or_else(|p| p.into_inner());
+            if keep {
+                self.evict_outputs_to(&function, output_budget - len)?;
             }
-            if was == CallState::Pending {
-                t[QUEUE].remove(seq_key(call.owner.as_str(), call.seq))?;
-            }
-            t[PAYLOADS].remove(id.as_bytes())?;
-            t[OUTPUTS].insert(id.as_bytes(), outcome.stdout.as_ref())?;
-            t[OUTPUT_INDEX].insert(seq_key(call.function.as_str(), call.seq), id.as_bytes())?;
-            t[CALLS].insert(id.as_bytes(), enc(&call)?)?;
-            let mut stats = tx_stats(&t[STATS], &call.function)?;
-            stats.count(was, -1);
-            stats.count(call.state, 1);
-            stats.output_bytes += outcome.stdout.len() as u64;
-            let kind = if call.state == CallState::Finished {
-                EventKind::Finished
-            } else {
-                EventKind::Failed
-            };
-            log(&t[LOGS], &mut stats, &call, kind, seq)?;
-            t[STATS].insert(call.function.as_str(), enc(&stats)?)?;
-            Ok(call)
-        })?;
-        self.evict_outputs(&call.function, output_budget)?;
+            self.tx(|t| {
+                let mut call: Call = tx_get(&t[CALLS], id.as_bytes(), "call")?;
+                let was = call.state;
+                if let Err(e) = call.finish(outcome) {
+                    return abort(e);
+                }
+                if was == CallState::Pending {
+                    t[QUEUE].remove(seq_key(call.owner.as_str(), call.seq))?;
+                }
+                t[PAYLOADS].remove(id.as_bytes())?;
+                let mut stats = tx_stats(&t[STATS], &call.function)?;
+                if keep {
+                    t[OUTPUTS].insert(id.as_bytes(), outcome.stdout.as_ref())?;
+                    t[OUTPUT_INDEX]
+                        .insert(seq_key(call.function.as_str(), call.seq), id.as_bytes())?;
+                    stats.output_bytes += len;
+                } else if call.state == CallState::Finished {
+                    call.output = OutputState::Evicted;
+                }
+                t[CALLS].insert(id.as_bytes(), enc(&call)?)?;
+                stats.count(was, -1);
+                stats.count(call.state, 1);
+                let kind = if call.state == CallState::Finished {
+                    EventKind::Finished
+                } else {
+                    EventKind::Failed
+                };
+                log(&t[LOGS], &mut stats, &call, kind, seq)?;
+                t[STATS].insert(call.function.as_str(), enc(&stats)?)?;
+                Ok(call)
+            })?
+        };
         self.evict_logs(&call.function, log_budget)?;
         Ok(call)
     }
@@ -532,10 +552,11 @@ impl Store {
         Ok(out)
     }
 
-    fn evict_outputs(&self, function: &Name, budget: u64) -> Result<(), StoreError> {
-        let _guard = self.evict_lock.lock().unwrap_or_else(|p| p.into_inner());
+    /// Evicts the oldest outputs of `function` until it holds at most
+    /// `target` bytes. The caller holds `evict_lock`.
+    fn evict_outputs_to(&self, function: &Name, target: u64) -> Result<(), StoreError> {
         let prefix = seq_prefix(function.as_str());
-        while self.stats(function)?.output_bytes > budget {
+        while self.stats(function)?.output_bytes > target {
             let Some(kv) = self.tree(OUTPUT_INDEX).scan_prefix(&prefix).next() else {
                 break;
             };
@@ -819,10 +840,18 @@ mod tests {
             id = accept(&store, b"payload").id;
             let inst = store.instance_id().unwrap();
             assert_eq!(store.instance_id().unwrap(), inst);
-            futures_util::FutureExt::now_or_never(store.flush());
             store.db.flush().unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        // sled's background thread may hold the lock file for a moment after drop.
+        let mut reopened = Store::open(dir.path());
+        for _ in 0..50 {
+            if reopened.is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            reopened = Store::open(dir.path());
+        }
+        let store = reopened.unwrap();
         assert_eq!(store.queue_head(&name("alice")).unwrap(), Some(id));
         assert_eq!(store.stats(&name("f")).unwrap().pending, 1);
         store.delete_function(&name("f")).unwrap();

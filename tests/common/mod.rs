@@ -68,6 +68,13 @@ impl Daemon {
             extra_config: extra_config.to_string(),
         };
         d.spawn();
+        let health = d.curl_json(&["-s", &format!("{}/healthz", d.endpoint)]);
+        assert_eq!(
+            health["Engine"],
+            "up",
+            "the Docker Engine must answer for these tests: {health}\n{}",
+            d.log()
+        );
         d
     }
 
@@ -105,7 +112,7 @@ impl Daemon {
         let mut child = Command::new(BIN)
             .args(["serve", "--config"])
             .arg(&config)
-            .env("HYPERFUNCD_LOG", "info")
+            .env("HYPERFUNCD_LOG", "info,hyperfuncd=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(
@@ -140,10 +147,6 @@ impl Daemon {
         self.child = Some(child);
         let health = self.curl_json(&["-s", &format!("{}/healthz", self.endpoint)]);
         self.instance = health["Instance"].as_str().expect("instance").to_string();
-        assert_eq!(
-            health["Engine"], "up",
-            "the Docker Engine must answer for these tests"
-        );
     }
 
     pub fn log(&self) -> String {
@@ -365,4 +368,407 @@ pub fn assert_cli_error(o: &Output, contains: &str) {
         lines[0].contains(contains),
         "{err:?} should mention {contains:?}"
     );
+}
+
+impl Daemon {
+    /// Adds a user (as admin) and returns its key, parsed the way the README
+    /// tells scripts to: the last line of stdout.
+    pub fn add_user(&self, name: &str, max_concurrency: u32) -> String {
+        let out = self.ok(&[
+            "user",
+            "add",
+            name,
+            "--max-concurrency",
+            &max_concurrency.to_string(),
+        ]);
+        out.lines().last().expect("key line").trim().to_string()
+    }
+
+    /// Runs the CLI as the user holding `key` (the env overrides the profile's key).
+    pub fn cli_as(&self, key: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env("HYPERFUNC_PROFILE", self.profile())
+            .env("HYPERFUNC_KEY", key)
+            .env("HOME", self.dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            });
+        let mut child = cmd.spawn().expect("run hyperfuncd CLI");
+        if let Some(input) = stdin {
+            let mut pipe = child.stdin.take().expect("stdin");
+            let input = input.to_vec();
+            std::thread::spawn(move || {
+                let _ = pipe.write_all(&input);
+            });
+        }
+        child.wait_with_output().expect("CLI output")
+    }
+
+    pub fn admin_key(&self) -> String {
+        let profile = std::fs::read_to_string(self.profile()).expect("profile");
+        profile
+            .lines()
+            .find_map(|l| l.strip_prefix("key = "))
+            .expect("key in profile")
+            .trim_matches('"')
+            .to_string()
+    }
+
+    /// GET a management API path as admin; returns (status, JSON or null).
+    pub fn api(&self, path: &str) -> (u16, serde_json::Value) {
+        let auth = format!("Authorization: Bearer {}", self.admin_key());
+        let (code, body) = self.curl(&["-H", &auth, &format!("{}{path}", self.endpoint)]);
+        (
+            code,
+            serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    pub fn status(&self, function: &str) -> serde_json::Value {
+        let (code, v) = self.api(&format!("/v1/functions/{function}/status"));
+        assert_eq!(code, 200, "status of {function}: {v}");
+        v
+    }
+}
+
+/// `docker events` for one daemon's containers, recorded in order. Observes
+/// the Engine itself, not hyperfuncd's own counters; it keeps recording
+/// while hyperfuncd is killed and restarted.
+pub struct EngineEvents {
+    child: Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<(String, String, String)>>>,
+}
+
+impl EngineEvents {
+    pub fn start(instance: &str, docker_host: Option<&str>) -> EngineEvents {
+        let mut cmd = Command::new("docker");
+        if let Some(h) = docker_host {
+            cmd.args(["-H", h]);
+        }
+        let mut child = cmd
+            .args(["events", "--filter", &format!("label=io.hyperfuncd.instance={instance}")])
+            .args(["--filter", "event=start", "--filter", "event=die", "--filter", "event=destroy", "--filter", "event=create"])
+            .args([
+                "--format",
+                "{{.Action}} {{index .Actor.Attributes \"io.hyperfuncd.call\"}} {{index .Actor.Attributes \"io.hyperfuncd.function\"}} {{.TimeNano}} {{.Actor.ID}}",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker events");
+        let stdout = child.stdout.take().expect("stdout");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let mut p = line.split_whitespace().map(str::to_string);
+                let (Some(a), Some(c), Some(f)) = (p.next(), p.next(), p.next()) else {
+                    continue;
+                };
+                eprintln!("engine event: {line}");
+                if a == "start" || a == "die" {
+                    sink.lock().unwrap().push((a, c, f));
+                }
+            }
+        });
+        // docker events only reports what happens after it has subscribed.
+        std::thread::sleep(Duration::from_millis(500));
+        EngineEvents { child, lines }
+    }
+
+    /// (action, call id, function) in Engine order.
+    pub fn all(&self) -> Vec<(String, String, String)> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Call ids in the order their containers started.
+    pub fn starts(&self, function: &str) -> Vec<String> {
+        self.all()
+            .into_iter()
+            .filter(|(a, _, f)| a == "start" && f == function)
+            .map(|(_, c, _)| c)
+            .collect()
+    }
+
+    /// The most containers of `function` running at once.
+    pub fn max_running(&self, function: &str) -> usize {
+        let mut running = std::collections::HashSet::new();
+        let mut max = 0;
+        for (a, c, f) in self.all() {
+            if f != function {
+                continue;
+            }
+            if a == "start" {
+                running.insert(c);
+            } else {
+                running.remove(&c);
+            }
+            max = max.max(running.len());
+        }
+        max
+    }
+}
+
+impl Drop for EngineEvents {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A private dockerd on its own socket and data root, for Engine-fault tests:
+/// the shared Engine is never stopped.
+pub struct PrivateEngine {
+    pub dir: PathBuf,
+    pub host: String,
+    child: Option<Child>,
+}
+
+impl PrivateEngine {
+    pub fn start() -> PrivateEngine {
+        test_image();
+        let dir = PathBuf::from(format!("/tmp/hyperfuncd-engine-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("engine dir");
+        std::fs::write(dir.join("daemon.json"), "{}").expect("daemon.json");
+        let mut e = PrivateEngine {
+            host: format!("unix://{}/docker.sock", dir.display()),
+            dir,
+            child: None,
+        };
+        e.up();
+        let save = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "docker save {IMAGE} | docker -H {} load -q",
+                e.host
+            ))
+            .output()
+            .expect("docker save | load");
+        assert!(
+            save.status.success(),
+            "cannot load the test image: {}",
+            stderr(&save)
+        );
+        e
+    }
+
+    /// Starts dockerd (again) on the same data root.
+    pub fn up(&mut self) {
+        let d = &self.dir;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("dockerd.log"))
+            .expect("dockerd log");
+        // Its own network namespace: a dockerd started with --bridge=none
+        // deletes the host's docker0, which would break the shared Engine.
+        let child = Command::new("unshare")
+            .args(["--net", "--", "dockerd"])
+            .arg("--config-file")
+            .arg(d.join("daemon.json"))
+            .arg("--data-root")
+            .arg(d.join("data"))
+            .arg("--exec-root")
+            .arg(d.join("exec"))
+            .arg("--pidfile")
+            .arg(d.join("docker.pid"))
+            .args([
+                "-H",
+                &self.host,
+                "--bridge=none",
+                "--iptables=false",
+                "--ip6tables=false",
+            ])
+            .args(["--storage-driver", "vfs"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("unshare or dockerd missing");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if Command::new("docker")
+                .args(["-H", &self.host, "info"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!(
+            "private dockerd did not start: {}",
+            std::fs::read_to_string(d.join("dockerd.log")).unwrap_or_default()
+        );
+    }
+
+    /// kill -9 of the private dockerd only.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Running containers of `instance` on this engine.
+    pub fn running(&self, instance: &str) -> usize {
+        let out = Command::new("docker")
+            .args([
+                "-H",
+                &self.host,
+                "ps",
+                "-q",
+                "--filter",
+                &format!("label=io.hyperfuncd.instance={instance}"),
+            ])
+            .output()
+            .expect("docker ps");
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    }
+
+    /// Containers of `instance` on this engine.
+    pub fn containers(&self, instance: &str) -> Vec<String> {
+        let out = Command::new("docker")
+            .args([
+                "-H",
+                &self.host,
+                "ps",
+                "-aq",
+                "--filter",
+                &format!("label=io.hyperfuncd.instance={instance}"),
+            ])
+            .output()
+            .expect("docker ps");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for PrivateEngine {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "docker -H {h} rm -f $(docker -H {h} ps -aq) 2>/dev/null",
+                    h = self.host
+                ))
+                .output();
+            if let Some(c) = &self.child {
+                // SAFETY: plain kill(2) on our own child's pid.
+                unsafe {
+                    libc::kill(c.id() as i32, libc::SIGTERM);
+                }
+            }
+            if let Some(mut c) = self.child.take() {
+                let _ = c.wait();
+            }
+        }
+        // Whatever outlived it (containerd, shims) names the private dir.
+        let _ = Command::new("pkill")
+            .args(["-9", "-f", &self.dir.display().to_string()])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Posts `payloads` to a call URL over one keep-alive connection per worker;
+/// returns (payload index, call id) for every 202. Stops at the first
+/// connection error (e.g. the daemon was killed) or when `stop` is set.
+pub fn submit_all(
+    ca: &Path,
+    url: &str,
+    payloads: Vec<Vec<u8>>,
+    workers: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<(usize, String)> {
+    use std::sync::atomic::Ordering;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let pem = std::fs::read(ca).expect("CA");
+    let client = reqwest::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("CA pem"))
+        .build()
+        .expect("client");
+    let payloads = std::sync::Arc::new(payloads);
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..workers {
+            let (client, payloads, next, stop, url) = (
+                client.clone(),
+                payloads.clone(),
+                next.clone(),
+                stop.clone(),
+                url.to_string(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut acked = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= payloads.len() || stop.load(Ordering::SeqCst) {
+                        return acked;
+                    }
+                    let Ok(resp) = client.post(&url).body(payloads[i].clone()).send().await else {
+                        stop.store(true, Ordering::SeqCst);
+                        return acked;
+                    };
+                    if resp.status().as_u16() != 202 {
+                        continue;
+                    }
+                    let Ok(v) = resp.json::<serde_json::Value>().await else {
+                        continue;
+                    };
+                    if let Some(id) = v["CallId"].as_str() {
+                        acked.push((i, id.to_string()));
+                    }
+                }
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap_or_default());
+        }
+        all
+    })
+}
+
+impl Daemon {
+    /// Restarts (kill -9) with different extra config.
+    pub fn restart_with(&mut self, extra_config: &str) {
+        self.extra_config = extra_config.to_string();
+        self.restart();
+    }
+
+    /// (current, peak) resident memory of the daemon in KiB, from /proc.
+    pub fn rss_kib(&self) -> (u64, u64) {
+        let pid = self.child.as_ref().expect("daemon running").id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    /// A function's record as `func inspect` shows it.
+    pub fn inspect(&self, name: &str) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["func", "inspect", name])).expect("inspect JSON")
+    }
 }

@@ -1,0 +1,305 @@
+//! Quotas, the persistent per-user FIFO, crash recovery and Engine faults,
+//! observed from the Docker Engine itself.
+
+mod common;
+
+use common::*;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[test]
+fn quota_fifo_and_fairness_seen_from_the_engine() {
+    let d = Daemon::start();
+    let alice = d.add_user("alice", 2);
+    let bob = d.add_user("bob", 2);
+    let run = |key: &str, args: &[&str]| {
+        let out = d.cli_as(key, args, None);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        stdout(&out)
+    };
+    run(
+        &alice,
+        &["func", "create", "--name", "nap", IMAGE, "sleep", "2"],
+    );
+    run(
+        &bob,
+        &["func", "create", "--name", "quick", IMAGE, "echo", "hi"],
+    );
+    let events = EngineEvents::start(&d.instance, None);
+
+    // One client connection, so acceptance order is submission order.
+    let nap = d.inspect("nap")["Address"].as_str().unwrap().to_string();
+    let submitted: Vec<String> = submit_all(
+        &d.ca(),
+        &nap,
+        vec![Vec::new(); 10],
+        1,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .into_iter()
+    .map(|(_, id)| id)
+    .collect();
+    assert_eq!(submitted.len(), 10);
+    let bob_call = run(&bob, &["func", "call", "quick"])
+        .trim()
+        .trim_start_matches("CallId: ")
+        .to_string();
+
+    d.wait_until(120, "alice's ten calls to finish", || {
+        d.status("nap")["Finished"] == 10
+    });
+    d.wait_until(30, "bob's call to finish", || {
+        d.status("quick")["Finished"] == 1
+    });
+    // docker events may trail the API by a moment.
+    d.wait_until(10, "the Engine's die events", || {
+        events
+            .all()
+            .iter()
+            .filter(|(a, _, f)| a == "die" && f == "nap")
+            .count()
+            == 10
+    });
+
+    assert!(
+        events.max_running("nap") <= 2,
+        "alice ran more than 2 at once: {:?}",
+        events.all()
+    );
+    assert_eq!(
+        events.max_running("nap"),
+        2,
+        "the quota should be used fully"
+    );
+    assert_eq!(
+        events.starts("nap"),
+        submitted,
+        "alice's calls start in submission order"
+    );
+    let order: Vec<String> = events
+        .all()
+        .into_iter()
+        .filter(|(a, _, _)| a == "start")
+        .map(|(_, c, _)| c)
+        .collect();
+    let bob_at = order
+        .iter()
+        .position(|c| *c == bob_call)
+        .expect("bob's call started");
+    let alice_fifth = order
+        .iter()
+        .position(|c| *c == submitted[4])
+        .expect("alice's 5th started");
+    assert!(
+        bob_at < alice_fifth,
+        "bob's call must not wait for alice's backlog: start order {order:?}"
+    );
+
+    // Users see only their own things; admin-only commands say so.
+    assert_cli_error(
+        &d.cli_as(&bob, &["func", "inspect", "nap"], None),
+        "not found",
+    );
+    assert_cli_error(
+        &d.cli_as(&bob, &["func", "get", &submitted[0]], None),
+        "not found",
+    );
+    assert_cli_error(&d.cli_as(&bob, &["user", "ls"], None), "admin");
+    assert!(d.ok(&["user", "ls"]).contains("alice"));
+    let out = run(&alice, &["func", "get", &submitted[0]]);
+    assert_eq!(out, "");
+    d.finish();
+}
+
+#[test]
+fn rm_with_live_calls_needs_force() {
+    let d = Daemon::start();
+    d.create("long", &[IMAGE, "sleep", "30"]);
+    let running = d.call("long", b"");
+    d.wait_until(30, "the call to run", || d.status("long")["Running"] == 1);
+    assert_cli_error(&d.cli(&["func", "rm", "long"]), "use --force");
+    let t = std::time::Instant::now();
+    assert_eq!(d.ok(&["func", "rm", "--force", "long"]), "long\n");
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "--force must kill, not wait: {:?}",
+        t.elapsed()
+    );
+    let (code, _) = d.api(&format!("/v1/calls/{running}"));
+    assert_eq!(code, 404, "the removed function's calls are gone");
+
+    // A timeout kills the call and says so.
+    d.create("sleepy", &["--timeout", "1s", IMAGE, "sleep", "30"]);
+    let id = d.call("sleepy", b"");
+    assert_cli_error(&d.cli(&["func", "get", "--wait", &id]), "timeout after 1s");
+    d.finish();
+}
+
+/// kill -9 of the real binary during intake, while the queue drains, and
+/// while calls run: every acknowledged call ends FINISHED with its exact
+/// output or FAILED with a reason; none is lost, stuck, or run twice.
+#[test]
+fn acknowledged_calls_survive_kill_9() {
+    let mut d = Daemon::start_with("[scheduler]\nhost_max_running = 8");
+    let url = d.create(
+        "work",
+        &[IMAGE, "sh", "-c", "read x; sleep 0.3; echo out-$x"],
+    );
+    let events = EngineEvents::start(&d.instance, None);
+    let mut acked: HashMap<String, usize> = HashMap::new();
+    let payload = |i: usize| format!("{i}\n").into_bytes();
+
+    // 1. During intake: kill while a client is still submitting.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ca, u, s) = (d.ca(), url.clone(), stop.clone());
+    let intake =
+        std::thread::spawn(move || submit_all(&ca, &u, (0..150).map(payload).collect(), 4, s));
+    d.wait_until(60, "some calls to be accepted", || {
+        d.status("work")["Total"].as_u64().unwrap_or(0) >= 40
+    });
+    d.kill9();
+    stop.store(true, Ordering::SeqCst);
+    for (i, id) in intake.join().expect("intake thread") {
+        acked.insert(id, i);
+    }
+    assert!(
+        acked.len() >= 30,
+        "only {} acknowledged before the kill",
+        acked.len()
+    );
+    d.restart();
+
+    // 2. While draining: a fresh batch, kill once some have finished.
+    let stop = Arc::new(AtomicBool::new(false));
+    for (i, id) in submit_all(&d.ca(), &url, (1000..1060).map(payload).collect(), 4, stop) {
+        acked.insert(id, 1000 + i);
+    }
+    let before = d.status("work")["Finished"].as_u64().unwrap_or(0);
+    d.wait_until(120, "the queue to drain a little", || {
+        d.status("work")["Finished"].as_u64().unwrap_or(0) >= before + 10
+    });
+    d.kill9();
+    d.restart();
+
+    // 3. While calls run.
+    d.wait_until(60, "calls to be running", || !d.containers(true).is_empty());
+    d.kill9();
+    d.restart();
+
+    d.wait_until(240, "every call to end", || {
+        let s = d.status("work");
+        s["Pending"] == 0 && s["Running"] == 0
+    });
+    let mut finished = 0;
+    for (id, i) in &acked {
+        let (code, call) = d.api(&format!("/v1/calls/{id}"));
+        assert_eq!(code, 200, "acknowledged call {id} was lost");
+        match call["State"].as_str() {
+            Some("FINISHED") => {
+                finished += 1;
+                let (code, out) = d.curl(&[
+                    "-H",
+                    &format!("Authorization: Bearer {}", d.admin_key()),
+                    &format!("{}/v1/calls/{id}/output", d.endpoint),
+                ]);
+                assert_eq!(code, 200);
+                assert_eq!(
+                    String::from_utf8_lossy(&out),
+                    format!("out-{i}\n"),
+                    "call {id}"
+                );
+            }
+            Some("FAILED") => {
+                let msg = call["Message"].as_str().unwrap_or("");
+                assert!(!msg.is_empty(), "call {id} FAILED without a reason");
+            }
+            other => panic!("call {id} ended {other:?}"),
+        }
+    }
+    assert!(
+        finished * 2 > acked.len(),
+        "most calls should finish: {finished}/{}",
+        acked.len()
+    );
+    d.wait_until(10, "die events", || {
+        let all = events.all();
+        all.iter().filter(|e| e.0 == "die").count() >= all.iter().filter(|e| e.0 == "start").count()
+    });
+    let mut starts: HashMap<String, usize> = HashMap::new();
+    for c in events.starts("work") {
+        *starts.entry(c).or_default() += 1;
+    }
+    for (id, n) in &starts {
+        let log: Vec<String> = d
+            .log()
+            .lines()
+            .filter(|l| {
+                l.contains(id.as_str())
+                    || l.contains("listed")
+                    || l.contains("recovery")
+                    || l.contains("leftover")
+            })
+            .map(str::to_string)
+            .collect();
+        assert_eq!(
+            *n,
+            1,
+            "call {id} was executed {n} times; daemon log:\n{}",
+            log.join("\n")
+        );
+    }
+    let s = d.status("work");
+    eprintln!(
+        "kill -9 test: {} acknowledged, {finished} finished, status {s}",
+        acked.len()
+    );
+    d.finish();
+}
+
+/// An Engine fault, on a private dockerd: running calls fail clearly, new
+/// calls queue, and the queue drains once that Engine is back.
+#[test]
+fn engine_fault_on_a_private_dockerd() {
+    let mut engine = PrivateEngine::start();
+    let d = Daemon::start_with(&format!("[docker]\nsocket = \"{}\"", engine.host));
+    let url = d.create("nap", &[IMAGE, "sh", "-c", "sleep 3; echo done"]);
+    let a = d.call("nap", b"");
+    let b = d.call("nap", b"");
+
+    d.wait_until(30, "two containers running on the private Engine", || {
+        engine.running(&d.instance) == 2
+    });
+    engine.kill9();
+    for id in [&a, &b] {
+        d.wait_until(30, "the running calls to fail", || {
+            d.api(&format!("/v1/calls/{id}")).1["State"] == "FAILED"
+        });
+        let (_, call) = d.api(&format!("/v1/calls/{id}"));
+        let msg = call["Message"].as_str().unwrap_or("");
+        assert!(msg.contains("Docker Engine"), "unclear failure: {msg}");
+    }
+    let health = d.curl_json(&[&format!("{}/healthz", d.endpoint)]);
+    assert_eq!(health["Engine"], "down");
+
+    let queued: Vec<String> = (0..3).map(|_| d.call("nap", b"")).collect();
+    let (code, _) = d.curl(&["-X", "POST", &url]);
+    assert_eq!(code, 202, "calls are accepted while the Engine is down");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(d.status("nap")["Pending"], 4, "{}", d.status("nap"));
+
+    engine.up();
+    d.wait_until(90, "the queue to drain after the Engine is back", || {
+        d.status("nap")["Finished"] == 4
+    });
+    for id in &queued {
+        assert_eq!(d.ok(&["func", "get", id]), "done\n");
+    }
+    let health = d.curl_json(&[&format!("{}/healthz", d.endpoint)]);
+    assert_eq!(health["Engine"], "up");
+    d.wait_until(90, "the killed calls' containers to be swept", || {
+        engine.containers(&d.instance).is_empty()
+    });
+    d.finish();
+}
