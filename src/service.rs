@@ -315,30 +315,33 @@ impl Service {
         }
         let limits = &self.config.limits;
         let mut changes = self.scheduler.subscribe();
-        for call in &live {
-            if call.state == CallState::Pending {
-                let outcome = Outcome::failed("cancelled: the function was removed");
-                // It may have started meanwhile; then it is cancelled below.
-                if self
-                    .store
-                    .finish(
+        // Loop until nothing is live: a call may be accepted, or start, while
+        // we wait; queued ones are failed here, running ones are killed.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let live = self.store.live_calls(&f.name)?;
+            if live.is_empty() {
+                break;
+            }
+            for call in &live {
+                if call.state == CallState::Pending {
+                    let outcome = Outcome::failed("cancelled: the function was removed");
+                    // It may have started meanwhile; then it is cancelled next round.
+                    let _ = self.store.finish(
                         &call.id,
                         &outcome,
                         limits.output_cache_bytes,
                         limits.log_cache_bytes,
-                    )
-                    .is_ok()
-                {
-                    continue;
+                    );
+                } else {
+                    self.scheduler.cancel(&call.id);
                 }
             }
-            self.scheduler.cancel(&call.id);
-        }
-        // Wait (bounded) for the running ones to be killed and recorded.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while !self.store.live_calls(&f.name)?.is_empty() {
-            for call in self.store.live_calls(&f.name)? {
-                self.scheduler.cancel(&call.id);
+            // Wake output waiters of the failed calls, without waking ourselves.
+            self.scheduler.changed();
+            changes.borrow_and_update();
+            if self.store.live_calls(&f.name)?.is_empty() {
+                break;
             }
             if tokio::time::timeout_at(deadline, changes.changed())
                 .await
@@ -459,12 +462,12 @@ impl Service {
         call: Option<&CallId>,
         tail: Option<usize>,
     ) -> Result<Vec<(u64, Event)>> {
-        let mut events = self.store.events(&f.name, after, call)?;
-        if let Some(n) = tail {
-            let skip = events.len().saturating_sub(n);
-            events.drain(..skip);
-        }
-        Ok(events)
+        Ok(self.store.events(&f.name, after, call, tail)?)
+    }
+
+    /// The newest event's sequence of `f` (see `Store::last_event_seq`).
+    pub fn last_event_seq(&self, f: &Function) -> Result<Option<u64>> {
+        Ok(self.store.last_event_seq(&f.name)?)
     }
 
     /// Whether the Engine answers, for `/healthz`.

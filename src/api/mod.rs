@@ -450,8 +450,12 @@ fn logs(svc: &Arc<Service>, f: crate::model::Function, req: &Req) -> ApiResult {
         None => None,
     };
     let follow = flag(req, "follow");
+    // Subscribe before reading, so no event falls between the read and the
+    // follow; `last` covers everything scanned, matching the filter or not.
+    let mut changes = svc.scheduler.subscribe();
+    let top = svc.last_event_seq(&f)?;
     let first = svc.events(&f, None, call.as_ref(), tail)?;
-    let mut last = first.last().map(|(seq, _)| *seq);
+    let mut last = first.last().map(|(seq, _)| *seq).max(top);
     let lines = |events: Vec<(u64, crate::model::Event)>| -> Bytes {
         let mut out = Vec::new();
         for (_, e) in events {
@@ -473,7 +477,6 @@ fn logs(svc: &Arc<Service>, f: crate::model::Function, req: &Req) -> ApiResult {
     // until the client goes away or the function is removed.
     let svc = Arc::clone(svc);
     let head = lines(first);
-    let mut changes = svc.scheduler.subscribe();
     let stream = async_stream(move |tx| async move {
         if tx.send(head).await.is_err() {
             return;
@@ -482,12 +485,13 @@ fn logs(svc: &Arc<Service>, f: crate::model::Function, req: &Req) -> ApiResult {
             if changes.changed().await.is_err() {
                 return;
             }
+            let Ok(top) = svc.last_event_seq(&f) else {
+                return;
+            };
             let Ok(events) = svc.events(&f, last, call.as_ref(), None) else {
                 return;
             };
-            if let Some((seq, _)) = events.last() {
-                last = Some(*seq);
-            }
+            last = events.last().map(|(seq, _)| *seq).max(top).max(last);
             if !events.is_empty() && tx.send(lines(events)).await.is_err() {
                 return;
             }
@@ -540,6 +544,11 @@ fn request_env(req: &Req) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = Vec::new();
     for (name, value) in &req.headers {
         if name == warp::http::header::AUTHORIZATION && req.path.starts_with("/v1/") {
+            continue;
+        }
+        // httpoxy: `Proxy:` would become HTTP_PROXY and redirect the
+        // function's own outgoing HTTP through the caller's proxy.
+        if name.as_str() == "proxy" {
             continue;
         }
         let Ok(value) = value.to_str() else { continue };

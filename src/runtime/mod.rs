@@ -372,6 +372,10 @@ impl Runtime {
             Ok(a) => a,
             Err(e) => return Outcome::failed(stage_failure("attach to", &e)),
         };
+        // Cancelled while it waited its turn: never start it.
+        if cancel.is_cancelled() {
+            return Outcome::failed("cancelled");
+        }
         let started = docker.start_container(id, None).await;
         tracing::debug!(call = %spec.call_id, ok = started.is_ok(), "started");
         if let Some(tx) = spec.started.take() {

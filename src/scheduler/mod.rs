@@ -37,6 +37,45 @@ pub struct Scheduler {
     state: Mutex<DispatchState>,
 }
 
+/// What one owner's turn in the dispatcher did.
+enum Turn {
+    Started,
+    /// The head was a call cancelled meanwhile; it was dropped from the queue.
+    Stale,
+    AtQuota,
+    Empty,
+}
+
+/// A running call's claim on its owner's quota and the host cap; released on
+/// drop, so a panicking call task cannot leak a slot.
+struct Slot {
+    scheduler: Arc<Scheduler>,
+    owner: Name,
+    id: CallId,
+    generation: u64,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        {
+            let mut st = self.scheduler.state();
+            if let Some(n) = st.running.get_mut(&self.owner) {
+                *n = n.saturating_sub(1);
+            }
+            st.running_total = st.running_total.saturating_sub(1);
+            if st
+                .cancels
+                .get(&self.id)
+                .is_some_and(|(g, _)| *g == self.generation)
+            {
+                st.cancels.remove(&self.id);
+            }
+        }
+        self.scheduler.changed();
+        self.scheduler.wake.notify_one();
+    }
+}
+
 #[derive(Default)]
 struct DispatchState {
     /// Owners that may have queued calls, in round-robin order.
@@ -45,7 +84,9 @@ struct DispatchState {
     running: HashMap<Name, u32>,
     running_total: u32,
     /// One token per running call, to cancel it.
-    cancels: HashMap<CallId, CancellationToken>,
+    cancels: HashMap<CallId, (u64, CancellationToken)>,
+    /// Tells apart two runs of one call (requeued after an Engine refusal).
+    generation: u64,
     /// Per owner: resolves once the owner's latest dispatched call has been
     /// started by the Engine. The next call waits for it, so an owner's
     /// containers start in FIFO order even when dispatched together.
@@ -104,7 +145,7 @@ impl Scheduler {
     /// Cancels a running call: its container is killed and it ends FAILED "cancelled".
     pub fn cancel(&self, id: &CallId) -> bool {
         match self.state().cancels.get(id) {
-            Some(t) => {
+            Some((_, t)) => {
                 t.cancel();
                 true
             }
@@ -213,6 +254,64 @@ impl Scheduler {
         }
     }
 
+    /// Gives `owner` one turn: starts its oldest queued call if its quota allows.
+    fn dispatch_one(self: &Arc<Self>, owner: &Name) -> Result<Turn, StoreError> {
+        let quota = self
+            .store
+            .get_user(owner)?
+            .map_or(self.config.scheduler.default_max_concurrency, |u| {
+                u.max_concurrency
+            });
+        if self.state().running.get(owner).copied().unwrap_or(0) >= quota {
+            return Ok(Turn::AtQuota);
+        }
+        let Some(id) = self.store.queue_head(owner)? else {
+            return Ok(Turn::Empty);
+        };
+        let (call, payload) = match self.store.start(&id, self.config.limits.log_cache_bytes) {
+            Ok(started) => started,
+            // Cancelled or removed since it was queued: drop the stale entry.
+            Err(StoreError::NotFound(_) | StoreError::Transition(_)) => {
+                self.store.discard_queued(owner, &id)?;
+                return Ok(Turn::Stale);
+            }
+            Err(e) => return Err(e),
+        };
+        tracing::debug!(call = %id, owner = %owner, "dispatched");
+        let token = CancellationToken::new();
+        let (started_tx, started_rx) = oneshot::channel();
+        let (previous, generation) = {
+            let mut st = self.state();
+            let previous = st.start_chain.insert(owner.clone(), started_rx.shared());
+            *st.running.entry(owner.clone()).or_default() += 1;
+            st.running_total += 1;
+            st.generation += 1;
+            let generation = st.generation;
+            st.cancels.insert(id, (generation, token.clone()));
+            st.ready.push_back(owner.clone());
+            (previous, generation)
+        };
+        self.changed();
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            // Undoes the bookkeeping even if the call's task panics.
+            let _slot = Slot {
+                scheduler: Arc::clone(&this),
+                owner: call.owner.clone(),
+                id,
+                generation,
+            };
+            if let Some(previous) = previous {
+                // Err only means that call ended before starting: fine.
+                let _ = previous.await;
+            }
+            if let Err(e) = this.execute(call, payload, token, started_tx).await {
+                tracing::error!(call = %id, error = %e, "call bookkeeping failed");
+            }
+        });
+        Ok(Turn::Started)
+    }
+
     /// Starts as many queued calls as the quotas allow.
     async fn dispatch(self: &Arc<Self>) -> Result<(), StoreError> {
         if !self.state().recovered {
@@ -243,58 +342,31 @@ impl Scheduler {
                     None => break,
                 }
             };
-            let quota = self
-                .store
-                .get_user(&owner)?
-                .map_or(self.config.scheduler.default_max_concurrency, |u| {
-                    u.max_concurrency
-                });
-            let running = self.state().running.get(&owner).copied().unwrap_or(0);
-            if running >= quota {
-                self.state().ready.push_back(owner);
-                idle_turns += 1;
-                continue;
-            }
-            let Some(id) = self.store.queue_head(&owner)? else {
-                self.state().ready_set.remove(&owner);
-                continue;
-            };
-            idle_turns = 0;
-            let (call, payload) = self.store.start(&id, self.config.limits.log_cache_bytes)?;
-            tracing::debug!(call = %id, owner = %owner, "dispatched");
-            let token = CancellationToken::new();
-            let (started_tx, started_rx) = oneshot::channel();
-            let previous = {
-                let mut st = self.state();
-                let previous = st.start_chain.insert(owner.clone(), started_rx.shared());
-                *st.running.entry(owner.clone()).or_default() += 1;
-                st.running_total += 1;
-                st.cancels.insert(id, token.clone());
-                st.ready.push_back(owner);
-                previous
-            };
-            self.changed();
-            let this = Arc::clone(self);
-            tokio::spawn(async move {
-                let owner = call.owner.clone();
-                if let Some(previous) = previous {
-                    // Err only means that call ended before starting: fine.
-                    let _ = previous.await;
+            match self.dispatch_one(&owner) {
+                Ok(Turn::Started) => idle_turns = 0,
+                Ok(Turn::Stale) => {
+                    self.state().ready.push_front(owner);
+                    idle_turns = 0;
                 }
-                if let Err(e) = this.execute(call, payload, token, started_tx).await {
-                    tracing::error!(call = %id, error = %e, "call bookkeeping failed");
+                Ok(Turn::AtQuota) => {
+                    self.state().ready.push_back(owner);
+                    idle_turns += 1;
                 }
-                {
-                    let mut st = this.state();
-                    if let Some(n) = st.running.get_mut(&owner) {
-                        *n = n.saturating_sub(1);
+                Ok(Turn::Empty) => {
+                    // Leave the ready set, then look once more: a call
+                    // accepted in between found the owner still in the set
+                    // and did not re-add it.
+                    self.state().ready_set.remove(&owner);
+                    if self.store.queue_head(&owner)?.is_some() {
+                        self.queued(&owner);
                     }
-                    st.running_total = st.running_total.saturating_sub(1);
-                    st.cancels.remove(&id);
                 }
-                this.changed();
-                this.wake.notify_one();
-            });
+                Err(e) => {
+                    // Keep the owner's turn: its other calls must not be stranded.
+                    self.state().ready.push_back(owner);
+                    return Err(e);
+                }
+            }
         }
         Ok(())
     }
@@ -319,6 +391,15 @@ impl Scheduler {
             )?;
             return Ok(());
         };
+        if token.is_cancelled() {
+            self.store.finish(
+                &call.id,
+                &Outcome::failed("cancelled"),
+                limits.output_cache_bytes,
+                limits.log_cache_bytes,
+            )?;
+            return Ok(());
+        }
         let spec = RunSpec {
             call_id: call.id,
             function: function.name.to_string(),

@@ -284,6 +284,11 @@ impl Store {
         let prefix = seq_prefix(name.as_str());
         for kv in self.tree(FN_CALLS).scan_prefix(&prefix) {
             let (k, id) = kv?;
+            // A call accepted while the function was being removed may still be queued.
+            if let Some(call) = get::<Call>(self.tree(CALLS), &id)? {
+                self.tree(QUEUE)
+                    .remove(seq_key(call.owner.as_str(), call.seq))?;
+            }
             self.tree(CALLS).remove(&id)?;
             self.tree(PAYLOADS).remove(&id)?;
             self.tree(OUTPUTS).remove(&id)?;
@@ -326,7 +331,8 @@ impl Store {
             t[STATS].insert(call.function.as_str(), enc(&stats)?)?;
             Ok(())
         })?;
-        self.evict_logs(&call.function, log_budget)
+        self.evict_logs_logged(&call.function, log_budget);
+        Ok(())
     }
 
     pub fn get_call(&self, id: &CallId) -> Result<Option<Call>, StoreError> {
@@ -360,6 +366,19 @@ impl Store {
         Ok(owners)
     }
 
+    /// Removes `id` from `owner`'s queue: a head whose call was cancelled or
+    /// deleted meanwhile.
+    pub fn discard_queued(&self, owner: &Name, id: &CallId) -> Result<(), StoreError> {
+        for kv in self.tree(QUEUE).scan_prefix(seq_prefix(owner.as_str())) {
+            let (k, v) = kv?;
+            if v.as_ref() == id.as_bytes() {
+                self.tree(QUEUE).remove(k)?;
+                break;
+            }
+        }
+        Ok(())
+    }
+
     pub fn queue_len(&self) -> usize {
         self.tree(QUEUE).len()
     }
@@ -383,7 +402,7 @@ impl Store {
             t[STATS].insert(call.function.as_str(), enc(&stats)?)?;
             Ok((call, Bytes::from(payload.to_vec())))
         })?;
-        self.evict_logs(&out.0.function, log_budget)?;
+        self.evict_logs_logged(&out.0.function, log_budget);
         Ok(out)
     }
 
@@ -462,7 +481,7 @@ impl Store {
                 Ok(call)
             })?
         };
-        self.evict_logs(&call.function, log_budget)?;
+        self.evict_logs_logged(&call.function, log_budget);
         Ok(call)
     }
 
@@ -537,19 +556,50 @@ impl Store {
         function: &Name,
         after: Option<u64>,
         call: Option<&CallId>,
+        tail: Option<usize>,
     ) -> Result<Vec<(u64, Event)>, StoreError> {
         let tree = self.tree(LOGS);
         let start = seq_key(function.as_str(), after.map_or(0, |a| a.saturating_add(1)));
         let end = seq_key(function.as_str(), u64::MAX);
+        let wanted = |ev: &Event| call.is_none_or(|c| *c == ev.call_id);
         let mut out = Vec::new();
-        for kv in tree.range(start..=end) {
-            let (k, v) = kv?;
-            let ev: Event = decode(&v)?;
-            if call.is_none_or(|c| *c == ev.call_id) {
-                out.push((key_seq(&k), ev));
+        match tail {
+            // The newest n: read backwards and stop early.
+            Some(n) => {
+                for kv in tree.range(start..=end).rev() {
+                    if out.len() >= n {
+                        break;
+                    }
+                    let (k, v) = kv?;
+                    let ev: Event = decode(&v)?;
+                    if wanted(&ev) {
+                        out.push((key_seq(&k), ev));
+                    }
+                }
+                out.reverse();
+            }
+            None => {
+                for kv in tree.range(start..=end) {
+                    let (k, v) = kv?;
+                    let ev: Event = decode(&v)?;
+                    if wanted(&ev) {
+                        out.push((key_seq(&k), ev));
+                    }
+                }
             }
         }
         Ok(out)
+    }
+
+    /// The sequence of `function`'s newest event, so a follower can skip
+    /// what it has already scanned even when its filter matched nothing.
+    pub fn last_event_seq(&self, function: &Name) -> Result<Option<u64>, StoreError> {
+        let start = seq_key(function.as_str(), 0);
+        let end = seq_key(function.as_str(), u64::MAX);
+        match self.tree(LOGS).range(start..=end).next_back() {
+            Some(kv) => Ok(Some(key_seq(&kv?.0))),
+            None => Ok(None),
+        }
     }
 
     /// Evicts the oldest outputs of `function` until it holds at most
@@ -576,6 +626,14 @@ impl Store {
             })?;
         }
         Ok(())
+    }
+
+    /// Eviction after a committed operation: a failure must not turn that
+    /// operation into an error (the client would retry a call that exists).
+    fn evict_logs_logged(&self, function: &Name, budget: u64) {
+        if let Err(e) = self.evict_logs(function, budget) {
+            tracing::error!(function = %function, error = %e, "log eviction failed");
+        }
     }
 
     fn evict_logs(&self, function: &Name, budget: u64) -> Result<(), StoreError> {
@@ -753,7 +811,7 @@ mod tests {
         assert!(store.take_output(&CallId::new()).unwrap().is_none());
         assert_eq!(store.stats(&name("f")).unwrap().output_bytes, 0);
         let kinds: Vec<_> = store
-            .events(&name("f"), None, Some(&a.id))
+            .events(&name("f"), None, Some(&a.id), None)
             .unwrap()
             .into_iter()
             .map(|(_, e)| e.kind)
@@ -810,7 +868,7 @@ mod tests {
         }
         let s = store.stats(&name("f")).unwrap();
         assert!(s.log_bytes <= 2000 && s.log_bytes > 1000, "{s:?}");
-        let events = store.events(&name("f"), None, None).unwrap();
+        let events = store.events(&name("f"), None, None, None).unwrap();
         let bytes: usize = events.iter().map(|(_, e)| encode(e).unwrap().len()).sum();
         assert_eq!(bytes as u64, s.log_bytes);
     }
@@ -854,7 +912,12 @@ mod tests {
         let store = reopened.unwrap();
         assert_eq!(store.queue_head(&name("alice")).unwrap(), Some(id));
         assert_eq!(store.stats(&name("f")).unwrap().pending, 1);
+        let tail = store.events(&name("f"), None, None, Some(1)).unwrap();
+        assert_eq!(tail.len(), 1);
+        assert_eq!(tail[0].1.kind, EventKind::Pending);
+        assert_eq!(store.last_event_seq(&name("f")).unwrap(), Some(tail[0].0));
         store.delete_function(&name("f")).unwrap();
         assert!(store.get_call(&id).unwrap().is_none());
+        assert_eq!(store.queue_head(&name("alice")).unwrap(), None, "no stale queue entry");
     }
 }
