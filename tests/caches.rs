@@ -11,6 +11,21 @@ use std::time::{Duration, Instant};
 
 const MIB: u64 = 1024 * 1024;
 
+fn dir_size(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_size(&e.path()),
+                    Ok(m) => std::os::unix::fs::MetadataExt::blocks(&m) * 512,
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 fn expected_output(i: usize) -> Vec<u8> {
     format!("{i}\n")
         .into_bytes()
@@ -59,6 +74,7 @@ fn output_cache_rotates_within_its_budget() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let before = d.inspect("mib")["OutputCacheBytes"].as_u64().unwrap();
+    let db_full = dir_size(&d.data_dir().join("db"));
     assert_eq!(before, 50 * MIB, "50 outputs of 1 MiB fit exactly");
     eprintln!("output cache: peak {peak} bytes, settled {before} bytes");
 
@@ -108,6 +124,10 @@ fn output_cache_rotates_within_its_budget() {
         0,
         "fetching gives the bytes back"
     );
+    // Let sled's background compaction run, then measure the files.
+    std::thread::sleep(Duration::from_secs(3));
+    let db_after = dir_size(&d.data_dir().join("db"));
+    eprintln!("sled dir: {db_full} bytes with 50 MiB cached, {db_after} bytes after fetching all");
     d.finish();
 }
 

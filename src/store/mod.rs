@@ -918,6 +918,10 @@ mod tests {
         assert_eq!(store.last_event_seq(&name("f")).unwrap(), Some(tail[0].0));
         store.delete_function(&name("f")).unwrap();
         assert!(store.get_call(&id).unwrap().is_none());
-        assert_eq!(store.queue_head(&name("alice")).unwrap(), None, "no stale queue entry");
+        assert_eq!(
+            store.queue_head(&name("alice")).unwrap(),
+            None,
+            "no stale queue entry"
+        );
     }
 }
