@@ -5,7 +5,10 @@
 //! of which is one atomic transaction; nothing outside may assume that one
 //! process owns the data beyond what these operations promise.
 
+mod blobs;
 mod codec;
+
+use blobs::{marker, marker_len, Blobs, Kind};
 
 use crate::model::{
     Call, CallId, CallState, Event, EventKind, Function, Name, Outcome, OutputState, User,
@@ -23,6 +26,8 @@ pub enum StoreError {
     Db(#[from] sled::Error),
     #[error("database record: {0}")]
     Codec(#[from] codec::CodecError),
+    #[error("data file: {0}")]
+    Io(#[from] std::io::Error),
     #[error("{0} not found")]
     NotFound(String),
     #[error("{0}")]
@@ -86,9 +91,9 @@ const USERS: usize = 0; // user name -> User
 const KEYS: usize = 1; // key hash -> user name
 const FUNCTIONS: usize = 2; // function name -> Function
 const CALLS: usize = 3; // call id -> Call
-const PAYLOADS: usize = 4; // call id -> STDIN, until the call ends
+const PAYLOADS: usize = 4; // call id -> length marker of the STDIN file, until the call ends
 const QUEUE: usize = 5; // owner\0seq -> call id: the per-user FIFO
-const OUTPUTS: usize = 6; // call id -> STDOUT
+const OUTPUTS: usize = 6; // call id -> length marker of the STDOUT file
 const OUTPUT_INDEX: usize = 7; // function\0seq -> call id, oldest first, for eviction
 const LOGS: usize = 8; // function\0seq -> Event
 const STATS: usize = 9; // function name -> FunctionStats
@@ -115,6 +120,8 @@ pub struct Store {
     /// Eviction scans outside a transaction; one evictor at a time keeps the
     /// byte accounting exact.
     evict_lock: std::sync::Mutex<()>,
+    /// Payload and output bytes, as files (see `blobs`).
+    blobs: Blobs,
 }
 
 impl Store {
@@ -127,11 +134,29 @@ impl Store {
             .iter()
             .map(|n| db.open_tree(n))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Store {
+        let store = Store {
             db,
             trees,
             evict_lock: std::sync::Mutex::new(()),
-        })
+            blobs: Blobs::open(dir.join("hf-blobs"))?,
+        };
+        store.collect_orphans()?;
+        Ok(store)
+    }
+
+    /// Removes blob files whose marker was never committed (a crash between
+    /// writing the file and the transaction) or was removed (a crash before the file was).
+    fn collect_orphans(&self) -> Result<(), StoreError> {
+        for (kind, id) in self.blobs.list()? {
+            let tree = match kind {
+                Kind::Payload => PAYLOADS,
+                Kind::Output => OUTPUTS,
+            };
+            if self.tree(tree).get(id.as_bytes())?.is_none() {
+                self.blobs.remove(kind, &id);
+            }
+        }
+        Ok(())
     }
 
     fn tree(&self, i: usize) -> &sled::Tree {
@@ -293,6 +318,10 @@ impl Store {
             self.tree(PAYLOADS).remove(&id)?;
             self.tree(OUTPUTS).remove(&id)?;
             self.tree(FN_CALLS).remove(k)?;
+            if let Ok(call_id) = call_id(&id) {
+                self.blobs.remove(Kind::Payload, &call_id);
+                self.blobs.remove(Kind::Output, &call_id);
+            }
         }
         for tree in [OUTPUT_INDEX, LOGS] {
             for kv in self.tree(tree).scan_prefix(&prefix) {
@@ -315,12 +344,13 @@ impl Store {
         let call_seq = self.next_seq()?;
         let pending_seq = self.next_seq()?;
         let id = call.id.as_bytes();
-        self.tx(|t| {
+        self.blobs.write(Kind::Payload, &call.id, payload)?;
+        let committed = self.tx(|t| {
             if t[FUNCTIONS].get(call.function.as_str())?.is_none() {
                 return abort(StoreError::NotFound(format!("function {}", call.function)));
             }
             t[CALLS].insert(id, enc(call)?)?;
-            t[PAYLOADS].insert(id, payload)?;
+            t[PAYLOADS].insert(id, &marker(payload.len()))?;
             t[QUEUE].insert(seq_key(call.owner.as_str(), call.seq), id)?;
             t[FN_CALLS].insert(seq_key(call.function.as_str(), call.seq), id)?;
             let mut stats = tx_stats(&t[STATS], &call.function)?;
@@ -330,7 +360,11 @@ impl Store {
             log(&t[LOGS], &mut stats, call, EventKind::Pending, pending_seq)?;
             t[STATS].insert(call.function.as_str(), enc(&stats)?)?;
             Ok(())
-        })?;
+        });
+        if let Err(e) = committed {
+            self.blobs.remove(Kind::Payload, &call.id);
+            return Err(e);
+        }
         self.evict_logs_logged(&call.function, log_budget);
         Ok(())
     }
@@ -387,20 +421,21 @@ impl Store {
     /// it with its payload.
     pub fn start(&self, id: &CallId, log_budget: u64) -> Result<(Call, Bytes), StoreError> {
         let seq = self.next_seq()?;
+        // Read before the transaction: once RUNNING, the call must get its payload.
+        let payload = Bytes::from(self.blobs.read(Kind::Payload, id)?);
         let out = self.tx(|t| {
             let mut call: Call = tx_get(&t[CALLS], id.as_bytes(), "call")?;
             if let Err(e) = call.transition(CallState::Running) {
                 return abort(e);
             }
             t[QUEUE].remove(seq_key(call.owner.as_str(), call.seq))?;
-            let payload = t[PAYLOADS].get(id.as_bytes())?.unwrap_or_default();
             t[CALLS].insert(id.as_bytes(), enc(&call)?)?;
             let mut stats = tx_stats(&t[STATS], &call.function)?;
             stats.count(CallState::Pending, -1);
             stats.count(CallState::Running, 1);
             log(&t[LOGS], &mut stats, &call, EventKind::Running, seq)?;
             t[STATS].insert(call.function.as_str(), enc(&stats)?)?;
-            Ok((call, Bytes::from(payload.to_vec())))
+            Ok((call, payload.clone()))
         })?;
         self.evict_logs_logged(&out.0.function, log_budget);
         Ok(out)
@@ -448,8 +483,9 @@ impl Store {
             let _guard = self.evict_lock.lock().unwrap_or_else(|p| p.into_inner());
             if keep {
                 self.evict_outputs_to(&function, output_budget - len)?;
+                self.blobs.write(Kind::Output, id, &outcome.stdout)?;
             }
-            self.tx(|t| {
+            let committed = self.tx(|t| {
                 let mut call: Call = tx_get(&t[CALLS], id.as_bytes(), "call")?;
                 let was = call.state;
                 if let Err(e) = call.finish(outcome) {
@@ -461,7 +497,7 @@ impl Store {
                 t[PAYLOADS].remove(id.as_bytes())?;
                 let mut stats = tx_stats(&t[STATS], &call.function)?;
                 if keep {
-                    t[OUTPUTS].insert(id.as_bytes(), outcome.stdout.as_ref())?;
+                    t[OUTPUTS].insert(id.as_bytes(), &marker(outcome.stdout.len()))?;
                     t[OUTPUT_INDEX]
                         .insert(seq_key(call.function.as_str(), call.seq), id.as_bytes())?;
                     stats.output_bytes += len;
@@ -479,15 +515,34 @@ impl Store {
                 log(&t[LOGS], &mut stats, &call, kind, seq)?;
                 t[STATS].insert(call.function.as_str(), enc(&stats)?)?;
                 Ok(call)
-            })?
+            });
+            match committed {
+                Ok(call) => call,
+                Err(e) => {
+                    if keep {
+                        self.blobs.remove(Kind::Output, id);
+                    }
+                    return Err(e);
+                }
+            }
         };
+        self.blobs.remove(Kind::Payload, id);
         self.evict_logs_logged(&call.function, log_budget);
         Ok(call)
     }
 
     /// Returns a finished call's STDOUT and deletes it from the cache.
     pub fn take_output(&self, id: &CallId) -> Result<Option<OutputLookup>, StoreError> {
-        self.tx(|t| {
+        // Read the file first; the transaction then decides whether it is handed out.
+        let stored = self
+            .get_call(id)?
+            .is_some_and(|c| c.state == CallState::Finished && c.output == OutputState::Stored);
+        let bytes = if stored {
+            Bytes::from(self.blobs.read(Kind::Output, id)?)
+        } else {
+            Bytes::new()
+        };
+        let found = self.tx(|t| {
             let mut call: Call = match t[CALLS].get(id.as_bytes())? {
                 Some(v) => dec(&v)?,
                 None => return abort(StoreError::NotFound(format!("call {id}"))),
@@ -495,20 +550,31 @@ impl Store {
             if call.state != CallState::Finished || call.output != OutputState::Stored {
                 return Ok(OutputLookup::NoOutput(call));
             }
-            let out = t[OUTPUTS].remove(id.as_bytes())?.unwrap_or_default();
+            if !stored {
+                // It finished between our read and this transaction: try again.
+                return abort(StoreError::Conflict("output changed".into()));
+            }
+            let len = t[OUTPUTS]
+                .remove(id.as_bytes())?
+                .map_or(0, |v| marker_len(&v));
             t[OUTPUT_INDEX].remove(seq_key(call.function.as_str(), call.seq))?;
             call.output = OutputState::Fetched;
             t[CALLS].insert(id.as_bytes(), enc(&call)?)?;
             let mut stats = tx_stats(&t[STATS], &call.function)?;
-            stats.output_bytes = stats.output_bytes.saturating_sub(out.len() as u64);
+            stats.output_bytes = stats.output_bytes.saturating_sub(len);
             t[STATS].insert(call.function.as_str(), enc(&stats)?)?;
-            Ok(OutputLookup::Output(call, Bytes::from(out.to_vec())))
-        })
-        .map(Some)
-        .or_else(|e| match e {
-            StoreError::NotFound(_) => Ok(None),
-            e => Err(e),
-        })
+            Ok(OutputLookup::Output(call, bytes.clone()))
+        });
+        match found {
+            Ok(OutputLookup::Output(call, out)) => {
+                self.blobs.remove(Kind::Output, id);
+                Ok(Some(OutputLookup::Output(call, out)))
+            }
+            Ok(other) => Ok(Some(other)),
+            Err(StoreError::NotFound(_)) => Ok(None),
+            Err(StoreError::Conflict(_)) if !stored => self.take_output(id),
+            Err(e) => Err(e),
+        }
     }
 
     /// Calls of `function` that have not ended, oldest first.
@@ -613,17 +679,20 @@ impl Store {
             let (key, id) = kv?;
             self.tx(|t| {
                 t[OUTPUT_INDEX].remove(&key)?;
-                let out = t[OUTPUTS].remove(&id)?.unwrap_or_default();
+                let len = t[OUTPUTS].remove(&id)?.map_or(0, |v| marker_len(&v));
                 if let Some(v) = t[CALLS].get(&id)? {
                     let mut call: Call = dec(&v)?;
                     call.output = OutputState::Evicted;
                     t[CALLS].insert(&id, enc(&call)?)?;
                 }
                 let mut stats = tx_stats(&t[STATS], function)?;
-                stats.output_bytes = stats.output_bytes.saturating_sub(out.len() as u64);
+                stats.output_bytes = stats.output_bytes.saturating_sub(len);
                 t[STATS].insert(function.as_str(), enc(&stats)?)?;
                 Ok(())
             })?;
+            if let Ok(id) = call_id(&id) {
+                self.blobs.remove(Kind::Output, &id);
+            }
         }
         Ok(())
     }
@@ -851,6 +920,43 @@ mod tests {
             store.take_output(&ids[4]).unwrap(),
             Some(OutputLookup::Output(..))
         ));
+    }
+
+    #[test]
+    fn blobs_follow_their_markers() {
+        let (dir, store) = setup();
+        let blob_count = || {
+            std::fs::read_dir(dir.path().join("hf-blobs"))
+                .unwrap()
+                .count()
+        };
+        let c = accept(&store, b"payload");
+        assert_eq!(blob_count(), 1);
+        store.start(&c.id, u64::MAX).unwrap();
+        store
+            .finish(&c.id, &ok(b"out"), u64::MAX, u64::MAX)
+            .unwrap();
+        assert_eq!(blob_count(), 1, "payload file gone, output file there");
+        assert!(
+            matches!(store.take_output(&c.id).unwrap(), Some(OutputLookup::Output(_, o)) if &o[..] == b"out")
+        );
+        assert_eq!(blob_count(), 0, "a fetched output gives its file back");
+        // A file whose transaction never committed is an orphan.
+        store
+            .blobs
+            .write(Kind::Output, &CallId::new(), b"x")
+            .unwrap();
+        drop(store);
+        let mut reopened = Store::open(dir.path());
+        for _ in 0..50 {
+            if reopened.is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            reopened = Store::open(dir.path());
+        }
+        reopened.unwrap();
+        assert_eq!(blob_count(), 0, "orphans are collected on open");
     }
 
     #[test]
