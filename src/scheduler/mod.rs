@@ -190,19 +190,13 @@ impl Scheduler {
             }
         };
         let ran: HashSet<&str> = containers.iter().map(|(_, call)| call.as_str()).collect();
-        let limits = &self.config.limits;
         for call in self.store.running_calls()? {
             let had_container = ran.contains(call.id.to_string().as_str());
             tracing::debug!(call = %call.id, had_container, "recovering a RUNNING call");
             if had_container {
-                let outcome = Outcome::failed(
-                    "hyperfuncd stopped while the call was running; its output could not be recovered",
-                );
-                self.store.finish(
+                self.fail(
                     &call.id,
-                    &outcome,
-                    limits.output_cache_bytes,
-                    limits.log_cache_bytes,
+                    "hyperfuncd stopped while the call was running; its output could not be recovered",
                 )?;
             } else {
                 self.store.requeue(&call.id)?;
@@ -225,6 +219,18 @@ impl Scheduler {
             removed = containers.len(),
             "recovery done"
         );
+        Ok(())
+    }
+
+    /// Ends a call FAILED with `message`.
+    fn fail(&self, id: &CallId, message: &str) -> Result<(), StoreError> {
+        let limits = &self.config.limits;
+        self.store.finish(
+            id,
+            &Outcome::failed(message),
+            limits.output_cache_bytes,
+            limits.log_cache_bytes,
+        )?;
         Ok(())
     }
 
@@ -382,22 +388,11 @@ impl Scheduler {
         // RUNNING must be on disk before a container can exist (see module doc).
         self.store.flush().await?;
         let Some(function) = self.store.get_function(&call.function)? else {
-            let outcome = Outcome::failed("the function was removed");
-            self.store.finish(
-                &call.id,
-                &outcome,
-                limits.output_cache_bytes,
-                limits.log_cache_bytes,
-            )?;
+            self.fail(&call.id, "the function was removed")?;
             return Ok(());
         };
         if token.is_cancelled() {
-            self.store.finish(
-                &call.id,
-                &Outcome::failed("cancelled"),
-                limits.output_cache_bytes,
-                limits.log_cache_bytes,
-            )?;
+            self.fail(&call.id, "cancelled")?;
             return Ok(());
         }
         let spec = RunSpec {
@@ -440,14 +435,7 @@ impl Scheduler {
                     st.ready.push_front(call.owner.clone());
                 }
             }
-            Err(e) => {
-                self.store.finish(
-                    &call.id,
-                    &Outcome::failed(e.to_string()),
-                    limits.output_cache_bytes,
-                    limits.log_cache_bytes,
-                )?;
-            }
+            Err(e) => self.fail(&call.id, &e.to_string())?,
         }
         Ok(())
     }

@@ -796,6 +796,17 @@ mod tests {
         Name::parse(s).unwrap()
     }
 
+    /// sled's background thread may hold the lock file for a moment after drop.
+    fn reopen(dir: &Path) -> Store {
+        for _ in 0..50 {
+            if let Ok(s) = Store::open(dir) {
+                return s;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        Store::open(dir).unwrap()
+    }
+
     fn setup() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
@@ -947,15 +958,7 @@ mod tests {
             .write(Kind::Output, &CallId::new(), b"x")
             .unwrap();
         drop(store);
-        let mut reopened = Store::open(dir.path());
-        for _ in 0..50 {
-            if reopened.is_ok() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            reopened = Store::open(dir.path());
-        }
-        reopened.unwrap();
+        reopen(dir.path());
         assert_eq!(blob_count(), 0, "orphans are collected on open");
     }
 
@@ -1006,16 +1009,7 @@ mod tests {
             assert_eq!(store.instance_id().unwrap(), inst);
             store.db.flush().unwrap();
         }
-        // sled's background thread may hold the lock file for a moment after drop.
-        let mut reopened = Store::open(dir.path());
-        for _ in 0..50 {
-            if reopened.is_ok() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            reopened = Store::open(dir.path());
-        }
-        let store = reopened.unwrap();
+        let store = reopen(dir.path());
         assert_eq!(store.queue_head(&name("alice")).unwrap(), Some(id));
         assert_eq!(store.stats(&name("f")).unwrap().pending, 1);
         let tail = store.events(&name("f"), None, None, Some(1)).unwrap();

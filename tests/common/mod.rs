@@ -192,6 +192,12 @@ impl Daemon {
     }
 
     pub fn cli_stdin(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        self.run_cli(args, stdin, None)
+    }
+
+    /// The CLI with this daemon's admin profile, and `key` (via the env,
+    /// which overrides the profile) if given.
+    fn run_cli(&self, args: &[&str], stdin: Option<&[u8]>, key: Option<&str>) -> Output {
         let mut cmd = Command::new(BIN);
         cmd.args(args)
             .env("HYPERFUNC_PROFILE", self.profile())
@@ -206,6 +212,9 @@ impl Daemon {
             } else {
                 Stdio::null()
             });
+        if let Some(k) = key {
+            cmd.env("HYPERFUNC_KEY", k);
+        }
         let mut child = cmd.spawn().expect("run hyperfuncd CLI");
         if let Some(input) = stdin {
             let mut pipe = child.stdin.take().expect("stdin");
@@ -386,27 +395,7 @@ impl Daemon {
 
     /// Runs the CLI as the user holding `key` (the env overrides the profile's key).
     pub fn cli_as(&self, key: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args)
-            .env("HYPERFUNC_PROFILE", self.profile())
-            .env("HYPERFUNC_KEY", key)
-            .env("HOME", self.dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            });
-        let mut child = cmd.spawn().expect("run hyperfuncd CLI");
-        if let Some(input) = stdin {
-            let mut pipe = child.stdin.take().expect("stdin");
-            let input = input.to_vec();
-            std::thread::spawn(move || {
-                let _ = pipe.write_all(&input);
-            });
-        }
-        child.wait_with_output().expect("CLI output")
+        self.run_cli(args, stdin, Some(key))
     }
 
     pub fn admin_key(&self) -> String {
