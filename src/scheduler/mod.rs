@@ -222,6 +222,16 @@ impl Scheduler {
         Ok(())
     }
 
+    /// A call the store still says is RUNNING although no task runs it (its
+    /// outcome could not be written): its container is the evidence the next
+    /// recovery needs to fail it rather than run it again.
+    fn is_running_on_disk(&self, call: &str) -> bool {
+        CallId::parse(call)
+            .ok()
+            .and_then(|id| self.store.get_call(&id).ok().flatten())
+            .is_some_and(|c| c.state == crate::model::CallState::Running)
+    }
+
     /// Ends a call FAILED with `message`.
     fn fail(&self, id: &CallId, message: &str) -> Result<(), StoreError> {
         let limits = &self.config.limits;
@@ -250,10 +260,11 @@ impl Scheduler {
         let keep: HashSet<String> = self.state().cancels.keys().map(|c| c.to_string()).collect();
         let mut removed = 0;
         for (container, call) in containers {
-            if !keep.contains(&call) {
-                self.runtime.remove(&container).await;
-                removed += 1;
+            if keep.contains(&call) || self.is_running_on_disk(&call) {
+                continue;
             }
+            self.runtime.remove(&container).await;
+            removed += 1;
         }
         if removed > 0 {
             tracing::info!(count = removed, "removed leftover containers");
