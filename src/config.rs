@@ -41,6 +41,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub scheduler: SchedulerConfig,
     pub container: ContainerConfig,
+    pub pool: PoolConfig,
     pub docker: DockerConfig,
 }
 
@@ -128,6 +129,26 @@ impl Default for ContainerConfig {
     }
 }
 
+/// The warm pool (DESIGN 6): containers started ahead of their call, so a call
+/// costs an attach instead of a container start. Each still serves one call.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Warm containers kept per function; 0 turns the pool off.
+    pub per_function: usize,
+    /// Warm containers on this host, across all functions.
+    pub host_max: usize,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            per_function: 0,
+            host_max: 16,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DockerConfig {
@@ -159,6 +180,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             scheduler: SchedulerConfig::default(),
             container: ContainerConfig::default(),
+            pool: PoolConfig::default(),
             docker: DockerConfig::default(),
         }
     }

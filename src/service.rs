@@ -240,6 +240,7 @@ impl Service {
         };
         self.store.create_function(&f)?;
         self.store.flush().await?;
+        self.scheduler.function_changed(&f);
         Ok(f)
     }
 
@@ -299,6 +300,7 @@ impl Service {
         f.updated_ms = now_ms();
         self.store.update_function(&f)?;
         self.store.flush().await?;
+        self.scheduler.function_changed(&f);
         Ok(f)
     }
 
@@ -354,6 +356,7 @@ impl Service {
         }
         self.store.delete_function(&f.name)?;
         self.store.flush().await?;
+        self.scheduler.function_removed(&f.name);
         self.scheduler.changed();
         Ok(())
     }

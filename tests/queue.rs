@@ -171,15 +171,20 @@ fn acknowledged_calls_survive_kill_9() {
     );
     d.restart();
 
-    // 2. While draining: a fresh batch, kill once some have finished.
+    // 2. While draining: about 200 calls queued or running, kill once some
+    //    have finished.
     let stop = Arc::new(AtomicBool::new(false));
-    for (i, id) in submit_all(&d.ca(), &url, (1000..1060).map(payload).collect(), 4, stop) {
+    for (i, id) in submit_all(&d.ca(), &url, (1000..1200).map(payload).collect(), 4, stop) {
         acked.insert(id, 1000 + i);
     }
     let before = d.status("work")["Finished"].as_u64().unwrap_or(0);
     d.wait_until(120, "the queue to drain a little", || {
         d.status("work")["Finished"].as_u64().unwrap_or(0) >= before + 10
     });
+    let s = d.status("work");
+    let in_flight = s["Pending"].as_u64().unwrap_or(0) + s["Running"].as_u64().unwrap_or(0);
+    eprintln!("kill -9 while draining: {in_flight} calls queued or running");
+    assert!(in_flight >= 150, "only {in_flight} in flight at the kill");
     d.kill9();
     d.restart();
 

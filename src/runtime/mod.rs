@@ -7,12 +7,13 @@
 
 use crate::config::ContainerConfig;
 use crate::model::{CallId, CallState, Outcome};
-use bollard::container::LogOutput;
+use bollard::container::{AttachContainerResults, LogOutput};
 use bollard::errors::Error as DockerError;
 use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
 use bollard::query_parameters::{
     AttachContainerOptions, CreateContainerOptions, CreateImageOptions, KillContainerOptions,
-    ListContainersOptions, RemoveContainerOptions, WaitContainerOptions,
+    ListContainersOptions, RemoveContainerOptions, RenameContainerOptions,
+    UploadToContainerOptions, WaitContainerOptions,
 };
 use bollard::Docker;
 use bytes::{Bytes, BytesMut};
@@ -26,6 +27,12 @@ pub const LABEL_CALL: &str = "io.hyperfuncd.call";
 pub const LABEL_FUNCTION: &str = "io.hyperfuncd.function";
 /// Which daemon (data directory) a container belongs to.
 pub const LABEL_INSTANCE: &str = "io.hyperfuncd.instance";
+/// A warm container, not yet given a call: the function it is for.
+pub const LABEL_POOL: &str = "io.hyperfuncd.pool";
+/// Where the init program lives inside a warm container.
+const INIT_PATH: &str = "/.hyperfuncd-init";
+/// The init program of warm containers, `init.c` built static by `build.rs`.
+static INIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hyperfuncd-init"));
 
 /// How long the output stream may stay open after the process has exited.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(5);
@@ -217,9 +224,9 @@ impl Runtime {
         }
     }
 
-    /// This instance's containers, as (container id, call id label). Used by
-    /// recovery (a container is the evidence that a call ran) and the sweep.
-    pub async fn containers(&self) -> Result<Vec<(String, String)>, RuntimeError> {
+    /// This instance's containers. Used by recovery (a container is the
+    /// evidence that a call ran) and the sweep.
+    pub async fn containers(&self) -> Result<Vec<Listed>, RuntimeError> {
         let docker = self.docker().await?;
         let filters = HashMap::from([(
             "label".to_string(),
@@ -239,11 +246,25 @@ impl Runtime {
         Ok(list
             .into_iter()
             .filter_map(|c| {
+                let name = c
+                    .names
+                    .unwrap_or_default()
+                    .into_iter()
+                    .next()
+                    .unwrap_or_default()
+                    .trim_start_matches('/')
+                    .to_string();
+                // A warm container that took a call carries it in its name.
                 let call = c
                     .labels
                     .and_then(|mut l| l.remove(LABEL_CALL))
+                    .or_else(|| {
+                        name.strip_prefix("hyperfuncd-")
+                            .filter(|rest| CallId::parse(rest).is_ok())
+                            .map(str::to_string)
+                    })
                     .unwrap_or_default();
-                c.id.map(|id| (id, call))
+                c.id.map(|id| Listed { id, call, name })
             })
             .collect())
     }
@@ -317,7 +338,6 @@ impl Runtime {
             (LABEL_FUNCTION.to_string(), spec.function.clone()),
             (LABEL_INSTANCE.to_string(), self.instance.clone()),
         ]);
-        let c = &self.container;
         ContainerCreateBody {
             image: Some(spec.image.clone()),
             cmd: (!spec.command.is_empty()).then(|| spec.command.clone()),
@@ -329,23 +349,168 @@ impl Runtime {
             open_stdin: Some(true),
             stdin_once: Some(true),
             tty: Some(false),
-            host_config: Some(HostConfig {
-                log_config: Some(HostConfigLogConfig {
-                    typ: Some("none".into()),
-                    config: None,
-                }),
-                network_mode: Some(c.network_mode.clone()),
-                runtime: c.runtime.clone(),
-                memory: Some(i64::try_from(spec.memory_bytes).unwrap_or(i64::MAX)),
-                nano_cpus: spec.cpus.map(|c| (c * 1e9) as i64),
-                pids_limit: Some(c.pids_limit),
-                security_opt: Some(vec!["no-new-privileges".into()]),
-                cap_drop: Some(vec!["ALL".into()]),
-                cap_add: (!c.cap_add.is_empty()).then(|| c.cap_add.clone()),
-                ..Default::default()
-            }),
+            host_config: Some(self.host_config(spec.memory_bytes, spec.cpus)),
             ..Default::default()
         }
+    }
+
+    /// The hardened host side of every container, warm or cold (DESIGN 4).
+    fn host_config(&self, memory_bytes: u64, cpus: Option<f64>) -> HostConfig {
+        let c = &self.container;
+        HostConfig {
+            log_config: Some(HostConfigLogConfig {
+                typ: Some("none".into()),
+                config: None,
+            }),
+            network_mode: Some(c.network_mode.clone()),
+            runtime: c.runtime.clone(),
+            memory: Some(i64::try_from(memory_bytes).unwrap_or(i64::MAX)),
+            nano_cpus: cpus.map(|c| (c * 1e9) as i64),
+            pids_limit: Some(c.pids_limit),
+            security_opt: Some(vec!["no-new-privileges".into()]),
+            cap_drop: Some(vec!["ALL".into()]),
+            cap_add: (!c.cap_add.is_empty()).then(|| c.cap_add.clone()),
+            ..Default::default()
+        }
+    }
+
+    /// Creates and starts a warm container for `spec.function` named `name`:
+    /// the function's real entrypoint and command run under the init program
+    /// of `init.c`, which waits for one call. Returns the container's id.
+    pub async fn warm(&self, spec: &WarmSpec, name: &str) -> Result<String, RuntimeError> {
+        let docker = self.docker().await?;
+        let image = match docker.inspect_image(&spec.image).await {
+            Ok(i) => i,
+            Err(e) => return Err(self.classify(e).await),
+        };
+        let config = image.config.unwrap_or_default();
+        let mut argv = config.entrypoint.unwrap_or_default();
+        if spec.command.is_empty() {
+            argv.extend(config.cmd.unwrap_or_default());
+        } else {
+            argv.extend(spec.command.iter().cloned());
+        }
+        if argv.is_empty() {
+            return Err(RuntimeError::Engine(format!(
+                "image {} has no command and the function sets none",
+                spec.image
+            )));
+        }
+        let labels = HashMap::from([
+            (LABEL_POOL.to_string(), spec.function.clone()),
+            (LABEL_INSTANCE.to_string(), self.instance.clone()),
+        ]);
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            entrypoint: Some(vec![INIT_PATH.to_string()]),
+            cmd: Some(argv),
+            env: Some(spec.env.clone()),
+            labels: Some(labels),
+            attach_stdin: Some(true),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            open_stdin: Some(true),
+            stdin_once: Some(true),
+            tty: Some(false),
+            host_config: Some(self.host_config(spec.memory_bytes, spec.cpus)),
+            ..Default::default()
+        };
+        let options = CreateContainerOptions {
+            name: Some(name.to_string()),
+            ..Default::default()
+        };
+        let id = match docker.create_container(Some(options), body).await {
+            Ok(r) => r.id,
+            Err(e) => return Err(self.classify(e).await),
+        };
+        let upload = UploadToContainerOptions {
+            path: "/".into(),
+            ..Default::default()
+        };
+        let mut ready = docker
+            .upload_to_container(&id, Some(upload), bollard::body_full(init_archive()))
+            .await;
+        if ready.is_ok() {
+            ready = docker.start_container(&id, None).await;
+        }
+        if let Err(e) = ready {
+            remove(&docker, &id).await;
+            return Err(self.classify(e).await);
+        }
+        Ok(id)
+    }
+
+    /// Runs a call in the warm container `container`. The container is first
+    /// renamed after the call, so from then on the Engine holds the evidence
+    /// that the call may have run (recovery fails it rather than run it
+    /// twice). `Unusable` hands the spec back when the container is gone or
+    /// stopped: nothing ran, and the caller runs the call cold.
+    pub async fn run_warm(
+        &self,
+        container: &str,
+        mut spec: RunSpec,
+        cancel: CancellationToken,
+    ) -> Result<Warm, RuntimeError> {
+        let docker = self.docker().await?;
+        let running = match docker.inspect_container(container, None).await {
+            Ok(i) => i.state.and_then(|s| s.running).unwrap_or(false),
+            Err(e) if is_transport(&e) => return Err(self.classify(e).await),
+            Err(_) => false,
+        };
+        let renamed = match running {
+            false => None,
+            true => Some(
+                docker
+                    .rename_container(
+                        container,
+                        RenameContainerOptions {
+                            name: format!("hyperfuncd-{}", spec.call_id),
+                        },
+                    )
+                    .await,
+            ),
+        };
+        match renamed {
+            Some(Ok(())) => {}
+            Some(Err(e)) if is_transport(&e) => return Err(self.classify(e).await),
+            _ => {
+                remove(&docker, container).await;
+                return Ok(Warm::Unusable(Box::new(spec)));
+            }
+        }
+        let ran = |outcome| {
+            Ok(Warm::Ran(Ran {
+                outcome,
+                container: Some(container.to_string()),
+            }))
+        };
+        let attach = docker
+            .attach_container(
+                container,
+                Some(AttachContainerOptions {
+                    stdin: true,
+                    stdout: true,
+                    stderr: true,
+                    stream: true,
+                    logs: false,
+                    detach_keys: None,
+                }),
+            )
+            .await;
+        let attach = match attach {
+            Ok(a) => a,
+            Err(e) => return ran(Outcome::failed(stage_failure("attach to", &e))),
+        };
+        if cancel.is_cancelled() {
+            return ran(Outcome::failed("cancelled"));
+        }
+        if let Some(tx) = spec.started.take() {
+            let _ = tx.send(());
+        }
+        let frame = call_frame(&spec.env);
+        ran(self
+            .exchange(&docker, container, attach, spec, cancel, frame)
+            .await)
     }
 
     async fn drive(
@@ -385,12 +550,28 @@ impl Runtime {
             return Outcome::failed(stage_failure("start", &e));
         }
 
+        self.exchange(docker, id, attach, spec, cancel, Bytes::new())
+            .await
+    }
+
+    /// Feeds an attached, running container its STDIN (after `frame`, which
+    /// only a warm container's init reads), collects its output and waits for
+    /// its end, killing it on timeout, cancellation or too much output.
+    async fn exchange(
+        &self,
+        docker: &Docker,
+        id: &str,
+        attach: AttachContainerResults,
+        spec: RunSpec,
+        cancel: CancellationToken,
+        frame: Bytes,
+    ) -> Outcome {
         let mut input = attach.input;
         let stdin = spec.stdin.clone();
         // A process may exit without reading STDIN; the writer then blocks
         // forever, so it is aborted once the container has stopped.
         let writer = tokio::spawn(async move {
-            if input.write_all(&stdin).await.is_ok() {
+            if input.write_all(&frame).await.is_ok() && input.write_all(&stdin).await.is_ok() {
                 let _ = input.shutdown().await;
             }
             // Held until aborted: dropping a half could close the stream.
@@ -519,6 +700,63 @@ impl Runtime {
             format!("exit code {code}")
         }
     }
+}
+
+/// What a warm container is made of: everything but the call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WarmSpec {
+    pub function: String,
+    pub image: String,
+    /// Empty keeps the image's CMD.
+    pub command: Vec<String>,
+    /// The function's own `K=V` pairs.
+    pub env: Vec<String>,
+    pub memory_bytes: u64,
+    pub cpus: Option<f64>,
+}
+
+/// How a call in a warm container went.
+pub enum Warm {
+    Ran(Ran),
+    /// The container could not take the call; nothing ran.
+    Unusable(Box<RunSpec>),
+}
+
+/// The frame `init.c` reads before it execs the function: a big-endian
+/// length, then `K=V` entries each ended by NUL.
+fn call_frame(env: &[String]) -> Bytes {
+    let mut body = Vec::new();
+    for e in env.iter().filter(|e| !e.contains('\0')) {
+        body.extend_from_slice(e.as_bytes());
+        body.push(0);
+    }
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_be_bytes());
+    frame.extend_from_slice(&body);
+    Bytes::from(frame)
+}
+
+/// A tar archive holding the init program at `INIT_PATH`, for the Engine's
+/// archive upload into a created container.
+fn init_archive() -> Bytes {
+    let mut header = tar::Header::new_ustar();
+    header.set_size(INIT.len() as u64);
+    header.set_mode(0o755);
+    header.set_mtime(0);
+    header.set_entry_type(tar::EntryType::Regular);
+    let mut builder = tar::Builder::new(Vec::with_capacity(INIT.len() + 2048));
+    let name = INIT_PATH.trim_start_matches('/');
+    // Writing to a Vec cannot fail, and the name is a short constant.
+    let _ = builder.append_data(&mut header, name, INIT);
+    Bytes::from(builder.into_inner().unwrap_or_default())
+}
+
+/// One of this instance's containers on the Engine.
+pub struct Listed {
+    pub id: String,
+    /// The call it ran or runs; empty for a warm container not yet used.
+    pub call: String,
+    pub name: String,
 }
 
 /// A call that reached the Engine.

@@ -6,11 +6,14 @@
 //! It never runs a call whose RUNNING state is not yet on disk, so a crash can
 //! never make a call run twice.
 
+mod pool;
+
 use crate::config::Config;
-use crate::model::{Call, CallId, Name, Outcome};
-use crate::runtime::{RunSpec, Runtime, RuntimeError};
+use crate::model::{Call, CallId, Function, Name, Outcome};
+use crate::runtime::{RunSpec, Runtime, RuntimeError, Warm, WarmSpec};
 use crate::store::{Store, StoreError};
 use futures_util::future::{FutureExt, Shared};
+use pool::Pool;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,6 +38,7 @@ pub struct Scheduler {
     /// Bumped after every call state change; waiters re-read the store.
     changes: watch::Sender<u64>,
     state: Mutex<DispatchState>,
+    pool: Arc<Pool>,
 }
 
 /// What one owner's turn in the dispatcher did.
@@ -99,10 +103,12 @@ struct DispatchState {
 
 impl Scheduler {
     pub fn new(store: Arc<Store>, runtime: Arc<Runtime>, config: Arc<Config>) -> Arc<Scheduler> {
+        let pool = Pool::new(Arc::clone(&runtime), config.pool.clone());
         Arc::new(Scheduler {
             store,
             runtime,
             config,
+            pool,
             wake: Notify::new(),
             changes: watch::channel(0).0,
             state: Mutex::new(DispatchState::default()),
@@ -173,6 +179,33 @@ impl Scheduler {
             }
         }
         // Cancel nothing on shutdown: running calls finish or are reconciled at the next start.
+        self.pool.close().await;
+    }
+
+    /// What a warm container of `f` is made of.
+    fn warm_spec(&self, f: &Function) -> WarmSpec {
+        WarmSpec {
+            function: f.name.to_string(),
+            image: f.spec.image.clone(),
+            command: f.spec.command.clone(),
+            env: call_env(&f.spec.env, &[]),
+            memory_bytes: f
+                .spec
+                .memory_bytes
+                .unwrap_or(self.config.container.memory_bytes),
+            cpus: f.spec.cpus,
+        }
+    }
+
+    /// `f` was created or changed: its warm containers are made afresh.
+    pub fn function_changed(&self, f: &Function) {
+        self.pool.drop_function(f.name.as_str());
+        self.pool.fill(&self.warm_spec(f));
+    }
+
+    /// `name` was removed: its warm containers go with it.
+    pub fn function_removed(&self, name: &Name) {
+        self.pool.drop_function(name.as_str());
     }
 
     /// Reconciles the store with the Engine after a start. A RUNNING call
@@ -189,7 +222,7 @@ impl Scheduler {
                 return Ok(());
             }
         };
-        let ran: HashSet<&str> = containers.iter().map(|(_, call)| call.as_str()).collect();
+        let ran: HashSet<&str> = containers.iter().map(|c| c.call.as_str()).collect();
         for call in self.store.running_calls()? {
             let had_container = ran.contains(call.id.to_string().as_str());
             tracing::debug!(call = %call.id, had_container, "recovering a RUNNING call");
@@ -203,8 +236,8 @@ impl Scheduler {
             }
         }
         self.store.flush().await?;
-        for (container, _) in &containers {
-            self.runtime.remove(container).await;
+        for c in &containers {
+            self.runtime.remove(&c.id).await;
         }
         let owners = self.store.queued_owners()?;
         let mut st = self.state();
@@ -214,11 +247,17 @@ impl Scheduler {
             }
         }
         st.recovered = true;
+        drop(st);
         tracing::info!(
             queued = self.store.queue_len(),
             removed = containers.len(),
             "recovery done"
         );
+        if self.pool.enabled() {
+            for f in self.store.list_functions(None)? {
+                self.pool.fill(&self.warm_spec(&f));
+            }
+        }
         Ok(())
     }
 
@@ -259,11 +298,12 @@ impl Scheduler {
         // container of a live call is always kept.
         let keep: HashSet<String> = self.state().cancels.keys().map(|c| c.to_string()).collect();
         let mut removed = 0;
-        for (container, call) in containers {
-            if keep.contains(&call) || self.is_running_on_disk(&call) {
+        for c in containers {
+            let warm = c.call.is_empty() && self.pool.owns(&c.name);
+            if warm || keep.contains(&c.call) || self.is_running_on_disk(&c.call) {
                 continue;
             }
-            self.runtime.remove(&container).await;
+            self.runtime.remove(&c.id).await;
             removed += 1;
         }
         if removed > 0 {
@@ -406,6 +446,7 @@ impl Scheduler {
             self.fail(&call.id, "cancelled")?;
             return Ok(());
         }
+        let warm = self.warm_spec(&function);
         let spec = RunSpec {
             call_id: call.id,
             function: function.name.to_string(),
@@ -423,7 +464,16 @@ impl Scheduler {
             max_stderr: limits.max_stderr_bytes,
             started: Some(started),
         };
-        match self.runtime.run(spec, token).await {
+        let container = self.pool.take(&warm);
+        let result = match container {
+            Some(c) => match self.runtime.run_warm(&c, spec, token.clone()).await {
+                Ok(Warm::Ran(ran)) => Ok(ran),
+                Ok(Warm::Unusable(spec)) => self.runtime.run(*spec, token).await,
+                Err(e) => Err(e),
+            },
+            None => self.runtime.run(spec, token).await,
+        };
+        match result {
             Ok(ran) => {
                 tracing::debug!(call = %call.id, state = ?ran.outcome.state, "ended");
                 self.store.finish(
@@ -436,10 +486,13 @@ impl Scheduler {
                 if let Some(c) = ran.container {
                     self.runtime.remove(&c).await;
                 }
+                // After the call, so making its successor does not slow it.
+                self.pool.fill(&warm);
             }
             Err(RuntimeError::Unavailable { message, .. }) => {
                 tracing::warn!(call = %call.id, error = %message, "Docker Engine unreachable; call requeued");
                 self.state().engine_down = true;
+                self.pool.forget_all();
                 self.store.requeue(&call.id)?;
                 let mut st = self.state();
                 if st.ready_set.insert(call.owner.clone()) {
