@@ -915,6 +915,38 @@ mod tests {
     }
 
     #[test]
+    fn call_frame_is_length_then_nul_ended_entries() {
+        let env = vec!["A=1".to_string(), "B=x\0y".to_string(), "C=".to_string()];
+        let frame = call_frame(&env);
+        assert_eq!(&frame[..], b"\0\0\0\x07A=1\0C=\0");
+        assert_eq!(&call_frame(&[])[..], b"\0\0\0\0");
+    }
+
+    #[test]
+    fn init_archive_holds_the_executable_init() {
+        assert_eq!(&INIT[..4], b"\x7fELF");
+        let archive = init_archive();
+        let mut tar = tar::Archive::new(&archive[..]);
+        let entries: Vec<_> = tar
+            .entries()
+            .expect("entries")
+            .map(|e| {
+                let e = e.expect("entry");
+                let h = e.header();
+                (
+                    e.path().expect("path").display().to_string(),
+                    h.mode().expect("mode"),
+                    h.size().expect("size"),
+                )
+            })
+            .collect();
+        assert_eq!(
+            entries,
+            [(".hyperfuncd-init".to_string(), 0o755, INIT.len() as u64)]
+        );
+    }
+
+    #[test]
     fn byte_sizes() {
         assert_eq!(human_bytes(5 * 1024 * 1024), "5 MiB");
         assert_eq!(human_bytes(2048), "2 KiB");

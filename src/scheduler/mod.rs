@@ -203,6 +203,32 @@ impl Scheduler {
         self.pool.fill(&self.warm_spec(f));
     }
 
+    /// Tops up the pool of `warm.function` if `warm` is still its spec.
+    fn refill(&self, warm: &WarmSpec) {
+        let Ok(name) = Name::parse(&warm.function) else {
+            return;
+        };
+        if let Ok(Some(f)) = self.store.get_function(&name) {
+            if self.warm_spec(&f) == *warm {
+                self.pool.fill(warm);
+            }
+        }
+    }
+
+    /// Drops the warm containers of functions removed or changed since
+    /// they were made (a call that ended meanwhile may have refilled them).
+    fn prune_pool(&self) {
+        for spec in self.pool.idle_specs() {
+            let current = Name::parse(&spec.function)
+                .ok()
+                .and_then(|n| self.store.get_function(&n).ok().flatten())
+                .map(|f| self.warm_spec(&f));
+            if current.as_ref() != Some(&spec) {
+                self.pool.drop_function(&spec.function);
+            }
+        }
+    }
+
     /// `name` was removed: its warm containers go with it.
     pub fn function_removed(&self, name: &Name) {
         self.pool.drop_function(name.as_str());
@@ -289,6 +315,7 @@ impl Scheduler {
         if !self.state().recovered {
             return;
         }
+        self.prune_pool();
         let containers = match self.runtime.containers().await {
             Ok(c) => c,
             Err(e) => return tracing::debug!(error = %e, "sweep skipped"),
@@ -486,8 +513,9 @@ impl Scheduler {
                 if let Some(c) = ran.container {
                     self.runtime.remove(&c).await;
                 }
-                // After the call, so making its successor does not slow it.
-                self.pool.fill(&warm);
+                // After the call, so making its successor does not slow it;
+                // not for a function removed or changed meanwhile.
+                self.refill(&warm);
             }
             Err(RuntimeError::Unavailable { message, .. }) => {
                 tracing::warn!(call = %call.id, error = %message, "Docker Engine unreachable; call requeued");

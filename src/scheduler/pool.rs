@@ -175,6 +175,18 @@ impl Pool {
         }
     }
 
+    /// The spec of each idle container, once per distinct spec.
+    pub fn idle_specs(&self) -> Vec<WarmSpec> {
+        let st = self.state();
+        let mut specs: Vec<WarmSpec> = Vec::new();
+        for r in st.idle.values().flatten() {
+            if !specs.contains(&r.spec) {
+                specs.push(r.spec.clone());
+            }
+        }
+        specs
+    }
+
     /// Whether `name` is a container the pool owns (for the sweep).
     pub fn owns(&self, name: &str) -> bool {
         self.state().names.contains(name)

@@ -1,0 +1,180 @@
+//! The warm pool (DESIGN 6) against the real binary and Engine: a warm call
+//! still sees a fresh container with its own payload and headers, follows
+//! function updates, fails clearly, and survives kill -9 without running a
+//! call twice or leaving a container behind.
+
+mod common;
+
+use common::*;
+use std::collections::HashSet;
+use std::process::Command;
+
+const POOL: &str = "[pool]\nper_function = 2";
+
+/// The warm containers of `function` waiting for a call, by id.
+fn warm(d: &Daemon, function: &str) -> HashSet<String> {
+    let out = Command::new("docker")
+        .args(["ps", "-q", "--no-trunc"])
+        .args([
+            "--filter",
+            &format!("label=io.hyperfuncd.instance={}", d.instance),
+        ])
+        .args(["--filter", &format!("label=io.hyperfuncd.pool={function}")])
+        .args(["--filter", "name=hyperfuncd-pool-"])
+        .output()
+        .expect("docker ps");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// SIGTERM, then no container of this daemon may remain: the pool's idle
+/// containers are removed on shutdown.
+fn stop_clean(mut d: Daemon) {
+    d.stop();
+    assert!(
+        d.containers(false).is_empty(),
+        "containers left after shutdown: {:?}",
+        d.containers(false)
+    );
+}
+
+#[test]
+fn warm_calls_are_fresh_exact_and_follow_updates() {
+    let d = Daemon::start_with(POOL);
+    // Prints "reused" if a container ever served a second call.
+    let script =
+        "test -e /tmp/mark && echo reused; touch /tmp/mark; echo A=$A H=$HTTP_X_TRACE; cat";
+    let url = d.create("warm", &["-e", "A=1", IMAGE, "sh", "-c", script]);
+    d.wait_until(60, "two warm containers", || warm(&d, "warm").len() == 2);
+
+    let payload: Vec<u8> = (0..1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let file = d.dir.path().join("payload");
+    std::fs::write(&file, &payload).expect("payload file");
+    let body = format!("@{}", file.display());
+    for round in 0..3 {
+        let before = warm(&d, "warm");
+        let (code, out) = d.curl(&[
+            "-H",
+            "X-Trace: 7",
+            "--data-binary",
+            &body,
+            &format!("{url}/sync"),
+        ]);
+        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&out));
+        let mut expected = b"A=1 H=7\n".to_vec();
+        expected.extend_from_slice(&payload);
+        assert!(
+            out == expected,
+            "round {round}: output differs ({} bytes, starts {:?})",
+            out.len(),
+            String::from_utf8_lossy(&out[..out.len().min(40)])
+        );
+        let after = warm(&d, "warm");
+        assert!(
+            before.iter().any(|c| !after.contains(c)),
+            "round {round}: no warm container was used ({before:?} → {after:?})"
+        );
+        d.wait_until(60, "the pool to refill", || warm(&d, "warm").len() == 2);
+    }
+
+    // An update replaces the warm containers: the next call sees the new env.
+    let old = warm(&d, "warm");
+    d.ok(&["func", "update", "warm", "-e", "A=2"]);
+    d.wait_until(60, "new warm containers", || {
+        let now = warm(&d, "warm");
+        now.len() == 2 && now.is_disjoint(&old)
+    });
+    let id = d.call("warm", b"x");
+    assert_eq!(d.ok(&["func", "get", "--wait", &id]), "A=2 H=\nx");
+
+    // A failing command, and a command the image lacks, fail clearly.
+    d.create("three", &[IMAGE, "sh", "-c", "exit 3"]);
+    d.wait_until(60, "warm containers of three", || {
+        warm(&d, "three").len() == 2
+    });
+    let id = d.call("three", b"");
+    assert_cli_error(&d.cli(&["func", "get", "--wait", &id]), "exit code 3");
+    d.create("missing", &[IMAGE, "no-such-program"]);
+    d.wait_until(60, "warm containers of missing", || {
+        warm(&d, "missing").len() == 2
+    });
+    let id = d.call("missing", b"");
+    assert_cli_error(&d.cli(&["func", "get", "--wait", &id]), "no-such-program");
+
+    // Removing a function removes its warm containers.
+    d.ok(&["func", "rm", "three"]);
+    d.wait_until(30, "the removed function's warm containers to go", || {
+        warm(&d, "three").is_empty()
+    });
+    stop_clean(d);
+}
+
+#[test]
+fn kill_9_during_a_warm_call_neither_loses_nor_repeats_it() {
+    let mut d = Daemon::start_with("[pool]\nper_function = 1");
+    // One call at a time: the first runs warm, the other two stay queued.
+    let key = d.add_user("solo", 1);
+    let as_solo = |args: &[&str], stdin: Option<&[u8]>| {
+        let out = d.cli_as(&key, args, stdin);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        stdout(&out)
+            .trim()
+            .trim_start_matches("CallId: ")
+            .to_string()
+    };
+    as_solo(
+        &[
+            "func",
+            "create",
+            "--name",
+            "slow",
+            IMAGE,
+            "sh",
+            "-c",
+            "read x; sleep 3; echo done-$x",
+        ],
+        None,
+    );
+    d.wait_until(60, "a warm container", || warm(&d, "slow").len() == 1);
+    let running = as_solo(&["func", "call", "slow"], Some(b"1\n"));
+    let queued = as_solo(&["func", "call", "slow"], Some(b"2\n"));
+    let queued2 = as_solo(&["func", "call", "slow"], Some(b"3\n"));
+    d.wait_until(30, "the first call to run", || {
+        d.api(&format!("/v1/calls/{running}")).1["State"] == "RUNNING"
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let stale = warm(&d, "slow");
+    d.kill9();
+    d.restart();
+
+    // The call that ran in a warm container ends FAILED, never run again.
+    d.wait_until(60, "every call to end", || {
+        let s = d.status("slow");
+        s["Pending"] == 0 && s["Running"] == 0
+    });
+    let call = d.api(&format!("/v1/calls/{running}")).1;
+    assert_eq!(call["State"], "FAILED", "{call}");
+    assert!(
+        call["Message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("hyperfuncd stopped while the call was running"),
+        "{call}"
+    );
+    // The queued ones were not lost: each ran once, to its end.
+    for (id, n) in [(&queued, 2), (&queued2, 3)] {
+        let call = d.api(&format!("/v1/calls/{id}")).1;
+        assert_eq!(call["State"], "FINISHED", "{call}");
+        assert_eq!(d.ok(&["func", "get", id]), format!("done-{n}\n"));
+    }
+    // The warm containers from before the kill are gone; new ones replaced them.
+    d.wait_until(60, "a fresh warm container", || {
+        let now = warm(&d, "slow");
+        now.len() == 1 && now.is_disjoint(&stale)
+    });
+    stop_clean(d);
+}
