@@ -43,10 +43,23 @@ fn stop_clean(mut d: Daemon) {
 #[test]
 fn warm_calls_are_fresh_exact_and_follow_updates() {
     let d = Daemon::start_with(POOL);
-    // Prints "reused" if a container ever served a second call.
-    let script =
-        "test -e /tmp/mark && echo reused; touch /tmp/mark; echo A=$A H=$HTTP_X_TRACE; cat";
-    let url = d.create("warm", &["-e", "A=1", IMAGE, "sh", "-c", script]);
+    // Prints "reused" if a container ever served a second call. A header
+    // never overrides the function's env, nor PATH.
+    let script = "test -e /tmp/mark && echo reused; touch /tmp/mark; \
+                  echo A=$A H=$HTTP_X_TRACE O=$HTTP_X_OVER P=$PATH; cat";
+    let url = d.create(
+        "warm",
+        &[
+            "-e",
+            "A=1",
+            "-e",
+            "HTTP_X_OVER=fn",
+            IMAGE,
+            "sh",
+            "-c",
+            script,
+        ],
+    );
     d.wait_until(60, "two warm containers", || warm(&d, "warm").len() == 2);
 
     let payload: Vec<u8> = (0..1024 * 1024u32)
@@ -60,12 +73,16 @@ fn warm_calls_are_fresh_exact_and_follow_updates() {
         let (code, out) = d.curl(&[
             "-H",
             "X-Trace: 7",
+            "-H",
+            "X-Over: header",
+            "-H",
+            "Path: /evil",
             "--data-binary",
             &body,
             &format!("{url}/sync"),
         ]);
         assert_eq!(code, 200, "{}", String::from_utf8_lossy(&out));
-        let mut expected = b"A=1 H=7\n".to_vec();
+        let mut expected = b"A=1 H=7 O=fn P=/bin\n".to_vec();
         expected.extend_from_slice(&payload);
         assert!(
             out == expected,
@@ -89,7 +106,16 @@ fn warm_calls_are_fresh_exact_and_follow_updates() {
         now.len() == 2 && now.is_disjoint(&old)
     });
     let id = d.call("warm", b"x");
-    assert_eq!(d.ok(&["func", "get", "--wait", &id]), "A=2 H=\nx");
+    assert_eq!(
+        d.ok(&["func", "get", "--wait", &id]),
+        "A=2 H= O=fn P=/bin\nx"
+    );
+    // An empty payload: the command sees EOF at once.
+    let id = d.call("warm", b"");
+    assert_eq!(
+        d.ok(&["func", "get", "--wait", &id]),
+        "A=2 H= O=fn P=/bin\n"
+    );
 
     // A failing command, and a command the image lacks, fail clearly.
     d.create("three", &[IMAGE, "sh", "-c", "exit 3"]);
@@ -103,7 +129,10 @@ fn warm_calls_are_fresh_exact_and_follow_updates() {
         warm(&d, "missing").len() == 2
     });
     let id = d.call("missing", b"");
-    assert_cli_error(&d.cli(&["func", "get", "--wait", &id]), "no-such-program");
+    assert_cli_error(
+        &d.cli(&["func", "get", "--wait", &id]),
+        "cannot start the container: no-such-program: executable file not found",
+    );
 
     // Removing a function removes its warm containers.
     d.ok(&["func", "rm", "three"]);
@@ -115,7 +144,7 @@ fn warm_calls_are_fresh_exact_and_follow_updates() {
 
 #[test]
 fn kill_9_during_a_warm_call_neither_loses_nor_repeats_it() {
-    let mut d = Daemon::start_with("[pool]\nper_function = 1");
+    let mut d = Daemon::start_with(POOL);
     // One call at a time: the first runs warm, the other two stay queued.
     let key = d.add_user("solo", 1);
     let as_solo = |args: &[&str], stdin: Option<&[u8]>| {
@@ -139,7 +168,7 @@ fn kill_9_during_a_warm_call_neither_loses_nor_repeats_it() {
         ],
         None,
     );
-    d.wait_until(60, "a warm container", || warm(&d, "slow").len() == 1);
+    d.wait_until(60, "warm containers", || warm(&d, "slow").len() == 2);
     let running = as_solo(&["func", "call", "slow"], Some(b"1\n"));
     let queued = as_solo(&["func", "call", "slow"], Some(b"2\n"));
     let queued2 = as_solo(&["func", "call", "slow"], Some(b"3\n"));
@@ -147,7 +176,9 @@ fn kill_9_during_a_warm_call_neither_loses_nor_repeats_it() {
         d.api(&format!("/v1/calls/{running}")).1["State"] == "RUNNING"
     });
     std::thread::sleep(std::time::Duration::from_millis(500));
+    // The idle one, left by the kill: recovery must remove it.
     let stale = warm(&d, "slow");
+    assert_eq!(stale.len(), 1, "{stale:?}");
     d.kill9();
     d.restart();
 
@@ -172,9 +203,52 @@ fn kill_9_during_a_warm_call_neither_loses_nor_repeats_it() {
         assert_eq!(d.ok(&["func", "get", id]), format!("done-{n}\n"));
     }
     // The warm containers from before the kill are gone; new ones replaced them.
-    d.wait_until(60, "a fresh warm container", || {
+    d.wait_until(60, "fresh warm containers", || {
         let now = warm(&d, "slow");
-        now.len() == 1 && now.is_disjoint(&stale)
+        now.len() == 2 && now.is_disjoint(&stale)
     });
+    for id in &stale {
+        let gone = Command::new("docker")
+            .args(["inspect", id])
+            .output()
+            .expect("docker inspect");
+        assert!(!gone.status.success(), "stale warm container {id} remains");
+    }
     stop_clean(d);
+}
+
+/// An image with its own ENTRYPOINT, CMD, WORKDIR and ENV: a warm call runs
+/// what `docker run` would.
+#[test]
+fn warm_calls_keep_the_image_entrypoint_workdir_and_env() {
+    let tag = format!("hyperfuncd-test/entrypoint:{}", std::process::id());
+    let built = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "printf 'FROM {IMAGE}\\nWORKDIR /tmp\\nENV IMG=yes\\n\
+             ENTRYPOINT [\"sh\", \"-c\", \"echo ep $PWD $IMG $0 $*\"]\\nCMD [\"dflt\"]\\n' \
+             | docker build -q -t {tag} -"
+        ))
+        .output()
+        .expect("docker build");
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let d = Daemon::start_with(POOL);
+    d.create("ep-default", &[&tag]);
+    d.create("ep-args", &[&tag, "x", "y"]);
+    for (f, expected) in [
+        ("ep-default", "ep /tmp yes dflt\n"),
+        ("ep-args", "ep /tmp yes x y\n"),
+    ] {
+        d.wait_until(60, "warm containers", || warm(&d, f).len() == 2);
+        let id = d.call(f, b"");
+        assert_eq!(d.ok(&["func", "get", "--wait", &id]), expected, "{f}");
+    }
+    d.ok(&["func", "rm", "ep-default"]);
+    d.ok(&["func", "rm", "ep-args"]);
+    stop_clean(d);
+    let _ = Command::new("docker").args(["rmi", "-f", &tag]).output();
 }

@@ -10,12 +10,17 @@
  *
  * then sets that environment and execs the real command, which inherits the
  * rest of STDIN (the payload) untouched: STDIN is read with read(2) in exact
- * counts, never buffered. Anything wrong ends the container with exit code
- * 127 and a one-line reason on STDERR, which the call reports as FAILED.
+ * counts, never buffered. The command is looked up in PATH and run with
+ * execve(2), as the Engine itself would: no shell fallback. Anything wrong
+ * ends the container with exit code 127 and one line on STDERR starting
+ * "hyperfuncd-init: ", which the daemon reports as a failure to start.
+ * While it waits, SIGTERM ends it at once (it is PID 1, which ignores
+ * signals it has no handler for).
  *
  * Built static by build.rs so it runs in any image, `FROM scratch` included.
  */
 #include <errno.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -62,6 +67,50 @@ static int read_exact(unsigned char *buf, size_t n) {
     return 0;
 }
 
+static void on_term(int sig) {
+    (void)sig;
+    _exit(143);
+}
+
+/* Runs argv[0] like the Engine does: a name with a slash as is, else the
+ * first match in PATH (the image's, or the call's if it sets one). */
+static void exec_command(char **argv) {
+    extern char **environ;
+    const char *path = getenv("PATH");
+    const char *name = argv[0];
+    size_t len = strlen(name);
+    int saved = ENOENT;
+    if (strchr(name, '/') != NULL) {
+        execve(name, argv, environ);
+        die(name, strerror(errno));
+    }
+    if (path == NULL || *path == '\0') {
+        path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    }
+    while (*path != '\0') {
+        const char *end = strchr(path, ':');
+        size_t dir = end != NULL ? (size_t)(end - path) : strlen(path);
+        char *full = malloc(dir + len + 2);
+        if (full == NULL) {
+            die("out of memory", NULL);
+        }
+        memcpy(full, path, dir);
+        full[dir] = '/';
+        memcpy(full + dir + 1, name, len + 1);
+        execve(dir == 0 ? name : full, argv, environ);
+        /* Not here, or not for us: try the next directory. */
+        if (errno != ENOENT && errno != ENOTDIR && errno != EACCES) {
+            die(name, strerror(errno));
+        }
+        if (errno == EACCES) {
+            saved = EACCES;
+        }
+        free(full);
+        path = end != NULL ? end + 1 : path + dir;
+    }
+    die(name, saved == EACCES ? strerror(EACCES) : "executable file not found in $PATH");
+}
+
 int main(int argc, char **argv) {
     unsigned char head[4];
     uint32_t n;
@@ -71,6 +120,8 @@ int main(int argc, char **argv) {
     if (argc < 2) {
         die("no command to run", NULL);
     }
+    /* A handler, unlike SIG_IGN, does not survive the exec. */
+    signal(SIGTERM, on_term);
     if (read_exact(head, sizeof head) != 0) {
         die("STDIN ended before the call frame", NULL);
     }
@@ -93,7 +144,6 @@ int main(int argc, char **argv) {
             die("cannot set the environment", strerror(errno));
         }
     }
-    execvp(argv[1], argv + 1);
-    die(argv[1], strerror(errno));
+    exec_command(argv + 1);
     return 127;
 }

@@ -19,6 +19,7 @@ use bollard::Docker;
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use std::collections::HashMap;
+use std::sync::LazyLock;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +32,8 @@ pub const LABEL_INSTANCE: &str = "io.hyperfuncd.instance";
 pub const LABEL_POOL: &str = "io.hyperfuncd.pool";
 /// Where the init program lives inside a warm container.
 const INIT_PATH: &str = "/.hyperfuncd-init";
+/// How `init.c` begins the one line it prints when it cannot run the command.
+const INIT_FAILURE: &str = "hyperfuncd-init: ";
 /// The init program of warm containers, `init.c` built static by `build.rs`.
 static INIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hyperfuncd-init"));
 
@@ -377,12 +380,18 @@ impl Runtime {
     /// Creates and starts a warm container for `spec.function` named `name`:
     /// the function's real entrypoint and command run under the init program
     /// of `init.c`, which waits for one call. Returns the container's id.
-    pub async fn warm(&self, spec: &WarmSpec, name: &str) -> Result<String, RuntimeError> {
+    pub async fn warm(
+        &self,
+        spec: &WarmSpec,
+        name: &str,
+    ) -> Result<(String, String), RuntimeError> {
         let docker = self.docker().await?;
         let image = match docker.inspect_image(&spec.image).await {
             Ok(i) => i,
             Err(e) => return Err(self.classify(e).await),
         };
+        // Made from the id, so a re-tag cannot slip in after the inspect.
+        let image_id = image.id.unwrap_or_else(|| spec.image.clone());
         let config = image.config.unwrap_or_default();
         let mut argv = config.entrypoint.unwrap_or_default();
         if spec.command.is_empty() {
@@ -396,12 +405,14 @@ impl Runtime {
                 spec.image
             )));
         }
+        // No call label: it cannot be added later. The call goes in the name.
         let labels = HashMap::from([
             (LABEL_POOL.to_string(), spec.function.clone()),
+            (LABEL_FUNCTION.to_string(), spec.function.clone()),
             (LABEL_INSTANCE.to_string(), self.instance.clone()),
         ]);
         let body = ContainerCreateBody {
-            image: Some(spec.image.clone()),
+            image: Some(image_id.clone()),
             entrypoint: Some(vec![INIT_PATH.to_string()]),
             cmd: Some(argv),
             env: Some(spec.env.clone()),
@@ -428,7 +439,7 @@ impl Runtime {
             ..Default::default()
         };
         let mut ready = docker
-            .upload_to_container(&id, Some(upload), bollard::body_full(init_archive()))
+            .upload_to_container(&id, Some(upload), bollard::body_full(INIT_ARCHIVE.clone()))
             .await;
         if ready.is_ok() {
             ready = docker.start_container(&id, None).await;
@@ -437,7 +448,19 @@ impl Runtime {
             remove(&docker, &id).await;
             return Err(self.classify(e).await);
         }
-        Ok(id)
+        Ok((id, image_id))
+    }
+
+    /// The id of the local image `image`, if present.
+    pub async fn image_id(&self, image: &str) -> Result<Option<String>, RuntimeError> {
+        let docker = self.docker().await?;
+        match docker.inspect_image(image).await {
+            Ok(i) => Ok(i.id),
+            Err(DockerError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(e) => Err(self.classify(e).await),
+        }
     }
 
     /// Runs a call in the warm container `container`. The container is first
@@ -448,7 +471,8 @@ impl Runtime {
     pub async fn run_warm(
         &self,
         container: &str,
-        mut spec: RunSpec,
+        spec: RunSpec,
+        frame_env: &[String],
         cancel: CancellationToken,
     ) -> Result<Warm, RuntimeError> {
         let docker = self.docker().await?;
@@ -504,13 +528,20 @@ impl Runtime {
         if cancel.is_cancelled() {
             return ran(Outcome::failed("cancelled"));
         }
-        if let Some(tx) = spec.started.take() {
-            let _ = tx.send(());
-        }
-        let frame = call_frame(&spec.env);
-        ran(self
+        let frame = call_frame(frame_env);
+        let mut outcome = self
             .exchange(&docker, container, attach, spec, cancel, frame)
-            .await)
+            .await;
+        // The init could not run the command: say so as a cold start would.
+        let init_line = outcome
+            .stderr
+            .strip_prefix(INIT_FAILURE.as_bytes())
+            .map(|rest| String::from_utf8_lossy(rest.split(|&b| b == b'\n').next().unwrap_or(b"")));
+        if let (Some(line), Some(127)) = (init_line, outcome.exit_code) {
+            outcome.message = Some(format!("cannot start the container: {line}"));
+            outcome.exit_code = None;
+        }
+        ran(outcome)
     }
 
     async fn drive(
@@ -562,16 +593,22 @@ impl Runtime {
         docker: &Docker,
         id: &str,
         attach: AttachContainerResults,
-        spec: RunSpec,
+        mut spec: RunSpec,
         cancel: CancellationToken,
         frame: Bytes,
     ) -> Outcome {
         let mut input = attach.input;
         let stdin = spec.stdin.clone();
+        // A warm call starts when its frame is written; a cold one fired this at start.
+        let started = spec.started.take();
         // A process may exit without reading STDIN; the writer then blocks
         // forever, so it is aborted once the container has stopped.
         let writer = tokio::spawn(async move {
-            if input.write_all(&frame).await.is_ok() && input.write_all(&stdin).await.is_ok() {
+            let framed = input.write_all(&frame).await.is_ok();
+            if let Some(tx) = started {
+                let _ = tx.send(());
+            }
+            if framed && input.write_all(&stdin).await.is_ok() {
                 let _ = input.shutdown().await;
             }
             // Held until aborted: dropping a half could close the stream.
@@ -738,6 +775,8 @@ fn call_frame(env: &[String]) -> Bytes {
 
 /// A tar archive holding the init program at `INIT_PATH`, for the Engine's
 /// archive upload into a created container.
+static INIT_ARCHIVE: LazyLock<Bytes> = LazyLock::new(init_archive);
+
 fn init_archive() -> Bytes {
     let mut header = tar::Header::new_ustar();
     header.set_size(INIT.len() as u64);

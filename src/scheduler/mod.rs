@@ -198,9 +198,24 @@ impl Scheduler {
     }
 
     /// `f` was created or changed: its warm containers are made afresh.
+    /// Before recovery the pool waits: recovery removes every container
+    /// and then fills the pools itself.
     pub fn function_changed(&self, f: &Function) {
         self.pool.drop_function(f.name.as_str());
-        self.pool.fill(&self.warm_spec(f));
+        if self.state().recovered {
+            self.pool.fill(&self.warm_spec(f));
+        }
+    }
+
+    /// Fills the pool of every function (after recovery, or once the Engine
+    /// is back).
+    fn prefill(&self) -> Result<(), StoreError> {
+        if self.pool.enabled() {
+            for f in self.store.list_functions(None)? {
+                self.pool.fill(&self.warm_spec(&f));
+            }
+        }
+        Ok(())
     }
 
     /// Tops up the pool of `warm.function` if `warm` is still its spec.
@@ -215,17 +230,32 @@ impl Scheduler {
         }
     }
 
-    /// Drops the warm containers of functions removed or changed since
-    /// they were made (a call that ended meanwhile may have refilled them).
-    fn prune_pool(&self) {
-        for spec in self.pool.idle_specs() {
-            let current = Name::parse(&spec.function)
-                .ok()
-                .and_then(|n| self.store.get_function(&n).ok().flatten())
-                .map(|f| self.warm_spec(&f));
-            if current.as_ref() != Some(&spec) {
-                self.pool.drop_function(&spec.function);
+    /// Removes warm containers that are out of date: their function was
+    /// removed or changed since (a call that ended meanwhile may have
+    /// refilled it), or their image tag now names another image.
+    async fn prune_pool(&self) {
+        let mut stale = Vec::new();
+        for (spec, image_id) in self.pool.idle_specs() {
+            let current = match Name::parse(&spec.function) {
+                Ok(n) => match self.store.get_function(&n) {
+                    Ok(f) => f.map(|f| self.warm_spec(&f)),
+                    // Unknown: keep them for now.
+                    Err(_) => continue,
+                },
+                Err(_) => None,
+            };
+            let outdated = current.as_ref() != Some(&spec)
+                || match self.runtime.image_id(&spec.image).await {
+                    Ok(id) => id.as_deref() != Some(image_id.as_str()),
+                    Err(_) => false,
+                };
+            if outdated {
+                stale.push((spec, image_id));
             }
+        }
+        if !stale.is_empty() {
+            self.pool
+                .prune(|s, i| stale.iter().any(|(ss, ii)| ss == s && ii == i));
         }
     }
 
@@ -279,12 +309,7 @@ impl Scheduler {
             removed = containers.len(),
             "recovery done"
         );
-        if self.pool.enabled() {
-            for f in self.store.list_functions(None)? {
-                self.pool.fill(&self.warm_spec(&f));
-            }
-        }
-        Ok(())
+        self.prefill()
     }
 
     /// A call the store still says is RUNNING although no task runs it (its
@@ -315,7 +340,7 @@ impl Scheduler {
         if !self.state().recovered {
             return;
         }
-        self.prune_pool();
+        self.prune_pool().await;
         let containers = match self.runtime.containers().await {
             Ok(c) => c,
             Err(e) => return tracing::debug!(error = %e, "sweep skipped"),
@@ -411,6 +436,7 @@ impl Scheduler {
             tracing::info!("Docker Engine is back; draining the queue");
             self.state().engine_down = false;
             self.sweep().await;
+            self.prefill()?;
         }
         let host_cap = self.config.scheduler.host_max_running;
         // Each turn gives one owner one slot, then moves on: round-robin.
@@ -491,15 +517,44 @@ impl Scheduler {
             max_stderr: limits.max_stderr_bytes,
             started: Some(started),
         };
-        let container = self.pool.take(&warm);
-        let result = match container {
-            Some(c) => match self.runtime.run_warm(&c, spec, token.clone()).await {
-                Ok(Warm::Ran(ran)) => Ok(ran),
-                Ok(Warm::Unusable(spec)) => self.runtime.run(*spec, token).await,
-                Err(e) => Err(e),
-            },
+        let claimed = self.pool.take(&warm);
+        let result = match &claimed {
+            Some(c) => {
+                // The container has the function's env; the frame adds the request's.
+                let frame_env: Vec<String> = spec
+                    .env
+                    .iter()
+                    .filter(|e| !warm.env.contains(e))
+                    .cloned()
+                    .collect();
+                match self
+                    .runtime
+                    .run_warm(&c.id, spec, &frame_env, token.clone())
+                    .await
+                {
+                    Ok(Warm::Ran(ran)) => Ok(ran),
+                    Ok(Warm::Unusable(spec)) => self.runtime.run(*spec, token).await,
+                    Err(e) => Err(e),
+                }
+            }
             None => self.runtime.run(spec, token).await,
         };
+        let ended = self.conclude(&call, &warm, result).await;
+        // Only now, with its container removed, may the sweep forget it.
+        if let Some(c) = claimed {
+            self.pool.release(&c.name);
+        }
+        ended
+    }
+
+    /// Stores how a call ended, then removes its container.
+    async fn conclude(
+        &self,
+        call: &Call,
+        warm: &WarmSpec,
+        result: Result<crate::runtime::Ran, RuntimeError>,
+    ) -> Result<(), StoreError> {
+        let limits = &self.config.limits;
         match result {
             Ok(ran) => {
                 tracing::debug!(call = %call.id, state = ?ran.outcome.state, "ended");
@@ -515,7 +570,7 @@ impl Scheduler {
                 }
                 // After the call, so making its successor does not slow it;
                 // not for a function removed or changed meanwhile.
-                self.refill(&warm);
+                self.refill(warm);
             }
             Err(RuntimeError::Unavailable { message, .. }) => {
                 tracing::warn!(call = %call.id, error = %message, "Docker Engine unreachable; call requeued");

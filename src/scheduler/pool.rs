@@ -3,36 +3,48 @@
 //! attach instead of a container start. Each serves exactly one call and is
 //! removed after it, like any call container.
 //!
-//! Invariants: the pool never holds more than `per_function` containers of a
+//! Invariants: the pool never makes more than `per_function` containers of a
 //! function nor `host_max` in all; a container is handed out only if it was
 //! made from the function's current spec (same `WarmSpec`), so an update never
 //! runs a call with the old env or command; `drop_function` and `close`
 //! remove what the pool holds, and a fill that ends after either removes its
-//! own container. The pool is memory only: after a crash, recovery removes
-//! the containers it had made (they carry no call), and the sweep skips only
-//! the names the pool knows.
+//! own container. A container's name stays in `names` from before its create
+//! until `release` (after its call's container was removed), so the sweep,
+//! which spares those names, can never remove one a call has just taken.
+//! The pool is memory only: after a crash, recovery removes the containers it
+//! had made (they carry no call); `close` waits for fills in flight and then
+//! removes every warm container still without a call.
 
 use crate::config::PoolConfig;
 use crate::runtime::{Runtime, WarmSpec};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// How long shutdown waits for warm containers still being made.
+const CLOSE_WAIT: Duration = Duration::from_secs(20);
 
 pub struct Pool {
     runtime: Arc<Runtime>,
     config: PoolConfig,
     state: Mutex<State>,
+    /// Signalled whenever a fill ends, for `close`.
+    filled: Notify,
 }
 
 #[derive(Default)]
 struct State {
     /// Started containers waiting for a call, oldest first, per function.
     idle: HashMap<String, VecDeque<Ready>>,
-    /// Containers being made, per function.
+    /// Containers being made for the current epoch, per function.
     filling: HashMap<String, usize>,
+    /// Containers being made, all epochs.
+    in_flight: usize,
     /// Bumped when a function's pool is dropped: a fill begun before then
     /// removes what it made.
     epoch: HashMap<String, u64>,
-    /// Names of every container the pool owns (being made or idle).
+    /// Names of every container the pool made that is not yet released.
     names: HashSet<String>,
     closed: bool,
 }
@@ -41,11 +53,23 @@ struct Ready {
     id: String,
     name: String,
     spec: WarmSpec,
+    /// The image id the container was made from, to notice a re-tag.
+    image_id: String,
+}
+
+/// A warm container handed to a call; `release` it once removed.
+pub struct Claimed {
+    pub id: String,
+    pub name: String,
 }
 
 impl State {
     fn owned(&self) -> usize {
-        self.idle.values().map(VecDeque::len).sum::<usize>() + self.filling.values().sum::<usize>()
+        self.idle.values().map(VecDeque::len).sum::<usize>() + self.in_flight
+    }
+
+    fn epoch(&self, function: &str) -> u64 {
+        self.epoch.get(function).copied().unwrap_or(0)
     }
 }
 
@@ -55,6 +79,7 @@ impl Pool {
             runtime,
             config,
             state: Mutex::new(State::default()),
+            filled: Notify::new(),
         })
     }
 
@@ -67,29 +92,21 @@ impl Pool {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A started container for `spec`, if one is ready. Containers made
-    /// from an older spec of the function are removed on the way.
-    pub fn take(&self, spec: &WarmSpec) -> Option<String> {
-        let mut stale = Vec::new();
-        let found = {
-            let mut st = self.state();
-            let mut found = None;
-            if let Some(queue) = st.idle.get_mut(&spec.function) {
-                while let Some(ready) = queue.pop_front() {
-                    if ready.spec == *spec {
-                        found = Some(ready);
-                        break;
-                    }
-                    stale.push(ready);
-                }
-            }
-            for r in stale.iter().chain(found.iter()) {
-                st.names.remove(&r.name);
-            }
-            found
-        };
-        self.remove_all(stale);
-        found.map(|r| r.id)
+    /// A started container made from `spec`, if one is ready. Containers of
+    /// another spec stay: `drop_function` and `prune` deal with those.
+    pub fn take(&self, spec: &WarmSpec) -> Option<Claimed> {
+        let mut st = self.state();
+        let queue = st.idle.get_mut(&spec.function)?;
+        let at = queue.iter().position(|r| r.spec == *spec)?;
+        queue.remove(at).map(|r| Claimed {
+            id: r.id,
+            name: r.name,
+        })
+    }
+
+    /// The claimed container `name` is gone: forget it.
+    pub fn release(&self, name: &str) {
+        self.state().names.remove(name);
     }
 
     /// Starts making containers for `spec` until its function has
@@ -108,7 +125,8 @@ impl Pool {
             let room = self.config.host_max.saturating_sub(st.owned());
             let count = self.config.per_function.saturating_sub(have).min(room);
             *st.filling.entry(spec.function.clone()).or_default() += count;
-            (count, st.epoch.get(&spec.function).copied().unwrap_or(0))
+            st.in_flight += count;
+            (count, st.epoch(&spec.function))
         };
         for _ in 0..count {
             let this = Arc::clone(self);
@@ -123,100 +141,137 @@ impl Pool {
         let made = self.runtime.warm(&spec, &name).await;
         let unwanted = {
             let mut st = self.state();
-            if let Some(n) = st.filling.get_mut(&spec.function) {
-                *n = n.saturating_sub(1);
+            st.in_flight = st.in_flight.saturating_sub(1);
+            let current = st.epoch(&spec.function) == epoch;
+            if current {
+                if let Some(n) = st.filling.get_mut(&spec.function) {
+                    *n = n.saturating_sub(1);
+                }
             }
             match made {
-                Ok(id) => {
-                    let current = st.epoch.get(&spec.function).copied().unwrap_or(0) == epoch;
-                    if current && !st.closed {
-                        st.idle
-                            .entry(spec.function.clone())
-                            .or_default()
-                            .push_back(Ready { id, name, spec });
-                        return;
-                    }
-                    st.names.remove(&name);
-                    id
+                Ok((id, image_id)) if current && !st.closed => {
+                    st.idle
+                        .entry(spec.function.clone())
+                        .or_default()
+                        .push_back(Ready {
+                            id,
+                            name,
+                            spec,
+                            image_id,
+                        });
+                    None
                 }
+                Ok((id, _)) => Some((id, name)),
                 Err(e) => {
                     st.names.remove(&name);
                     tracing::warn!(function = %spec.function, error = %e, "cannot make a warm container");
-                    return;
+                    None
                 }
             }
         };
-        self.runtime.remove(&unwanted).await;
+        if let Some((id, name)) = unwanted {
+            self.runtime.remove(&id).await;
+            self.release(&name);
+        }
+        self.filled.notify_waiters();
     }
 
-    /// Removes the function's warm containers: it changed or is gone.
-    pub fn drop_function(&self, function: &str) {
+    /// Removes the function's warm containers: it changed or is gone. Fills
+    /// in flight remove theirs when they end.
+    pub fn drop_function(self: &Arc<Self>, function: &str) {
         let dropped: Vec<Ready> = {
             let mut st = self.state();
             *st.epoch.entry(function.to_string()).or_default() += 1;
-            let dropped: Vec<Ready> = st.idle.remove(function).unwrap_or_default().into();
-            for r in &dropped {
-                st.names.remove(&r.name);
+            st.filling.remove(function);
+            st.idle.remove(function).unwrap_or_default().into()
+        };
+        self.remove_all(dropped);
+    }
+
+    /// Removes the idle containers `stale` says are out of date (spec or
+    /// image changed), keeping the others.
+    pub fn prune(self: &Arc<Self>, stale: impl Fn(&WarmSpec, &str) -> bool) {
+        let dropped: Vec<Ready> = {
+            let mut st = self.state();
+            let mut dropped = Vec::new();
+            for queue in st.idle.values_mut() {
+                let (old, keep): (Vec<Ready>, Vec<Ready>) = std::mem::take(queue)
+                    .into_iter()
+                    .partition(|r| stale(&r.spec, &r.image_id));
+                *queue = keep.into();
+                dropped.extend(old);
             }
             dropped
         };
         self.remove_all(dropped);
     }
 
-    /// Forgets every warm container without removing them: the Engine was
+    /// Forgets every idle container without removing it: the Engine was
     /// lost, and with it the containers; the sweep removes any that remain.
     pub fn forget_all(&self) {
         let mut st = self.state();
-        for (function, queue) in std::mem::take(&mut st.idle) {
-            *st.epoch.entry(function).or_default() += 1;
-            for r in queue {
-                st.names.remove(&r.name);
-            }
+        for r in std::mem::take(&mut st.idle).into_values().flatten() {
+            st.names.remove(&r.name);
         }
     }
 
-    /// The spec of each idle container, once per distinct spec.
-    pub fn idle_specs(&self) -> Vec<WarmSpec> {
+    /// The spec and image id of each idle container, once per distinct pair.
+    pub fn idle_specs(&self) -> Vec<(WarmSpec, String)> {
         let st = self.state();
-        let mut specs: Vec<WarmSpec> = Vec::new();
+        let mut specs: Vec<(WarmSpec, String)> = Vec::new();
         for r in st.idle.values().flatten() {
-            if !specs.contains(&r.spec) {
-                specs.push(r.spec.clone());
+            if !specs.iter().any(|(s, i)| *s == r.spec && *i == r.image_id) {
+                specs.push((r.spec.clone(), r.image_id.clone()));
             }
         }
         specs
     }
 
-    /// Whether `name` is a container the pool owns (for the sweep).
+    /// Whether `name` is a container the pool made and has not released.
     pub fn owns(&self, name: &str) -> bool {
         self.state().names.contains(name)
     }
 
-    /// Stops filling and removes every idle container (on shutdown).
+    /// Stops filling, waits (bounded) for fills in flight, and removes every
+    /// warm container that has not taken a call (on shutdown).
     pub async fn close(&self) {
-        let all: Vec<Ready> = {
-            let mut st = self.state();
-            st.closed = true;
-            let all: Vec<Ready> = std::mem::take(&mut st.idle)
-                .into_values()
-                .flatten()
-                .collect();
-            st.names.clear();
-            all
-        };
-        for r in all {
+        self.state().closed = true;
+        let deadline = tokio::time::Instant::now() + CLOSE_WAIT;
+        loop {
+            let notified = self.filled.notified();
+            if self.state().in_flight == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                tracing::warn!("warm containers still being made at shutdown");
+                break;
+            }
+        }
+        let idle: Vec<Ready> = std::mem::take(&mut self.state().idle)
+            .into_values()
+            .flatten()
+            .collect();
+        for r in &idle {
             self.runtime.remove(&r.id).await;
+        }
+        // Also those a background removal had not finished: any warm
+        // container without a call.
+        if let Ok(all) = self.runtime.containers().await {
+            for c in all.iter().filter(|c| c.call.is_empty()) {
+                self.runtime.remove(&c.id).await;
+            }
         }
     }
 
-    fn remove_all(&self, containers: Vec<Ready>) {
+    fn remove_all(self: &Arc<Self>, containers: Vec<Ready>) {
         if containers.is_empty() {
             return;
         }
-        let runtime = Arc::clone(&self.runtime);
+        let this = Arc::clone(self);
         tokio::spawn(async move {
             for r in containers {
-                runtime.remove(&r.id).await;
+                this.runtime.remove(&r.id).await;
+                this.release(&r.name);
             }
         });
     }
