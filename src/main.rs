@@ -55,6 +55,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
             hyperfuncd::serve::run(config, shutdown).await
         }
+        Command::Bench(args) => hyperfuncd::cli::bench::run(args).await,
         other => hyperfuncd::cli::run_remote(cli.remote, other).await,
     }
 }

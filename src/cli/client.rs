@@ -39,6 +39,13 @@ impl Client {
         })
     }
 
+    /// The HTTPS client itself (trusting the profile's CA, keeping
+    /// connections alive), for capability URLs: they take no key, and their
+    /// callers read the status themselves.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let mut r = self
             .http

@@ -2,6 +2,7 @@
 //! speak the management API with the same types the server uses
 //! (`api::types`). Only this module and `main.rs` print to stdout.
 
+pub mod bench;
 mod client;
 mod profile;
 
@@ -54,6 +55,8 @@ pub enum Command {
     /// Manage users (admin only)
     #[command(subcommand)]
     User(UserCmd),
+    /// Measure hyperfuncd against raw `docker run` on this host (private daemons; prints one table)
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -221,7 +224,7 @@ pub async fn run_remote(flags: RemoteFlags, command: Command) -> anyhow::Result<
     let client = Client::new(&profile)?;
     let mut out = std::io::stdout().lock();
     match command {
-        Command::Serve(_) => bail!("serve is not a remote command"),
+        Command::Serve(_) | Command::Bench(_) => bail!("not a remote command"),
         Command::Func(cmd) => func(&client, cmd, &mut out).await,
         Command::User(cmd) => user(&client, cmd, &mut out).await,
     }
