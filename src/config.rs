@@ -91,6 +91,9 @@ pub struct SchedulerConfig {
     pub default_max_concurrency: u32,
     /// Containers running at once on this host, across all users.
     pub host_max_running: u32,
+    /// On SIGTERM, seconds running calls may take to finish; the rest are
+    /// then killed and FAILED, so a stopped daemon leaves no container.
+    pub shutdown_grace_secs: u64,
 }
 
 impl Default for SchedulerConfig {
@@ -98,6 +101,7 @@ impl Default for SchedulerConfig {
         Self {
             default_max_concurrency: 10,
             host_max_running: 64,
+            shutdown_grace_secs: 10,
         }
     }
 }

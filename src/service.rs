@@ -318,13 +318,17 @@ impl Service {
         let limits = &self.config.limits;
         let mut changes = self.scheduler.subscribe();
         // Loop until nothing is live: a call may be accepted, or start, while
-        // we wait; queued ones are failed here, running ones are killed.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        // we wait; queued ones are failed here, running ones are killed. The
+        // deadline bounds a wait without progress, not the cancelling itself
+        // (100k queued calls take a while).
+        let mut remaining = usize::MAX;
+        let mut deadline = tokio::time::Instant::now();
         loop {
             let live = self.store.live_calls(&f.name)?;
             if live.is_empty() {
                 break;
             }
+
             for call in &live {
                 if call.state == CallState::Pending {
                     let outcome = Outcome::failed("cancelled: the function was removed");
@@ -342,8 +346,13 @@ impl Service {
             // Wake output waiters of the failed calls, without waking ourselves.
             self.scheduler.changed();
             changes.borrow_and_update();
-            if self.store.live_calls(&f.name)?.is_empty() {
+            let left = self.store.live_calls(&f.name)?.len();
+            if left == 0 {
                 break;
+            }
+            if left < remaining {
+                remaining = left;
+                deadline = tokio::time::Instant::now() + Duration::from_secs(30);
             }
             if tokio::time::timeout_at(deadline, changes.changed())
                 .await

@@ -137,6 +137,41 @@ fn rm_with_live_calls_needs_force() {
     d.finish();
 }
 
+/// SIGTERM: a running call that ends within the grace period finishes; one
+/// that does not is killed and FAILED with the reason; no container stays.
+#[test]
+fn sigterm_lets_calls_finish_then_kills_the_rest() {
+    let mut d = Daemon::start_with("[scheduler]\nshutdown_grace_secs = 3");
+    d.create("quick", &[IMAGE, "sh", "-c", "sleep 1; echo done"]);
+    d.create("long", &[IMAGE, "sleep", "60"]);
+    let quick = d.call("quick", b"");
+    let long = d.call("long", b"");
+    d.wait_until(30, "both calls to run", || {
+        d.status("quick")["Running"] == 1 && d.status("long")["Running"] == 1
+    });
+    let t = std::time::Instant::now();
+    d.stop();
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "stop took {:?}",
+        t.elapsed()
+    );
+    assert!(
+        d.containers(false).is_empty(),
+        "containers left after SIGTERM: {:?}",
+        d.containers(false)
+    );
+    d.restart();
+    assert_eq!(d.ok(&["func", "get", &quick]), "done\n");
+    let call = d.api(&format!("/v1/calls/{long}")).1;
+    assert_eq!(call["State"], "FAILED", "{call}");
+    assert_eq!(
+        call["Message"], "cancelled: hyperfuncd was stopped",
+        "{call}"
+    );
+    d.finish();
+}
+
 /// kill -9 of the real binary during intake, while the queue drains, and
 /// while calls run: every acknowledged call ends FINISHED with its exact
 /// output or FAILED with a reason; none is lost, stuck, or run twice.

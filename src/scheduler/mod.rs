@@ -28,6 +28,8 @@ const ENGINE_RETRY: Duration = Duration::from_secs(1);
 /// How often containers that belong to no running call are swept away (an
 /// Engine restart can leave the containers of calls it killed).
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// How long shutdown waits for killed calls to be recorded.
+const STOP_WAIT: Duration = Duration::from_secs(15);
 
 pub struct Scheduler {
     store: Arc<Store>,
@@ -99,6 +101,8 @@ struct DispatchState {
     recovered: bool,
     /// The Engine refused the last attempt; retry after a ping succeeds.
     engine_down: bool,
+    /// Shutting down: cancelled calls were cancelled by the stop.
+    stopping: bool,
 }
 
 impl Scheduler {
@@ -178,8 +182,57 @@ impl Scheduler {
                 _ = sweep.tick() => self.sweep().await,
             }
         }
-        // Cancel nothing on shutdown: running calls finish or are reconciled at the next start.
+        self.stop_running().await;
         self.pool.close().await;
+    }
+
+    /// On shutdown: lets running calls finish within the grace period, then
+    /// kills the rest (they end FAILED with the reason), so a stopped daemon
+    /// leaves no container on the Engine. A kill -9 instead leaves them to
+    /// the next start's recovery.
+    async fn stop_running(&self) {
+        let grace = Duration::from_secs(self.config.scheduler.shutdown_grace_secs);
+        let mut changes = self.subscribe();
+        let mut deadline = tokio::time::Instant::now() + grace;
+        let mut killed = false;
+        loop {
+            changes.borrow_and_update();
+            let running = self.running_total();
+            if running == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_ok()
+            {
+                continue;
+            }
+            if killed {
+                tracing::warn!(
+                    running,
+                    "calls still running at exit; the next start reconciles them"
+                );
+                return;
+            }
+            tracing::info!(running, "stopping: killing the calls still running");
+            killed = true;
+            let mut st = self.state();
+            st.stopping = true;
+            for (_, token) in st.cancels.values() {
+                token.cancel();
+            }
+            drop(st);
+            deadline = tokio::time::Instant::now() + STOP_WAIT;
+        }
+    }
+
+    /// Why a cancelled call was cancelled.
+    fn cancel_reason(&self) -> &'static str {
+        if self.state().stopping {
+            "cancelled: hyperfuncd was stopped"
+        } else {
+            "cancelled"
+        }
     }
 
     /// What a warm container of `f` is made of.
@@ -496,7 +549,7 @@ impl Scheduler {
             return Ok(());
         };
         if token.is_cancelled() {
-            self.fail(&call.id, "cancelled")?;
+            self.fail(&call.id, self.cancel_reason())?;
             return Ok(());
         }
         let warm = self.warm_spec(&function);
@@ -556,7 +609,10 @@ impl Scheduler {
     ) -> Result<(), StoreError> {
         let limits = &self.config.limits;
         match result {
-            Ok(ran) => {
+            Ok(mut ran) => {
+                if ran.outcome.message.as_deref() == Some("cancelled") {
+                    ran.outcome.message = Some(self.cancel_reason().into());
+                }
                 tracing::debug!(call = %call.id, state = ?ran.outcome.state, "ended");
                 self.store.finish(
                     &call.id,
