@@ -13,19 +13,9 @@ const POOL: &str = "[pool]\nper_function = 2";
 
 /// The warm containers of `function` waiting for a call, by id.
 fn warm(d: &Daemon, function: &str) -> HashSet<String> {
-    let out = Command::new("docker")
-        .args(["ps", "-q", "--no-trunc"])
-        .args([
-            "--filter",
-            &format!("label=io.hyperfuncd.instance={}", d.instance),
-        ])
-        .args(["--filter", &format!("label=io.hyperfuncd.pool={function}")])
-        .args(["--filter", "name=hyperfuncd-pool-"])
-        .output()
-        .expect("docker ps");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
+    let label = format!("label=io.hyperfuncd.pool={function}");
+    d.ps(&["--filter", &label, "--filter", "name=hyperfuncd-pool-"])
+        .into_iter()
         .collect()
 }
 

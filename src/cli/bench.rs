@@ -690,20 +690,10 @@ impl Daemon {
 
     /// `POST /call/NAME/UUID/sync`; checks the output is the payload.
     async fn sync_call(&self, f: &Function, payload: &Bytes) -> anyhow::Result<()> {
-        let resp = self
-            .admin
-            .http()
-            .post(format!("{}/sync", f.call))
-            .body(payload.clone())
-            .timeout(CALL_TIMEOUT)
-            .send()
-            .await
-            .context("sync call failed")?;
-        let status = resp.status();
-        let body = resp.bytes().await.context("sync call failed")?;
-        if status != reqwest::StatusCode::OK {
-            bail!("sync call answered {status}: {}", snippet(&body));
-        }
+        let url = format!("{}/sync", f.call);
+        let body = self
+            .post(&url, payload, reqwest::StatusCode::OK, "sync call")
+            .await?;
         if body != *payload {
             bail!("sync call returned {} bytes, not the payload", body.len());
         }
@@ -712,23 +702,45 @@ impl Daemon {
 
     /// `POST /call/NAME/UUID`: the call id once the call is on disk.
     async fn submit(&self, f: &Function, payload: &Bytes) -> anyhow::Result<String> {
+        let body = self
+            .post(
+                &f.call,
+                payload,
+                reqwest::StatusCode::ACCEPTED,
+                "async call",
+            )
+            .await?;
+        let a: CallAccepted =
+            serde_json::from_slice(&body).context("unexpected answer to an async call")?;
+        Ok(a.call_id)
+    }
+
+    /// POSTs `payload` to a capability URL; the body if it answered `want`.
+    async fn post(
+        &self,
+        url: &str,
+        payload: &Bytes,
+        want: reqwest::StatusCode,
+        what: &str,
+    ) -> anyhow::Result<Bytes> {
         let resp = self
             .admin
             .http()
-            .post(&f.call)
+            .post(url)
             .body(payload.clone())
             .timeout(CALL_TIMEOUT)
             .send()
             .await
-            .context("async call failed")?;
+            .with_context(|| format!("{what} failed"))?;
         let status = resp.status();
-        let body = resp.bytes().await.context("async call failed")?;
-        if status != reqwest::StatusCode::ACCEPTED {
-            bail!("async call answered {status}: {}", snippet(&body));
+        let body = resp
+            .bytes()
+            .await
+            .with_context(|| format!("{what} failed"))?;
+        if status != want {
+            bail!("{what} answered {status}: {}", snippet(&body));
         }
-        let a: CallAccepted =
-            serde_json::from_slice(&body).context("unexpected answer to an async call")?;
-        Ok(a.call_id)
+        Ok(body)
     }
 
     /// Submits a call, then long-polls its output until it is there.

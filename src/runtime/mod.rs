@@ -508,26 +508,10 @@ impl Runtime {
                 container: Some(container.to_string()),
             }))
         };
-        let attach = docker
-            .attach_container(
-                container,
-                Some(AttachContainerOptions {
-                    stdin: true,
-                    stdout: true,
-                    stderr: true,
-                    stream: true,
-                    logs: false,
-                    detach_keys: None,
-                }),
-            )
-            .await;
-        let attach = match attach {
+        let attach = match attach(&docker, container, &cancel).await {
             Ok(a) => a,
-            Err(e) => return ran(Outcome::failed(stage_failure("attach to", &e))),
+            Err(failed) => return ran(failed),
         };
-        if cancel.is_cancelled() {
-            return ran(Outcome::failed("cancelled"));
-        }
         let frame = call_frame(frame_env);
         let mut outcome = self
             .exchange(&docker, container, attach, spec, cancel, frame)
@@ -551,27 +535,10 @@ impl Runtime {
         mut spec: RunSpec,
         cancel: CancellationToken,
     ) -> Outcome {
-        let attach = docker
-            .attach_container(
-                id,
-                Some(AttachContainerOptions {
-                    stdin: true,
-                    stdout: true,
-                    stderr: true,
-                    stream: true,
-                    logs: false,
-                    detach_keys: None,
-                }),
-            )
-            .await;
-        let attach = match attach {
+        let attach = match attach(docker, id, &cancel).await {
             Ok(a) => a,
-            Err(e) => return Outcome::failed(stage_failure("attach to", &e)),
+            Err(failed) => return failed,
         };
-        // Cancelled while it waited its turn: never start it.
-        if cancel.is_cancelled() {
-            return Outcome::failed("cancelled");
-        }
         let started = docker.start_container(id, None).await;
         tracing::debug!(call = %spec.call_id, ok = started.is_ok(), "started");
         if let Some(tx) = spec.started.take() {
@@ -867,6 +834,31 @@ async fn read_output(
         }
     }
     c
+}
+
+/// Attaches to all three streams of `id`; a failure, or a cancellation
+/// while the call waited its turn (then it never starts), is the outcome.
+async fn attach(
+    docker: &Docker,
+    id: &str,
+    cancel: &CancellationToken,
+) -> Result<AttachContainerResults, Outcome> {
+    let options = AttachContainerOptions {
+        stdin: true,
+        stdout: true,
+        stderr: true,
+        stream: true,
+        logs: false,
+        detach_keys: None,
+    };
+    let attached = docker
+        .attach_container(id, Some(options))
+        .await
+        .map_err(|e| Outcome::failed(stage_failure("attach to", &e)))?;
+    if cancel.is_cancelled() {
+        return Err(Outcome::failed("cancelled"));
+    }
+    Ok(attached)
 }
 
 async fn remove(docker: &Docker, id: &str) {

@@ -290,13 +290,15 @@ impl Daemon {
 
     /// Containers of this daemon that exist on the Engine right now.
     pub fn containers(&self, running_only: bool) -> Vec<String> {
+        self.ps(if running_only { &[] } else { &["-a"] })
+    }
+
+    /// Ids of this daemon's containers that `docker ps` lists with `args`.
+    pub fn ps(&self, args: &[&str]) -> Vec<String> {
         let filter = format!("label=io.hyperfuncd.instance={}", self.instance);
-        let mut args = vec!["ps", "-q", "--filter", filter.as_str()];
-        if !running_only {
-            args.push("-a");
-        }
         let out = Command::new("docker")
-            .args(&args)
+            .args(["ps", "-q", "--filter", filter.as_str()])
+            .args(args)
             .output()
             .expect("docker ps");
         String::from_utf8_lossy(&out.stdout)
