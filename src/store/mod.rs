@@ -86,6 +86,10 @@ pub enum OutputLookup {
     NoOutput(Call),
 }
 
+/// sled's page cache: enough for the hot trees (queue heads, stats, recent
+/// calls); the rest is read from disk when needed.
+const PAGE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 // Tree indices of `Store::trees`, so one transaction can span any of them.
 const USERS: usize = 0; // user name -> User
 const KEYS: usize = 1; // key hash -> user name
@@ -125,10 +129,13 @@ pub struct Store {
 }
 
 impl Store {
+    /// Opens (or creates) the store in `dir`. sled's page cache is bounded
+    /// by `PAGE_CACHE_BYTES` (its default is 1 GiB, which a long queue fills).
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::LowSpace)
+            .cache_capacity(PAGE_CACHE_BYTES)
             .open()?;
         let trees = TREE_NAMES
             .iter()
