@@ -346,14 +346,8 @@ impl Runtime {
             cmd: (!spec.command.is_empty()).then(|| spec.command.clone()),
             env: Some(spec.env.clone()),
             labels: Some(labels),
-            attach_stdin: Some(true),
-            attach_stdout: Some(true),
-            attach_stderr: Some(true),
-            open_stdin: Some(true),
-            stdin_once: Some(true),
-            tty: Some(false),
             host_config: Some(self.host_config(spec.memory_bytes, spec.cpus)),
-            ..Default::default()
+            ..attachable()
         }
     }
 
@@ -417,14 +411,8 @@ impl Runtime {
             cmd: Some(argv),
             env: Some(spec.env.clone()),
             labels: Some(labels),
-            attach_stdin: Some(true),
-            attach_stdout: Some(true),
-            attach_stderr: Some(true),
-            open_stdin: Some(true),
-            stdin_once: Some(true),
-            tty: Some(false),
             host_config: Some(self.host_config(spec.memory_bytes, spec.cpus)),
-            ..Default::default()
+            ..attachable()
         };
         let options = CreateContainerOptions {
             name: Some(name.to_string()),
@@ -834,6 +822,20 @@ async fn read_output(
         }
     }
     c
+}
+
+/// A container body whose STDIN, STDOUT and STDERR we attach to, with STDIN
+/// closed after the one attach (the DESIGN's Engine facts), no TTY.
+fn attachable() -> ContainerCreateBody {
+    ContainerCreateBody {
+        attach_stdin: Some(true),
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        open_stdin: Some(true),
+        stdin_once: Some(true),
+        tty: Some(false),
+        ..Default::default()
+    }
 }
 
 /// Attaches to all three streams of `id`; a failure, or a cancellation
