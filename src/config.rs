@@ -12,6 +12,8 @@ pub const SYSTEM_CONFIG_PATH: &str = "/etc/hyperfuncd/config.toml";
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
 pub const MIB: u64 = 1024 * 1024;
+pub const DEFAULT_CALL_RETENTION: std::time::Duration =
+    std::time::Duration::from_secs(7 * 24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -43,6 +45,7 @@ pub struct Config {
     pub container: ContainerConfig,
     pub pool: PoolConfig,
     pub docker: DockerConfig,
+    pub store: StoreSection,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -70,6 +73,11 @@ pub struct LimitsConfig {
     pub output_cache_bytes: u64,
     /// Log events kept per function, in bytes; the oldest are evicted.
     pub log_cache_bytes: u64,
+    /// How long the record of an ended call is kept (humantime, e.g. "7d");
+    /// after that it is deleted with any output it still holds, and asking
+    /// for it answers 404.
+    #[serde(with = "humantime_secs")]
+    pub call_retention: std::time::Duration,
 }
 
 impl Default for LimitsConfig {
@@ -80,6 +88,7 @@ impl Default for LimitsConfig {
             max_stderr_bytes: MIB,
             output_cache_bytes: 50 * MIB,
             log_cache_bytes: 50 * MIB,
+            call_retention: DEFAULT_CALL_RETENTION,
         }
     }
 }
@@ -171,6 +180,45 @@ impl Default for DockerConfig {
     }
 }
 
+/// How state is stored (`[store]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// Payloads and outputs up to this size are kept inside the database
+    /// and share its group commit (one fsync for many calls); larger ones
+    /// are files of their own.
+    pub inline_max_bytes: u64,
+    /// Free space kept on the data dir's filesystem. Intake answers 507
+    /// rather than eat into it, and an output that does not fit ends its
+    /// call FAILED, so state changes always have room.
+    pub min_free_bytes: u64,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self {
+            inline_max_bytes: 64 * 1024,
+            min_free_bytes: 128 * MIB,
+        }
+    }
+}
+
+/// A `Duration` written as a humantime string ("7d", "12h 30m").
+mod humantime_secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -186,6 +234,7 @@ impl Default for Config {
             container: ContainerConfig::default(),
             pool: PoolConfig::default(),
             docker: DockerConfig::default(),
+            store: StoreSection::default(),
         }
     }
 }
@@ -233,6 +282,16 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// What the store needs to know.
+    pub fn store(&self) -> crate::store::StoreConfig {
+        crate::store::StoreConfig {
+            inline_max_bytes: self.store.inline_max_bytes,
+            min_free_bytes: self.store.min_free_bytes,
+            output_budget: self.limits.output_cache_bytes,
+            log_budget: self.limits.log_cache_bytes,
+        }
     }
 
     /// The data directory actually used.

@@ -14,6 +14,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod failpoint;
 pub mod model;
 pub mod runtime;
 pub mod scheduler;

@@ -46,6 +46,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 config.listen = l;
             }
             config.validate()?;
+            #[cfg(feature = "failpoints")]
+            let _failpoints = hyperfuncd::failpoint::setup();
             let shutdown = tokio_util::sync::CancellationToken::new();
             let signal = shutdown.clone();
             tokio::spawn(async move {

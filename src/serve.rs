@@ -9,7 +9,6 @@ use crate::model::Name;
 use crate::runtime::Runtime;
 use crate::scheduler::Scheduler;
 use crate::service::Service;
-use crate::store::Store;
 use anyhow::{anyhow, Context};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::net::SocketAddr;
@@ -23,17 +22,17 @@ use tokio_util::sync::CancellationToken;
 const ADMIN: &str = "admin";
 /// A client that has not finished its TLS handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Exit status when the store fails for good (EX_IOERR); systemd restarts the daemon.
+pub const EXIT_STORE_FAILED: i32 = 74;
 
 /// Runs the daemon until `shutdown` fires.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let data_dir = config.data_dir();
     create_private_dir(&data_dir)?;
-    let store = Arc::new(
-        Store::open(&data_dir.join("db"))
-            .with_context(|| format!("cannot open the database in {}", data_dir.display()))?,
-    );
-    let instance = store.instance_id()?;
+    let store = crate::store::open(&data_dir.join("db"), config.store())
+        .with_context(|| format!("cannot open the database in {}", data_dir.display()))?;
+    let instance = store.instance_id().await?;
     let runtime = Arc::new(Runtime::new(
         config.docker_socket(),
         instance,
@@ -82,14 +81,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         key: None,
         ca: tls.as_ref().map(|t| t.ca.clone()),
     };
-    let profile_path = ensure_admin(&svc, &data_dir, profile)?;
-    store.flush().await?;
+    let profile_path = ensure_admin(&svc, &data_dir, profile).await?;
     println!(
         "hyperfuncd listening on {scheme}://{local}; admin profile written to {}",
         profile_path.display()
     );
 
     let dispatcher = tokio::spawn(Arc::clone(&scheduler).run(shutdown.clone()));
+    // sled refuses every write after a failed one: stop at once, as a
+    // kill -9 would, and let the restart's recovery settle every call.
+    let watched = Arc::clone(&store);
+    tokio::spawn(async move {
+        let reason = watched.failed().await;
+        tracing::error!(
+            reason = %reason,
+            "the store cannot write; stopping so that a restart recovers every accepted call"
+        );
+        std::process::exit(EXIT_STORE_FAILED);
+    });
     serve_http(
         listener,
         tls.map(|t| t.acceptor),
@@ -98,7 +107,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     )
     .await;
     let _ = dispatcher.await;
-    store.flush().await?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -171,18 +179,31 @@ fn tls_acceptor(
 
 /// Makes sure the `admin` user exists and `DATA_DIR/admin-profile.toml` holds
 /// a working key for it. Keys are stored hashed, so a lost profile means a new key.
-fn ensure_admin(svc: &Service, data_dir: &Path, mut profile: Profile) -> anyhow::Result<PathBuf> {
+async fn ensure_admin(
+    svc: &Service,
+    data_dir: &Path,
+    mut profile: Profile,
+) -> anyhow::Result<PathBuf> {
     let path = data_dir.join("admin-profile.toml");
     let admin = Name::parse(ADMIN)?;
     let old_key = Profile::load(&path).ok().and_then(|p| p.key);
-    let key = match (svc.store.get_user(&admin)?, old_key) {
-        (None, _) => svc.create_user(admin, None, true)?.1.as_str().to_string(),
-        (Some(_), Some(k)) if svc.authenticate(&k).is_ok_and(|u| u.admin) => k,
+    let old_ok = match &old_key {
+        Some(k) => svc.authenticate(k).await.is_ok_and(|u| u.admin),
+        None => false,
+    };
+    let key = match (svc.store.get_user(&admin).await?, old_key) {
+        (None, _) => svc
+            .create_user(admin, None, true)
+            .await?
+            .1
+            .as_str()
+            .to_string(),
+        (Some(_), Some(k)) if old_ok => k,
         (Some(mut user), _) => {
             let key = crate::model::ApiKey::generate();
             user.key_hash = key.hash();
             user.admin = true;
-            svc.store.update_user(&user)?;
+            svc.store.update_user(&user).await?;
             key.as_str().to_string()
         }
     };

@@ -5,7 +5,7 @@
 
 use crate::config::Config;
 use crate::model::{
-    now_ms, ApiKey, Call, CallId, CallState, EnvVar, Event, Function, FunctionSpec, Name, Outcome,
+    now_ms, ApiKey, Call, CallId, CallState, EnvVar, Event, Function, FunctionSpec, Name,
     OutputState, Secret, User,
 };
 use crate::runtime::{Runtime, RuntimeError};
@@ -31,6 +31,9 @@ pub enum ServiceError {
     TooLarge(String),
     #[error("{0}")]
     Unavailable(String),
+    /// No space to store the request, or the store cannot write.
+    #[error("{0}")]
+    InsufficientStorage(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -41,7 +44,10 @@ impl From<StoreError> for ServiceError {
             StoreError::NotFound(what) => ServiceError::NotFound(format!("{what} not found")),
             StoreError::Conflict(m) => ServiceError::Conflict(m),
             StoreError::Transition(t) => ServiceError::Conflict(t.to_string()),
-            other => ServiceError::Internal(other.to_string()),
+            e @ (StoreError::Full(_) | StoreError::Failed(_)) => {
+                ServiceError::InsufficientStorage(e.to_string())
+            }
+            StoreError::Corrupt(m) => ServiceError::Internal(m),
         }
     }
 }
@@ -95,7 +101,7 @@ pub enum Scope<'a> {
 }
 
 pub struct Service {
-    pub store: Arc<Store>,
+    pub store: Arc<dyn Store>,
     pub scheduler: Arc<Scheduler>,
     pub runtime: Arc<Runtime>,
     pub config: Arc<Config>,
@@ -110,9 +116,10 @@ impl Service {
 
     // ---- users ----
 
-    pub fn authenticate(&self, key: &str) -> Result<User> {
+    pub async fn authenticate(&self, key: &str) -> Result<User> {
         self.store
-            .user_by_key_hash(&crate::model::hash_key(key))?
+            .user_by_key_hash(&crate::model::hash_key(key))
+            .await?
             .ok_or(ServiceError::Unauthorized)
     }
 
@@ -132,14 +139,11 @@ impl Service {
         admin: bool,
     ) -> Result<(User, ApiKey)> {
         Self::require_admin(caller)?;
-        let made = self.create_user(name, max_concurrency, admin)?;
-        self.store.flush().await?;
-        Ok(made)
+        self.create_user(name, max_concurrency, admin).await
     }
 
-    /// Creates a user without a caller (first start makes `admin` this way);
-    /// durable after the next `store.flush`.
-    pub fn create_user(
+    /// Creates a user without a caller (first start makes `admin` this way).
+    pub async fn create_user(
         &self,
         name: Name,
         max_concurrency: Option<u32>,
@@ -160,13 +164,13 @@ impl Service {
             admin,
             created_ms: now_ms(),
         };
-        self.store.create_user(&user)?;
+        self.store.create_user(&user).await?;
         Ok((user, key))
     }
 
-    pub fn list_users(&self, caller: &User) -> Result<Vec<User>> {
+    pub async fn list_users(&self, caller: &User) -> Result<Vec<User>> {
         Self::require_admin(caller)?;
-        Ok(self.store.list_users()?)
+        Ok(self.store.list_users().await?)
     }
 
     pub async fn update_user(
@@ -179,7 +183,8 @@ impl Service {
         Self::require_admin(caller)?;
         let mut user = self
             .store
-            .get_user(name)?
+            .get_user(name)
+            .await?
             .ok_or_else(|| ServiceError::NotFound(format!("user {name} not found")))?;
         if let Some(m) = max_concurrency {
             if m == 0 {
@@ -193,8 +198,7 @@ impl Service {
         if let Some(k) = &key {
             user.key_hash = k.hash();
         }
-        self.store.update_user(&user)?;
-        self.store.flush().await?;
+        self.store.update_user(&user).await?;
         // A raised quota may let queued calls start now.
         self.scheduler.queued(name);
         Ok((user, key))
@@ -205,8 +209,7 @@ impl Service {
         if caller.name == *name {
             return Err(ServiceError::Conflict("you cannot remove yourself".into()));
         }
-        self.store.delete_user(name)?;
-        Ok(self.store.flush().await?)
+        Ok(self.store.delete_user(name).await?)
     }
 
     // ---- functions ----
@@ -218,7 +221,7 @@ impl Service {
         spec: FunctionSpec,
     ) -> Result<Function> {
         spec.validate().map_err(ServiceError::BadRequest)?;
-        if self.store.get_function(&name)?.is_some() {
+        if self.store.get_function(&name).await?.is_some() {
             return Err(ServiceError::Conflict(format!(
                 "function {name} already exists"
             )));
@@ -238,23 +241,22 @@ impl Service {
             created_ms: now,
             updated_ms: now,
         };
-        self.store.create_function(&f)?;
-        self.store.flush().await?;
+        self.store.create_function(&f).await?;
         self.scheduler.function_changed(&f);
         Ok(f)
     }
 
     /// The function `name` if `caller` may see it; others' are "not found".
-    pub fn function(&self, caller: &User, name: &Name) -> Result<Function> {
-        match self.store.get_function(name)? {
+    pub async fn function(&self, caller: &User, name: &Name) -> Result<Function> {
+        match self.store.get_function(name).await? {
             Some(f) if caller.admin || f.owner == caller.name => Ok(f),
             _ => Err(ServiceError::NotFound(format!("function {name} not found"))),
         }
     }
 
-    pub fn list_functions(&self, caller: &User) -> Result<Vec<Function>> {
+    pub async fn list_functions(&self, caller: &User) -> Result<Vec<Function>> {
         let owner = (!caller.admin).then_some(&caller.name);
-        Ok(self.store.list_functions(owner)?)
+        Ok(self.store.list_functions(owner).await?)
     }
 
     pub async fn update_function(
@@ -263,7 +265,7 @@ impl Service {
         name: &Name,
         u: FunctionUpdate,
     ) -> Result<Function> {
-        let mut f = self.function(caller, name)?;
+        let mut f = self.function(caller, name).await?;
         let s = &mut f.spec;
         if let Some(image) = u.image {
             s.image = image;
@@ -298,90 +300,42 @@ impl Service {
             f.secret = Secret::new();
         }
         f.updated_ms = now_ms();
-        self.store.update_function(&f)?;
-        self.store.flush().await?;
+        self.store.update_function(&f).await?;
         self.scheduler.function_changed(&f);
         Ok(f)
     }
 
     /// Removes a function. With live calls it is a conflict unless `force`,
-    /// which fails the queued ones as cancelled and kills the running ones.
+    /// which cancels them through the scheduler: queued ones end FAILED,
+    /// running ones are killed first. Once the record is gone no call of
+    /// the function is accepted or started.
     pub async fn delete_function(&self, caller: &User, name: &Name, force: bool) -> Result<()> {
-        let f = self.function(caller, name)?;
-        let live = self.store.live_calls(&f.name)?;
+        let f = self.function(caller, name).await?;
+        let live = self.store.live_calls(&f.name).await?;
         if !live.is_empty() && !force {
             return Err(ServiceError::Conflict(format!(
                 "function {name} has {} queued or running call(s); use --force to cancel them",
                 live.len()
             )));
         }
-        let limits = &self.config.limits;
-        let mut changes = self.scheduler.subscribe();
-        // Loop until nothing is live: a call may be accepted, or start, while
-        // we wait; queued ones are failed here, running ones are killed. The
-        // deadline bounds a wait without progress, not the cancelling itself
-        // (100k queued calls take a while).
-        let mut remaining = usize::MAX;
-        let mut deadline = tokio::time::Instant::now();
-        loop {
-            let live = self.store.live_calls(&f.name)?;
-            if live.is_empty() {
-                break;
-            }
-
-            for call in &live {
-                if call.state == CallState::Pending {
-                    let outcome = Outcome::failed("cancelled: the function was removed");
-                    // It may have started meanwhile; then it is cancelled next round.
-                    let _ = self.store.finish(
-                        &call.id,
-                        &outcome,
-                        limits.output_cache_bytes,
-                        limits.log_cache_bytes,
-                    );
-                } else {
-                    self.scheduler.cancel(&call.id);
-                }
-            }
-            // Wake output waiters of the failed calls, without waking ourselves.
-            self.scheduler.changed();
-            changes.borrow_and_update();
-            let left = self.store.live_calls(&f.name)?.len();
-            if left == 0 {
-                break;
-            }
-            if left < remaining {
-                remaining = left;
-                deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-            }
-            if tokio::time::timeout_at(deadline, changes.changed())
-                .await
-                .is_err()
-            {
-                return Err(ServiceError::Conflict(format!(
-                    "function {name} still has running calls that did not stop in time"
-                )));
-            }
-        }
-        self.store.delete_function(&f.name)?;
-        self.store.flush().await?;
+        self.store.remove_function(&f.name).await?;
         self.scheduler.function_removed(&f.name);
-        self.scheduler.changed();
+        self.scheduler.remove_function_calls(&f.name).await?;
         Ok(())
     }
 
     /// The function behind a capability URL; a wrong secret is "not found".
-    pub fn function_by_secret(&self, name: &str, secret: &str) -> Result<Function> {
+    pub async fn function_by_secret(&self, name: &str, secret: &str) -> Result<Function> {
         let not_found = || ServiceError::NotFound("no such function URL".into());
         let name = Name::parse(name).map_err(|_| not_found())?;
-        match self.store.get_function(&name)? {
+        match self.store.get_function(&name).await? {
             Some(f) if f.secret.matches(secret) => Ok(f),
             _ => Err(not_found()),
         }
     }
 
-    pub fn stats(&self, f: &Function) -> Result<FunctionStats> {
-        Ok(self.store.stats(&f.name)?)
+    pub async fn stats(&self, f: &Function) -> Result<FunctionStats> {
+        Ok(self.store.stats(&f.name).await?)
     }
 
     // ---- calls ----
@@ -396,16 +350,9 @@ impl Service {
         if payload.len() as u64 > self.config.limits.max_stdin_bytes {
             return Err(self.too_large());
         }
-        let call = Call::new(
-            f.name.clone(),
-            f.owner.clone(),
-            self.store.next_seq()?,
-            &payload,
-            request_env,
-        );
-        self.store
-            .accept(&call, &payload, self.config.limits.log_cache_bytes)?;
-        self.store.flush().await?;
+        // The store assigns the FIFO sequence.
+        let call = Call::new(f.name.clone(), f.owner.clone(), 0, &payload, request_env);
+        let call = self.store.accept(call, payload).await?;
         self.scheduler.queued(&f.owner);
         Ok(call.id)
     }
@@ -418,8 +365,8 @@ impl Service {
     }
 
     /// The call `id` if `scope` may see it.
-    pub fn call(&self, scope: &Scope<'_>, id: &CallId) -> Result<Call> {
-        let call = self.store.get_call(id)?;
+    pub async fn call(&self, scope: &Scope<'_>, id: &CallId) -> Result<Call> {
+        let call = self.store.get_call(id).await?;
         match (call, scope) {
             (Some(c), Scope::User(u)) if u.admin || c.owner == u.name => Ok(c),
             (Some(c), Scope::Function(f)) if c.function == f.name => Ok(c),
@@ -439,9 +386,9 @@ impl Service {
         let mut changes = self.scheduler.subscribe();
         loop {
             // Visibility first, so another user's call id answers 404.
-            let call = self.call(scope, id)?;
+            let call = self.call(scope, id).await?;
             if call.state.is_done() {
-                return match self.store.take_output(id)? {
+                return match self.store.take_output(id).await? {
                     Some(OutputLookup::Output(_, out)) => Ok(OutputAnswer::Output(out)),
                     Some(OutputLookup::NoOutput(c)) if c.state == CallState::Failed => {
                         Ok(OutputAnswer::Failed(c))
@@ -467,19 +414,24 @@ impl Service {
     }
 
     /// Log events of `f` after `after`, optionally of one call, at most the last `tail`.
-    pub fn events(
+    pub async fn events(
         &self,
         f: &Function,
         after: Option<u64>,
         call: Option<&CallId>,
         tail: Option<usize>,
     ) -> Result<Vec<(u64, Event)>> {
-        Ok(self.store.events(&f.name, after, call, tail)?)
+        Ok(self.store.events(&f.name, after, call, tail).await?)
     }
 
     /// The newest event's sequence of `f` (see `Store::last_event_seq`).
-    pub fn last_event_seq(&self, f: &Function) -> Result<Option<u64>> {
-        Ok(self.store.last_event_seq(&f.name)?)
+    pub async fn last_event_seq(&self, f: &Function) -> Result<Option<u64>> {
+        Ok(self.store.last_event_seq(&f.name).await?)
+    }
+
+    /// `Err(reason)` while the store cannot take writes, for `/healthz`.
+    pub async fn store_ok(&self) -> std::result::Result<(), String> {
+        self.store.health().await
     }
 
     /// Whether the Engine answers, for `/healthz`.

@@ -69,6 +69,9 @@ impl From<ServiceError> for ApiError {
             ServiceError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ServiceError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ServiceError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "engine_unavailable"),
+            ServiceError::InsufficientStorage(_) => {
+                (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
+            }
             ServiceError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {
@@ -163,46 +166,55 @@ async fn route(svc: &Arc<Service>, req: Req) -> ApiResult {
     match s.as_slice() {
         // ---- data plane: capability URLs ----
         ["call", name, secret] => {
-            let f = svc.function_by_secret(name, secret)?;
+            let f = svc.function_by_secret(name, secret).await?;
             accept(svc, f, false, req).await
         }
         ["call", name, secret, "sync"] => {
-            let f = svc.function_by_secret(name, secret)?;
+            let f = svc.function_by_secret(name, secret).await?;
             accept(svc, f, true, req).await
         }
         ["output", name, secret, id] if m == Method::GET => {
-            let f = svc.function_by_secret(name, secret)?;
+            let f = svc.function_by_secret(name, secret).await?;
             output(svc, &Scope::Function(&f), id, None).await
         }
         ["output", name, secret, id, "wait"] if m == Method::GET => {
-            let f = svc.function_by_secret(name, secret)?;
+            let f = svc.function_by_secret(name, secret).await?;
             output(svc, &Scope::Function(&f), id, Some(wait_param(&req)?)).await
         }
         ["logs", name, secret] if m == Method::GET => {
-            let f = svc.function_by_secret(name, secret)?;
-            logs(svc, f, &req)
+            let f = svc.function_by_secret(name, secret).await?;
+            logs(svc, f, &req.query).await
         }
         ["status", name, secret] if m == Method::GET => {
-            let f = svc.function_by_secret(name, secret)?;
+            let f = svc.function_by_secret(name, secret).await?;
             Ok(json_response(
                 StatusCode::OK,
-                &StatusView::from(svc.stats(&f)?),
+                &StatusView::from(svc.stats(&f).await?),
             ))
         }
 
         // ---- unauthenticated service routes ----
         ["healthz"] if m == Method::GET => {
             let engine = svc.engine_ok().await;
+            let store = svc.store_ok().await;
+            // The Engine being down is not unhealthy: calls queue until it is
+            // back. A store that cannot write is: nothing can be accepted.
+            let status = if store.is_ok() {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
             let h = Health {
-                status: "ok".into(),
+                status: if store.is_ok() { "ok" } else { "unavailable" }.into(),
                 engine: if engine { "up" } else { "down" }.into(),
+                store: store.err().unwrap_or_else(|| "ok".into()),
                 instance: svc.runtime.instance().to_string(),
             };
-            Ok(json_response(StatusCode::OK, &h))
+            Ok(json_response(status, &h))
         }
         ["metrics"] if m == Method::GET => {
             // Any valid key: queue sizes are not for the whole network.
-            authenticate(svc, &req.headers)?;
+            authenticate(svc, &req.headers).await?;
             Ok(text_response(
                 metrics(svc).await,
                 "text/plain; version=0.0.4",
@@ -214,7 +226,7 @@ async fn route(svc: &Arc<Service>, req: Req) -> ApiResult {
 
         // ---- management API ----
         ["v1", rest @ ..] => {
-            let caller = authenticate(svc, &req.headers)?;
+            let caller = authenticate(svc, &req.headers).await?;
             v1(svc, &caller, rest, req).await
         }
         _ => Err(ApiError::not_found(format!(
@@ -228,11 +240,10 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
     let m = req.method.clone();
     match rest {
         ["functions"] if m == Method::GET => {
-            let list = svc
-                .list_functions(caller)?
-                .iter()
-                .map(|f| view(svc, f))
-                .collect::<Result<Vec<_>, _>>()?;
+            let mut list = Vec::new();
+            for f in svc.list_functions(caller).await? {
+                list.push(view(svc, &f).await?);
+            }
             Ok(json_response(StatusCode::OK, &list))
         }
         ["functions"] if m == Method::POST => {
@@ -252,11 +263,11 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
                 cpus: body.cpus,
             };
             let f = svc.create_function(caller, name, spec).await?;
-            Ok(json_response(StatusCode::CREATED, &view(svc, &f)?))
+            Ok(json_response(StatusCode::CREATED, &view(svc, &f).await?))
         }
         ["functions", name] if m == Method::GET => {
-            let f = svc.function(caller, &Name::parse(name)?)?;
-            Ok(json_response(StatusCode::OK, &view(svc, &f)?))
+            let f = svc.function(caller, &Name::parse(name)?).await?;
+            Ok(json_response(StatusCode::OK, &view(svc, &f).await?))
         }
         ["functions", name] if m == Method::PATCH => {
             let body: FunctionPatch = json_body(req.body).await?;
@@ -273,34 +284,34 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
             let f = svc
                 .update_function(caller, &Name::parse(name)?, update)
                 .await?;
-            Ok(json_response(StatusCode::OK, &view(svc, &f)?))
+            Ok(json_response(StatusCode::OK, &view(svc, &f).await?))
         }
         ["functions", name] if m == Method::DELETE => {
-            let force = flag(&req, "force");
+            let force = flag(&req.query, "force");
             svc.delete_function(caller, &Name::parse(name)?, force)
                 .await?;
             Ok(empty(StatusCode::NO_CONTENT))
         }
         ["functions", name, "call"] if m == Method::POST => {
-            let f = svc.function(caller, &Name::parse(name)?)?;
-            let sync = flag(&req, "sync");
+            let f = svc.function(caller, &Name::parse(name)?).await?;
+            let sync = flag(&req.query, "sync");
             accept(svc, f, sync, req).await
         }
         ["functions", name, "logs"] if m == Method::GET => {
-            let f = svc.function(caller, &Name::parse(name)?)?;
-            logs(svc, f, &req)
+            let f = svc.function(caller, &Name::parse(name)?).await?;
+            logs(svc, f, &req.query).await
         }
         ["functions", name, "status"] if m == Method::GET => {
-            let f = svc.function(caller, &Name::parse(name)?)?;
+            let f = svc.function(caller, &Name::parse(name)?).await?;
             Ok(json_response(
                 StatusCode::OK,
-                &StatusView::from(svc.stats(&f)?),
+                &StatusView::from(svc.stats(&f).await?),
             ))
         }
         ["calls", id] if m == Method::GET => {
             let id = CallId::parse(id)
                 .map_err(|_| ApiError::not_found(format!("call {id} not found")))?;
-            let call = svc.call(&Scope::User(caller), &id)?;
+            let call = svc.call(&Scope::User(caller), &id).await?;
             Ok(json_response(StatusCode::OK, &CallView::from(&call)))
         }
         ["calls", id, "output"] if m == Method::GET => {
@@ -313,7 +324,8 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
         }
         ["users"] if m == Method::GET => {
             let users: Vec<UserView> = svc
-                .list_users(caller)?
+                .list_users(caller)
+                .await?
                 .iter()
                 .map(|u| UserView::new(u, None))
                 .collect();
@@ -360,23 +372,23 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
     }
 }
 
-fn view(svc: &Service, f: &crate::model::Function) -> Result<FunctionView, ApiError> {
+async fn view(svc: &Service, f: &crate::model::Function) -> Result<FunctionView, ApiError> {
     let cache = CacheUse {
-        stats: svc.stats(f)?,
+        stats: svc.stats(f).await?,
         output_budget: svc.config.limits.output_cache_bytes,
         log_budget: svc.config.limits.log_cache_bytes,
     };
     Ok(FunctionView::new(f, svc.address(f), cache))
 }
 
-fn authenticate(svc: &Service, headers: &HeaderMap) -> Result<crate::model::User, ApiError> {
+async fn authenticate(svc: &Service, headers: &HeaderMap) -> Result<crate::model::User, ApiError> {
     let key = headers
         .get(warp::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .ok_or_else(|| ApiError::from(ServiceError::Unauthorized))?;
-    Ok(svc.authenticate(key)?)
+    Ok(svc.authenticate(key).await?)
 }
 
 /// Reads the body (bounded), accepts the call, and for `sync` waits for it.
@@ -437,24 +449,28 @@ async fn output(
     })
 }
 
-fn logs(svc: &Arc<Service>, f: crate::model::Function, req: &Req) -> ApiResult {
-    let tail = match req.query.get("tail") {
+async fn logs(
+    svc: &Arc<Service>,
+    f: crate::model::Function,
+    query: &HashMap<String, String>,
+) -> ApiResult {
+    let tail = match query.get("tail") {
         Some(t) => Some(
             t.parse::<usize>()
                 .map_err(|_| ApiError::bad_request(format!("invalid tail {t:?}")))?,
         ),
         None => None,
     };
-    let call = match req.query.get("callid") {
+    let call = match query.get("callid") {
         Some(c) => Some(CallId::parse(c)?),
         None => None,
     };
-    let follow = flag(req, "follow");
+    let follow = flag(query, "follow");
     // Subscribe before reading, so no event falls between the read and the
     // follow; `last` covers everything scanned, matching the filter or not.
     let mut changes = svc.scheduler.subscribe();
-    let top = svc.last_event_seq(&f)?;
-    let first = svc.events(&f, None, call.as_ref(), tail)?;
+    let top = svc.last_event_seq(&f).await?;
+    let first = svc.events(&f, None, call.as_ref(), tail).await?;
     let mut last = first.last().map(|(seq, _)| *seq).max(top);
     let lines = |events: Vec<(u64, crate::model::Event)>| -> Bytes {
         let mut out = Vec::new();
@@ -485,17 +501,24 @@ fn logs(svc: &Arc<Service>, f: crate::model::Function, req: &Req) -> ApiResult {
             if changes.changed().await.is_err() {
                 return;
             }
-            let Ok(top) = svc.last_event_seq(&f) else {
+            let Ok(top) = svc.last_event_seq(&f).await else {
                 return;
             };
-            let Ok(events) = svc.events(&f, last, call.as_ref(), None) else {
+            let Ok(events) = svc.events(&f, last, call.as_ref(), None).await else {
                 return;
             };
             last = events.last().map(|(seq, _)| *seq).max(top).max(last);
             if !events.is_empty() && tx.send(lines(events)).await.is_err() {
                 return;
             }
-            if svc.store.get_function(&f.name).ok().flatten().is_none() {
+            if svc
+                .store
+                .get_function(&f.name)
+                .await
+                .ok()
+                .flatten()
+                .is_none()
+            {
                 return;
             }
         }
@@ -530,10 +553,10 @@ async fn metrics(svc: &Service) -> String {
          # TYPE hyperfuncd_engine_up gauge\nhyperfuncd_engine_up {}\n\
          # HELP hyperfuncd_db_bytes Size of the database on disk.\n\
          # TYPE hyperfuncd_db_bytes gauge\nhyperfuncd_db_bytes {}\n",
-        svc.store.queue_len(),
+        svc.store.queue_len().await.unwrap_or(0),
         svc.scheduler.running_total(),
         u8::from(engine),
-        svc.store.size_on_disk(),
+        svc.store.size_on_disk().await,
     )
 }
 
@@ -656,9 +679,9 @@ fn wait_param(req: &Req) -> Result<Duration, ApiError> {
     }
 }
 
-fn flag(req: &Req, name: &str) -> bool {
+fn flag(query: &HashMap<String, String>, name: &str) -> bool {
     matches!(
-        req.query.get(name).map(String::as_str),
+        query.get(name).map(String::as_str),
         Some("" | "1" | "true" | "yes")
     )
 }

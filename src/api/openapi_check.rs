@@ -13,7 +13,6 @@ use super::*;
 use crate::config::Config;
 use crate::runtime::Runtime;
 use crate::scheduler::Scheduler;
-use crate::store::Store;
 use serde_yaml_ng::Value;
 use std::collections::BTreeSet;
 
@@ -69,10 +68,10 @@ struct Fixture {
     key: String,
 }
 
-fn fixture() -> Fixture {
+async fn fixture() -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = Arc::new(Store::open(&dir.path().join("db")).expect("open store"));
     let config = Arc::new(Config::default());
+    let store = crate::store::open(&dir.path().join("db"), config.store()).expect("open store");
     // Connects lazily: a socket that does not exist keeps Docker out of this test.
     let runtime = Arc::new(Runtime::new(
         "/nonexistent.sock".into(),
@@ -93,6 +92,7 @@ fn fixture() -> Fixture {
     });
     let (_, key) = svc
         .create_user(Name::parse("admin").expect("name"), None, true)
+        .await
         .expect("create admin");
     Fixture {
         _dir: dir,
@@ -263,7 +263,7 @@ fn spec_lists_exactly_the_routes_of_the_router() {
 
 #[tokio::test]
 async fn every_documented_operation_reaches_a_handler_and_answers_a_documented_status() {
-    let fx = fixture();
+    let fx = fixture().await;
     let spec = spec();
     let codes = error_codes(&spec);
     let ops = operations(&spec);
@@ -313,7 +313,7 @@ async fn every_documented_operation_reaches_a_handler_and_answers_a_documented_s
 
 #[tokio::test]
 async fn methods_and_paths_outside_the_table_answer_the_fallback() {
-    let fx = fixture();
+    let fx = fixture().await;
     let any: BTreeSet<&str> = ANY_METHOD.iter().copied().collect();
     let routed: BTreeSet<(&str, &str)> = ROUTES.iter().copied().collect();
     let templates: BTreeSet<&str> = ROUTES.iter().map(|(_, p)| *p).collect();
@@ -352,7 +352,7 @@ async fn methods_and_paths_outside_the_table_answer_the_fallback() {
 
 #[tokio::test]
 async fn the_served_spec_is_the_file() {
-    let fx = fixture();
+    let fx = fixture().await;
     let (status, body) = send(&fx.svc, "GET", "/openapi.yaml", None).await;
     assert_eq!(status, 200);
     assert_eq!(&body[..], OPENAPI.as_bytes());
@@ -559,6 +559,7 @@ fn schemas_match_the_api_types() {
         &Health {
             status: "ok".into(),
             engine: "down".into(),
+            store: "ok".into(),
             instance: "i".into(),
         },
         &[],

@@ -279,6 +279,8 @@ pub struct Health {
     pub status: String,
     /// `up` when the Docker Engine answers a ping, else `down`.
     pub engine: String,
+    /// `ok`, or why the store cannot take writes (then the answer is 503).
+    pub store: String,
     /// The value of the `io.hyperfuncd.instance` label on this daemon's containers.
     pub instance: String,
 }

@@ -11,7 +11,7 @@ mod pool;
 use crate::config::Config;
 use crate::model::{Call, CallId, Function, Name, Outcome};
 use crate::runtime::{RunSpec, Runtime, RuntimeError, Warm, WarmSpec};
-use crate::store::{Store, StoreError};
+use crate::store::{Started, Store, StoreError};
 use futures_util::future::{FutureExt, Shared};
 use pool::Pool;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -30,9 +30,11 @@ const ENGINE_RETRY: Duration = Duration::from_secs(1);
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// How long shutdown waits for killed calls to be recorded.
 const STOP_WAIT: Duration = Duration::from_secs(15);
+/// How often ended calls past `limits.call_retention` are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
 pub struct Scheduler {
-    store: Arc<Store>,
+    store: Arc<dyn Store>,
     runtime: Arc<Runtime>,
     config: Arc<Config>,
     /// Wakes the dispatcher: a call was queued or a slot freed.
@@ -106,7 +108,11 @@ struct DispatchState {
 }
 
 impl Scheduler {
-    pub fn new(store: Arc<Store>, runtime: Arc<Runtime>, config: Arc<Config>) -> Arc<Scheduler> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        runtime: Arc<Runtime>,
+        config: Arc<Config>,
+    ) -> Arc<Scheduler> {
         let pool = Pool::new(Arc::clone(&runtime), config.pool.clone());
         Arc::new(Scheduler {
             store,
@@ -167,6 +173,8 @@ impl Scheduler {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut prune = tokio::time::interval(PRUNE_EVERY);
+        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if let Err(e) = self.dispatch().await {
                 tracing::error!(error = %e, "dispatch failed");
@@ -180,6 +188,7 @@ impl Scheduler {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(ENGINE_RETRY), if retry => {}
                 _ = sweep.tick() => self.sweep().await,
+                _ = prune.tick() => self.prune().await,
             }
         }
         self.stop_running().await;
@@ -262,9 +271,9 @@ impl Scheduler {
 
     /// Fills the pool of every function (after recovery, or once the Engine
     /// is back).
-    fn prefill(&self) -> Result<(), StoreError> {
+    async fn prefill(&self) -> Result<(), StoreError> {
         if self.pool.enabled() {
-            for f in self.store.list_functions(None)? {
+            for f in self.store.list_functions(None).await? {
                 self.pool.fill(&self.warm_spec(&f));
             }
         }
@@ -272,11 +281,11 @@ impl Scheduler {
     }
 
     /// Tops up the pool of `warm.function` if `warm` is still its spec.
-    fn refill(&self, warm: &WarmSpec) {
+    async fn refill(&self, warm: &WarmSpec) {
         let Ok(name) = Name::parse(&warm.function) else {
             return;
         };
-        if let Ok(Some(f)) = self.store.get_function(&name) {
+        if let Ok(Some(f)) = self.store.get_function(&name).await {
             if self.warm_spec(&f) == *warm {
                 self.pool.fill(warm);
             }
@@ -290,7 +299,7 @@ impl Scheduler {
         let mut stale = Vec::new();
         for (spec, image_id) in self.pool.idle_specs() {
             let current = match Name::parse(&spec.function) {
-                Ok(n) => match self.store.get_function(&n) {
+                Ok(n) => match self.store.get_function(&n).await {
                     Ok(f) => f.map(|f| self.warm_spec(&f)),
                     // Unknown: keep them for now.
                     Err(_) => continue,
@@ -320,8 +329,8 @@ impl Scheduler {
     /// Reconciles the store with the Engine after a start. A RUNNING call
     /// whose container exists ran, at least partly, and ends FAILED; one
     /// without a container never reached the Engine (its RUNNING state was
-    /// flushed before any create) and is queued again. The decisions are
-    /// flushed before any container is removed, so a crash during recovery
+    /// durable before any create) and is queued again. Every decision is
+    /// durable before any container is removed, so a crash during recovery
     /// leaves the evidence for the next one.
     async fn recover(&self) -> Result<(), StoreError> {
         let containers = match self.runtime.containers().await {
@@ -332,58 +341,125 @@ impl Scheduler {
             }
         };
         let ran: HashSet<&str> = containers.iter().map(|c| c.call.as_str()).collect();
-        for call in self.store.running_calls()? {
+        for call in self.store.running_calls().await? {
             let had_container = ran.contains(call.id.to_string().as_str());
             tracing::debug!(call = %call.id, had_container, "recovering a RUNNING call");
             if had_container {
                 self.fail(
                     &call.id,
                     "hyperfuncd stopped while the call was running; its output could not be recovered",
-                )?;
+                )
+                .await?;
             } else {
-                self.store.requeue(&call.id)?;
+                self.store.requeue(&call.id).await?;
             }
         }
-        self.store.flush().await?;
         for c in &containers {
             self.runtime.remove(&c.id).await;
         }
-        let owners = self.store.queued_owners()?;
-        let mut st = self.state();
-        for o in owners {
-            if st.ready_set.insert(o.clone()) {
-                st.ready.push_back(o);
+        let owners = self.store.queued_owners().await?;
+        {
+            let mut st = self.state();
+            for o in owners {
+                if st.ready_set.insert(o.clone()) {
+                    st.ready.push_back(o);
+                }
+            }
+            st.recovered = true;
+        }
+        let queued = self.store.queue_len().await?;
+        tracing::info!(queued, removed = containers.len(), "recovery done");
+        self.prefill().await
+    }
+
+    /// Deletes ended calls past their retention, and finishes removals of
+    /// functions that a crash interrupted.
+    async fn prune(&self) {
+        if !self.state().recovered {
+            return;
+        }
+        let retention = self.config.limits.call_retention.as_millis() as u64;
+        let before = crate::model::now_ms().saturating_sub(retention);
+        match self.store.prune(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(count = n, "pruned ended calls past their retention"),
+            Err(e) => tracing::error!(error = %e, "pruning ended calls failed"),
+        }
+        match self.store.unpurged_functions().await {
+            Ok(names) => {
+                for name in names {
+                    if let Err(e) = self.remove_function_calls(&name).await {
+                        tracing::debug!(function = %name, error = %e, "purge deferred");
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "listing removed functions failed"),
+        }
+    }
+
+    /// Ends the calls of a function whose record is removed: queued ones
+    /// FAILED "cancelled", running ones killed through their token (they
+    /// end FAILED once their container is dead), then, once none is live,
+    /// its calls, outputs and events are deleted. The one cancellation path
+    /// of `func rm --force`, and of a removal a crash interrupted.
+    pub async fn remove_function_calls(&self, name: &Name) -> Result<(), StoreError> {
+        const REMOVED: &str = "cancelled: the function was removed";
+        let mut changes = self.subscribe();
+        // The deadline bounds a wait without progress, not the cancelling
+        // itself (100k queued calls take a while).
+        let mut remaining = usize::MAX;
+        let mut deadline = tokio::time::Instant::now();
+        loop {
+            changes.borrow_and_update();
+            if self.store.cancel_queued(name, REMOVED).await? > 0 {
+                // Wake output waiters of the failed calls.
+                self.changed();
+            }
+            crate::crash_point!("rm-cancelled");
+            let live = self.store.live_calls(name).await?;
+            if live.is_empty() {
+                break;
+            }
+            for call in &live {
+                self.cancel(&call.id);
+            }
+            if live.len() < remaining {
+                remaining = live.len();
+                deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return Err(StoreError::Conflict(format!(
+                    "function {name} still has running calls that did not stop in time; its records are removed once they have"
+                )));
             }
         }
-        st.recovered = true;
-        drop(st);
-        tracing::info!(
-            queued = self.store.queue_len(),
-            removed = containers.len(),
-            "recovery done"
-        );
-        self.prefill()
+        self.store.purge_function(name).await?;
+        self.pool.drop_function(name.as_str());
+        self.changed();
+        Ok(())
     }
 
     /// A call the store still says is RUNNING although no task runs it (its
     /// outcome could not be written): its container is the evidence the next
     /// recovery needs to fail it rather than run it again.
-    fn is_running_on_disk(&self, call: &str) -> bool {
-        CallId::parse(call)
+    async fn is_running_on_disk(&self, call: &str) -> bool {
+        let Ok(id) = CallId::parse(call) else {
+            return false;
+        };
+        self.store
+            .get_call(&id)
+            .await
             .ok()
-            .and_then(|id| self.store.get_call(&id).ok().flatten())
+            .flatten()
             .is_some_and(|c| c.state == crate::model::CallState::Running)
     }
 
     /// Ends a call FAILED with `message`.
-    fn fail(&self, id: &CallId, message: &str) -> Result<(), StoreError> {
-        let limits = &self.config.limits;
-        self.store.finish(
-            id,
-            &Outcome::failed(message),
-            limits.output_cache_bytes,
-            limits.log_cache_bytes,
-        )?;
+    async fn fail(&self, id: &CallId, message: &str) -> Result<(), StoreError> {
+        self.store.finish(id, Outcome::failed(message)).await?;
         Ok(())
     }
 
@@ -405,7 +481,7 @@ impl Scheduler {
         let mut removed = 0;
         for c in containers {
             let warm = c.call.is_empty() && self.pool.owns(&c.name);
-            if warm || keep.contains(&c.call) || self.is_running_on_disk(&c.call) {
+            if warm || keep.contains(&c.call) || self.is_running_on_disk(&c.call).await {
                 continue;
             }
             self.runtime.remove(&c.id).await;
@@ -417,28 +493,37 @@ impl Scheduler {
     }
 
     /// Gives `owner` one turn: starts its oldest queued call if its quota allows.
-    fn dispatch_one(self: &Arc<Self>, owner: &Name) -> Result<Turn, StoreError> {
+    async fn dispatch_one(self: &Arc<Self>, owner: &Name) -> Result<Turn, StoreError> {
         let quota = self
             .store
-            .get_user(owner)?
+            .get_user(owner)
+            .await?
             .map_or(self.config.scheduler.default_max_concurrency, |u| {
                 u.max_concurrency
             });
         if self.state().running.get(owner).copied().unwrap_or(0) >= quota {
             return Ok(Turn::AtQuota);
         }
-        let Some(id) = self.store.queue_head(owner)? else {
+        let Some(id) = self.store.queue_head(owner).await? else {
             return Ok(Turn::Empty);
         };
-        let (call, payload) = match self.store.start(&id, self.config.limits.log_cache_bytes) {
-            Ok(started) => started,
-            // Cancelled or removed since it was queued: drop the stale entry.
-            Err(StoreError::NotFound(_) | StoreError::Transition(_)) => {
-                self.store.discard_queued(owner, &id)?;
+        // RUNNING is durable once `start` returns: only then may a container
+        // exist (see module doc).
+        let (call, payload) = match self.store.start(&id).await {
+            Ok(Started::Running(call, payload)) => (*call, payload),
+            // Cancelled meanwhile, or failed (function removed, payload
+            // lost): its queue entry is gone; the next head is up.
+            Ok(Started::Skipped) => {
+                self.changed();
+                return Ok(Turn::Stale);
+            }
+            Err(StoreError::NotFound(_)) => {
+                self.store.discard_queued(owner, &id).await?;
                 return Ok(Turn::Stale);
             }
             Err(e) => return Err(e),
         };
+        crate::crash_point!("start-durable");
         tracing::debug!(call = %id, owner = %owner, "dispatched");
         let token = CancellationToken::new();
         let (started_tx, started_rx) = oneshot::channel();
@@ -481,6 +566,7 @@ impl Scheduler {
             if !self.state().recovered {
                 return Ok(());
             }
+            self.prune().await;
         }
         if self.state().engine_down {
             if self.runtime.ping().await.is_err() {
@@ -489,7 +575,7 @@ impl Scheduler {
             tracing::info!("Docker Engine is back; draining the queue");
             self.state().engine_down = false;
             self.sweep().await;
-            self.prefill()?;
+            self.prefill().await?;
         }
         let host_cap = self.config.scheduler.host_max_running;
         // Each turn gives one owner one slot, then moves on: round-robin.
@@ -505,7 +591,7 @@ impl Scheduler {
                     None => break,
                 }
             };
-            match self.dispatch_one(&owner) {
+            match self.dispatch_one(&owner).await {
                 Ok(Turn::Started) => idle_turns = 0,
                 Ok(Turn::Stale) => {
                     self.state().ready.push_front(owner);
@@ -520,7 +606,7 @@ impl Scheduler {
                     // accepted in between found the owner still in the set
                     // and did not re-add it.
                     self.state().ready_set.remove(&owner);
-                    if self.store.queue_head(&owner)?.is_some() {
+                    if self.store.queue_head(&owner).await?.is_some() {
                         self.queued(&owner);
                     }
                 }
@@ -542,15 +628,13 @@ impl Scheduler {
         started: oneshot::Sender<()>,
     ) -> Result<(), StoreError> {
         let limits = &self.config.limits;
-        // RUNNING must be on disk before a container can exist (see module doc).
-        self.store.flush().await?;
-        let Some(function) = self.store.get_function(&call.function)? else {
-            self.fail(&call.id, "the function was removed")?;
-            return Ok(());
+        let Some(function) = self.store.get_function(&call.function).await? else {
+            return self
+                .fail(&call.id, "cancelled: the function was removed")
+                .await;
         };
         if token.is_cancelled() {
-            self.fail(&call.id, self.cancel_reason())?;
-            return Ok(());
+            return self.fail(&call.id, self.cancel_reason()).await;
         }
         let warm = self.warm_spec(&function);
         let spec = RunSpec {
@@ -607,38 +691,35 @@ impl Scheduler {
         warm: &WarmSpec,
         result: Result<crate::runtime::Ran, RuntimeError>,
     ) -> Result<(), StoreError> {
-        let limits = &self.config.limits;
         match result {
             Ok(mut ran) => {
                 if ran.outcome.message.as_deref() == Some("cancelled") {
                     ran.outcome.message = Some(self.cancel_reason().into());
                 }
                 tracing::debug!(call = %call.id, state = ?ran.outcome.state, "ended");
-                self.store.finish(
-                    &call.id,
-                    &ran.outcome,
-                    limits.output_cache_bytes,
-                    limits.log_cache_bytes,
-                )?;
-                self.store.flush().await?;
+                // Durable before the container goes: if this fails, the call
+                // stays RUNNING on disk and its container is the evidence
+                // that makes the next recovery fail it, never re-run it.
+                self.store.finish(&call.id, ran.outcome).await?;
+                crate::crash_point!("finish-durable");
                 if let Some(c) = ran.container {
                     self.runtime.remove(&c).await;
                 }
                 // After the call, so making its successor does not slow it;
                 // not for a function removed or changed meanwhile.
-                self.refill(warm);
+                self.refill(warm).await;
             }
             Err(RuntimeError::Unavailable { message, .. }) => {
                 tracing::warn!(call = %call.id, error = %message, "Docker Engine unreachable; call requeued");
                 self.state().engine_down = true;
                 self.pool.forget_all();
-                self.store.requeue(&call.id)?;
+                self.store.requeue(&call.id).await?;
                 let mut st = self.state();
                 if st.ready_set.insert(call.owner.clone()) {
                     st.ready.push_front(call.owner.clone());
                 }
             }
-            Err(e) => self.fail(&call.id, &e.to_string())?,
+            Err(e) => self.fail(&call.id, &e.to_string()).await?,
         }
         Ok(())
     }

@@ -1,0 +1,35 @@
+//! Crash points for the kill -9 tests. With the `failpoints` feature (tests
+//! only, never a release build), `crash_point!("name")` consults the fail
+//! crate (configured by the `FAILPOINTS` env of `serve`); if the point is
+//! set to `return`, the process kills itself with SIGKILL right there, as a
+//! kill -9 landing at exactly that step would. Without the feature it
+//! compiles to nothing.
+
+/// Kills the process with SIGKILL if the named failpoint is set to `return`.
+#[macro_export]
+macro_rules! crash_point {
+    ($name:literal) => {
+        #[cfg(feature = "failpoints")]
+        {
+            if fail::eval($name, |_| ()).is_some() {
+                $crate::failpoint::die($name);
+            }
+        }
+    };
+}
+
+/// Reads `FAILPOINTS`; keep the value alive while the daemon runs.
+#[cfg(feature = "failpoints")]
+pub fn setup() -> fail::FailScenario<'static> {
+    fail::FailScenario::setup()
+}
+
+#[cfg(feature = "failpoints")]
+pub fn die(name: &str) -> ! {
+    eprintln!("failpoint {name} reached: kill -9");
+    // SAFETY: kill(2) on our own pid; SIGKILL cannot be caught.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
+    }
+    std::process::abort()
+}

@@ -1,0 +1,405 @@
+//! Calls and the per-user queues: accept, start, requeue, finish, cancel,
+//! and retention of ended calls. Each state change is one transaction that
+//! also moves the call's queue entry, its live/done index entries, the
+//! function's counters and its log.
+
+use super::codec::{key_prefix, seq_prefix};
+use super::directory::done_key;
+use super::*;
+use crate::model::OutputState;
+
+impl Inner {
+    /// Indexes a call by its state (migration from schema 1).
+    pub(super) fn index_call(&self, call: &Call) -> Result<()> {
+        match call.finished_ms {
+            Some(done) if call.state.is_done() => {
+                self.tree(DONE).insert(done_key(done, &call.id), &[])?;
+            }
+            _ => {
+                self.tree(LIVE).insert(
+                    seq_key(call.function.as_str(), call.seq),
+                    call.id.as_bytes(),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn accept(&self, mut call: Call, payload: &[u8], fx: &mut Effects) -> Result<Call> {
+        self.check_space(payload.len() as u64, "the call")?;
+        call.seq = self.next_seq()?;
+        let call_seq = self.next_seq()?;
+        let pending_seq = self.next_seq()?;
+        let id = call.id.as_bytes();
+        let marker = if payload.len() as u64 > self.config.inline_max_bytes {
+            self.blobs
+                .write(Kind::Payload, &call.id, payload)
+                .map_err(|e| io_full(e, "the payload"))?;
+            crate::crash_point!("accept-payload-written");
+            Marker::File(payload.len() as u64)
+        } else {
+            Marker::Inline(payload.to_vec())
+        };
+        let over = self.tx(|t| {
+            if t[FUNCTIONS].get(call.function.as_str())?.is_none() {
+                return abort(StoreError::NotFound(format!("function {}", call.function)));
+            }
+            t[CALLS].insert(id, enc(&call)?)?;
+            t[PAYLOADS].insert(id, marker.encode())?;
+            t[QUEUE].insert(seq_key(call.owner.as_str(), call.seq), id)?;
+            t[FN_CALLS].insert(seq_key(call.function.as_str(), call.seq), id)?;
+            t[LIVE].insert(seq_key(call.function.as_str(), call.seq), id)?;
+            let mut stats = tx_stats(&t[STATS], &call.function)?;
+            stats.total += 1;
+            stats.count(CallState::Pending, 1);
+            log(&t[LOGS], &mut stats, &call, EventKind::Call, call_seq)?;
+            log(&t[LOGS], &mut stats, &call, EventKind::Pending, pending_seq)?;
+            t[STATS].insert(call.function.as_str(), enc(&stats)?)?;
+            Ok(stats.log_bytes > self.config.log_budget)
+        });
+        let over = match over {
+            Ok(over) => over,
+            Err(e) => {
+                if let Marker::File(_) = marker {
+                    self.blobs.remove_uncommitted(Kind::Payload, &call.id);
+                }
+                return Err(e);
+            }
+        };
+        fx.committed = true;
+        crate::crash_point!("accept-committed");
+        if over {
+            fx.evict_logs.push(call.function.clone());
+        }
+        Ok(call)
+    }
+
+    pub(super) fn queue_head(&self, owner: &Name) -> Result<Option<CallId>> {
+        match self
+            .tree(QUEUE)
+            .scan_prefix(seq_prefix(owner.as_str()))
+            .next()
+        {
+            None => Ok(None),
+            Some(kv) => Ok(Some(call_id(&kv?.1)?)),
+        }
+    }
+
+    pub(super) fn queued_owners(&self) -> Result<Vec<Name>> {
+        let mut owners: Vec<Name> = Vec::new();
+        let queue = self.tree(QUEUE);
+        // One seek per owner, not one step per queued call.
+        let mut from: Vec<u8> = Vec::new();
+        while let Some(kv) = queue.range(from.clone()..).next() {
+            let (k, _) = kv?;
+            let owner = key_prefix(&k).to_vec();
+            if let Ok(n) = Name::parse(&String::from_utf8_lossy(&owner)) {
+                owners.push(n);
+            }
+            // The first key after every `owner\0...`.
+            from = owner;
+            from.push(1);
+        }
+        Ok(owners)
+    }
+
+    pub(super) fn discard_queued(&self, owner: &Name, id: &CallId, fx: &mut Effects) -> Result<()> {
+        for kv in self.tree(QUEUE).scan_prefix(seq_prefix(owner.as_str())) {
+            let (k, v) = kv?;
+            if v.as_ref() == id.as_bytes() {
+                self.tree(QUEUE).remove(k)?;
+                fx.committed = true;
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn start(&self, id: &CallId, fx: &mut Effects) -> Result<Started> {
+        let Some(call) = get::<Call>(self.tree(CALLS), id.as_bytes())? else {
+            return Err(StoreError::NotFound(format!("call {id}")));
+        };
+        if call.state != CallState::Pending {
+            // Ended meanwhile (cancelled); its queue entry went with it.
+            return Ok(Started::Skipped);
+        }
+        let why_not = if self.tree(FUNCTIONS).get(call.function.as_str())?.is_none() {
+            Some("cancelled: the function was removed".to_string())
+        } else {
+            None
+        };
+        // A file payload is read (and checked) before the transaction: once
+        // RUNNING, the call must get exactly its bytes.
+        let payload = match (&why_not, self.tree(PAYLOADS).get(id.as_bytes())?) {
+            (Some(_), _) => Ok(Vec::new()),
+            (None, Some(v)) => self.blobs.read(Kind::Payload, id, Marker::decode(&v)?),
+            (None, None) => Err(StoreError::Corrupt(format!(
+                "the payload of call {id} is lost: no record of it"
+            ))),
+        };
+        let payload = match (why_not, payload) {
+            (None, Ok(p)) => p,
+            (Some(why), _) | (None, Err(StoreError::Corrupt(why))) => {
+                tracing::warn!(call = %id, reason = %why, "call not started");
+                self.end(id, Outcome::failed(why), CallState::Pending, fx)?;
+                return Ok(Started::Skipped);
+            }
+            (None, Err(e)) => return Err(e),
+        };
+        let seq = self.next_seq()?;
+        let started = self.tx(|t| {
+            let mut call: Call = tx_get(&t[CALLS], id.as_bytes(), "call")?;
+            if call.state != CallState::Pending
+                || t[FUNCTIONS].get(call.function.as_str())?.is_none()
+            {
+                return Ok(None);
+            }
+            if let Err(e) = call.transition(CallState::Running) {
+                return abort(e);
+            }
+            t[QUEUE].remove(seq_key(call.owner.as_str(), call.seq))?;
+            t[CALLS].insert(id.as_bytes(), enc(&call)?)?;
+            let mut stats = tx_stats(&t[STATS], &call.function)?;
+            stats.count(CallState::Pending, -1);
+            stats.count(CallState::Running, 1);
+            log(&t[LOGS], &mut stats, &call, EventKind::Running, seq)?;
+            t[STATS].insert(call.function.as_str(), enc(&stats)?)?;
+            Ok(Some((call, stats.log_bytes > self.config.log_budget)))
+        })?;
+        let Some((call, over)) = started else {
+            // Cancelled or removed between the reads above and the transaction.
+            return Ok(Started::Skipped);
+        };
+        fx.committed = true;
+        if over {
+            fx.evict_logs.push(call.function.clone());
+        }
+        Ok(Started::Running(Box::new(call), Bytes::from(payload)))
+    }
+
+    pub(super) fn requeue(&self, id: &CallId, fx: &mut Effects) -> Result<()> {
+        self.tx(|t| {
+            let mut call: Call = tx_get(&t[CALLS], id.as_bytes(), "call")?;
+            if let Err(e) = call.transition(CallState::Pending) {
+                return abort(e);
+            }
+            t[QUEUE].insert(seq_key(call.owner.as_str(), call.seq), id.as_bytes())?;
+            t[CALLS].insert(id.as_bytes(), enc(&call)?)?;
+            let mut stats = tx_stats(&t[STATS], &call.function)?;
+            stats.count(CallState::Running, -1);
+            stats.count(CallState::Pending, 1);
+            t[STATS].insert(call.function.as_str(), enc(&stats)?)?;
+            Ok(())
+        })?;
+        fx.committed = true;
+        Ok(())
+    }
+
+    /// Ends a RUNNING call. A FINISHED call's STDOUT goes to the output
+    /// cache, after the oldest outputs made room for it; if the disk cannot
+    /// take it, the call ends FAILED saying so.
+    pub(super) fn finish(&self, id: &CallId, outcome: Outcome, fx: &mut Effects) -> Result<Call> {
+        let Some(call) = get::<Call>(self.tree(CALLS), id.as_bytes())? else {
+            return Err(StoreError::NotFound(format!("call {id}")));
+        };
+        self.end(id, outcome, call.state, fx)
+    }
+
+    /// Moves a call that is in state `from` to its end. Aborts with a
+    /// transition error if it is no longer in `from`.
+    fn end(
+        &self,
+        id: &CallId,
+        mut outcome: Outcome,
+        from: CallState,
+        fx: &mut Effects,
+    ) -> Result<Call> {
+        let Some(call) = get::<Call>(self.tree(CALLS), id.as_bytes())? else {
+            return Err(StoreError::NotFound(format!("call {id}")));
+        };
+        let function = call.function.clone();
+        let len = outcome.stdout.len() as u64;
+        let budget = self.config.output_budget;
+        // Only a FINISHED call's output can be fetched, so only it is kept;
+        // one larger than the whole budget is rotated out at once.
+        let mut keep = outcome.state == CallState::Finished && len <= budget;
+        if keep {
+            if let Err(StoreError::Full(why)) = self.check_space(len, "the output") {
+                tracing::warn!(call = %id, reason = %why, "output not stored");
+                outcome = Outcome {
+                    state: CallState::Failed,
+                    message: Some(format!("no space left to store the output ({} bytes)", len)),
+                    ..outcome
+                };
+                keep = false;
+            }
+        }
+        // Per function: room is made before the insert, so the cache never
+        // holds more than its budget, even for a moment.
+        let evict_lock = self.evict_lock(&function);
+        let _guard = lock(&evict_lock);
+        let marker = if keep {
+            self.evict_outputs_to(&function, budget - len, fx)?;
+            if len > self.config.inline_max_bytes {
+                self.blobs
+                    .write(Kind::Output, id, &outcome.stdout)
+                    .map_err(|e| io_full(e, "the output"))?;
+                Some(Marker::File(len))
+            } else {
+                Some(Marker::Inline(outcome.stdout.to_vec()))
+            }
+        } else {
+            None
+        };
+        let seq = self.next_seq()?;
+        let ended = self.tx(|t| {
+            let mut call: Call = tx_get(&t[CALLS], id.as_bytes(), "call")?;
+            let was = call.state;
+            if was != from {
+                return abort(crate::model::TransitionError {
+                    id: *id,
+                    from: was,
+                    to: outcome.state,
+                });
+            }
+            if let Err(e) = call.finish(&outcome) {
+                return abort(e);
+            }
+            let key = seq_key(call.function.as_str(), call.seq);
+            if was == CallState::Pending {
+                t[QUEUE].remove(seq_key(call.owner.as_str(), call.seq))?;
+            }
+            let payload = t[PAYLOADS].remove(id.as_bytes())?;
+            t[LIVE].remove(key.clone())?;
+            if let Some(done) = call.finished_ms {
+                t[DONE].insert(done_key(done, id), &[])?;
+            }
+            let mut stats = tx_stats(&t[STATS], &call.function)?;
+            match &marker {
+                Some(m) => {
+                    t[OUTPUTS].insert(id.as_bytes(), m.encode())?;
+                    t[OUTPUT_INDEX].insert(key, id.as_bytes())?;
+                    stats.output_bytes += len;
+                }
+                None if call.state == CallState::Finished => call.output = OutputState::Evicted,
+                None => {}
+            }
+            t[CALLS].insert(id.as_bytes(), enc(&call)?)?;
+            stats.count(was, -1);
+            stats.count(call.state, 1);
+            let kind = if call.state == CallState::Finished {
+                EventKind::Finished
+            } else {
+                EventKind::Failed
+            };
+            log(&t[LOGS], &mut stats, &call, kind, seq)?;
+            t[STATS].insert(call.function.as_str(), enc(&stats)?)?;
+            Ok((call, payload, stats.log_bytes > self.config.log_budget))
+        });
+        let (call, payload, over) = match ended {
+            Ok(e) => e,
+            Err(e) => {
+                if let Some(Marker::File(_)) = marker {
+                    self.blobs.remove_uncommitted(Kind::Output, id);
+                }
+                return Err(e);
+            }
+        };
+        fx.committed = true;
+        crate::crash_point!("finish-committed");
+        if let Some(v) = payload {
+            if let Marker::File(_) = Marker::decode(&v)? {
+                fx.deletes.push(self.blobs.path(Kind::Payload, id));
+            }
+        }
+        if over {
+            fx.evict_logs.push(call.function.clone());
+        }
+        Ok(call)
+    }
+
+    pub(super) fn cancel_queued(
+        &self,
+        function: &Name,
+        message: &str,
+        fx: &mut Effects,
+    ) -> Result<usize> {
+        let mut cancelled = 0;
+        for call in self.live_calls(Some(function))? {
+            if call.state != CallState::Pending {
+                continue;
+            }
+            match self.end(&call.id, Outcome::failed(message), CallState::Pending, fx) {
+                Ok(_) => cancelled += 1,
+                // Started or ended meanwhile: the scheduler cancels it.
+                Err(StoreError::Transition(_) | StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(cancelled)
+    }
+
+    /// Calls that have not ended, of `function` or of all, oldest first per function.
+    pub(super) fn live_calls(&self, function: Option<&Name>) -> Result<Vec<Call>> {
+        let live = self.tree(LIVE);
+        let iter = match function {
+            Some(f) => live.scan_prefix(seq_prefix(f.as_str())),
+            None => live.iter(),
+        };
+        let mut out = Vec::new();
+        for kv in iter {
+            let (_, id) = kv?;
+            if let Some(call) = get::<Call>(self.tree(CALLS), &id)? {
+                if !call.state.is_done() {
+                    out.push(call);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes calls that ended before `before_ms`, in batches.
+    pub(super) fn prune(&self, before_ms: u64, fx: &mut Effects) -> Result<usize> {
+        let end = done_key(before_ms, &CallId::from_bytes([0; 16]));
+        let mut pruned = 0;
+        for kv in self.tree(DONE).range(..end) {
+            let (k, _) = kv?;
+            let id = call_id(&k[8..])?;
+            let Some(call) = get::<Call>(self.tree(CALLS), id.as_bytes())? else {
+                self.tree(DONE).remove(&k)?;
+                continue;
+            };
+            let output = self.tx(|t| {
+                let key = seq_key(call.function.as_str(), call.seq);
+                t[DONE].remove(&k)?;
+                t[CALLS].remove(id.as_bytes())?;
+                t[FN_CALLS].remove(key.clone())?;
+                let Some(v) = t[OUTPUTS].remove(id.as_bytes())? else {
+                    return Ok(None);
+                };
+                let marker = Marker::decode(&v).or_else(abort)?;
+                t[OUTPUT_INDEX].remove(key)?;
+                let mut stats = tx_stats(&t[STATS], &call.function)?;
+                stats.output_bytes = stats.output_bytes.saturating_sub(marker.len());
+                t[STATS].insert(call.function.as_str(), enc(&stats)?)?;
+                Ok(Some(marker))
+            })?;
+            fx.committed = true;
+            if let Some(Marker::File(_)) = output {
+                fx.deletes.push(self.blobs.path(Kind::Output, &id));
+            }
+            pruned += 1;
+        }
+        Ok(pruned)
+    }
+}
+
+/// A file write that failed for lack of space is `Full` (nothing was
+/// stored); any other I/O error is a failure of the store.
+fn io_full(e: std::io::Error, what: &str) -> StoreError {
+    if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
+        StoreError::Full(format!("no space left to store {what}: {e}"))
+    } else {
+        StoreError::Failed(format!("cannot write {what}: {e}"))
+    }
+}

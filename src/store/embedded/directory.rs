@@ -1,0 +1,194 @@
+//! Users (with the key index) and functions (with their counters).
+
+use super::codec::seq_prefix;
+use super::*;
+
+impl Inner {
+    pub(super) fn create_user(&self, user: &User, fx: &mut Effects) -> Result<()> {
+        self.tx(|t| {
+            if t[USERS].get(user.name.as_str())?.is_some() {
+                return abort(StoreError::Conflict(format!(
+                    "user {} already exists",
+                    user.name
+                )));
+            }
+            t[USERS].insert(user.name.as_str(), enc(user)?)?;
+            t[KEYS].insert(&user.key_hash[..], user.name.as_str())?;
+            Ok(())
+        })?;
+        fx.committed = true;
+        Ok(())
+    }
+
+    pub(super) fn update_user(&self, user: &User, fx: &mut Effects) -> Result<()> {
+        self.tx(|t| {
+            let old: User = match t[USERS].get(user.name.as_str())? {
+                Some(v) => dec(&v)?,
+                None => return abort(StoreError::NotFound(format!("user {}", user.name))),
+            };
+            t[KEYS].remove(&old.key_hash[..])?;
+            t[KEYS].insert(&user.key_hash[..], user.name.as_str())?;
+            t[USERS].insert(user.name.as_str(), enc(user)?)?;
+            Ok(())
+        })?;
+        fx.committed = true;
+        Ok(())
+    }
+
+    pub(super) fn user_by_key_hash(&self, hash: &[u8; 32]) -> Result<Option<User>> {
+        match self.tree(KEYS).get(hash)? {
+            None => Ok(None),
+            Some(name) => get(self.tree(USERS), name),
+        }
+    }
+
+    pub(super) fn delete_user(&self, name: &Name, fx: &mut Effects) -> Result<()> {
+        let owns = self.list_functions(Some(name))?;
+        if let Some(f) = owns.first() {
+            return Err(StoreError::Conflict(format!(
+                "user {name} still owns {} function(s), e.g. {}: remove them first",
+                owns.len(),
+                f.name
+            )));
+        }
+        self.tx(|t| {
+            let user: User = match t[USERS].remove(name.as_str())? {
+                Some(v) => dec(&v)?,
+                None => return abort(StoreError::NotFound(format!("user {name}"))),
+            };
+            t[KEYS].remove(&user.key_hash[..])?;
+            Ok(())
+        })?;
+        fx.committed = true;
+        Ok(())
+    }
+
+    pub(super) fn create_function(&self, f: &Function, fx: &mut Effects) -> Result<()> {
+        self.tx(|t| {
+            if t[FUNCTIONS].get(f.name.as_str())?.is_some() {
+                return abort(StoreError::Conflict(format!(
+                    "function {} already exists",
+                    f.name
+                )));
+            }
+            // Counters without a record: an earlier function of this name is
+            // still being purged, and its calls share the name's keys.
+            if t[STATS].get(f.name.as_str())?.is_some() {
+                return abort(StoreError::Conflict(format!(
+                    "function {} is still being removed; try again in a moment",
+                    f.name
+                )));
+            }
+            t[FUNCTIONS].insert(f.name.as_str(), enc(f)?)?;
+            t[STATS].insert(f.name.as_str(), enc(&FunctionStats::default())?)?;
+            Ok(())
+        })?;
+        fx.committed = true;
+        Ok(())
+    }
+
+    pub(super) fn update_function(&self, f: &Function, fx: &mut Effects) -> Result<()> {
+        self.tx(|t| {
+            if t[FUNCTIONS].get(f.name.as_str())?.is_none() {
+                return abort(StoreError::NotFound(format!("function {}", f.name)));
+            }
+            t[FUNCTIONS].insert(f.name.as_str(), enc(f)?)?;
+            Ok(())
+        })?;
+        fx.committed = true;
+        Ok(())
+    }
+
+    pub(super) fn list_functions(&self, owner: Option<&Name>) -> Result<Vec<Function>> {
+        let all: Vec<Function> = values(self.tree(FUNCTIONS).iter())?;
+        Ok(all
+            .into_iter()
+            .filter(|f| owner.is_none_or(|o| &f.owner == o))
+            .collect())
+    }
+
+    pub(super) fn remove_function(&self, name: &Name, fx: &mut Effects) -> Result<()> {
+        if self.tree(FUNCTIONS).remove(name.as_str())?.is_none() {
+            return Err(StoreError::NotFound(format!("function {name}")));
+        }
+        fx.committed = true;
+        Ok(())
+    }
+
+    /// Deletes a removed function's calls, outputs, events and counters.
+    /// Accept and start refuse calls of a function without a record, so
+    /// nothing is added behind the scan; a RUNNING call still has a
+    /// container and is waited for.
+    pub(super) fn purge_function(&self, name: &Name, fx: &mut Effects) -> Result<()> {
+        if self.tree(FUNCTIONS).get(name.as_str())?.is_some() {
+            return Err(StoreError::Conflict(format!(
+                "function {name} exists: remove it first"
+            )));
+        }
+        let prefix = seq_prefix(name.as_str());
+        for kv in self.tree(LIVE).scan_prefix(&prefix) {
+            let (_, id) = kv?;
+            if let Some(call) = get::<Call>(self.tree(CALLS), &id)? {
+                if call.state == CallState::Running {
+                    return Err(StoreError::Conflict(format!(
+                        "call {} of function {name} is still running",
+                        call.id
+                    )));
+                }
+            }
+        }
+        fx.committed = true;
+        for kv in self.tree(FN_CALLS).scan_prefix(&prefix) {
+            let (k, id) = kv?;
+            if let Some(call) = get::<Call>(self.tree(CALLS), &id)? {
+                self.tree(QUEUE)
+                    .remove(seq_key(call.owner.as_str(), call.seq))?;
+                if let Some(done) = call.finished_ms {
+                    self.tree(DONE).remove(done_key(done, &call.id))?;
+                }
+            }
+            self.tree(CALLS).remove(&id)?;
+            let cid = call_id(&id)?;
+            for (tree, kind) in [(PAYLOADS, Kind::Payload), (OUTPUTS, Kind::Output)] {
+                if let Some(v) = self.tree(tree).remove(&id)? {
+                    if let Marker::File(_) = Marker::decode(&v)? {
+                        fx.deletes.push(self.blobs.path(kind, &cid));
+                    }
+                }
+            }
+            self.tree(FN_CALLS).remove(k)?;
+        }
+        for tree in [OUTPUT_INDEX, LOGS, LIVE] {
+            for kv in self.tree(tree).scan_prefix(&prefix) {
+                self.tree(tree).remove(kv?.0)?;
+            }
+        }
+        self.tree(STATS).remove(name.as_str())?;
+        Ok(())
+    }
+
+    pub(super) fn unpurged_functions(&self) -> Result<Vec<Name>> {
+        let mut out = Vec::new();
+        for kv in self.tree(STATS).iter() {
+            let (k, _) = kv?;
+            if self.tree(FUNCTIONS).get(&k)?.is_none() {
+                if let Ok(n) = Name::parse(&String::from_utf8_lossy(&k)) {
+                    out.push(n);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) fn stats(&self, function: &Name) -> Result<FunctionStats> {
+        Ok(get(self.tree(STATS), function.as_str())?.unwrap_or_default())
+    }
+}
+
+/// Key of the retention index: ends oldest first, then by id.
+pub(super) fn done_key(finished_ms: u64, id: &CallId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(24);
+    k.extend_from_slice(&finished_ms.to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k
+}

@@ -1,0 +1,639 @@
+//! The embedded store: sled trees, one transaction per operation, and a
+//! group commit that makes each operation durable before it returns.
+//!
+//! Layout: `calls.rs` (calls, the queues, retention), `caches.rs` (outputs
+//! and logs, their eviction), `directory.rs` (users, keys, functions),
+//! `blobs.rs` (payload and output bytes), `commit.rs` (group commit),
+//! `codec.rs` (records and keys). Every sled call runs on a blocking thread
+//! (`read`/`write` below), never on the async runtime.
+
+mod blobs;
+mod caches;
+mod calls;
+mod codec;
+mod commit;
+mod directory;
+#[cfg(test)]
+mod tests;
+
+use super::{FunctionStats, OutputLookup, Result, Started, Store, StoreConfig, StoreError};
+use crate::model::{Call, CallId, CallState, Event, EventKind, Function, Name, Outcome, User};
+use async_trait::async_trait;
+use blobs::{Blobs, Kind, Marker};
+use bytes::Bytes;
+use codec::{decode, encode, seq_key};
+use commit::Committer;
+use serde::Serialize;
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::Transactional;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        match e {
+            sled::Error::Corruption { .. } => StoreError::Corrupt(format!("database: {e}")),
+            other => StoreError::Failed(other.to_string()),
+        }
+    }
+}
+
+impl From<codec::CodecError> for StoreError {
+    fn from(e: codec::CodecError) -> Self {
+        StoreError::Corrupt(format!("database record: {e}"))
+    }
+}
+
+impl From<TransactionError<StoreError>> for StoreError {
+    fn from(e: TransactionError<StoreError>) -> Self {
+        match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => e.into(),
+        }
+    }
+}
+
+type TxResult<T> = std::result::Result<T, ConflictableTransactionError<StoreError>>;
+
+fn abort<T>(e: impl Into<StoreError>) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(e.into()))
+}
+
+/// sled's page cache: enough for the hot trees (queue heads, stats, recent
+/// calls); the rest is read from disk when needed.
+const PAGE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Layout version in `meta`; `migrate` brings older databases up to it.
+const SCHEMA: u64 = 2;
+
+// Tree indices of `Inner::trees`, so one transaction can span any of them.
+const USERS: usize = 0; // user name -> User
+const KEYS: usize = 1; // key hash -> user name
+const FUNCTIONS: usize = 2; // function name -> Function
+const CALLS: usize = 3; // call id -> Call
+const PAYLOADS: usize = 4; // call id -> Marker of the STDIN bytes, until the call ends
+const QUEUE: usize = 5; // owner\0seq -> call id: the per-user FIFO
+const OUTPUTS: usize = 6; // call id -> Marker of the STDOUT bytes
+const OUTPUT_INDEX: usize = 7; // function\0seq -> call id, oldest first, for eviction
+const LOGS: usize = 8; // function\0seq -> Event
+const STATS: usize = 9; // function name -> FunctionStats
+const FN_CALLS: usize = 10; // function\0seq -> call id: every call of a function
+const META: usize = 11; // small singletons
+const LIVE: usize = 12; // function\0seq -> call id: calls not yet ended
+const DONE: usize = 13; // finished_ms\0id -> (): ended calls, oldest first, for retention
+const TREE_NAMES: [&str; 14] = [
+    "users",
+    "keys",
+    "functions",
+    "calls",
+    "payloads",
+    "queue",
+    "outputs",
+    "output_index",
+    "logs",
+    "stats",
+    "fn_calls",
+    "meta",
+    "live",
+    "done",
+];
+
+/// What a write did besides its transactions, for `SledStore::write` to
+/// finish once the transactions are durable.
+#[derive(Default)]
+struct Effects {
+    /// Something was committed: wait for the group flush.
+    committed: bool,
+    /// Files whose markers were dropped: deleted after the flush.
+    deletes: Vec<PathBuf>,
+    /// Functions whose log cache went over budget: evicted in the background.
+    evict_logs: Vec<Name>,
+}
+
+/// The synchronous core; every method runs on a blocking thread.
+struct Inner {
+    trees: Vec<sled::Tree>,
+    db: sled::Db,
+    blobs: Blobs,
+    config: StoreConfig,
+    /// Per function: output eviction and the insert it makes room for run
+    /// one at a time, so the byte count stays exact; other functions and
+    /// intake never wait for it.
+    evict_locks: Mutex<HashMap<Name, Arc<Mutex<()>>>>,
+}
+
+pub struct SledStore {
+    inner: Arc<Inner>,
+    committer: Arc<Committer>,
+    /// Functions whose log eviction is under way, so one runs per function.
+    log_evicting: Arc<Mutex<HashSet<Name>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; keep going if it did.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir`. sled's page cache is bounded
+    /// by `PAGE_CACHE_BYTES` (its default is 1 GiB, which a long queue fills).
+    pub fn open(dir: &Path, config: StoreConfig) -> Result<SledStore> {
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::LowSpace)
+            .cache_capacity(PAGE_CACHE_BYTES)
+            .open()?;
+        let trees = TREE_NAMES
+            .iter()
+            .map(|n| db.open_tree(n))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let blobs = Blobs::open(dir.join("hf-blobs"))
+            .map_err(|e| StoreError::Failed(format!("{}: {e}", dir.display())))?;
+        let inner = Inner {
+            trees,
+            db: db.clone(),
+            blobs,
+            config,
+            evict_locks: Mutex::new(HashMap::new()),
+        };
+        inner.migrate()?;
+        inner.collect_orphans()?;
+        db.flush()?;
+        let committer = Committer::start(db)
+            .map_err(|e| StoreError::Failed(format!("cannot start the commit thread: {e}")))?;
+        Ok(SledStore {
+            inner: Arc::new(inner),
+            committer: Arc::new(committer),
+            log_evicting: Arc::new(Mutex::new(HashSet::new())),
+        })
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| StoreError::Failed(format!("store task: {e}")))?
+    }
+
+    /// Runs a write on a blocking thread, waits until what it committed is
+    /// durable, deletes the files it released, then returns its result.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner, &mut Effects) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        if let Some(reason) = self.committer.failure() {
+            return Err(StoreError::Failed(reason));
+        }
+        let inner = Arc::clone(&self.inner);
+        let (value, fx) = tokio::task::spawn_blocking(move || {
+            let mut fx = Effects::default();
+            let v = f(&inner, &mut fx);
+            (v, fx)
+        })
+        .await
+        .map_err(|e| StoreError::Failed(format!("store task: {e}")))?;
+        if fx.committed || !fx.deletes.is_empty() {
+            self.committer.durable(fx.deletes).await?;
+        }
+        for name in fx.evict_logs {
+            self.evict_logs_later(name);
+        }
+        value
+    }
+
+    /// Evicts `function`'s oldest events in the background, off the path of
+    /// the write that went over budget; one evictor per function. Evicted
+    /// events release no file, so their removal needs no flush of its own:
+    /// the next group flush carries it, which is all a cache needs.
+    fn evict_logs_later(&self, function: Name) {
+        if !lock(&self.log_evicting).insert(function.clone()) {
+            return;
+        }
+        let inner = Arc::clone(&self.inner);
+        let evicting = Arc::clone(&self.log_evicting);
+        tokio::spawn(async move {
+            loop {
+                let (i, f) = (Arc::clone(&inner), function.clone());
+                let done = tokio::task::spawn_blocking(move || i.evict_logs(&f)).await;
+                if let Ok(Err(e)) | Err(e) = done.map_err(|e| StoreError::Failed(e.to_string())) {
+                    tracing::error!(function = %function, error = %e, "log eviction failed");
+                }
+                lock(&evicting).remove(&function);
+                // A write that went over budget while we finished found us
+                // still in the set: look once more.
+                let (i, f) = (Arc::clone(&inner), function.clone());
+                let over = tokio::task::spawn_blocking(move || i.logs_over_budget(&f))
+                    .await
+                    .unwrap_or(Ok(false))
+                    .unwrap_or(false);
+                if !over || !lock(&evicting).insert(function.clone()) {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        self.committer.close();
+    }
+}
+
+impl Inner {
+    fn tree(&self, i: usize) -> &sled::Tree {
+        &self.trees[i]
+    }
+
+    fn tx<T>(&self, f: impl Fn(&[TransactionalTree]) -> TxResult<T>) -> Result<T> {
+        Ok(self.trees.as_slice().transaction(|t| f(t))?)
+    }
+
+    /// A monotonic number, unique across restarts.
+    fn next_seq(&self) -> Result<u64> {
+        Ok(self.db.generate_id()?)
+    }
+
+    /// Refuses a write of `extra` bytes that would leave less than the
+    /// reserve free on the data dir's filesystem.
+    fn check_space(&self, extra: u64, what: &str) -> Result<()> {
+        let free = free_bytes(self.blobs.dir())
+            .map_err(|e| StoreError::Failed(format!("cannot read the free space: {e}")))?;
+        let reserve = self.config.min_free_bytes;
+        if free < reserve.saturating_add(extra) {
+            return Err(StoreError::Full(format!(
+                "no space left to store {what}: {} free on the data dir's filesystem, {} kept in reserve ([store] min_free_bytes)",
+                crate::runtime::human_bytes(free),
+                crate::runtime::human_bytes(reserve),
+            )));
+        }
+        Ok(())
+    }
+
+    /// Brings a database of an earlier layout up to `SCHEMA`.
+    fn migrate(&self) -> Result<()> {
+        let meta = self.tree(META);
+        let schema: u64 = match meta.get("schema")? {
+            Some(v) => decode(&v)?,
+            // Schema 1 had no version key; an empty database is new.
+            None if self.tree(CALLS).is_empty() => SCHEMA,
+            None => 1,
+        };
+        if schema == 1 {
+            tracing::info!("migrating the database to schema 2");
+            // Blob markers were bare lengths of files.
+            for tree in [PAYLOADS, OUTPUTS] {
+                for kv in self.tree(tree).iter() {
+                    let (k, v) = kv?;
+                    let mut b = [0u8; 8];
+                    if v.len() == 8 {
+                        b.copy_from_slice(&v);
+                    }
+                    self.tree(tree)
+                        .insert(k, Marker::File(u64::from_be_bytes(b)).encode())?;
+                }
+            }
+            // The live and done indexes are new.
+            for kv in self.tree(CALLS).iter() {
+                let call: Call = decode(&kv?.1)?;
+                self.index_call(&call)?;
+            }
+        } else if schema > SCHEMA {
+            return Err(StoreError::Corrupt(format!(
+                "the database has layout {schema}, newer than this release ({SCHEMA}) knows"
+            )));
+        }
+        meta.insert("schema", encode(&SCHEMA)?)?;
+        Ok(())
+    }
+
+    /// Removes blob files whose marker was never committed (a crash between
+    /// writing the file and the transaction) or was removed (a crash before
+    /// the file was).
+    fn collect_orphans(&self) -> Result<()> {
+        let listed = self
+            .blobs
+            .list()
+            .map_err(|e| StoreError::Failed(format!("cannot list data files: {e}")))?;
+        for (kind, id) in listed {
+            let tree = match kind {
+                Kind::Payload => PAYLOADS,
+                Kind::Output => OUTPUTS,
+            };
+            let owed = match self.tree(tree).get(id.as_bytes())? {
+                Some(v) => matches!(Marker::decode(&v)?, Marker::File(_)),
+                None => false,
+            };
+            if !owed {
+                self.blobs.remove_uncommitted(kind, &id);
+            }
+        }
+        Ok(())
+    }
+
+    fn instance_id(&self, fx: &mut Effects) -> Result<String> {
+        let meta = self.tree(META);
+        if let Some(v) = meta.get("instance_id")? {
+            return Ok(decode(&v)?);
+        }
+        let fresh = uuid::Uuid::new_v4().simple().to_string();
+        let _ =
+            meta.compare_and_swap("instance_id", None as Option<&[u8]>, Some(encode(&fresh)?))?;
+        fx.committed = true;
+        match meta.get("instance_id")? {
+            Some(v) => Ok(decode(&v)?),
+            None => Err(StoreError::NotFound("instance id".into())),
+        }
+    }
+
+    fn evict_lock(&self, function: &Name) -> Arc<Mutex<()>> {
+        Arc::clone(lock(&self.evict_locks).entry(function.clone()).or_default())
+    }
+}
+
+/// Free bytes for an unprivileged writer on the filesystem holding `path`.
+fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statvfs writes into the zeroed struct we own; `c` is a valid
+    // NUL-terminated path for the duration of the call.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((s.f_bavail as u64).saturating_mul(s.f_frsize as u64))
+}
+
+fn log(
+    logs: &TransactionalTree,
+    stats: &mut FunctionStats,
+    call: &Call,
+    kind: EventKind,
+    seq: u64,
+) -> TxResult<()> {
+    let bytes = enc(&call.event(kind))?;
+    stats.log_bytes += bytes.len() as u64;
+    logs.insert(seq_key(call.function.as_str(), seq), bytes)?;
+    Ok(())
+}
+
+fn tx_stats(stats: &TransactionalTree, function: &Name) -> TxResult<FunctionStats> {
+    match stats.get(function.as_str())? {
+        Some(v) => dec(&v),
+        None => Ok(FunctionStats::default()),
+    }
+}
+
+fn tx_get<T: serde::de::DeserializeOwned>(
+    tree: &TransactionalTree,
+    key: &[u8],
+    what: &str,
+) -> TxResult<T> {
+    match tree.get(key)? {
+        Some(v) => dec(&v),
+        None => abort(StoreError::NotFound(what.to_string())),
+    }
+}
+
+fn enc<T: Serialize>(v: &T) -> TxResult<Vec<u8>> {
+    encode(v).or_else(abort)
+}
+
+fn dec<T: serde::de::DeserializeOwned>(v: &[u8]) -> TxResult<T> {
+    decode(v).or_else(abort)
+}
+
+fn get<T: serde::de::DeserializeOwned>(
+    tree: &sled::Tree,
+    key: impl AsRef<[u8]>,
+) -> Result<Option<T>> {
+    match tree.get(key)? {
+        Some(v) => Ok(Some(decode(&v)?)),
+        None => Ok(None),
+    }
+}
+
+fn values<T: serde::de::DeserializeOwned>(iter: sled::Iter) -> Result<Vec<T>> {
+    iter.map(|kv| Ok(decode(&kv?.1)?)).collect()
+}
+
+fn call_id(bytes: &[u8]) -> Result<CallId> {
+    let arr: [u8; 16] = bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("malformed call id in an index".into()))?;
+    Ok(CallId::from_bytes(arr))
+}
+
+impl FunctionStats {
+    fn count(&mut self, state: CallState, delta: i64) {
+        let slot = match state {
+            CallState::Pending => &mut self.pending,
+            CallState::Running => &mut self.running,
+            CallState::Finished => &mut self.finished,
+            CallState::Failed => &mut self.failed,
+        };
+        *slot = slot.saturating_add_signed(delta);
+    }
+}
+
+#[async_trait]
+impl Store for SledStore {
+    async fn instance_id(&self) -> Result<String> {
+        self.write(|i, fx| i.instance_id(fx)).await
+    }
+
+    async fn health(&self) -> std::result::Result<(), String> {
+        if let Some(reason) = self.committer.failure() {
+            return Err(format!("the store cannot write: {reason}"));
+        }
+        match self.read(|i| i.check_space(0, "anything")).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    async fn failed(&self) -> String {
+        let mut rx = self.committer.subscribe_failure();
+        loop {
+            if let Some(reason) = rx.borrow_and_update().clone() {
+                return reason;
+            }
+            if rx.changed().await.is_err() {
+                // The committer is gone with the store: nothing will fail.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    async fn size_on_disk(&self) -> u64 {
+        self.read(|i| Ok(i.db.size_on_disk().unwrap_or(0)))
+            .await
+            .unwrap_or(0)
+    }
+
+    async fn create_user(&self, user: &User) -> Result<()> {
+        let user = user.clone();
+        self.write(move |i, fx| i.create_user(&user, fx)).await
+    }
+
+    async fn update_user(&self, user: &User) -> Result<()> {
+        let user = user.clone();
+        self.write(move |i, fx| i.update_user(&user, fx)).await
+    }
+
+    async fn get_user(&self, name: &Name) -> Result<Option<User>> {
+        let name = name.clone();
+        self.read(move |i| get(i.tree(USERS), name.as_str())).await
+    }
+
+    async fn user_by_key_hash(&self, hash: &[u8; 32]) -> Result<Option<User>> {
+        let hash = *hash;
+        self.read(move |i| i.user_by_key_hash(&hash)).await
+    }
+
+    async fn list_users(&self) -> Result<Vec<User>> {
+        self.read(|i| values(i.tree(USERS).iter())).await
+    }
+
+    async fn delete_user(&self, name: &Name) -> Result<()> {
+        let name = name.clone();
+        self.write(move |i, fx| i.delete_user(&name, fx)).await
+    }
+
+    async fn create_function(&self, f: &Function) -> Result<()> {
+        let f = f.clone();
+        self.write(move |i, fx| i.create_function(&f, fx)).await
+    }
+
+    async fn update_function(&self, f: &Function) -> Result<()> {
+        let f = f.clone();
+        self.write(move |i, fx| i.update_function(&f, fx)).await
+    }
+
+    async fn get_function(&self, name: &Name) -> Result<Option<Function>> {
+        let name = name.clone();
+        self.read(move |i| get(i.tree(FUNCTIONS), name.as_str()))
+            .await
+    }
+
+    async fn list_functions(&self, owner: Option<&Name>) -> Result<Vec<Function>> {
+        let owner = owner.cloned();
+        self.read(move |i| i.list_functions(owner.as_ref())).await
+    }
+
+    async fn remove_function(&self, name: &Name) -> Result<()> {
+        let name = name.clone();
+        self.write(move |i, fx| i.remove_function(&name, fx)).await
+    }
+
+    async fn purge_function(&self, name: &Name) -> Result<()> {
+        let n = name.clone();
+        self.write(move |i, fx| i.purge_function(&n, fx)).await?;
+        lock(&self.inner.evict_locks).remove(name);
+        Ok(())
+    }
+
+    async fn unpurged_functions(&self) -> Result<Vec<Name>> {
+        self.read(|i| i.unpurged_functions()).await
+    }
+
+    async fn stats(&self, function: &Name) -> Result<FunctionStats> {
+        let name = function.clone();
+        self.read(move |i| i.stats(&name)).await
+    }
+
+    async fn accept(&self, call: Call, payload: Bytes) -> Result<Call> {
+        self.write(move |i, fx| i.accept(call, &payload, fx)).await
+    }
+
+    async fn get_call(&self, id: &CallId) -> Result<Option<Call>> {
+        let id = *id;
+        self.read(move |i| get(i.tree(CALLS), id.as_bytes())).await
+    }
+
+    async fn queue_head(&self, owner: &Name) -> Result<Option<CallId>> {
+        let owner = owner.clone();
+        self.read(move |i| i.queue_head(&owner)).await
+    }
+
+    async fn queued_owners(&self) -> Result<Vec<Name>> {
+        self.read(|i| i.queued_owners()).await
+    }
+
+    async fn discard_queued(&self, owner: &Name, id: &CallId) -> Result<()> {
+        let (owner, id) = (owner.clone(), *id);
+        self.write(move |i, fx| i.discard_queued(&owner, &id, fx))
+            .await
+    }
+
+    async fn queue_len(&self) -> Result<u64> {
+        self.read(|i| Ok(i.tree(QUEUE).len() as u64)).await
+    }
+
+    async fn start(&self, id: &CallId) -> Result<Started> {
+        let id = *id;
+        self.write(move |i, fx| i.start(&id, fx)).await
+    }
+
+    async fn requeue(&self, id: &CallId) -> Result<()> {
+        let id = *id;
+        self.write(move |i, fx| i.requeue(&id, fx)).await
+    }
+
+    async fn finish(&self, id: &CallId, outcome: Outcome) -> Result<Call> {
+        let id = *id;
+        self.write(move |i, fx| i.finish(&id, outcome, fx)).await
+    }
+
+    async fn cancel_queued(&self, function: &Name, message: &str) -> Result<usize> {
+        let (function, message) = (function.clone(), message.to_string());
+        self.write(move |i, fx| i.cancel_queued(&function, &message, fx))
+            .await
+    }
+
+    async fn take_output(&self, id: &CallId) -> Result<Option<OutputLookup>> {
+        let id = *id;
+        self.write(move |i, fx| i.take_output(&id, fx)).await
+    }
+
+    async fn live_calls(&self, function: &Name) -> Result<Vec<Call>> {
+        let function = function.clone();
+        self.read(move |i| i.live_calls(Some(&function))).await
+    }
+
+    async fn running_calls(&self) -> Result<Vec<Call>> {
+        self.read(|i| {
+            Ok(i.live_calls(None)?
+                .into_iter()
+                .filter(|c| c.state == CallState::Running)
+                .collect())
+        })
+        .await
+    }
+
+    async fn prune(&self, before_ms: u64) -> Result<usize> {
+        self.write(move |i, fx| i.prune(before_ms, fx)).await
+    }
+
+    async fn events(
+        &self,
+        function: &Name,
+        after: Option<u64>,
+        call: Option<&CallId>,
+        tail: Option<usize>,
+    ) -> Result<Vec<(u64, Event)>> {
+        let (function, call) = (function.clone(), call.copied());
+        self.read(move |i| i.events(&function, after, call.as_ref(), tail))
+            .await
+    }
+
+    async fn last_event_seq(&self, function: &Name) -> Result<Option<u64>> {
+        let function = function.clone();
+        self.read(move |i| i.last_event_seq(&function)).await
+    }
+}

@@ -1,0 +1,353 @@
+use super::*;
+use crate::model::{FunctionSpec, OutputState, Secret};
+
+fn name(s: &str) -> Name {
+    Name::parse(s).unwrap()
+}
+
+fn config() -> StoreConfig {
+    StoreConfig {
+        inline_max_bytes: 4,
+        min_free_bytes: 0,
+        output_budget: u64::MAX,
+        log_budget: u64::MAX,
+    }
+}
+
+/// sled's background thread may hold the lock file for a moment after drop.
+fn reopen(dir: &Path, config: StoreConfig) -> SledStore {
+    for _ in 0..50 {
+        if let Ok(s) = SledStore::open(dir, config.clone()) {
+            return s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    SledStore::open(dir, config).unwrap()
+}
+
+fn function(n: &str) -> Function {
+    Function {
+        name: name(n),
+        owner: name("alice"),
+        spec: FunctionSpec {
+            image: "img".into(),
+            command: vec![],
+            env: vec![],
+            timeout_ms: None,
+            memory_bytes: None,
+            cpus: None,
+        },
+        secret: Secret::new(),
+        created_ms: 0,
+        updated_ms: 0,
+    }
+}
+
+async fn setup(config: StoreConfig) -> (tempfile::TempDir, SledStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), config).unwrap();
+    store.create_function(&function("f")).await.unwrap();
+    (dir, store)
+}
+
+async fn accept(store: &SledStore, payload: &[u8]) -> Call {
+    let call = Call::new(name("f"), name("alice"), 0, payload, vec![]);
+    store
+        .accept(call, Bytes::copy_from_slice(payload))
+        .await
+        .unwrap()
+}
+
+async fn run(store: &SledStore, call: &Call) -> Bytes {
+    match store.start(&call.id).await.unwrap() {
+        Started::Running(_, payload) => payload,
+        Started::Skipped => panic!("call {} did not start", call.id),
+    }
+}
+
+fn ok(stdout: &[u8]) -> Outcome {
+    Outcome {
+        state: CallState::Finished,
+        exit_code: Some(0),
+        message: None,
+        stdout: Bytes::copy_from_slice(stdout),
+        stderr: Bytes::new(),
+    }
+}
+
+fn blob_count(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join("hf-blobs")).unwrap().count()
+}
+
+#[tokio::test]
+async fn queue_is_fifo_per_owner_and_counts_follow() {
+    let (_d, store) = setup(config()).await;
+    let a = accept(&store, b"1").await;
+    let b = accept(&store, b"2").await;
+    assert!(a.seq < b.seq, "the store assigns FIFO sequence numbers");
+    assert_eq!(store.queued_owners().await.unwrap(), vec![name("alice")]);
+    assert_eq!(store.queue_head(&name("alice")).await.unwrap(), Some(a.id));
+    assert_eq!(&run(&store, &a).await[..], b"1");
+    assert_eq!(store.queue_head(&name("alice")).await.unwrap(), Some(b.id));
+    assert!(
+        matches!(store.start(&a.id).await.unwrap(), Started::Skipped),
+        "a running call cannot start again"
+    );
+    store.requeue(&a.id).await.unwrap();
+    assert_eq!(store.queue_head(&name("alice")).await.unwrap(), Some(a.id));
+    run(&store, &a).await;
+    assert_eq!(store.running_calls().await.unwrap().len(), 1);
+    store.finish(&a.id, ok(b"out")).await.unwrap();
+    let s = store.stats(&name("f")).await.unwrap();
+    assert_eq!(
+        (s.total, s.pending, s.running, s.finished, s.failed),
+        (2, 1, 0, 1, 0)
+    );
+    assert_eq!(s.output_bytes, 3);
+    assert_eq!(store.live_calls(&name("f")).await.unwrap().len(), 1);
+    match store.take_output(&a.id).await.unwrap() {
+        Some(OutputLookup::Output(_, out)) => assert_eq!(&out[..], b"out"),
+        other => panic!("{other:?}"),
+    }
+    match store.take_output(&a.id).await.unwrap() {
+        Some(OutputLookup::NoOutput(c)) => assert_eq!(c.output, OutputState::Fetched),
+        other => panic!("{other:?}"),
+    }
+    assert!(store.take_output(&CallId::new()).await.unwrap().is_none());
+    assert_eq!(store.stats(&name("f")).await.unwrap().output_bytes, 0);
+    let kinds: Vec<_> = store
+        .events(&name("f"), None, Some(&a.id), None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, e)| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            EventKind::Call,
+            EventKind::Pending,
+            EventKind::Running,
+            EventKind::Running,
+            EventKind::Finished
+        ]
+    );
+}
+
+#[tokio::test]
+async fn output_cache_evicts_oldest_within_budget() {
+    let (_d, store) = setup(StoreConfig {
+        output_budget: 250,
+        ..config()
+    })
+    .await;
+    let mut ids = vec![];
+    for _ in 0..5 {
+        let c = accept(&store, b"").await;
+        run(&store, &c).await;
+        store.finish(&c.id, ok(&[7u8; 100])).await.unwrap();
+        ids.push(c.id);
+    }
+    assert_eq!(store.stats(&name("f")).await.unwrap().output_bytes, 200);
+    for id in &ids[..3] {
+        assert_eq!(
+            store.get_call(id).await.unwrap().unwrap().output,
+            OutputState::Evicted
+        );
+    }
+    assert!(matches!(
+        store.take_output(&ids[4]).await.unwrap(),
+        Some(OutputLookup::Output(..))
+    ));
+}
+
+#[tokio::test]
+async fn large_blobs_are_files_that_follow_their_markers() {
+    let (dir, store) = setup(config()).await;
+    let small = accept(&store, b"abc").await;
+    assert_eq!(blob_count(dir.path()), 0, "a small payload is inline");
+    let c = accept(&store, b"payload").await;
+    assert_eq!(blob_count(dir.path()), 1);
+    assert_eq!(&run(&store, &c).await[..], b"payload");
+    store.finish(&c.id, ok(b"output")).await.unwrap();
+    assert_eq!(
+        blob_count(dir.path()),
+        1,
+        "payload file gone, output file there"
+    );
+    assert!(
+        matches!(store.take_output(&c.id).await.unwrap(), Some(OutputLookup::Output(_, o)) if &o[..] == b"output")
+    );
+    assert_eq!(
+        blob_count(dir.path()),
+        0,
+        "a fetched output gives its file back"
+    );
+
+    // A payload file that is lost fails its call; it never runs with other bytes.
+    let lost = accept(&store, b"12345678").await;
+    std::fs::write(store.inner.blobs.path(Kind::Payload, &lost.id), b"1234").unwrap();
+    assert_eq!(
+        store.queue_head(&name("alice")).await.unwrap(),
+        Some(small.id)
+    );
+    run(&store, &small).await;
+    assert!(matches!(
+        store.start(&lost.id).await.unwrap(),
+        Started::Skipped
+    ));
+    let failed = store.get_call(&lost.id).await.unwrap().unwrap();
+    assert_eq!(failed.state, CallState::Failed);
+    assert!(
+        failed
+            .message
+            .as_deref()
+            .unwrap_or("")
+            .contains("4 of 8 bytes"),
+        "{failed:?}"
+    );
+
+    // A file whose transaction never committed is an orphan.
+    store
+        .inner
+        .blobs
+        .write(Kind::Output, &CallId::new(), b"x")
+        .unwrap();
+    drop(store);
+    reopen(dir.path(), config());
+    assert_eq!(blob_count(dir.path()), 0, "orphans are collected on open");
+}
+
+#[tokio::test]
+async fn log_cache_stays_within_budget() {
+    let (_d, store) = setup(StoreConfig {
+        log_budget: 2000,
+        ..config()
+    })
+    .await;
+    for _ in 0..50 {
+        accept(&store, b"x").await;
+    }
+    // Eviction runs in the background, off the intake path.
+    let mut s = store.stats(&name("f")).await.unwrap();
+    for _ in 0..100 {
+        if s.log_bytes <= 2000 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        s = store.stats(&name("f")).await.unwrap();
+    }
+    assert!(s.log_bytes <= 2000 && s.log_bytes > 1000, "{s:?}");
+    let events = store.events(&name("f"), None, None, None).await.unwrap();
+    let bytes: usize = events.iter().map(|(_, e)| encode(e).unwrap().len()).sum();
+    assert_eq!(bytes as u64, s.log_bytes);
+}
+
+#[tokio::test]
+async fn cancel_leaves_started_calls_to_the_scheduler() {
+    let (_d, store) = setup(config()).await;
+    let a = accept(&store, b"").await;
+    let b = accept(&store, b"").await;
+    run(&store, &a).await;
+    assert_eq!(
+        store.cancel_queued(&name("f"), "cancelled").await.unwrap(),
+        1
+    );
+    assert_eq!(
+        store.get_call(&a.id).await.unwrap().unwrap().state,
+        CallState::Running
+    );
+    assert_eq!(
+        store.get_call(&b.id).await.unwrap().unwrap().state,
+        CallState::Failed
+    );
+    assert_eq!(store.queue_head(&name("alice")).await.unwrap(), None);
+
+    // Removal: no new calls, then the purge waits for the running one.
+    store.remove_function(&name("f")).await.unwrap();
+    let refused = store
+        .accept(
+            Call::new(name("f"), name("alice"), 0, b"", vec![]),
+            Bytes::new(),
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::NotFound(_))),
+        "{refused:?}"
+    );
+    assert!(store.purge_function(&name("f")).await.is_err());
+    assert_eq!(store.unpurged_functions().await.unwrap(), vec![name("f")]);
+    assert!(
+        store.create_function(&function("f")).await.is_err(),
+        "a name is free again only after the purge"
+    );
+    store.finish(&a.id, ok(b"")).await.unwrap();
+    store.purge_function(&name("f")).await.unwrap();
+    assert!(store.get_call(&a.id).await.unwrap().is_none());
+    assert!(store.unpurged_functions().await.unwrap().is_empty());
+    store.create_function(&function("f")).await.unwrap();
+}
+
+#[tokio::test]
+async fn retention_prunes_ended_calls() {
+    let (_d, store) = setup(config()).await;
+    let a = accept(&store, b"").await;
+    let b = accept(&store, b"").await;
+    run(&store, &a).await;
+    store.finish(&a.id, ok(b"out-a-file")).await.unwrap();
+    assert_eq!(store.prune(0).await.unwrap(), 0);
+    let later = crate::model::now_ms() + 1;
+    assert_eq!(store.prune(later).await.unwrap(), 1);
+    assert!(store.get_call(&a.id).await.unwrap().is_none());
+    assert!(store.take_output(&a.id).await.unwrap().is_none());
+    assert_eq!(store.stats(&name("f")).await.unwrap().output_bytes, 0);
+    assert!(
+        store.get_call(&b.id).await.unwrap().is_some(),
+        "live calls stay"
+    );
+}
+
+#[tokio::test]
+async fn state_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let id;
+    {
+        let store = SledStore::open(dir.path(), config()).unwrap();
+        store.create_function(&function("f")).await.unwrap();
+        id = accept(&store, b"payload").await.id;
+        let inst = store.instance_id().await.unwrap();
+        assert_eq!(store.instance_id().await.unwrap(), inst);
+    }
+    let store = reopen(dir.path(), config());
+    assert_eq!(store.queue_head(&name("alice")).await.unwrap(), Some(id));
+    assert_eq!(store.stats(&name("f")).await.unwrap().pending, 1);
+    let tail = store.events(&name("f"), None, None, Some(1)).await.unwrap();
+    assert_eq!(tail.len(), 1);
+    assert_eq!(tail[0].1.kind, EventKind::Pending);
+    assert_eq!(
+        store.last_event_seq(&name("f")).await.unwrap(),
+        Some(tail[0].0)
+    );
+    assert_eq!(
+        &run(&store, &store.get_call(&id).await.unwrap().unwrap()).await[..],
+        b"payload"
+    );
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_intake_and_stores_nothing() {
+    let (_d, store) = setup(StoreConfig {
+        min_free_bytes: u64::MAX / 2,
+        ..config()
+    })
+    .await;
+    let refused = store
+        .accept(
+            Call::new(name("f"), name("alice"), 0, b"x", vec![]),
+            Bytes::from_static(b"x"),
+        )
+        .await;
+    assert!(matches!(refused, Err(StoreError::Full(_))), "{refused:?}");
+    assert_eq!(store.stats(&name("f")).await.unwrap().total, 0);
+    assert!(store.health().await.is_err());
+}
