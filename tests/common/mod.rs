@@ -49,6 +49,10 @@ pub struct Daemon {
     pub endpoint: String,
     pub instance: String,
     extra_config: String,
+    /// Extra environment of the `serve` process (e.g. `FAILPOINTS`).
+    env: Vec<(String, String)>,
+    /// The data dir: `dir/data` unless the test gives its own (a tmpfs).
+    data: PathBuf,
 }
 
 impl Daemon {
@@ -58,15 +62,34 @@ impl Daemon {
 
     /// Starts with extra TOML appended to the test config (sections allowed).
     pub fn start_with(extra_config: &str) -> Daemon {
+        Daemon::launch(extra_config, &[], None)
+    }
+
+    /// Starts with extra config and extra environment variables for the
+    /// `serve` process, e.g. `[("FAILPOINTS", "accept-committed=return")]`.
+    pub fn start_with_env(extra_config: &str, env: &[(&str, &str)]) -> Daemon {
+        Daemon::launch(extra_config, env, None)
+    }
+
+    /// Starts with its data dir at `data_dir` (e.g. a small tmpfs); the
+    /// config and the daemon log stay in a private temporary dir.
+    pub fn start_on(data_dir: &Path, extra_config: &str) -> Daemon {
+        Daemon::launch(extra_config, &[], Some(data_dir.to_path_buf()))
+    }
+
+    fn launch(extra_config: &str, env: &[(&str, &str)], data: Option<PathBuf>) -> Daemon {
         test_image();
         let dir = tempfile::tempdir().expect("tempdir");
         let mut d = Daemon {
+            data: data.unwrap_or_else(|| dir.path().join("data")),
             dir,
             child: None,
             endpoint: String::new(),
             instance: String::new(),
             extra_config: extra_config.to_string(),
+            env: Vec::new(),
         };
+        d.set_env(env);
         d.spawn();
         let health = d.curl_json(&["-s", &format!("{}/healthz", d.endpoint)]);
         assert_eq!(
@@ -79,7 +102,16 @@ impl Daemon {
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.data.clone()
+    }
+
+    /// The environment of the next `serve` process started (replaces the
+    /// previous one; `&[]` starts it with none).
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
     }
 
     pub fn profile(&self) -> PathBuf {
@@ -113,6 +145,9 @@ impl Daemon {
             .args(["serve", "--config"])
             .arg(&config)
             .env("HYPERFUNCD_LOG", "info,hyperfuncd=debug")
+            // Failpoints only where a test sets them, never inherited.
+            .env_remove("FAILPOINTS")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(
@@ -205,6 +240,7 @@ impl Daemon {
             .env_remove("HYPERFUNC_ENDPOINT")
             .env_remove("HYPERFUNC_KEY")
             .env_remove("HYPERFUNC_CA")
+            .env_remove("FAILPOINTS")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .stdin(if stdin.is_some() {
@@ -761,5 +797,520 @@ impl Daemon {
     /// A function's record as `func inspect` shows it.
     pub fn inspect(&self, name: &str) -> serde_json::Value {
         serde_json::from_str(&self.ok(&["func", "inspect", name])).expect("inspect JSON")
+    }
+}
+
+impl Daemon {
+    /// Restarts (kill -9) with a new environment for `serve`; `&[]` drops
+    /// the previous one (e.g. the failpoints).
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
+        self.set_env(env);
+        self.restart();
+    }
+
+    /// Waits up to `secs` for the daemon to exit by itself (e.g. a failpoint
+    /// made it kill itself) and returns how it ended.
+    pub fn wait_dead(&mut self, secs: u64) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let child = self.child.as_mut().expect("the daemon is not running");
+            if let Some(status) = child.try_wait().expect("wait for hyperfuncd") {
+                self.child = None;
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "hyperfuncd was still alive after {secs} s; daemon log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the kill -9 a `return` failpoint performs: the daemon died of
+    /// SIGKILL by itself and its log names the failpoint.
+    pub fn wait_failpoint(&mut self, name: &str, secs: u64) {
+        use std::os::unix::process::ExitStatusExt;
+        let status = self.wait_dead(secs);
+        let log = self.log();
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "failpoint {name}: hyperfuncd ended with {status}, not SIGKILL; log:\n{log}"
+        );
+        assert!(
+            log.contains(&format!("failpoint {name} reached")),
+            "hyperfuncd died, but its log does not say failpoint {name} was reached:\n{log}"
+        );
+    }
+
+    /// `func create` as the user holding `key`; returns the call URL.
+    pub fn create_as(&self, key: &str, name: &str, args: &[&str]) -> String {
+        let mut all = vec!["func", "create", "--name", name];
+        all.extend_from_slice(args);
+        let out = self.cli_as(key, &all, None);
+        assert!(out.status.success(), "{all:?}: {}", stderr(&out));
+        let text = stdout(&out);
+        let prefix = format!("{name} is created with the address of ");
+        text.trim()
+            .strip_prefix(&prefix)
+            .unwrap_or_else(|| panic!("unexpected create output {text:?}"))
+            .to_string()
+    }
+
+    /// A call's record from the management API: (status, JSON).
+    pub fn call_record(&self, id: &str) -> (u16, serde_json::Value) {
+        self.api(&format!("/v1/calls/{id}"))
+    }
+
+    /// `GET /v1/calls/ID/output` as admin: (status, raw body). A 200 takes
+    /// the output away.
+    pub fn output(&self, id: &str) -> (u16, Vec<u8>) {
+        let auth = format!("Authorization: Bearer {}", self.admin_key());
+        self.curl(&[
+            "-H",
+            &auth,
+            &format!("{}/v1/calls/{id}/output", self.endpoint),
+        ])
+    }
+
+    /// `GET /healthz`: (status, JSON).
+    pub fn health(&self) -> (u16, serde_json::Value) {
+        let (code, body) = self.curl(&[&format!("{}/healthz", self.endpoint)]);
+        (
+            code,
+            serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+        )
+    }
+}
+
+impl EngineEvents {
+    /// Per call id: its function and how many times a container of it started.
+    pub fn start_counts(&self) -> std::collections::HashMap<String, (String, usize)> {
+        let mut counts = std::collections::HashMap::new();
+        for (a, c, f) in self.all() {
+            if a == "start" {
+                counts.entry(c).or_insert((f, 0)).1 += 1;
+            }
+        }
+        counts
+    }
+}
+
+/// Random bytes (binary: NULs, newlines, anything), so that payloads are
+/// unique and any mix-up between calls shows.
+pub fn random_bytes(len: usize) -> Vec<u8> {
+    use rand::RngCore;
+    let mut b = vec![0u8; len];
+    rand::thread_rng().fill_bytes(&mut b);
+    b
+}
+
+/// `n` random payloads of varied sizes from 0 B to 64 KiB: one in ten empty,
+/// two tiny (1-64 B), three up to 4 KiB, four from 4 KiB to 64 KiB.
+pub fn mixed_payloads(n: usize) -> Vec<Vec<u8>> {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    (0..n)
+        .map(|i| {
+            let len = match i % 10 {
+                0 => 0,
+                1 | 2 => rng.gen_range(1..=64),
+                3..=5 => rng.gen_range(65..=4096),
+                _ => rng.gen_range(4097..=65536),
+            };
+            random_bytes(len)
+        })
+        .collect()
+}
+
+/// `n` random payloads with lengths in `sizes`.
+pub fn sized_payloads(n: usize, sizes: std::ops::RangeInclusive<usize>) -> Vec<Vec<u8>> {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    (0..n)
+        .map(|_| random_bytes(rng.gen_range(sizes.clone())))
+        .collect()
+}
+
+/// What a test function does with its STDIN, for [`verdict`].
+#[derive(Clone, Debug)]
+pub enum Behaviour {
+    /// Prints its STDIN back (`cat`): a FINISHED output is the call's payload.
+    Echo,
+    /// Prints these bytes whatever its STDIN.
+    Prints(Vec<u8>),
+    /// Never finishes: FAILED with a message containing one of these.
+    Fails(Vec<String>),
+}
+
+/// What a test sent, for [`verdict`].
+#[derive(Default)]
+pub struct Ledger {
+    pub functions: std::collections::HashMap<String, Behaviour>,
+    /// Calls answered 202: call id -> (function, payload).
+    pub acked: std::collections::HashMap<String, (String, Vec<u8>)>,
+    /// (function, payload) sent without a 202 (the daemon died first, or it
+    /// refused): such a call may exist, and then runs with these bytes.
+    pub unacked: Vec<(String, Vec<u8>)>,
+    /// Calls whose output a `get` may already have taken: 410 is fine.
+    pub fetched: std::collections::HashSet<String>,
+    /// The output cache may have rotated outputs out: 410 is fine for any call.
+    pub evictable: bool,
+    /// Functions that may have been removed: if one is gone, its calls are too.
+    pub removable: std::collections::HashSet<String>,
+}
+
+impl Ledger {
+    pub fn new(functions: &[(&str, Behaviour)]) -> Ledger {
+        Ledger {
+            functions: functions
+                .iter()
+                .map(|(f, b)| (f.to_string(), b.clone()))
+                .collect(),
+            ..Ledger::default()
+        }
+    }
+
+    /// Records what `submit_all` answered for `payloads` sent to `function`.
+    pub fn record(&mut self, function: &str, payloads: &[Vec<u8>], acked: &[(usize, String)]) {
+        let mut answered = vec![false; payloads.len()];
+        for (i, id) in acked {
+            answered[*i] = true;
+            let prev = self
+                .acked
+                .insert(id.clone(), (function.to_string(), payloads[*i].clone()));
+            assert!(prev.is_none(), "call id {id} was handed out twice");
+        }
+        for (i, p) in payloads.iter().enumerate() {
+            if !answered[i] {
+                self.unacked.push((function.to_string(), p.clone()));
+            }
+        }
+    }
+
+    /// Posts `payloads` to `url` (a call URL of `function`) with `workers`
+    /// keep-alive connections until done or the daemon dies; returns how
+    /// many were acknowledged.
+    pub fn submit(
+        &mut self,
+        ca: &Path,
+        function: &str,
+        url: &str,
+        payloads: Vec<Vec<u8>>,
+        workers: usize,
+    ) -> usize {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let acked = submit_all(ca, url, payloads.clone(), workers, stop);
+        self.record(function, &payloads, &acked);
+        acked.len()
+    }
+
+    pub fn acked_of(&self, function: &str) -> usize {
+        self.acked.values().filter(|(f, _)| f == function).count()
+    }
+}
+
+/// What [`verdict`] saw.
+#[derive(Debug, Default)]
+pub struct Verdict {
+    /// Final state of every acknowledged call still known (FINISHED/FAILED).
+    pub states: std::collections::HashMap<String, String>,
+    pub finished: usize,
+    pub failed: usize,
+    /// FINISHED calls whose output answered 410 (fetched or rotated out).
+    pub gone: usize,
+    /// Calls that ran although they were never acknowledged.
+    pub unacked_ran: usize,
+}
+
+/// The one verdict after crashes: within `secs`, every call has ended; each
+/// acknowledged call is FINISHED with exactly its own output (or 410 where
+/// the ledger allows it) or FAILED with a reason; a call that ran without a
+/// 202 ran with bytes that were sent; no call started twice; no function
+/// holds more calls than were sent. Outputs are fetched (and so removed).
+pub fn verdict(d: &Daemon, events: &EngineEvents, ledger: &Ledger, secs: u64) -> Verdict {
+    use std::collections::{HashMap, HashSet};
+    let mut live: Vec<&str> = Vec::new();
+    for f in ledger.functions.keys() {
+        let (code, v) = d.api(&format!("/v1/functions/{f}/status"));
+        match code {
+            200 => live.push(f),
+            404 if ledger.removable.contains(f) => {}
+            _ => panic!("function {f}: {code} {v}"),
+        }
+    }
+    let ended = |s: &serde_json::Value| {
+        let n = |k: &str| s[k].as_u64().unwrap_or(u64::MAX);
+        n("Pending") == 0 && n("Running") == 0 && n("Total") == n("Finished") + n("Failed")
+    };
+    d.wait_until(
+        secs,
+        "every call to end (none stuck PENDING or RUNNING)",
+        || live.iter().all(|f| ended(&d.status(f))),
+    );
+    // docker events may trail the API by a moment.
+    d.wait_until(30, "a die event for every container start", || {
+        let all = events.all();
+        all.iter().filter(|e| e.0 == "die").count() >= all.iter().filter(|e| e.0 == "start").count()
+    });
+    let starts = events.start_counts();
+    for (id, (f, n)) in &starts {
+        assert!(
+            *n <= 1,
+            "call {id} of {f} was started {n} times; daemon log:\n{}",
+            d.log()
+        );
+    }
+
+    let mut c = Checker {
+        d,
+        ledger,
+        starts: &starts,
+        seen: HashMap::new(),
+        v: Verdict::default(),
+    };
+    // A removed function's calls go with it (a removal a crash interrupted
+    // may finish in the background after the restart).
+    let orphans: Vec<&String> = ledger
+        .acked
+        .iter()
+        .filter(|(_, (f, _))| !live.contains(&f.as_str()))
+        .map(|(id, _)| id)
+        .collect();
+    d.wait_until(60, "the removed functions' calls to be purged", || {
+        orphans.iter().all(|id| d.call_record(id).0 == 404)
+    });
+    for (id, (f, payload)) in &ledger.acked {
+        if !live.contains(&f.as_str()) {
+            continue;
+        }
+        let (code, call) = d.call_record(id);
+        assert_eq!(code, 200, "acknowledged call {id} of {f} was lost: {call}");
+        assert_eq!(call["Function"], f.as_str(), "call {id}: {call}");
+        let may_be_gone = ledger.evictable || ledger.fetched.contains(id);
+        let state = c.check(id, &call, &[payload.as_slice()], may_be_gone);
+        c.v.states.insert(id.clone(), state);
+    }
+
+    // Calls the Engine ran that no 202 announced: sent, but the daemon died
+    // before answering. They must have run with bytes that were sent.
+    let mut unacked: HashMap<&str, Vec<&[u8]>> = HashMap::new();
+    for (f, p) in &ledger.unacked {
+        unacked.entry(f.as_str()).or_default().push(p.as_slice());
+    }
+    let known: HashSet<&String> = ledger.acked.keys().collect();
+    for (id, (f, _)) in &starts {
+        if known.contains(id) || !live.contains(&f.as_str()) {
+            continue;
+        }
+        let candidates = unacked.get(f.as_str()).cloned().unwrap_or_default();
+        assert!(
+            !candidates.is_empty(),
+            "the Engine ran call {id} of {f}, which nobody sent"
+        );
+        let (code, call) = d.call_record(id);
+        assert_eq!(
+            code, 200,
+            "the Engine ran call {id} of {f}, unknown to hyperfuncd: {call}"
+        );
+        c.check(id, &call, &candidates, ledger.evictable);
+        c.v.unacked_ran += 1;
+    }
+
+    for f in &live {
+        let total = d.status(f)["Total"].as_u64().unwrap_or(0) as usize;
+        let acked = ledger.acked_of(f);
+        let sent = acked + unacked.get(f).map_or(0, Vec::len);
+        assert!(
+            (acked..=sent).contains(&total),
+            "function {f} holds {total} calls: {acked} were acknowledged, {sent} sent"
+        );
+    }
+    let v = c.v;
+    eprintln!(
+        "verdict: {} acknowledged, {} finished ({} outputs gone), {} failed, {} ran without a 202",
+        ledger.acked.len(),
+        v.finished,
+        v.gone,
+        v.failed,
+        v.unacked_ran
+    );
+    v
+}
+
+/// Checks one ended call for [`verdict`].
+struct Checker<'a> {
+    d: &'a Daemon,
+    ledger: &'a Ledger,
+    starts: &'a std::collections::HashMap<String, (String, usize)>,
+    /// Outputs seen, to catch one call's bytes coming back as another's.
+    seen: std::collections::HashMap<Vec<u8>, String>,
+    v: Verdict,
+}
+
+impl Checker<'_> {
+    /// `candidates`: the payloads this call may have been sent. Returns its state.
+    fn check(
+        &mut self,
+        id: &str,
+        call: &serde_json::Value,
+        candidates: &[&[u8]],
+        may_be_gone: bool,
+    ) -> String {
+        let f = call["Function"].as_str().unwrap_or("?").to_string();
+        let behaviour = self
+            .ledger
+            .functions
+            .get(&f)
+            .unwrap_or_else(|| panic!("call {id} of an unexpected function: {call}"));
+        let stdin = call["StdinBytes"].as_u64();
+        assert!(
+            candidates.iter().any(|p| Some(p.len() as u64) == stdin),
+            "call {id} of {f} stored a STDIN of {stdin:?} bytes, not what was sent: {call}"
+        );
+        let started = self.starts.get(id).map_or(0, |(_, n)| *n);
+        let state = call["State"].as_str().unwrap_or("").to_string();
+        match state.as_str() {
+            "FINISHED" => {
+                assert!(
+                    !matches!(behaviour, Behaviour::Fails(_)),
+                    "call {id} of {f} cannot finish: {call}"
+                );
+                assert_eq!(
+                    started, 1,
+                    "FINISHED call {id} of {f}: the Engine saw {started} starts"
+                );
+                let (code, body) = self.d.output(id);
+                match code {
+                    200 => {
+                        let own = match behaviour {
+                            Behaviour::Prints(b) => body == *b,
+                            _ => candidates.contains(&body.as_slice()),
+                        };
+                        assert!(
+                            own,
+                            "call {id} of {f}: an output of {} bytes that is not its own (STDIN {stdin:?} bytes): {call}",
+                            body.len()
+                        );
+                        if matches!(behaviour, Behaviour::Echo) && body.len() >= 16 {
+                            if let Some(other) = self.seen.insert(body, id.to_string()) {
+                                panic!("calls {other} and {id} returned the same bytes");
+                            }
+                        }
+                    }
+                    410 if may_be_gone => self.v.gone += 1,
+                    _ => panic!(
+                        "FINISHED call {id} of {f}: its output answered {code} {}",
+                        String::from_utf8_lossy(&body)
+                    ),
+                }
+                self.v.finished += 1;
+            }
+            "FAILED" => {
+                let msg = call["Message"].as_str().unwrap_or("");
+                assert!(
+                    !msg.trim().is_empty(),
+                    "call {id} of {f} FAILED without a reason: {call}"
+                );
+                if let Behaviour::Fails(reasons) = behaviour {
+                    assert!(
+                        reasons.iter().any(|r| msg.contains(r.as_str())),
+                        "call {id} of {f} FAILED with {msg:?}, expected one of {reasons:?}"
+                    );
+                }
+                let (code, body) = self.d.output(id);
+                assert_eq!(
+                    code,
+                    500,
+                    "output of the FAILED call {id}: {}",
+                    String::from_utf8_lossy(&body)
+                );
+                self.v.failed += 1;
+            }
+            other => panic!("call {id} of {f} is {other:?} after every call ended: {call}"),
+        }
+        state
+    }
+}
+
+/// Fails the test, with the reason, unless it runs as root: a test that
+/// passes because it could not run is a defect.
+pub fn require_root(what: &str) {
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "{what} needs root (it mounts a tmpfs); run the tests as root, as CI does"
+    );
+}
+
+/// A tmpfs of a fixed size mounted on a private dir; unmounted on drop (also
+/// when the test panics) — drop it after the daemon that uses it.
+pub struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(size_mib: u64) -> Tmpfs {
+        require_root("a tmpfs");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("mount missing");
+        assert!(
+            out.status.success(),
+            "cannot mount a tmpfs: {}",
+            stderr(&out)
+        );
+        Tmpfs { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Bytes an unprivileged writer could still allocate there.
+    pub fn free_bytes(&self) -> u64 {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(self.path().as_os_str().as_bytes()).expect("path");
+        // SAFETY: statvfs(3) writes into the zeroed struct we own; the path is NUL-terminated.
+        let st = unsafe {
+            let mut st: libc::statvfs = std::mem::zeroed();
+            assert_eq!(libc::statvfs(path.as_ptr(), &mut st), 0, "statvfs");
+            st
+        };
+        st.f_bavail as u64 * st.f_frsize as u64
+    }
+
+    /// Allocates the file `name` so that about `leave` bytes stay free.
+    pub fn fill(&self, name: &str, leave: u64) -> PathBuf {
+        let file = self.path().join(name);
+        let len = self.free_bytes().saturating_sub(leave);
+        let out = Command::new("fallocate")
+            .args(["-l", &len.to_string()])
+            .arg(&file)
+            .output()
+            .expect("fallocate missing");
+        assert!(out.status.success(), "fallocate: {}", stderr(&out));
+        file
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let umount = |lazy: bool| {
+            Command::new("umount")
+                .args(if lazy { &["-l"][..] } else { &[][..] })
+                .arg(self.dir.path())
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        if !umount(false) {
+            umount(true);
+        }
     }
 }

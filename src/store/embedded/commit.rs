@@ -1,7 +1,8 @@
-//! Group commit: one thread flushes sled's log for every writer that asked
-//! since the last flush began, so concurrent accepts share one fsync. Files
-//! whose markers a write dropped are deleted here, only after the flush that
-//! made the drop durable succeeded.
+//! Group commit: one thread applies the writes queued since its last flush,
+//! flushes sled's log once for all of them, and only then answers each, so
+//! concurrent accepts share one fsync and a write is never acknowledged
+//! before it is durable. Files whose markers a write dropped are deleted
+//! here, only after the flush that made the drop durable succeeded.
 //!
 //! A flush error is fatal: sled refuses every write after a failed log
 //! write, so the store reports itself failed and a restart recovers.
@@ -11,13 +12,19 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use tokio::sync::{oneshot, watch};
 
-type Waiter = oneshot::Sender<std::result::Result<(), String>>;
+/// How a queued write ends: files to delete once durable, and the answer to
+/// send with the flush's result.
+pub struct Done {
+    pub deletes: Vec<PathBuf>,
+    pub reply: Box<dyn FnOnce(std::result::Result<(), String>) + Send>,
+}
+
+/// A write run on the commit thread, in the batch of its flush.
+pub type Op = Box<dyn FnOnce() -> Done + Send>;
 
 #[derive(Default)]
 struct Pending {
-    waiters: Vec<Waiter>,
-    /// Files to delete once the flush that covers their marker's removal succeeded.
-    deletes: Vec<PathBuf>,
+    ops: Vec<Op>,
     closed: bool,
 }
 
@@ -43,17 +50,21 @@ impl Committer {
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("hyperfuncd-commit".into())
-            .spawn(move || run(&db, &s))?;
+            .spawn(move || {
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&db, &s)));
+                if ran.is_err() {
+                    fail(&s, "the commit thread panicked".into());
+                }
+            })?;
         Ok(Committer {
             shared,
             thread: Mutex::new(Some(thread)),
         })
     }
 
-    /// Resolves once everything committed before this call is on disk, and
-    /// then deletes `deletes`.
-    pub async fn durable(&self, deletes: Vec<PathBuf>) -> Result<()> {
-        let rx = {
+    /// Queues `op` for the next batch; it runs on the commit thread.
+    pub fn submit(&self, op: Op) -> Result<()> {
+        {
             let mut p = lock(&self.shared.pending);
             if let Some(reason) = self.failure() {
                 return Err(StoreError::Failed(reason));
@@ -61,12 +72,22 @@ impl Committer {
             if p.closed {
                 return Err(StoreError::Failed("the store is closed".into()));
             }
-            let (tx, rx) = oneshot::channel();
-            p.waiters.push(tx);
-            p.deletes.extend(deletes);
-            rx
-        };
+            p.ops.push(op);
+        }
         self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    /// Resolves once everything committed before this call is on disk, and
+    /// then deletes `deletes`.
+    pub async fn durable(&self, deletes: Vec<PathBuf>) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Box::new(move || Done {
+            deletes,
+            reply: Box::new(move |flushed| {
+                let _ = tx.send(flushed);
+            }),
+        }))?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(reason)) => Err(StoreError::Failed(reason)),
@@ -103,49 +124,48 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+fn fail(shared: &Shared, reason: String) {
+    tracing::error!(error = %reason, "cannot write the database");
+    shared.failed.send_if_modified(|f| {
+        let first = f.is_none();
+        if first {
+            *f = Some(reason);
+        }
+        first
+    });
+}
+
 fn run(db: &sled::Db, shared: &Shared) {
     loop {
-        let batch = {
+        let ops = {
             let mut p = lock(&shared.pending);
-            while p.waiters.is_empty() && p.deletes.is_empty() && !p.closed {
+            while p.ops.is_empty() && !p.closed {
                 p = shared.wake.wait(p).unwrap_or_else(|e| e.into_inner());
             }
-            if p.waiters.is_empty() && p.deletes.is_empty() {
+            if p.ops.is_empty() {
                 return;
             }
-            (
-                std::mem::take(&mut p.waiters),
-                std::mem::take(&mut p.deletes),
-            )
+            std::mem::take(&mut p.ops)
         };
-        let (waiters, deletes) = batch;
-        // Everything the waiters committed happened before they queued, so
-        // this flush covers it.
-        let flushed = if shared.failed.borrow().is_some() {
-            Err("an earlier write failed".to_string())
-        } else {
-            db.flush().map(drop).map_err(|e| e.to_string())
+        // Every op of the batch commits before the flush begins, so the
+        // flush covers them all (and whatever other threads committed
+        // before they queued a `durable`).
+        let done: Vec<Done> = ops.into_iter().map(|op| op()).collect();
+        let flushed = match shared.failed.borrow().clone() {
+            Some(reason) => Err(reason),
+            None => db.flush().map(drop).map_err(|e| e.to_string()),
         };
         match &flushed {
             Ok(()) => {
-                for path in &deletes {
+                for path in done.iter().flat_map(|d| &d.deletes) {
                     // A file left behind is an orphan the next open collects.
                     let _ = std::fs::remove_file(path);
                 }
             }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot write the database");
-                shared.failed.send_if_modified(|f| {
-                    let first = f.is_none();
-                    if first {
-                        *f = Some(e.clone());
-                    }
-                    first
-                });
-            }
+            Err(e) => fail(shared, e.clone()),
         }
-        for w in waiters {
-            let _ = w.send(flushed.clone());
+        for d in done {
+            (d.reply)(flushed.clone());
         }
     }
 }

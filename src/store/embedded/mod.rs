@@ -126,6 +126,9 @@ struct Inner {
 pub struct SledStore {
     inner: Arc<Inner>,
     committer: Arc<Committer>,
+    /// Every function record, read on each call's intake: served from
+    /// memory, written through after each durable change.
+    functions: std::sync::RwLock<HashMap<Name, Function>>,
     /// Functions whose log eviction is under way, so one runs per function.
     log_evicting: Arc<Mutex<HashSet<Name>>>,
 }
@@ -162,9 +165,15 @@ impl SledStore {
         db.flush()?;
         let committer = Committer::start(db)
             .map_err(|e| StoreError::Failed(format!("cannot start the commit thread: {e}")))?;
+        let functions = inner
+            .list_functions(None)?
+            .into_iter()
+            .map(|f| (f.name.clone(), f))
+            .collect();
         Ok(SledStore {
             inner: Arc::new(inner),
             committer: Arc::new(committer),
+            functions: std::sync::RwLock::new(functions),
             log_evicting: Arc::new(Mutex::new(HashSet::new())),
         })
     }
@@ -203,6 +212,48 @@ impl SledStore {
             self.evict_logs_later(name);
         }
         value
+    }
+
+    /// Runs a short write on the commit thread, in the batch of its flush:
+    /// no hop through a blocking thread, and concurrent writes share the
+    /// flush. Long writes (scans, file I/O) use `write` instead.
+    async fn commit<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner, &mut Effects) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let inner = Arc::clone(&self.inner);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.committer.submit(Box::new(move || {
+            let mut fx = Effects::default();
+            let value = f(&inner, &mut fx);
+            let evict = std::mem::take(&mut fx.evict_logs);
+            commit::Done {
+                deletes: fx.deletes,
+                reply: Box::new(move |flushed| {
+                    let _ = tx.send((value, flushed, evict));
+                }),
+            }
+        }))?;
+        let (value, flushed, evict) = rx
+            .await
+            .map_err(|_| StoreError::Failed("the commit thread stopped".into()))?;
+        flushed.map_err(StoreError::Failed)?;
+        for name in evict {
+            self.evict_logs_later(name);
+        }
+        value
+    }
+
+    fn cached_functions(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Name, Function>> {
+        self.functions.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn cache_function(&self, name: &Name, f: Option<Function>) {
+        let mut cache = self.functions.write().unwrap_or_else(|p| p.into_inner());
+        match f {
+            Some(f) => cache.insert(name.clone(), f),
+            None => cache.remove(name),
+        };
     }
 
     /// Evicts `function`'s oldest events in the background, off the path of
@@ -506,29 +557,54 @@ impl Store for SledStore {
     }
 
     async fn create_function(&self, f: &Function) -> Result<()> {
-        let f = f.clone();
-        self.write(move |i, fx| i.create_function(&f, fx)).await
+        let made = f.clone();
+        self.write(move |i, fx| i.create_function(&made, fx))
+            .await?;
+        self.cache_function(&f.name, Some(f.clone()));
+        Ok(())
     }
 
     async fn update_function(&self, f: &Function) -> Result<()> {
-        let f = f.clone();
-        self.write(move |i, fx| i.update_function(&f, fx)).await
+        let changed = f.clone();
+        self.write(move |i, fx| i.update_function(&changed, fx))
+            .await?;
+        self.cache_function(&f.name, Some(f.clone()));
+        Ok(())
     }
 
     async fn get_function(&self, name: &Name) -> Result<Option<Function>> {
-        let name = name.clone();
-        self.read(move |i| get(i.tree(FUNCTIONS), name.as_str()))
-            .await
+        Ok(self.cached_functions().get(name).cloned())
     }
 
     async fn list_functions(&self, owner: Option<&Name>) -> Result<Vec<Function>> {
-        let owner = owner.cloned();
-        self.read(move |i| i.list_functions(owner.as_ref())).await
+        let mut all: Vec<Function> = self
+            .cached_functions()
+            .values()
+            .filter(|f| owner.is_none_or(|o| &f.owner == o))
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
+        Ok(all)
     }
 
     async fn remove_function(&self, name: &Name) -> Result<()> {
-        let name = name.clone();
-        self.write(move |i, fx| i.remove_function(&name, fx)).await
+        let n = name.clone();
+        // Out of the cache first: intake stops taking its calls at once
+        // (the transactions check the record too).
+        self.cache_function(name, None);
+        let removed = self.write(move |i, fx| i.remove_function(&n, fx)).await;
+        if removed.is_err() {
+            if let Ok(Some(f)) = self
+                .read({
+                    let n = name.clone();
+                    move |i| get::<Function>(i.tree(FUNCTIONS), n.as_str())
+                })
+                .await
+            {
+                self.cache_function(name, Some(f));
+            }
+        }
+        removed
     }
 
     async fn purge_function(&self, name: &Name) -> Result<()> {
@@ -548,7 +624,12 @@ impl Store for SledStore {
     }
 
     async fn accept(&self, call: Call, payload: Bytes) -> Result<Call> {
-        self.write(move |i, fx| i.accept(call, &payload, fx)).await
+        if payload.len() as u64 > self.inner.config.inline_max_bytes {
+            // Its own file, written and fsynced off the commit thread.
+            self.write(move |i, fx| i.accept(call, &payload, fx)).await
+        } else {
+            self.commit(move |i, fx| i.accept(call, &payload, fx)).await
+        }
     }
 
     async fn get_call(&self, id: &CallId) -> Result<Option<Call>> {
