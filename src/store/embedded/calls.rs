@@ -141,7 +141,7 @@ impl Inner {
             (None, Ok(p)) => p,
             (Some(why), _) | (None, Err(StoreError::Corrupt(why))) => {
                 tracing::warn!(call = %id, reason = %why, "call not started");
-                self.end(id, Outcome::failed(why), CallState::Pending, fx)?;
+                self.end(id, Outcome::failed(why), Some(CallState::Pending), fx)?;
                 return Ok(Started::Skipped);
             }
             (None, Err(e)) => return Err(e),
@@ -199,24 +199,22 @@ impl Inner {
     /// cache, after the oldest outputs made room for it; if the disk cannot
     /// take it, the call ends FAILED saying so.
     pub(super) fn finish(&self, id: &CallId, outcome: Outcome, fx: &mut Effects) -> Result<Call> {
-        let Some(call) = get::<Call>(self.tree(CALLS), id.as_bytes())? else {
-            return Err(StoreError::NotFound(format!("call {id}")));
-        };
-        self.end(id, outcome, call.state, fx)
+        self.end(id, outcome, None, fx)
     }
 
-    /// Moves a call that is in state `from` to its end. Aborts with a
-    /// transition error if it is no longer in `from`.
+    /// Moves a call to its end: from `from`, or from whatever state it is
+    /// in if `None`. Aborts with a transition error if it has moved since.
     fn end(
         &self,
         id: &CallId,
         mut outcome: Outcome,
-        from: CallState,
+        from: Option<CallState>,
         fx: &mut Effects,
     ) -> Result<Call> {
         let Some(call) = get::<Call>(self.tree(CALLS), id.as_bytes())? else {
             return Err(StoreError::NotFound(format!("call {id}")));
         };
+        let from = from.unwrap_or(call.state);
         let function = call.function.clone();
         let len = outcome.stdout.len() as u64;
         let budget = self.config.output_budget;
@@ -329,7 +327,12 @@ impl Inner {
             if call.state != CallState::Pending {
                 continue;
             }
-            match self.end(&call.id, Outcome::failed(message), CallState::Pending, fx) {
+            match self.end(
+                &call.id,
+                Outcome::failed(message),
+                Some(CallState::Pending),
+                fx,
+            ) {
                 Ok(_) => cancelled += 1,
                 // Started or ended meanwhile: the scheduler cancels it.
                 Err(StoreError::Transition(_) | StoreError::NotFound(_)) => {}
