@@ -25,44 +25,20 @@ impl Inner {
         Ok(())
     }
 
+    /// Accepts a call whose payload is a file: written and fsynced here, on
+    /// a blocking thread, before its own transaction. Inline payloads take
+    /// `AcceptJob` on the commit thread instead.
     pub(super) fn accept(&self, mut call: Call, payload: &[u8], fx: &mut Effects) -> Result<Call> {
-        self.check_space(payload.len() as u64, "the call")?;
-        call.seq = self.next_seq()?;
-        let call_seq = self.next_seq()?;
-        let pending_seq = self.next_seq()?;
-        let id = call.id.as_bytes();
-        let marker = if payload.len() as u64 > self.config.inline_max_bytes {
-            self.blobs
-                .write(Kind::Payload, &call.id, payload)
-                .map_err(|e| io_full(e, "the payload"))?;
-            crate::crash_point!("accept-payload-written");
-            Marker::File(payload.len() as u64)
-        } else {
-            Marker::Inline(payload.to_vec())
-        };
-        let over = self.tx(|t| {
-            if t[FUNCTIONS].get(call.function.as_str())?.is_none() {
-                return abort(StoreError::NotFound(format!("function {}", call.function)));
-            }
-            t[CALLS].insert(id, enc(&call)?)?;
-            t[PAYLOADS].insert(id, marker.encode())?;
-            t[QUEUE].insert(seq_key(call.owner.as_str(), call.seq), id)?;
-            t[FN_CALLS].insert(seq_key(call.function.as_str(), call.seq), id)?;
-            t[LIVE].insert(seq_key(call.function.as_str(), call.seq), id)?;
-            let mut stats = tx_stats(&t[STATS], &call.function)?;
-            stats.total += 1;
-            stats.count(CallState::Pending, 1);
-            log(&t[LOGS], &mut stats, &call, EventKind::Call, call_seq)?;
-            log(&t[LOGS], &mut stats, &call, EventKind::Pending, pending_seq)?;
-            t[STATS].insert(call.function.as_str(), enc(&stats)?)?;
-            Ok(stats.log_bytes > self.config.log_budget)
-        });
-        let over = match over {
+        let seqs = self.accept_ids(&mut call, payload.len())?;
+        self.blobs
+            .write(Kind::Payload, &call.id, payload)
+            .map_err(|e| io_full(e, "the payload"))?;
+        crate::crash_point!("accept-payload-written");
+        let marker = Marker::File(payload.len() as u64);
+        let over = match self.tx(|t| self.accept_tx(t, &call, &marker, seqs)) {
             Ok(over) => over,
             Err(e) => {
-                if let Marker::File(_) = marker {
-                    self.blobs.remove_uncommitted(Kind::Payload, &call.id);
-                }
+                self.blobs.remove_uncommitted(Kind::Payload, &call.id);
                 return Err(e);
             }
         };
@@ -72,6 +48,41 @@ impl Inner {
             fx.evict_logs.push(call.function.clone());
         }
         Ok(call)
+    }
+
+    /// Checks the space for a payload of `len` bytes and numbers the call
+    /// and its two events.
+    fn accept_ids(&self, call: &mut Call, len: usize) -> Result<(u64, u64)> {
+        self.check_space(len as u64, "the call")?;
+        call.seq = self.next_seq()?;
+        Ok((self.next_seq()?, self.next_seq()?))
+    }
+
+    /// Stores an accepted call: its record, payload marker, queue and index
+    /// entries, counters and events. True when the log went over budget.
+    fn accept_tx(
+        &self,
+        t: &[TransactionalTree],
+        call: &Call,
+        marker: &Marker,
+        (call_seq, pending_seq): (u64, u64),
+    ) -> TxResult<bool> {
+        if t[FUNCTIONS].get(call.function.as_str())?.is_none() {
+            return abort(StoreError::NotFound(format!("function {}", call.function)));
+        }
+        let id = call.id.as_bytes();
+        t[CALLS].insert(id, enc(call)?)?;
+        t[PAYLOADS].insert(id, marker.encode())?;
+        t[QUEUE].insert(seq_key(call.owner.as_str(), call.seq), id)?;
+        t[FN_CALLS].insert(seq_key(call.function.as_str(), call.seq), id)?;
+        t[LIVE].insert(seq_key(call.function.as_str(), call.seq), id)?;
+        let mut stats = tx_stats(&t[STATS], &call.function)?;
+        stats.total += 1;
+        stats.count(CallState::Pending, 1);
+        log(&t[LOGS], &mut stats, call, EventKind::Call, call_seq)?;
+        log(&t[LOGS], &mut stats, call, EventKind::Pending, pending_seq)?;
+        t[STATS].insert(call.function.as_str(), enc(&stats)?)?;
+        Ok(stats.log_bytes > self.config.log_budget)
     }
 
     pub(super) fn queue_head(&self, owner: &Name) -> Result<Option<CallId>> {
@@ -404,5 +415,54 @@ fn io_full(e: std::io::Error, what: &str) -> StoreError {
         StoreError::Full(format!("no space left to store {what}: {e}"))
     } else {
         StoreError::Failed(format!("cannot write {what}: {e}"))
+    }
+}
+
+/// What an inline accept answers: the stored call, and whether its
+/// function's log went over budget.
+pub(super) type Accepted = Result<(Call, bool)>;
+
+/// An accept whose payload fits in its record: it joins the commit
+/// thread's shared transaction, so a round of accepts costs one sled
+/// transaction and one flush.
+pub(super) struct AcceptJob {
+    pub inner: Arc<Inner>,
+    pub call: Call,
+    pub payload: Bytes,
+    pub seqs: (u64, u64),
+    /// The last run of the body's answer: over budget or not.
+    pub over: std::sync::atomic::AtomicBool,
+    pub reply: tokio::sync::oneshot::Sender<(Accepted, std::result::Result<(), String>)>,
+}
+
+impl commit::Batched for AcceptJob {
+    fn prepare(&mut self) -> Result<()> {
+        self.seqs = self.inner.accept_ids(&mut self.call, self.payload.len())?;
+        Ok(())
+    }
+
+    fn body(&self, t: &[TransactionalTree]) -> TxResult<()> {
+        let marker = Marker::Inline(self.payload.to_vec());
+        let over = self.inner.accept_tx(t, &self.call, &marker, self.seqs)?;
+        self.over.store(over, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>, committed: Result<()>) -> commit::Done {
+        let job = *self;
+        let answer = committed.map(|()| {
+            crate::crash_point!("accept-committed");
+            (
+                job.call,
+                job.over.load(std::sync::atomic::Ordering::Relaxed),
+            )
+        });
+        let reply = job.reply;
+        commit::Done {
+            deletes: Vec::new(),
+            reply: Box::new(move |flushed| {
+                let _ = reply.send((answer, flushed));
+            }),
+        }
     }
 }

@@ -163,7 +163,7 @@ impl SledStore {
         inner.migrate()?;
         inner.collect_orphans()?;
         db.flush()?;
-        let committer = Committer::start(db)
+        let committer = Committer::start(db, inner.trees.clone())
             .map_err(|e| StoreError::Failed(format!("cannot start the commit thread: {e}")))?;
         let functions = inner
             .list_functions(None)?
@@ -214,34 +214,29 @@ impl SledStore {
         value
     }
 
-    /// Runs a short write on the commit thread, in the batch of its flush:
-    /// no hop through a blocking thread, and concurrent writes share the
-    /// flush. Long writes (scans, file I/O) use `write` instead.
-    async fn commit<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Inner, &mut Effects) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        let inner = Arc::clone(&self.inner);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.committer.submit(Box::new(move || {
-            let mut fx = Effects::default();
-            let value = f(&inner, &mut fx);
-            let evict = std::mem::take(&mut fx.evict_logs);
-            commit::Done {
-                deletes: fx.deletes,
-                reply: Box::new(move |flushed| {
-                    let _ = tx.send((value, flushed, evict));
-                }),
-            }
-        }))?;
-        let (value, flushed, evict) = rx
+    /// Accepts a call with an inline payload on the commit thread, in the
+    /// round's shared transaction and flush: no hop through a blocking
+    /// thread. Writes with files or scans use `write` instead.
+    async fn accept_inline(&self, call: Call, payload: Bytes) -> Result<Call> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.committer
+            .submit(commit::Op::Tx(Box::new(calls::AcceptJob {
+                inner: Arc::clone(&self.inner),
+                call,
+                payload,
+                seqs: (0, 0),
+                over: Default::default(),
+                reply,
+            })))?;
+        let (accepted, flushed) = rx
             .await
             .map_err(|_| StoreError::Failed("the commit thread stopped".into()))?;
         flushed.map_err(StoreError::Failed)?;
-        for name in evict {
-            self.evict_logs_later(name);
+        let (call, over) = accepted?;
+        if over {
+            self.evict_logs_later(call.function.clone());
         }
-        value
+        Ok(call)
     }
 
     fn cached_functions(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Name, Function>> {
@@ -628,7 +623,7 @@ impl Store for SledStore {
             // Its own file, written and fsynced off the commit thread.
             self.write(move |i, fx| i.accept(call, &payload, fx)).await
         } else {
-            self.commit(move |i, fx| i.accept(call, &payload, fx)).await
+            self.accept_inline(call, payload).await
         }
     }
 

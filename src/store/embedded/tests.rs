@@ -134,6 +134,41 @@ async fn queue_is_fifo_per_owner_and_counts_follow() {
     );
 }
 
+/// Inline accepts submitted together share the commit thread's transaction;
+/// one refused (its function is gone) must not undo the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_accept_leaves_its_round_stored() {
+    let (dir, store) = setup(config()).await;
+    let attempts = (0..64u8).map(|i| {
+        let f = if i % 8 == 3 { "gone" } else { "f" };
+        let call = Call::new(name(f), name("alice"), 0, &[i], vec![]);
+        store.accept(call, Bytes::from(vec![i]))
+    });
+    let results = futures_util::future::join_all(attempts).await;
+    let mut stored = Vec::new();
+    for (i, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(call) if i % 8 != 3 => stored.push((call, i as u8)),
+            Err(StoreError::NotFound(_)) if i % 8 == 3 => {}
+            other => panic!("accept {i}: {other:?}"),
+        }
+    }
+    assert_eq!(stored.len(), 56);
+    drop(store);
+    let store = reopen(dir.path(), config());
+    let s = store.stats(&name("f")).await.unwrap();
+    assert_eq!((s.total, s.pending), (56, 56));
+    // Each call has its own payload, and the queue follows the seqs.
+    stored.sort_by_key(|(c, _)| c.seq);
+    for (call, byte) in &stored {
+        assert_eq!(
+            store.queue_head(&name("alice")).await.unwrap(),
+            Some(call.id)
+        );
+        assert_eq!(&run(&store, call).await[..], &[*byte]);
+    }
+}
+
 #[tokio::test]
 async fn output_cache_evicts_oldest_within_budget() {
     let (_d, store) = setup(StoreConfig {
