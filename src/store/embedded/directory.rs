@@ -35,13 +35,6 @@ impl Inner {
         Ok(())
     }
 
-    pub(super) fn user_by_key_hash(&self, hash: &[u8; 32]) -> Result<Option<User>> {
-        match self.tree(KEYS).get(hash)? {
-            None => Ok(None),
-            Some(name) => get(self.tree(USERS), name),
-        }
-    }
-
     pub(super) fn delete_user(&self, name: &Name, fx: &mut Effects) -> Result<()> {
         let owns = self.list_functions(Some(name))?;
         if let Some(f) = owns.first() {

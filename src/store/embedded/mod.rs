@@ -129,8 +129,37 @@ pub struct SledStore {
     /// Every function record, read on each call's intake: served from
     /// memory, written through after each durable change.
     functions: std::sync::RwLock<HashMap<Name, Function>>,
+    /// Every user and key hash, read on each authenticated request and each
+    /// dispatch: served from memory, written through after each durable
+    /// change.
+    users: std::sync::RwLock<Users>,
+    /// Users and functions change one at a time, so each cache follows the
+    /// order of the commits.
+    directory: tokio::sync::Mutex<()>,
     /// Functions whose log eviction is under way, so one runs per function.
     log_evicting: Arc<Mutex<HashSet<Name>>>,
+}
+
+#[derive(Default)]
+struct Users {
+    by_name: HashMap<Name, User>,
+    by_key: HashMap<[u8; 32], Name>,
+}
+
+impl Users {
+    fn put(&mut self, user: User) {
+        if let Some(old) = self.by_name.get(&user.name) {
+            self.by_key.remove(&old.key_hash);
+        }
+        self.by_key.insert(user.key_hash, user.name.clone());
+        self.by_name.insert(user.name.clone(), user);
+    }
+
+    fn remove(&mut self, name: &Name) {
+        if let Some(old) = self.by_name.remove(name) {
+            self.by_key.remove(&old.key_hash);
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -170,10 +199,16 @@ impl SledStore {
             .into_iter()
             .map(|f| (f.name.clone(), f))
             .collect();
+        let mut users = Users::default();
+        for u in values::<User>(inner.tree(USERS).iter())? {
+            users.put(u);
+        }
         Ok(SledStore {
             inner: Arc::new(inner),
             committer: Arc::new(committer),
             functions: std::sync::RwLock::new(functions),
+            users: std::sync::RwLock::new(users),
+            directory: tokio::sync::Mutex::new(()),
             log_evicting: Arc::new(Mutex::new(HashSet::new())),
         })
     }
@@ -241,6 +276,14 @@ impl SledStore {
 
     fn cached_functions(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Name, Function>> {
         self.functions.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn cached_users(&self) -> std::sync::RwLockReadGuard<'_, Users> {
+        self.users.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn cached_users_mut(&self) -> std::sync::RwLockWriteGuard<'_, Users> {
+        self.users.write().unwrap_or_else(|p| p.into_inner())
     }
 
     fn cache_function(&self, name: &Name, f: Option<Function>) {
@@ -523,35 +566,50 @@ impl Store for SledStore {
     }
 
     async fn create_user(&self, user: &User) -> Result<()> {
-        let user = user.clone();
-        self.write(move |i, fx| i.create_user(&user, fx)).await
+        let _one = self.directory.lock().await;
+        let made = user.clone();
+        self.write(move |i, fx| i.create_user(&made, fx)).await?;
+        self.cached_users_mut().put(user.clone());
+        Ok(())
     }
 
     async fn update_user(&self, user: &User) -> Result<()> {
-        let user = user.clone();
-        self.write(move |i, fx| i.update_user(&user, fx)).await
+        let _one = self.directory.lock().await;
+        let changed = user.clone();
+        self.write(move |i, fx| i.update_user(&changed, fx)).await?;
+        self.cached_users_mut().put(user.clone());
+        Ok(())
     }
 
     async fn get_user(&self, name: &Name) -> Result<Option<User>> {
-        let name = name.clone();
-        self.read(move |i| get(i.tree(USERS), name.as_str())).await
+        Ok(self.cached_users().by_name.get(name).cloned())
     }
 
     async fn user_by_key_hash(&self, hash: &[u8; 32]) -> Result<Option<User>> {
-        let hash = *hash;
-        self.read(move |i| i.user_by_key_hash(&hash)).await
+        let users = self.cached_users();
+        Ok(users
+            .by_key
+            .get(hash)
+            .and_then(|n| users.by_name.get(n))
+            .cloned())
     }
 
     async fn list_users(&self) -> Result<Vec<User>> {
-        self.read(|i| values(i.tree(USERS).iter())).await
+        let mut all: Vec<User> = self.cached_users().by_name.values().cloned().collect();
+        all.sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
+        Ok(all)
     }
 
     async fn delete_user(&self, name: &Name) -> Result<()> {
-        let name = name.clone();
-        self.write(move |i, fx| i.delete_user(&name, fx)).await
+        let _one = self.directory.lock().await;
+        let n = name.clone();
+        self.write(move |i, fx| i.delete_user(&n, fx)).await?;
+        self.cached_users_mut().remove(name);
+        Ok(())
     }
 
     async fn create_function(&self, f: &Function) -> Result<()> {
+        let _one = self.directory.lock().await;
         let made = f.clone();
         self.write(move |i, fx| i.create_function(&made, fx))
             .await?;
@@ -560,6 +618,7 @@ impl Store for SledStore {
     }
 
     async fn update_function(&self, f: &Function) -> Result<()> {
+        let _one = self.directory.lock().await;
         let changed = f.clone();
         self.write(move |i, fx| i.update_function(&changed, fx))
             .await?;
@@ -583,6 +642,7 @@ impl Store for SledStore {
     }
 
     async fn remove_function(&self, name: &Name) -> Result<()> {
+        let _one = self.directory.lock().await;
         let n = name.clone();
         // Out of the cache first: intake stops taking its calls at once
         // (the transactions check the record too).

@@ -386,3 +386,42 @@ async fn a_full_disk_refuses_intake_and_stores_nothing() {
     assert_eq!(store.stats(&name("f")).await.unwrap().total, 0);
     assert!(store.health().await.is_err());
 }
+
+/// Users are served from memory: a rotated key stops working at once, and
+/// the cache matches the database after a reopen.
+#[tokio::test]
+async fn users_and_their_keys_follow_each_change() {
+    let (dir, store) = setup(config()).await;
+    let user = |key: [u8; 32], quota| User {
+        name: name("bob"),
+        key_hash: key,
+        max_concurrency: quota,
+        admin: false,
+        created_ms: 0,
+    };
+    store.create_user(&user([1; 32], 2)).await.unwrap();
+    assert!(matches!(
+        store.create_user(&user([3; 32], 2)).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(store.user_by_key_hash(&[3; 32]).await.unwrap().is_none());
+    store.update_user(&user([2; 32], 5)).await.unwrap();
+    assert!(store.user_by_key_hash(&[1; 32]).await.unwrap().is_none());
+    let got = store.user_by_key_hash(&[2; 32]).await.unwrap().unwrap();
+    assert_eq!((got.name.as_str(), got.max_concurrency), ("bob", 5));
+    drop(store);
+    let store = reopen(dir.path(), config());
+    assert_eq!(
+        store
+            .get_user(&name("bob"))
+            .await
+            .unwrap()
+            .unwrap()
+            .max_concurrency,
+        5
+    );
+    assert!(store.user_by_key_hash(&[2; 32]).await.unwrap().is_some());
+    store.delete_user(&name("bob")).await.unwrap();
+    assert!(store.user_by_key_hash(&[2; 32]).await.unwrap().is_none());
+    assert!(store.list_users().await.unwrap().is_empty());
+}
