@@ -46,6 +46,7 @@ pub struct Config {
     pub pool: PoolConfig,
     pub docker: DockerConfig,
     pub store: StoreSection,
+    pub http: HttpConfig,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -203,6 +204,75 @@ impl Default for StoreSection {
     }
 }
 
+/// How long and how many clients the HTTPS server gives (`[http]`): every
+/// connection is bounded in time at each stage and in number (DESIGN 4).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// A client that has not finished its TLS handshake by then is dropped.
+    #[serde(with = "humantime_secs")]
+    pub handshake_timeout: std::time::Duration,
+    /// From the moment a connection can take a request (after the handshake,
+    /// or after the previous response) to the end of the request's headers.
+    /// It is therefore also the keep-alive idle timeout: hyper counts the
+    /// wait for the next request in the same timer.
+    #[serde(with = "humantime_secs")]
+    pub header_timeout: std::time::Duration,
+    /// A request body gets this long, plus one second per `body_min_rate`
+    /// bytes received; a slower body is answered 408 and the connection closed.
+    #[serde(with = "humantime_secs")]
+    pub body_timeout: std::time::Duration,
+    /// Average rate, in bytes per second, a body must keep after `body_timeout`.
+    pub body_min_rate: u64,
+    /// Open connections at most; more wait in the kernel's backlog. 0: the
+    /// process's file descriptor limit (RLIMIT_NOFILE) minus `fd_reserve`.
+    pub max_connections: u64,
+    /// File descriptors kept for everything but client connections (the
+    /// database, blob files, the Engine's socket) when `max_connections` is 0.
+    pub fd_reserve: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: std::time::Duration::from_secs(10),
+            header_timeout: std::time::Duration::from_secs(30),
+            body_timeout: std::time::Duration::from_secs(30),
+            body_min_rate: 16 * 1024,
+            max_connections: 0,
+            fd_reserve: 128,
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The connection cap actually used, from the configured value or the fd limit.
+    pub fn connection_cap(&self) -> usize {
+        if self.max_connections > 0 {
+            return usize::try_from(self.max_connections).unwrap_or(usize::MAX);
+        }
+        let limit = nofile_limit();
+        // A small limit still leaves half of it to clients and half to the
+        // daemon's own files and Engine connections.
+        let cap = limit.saturating_sub(self.fd_reserve).max(limit / 2).max(1);
+        usize::try_from(cap).unwrap_or(usize::MAX)
+    }
+}
+
+/// The soft RLIMIT_NOFILE of this process (1024 if it cannot be read).
+pub fn nofile_limit() -> u64 {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own; RLIMIT_NOFILE is valid.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } == 0;
+    if !ok || rl.rlim_cur == libc::RLIM_INFINITY {
+        return if ok { 1 << 20 } else { 1024 };
+    }
+    rl.rlim_cur
+}
+
 /// A `Duration` written as a humantime string ("7d", "12h 30m").
 mod humantime_secs {
     use serde::{Deserialize, Deserializer, Serializer};
@@ -235,6 +305,7 @@ impl Default for Config {
             pool: PoolConfig::default(),
             docker: DockerConfig::default(),
             store: StoreSection::default(),
+            http: HttpConfig::default(),
         }
     }
 }
@@ -274,6 +345,12 @@ impl Config {
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return Err(ConfigError::Invalid(
                 "tls.cert and tls.key must be set together".into(),
+            ));
+        }
+        let h = &self.http;
+        if h.handshake_timeout.is_zero() || h.header_timeout.is_zero() || h.body_min_rate == 0 {
+            return Err(ConfigError::Invalid(
+                "http timeouts and body_min_rate must be above zero".into(),
             ));
         }
         if self.scheduler.default_max_concurrency == 0 || self.scheduler.host_max_running == 0 {
@@ -368,6 +445,18 @@ mod tests {
             serde_json::to_value(&defaults).ok(),
             "config/hyperfuncd.toml must show the embedded defaults"
         );
+    }
+
+    #[test]
+    fn connection_cap_follows_the_fd_limit() {
+        let mut h = HttpConfig::default();
+        let limit = nofile_limit();
+        assert_eq!(
+            h.connection_cap() as u64,
+            limit.saturating_sub(128).max(limit / 2).max(1)
+        );
+        h.max_connections = 7;
+        assert_eq!(h.connection_cap(), 7);
     }
 
     #[test]

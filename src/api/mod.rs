@@ -89,15 +89,24 @@ impl From<crate::model::IdError> for ApiError {
 
 impl ApiError {
     fn into_response(self) -> Response {
-        json_response(
-            self.status,
+        let status = self.status;
+        let mut r = json_response(
+            status,
             &ErrorBody {
                 error: ErrorDetail {
                     code: self.code.to_string(),
                     message: self.message,
                 },
             },
-        )
+        );
+        if status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of a late body is not worth waiting for.
+            r.headers_mut().insert(
+                warp::http::header::CONNECTION,
+                warp::http::HeaderValue::from_static("close"),
+            );
+        }
+        r
     }
 }
 
@@ -247,7 +256,7 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
             Ok(json_response(StatusCode::OK, &list))
         }
         ["functions"] if m == Method::POST => {
-            let body: FunctionCreate = json_body(req.body).await?;
+            let body: FunctionCreate = json_body(svc, req.body).await?;
             let name = Name::parse(&body.name)?;
             let spec = FunctionSpec {
                 image: body.image,
@@ -270,7 +279,7 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
             Ok(json_response(StatusCode::OK, &view(svc, &f).await?))
         }
         ["functions", name] if m == Method::PATCH => {
-            let body: FunctionPatch = json_body(req.body).await?;
+            let body: FunctionPatch = json_body(svc, req.body).await?;
             let update = FunctionUpdate {
                 image: body.image,
                 command: body.command,
@@ -332,7 +341,7 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
             Ok(json_response(StatusCode::OK, &users))
         }
         ["users"] if m == Method::POST => {
-            let body: UserCreate = json_body(req.body).await?;
+            let body: UserCreate = json_body(svc, req.body).await?;
             let (user, key) = svc
                 .add_user(
                     caller,
@@ -347,7 +356,7 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
             ))
         }
         ["users", name] if m == Method::PATCH => {
-            let body: UserPatch = json_body(req.body).await?;
+            let body: UserPatch = json_body(svc, req.body).await?;
             let (user, key) = svc
                 .update_user(
                     caller,
@@ -614,9 +623,8 @@ async fn read_body(
     }
     let mut buf = BytesMut::new();
     let mut seen: u64 = 0;
-    while let Some(chunk) = body.next().await {
-        let chunk =
-            chunk.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
+    let clock = BodyClock::new(&svc.config.http);
+    while let Some(chunk) = clock.next(&mut body, seen).await? {
         seen += chunk.len() as u64;
         if seen > limit {
             buf = BytesMut::new();
@@ -633,13 +641,52 @@ async fn read_body(
     Ok(buf.freeze())
 }
 
+/// How long a request body may take: `[http] body_timeout`, plus one second
+/// per `body_min_rate` bytes already received. A body slower than that holds
+/// a connection for nothing, so it is answered 408 and the connection closed.
+struct BodyClock {
+    start: tokio::time::Instant,
+    grace: Duration,
+    min_rate: u64,
+}
+
+impl BodyClock {
+    fn new(http: &crate::config::HttpConfig) -> BodyClock {
+        BodyClock {
+            start: tokio::time::Instant::now(),
+            grace: http.body_timeout,
+            min_rate: http.body_min_rate.max(1),
+        }
+    }
+
+    /// The next chunk of `body`, `None` at its end, or 408 if it is late.
+    async fn next(&self, body: &mut BodyStream, seen: u64) -> Result<Option<Bytes>, ApiError> {
+        let earned = Duration::from_secs_f64(seen as f64 / self.min_rate as f64);
+        let deadline = self.start + self.grace + earned;
+        match tokio::time::timeout_at(deadline, body.next()).await {
+            Err(_) => Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "the request body arrived too slowly",
+            )),
+            Ok(None) => Ok(None),
+            Ok(Some(Err(e))) => Err(ApiError::bad_request(format!(
+                "cannot read request body: {e}"
+            ))),
+            Ok(Some(Ok(chunk))) => Ok(Some(chunk)),
+        }
+    }
+}
+
 /// JSON request bodies are small; 1 MiB is plenty.
-async fn json_body<T: serde::de::DeserializeOwned>(mut body: BodyStream) -> Result<T, ApiError> {
+async fn json_body<T: serde::de::DeserializeOwned>(
+    svc: &Service,
+    mut body: BodyStream,
+) -> Result<T, ApiError> {
     const LIMIT: usize = 1024 * 1024;
     let mut buf = BytesMut::new();
-    while let Some(chunk) = body.next().await {
-        let chunk =
-            chunk.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
+    let clock = BodyClock::new(&svc.config.http);
+    while let Some(chunk) = clock.next(&mut body, buf.len() as u64).await? {
         if buf.len() + chunk.len() > LIMIT {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,

@@ -1,0 +1,160 @@
+//! The front door (issue 13), probed as an attacker would against the real
+//! binary: slow and idle clients, too many connections, request paths
+//! spelled to slip past the router, limits and images a tenant should not
+//! choose.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+/// Short timeouts, so each probe is cut off within seconds.
+const SHORT: &str =
+    "[http]\nhandshake_timeout = \"2s\"\nheader_timeout = \"2s\"\nbody_timeout = \"2s\"\n";
+const TIMEOUT: Duration = Duration::from_secs(2);
+/// What the cut-off may take beyond the configured timeout (timer and
+/// scheduling slack on a busy 2-core machine).
+const SLACK: Duration = Duration::from_millis(2500);
+
+/// Writes `bytes` one per second on `stream` until the server ends the
+/// connection; returns how long that took and what the server said.
+fn trickle(
+    stream: &mut (impl Read + Write),
+    bytes: &[u8],
+    give_up: Duration,
+) -> (Duration, Vec<u8>) {
+    let start = Instant::now();
+    let mut answer = Vec::new();
+    for b in bytes.iter().cycle() {
+        if start.elapsed() > give_up {
+            break;
+        }
+        if stream
+            .write_all(&[*b])
+            .and_then(|_| stream.flush())
+            .is_err()
+        {
+            break;
+        }
+        // The read timeout (set by the caller) paces the trickle at 1 byte/s.
+        let mut buf = [0u8; 4096];
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => continue,
+            Err(_) => break,
+        }
+        if !answer.is_empty() {
+            // Read what follows, up to the close.
+            let _ = stream.read_to_end(&mut answer);
+            break;
+        }
+    }
+    (start.elapsed(), answer)
+}
+
+#[test]
+fn slow_headers_slow_bodies_and_idle_connections_are_cut_off() {
+    let d = Daemon::start_with(SHORT);
+
+    // Headers at 1 byte/s, after a completed TLS handshake.
+    let mut tls = d.tls_connect();
+    tls.sock
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("read timeout");
+    let head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let (took, _) = trickle(&mut tls, head, Duration::from_secs(30));
+    eprintln!("slow headers cut off after {took:?}");
+    assert!(
+        took <= TIMEOUT + SLACK,
+        "a 1 byte/s header sender was still connected after {took:?}"
+    );
+
+    // A body at 1 byte/s: 408 with a JSON error, and nothing stored.
+    let url = d.create("slowbody", &[IMAGE, "cat"]);
+    let path = url.splitn(4, '/').nth(3).expect("call path");
+    let mut tls = d.tls_connect();
+    tls.sock
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("read timeout");
+    let head = format!("POST /{path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n");
+    tls.write_all(head.as_bytes()).expect("send head");
+    let (took, answer) = trickle(&mut tls, b"x", Duration::from_secs(30));
+    let answer = String::from_utf8_lossy(&answer);
+    eprintln!("slow body cut off after {took:?}");
+    assert!(
+        took <= TIMEOUT + SLACK,
+        "a 1 byte/s body held on for {took:?}"
+    );
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"request_timeout\""), "{answer}");
+    assert_eq!(d.status("slowbody")["Total"], 0);
+
+    // An idle keep-alive connection after one complete request.
+    let mut tls = d.tls_connect();
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("request");
+    tls.sock
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("read timeout");
+    let mut buf = [0u8; 4096];
+    let n = tls.read(&mut buf).expect("response");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let idle = Instant::now();
+    let mut rest = Vec::new();
+    let _ = tls.read_to_end(&mut rest);
+    let took = idle.elapsed();
+    eprintln!("idle keep-alive connection closed after {took:?}");
+    assert!(
+        took <= TIMEOUT + SLACK,
+        "an idle keep-alive connection stayed open {took:?}"
+    );
+
+    d.ok(&["func", "rm", "slowbody"]);
+    d.finish();
+}
+
+#[test]
+fn idle_connections_beyond_the_fd_limit_do_not_keep_clients_out() {
+    // 256 descriptors: the connection cap is half of them.
+    let d = Daemon::start_with_nofile(SHORT, 256);
+    let idle: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| std::net::TcpStream::connect(d.addr()).expect("connect"))
+        .collect();
+    let start = Instant::now();
+    let (code, body) = d.curl(&["--max-time", "30", &format!("{}/healthz", d.endpoint)]);
+    let took = start.elapsed();
+    eprintln!("a new client was answered after {took:?} behind 300 idle connections");
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    // The cap's worth is dropped after the handshake timeout, then the
+    // backlog's rest; the new client is answered right after.
+    assert!(
+        took <= 2 * TIMEOUT + SLACK,
+        "300 idle connections kept a new client out for {took:?}"
+    );
+    // The idle ones were dropped by the server, not by us.
+    let mut first = &idle[0];
+    first
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    let mut buf = [0u8; 16];
+    assert!(
+        matches!(first.read(&mut buf), Ok(0) | Err(_)),
+        "an idle connection was kept"
+    );
+    drop(idle);
+    let log = d.log();
+    let failures = log.matches("accept failed").count();
+    assert!(
+        failures <= 1,
+        "accept failed {failures} times under a low fd limit:\n{log}"
+    );
+    let cap_line = log
+        .lines()
+        .find(|l| l.contains("accepting connections"))
+        .unwrap_or("");
+    assert!(cap_line.contains("128"), "{cap_line}");
+    d.finish();
+}
