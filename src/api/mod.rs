@@ -163,13 +163,8 @@ where
     Box::pin(body.map(|r| r.map(|mut b| b.copy_to_bytes(b.remaining()))))
 }
 
-async fn route(svc: &Arc<Service>, req: Req) -> ApiResult {
-    let segs: Vec<String> = req
-        .path
-        .trim_matches('/')
-        .split('/')
-        .map(percent_decode)
-        .collect();
+async fn route(svc: &Arc<Service>, mut req: Req) -> ApiResult {
+    let segs = canonical_segments(&req.path)?;
     let s: Vec<&str> = segs.iter().map(String::as_str).collect();
     let m = &req.method;
     match s.as_slice() {
@@ -236,6 +231,9 @@ async fn route(svc: &Arc<Service>, req: Req) -> ApiResult {
         // ---- management API ----
         ["v1", rest @ ..] => {
             let caller = authenticate(svc, &req.headers).await?;
+            // The key has done its work: nothing past this point (a call's
+            // environment, its record) may see it.
+            req.headers.remove(warp::http::header::AUTHORIZATION);
             v1(svc, &caller, rest, req).await
         }
         _ => Err(ApiError::not_found(format!(
@@ -391,11 +389,13 @@ async fn view(svc: &Service, f: &crate::model::Function) -> Result<FunctionView,
 }
 
 async fn authenticate(svc: &Service, headers: &HeaderMap) -> Result<crate::model::User, ApiError> {
+    // RFC 9110: the scheme is case-insensitive (`bearer`, `BEARER`).
     let key = headers
         .get(warp::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key.trim())
         .ok_or_else(|| ApiError::from(ServiceError::Unauthorized))?;
     Ok(svc.authenticate(key).await?)
 }
@@ -571,11 +571,17 @@ async fn metrics(svc: &Service) -> String {
 
 /// The CGI-style environment of a call: `X-Foo-Bar: v` → `HTTP_X_FOO_BAR=v`,
 /// plus REQUEST_METHOD and QUERY_STRING. The management API's own
-/// Authorization header is never passed on.
+/// Authorization header never gets here (`route` removes it once the caller
+/// is authenticated), and one carrying a hyperfuncd key sent to a capability
+/// URL by mistake is dropped too.
 fn request_env(req: &Req) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = Vec::new();
     for (name, value) in &req.headers {
-        if name == warp::http::header::AUTHORIZATION && req.path.starts_with("/v1/") {
+        if name == warp::http::header::AUTHORIZATION
+            && value
+                .to_str()
+                .map_or(true, |v| v.contains(crate::model::API_KEY_PREFIX))
+        {
             continue;
         }
         // httpoxy: `Proxy:` would become HTTP_PROXY and redirect the
@@ -733,37 +739,43 @@ fn flag(query: &HashMap<String, String>, name: &str) -> bool {
     )
 }
 
+/// The query as `application/x-www-form-urlencoded` (`+` is a space here,
+/// and only here); a repeated key keeps its last value.
 fn parse_query(raw: &str) -> HashMap<String, String> {
-    raw.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| match p.split_once('=') {
-            Some((k, v)) => (percent_decode(k), percent_decode(v)),
-            None => (percent_decode(p), String::new()),
-        })
+    form_urlencoded::parse(raw.as_bytes())
+        .into_owned()
         .collect()
 }
 
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        match b[i] {
-            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push((h * 16 + l) as u8);
-                    i += 3;
-                    continue;
-                }
-                _ => out.push(b'%'),
-            },
-            b'+' => out.push(b' '),
-            c => out.push(c),
-        }
-        i += 1;
+/// The one canonical reading of a request path, before anything routes on
+/// it: percent-decoded segments. A path that has another spelling (an empty
+/// segment as in `//v1`, a `.` or `..` segment, an encoded `/`, invalid
+/// UTF-8) is refused rather than guessed at, so that no route can be reached
+/// under a name the checks that depend on the route do not recognise. One
+/// trailing slash is tolerated. `+` is a plus in a path.
+fn canonical_segments(raw: &str) -> Result<Vec<String>, ApiError> {
+    let bad = || {
+        ApiError::bad_request(
+            "request path is not canonical: no empty, '.' or '..' segments, no encoded '/'",
+        )
+    };
+    let rest = raw.strip_prefix('/').ok_or_else(bad)?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.is_empty() {
+        return Ok(Vec::new());
     }
-    String::from_utf8_lossy(&out).into_owned()
+    rest.split('/')
+        .map(|seg| {
+            let decoded = percent_encoding::percent_decode_str(seg)
+                .decode_utf8()
+                .map_err(|_| bad())?;
+            match decoded.as_ref() {
+                "" | "." | ".." => Err(bad()),
+                d if d.contains(['/', '\0']) => Err(bad()),
+                d => Ok(d.to_string()),
+            }
+        })
+        .collect()
 }
 
 fn json_response<T: serde::Serialize>(status: StatusCode, value: &T) -> Response {
@@ -805,8 +817,27 @@ mod tests {
         assert_eq!(q["callid"], "a-b");
         assert_eq!(q["follow"], "");
         assert_eq!(q["x"], "a b");
-        assert_eq!(percent_decode("%zz%4"), "%zz%4");
-        assert_eq!(percent_decode("%41"), "A");
+        let segs = |p: &str| canonical_segments(p).map_err(|e| e.message);
+        assert_eq!(
+            segs("/%761/functions/a+b").unwrap(),
+            ["v1", "functions", "a+b"]
+        );
+        assert_eq!(segs("/v1/functions/").unwrap(), ["v1", "functions"]);
+        assert_eq!(segs("/%zz%4").unwrap(), ["%zz%4"]);
+        assert!(segs("/").unwrap().is_empty());
+        for bad in [
+            "//v1/functions",
+            "/v1//functions",
+            "/v1/./functions",
+            "/v1/functions/../users",
+            "/v1/functions/%2e%2e",
+            "/v1/a%2Fb",
+            "/v1/%ff",
+            "/v1/a%00",
+            "v1",
+        ] {
+            assert!(segs(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

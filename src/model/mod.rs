@@ -11,7 +11,7 @@ pub use call::{
 };
 pub use function::{EnvVar, Function, FunctionSpec};
 pub use ids::{CallId, IdError, Name, Secret};
-pub use user::{hash_key, ApiKey, User};
+pub use user::{hash_key, ApiKey, User, API_KEY_PREFIX};
 
 /// Seconds since the Unix epoch, the timestamp of every record.
 pub fn now_ms() -> u64 {
