@@ -79,6 +79,15 @@ pub struct LimitsConfig {
     /// for it answers 404.
     #[serde(with = "humantime_secs")]
     pub call_retention: std::time::Duration,
+    /// Ceiling on a function's memory limit, in bytes; also bounds
+    /// `container.memory_bytes`. `None`: the Engine host's memory.
+    pub max_memory_bytes: Option<u64>,
+    /// Ceiling on a function's CPUs. `None`: the Engine host's CPUs.
+    pub max_cpus: Option<f64>,
+    /// Ceiling on a function's timeout (humantime); a function without one
+    /// gets this one. `None`: calls may run as long as they like.
+    #[serde(with = "humantime_opt")]
+    pub max_timeout: Option<std::time::Duration>,
 }
 
 impl Default for LimitsConfig {
@@ -90,6 +99,9 @@ impl Default for LimitsConfig {
             output_cache_bytes: 50 * MIB,
             log_cache_bytes: 50 * MIB,
             call_retention: DEFAULT_CALL_RETENTION,
+            max_memory_bytes: None,
+            max_cpus: None,
+            max_timeout: None,
         }
     }
 }
@@ -289,6 +301,26 @@ mod humantime_secs {
     }
 }
 
+/// An optional `Duration` written as a humantime string; absent is `None`.
+mod humantime_opt {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -351,6 +383,24 @@ impl Config {
         if h.handshake_timeout.is_zero() || h.header_timeout.is_zero() || h.body_min_rate == 0 {
             return Err(ConfigError::Invalid(
                 "http timeouts and body_min_rate must be above zero".into(),
+            ));
+        }
+        let l = &self.limits;
+        if l.max_memory_bytes
+            .is_some_and(|m| m < self.container.memory_bytes)
+        {
+            return Err(ConfigError::Invalid(
+                "container.memory_bytes is above limits.max_memory_bytes".into(),
+            ));
+        }
+        if l.max_cpus.is_some_and(|c| !(c >= 0.01 && c.is_finite())) {
+            return Err(ConfigError::Invalid(
+                "limits.max_cpus must be at least 0.01".into(),
+            ));
+        }
+        if l.max_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(ConfigError::Invalid(
+                "limits.max_timeout must be above zero".into(),
             ));
         }
         if self.scheduler.default_max_concurrency == 0 || self.scheduler.host_max_running == 0 {
@@ -457,6 +507,21 @@ mod tests {
         );
         h.max_connections = 7;
         assert_eq!(h.connection_cap(), 7);
+    }
+
+    #[test]
+    fn ceilings_parse_and_bound_the_default_memory() {
+        let c: Config = toml::from_str(
+            "[limits]\nmax_memory_bytes = 1073741824\nmax_cpus = 1.5\nmax_timeout = \"5m\"",
+        )
+        .unwrap();
+        assert_eq!(
+            c.limits.max_timeout,
+            Some(std::time::Duration::from_secs(300))
+        );
+        assert!(c.validate().is_ok());
+        let c: Config = toml::from_str("[limits]\nmax_memory_bytes = 1048576").unwrap();
+        assert!(c.validate().is_err());
     }
 
     #[test]

@@ -252,3 +252,117 @@ fn the_admin_key_never_reaches_a_container_or_the_database() {
     );
     d.finish();
 }
+
+/// POSTs or PATCHes a JSON body to the management API with `key`.
+fn send_json(
+    d: &Daemon,
+    key: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let (code, out) = d.curl(&[
+        "-X",
+        method,
+        "-H",
+        &format!("Authorization: Bearer {key}"),
+        "-H",
+        "Content-Type: application/json",
+        "--data-binary",
+        body,
+        &format!("{}{path}", d.endpoint),
+    ]);
+    (
+        code,
+        serde_json::from_slice(&out).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[test]
+fn limits_outside_the_ceilings_or_nonsensical_are_refused_at_create_and_update() {
+    let d = Daemon::start_with(
+        "[limits]\nmax_memory_bytes = 268435456\nmax_cpus = 1.0\nmax_timeout = \"1m\"\n\
+         [container]\nnetwork_mode = \"none\"\nmemory_bytes = 134217728\n",
+    );
+    let key = d.add_user("tenant", 2);
+    let create = |extra: &str| {
+        send_json(
+            &d,
+            &key,
+            "POST",
+            "/v1/functions",
+            &format!(
+                "{{\"Name\":\"lim\",\"Image\":\"{IMAGE}\",\"Command\":[\"sleep\",\"3\"]{extra}}}"
+            ),
+        )
+    };
+    for extra in [
+        ",\"Memory\":18446744073709551615",
+        ",\"Memory\":536870912",
+        ",\"Memory\":4096",
+        ",\"Cpus\":1024",
+        ",\"Cpus\":2",
+        ",\"Cpus\":1e-9",
+        ",\"Cpus\":0",
+        ",\"Timeout\":\"2m\"",
+        ",\"Timeout\":\"99999999999999999s\"",
+    ] {
+        let (code, v) = create(extra);
+        assert_eq!(code, 400, "{extra}: {v}");
+        assert_eq!(v["error"]["code"], "bad_request", "{extra}: {v}");
+        assert!(v["error"]["message"].is_string(), "{extra}: {v}");
+    }
+    let (code, v) = create(",\"Memory\":67108864,\"Cpus\":0.5");
+    assert_eq!(code, 201, "{v}");
+    // No timeout asked: the ceiling's.
+    assert_eq!(v["Timeout"], "1m", "{v}");
+    for patch in [
+        "{\"Cpus\":1e-9}",
+        "{\"Memory\":18446744073709551615}",
+        "{\"Timeout\":\"1h\"}",
+    ] {
+        let (code, v) = send_json(&d, &key, "PATCH", "/v1/functions/lim", patch);
+        assert_eq!(code, 400, "{patch}: {v}");
+        assert_eq!(v["error"]["code"], "bad_request", "{patch}: {v}");
+    }
+
+    // What the container gets: the memory as asked, and no swap beyond it.
+    let out = d.cli_as(&key, &["func", "call", "lim"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = stdout(&out)
+        .trim()
+        .trim_start_matches("CallId: ")
+        .to_string();
+    let mut limits = String::new();
+    d.wait_until(30, "the call's container", || {
+        let out = std::process::Command::new("docker")
+            .args([
+                "ps",
+                "-q",
+                "--filter",
+                &format!("label=io.hyperfuncd.call={id}"),
+            ])
+            .output()
+            .expect("docker ps");
+        let cid = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if cid.is_empty() {
+            return false;
+        }
+        let out = std::process::Command::new("docker")
+            .args([
+                "inspect",
+                "-f",
+                "{{.HostConfig.Memory}} {{.HostConfig.MemorySwap}} {{.HostConfig.NanoCpus}}",
+                &cid,
+            ])
+            .output()
+            .expect("docker inspect");
+        limits = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        !limits.is_empty()
+    });
+    assert_eq!(limits, "67108864 67108864 500000000");
+    let out = d.cli_as(&key, &["func", "get", "--wait", &id], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    d.ok(&["func", "rm", "lim"]);
+    d.finish();
+}

@@ -716,9 +716,13 @@ fn parse_env(vars: &[String]) -> Result<Vec<EnvVar>, ApiError> {
 fn parse_timeout(s: &str) -> Result<Option<u64>, ApiError> {
     match s.trim() {
         "" | "none" | "0" => Ok(None),
-        t => humantime::parse_duration(t)
-            .map(|d| Some(d.as_millis() as u64))
-            .map_err(|e| ApiError::bad_request(format!("invalid timeout {t:?}: {e}"))),
+        t => {
+            let d = humantime::parse_duration(t)
+                .map_err(|e| ApiError::bad_request(format!("invalid timeout {t:?}: {e}")))?;
+            u64::try_from(d.as_millis())
+                .map(Some)
+                .map_err(|_| ApiError::bad_request(format!("invalid timeout {t:?}: too long")))
+        }
     }
 }
 
@@ -845,6 +849,7 @@ mod tests {
         assert_eq!(parse_timeout("none").unwrap(), None);
         assert_eq!(parse_timeout("1m30s").unwrap(), Some(90_000));
         assert!(parse_timeout("soon").is_err());
+        assert!(parse_timeout("99999999999999999s").is_err());
     }
 }
 

@@ -81,6 +81,16 @@ pub struct Runtime {
     /// A negotiated client, made on first use and dropped when the Engine stops
     /// answering so the next use renegotiates.
     client: tokio::sync::Mutex<Option<Docker>>,
+    /// The Engine host's CPUs and memory, asked once: function limits above
+    /// them could never run.
+    host: std::sync::OnceLock<HostResources>,
+}
+
+/// What the Engine's host has to give a container.
+#[derive(Debug, Clone, Copy)]
+pub struct HostResources {
+    pub cpus: f64,
+    pub memory_bytes: u64,
 }
 
 impl Runtime {
@@ -90,6 +100,7 @@ impl Runtime {
             instance,
             container,
             client: tokio::sync::Mutex::new(None),
+            host: std::sync::OnceLock::new(),
         }
     }
 
@@ -143,6 +154,19 @@ impl Runtime {
             Ok(_) => Ok(()),
             Err(e) => Err(self.classify(e).await),
         }
+    }
+
+    /// The Engine host's CPUs and memory; `None` while the Engine does not answer.
+    pub async fn host_resources(&self) -> Option<HostResources> {
+        if let Some(h) = self.host.get() {
+            return Some(*h);
+        }
+        let info = self.docker().await.ok()?.info().await.ok()?;
+        let h = HostResources {
+            cpus: info.ncpu? as f64,
+            memory_bytes: u64::try_from(info.mem_total?).ok()?,
+        };
+        Some(*self.host.get_or_init(|| h))
     }
 
     /// The Engine's OCI runtimes, to check a configured one exists.
@@ -362,6 +386,8 @@ impl Runtime {
             network_mode: Some(c.network_mode.clone()),
             runtime: c.runtime.clone(),
             memory: Some(i64::try_from(memory_bytes).unwrap_or(i64::MAX)),
+            // No swap beyond the memory limit: the Engine's default doubles it.
+            memory_swap: Some(i64::try_from(memory_bytes).unwrap_or(i64::MAX)),
             nano_cpus: cpus.map(|c| (c * 1e9) as i64),
             pids_limit: Some(c.pids_limit),
             security_opt: Some(vec!["no-new-privileges".into()]),
