@@ -47,6 +47,7 @@ pub struct Config {
     pub docker: DockerConfig,
     pub store: StoreSection,
     pub http: HttpConfig,
+    pub images: ImagesConfig,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -216,6 +217,38 @@ impl Default for StoreSection {
     }
 }
 
+/// Where function images may come from (`[images]`). A reference makes the
+/// Engine connect to its registry host, so an unchecked one lets any tenant
+/// probe hosts and ports the Engine can reach, loopback included.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesConfig {
+    /// Registry hosts (`host[:port]`, as written in image references)
+    /// functions may use images from, local or pulled. `docker.io` is Docker
+    /// Hub, which a reference without a host names.
+    pub registries: Vec<String>,
+    /// Admins may use images from any registry.
+    pub admin_any: bool,
+}
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        Self {
+            registries: vec![crate::model::DOCKER_HUB.to_string()],
+            admin_any: false,
+        }
+    }
+}
+
+impl ImagesConfig {
+    /// Whether images of `registry` (normalised, as `ImageRef` gives it) may be used.
+    pub fn allows(&self, registry: &str) -> bool {
+        self.registries
+            .iter()
+            .any(|r| crate::model::normalize_registry(r) == registry)
+    }
+}
+
 /// How long and how many clients the HTTPS server gives (`[http]`): every
 /// connection is bounded in time at each stage and in number (DESIGN 4).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -338,6 +371,7 @@ impl Default for Config {
             docker: DockerConfig::default(),
             store: StoreSection::default(),
             http: HttpConfig::default(),
+            images: ImagesConfig::default(),
         }
     }
 }

@@ -19,6 +19,9 @@ use std::time::Duration;
 pub enum ServiceError {
     #[error("{0}")]
     BadRequest(String),
+    /// An image from a registry the operator has not allowed.
+    #[error("{0}")]
+    ImageNotAllowed(String),
     #[error("missing or unknown API key")]
     Unauthorized,
     #[error("{0}")]
@@ -57,6 +60,7 @@ impl From<RuntimeError> for ServiceError {
         match e {
             RuntimeError::Unavailable { .. } => ServiceError::Unavailable(e.to_string()),
             RuntimeError::Pull { .. } => ServiceError::BadRequest(e.to_string()),
+            RuntimeError::BadImage(m) => ServiceError::BadRequest(m),
             RuntimeError::Engine(m) => ServiceError::Internal(format!("Docker Engine: {m}")),
         }
     }
@@ -221,6 +225,7 @@ impl Service {
         mut spec: FunctionSpec,
     ) -> Result<Function> {
         self.check_limits(&mut spec).await?;
+        self.check_image(caller, &spec.image)?;
         if self.store.get_function(&name).await?.is_some() {
             return Err(ServiceError::Conflict(format!(
                 "function {name} already exists"
@@ -244,6 +249,21 @@ impl Service {
         self.store.create_function(&f).await?;
         self.scheduler.function_changed(&f);
         Ok(f)
+    }
+
+    /// Refuses an image whose registry the operator has not allowed
+    /// (`[images]`), before the Engine is asked anything about it: a
+    /// reference makes the Engine connect to its host.
+    fn check_image(&self, caller: &User, image: &str) -> Result<()> {
+        let r = crate::model::ImageRef::parse(image).map_err(ServiceError::BadRequest)?;
+        let images = &self.config.images;
+        if images.allows(&r.registry) || (caller.admin && images.admin_any) {
+            return Ok(());
+        }
+        Err(ServiceError::ImageNotAllowed(format!(
+            "images from {} are not allowed on this server",
+            r.registry
+        )))
     }
 
     /// Refuses, before anything is stored, a spec that could never run or
@@ -341,6 +361,7 @@ impl Service {
             s.cpus = Some(c);
         }
         self.check_limits(s).await?;
+        self.check_image(caller, &s.image)?;
         self.runtime
             .ensure_image(
                 &s.image,

@@ -366,3 +366,122 @@ fn limits_outside_the_ceilings_or_nonsensical_are_refused_at_create_and_update()
     d.ok(&["func", "rm", "lim"]);
     d.finish();
 }
+
+/// A loopback "registry" that answers every request with a 404 carrying
+/// `canary`, and counts the connections it got.
+fn canary_server(canary: &'static str) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let hits = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let body = format!("<html>{canary}</html>");
+            let _ = conn.write_all(
+                format!(
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+        }
+    });
+    (port, hits)
+}
+
+#[test]
+fn images_from_registries_not_allowed_are_refused_before_the_engine_is_asked() {
+    use std::sync::atomic::Ordering;
+    const CANARY: &str = "loopback-canary-7c1e";
+    let (refused_port, refused_hits) = canary_server(CANARY);
+    let (listed_port, listed_hits) = canary_server(CANARY);
+    let d = Daemon::start_with(&format!(
+        "[images]\nregistries = [\"docker.io\", \"127.0.0.1:{listed_port}\"]\n"
+    ));
+    let tenant = d.add_user("tenant", 2);
+    let admin = d.admin_key();
+    let probe = format!("127.0.0.1:{refused_port}/probe/x:latest");
+    for key in [&tenant, &admin] {
+        for image in [
+            probe.as_str(),
+            "localhost:22/x",
+            "10.0.0.1/x",
+            "ghcr.io/o/x",
+        ] {
+            let (code, v) = send_json(
+                &d,
+                key,
+                "POST",
+                "/v1/functions",
+                &format!("{{\"Name\":\"img\",\"Image\":\"{image}\"}}"),
+            );
+            assert_eq!(code, 400, "{image}: {v}");
+            assert_eq!(v["error"]["code"], "image_not_allowed", "{image}: {v}");
+        }
+    }
+    // An invalid reference is a 400 too, not a 500 from the Engine.
+    let (code, v) = send_json(
+        &d,
+        &tenant,
+        "POST",
+        "/v1/functions",
+        "{\"Name\":\"img\",\"Image\":\"UPPER/X\"}",
+    );
+    assert_eq!(
+        (code, &v["error"]["code"]),
+        (400, &"bad_request".into()),
+        "{v}"
+    );
+    // Updates are checked the same way.
+    d.create_as(&tenant, "img", &[IMAGE, "true"]);
+    let (code, v) = send_json(
+        &d,
+        &tenant,
+        "PATCH",
+        "/v1/functions/img",
+        &format!("{{\"Image\":\"{probe}\"}}"),
+    );
+    assert_eq!(
+        (code, &v["error"]["code"]),
+        (400, &"image_not_allowed".into()),
+        "{v}"
+    );
+    assert_eq!(
+        refused_hits.load(Ordering::SeqCst),
+        0,
+        "the Engine was made to connect to a refused registry"
+    );
+
+    // A listed registry is asked; its answer is summarised, never echoed.
+    let image = format!("127.0.0.1:{listed_port}/probe/x:latest");
+    let (code, v) = send_json(
+        &d,
+        &tenant,
+        "POST",
+        "/v1/functions",
+        &format!("{{\"Name\":\"pulled\",\"Image\":\"{image}\"}}"),
+    );
+    let text = v.to_string();
+    eprintln!("pull from a listed loopback registry: {code} {text}");
+    assert_eq!(code, 400, "{text}");
+    assert!(
+        listed_hits.load(Ordering::SeqCst) > 0,
+        "the Engine never asked it"
+    );
+    assert!(
+        !text.contains(CANARY),
+        "the registry's answer was echoed: {text}"
+    );
+    let message = v["error"]["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains(&image) && message.contains("could not be pulled"),
+        "{message}"
+    );
+    d.ok(&["func", "rm", "img"]);
+    d.finish();
+}

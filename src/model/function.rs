@@ -53,9 +53,7 @@ pub struct FunctionSpec {
 
 impl FunctionSpec {
     pub fn validate(&self) -> Result<(), String> {
-        if self.image.trim().is_empty() || self.image.chars().any(char::is_whitespace) {
-            return Err(format!("invalid image reference {:?}", self.image));
-        }
+        super::ImageRef::parse(&self.image)?;
         if self.timeout_ms == Some(0) {
             return Err("timeout must be greater than zero".into());
         }

@@ -4,6 +4,7 @@
 mod call;
 mod function;
 mod ids;
+mod image;
 mod user;
 
 pub use call::{
@@ -11,6 +12,7 @@ pub use call::{
 };
 pub use function::{EnvVar, Function, FunctionSpec, MIN_CPUS, MIN_MEMORY};
 pub use ids::{CallId, IdError, Name, Secret};
+pub use image::{normalize_registry, ImageRef, DOCKER_HUB};
 pub use user::{hash_key, ApiKey, User, API_KEY_PREFIX};
 
 /// Seconds since the Unix epoch, the timestamp of every record.
