@@ -485,3 +485,39 @@ fn images_from_registries_not_allowed_are_refused_before_the_engine_is_asked() {
     d.ok(&["func", "rm", "img"]);
     d.finish();
 }
+
+#[test]
+fn the_cli_checks_names_and_ids_before_building_a_url_and_the_bearer_scheme_is_case_insensitive() {
+    let d = Daemon::start();
+    d.add_user("bob", 1);
+    d.create("keep", &[IMAGE, "true"]);
+    for args in [
+        &["func", "rm", "../users/bob"][..],
+        &["func", "rm", "keep", "../users/bob"],
+        &["func", "inspect", "../users/bob"],
+        &["func", "status", "../users/bob"],
+        &["func", "update", "../users/bob", "--refresh"],
+        &["user", "rm", "../functions/keep"],
+    ] {
+        assert_cli_error(&d.cli(args), "invalid name");
+    }
+    assert_cli_error(&d.cli(&["func", "get", "../../users/bob"]), "not found");
+    assert_cli_error(
+        &d.cli(&["func", "logs", "keep", "--callid", "x&tail=1"]),
+        "not a call id",
+    );
+    // Nothing was removed on the way.
+    assert!(d.ok(&["user", "ls"]).contains("bob"));
+    assert!(d.ok(&["func", "ls"]).contains("keep"));
+
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let (code, body) = d.curl(&[
+            "-H",
+            &format!("Authorization: {scheme} {}", d.admin_key()),
+            &format!("{}/v1/functions", d.endpoint),
+        ]);
+        assert_eq!(code, 200, "{scheme}: {}", String::from_utf8_lossy(&body));
+    }
+    d.ok(&["func", "rm", "keep"]);
+    d.finish();
+}
