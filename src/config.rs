@@ -46,6 +46,8 @@ pub struct Config {
     pub pool: PoolConfig,
     pub docker: DockerConfig,
     pub store: StoreSection,
+    pub http: HttpConfig,
+    pub images: ImagesConfig,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -78,6 +80,15 @@ pub struct LimitsConfig {
     /// for it answers 404.
     #[serde(with = "humantime_secs")]
     pub call_retention: std::time::Duration,
+    /// Ceiling on a function's memory limit, in bytes; also bounds
+    /// `container.memory_bytes`. `None`: the Engine host's memory.
+    pub max_memory_bytes: Option<u64>,
+    /// Ceiling on a function's CPUs. `None`: the Engine host's CPUs.
+    pub max_cpus: Option<f64>,
+    /// Ceiling on a function's timeout (humantime); a function without one
+    /// gets this one. `None`: calls may run as long as they like.
+    #[serde(with = "humantime_opt")]
+    pub max_timeout: Option<std::time::Duration>,
 }
 
 impl Default for LimitsConfig {
@@ -89,6 +100,9 @@ impl Default for LimitsConfig {
             output_cache_bytes: 50 * MIB,
             log_cache_bytes: 50 * MIB,
             call_retention: DEFAULT_CALL_RETENTION,
+            max_memory_bytes: None,
+            max_cpus: None,
+            max_timeout: None,
         }
     }
 }
@@ -203,6 +217,107 @@ impl Default for StoreSection {
     }
 }
 
+/// Where function images may come from (`[images]`). A reference makes the
+/// Engine connect to its registry host, so an unchecked one lets any tenant
+/// probe hosts and ports the Engine can reach, loopback included.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesConfig {
+    /// Registry hosts (`host[:port]`, as written in image references)
+    /// functions may use images from, local or pulled. `docker.io` is Docker
+    /// Hub, which a reference without a host names.
+    pub registries: Vec<String>,
+    /// Admins may use images from any registry.
+    pub admin_any: bool,
+}
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        Self {
+            registries: vec![crate::model::DOCKER_HUB.to_string()],
+            admin_any: false,
+        }
+    }
+}
+
+impl ImagesConfig {
+    /// Whether images of `registry` (normalised, as `ImageRef` gives it) may be used.
+    pub fn allows(&self, registry: &str) -> bool {
+        self.registries
+            .iter()
+            .any(|r| crate::model::normalize_registry(r) == registry)
+    }
+}
+
+/// How long and how many clients the HTTPS server gives (`[http]`): every
+/// connection is bounded in time at each stage and in number (DESIGN 4).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// A client that has not finished its TLS handshake by then is dropped.
+    #[serde(with = "humantime_secs")]
+    pub handshake_timeout: std::time::Duration,
+    /// From the moment a connection can take a request (after the handshake,
+    /// or after the previous response) to the end of the request's headers.
+    /// It is therefore also the keep-alive idle timeout: hyper counts the
+    /// wait for the next request in the same timer.
+    #[serde(with = "humantime_secs")]
+    pub header_timeout: std::time::Duration,
+    /// A request body gets this long, plus one second per `body_min_rate`
+    /// bytes received; a slower body is answered 408 and the connection closed.
+    #[serde(with = "humantime_secs")]
+    pub body_timeout: std::time::Duration,
+    /// Average rate, in bytes per second, a body must keep after `body_timeout`.
+    pub body_min_rate: u64,
+    /// Open connections at most; more wait in the kernel's backlog. 0: the
+    /// process's file descriptor limit (RLIMIT_NOFILE) minus `fd_reserve`.
+    pub max_connections: u64,
+    /// File descriptors kept for everything but client connections (the
+    /// database, blob files, the Engine's socket) when `max_connections` is 0.
+    pub fd_reserve: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: std::time::Duration::from_secs(10),
+            header_timeout: std::time::Duration::from_secs(30),
+            body_timeout: std::time::Duration::from_secs(30),
+            body_min_rate: 16 * 1024,
+            max_connections: 0,
+            fd_reserve: 128,
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The connection cap actually used, from the configured value or the fd limit.
+    pub fn connection_cap(&self) -> usize {
+        if self.max_connections > 0 {
+            return usize::try_from(self.max_connections).unwrap_or(usize::MAX);
+        }
+        let limit = nofile_limit();
+        // A small limit still leaves half of it to clients and half to the
+        // daemon's own files and Engine connections.
+        let cap = limit.saturating_sub(self.fd_reserve).max(limit / 2).max(1);
+        usize::try_from(cap).unwrap_or(usize::MAX)
+    }
+}
+
+/// The soft RLIMIT_NOFILE of this process (1024 if it cannot be read).
+pub fn nofile_limit() -> u64 {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own; RLIMIT_NOFILE is valid.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } == 0;
+    if !ok || rl.rlim_cur == libc::RLIM_INFINITY {
+        return if ok { 1 << 20 } else { 1024 };
+    }
+    rl.rlim_cur
+}
+
 /// A `Duration` written as a humantime string ("7d", "12h 30m").
 mod humantime_secs {
     use serde::{Deserialize, Deserializer, Serializer};
@@ -215,6 +330,26 @@ mod humantime_secs {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;
         humantime::parse_duration(&text)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
+    }
+}
+
+/// An optional `Duration` written as a humantime string; absent is `None`.
+mod humantime_opt {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map(Some)
             .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
     }
 }
@@ -235,6 +370,8 @@ impl Default for Config {
             pool: PoolConfig::default(),
             docker: DockerConfig::default(),
             store: StoreSection::default(),
+            http: HttpConfig::default(),
+            images: ImagesConfig::default(),
         }
     }
 }
@@ -274,6 +411,30 @@ impl Config {
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return Err(ConfigError::Invalid(
                 "tls.cert and tls.key must be set together".into(),
+            ));
+        }
+        let h = &self.http;
+        if h.handshake_timeout.is_zero() || h.header_timeout.is_zero() || h.body_min_rate == 0 {
+            return Err(ConfigError::Invalid(
+                "http timeouts and body_min_rate must be above zero".into(),
+            ));
+        }
+        let l = &self.limits;
+        if l.max_memory_bytes
+            .is_some_and(|m| m < self.container.memory_bytes)
+        {
+            return Err(ConfigError::Invalid(
+                "container.memory_bytes is above limits.max_memory_bytes".into(),
+            ));
+        }
+        if l.max_cpus.is_some_and(|c| !(c >= 0.01 && c.is_finite())) {
+            return Err(ConfigError::Invalid(
+                "limits.max_cpus must be at least 0.01".into(),
+            ));
+        }
+        if l.max_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(ConfigError::Invalid(
+                "limits.max_timeout must be above zero".into(),
             ));
         }
         if self.scheduler.default_max_concurrency == 0 || self.scheduler.host_max_running == 0 {
@@ -368,6 +529,33 @@ mod tests {
             serde_json::to_value(&defaults).ok(),
             "config/hyperfuncd.toml must show the embedded defaults"
         );
+    }
+
+    #[test]
+    fn connection_cap_follows_the_fd_limit() {
+        let mut h = HttpConfig::default();
+        let limit = nofile_limit();
+        assert_eq!(
+            h.connection_cap() as u64,
+            limit.saturating_sub(128).max(limit / 2).max(1)
+        );
+        h.max_connections = 7;
+        assert_eq!(h.connection_cap(), 7);
+    }
+
+    #[test]
+    fn ceilings_parse_and_bound_the_default_memory() {
+        let c: Config = toml::from_str(
+            "[limits]\nmax_memory_bytes = 1073741824\nmax_cpus = 1.5\nmax_timeout = \"5m\"",
+        )
+        .unwrap();
+        assert_eq!(
+            c.limits.max_timeout,
+            Some(std::time::Duration::from_secs(300))
+        );
+        assert!(c.validate().is_ok());
+        let c: Config = toml::from_str("[limits]\nmax_memory_bytes = 1048576").unwrap();
+        assert!(c.validate().is_err());
     }
 
     #[test]

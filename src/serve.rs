@@ -10,7 +10,7 @@ use crate::runtime::Runtime;
 use crate::scheduler::Scheduler;
 use crate::service::Service;
 use anyhow::{anyhow, Context};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::net::SocketAddr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -20,8 +20,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 const ADMIN: &str = "admin";
-/// A client that has not finished its TLS handshake by then is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest pause between two accepts that keep failing (out of file
+/// descriptors, say): long enough not to spin, short enough to recover fast.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+/// A failing accept is logged at most this often; the rest are counted.
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Exit status when the store fails for good (EX_IOERR); systemd restarts the daemon.
 pub const EXIT_STORE_FAILED: i32 = 74;
 
@@ -103,6 +106,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         listener,
         tls.map(|t| t.acceptor),
         api::routes(svc),
+        &config.http,
         shutdown,
     )
     .await;
@@ -213,10 +217,17 @@ async fn ensure_admin(
     Ok(path)
 }
 
+/// Serves HTTP(S) on `listener` until `shutdown`. Every connection is bounded
+/// in time (TLS handshake, request head, which also bounds keep-alive idleness;
+/// bodies are timed by the API as they are read) and in number: at the cap
+/// the server stops accepting, so new clients wait in the listen backlog for
+/// at most about the timeouts instead of being refused or starving the
+/// daemon of file descriptors.
 async fn serve_http<F>(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     routes: F,
+    http: &crate::config::HttpConfig,
     shutdown: CancellationToken,
 ) where
     F: warp::Filter<Extract = (warp::reply::Response,), Error = warp::Rejection>
@@ -226,15 +237,28 @@ async fn serve_http<F>(
         + 'static,
 {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let cap = http.connection_cap();
+    tracing::info!(max_connections = cap, "accepting connections");
+    let slots = Arc::new(tokio::sync::Semaphore::new(cap));
+    let (handshake_timeout, header_timeout) = (http.handshake_timeout, http.header_timeout);
+    let mut backoff = AcceptBackoff::default();
     loop {
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+        };
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok(a) => {
+                    backoff.succeeded();
+                    a
+                }
                 Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    backoff.failed(&e).await;
                     continue;
                 }
             },
@@ -244,17 +268,29 @@ async fn serve_http<F>(
         let tls = tls.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // Held for the connection's lifetime: its file descriptor.
+            let _slot = slot;
+            // HTTP/1.1 only (the TLS config offers no h2 either), so the
+            // head timeout below covers every request.
+            let mut builder =
+                hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
             let result = match tls {
                 Some(acceptor) => {
                     let stream =
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                             Ok(Ok(s)) => s,
                             Ok(Err(e)) => {
                                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
                                 return;
                             }
-                            Err(_) => return,
+                            Err(_) => {
+                                tracing::debug!(%peer, "TLS handshake timed out");
+                                return;
+                            }
                         };
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                     watcher.watch(conn.into_owned()).await
@@ -272,6 +308,39 @@ async fn serve_http<F>(
     drop(listener);
     // Give open requests a moment; long-polls and log follows are cut after it.
     let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
+}
+
+/// Pauses after a failed accept (EMFILE, ENFILE, ENOBUFS...), doubling up to
+/// `MAX_ACCEPT_BACKOFF`, and logs a run of failures once per
+/// `ACCEPT_LOG_EVERY` instead of once per attempt.
+#[derive(Default)]
+struct AcceptBackoff {
+    delay: Duration,
+    failures: u64,
+    last_log: Option<tokio::time::Instant>,
+}
+
+impl AcceptBackoff {
+    async fn failed(&mut self, e: &std::io::Error) {
+        self.failures += 1;
+        let now = tokio::time::Instant::now();
+        if self
+            .last_log
+            .is_none_or(|t| now.duration_since(t) >= ACCEPT_LOG_EVERY)
+        {
+            tracing::warn!(error = %e, failures = self.failures, "accept failed; backing off");
+            self.last_log = Some(now);
+        }
+        self.delay = (self.delay * 2).clamp(Duration::from_millis(10), MAX_ACCEPT_BACKOFF);
+        tokio::time::sleep(self.delay).await;
+    }
+
+    fn succeeded(&mut self) {
+        if self.failures > 0 {
+            tracing::info!(failures = self.failures, "accepting again");
+        }
+        *self = AcceptBackoff::default();
+    }
 }
 
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {

@@ -19,6 +19,9 @@ use std::time::Duration;
 pub enum ServiceError {
     #[error("{0}")]
     BadRequest(String),
+    /// An image from a registry the operator has not allowed.
+    #[error("{0}")]
+    ImageNotAllowed(String),
     #[error("missing or unknown API key")]
     Unauthorized,
     #[error("{0}")]
@@ -57,6 +60,7 @@ impl From<RuntimeError> for ServiceError {
         match e {
             RuntimeError::Unavailable { .. } => ServiceError::Unavailable(e.to_string()),
             RuntimeError::Pull { .. } => ServiceError::BadRequest(e.to_string()),
+            RuntimeError::BadImage(m) => ServiceError::BadRequest(m),
             RuntimeError::Engine(m) => ServiceError::Internal(format!("Docker Engine: {m}")),
         }
     }
@@ -218,9 +222,10 @@ impl Service {
         &self,
         caller: &User,
         name: Name,
-        spec: FunctionSpec,
+        mut spec: FunctionSpec,
     ) -> Result<Function> {
-        spec.validate().map_err(ServiceError::BadRequest)?;
+        self.check_limits(&mut spec).await?;
+        self.check_image(caller, &spec.image)?;
         if self.store.get_function(&name).await?.is_some() {
             return Err(ServiceError::Conflict(format!(
                 "function {name} already exists"
@@ -244,6 +249,72 @@ impl Service {
         self.store.create_function(&f).await?;
         self.scheduler.function_changed(&f);
         Ok(f)
+    }
+
+    /// Refuses an image whose registry the operator has not allowed
+    /// (`[images]`), before the Engine is asked anything about it: a
+    /// reference makes the Engine connect to its host.
+    fn check_image(&self, caller: &User, image: &str) -> Result<()> {
+        let r = crate::model::ImageRef::parse(image).map_err(ServiceError::BadRequest)?;
+        let images = &self.config.images;
+        if images.allows(&r.registry) || (caller.admin && images.admin_any) {
+            return Ok(());
+        }
+        Err(ServiceError::ImageNotAllowed(format!(
+            "images from {} are not allowed on this server",
+            r.registry
+        )))
+    }
+
+    /// Refuses, before anything is stored, a spec that could never run or
+    /// that asks for more than the operator's ceilings (`[limits] max_*`)
+    /// or the Engine host has. A missing timeout becomes the ceiling's.
+    async fn check_limits(&self, spec: &mut FunctionSpec) -> Result<()> {
+        use crate::runtime::human_bytes;
+        spec.validate().map_err(ServiceError::BadRequest)?;
+        let l = &self.config.limits;
+        let bad = |m: String| Err(ServiceError::BadRequest(m));
+        let memory = spec
+            .memory_bytes
+            .unwrap_or(self.config.container.memory_bytes);
+        if let Some(max) = l.max_memory_bytes.filter(|max| memory > *max) {
+            return bad(format!(
+                "memory {} is above this server's ceiling of {}",
+                human_bytes(memory),
+                human_bytes(max)
+            ));
+        }
+        if let Some((c, max)) = spec.cpus.zip(l.max_cpus).filter(|(c, max)| c > max) {
+            return bad(format!("cpus {c} is above this server's ceiling of {max}"));
+        }
+        if let Some(max) = l.max_timeout {
+            let max_ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
+            match spec.timeout_ms {
+                Some(t) if t > max_ms => {
+                    return bad(format!(
+                        "timeout {} is above this server's ceiling of {}",
+                        humantime::format_duration(Duration::from_millis(t)),
+                        humantime::format_duration(max)
+                    ))
+                }
+                Some(_) => {}
+                None => spec.timeout_ms = Some(max_ms),
+            }
+        }
+        // The Engine would refuse these at every call.
+        if let Some(host) = self.runtime.host_resources().await {
+            if let Some(c) = spec.cpus.filter(|c| *c > host.cpus) {
+                return bad(format!("cpus {c} is more than the host's {}", host.cpus));
+            }
+            if memory > host.memory_bytes {
+                return bad(format!(
+                    "memory {} is more than the host's {}",
+                    human_bytes(memory),
+                    human_bytes(host.memory_bytes)
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The function `name` if `caller` may see it; others' are "not found".
@@ -289,7 +360,8 @@ impl Service {
         if let Some(c) = u.cpus {
             s.cpus = Some(c);
         }
-        s.validate().map_err(ServiceError::BadRequest)?;
+        self.check_limits(s).await?;
+        self.check_image(caller, &s.image)?;
         self.runtime
             .ensure_image(
                 &s.image,

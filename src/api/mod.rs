@@ -63,6 +63,7 @@ impl From<ServiceError> for ApiError {
         let message = e.to_string();
         let (status, code) = match e {
             ServiceError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ServiceError::ImageNotAllowed(_) => (StatusCode::BAD_REQUEST, "image_not_allowed"),
             ServiceError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ServiceError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ServiceError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
@@ -89,15 +90,24 @@ impl From<crate::model::IdError> for ApiError {
 
 impl ApiError {
     fn into_response(self) -> Response {
-        json_response(
-            self.status,
+        let status = self.status;
+        let mut r = json_response(
+            status,
             &ErrorBody {
                 error: ErrorDetail {
                     code: self.code.to_string(),
                     message: self.message,
                 },
             },
-        )
+        );
+        if status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of a late body is not worth waiting for.
+            r.headers_mut().insert(
+                warp::http::header::CONNECTION,
+                warp::http::HeaderValue::from_static("close"),
+            );
+        }
+        r
     }
 }
 
@@ -154,13 +164,8 @@ where
     Box::pin(body.map(|r| r.map(|mut b| b.copy_to_bytes(b.remaining()))))
 }
 
-async fn route(svc: &Arc<Service>, req: Req) -> ApiResult {
-    let segs: Vec<String> = req
-        .path
-        .trim_matches('/')
-        .split('/')
-        .map(percent_decode)
-        .collect();
+async fn route(svc: &Arc<Service>, mut req: Req) -> ApiResult {
+    let segs = canonical_segments(&req.path)?;
     let s: Vec<&str> = segs.iter().map(String::as_str).collect();
     let m = &req.method;
     match s.as_slice() {
@@ -227,6 +232,9 @@ async fn route(svc: &Arc<Service>, req: Req) -> ApiResult {
         // ---- management API ----
         ["v1", rest @ ..] => {
             let caller = authenticate(svc, &req.headers).await?;
+            // The key has done its work: nothing past this point (a call's
+            // environment, its record) may see it.
+            req.headers.remove(warp::http::header::AUTHORIZATION);
             v1(svc, &caller, rest, req).await
         }
         _ => Err(ApiError::not_found(format!(
@@ -247,7 +255,7 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
             Ok(json_response(StatusCode::OK, &list))
         }
         ["functions"] if m == Method::POST => {
-            let body: FunctionCreate = json_body(req.body).await?;
+            let body: FunctionCreate = json_body(svc, req.body).await?;
             let name = Name::parse(&body.name)?;
             let spec = FunctionSpec {
                 image: body.image,
@@ -270,7 +278,7 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
             Ok(json_response(StatusCode::OK, &view(svc, &f).await?))
         }
         ["functions", name] if m == Method::PATCH => {
-            let body: FunctionPatch = json_body(req.body).await?;
+            let body: FunctionPatch = json_body(svc, req.body).await?;
             let update = FunctionUpdate {
                 image: body.image,
                 command: body.command,
@@ -332,7 +340,7 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
             Ok(json_response(StatusCode::OK, &users))
         }
         ["users"] if m == Method::POST => {
-            let body: UserCreate = json_body(req.body).await?;
+            let body: UserCreate = json_body(svc, req.body).await?;
             let (user, key) = svc
                 .add_user(
                     caller,
@@ -347,7 +355,7 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
             ))
         }
         ["users", name] if m == Method::PATCH => {
-            let body: UserPatch = json_body(req.body).await?;
+            let body: UserPatch = json_body(svc, req.body).await?;
             let (user, key) = svc
                 .update_user(
                     caller,
@@ -382,11 +390,13 @@ async fn view(svc: &Service, f: &crate::model::Function) -> Result<FunctionView,
 }
 
 async fn authenticate(svc: &Service, headers: &HeaderMap) -> Result<crate::model::User, ApiError> {
+    // RFC 9110: the scheme is case-insensitive (`bearer`, `BEARER`).
     let key = headers
         .get(warp::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key.trim())
         .ok_or_else(|| ApiError::from(ServiceError::Unauthorized))?;
     Ok(svc.authenticate(key).await?)
 }
@@ -562,11 +572,17 @@ async fn metrics(svc: &Service) -> String {
 
 /// The CGI-style environment of a call: `X-Foo-Bar: v` → `HTTP_X_FOO_BAR=v`,
 /// plus REQUEST_METHOD and QUERY_STRING. The management API's own
-/// Authorization header is never passed on.
+/// Authorization header never gets here (`route` removes it once the caller
+/// is authenticated), and one carrying a hyperfuncd key sent to a capability
+/// URL by mistake is dropped too.
 fn request_env(req: &Req) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = Vec::new();
     for (name, value) in &req.headers {
-        if name == warp::http::header::AUTHORIZATION && req.path.starts_with("/v1/") {
+        if name == warp::http::header::AUTHORIZATION
+            && value
+                .to_str()
+                .map_or(true, |v| v.contains(crate::model::API_KEY_PREFIX))
+        {
             continue;
         }
         // httpoxy: `Proxy:` would become HTTP_PROXY and redirect the
@@ -614,9 +630,8 @@ async fn read_body(
     }
     let mut buf = BytesMut::new();
     let mut seen: u64 = 0;
-    while let Some(chunk) = body.next().await {
-        let chunk =
-            chunk.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
+    let clock = BodyClock::new(&svc.config.http);
+    while let Some(chunk) = clock.next(&mut body, seen).await? {
         seen += chunk.len() as u64;
         if seen > limit {
             buf = BytesMut::new();
@@ -633,13 +648,52 @@ async fn read_body(
     Ok(buf.freeze())
 }
 
+/// How long a request body may take: `[http] body_timeout`, plus one second
+/// per `body_min_rate` bytes already received. A body slower than that holds
+/// a connection for nothing, so it is answered 408 and the connection closed.
+struct BodyClock {
+    start: tokio::time::Instant,
+    grace: Duration,
+    min_rate: u64,
+}
+
+impl BodyClock {
+    fn new(http: &crate::config::HttpConfig) -> BodyClock {
+        BodyClock {
+            start: tokio::time::Instant::now(),
+            grace: http.body_timeout,
+            min_rate: http.body_min_rate.max(1),
+        }
+    }
+
+    /// The next chunk of `body`, `None` at its end, or 408 if it is late.
+    async fn next(&self, body: &mut BodyStream, seen: u64) -> Result<Option<Bytes>, ApiError> {
+        let earned = Duration::from_secs_f64(seen as f64 / self.min_rate as f64);
+        let deadline = self.start + self.grace + earned;
+        match tokio::time::timeout_at(deadline, body.next()).await {
+            Err(_) => Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "the request body arrived too slowly",
+            )),
+            Ok(None) => Ok(None),
+            Ok(Some(Err(e))) => Err(ApiError::bad_request(format!(
+                "cannot read request body: {e}"
+            ))),
+            Ok(Some(Ok(chunk))) => Ok(Some(chunk)),
+        }
+    }
+}
+
 /// JSON request bodies are small; 1 MiB is plenty.
-async fn json_body<T: serde::de::DeserializeOwned>(mut body: BodyStream) -> Result<T, ApiError> {
+async fn json_body<T: serde::de::DeserializeOwned>(
+    svc: &Service,
+    mut body: BodyStream,
+) -> Result<T, ApiError> {
     const LIMIT: usize = 1024 * 1024;
     let mut buf = BytesMut::new();
-    while let Some(chunk) = body.next().await {
-        let chunk =
-            chunk.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
+    let clock = BodyClock::new(&svc.config.http);
+    while let Some(chunk) = clock.next(&mut body, buf.len() as u64).await? {
         if buf.len() + chunk.len() > LIMIT {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -663,9 +717,13 @@ fn parse_env(vars: &[String]) -> Result<Vec<EnvVar>, ApiError> {
 fn parse_timeout(s: &str) -> Result<Option<u64>, ApiError> {
     match s.trim() {
         "" | "none" | "0" => Ok(None),
-        t => humantime::parse_duration(t)
-            .map(|d| Some(d.as_millis() as u64))
-            .map_err(|e| ApiError::bad_request(format!("invalid timeout {t:?}: {e}"))),
+        t => {
+            let d = humantime::parse_duration(t)
+                .map_err(|e| ApiError::bad_request(format!("invalid timeout {t:?}: {e}")))?;
+            u64::try_from(d.as_millis())
+                .map(Some)
+                .map_err(|_| ApiError::bad_request(format!("invalid timeout {t:?}: too long")))
+        }
     }
 }
 
@@ -686,37 +744,43 @@ fn flag(query: &HashMap<String, String>, name: &str) -> bool {
     )
 }
 
+/// The query as `application/x-www-form-urlencoded` (`+` is a space here,
+/// and only here); a repeated key keeps its last value.
 fn parse_query(raw: &str) -> HashMap<String, String> {
-    raw.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| match p.split_once('=') {
-            Some((k, v)) => (percent_decode(k), percent_decode(v)),
-            None => (percent_decode(p), String::new()),
-        })
+    form_urlencoded::parse(raw.as_bytes())
+        .into_owned()
         .collect()
 }
 
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        match b[i] {
-            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push((h * 16 + l) as u8);
-                    i += 3;
-                    continue;
-                }
-                _ => out.push(b'%'),
-            },
-            b'+' => out.push(b' '),
-            c => out.push(c),
-        }
-        i += 1;
+/// The one canonical reading of a request path, before anything routes on
+/// it: percent-decoded segments. A path that has another spelling (an empty
+/// segment as in `//v1`, a `.` or `..` segment, an encoded `/`, invalid
+/// UTF-8) is refused rather than guessed at, so that no route can be reached
+/// under a name the checks that depend on the route do not recognise. One
+/// trailing slash is tolerated. `+` is a plus in a path.
+fn canonical_segments(raw: &str) -> Result<Vec<String>, ApiError> {
+    let bad = || {
+        ApiError::bad_request(
+            "request path is not canonical: no empty, '.' or '..' segments, no encoded '/'",
+        )
+    };
+    let rest = raw.strip_prefix('/').ok_or_else(bad)?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.is_empty() {
+        return Ok(Vec::new());
     }
-    String::from_utf8_lossy(&out).into_owned()
+    rest.split('/')
+        .map(|seg| {
+            let decoded = percent_encoding::percent_decode_str(seg)
+                .decode_utf8()
+                .map_err(|_| bad())?;
+            match decoded.as_ref() {
+                "" | "." | ".." => Err(bad()),
+                d if d.contains(['/', '\0']) => Err(bad()),
+                d => Ok(d.to_string()),
+            }
+        })
+        .collect()
 }
 
 fn json_response<T: serde::Serialize>(status: StatusCode, value: &T) -> Response {
@@ -758,8 +822,27 @@ mod tests {
         assert_eq!(q["callid"], "a-b");
         assert_eq!(q["follow"], "");
         assert_eq!(q["x"], "a b");
-        assert_eq!(percent_decode("%zz%4"), "%zz%4");
-        assert_eq!(percent_decode("%41"), "A");
+        let segs = |p: &str| canonical_segments(p).map_err(|e| e.message);
+        assert_eq!(
+            segs("/%761/functions/a+b").unwrap(),
+            ["v1", "functions", "a+b"]
+        );
+        assert_eq!(segs("/v1/functions/").unwrap(), ["v1", "functions"]);
+        assert_eq!(segs("/%zz%4").unwrap(), ["%zz%4"]);
+        assert!(segs("/").unwrap().is_empty());
+        for bad in [
+            "//v1/functions",
+            "/v1//functions",
+            "/v1/./functions",
+            "/v1/functions/../users",
+            "/v1/functions/%2e%2e",
+            "/v1/a%2Fb",
+            "/v1/%ff",
+            "/v1/a%00",
+            "v1",
+        ] {
+            assert!(segs(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -767,6 +850,7 @@ mod tests {
         assert_eq!(parse_timeout("none").unwrap(), None);
         assert_eq!(parse_timeout("1m30s").unwrap(), Some(90_000));
         assert!(parse_timeout("soon").is_err());
+        assert!(parse_timeout("99999999999999999s").is_err());
     }
 }
 

@@ -281,7 +281,7 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
                 refresh,
             };
             let f: FunctionView = client
-                .patch_json(&format!("/v1/functions/{name}"), &body)
+                .patch_json(&format!("/v1/functions/{}", url_name(&name)?), &body)
                 .await?;
             writeln!(
                 out,
@@ -316,7 +316,9 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
         FuncCmd::Inspect { names } => {
             let mut all = Vec::new();
             for n in &names {
-                let f: serde_json::Value = client.get_json(&format!("/v1/functions/{n}")).await?;
+                let f: serde_json::Value = client
+                    .get_json(&format!("/v1/functions/{}", url_name(n)?))
+                    .await?;
                 all.push(f);
             }
             let value = if all.len() == 1 {
@@ -327,6 +329,10 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
             writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
         }
         FuncCmd::Rm { force, names } => {
+            // All checked before the first removal.
+            for n in &names {
+                url_name(n)?;
+            }
             for n in &names {
                 let q = if force { "?force=true" } else { "" };
                 client.delete(&format!("/v1/functions/{n}{q}")).await?;
@@ -336,7 +342,8 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
         FuncCmd::Call { sync, name } => {
             let payload = read_stdin_payload()?;
             let path = format!(
-                "/v1/functions/{name}/call{}",
+                "/v1/functions/{}/call{}",
+                url_name(&name)?,
                 if sync { "?sync=true" } else { "" }
             );
             let resp = client.post_bytes(&path, payload).await?;
@@ -349,6 +356,7 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
             }
         }
         FuncCmd::Get { wait, call_id } => {
+            url_call_id(&call_id)?;
             let bytes = client.output(&call_id, wait).await?;
             out.write_all(&bytes)?;
         }
@@ -367,9 +375,9 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
                 q.push("follow=1".into());
             }
             if let Some(c) = callid {
-                q.push(format!("callid={c}"));
+                q.push(format!("callid={}", url_call_id(&c)?));
             }
-            let path = format!("/v1/functions/{name}/logs?{}", q.join("&"));
+            let path = format!("/v1/functions/{}/logs?{}", url_name(&name)?, q.join("&"));
             client
                 .stream_lines(&path, |line| {
                     if output == Format::Json {
@@ -386,7 +394,7 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
         }
         FuncCmd::Status { output, name } => {
             let s: StatusView = client
-                .get_json(&format!("/v1/functions/{name}/status"))
+                .get_json(&format!("/v1/functions/{}/status", url_name(&name)?))
                 .await?;
             if output == Format::Json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&s)?)?;
@@ -448,7 +456,9 @@ async fn user(client: &Client, cmd: UserCmd, out: &mut impl Write) -> anyhow::Re
             }
         }
         UserCmd::Rm { name } => {
-            client.delete(&format!("/v1/users/{name}")).await?;
+            client
+                .delete(&format!("/v1/users/{}", url_name(&name)?))
+                .await?;
             writeln!(out, "{name}")?;
         }
         UserCmd::Update {
@@ -458,7 +468,7 @@ async fn user(client: &Client, cmd: UserCmd, out: &mut impl Write) -> anyhow::Re
         } => {
             let u: UserView = client
                 .patch_json(
-                    &format!("/v1/users/{name}"),
+                    &format!("/v1/users/{}", url_name(&name)?),
                     &UserPatch {
                         max_concurrency,
                         rotate_key,
@@ -477,6 +487,26 @@ async fn user(client: &Client, cmd: UserCmd, out: &mut impl Write) -> anyhow::Re
         }
     }
     Ok(())
+}
+
+/// `name` checked before it goes into a URL path: URL parsing resolves dot
+/// segments, so `func rm ../users/bob` would otherwise send
+/// `DELETE /v1/users/bob`.
+fn url_name(name: &str) -> anyhow::Result<&str> {
+    crate::model::Name::parse(name)?;
+    Ok(name)
+}
+
+/// A call id checked before it goes into a URL. The server would answer 404
+/// for it, so the error says the same.
+fn url_call_id(id: &str) -> anyhow::Result<&str> {
+    match crate::model::CallId::parse(id) {
+        Ok(_) => Ok(id),
+        Err(_) => bail!(
+            "call {:?} not found: not a call id",
+            id.chars().take(80).collect::<String>()
+        ),
+    }
 }
 
 /// The call payload: STDIN when it is piped or redirected, else nothing.

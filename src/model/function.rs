@@ -33,6 +33,11 @@ impl EnvVar {
     }
 }
 
+/// The fewest CPUs a function may ask for (the Engine's minimum).
+pub const MIN_CPUS: f64 = 0.01;
+/// The least memory a function may ask for (the Engine's minimum).
+pub const MIN_MEMORY: u64 = 6 * 1024 * 1024;
+
 /// What a user chooses about a function; everything else is the platform's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FunctionSpec {
@@ -48,21 +53,24 @@ pub struct FunctionSpec {
 
 impl FunctionSpec {
     pub fn validate(&self) -> Result<(), String> {
-        if self.image.trim().is_empty() || self.image.chars().any(char::is_whitespace) {
-            return Err(format!("invalid image reference {:?}", self.image));
-        }
+        super::ImageRef::parse(&self.image)?;
         if self.timeout_ms == Some(0) {
             return Err("timeout must be greater than zero".into());
         }
         if let Some(c) = self.cpus {
-            if !(c > 0.0 && c <= 1024.0) {
-                return Err(format!("invalid cpus {c}: expected a number above 0"));
+            // The Engine's smallest quota; below it a rounded-down NanoCpus
+            // of 0 would mean no limit at all.
+            if !(c.is_finite() && c >= MIN_CPUS) {
+                return Err(format!("invalid cpus {c}: at least {MIN_CPUS}"));
             }
         }
         if let Some(m) = self.memory_bytes {
             // The Engine refuses less than 6 MiB.
-            if m < 6 * 1024 * 1024 {
+            if m < MIN_MEMORY {
                 return Err(format!("memory {m} is too small: at least 6 MiB"));
+            }
+            if i64::try_from(m).is_err() {
+                return Err(format!("memory {m} is too large"));
             }
         }
         Ok(())
@@ -83,6 +91,30 @@ pub struct Function {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nonsensical_limits_are_refused() {
+        let spec = |memory_bytes, cpus| FunctionSpec {
+            image: "busybox".into(),
+            command: vec![],
+            env: vec![],
+            timeout_ms: None,
+            memory_bytes,
+            cpus,
+        };
+        assert!(spec(Some(64 << 20), Some(0.5)).validate().is_ok());
+        for (m, c) in [
+            (None, Some(1e-9)),
+            (None, Some(0.0)),
+            (None, Some(-1.0)),
+            (None, Some(f64::NAN)),
+            (None, Some(f64::INFINITY)),
+            (Some(4096), None),
+            (Some(u64::MAX), None),
+        ] {
+            assert!(spec(m, c).validate().is_err(), "{m:?} {c:?}");
+        }
+    }
 
     #[test]
     fn env_vars() {

@@ -4,14 +4,16 @@
 mod call;
 mod function;
 mod ids;
+mod image;
 mod user;
 
 pub use call::{
     Call, CallState, Event, EventKind, Outcome, OutputState, TransitionError, SHORT_LEN,
 };
-pub use function::{EnvVar, Function, FunctionSpec};
+pub use function::{EnvVar, Function, FunctionSpec, MIN_CPUS, MIN_MEMORY};
 pub use ids::{CallId, IdError, Name, Secret};
-pub use user::{hash_key, ApiKey, User};
+pub use image::{normalize_registry, ImageRef, DOCKER_HUB};
+pub use user::{hash_key, ApiKey, User, API_KEY_PREFIX};
 
 /// Seconds since the Unix epoch, the timestamp of every record.
 pub fn now_ms() -> u64 {

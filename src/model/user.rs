@@ -16,6 +16,10 @@ pub struct User {
     pub created_ms: u64,
 }
 
+/// How every API key begins, so a key can be recognised where it must not
+/// go (a call's environment).
+pub const API_KEY_PREFIX: &str = "hfk_";
+
 /// A bearer key as handed to a user, once.
 pub struct ApiKey(String);
 
@@ -24,7 +28,7 @@ impl ApiKey {
         let mut bytes = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut bytes);
         ApiKey(format!(
-            "hfk_{}",
+            "{API_KEY_PREFIX}{}",
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
         ))
     }

@@ -48,8 +48,13 @@ pub enum RuntimeError {
     /// The Engine did not answer; nothing was created.
     #[error("Docker Engine unreachable at {socket}: {message}")]
     Unavailable { socket: String, message: String },
+    /// `message` is a few words of ours (`pull_summary`), never the
+    /// Engine's text: that can carry what a registry host answered.
     #[error("image {image} is not present and could not be pulled: {message}")]
     Pull { image: String, message: String },
+    /// The Engine refused the reference itself.
+    #[error("{0}")]
+    BadImage(String),
     #[error("Docker Engine error: {0}")]
     Engine(String),
 }
@@ -81,6 +86,16 @@ pub struct Runtime {
     /// A negotiated client, made on first use and dropped when the Engine stops
     /// answering so the next use renegotiates.
     client: tokio::sync::Mutex<Option<Docker>>,
+    /// The Engine host's CPUs and memory, asked once: function limits above
+    /// them could never run.
+    host: std::sync::OnceLock<HostResources>,
+}
+
+/// What the Engine's host has to give a container.
+#[derive(Debug, Clone, Copy)]
+pub struct HostResources {
+    pub cpus: f64,
+    pub memory_bytes: u64,
 }
 
 impl Runtime {
@@ -90,6 +105,7 @@ impl Runtime {
             instance,
             container,
             client: tokio::sync::Mutex::new(None),
+            host: std::sync::OnceLock::new(),
         }
     }
 
@@ -145,6 +161,19 @@ impl Runtime {
         }
     }
 
+    /// The Engine host's CPUs and memory; `None` while the Engine does not answer.
+    pub async fn host_resources(&self) -> Option<HostResources> {
+        if let Some(h) = self.host.get() {
+            return Some(*h);
+        }
+        let info = self.docker().await.ok()?.info().await.ok()?;
+        let h = HostResources {
+            cpus: info.ncpu? as f64,
+            memory_bytes: u64::try_from(info.mem_total?).ok()?,
+        };
+        Some(*self.host.get_or_init(|| h))
+    }
+
     /// The Engine's OCI runtimes, to check a configured one exists.
     pub async fn check_oci_runtime(&self) -> Result<(), RuntimeError> {
         let Some(wanted) = &self.container.runtime else {
@@ -180,6 +209,13 @@ impl Runtime {
             Err(DockerError::DockerResponseServerError {
                 status_code: 404, ..
             }) => {}
+            Err(DockerError::DockerResponseServerError {
+                status_code: 400, ..
+            }) => {
+                return Err(RuntimeError::BadImage(format!(
+                    "invalid image reference {image:?}"
+                )))
+            }
             Err(e) => return Err(self.classify(e).await),
         }
         let (from_image, tag) = split_reference(image);
@@ -208,22 +244,21 @@ impl Runtime {
         };
         let result = match tokio::time::timeout(pull_timeout, pull).await {
             Ok(r) => r,
-            Err(_) => Err(format!(
-                "no result after {}",
-                humantime::format_duration(pull_timeout)
-            )),
+            Err(_) => Err(PULL_TIMED_OUT.to_string()),
         };
-        result.map_err(|message| RuntimeError::Pull {
-            image: image.to_string(),
-            message,
-        })?;
+        let failed = |raw: String| {
+            // The operator may need the details; the caller gets a summary.
+            tracing::warn!(image, error = %raw, "image pull failed");
+            RuntimeError::Pull {
+                image: image.to_string(),
+                message: pull_summary(&raw).to_string(),
+            }
+        };
+        result.map_err(failed)?;
         // A pull that "succeeds" without the image is still a failure.
         match docker.inspect_image(image).await {
             Ok(_) => Ok(()),
-            Err(e) => Err(RuntimeError::Pull {
-                image: image.to_string(),
-                message: engine_message(&e),
-            }),
+            Err(e) => Err(failed(engine_message(&e))),
         }
     }
 
@@ -362,6 +397,8 @@ impl Runtime {
             network_mode: Some(c.network_mode.clone()),
             runtime: c.runtime.clone(),
             memory: Some(i64::try_from(memory_bytes).unwrap_or(i64::MAX)),
+            // No swap beyond the memory limit: the Engine's default doubles it.
+            memory_swap: Some(i64::try_from(memory_bytes).unwrap_or(i64::MAX)),
             nano_cpus: cpus.map(|c| (c * 1e9) as i64),
             pids_limit: Some(c.pids_limit),
             security_opt: Some(vec!["no-new-privileges".into()]),
@@ -905,6 +942,42 @@ fn engine_message(e: &DockerError) -> String {
     }
 }
 
+/// Our own words for a pull that took longer than `docker.pull_timeout_secs`.
+const PULL_TIMED_OUT: &str = "the pull timed out";
+
+/// A few words on why a pull failed, chosen from the Engine's text but never
+/// quoting it: a registry's answer (or any service's on the host named in
+/// the reference) must not reach the caller.
+fn pull_summary(raw: &str) -> &'static str {
+    let r = raw.to_ascii_lowercase();
+    let any = |words: &[&str]| words.iter().any(|w| r.contains(w));
+    if r.contains(PULL_TIMED_OUT) {
+        PULL_TIMED_OUT
+    } else if any(&["toomanyrequests", "rate limit"]) {
+        "the registry is rate limiting pulls"
+    } else if any(&["unauthorized", "authentication required", "denied"]) {
+        "not found, or access denied"
+    } else if any(&["manifest unknown", "not found", "does not exist"]) {
+        "not found in its registry"
+    } else if any(&[
+        "connection refused",
+        "no such host",
+        "dial tcp",
+        "i/o timeout",
+        "network is unreachable",
+        "timeout",
+        "lookup",
+        "tls",
+        "x509",
+        "certificate",
+        "server gave http response",
+    ]) {
+        "its registry could not be reached"
+    } else {
+        "the registry refused it"
+    }
+}
+
 /// `repo[:tag]` → (`repo`, `tag`); a digest reference is passed whole. An
 /// empty tag would make the Engine pull every tag, so it defaults to `latest`.
 fn split_reference(image: &str) -> (String, String) {
@@ -977,6 +1050,27 @@ mod tests {
             entries,
             [(".hyperfuncd-init".to_string(), 0o755, INIT.len() as u64)]
         );
+    }
+
+    #[test]
+    fn pull_errors_are_summarised_without_quoting() {
+        let leak = "error parsing HTTP 404 response body: <html>secret page</html>";
+        assert_eq!(pull_summary(leak), "the registry refused it");
+        assert_eq!(
+            pull_summary(
+                "Get \"https://127.0.0.1:22/v2/\": dial tcp 127.0.0.1:22: connection refused"
+            ),
+            "its registry could not be reached"
+        );
+        assert_eq!(
+            pull_summary("pull access denied for x, repository does not exist"),
+            "not found, or access denied"
+        );
+        assert_eq!(
+            pull_summary("manifest for a:b not found: manifest unknown"),
+            "not found in its registry"
+        );
+        assert_eq!(pull_summary("something else"), "the registry refused it");
     }
 
     #[test]

@@ -53,6 +53,8 @@ pub struct Daemon {
     env: Vec<(String, String)>,
     /// The data dir: `dir/data` unless the test gives its own (a tmpfs).
     data: PathBuf,
+    /// RLIMIT_NOFILE (soft and hard) of the `serve` process, if set.
+    nofile: Option<u64>,
 }
 
 impl Daemon {
@@ -77,7 +79,22 @@ impl Daemon {
         Daemon::launch(extra_config, &[], Some(data_dir.to_path_buf()))
     }
 
+    /// Starts with extra config and the file descriptor limit (ulimit -n)
+    /// of the `serve` process set to `nofile`.
+    pub fn start_with_nofile(extra_config: &str, nofile: u64) -> Daemon {
+        Daemon::launch_with(extra_config, &[], None, Some(nofile))
+    }
+
     fn launch(extra_config: &str, env: &[(&str, &str)], data: Option<PathBuf>) -> Daemon {
+        Daemon::launch_with(extra_config, env, data, None)
+    }
+
+    fn launch_with(
+        extra_config: &str,
+        env: &[(&str, &str)],
+        data: Option<PathBuf>,
+        nofile: Option<u64>,
+    ) -> Daemon {
         test_image();
         let dir = tempfile::tempdir().expect("tempdir");
         let mut d = Daemon {
@@ -88,6 +105,7 @@ impl Daemon {
             instance: String::new(),
             extra_config: extra_config.to_string(),
             env: Vec::new(),
+            nofile,
         };
         d.set_env(env);
         d.spawn();
@@ -141,7 +159,24 @@ impl Daemon {
             },
         );
         std::fs::write(&config, text).expect("write config");
-        let mut child = Command::new(BIN)
+        let mut serve = Command::new(BIN);
+        if let Some(n) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit(2) is async-signal-safe and touches only the child.
+            unsafe {
+                serve.pre_exec(move || {
+                    let rl = libc::rlimit {
+                        rlim_cur: n as libc::rlim_t,
+                        rlim_max: n as libc::rlim_t,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = serve
             .args(["serve", "--config"])
             .arg(&config)
             .env("HYPERFUNCD_LOG", "info,hyperfuncd=debug")
@@ -182,6 +217,42 @@ impl Daemon {
         self.child = Some(child);
         let health = self.curl_json(&["-s", &format!("{}/healthz", self.endpoint)]);
         self.instance = health["Instance"].as_str().expect("instance").to_string();
+    }
+
+    /// A TLS connection to the daemon, trusting its CA, handshake done.
+    pub fn tls_connect(
+        &self,
+    ) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+        let pem = std::fs::read(self.ca()).expect("CA");
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut &pem[..]) {
+            roots.add(cert.expect("CA PEM")).expect("CA cert");
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("server name");
+        let conn =
+            rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("TLS client");
+        let tcp = std::net::TcpStream::connect(self.addr()).expect("connect");
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        while tls.conn.is_handshaking() {
+            tls.conn
+                .complete_io(&mut tls.sock)
+                .expect("TLS handshake with the daemon");
+        }
+        tls
+    }
+
+    /// `127.0.0.1:PORT` of the daemon.
+    pub fn addr(&self) -> String {
+        self.endpoint
+            .trim_start_matches("https://")
+            .trim_start_matches("http://")
+            .to_string()
     }
 
     pub fn log(&self) -> String {

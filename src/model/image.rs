@@ -1,0 +1,206 @@
+//! Image references as the Engine reads them (`[host[:port]/]path[:tag][@digest]`),
+//! so the registry a reference would make the Engine contact is known
+//! before the Engine is asked.
+
+/// Docker Hub, the registry of a reference without a host.
+pub const DOCKER_HUB: &str = "docker.io";
+
+/// A parsed image reference: only what the checks need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    /// `host[:port]` in lower case, `docker.io` for Docker Hub (also when absent).
+    pub registry: String,
+}
+
+impl ImageRef {
+    /// Parses `s` with the Engine's grammar (distribution/reference): the
+    /// first component is a registry host when it holds a `.` or a `:`, is
+    /// `localhost`, or has upper case letters; path components are lower
+    /// case; a tag is at most 128 of `[A-Za-z0-9_.-]`; a digest is
+    /// `algorithm:hex`.
+    pub fn parse(s: &str) -> Result<ImageRef, String> {
+        let bad = |why: &str| format!("invalid image reference {:?}: {why}", truncate(s));
+        if s.is_empty() || s.len() > 255 {
+            return Err(bad("empty or longer than 255 bytes"));
+        }
+        let (rest, digest) = match s.split_once('@') {
+            Some((r, d)) => (r, Some(d)),
+            None => (s, None),
+        };
+        if let Some(d) = digest {
+            let (alg, hex) = d.split_once(':').ok_or_else(|| bad("bad digest"))?;
+            let alg_ok = alg.starts_with(|c: char| c.is_ascii_alphabetic())
+                && alg
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_+.".contains(c));
+            if !alg_ok || hex.len() < 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(bad("bad digest"));
+            }
+        }
+        // A tag is after the last ':' that follows the last '/'.
+        let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
+        let (name, tag) = match rest[last_slash..].rfind(':') {
+            Some(i) => (&rest[..last_slash + i], Some(&rest[last_slash + i + 1..])),
+            None => (rest, None),
+        };
+        if let Some(t) = tag {
+            let ok = !t.is_empty()
+                && t.len() <= 128
+                && !t.starts_with(['.', '-'])
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+            if !ok {
+                return Err(bad("bad tag"));
+            }
+        }
+        let (host, path) = match name.split_once('/') {
+            Some((first, path))
+                if first.contains(['.', ':'])
+                    || first == "localhost"
+                    || first.chars().any(|c| c.is_ascii_uppercase()) =>
+            {
+                (Some(first), path)
+            }
+            _ => (None, name),
+        };
+        if path.is_empty() || !path.split('/').all(path_component_ok) {
+            return Err(bad(
+                "repository names are lower case letters, digits and separators",
+            ));
+        }
+        let registry = match host {
+            None => DOCKER_HUB.to_string(),
+            Some(h) => {
+                if !host_ok(h) {
+                    return Err(bad("bad registry host"));
+                }
+                normalize_registry(h)
+            }
+        };
+        Ok(ImageRef { registry })
+    }
+}
+
+/// `host[:port]` as the allow-list compares it: lower case, Docker Hub's
+/// aliases folded into `docker.io`.
+pub fn normalize_registry(host: &str) -> String {
+    let h = host.to_ascii_lowercase();
+    match h.as_str() {
+        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
+            DOCKER_HUB.to_string()
+        }
+        _ => h,
+    }
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(80).collect()
+}
+
+/// `[a-z0-9]+(?:(?:[._]|__|[-]*)[a-z0-9]+)*`
+fn path_component_ok(c: &str) -> bool {
+    let b = c.as_bytes();
+    let alnum = |x: &u8| x.is_ascii_lowercase() || x.is_ascii_digit();
+    if b.is_empty() || !alnum(&b[0]) || !alnum(&b[b.len() - 1]) {
+        return false;
+    }
+    let mut i = 0;
+    while i < b.len() {
+        if alnum(&b[i]) {
+            i += 1;
+            continue;
+        }
+        // A separator run: '.', '_', '__' or any number of '-'.
+        let start = i;
+        while i < b.len() && !alnum(&b[i]) {
+            i += 1;
+        }
+        let sep = &c[start..i];
+        if !(sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|x| x == b'-')) {
+            return false;
+        }
+    }
+    true
+}
+
+/// A DNS name or IPv4 address with an optional port, or `[IPv6]:port`.
+fn host_ok(h: &str) -> bool {
+    let (host, port) = if let Some(rest) = h.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((ip, tail)) => {
+                if ip.parse::<std::net::Ipv6Addr>().is_err() {
+                    return false;
+                }
+                (None, tail.strip_prefix(':'))
+            }
+            None => return false,
+        }
+    } else {
+        match h.split_once(':') {
+            Some((host, port)) => (Some(host), Some(port)),
+            None => (Some(h), None),
+        }
+    };
+    let port_ok =
+        port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
+    let host_ok = host.is_none_or(|host| {
+        !host.is_empty()
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            })
+    });
+    port_ok && host_ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registries_of_references() {
+        let reg = |s: &str| ImageRef::parse(s).map(|r| r.registry);
+        for (s, r) in [
+            ("busybox", "docker.io"),
+            ("busybox:1.36", "docker.io"),
+            ("library/busybox:latest", "docker.io"),
+            ("hyperfuncd-test/busybox:latest", "docker.io"),
+            ("docker.io/library/busybox", "docker.io"),
+            ("index.docker.io/a/b", "docker.io"),
+            ("ghcr.io/o/x:v1", "ghcr.io"),
+            ("127.0.0.1:28443/probe/x:latest", "127.0.0.1:28443"),
+            ("localhost/x", "localhost"),
+            ("LOCALHOST:5000/x", "localhost:5000"),
+            ("[::1]:5000/x", "[::1]:5000"),
+            (
+                "reg:5000/a/b@sha256:0123456789abcdef0123456789abcdef",
+                "reg:5000",
+            ),
+            ("a__b/c-d.e_f/g---h:t_1.2-x", "docker.io"),
+        ] {
+            assert_eq!(reg(s).as_deref(), Ok(r), "{s}");
+        }
+        for bad in [
+            "",
+            "UPPER/X",
+            "Busybox",
+            "a b",
+            "a//b",
+            "a:",
+            "a:-x",
+            "/a",
+            "a/",
+            "a@sha256:xyz",
+            "-a",
+            "a..b",
+            "reg:port/x",
+            "[zz]:1/x",
+        ] {
+            assert!(ImageRef::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

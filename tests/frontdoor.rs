@@ -1,0 +1,523 @@
+//! The front door (issue 13), probed as an attacker would against the real
+//! binary: slow and idle clients, too many connections, request paths
+//! spelled to slip past the router, limits and images a tenant should not
+//! choose.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+/// Short timeouts, so each probe is cut off within seconds.
+const SHORT: &str =
+    "[http]\nhandshake_timeout = \"2s\"\nheader_timeout = \"2s\"\nbody_timeout = \"2s\"\n";
+const TIMEOUT: Duration = Duration::from_secs(2);
+/// What the cut-off may take beyond the configured timeout (timer and
+/// scheduling slack on a busy 2-core machine).
+const SLACK: Duration = Duration::from_millis(2500);
+
+/// Writes `bytes` one per second on `stream` until the server ends the
+/// connection; returns how long that took and what the server said.
+fn trickle(
+    stream: &mut (impl Read + Write),
+    bytes: &[u8],
+    give_up: Duration,
+) -> (Duration, Vec<u8>) {
+    let start = Instant::now();
+    let mut answer = Vec::new();
+    for b in bytes.iter().cycle() {
+        if start.elapsed() > give_up {
+            break;
+        }
+        if stream
+            .write_all(&[*b])
+            .and_then(|_| stream.flush())
+            .is_err()
+        {
+            break;
+        }
+        // The read timeout (set by the caller) paces the trickle at 1 byte/s.
+        let mut buf = [0u8; 4096];
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => continue,
+            Err(_) => break,
+        }
+        if !answer.is_empty() {
+            // Read what follows, up to the close.
+            let _ = stream.read_to_end(&mut answer);
+            break;
+        }
+    }
+    (start.elapsed(), answer)
+}
+
+#[test]
+fn slow_headers_slow_bodies_and_idle_connections_are_cut_off() {
+    let d = Daemon::start_with(SHORT);
+
+    // Headers at 1 byte/s, after a completed TLS handshake.
+    let mut tls = d.tls_connect();
+    tls.sock
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("read timeout");
+    let head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let (took, _) = trickle(&mut tls, head, Duration::from_secs(30));
+    eprintln!("slow headers cut off after {took:?}");
+    assert!(
+        took <= TIMEOUT + SLACK,
+        "a 1 byte/s header sender was still connected after {took:?}"
+    );
+
+    // A body at 1 byte/s: 408 with a JSON error, and nothing stored.
+    let url = d.create("slowbody", &[IMAGE, "cat"]);
+    let path = url.splitn(4, '/').nth(3).expect("call path");
+    let mut tls = d.tls_connect();
+    tls.sock
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("read timeout");
+    let head = format!("POST /{path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n");
+    tls.write_all(head.as_bytes()).expect("send head");
+    let (took, answer) = trickle(&mut tls, b"x", Duration::from_secs(30));
+    let answer = String::from_utf8_lossy(&answer);
+    eprintln!("slow body cut off after {took:?}");
+    assert!(
+        took <= TIMEOUT + SLACK,
+        "a 1 byte/s body held on for {took:?}"
+    );
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"request_timeout\""), "{answer}");
+    assert_eq!(d.status("slowbody")["Total"], 0);
+
+    // An idle keep-alive connection after one complete request.
+    let mut tls = d.tls_connect();
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("request");
+    tls.sock
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("read timeout");
+    let mut buf = [0u8; 4096];
+    let n = tls.read(&mut buf).expect("response");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let idle = Instant::now();
+    let mut rest = Vec::new();
+    let _ = tls.read_to_end(&mut rest);
+    let took = idle.elapsed();
+    eprintln!("idle keep-alive connection closed after {took:?}");
+    assert!(
+        took <= TIMEOUT + SLACK,
+        "an idle keep-alive connection stayed open {took:?}"
+    );
+
+    d.ok(&["func", "rm", "slowbody"]);
+    d.finish();
+}
+
+#[test]
+fn idle_connections_beyond_the_fd_limit_do_not_keep_clients_out() {
+    // 256 descriptors: the connection cap is half of them.
+    let d = Daemon::start_with_nofile(SHORT, 256);
+    let idle: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| std::net::TcpStream::connect(d.addr()).expect("connect"))
+        .collect();
+    let start = Instant::now();
+    let (code, body) = d.curl(&["--max-time", "30", &format!("{}/healthz", d.endpoint)]);
+    let took = start.elapsed();
+    eprintln!("a new client was answered after {took:?} behind 300 idle connections");
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    // The cap's worth is dropped after the handshake timeout, then the
+    // backlog's rest; the new client is answered right after.
+    assert!(
+        took <= 2 * TIMEOUT + SLACK,
+        "300 idle connections kept a new client out for {took:?}"
+    );
+    // The idle ones were dropped by the server, not by us.
+    let mut first = &idle[0];
+    first
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    let mut buf = [0u8; 16];
+    assert!(
+        matches!(first.read(&mut buf), Ok(0) | Err(_)),
+        "an idle connection was kept"
+    );
+    drop(idle);
+    let log = d.log();
+    let failures = log.matches("accept failed").count();
+    assert!(
+        failures <= 1,
+        "accept failed {failures} times under a low fd limit:\n{log}"
+    );
+    let cap_line = log
+        .lines()
+        .find(|l| l.contains("accepting connections"))
+        .unwrap_or("");
+    assert!(cap_line.contains("128"), "{cap_line}");
+    d.finish();
+}
+
+/// Whether any file under `dir` contains `needle`.
+fn found_in_files(dir: &std::path::Path, needle: &[u8]) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let path = e.path();
+        if path.is_dir() {
+            found_in_files(&path, needle)
+        } else {
+            std::fs::read(&path).is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+        }
+    })
+}
+
+#[test]
+fn the_admin_key_never_reaches_a_container_or_the_database() {
+    let mut d = Daemon::start();
+    let url = d.create("env", &[IMAGE, "env"]);
+    let key = d.admin_key();
+    let auth = format!("Authorization: Bearer {key}");
+    // Every spelling of a /v1 route: the canonical one and its percent-encoded
+    // twins are the management API (the key is removed once it has
+    // authenticated); the others are refused before anything routes on them.
+    for (path, expect) in [
+        ("/v1/functions/env/call?sync=1", 200),
+        ("/%761/functions/env/call?sync=1", 200),
+        ("/v%31/functions/%65nv/call?sync=1", 200),
+        ("//v1/functions/env/call?sync=1", 400),
+        ("/v1//functions/env/call?sync=1", 400),
+        ("/v1/./functions/env/call?sync=1", 400),
+        ("/x/../v1/functions/env/call?sync=1", 400),
+        ("/v1/functions/env/%2e%2e/env/call?sync=1", 400),
+    ] {
+        let (code, body) = d.curl(&[
+            "--path-as-is",
+            "-H",
+            &auth,
+            "--data-binary",
+            "",
+            &format!("{}{path}", d.endpoint),
+        ]);
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(code, expect, "{path}: {text}");
+        assert!(!text.contains(&key), "{path} showed the key: {text}");
+        if code == 200 {
+            assert!(text.contains("REQUEST_METHOD=POST"), "{path}: {text}");
+            assert!(!text.contains("HTTP_AUTHORIZATION"), "{path}: {text}");
+        } else {
+            let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON error");
+            assert_eq!(v["error"]["code"], "bad_request", "{path}: {text}");
+        }
+    }
+    // The key sent to the capability URL by mistake is dropped too; any
+    // other Authorization is the function's business and is passed on.
+    let (code, body) = d.curl(&["-H", &auth, "--data-binary", "", &format!("{url}/sync")]);
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(code, 200, "{text}");
+    assert!(
+        !text.contains(&key) && !text.contains("HTTP_AUTHORIZATION"),
+        "{text}"
+    );
+    let basic = "Basic aHlwZXJmdW5jZDpjYW5hcnk=";
+    let (code, body) = d.curl(&[
+        "-H",
+        &format!("Authorization: {basic}"),
+        "--data-binary",
+        "",
+        &format!("{url}/sync"),
+    ]);
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(code, 200, "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l == format!("HTTP_AUTHORIZATION={basic}")),
+        "{text}"
+    );
+
+    // Nothing on disk holds the key, while the call records do hold the
+    // request variables (the search would find it).
+    d.stop();
+    let db = d.data_dir().join("db");
+    assert!(
+        found_in_files(&db, basic.as_bytes()),
+        "the search finds nothing"
+    );
+    assert!(
+        !found_in_files(&db, key.as_bytes()),
+        "the admin key is stored in clear under {}",
+        db.display()
+    );
+    d.finish();
+}
+
+/// POSTs or PATCHes a JSON body to the management API with `key`.
+fn send_json(
+    d: &Daemon,
+    key: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let (code, out) = d.curl(&[
+        "-X",
+        method,
+        "-H",
+        &format!("Authorization: Bearer {key}"),
+        "-H",
+        "Content-Type: application/json",
+        "--data-binary",
+        body,
+        &format!("{}{path}", d.endpoint),
+    ]);
+    (
+        code,
+        serde_json::from_slice(&out).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[test]
+fn limits_outside_the_ceilings_or_nonsensical_are_refused_at_create_and_update() {
+    let d = Daemon::start_with(
+        "[limits]\nmax_memory_bytes = 268435456\nmax_cpus = 1.0\nmax_timeout = \"1m\"\n\
+         [container]\nnetwork_mode = \"none\"\nmemory_bytes = 134217728\n",
+    );
+    let key = d.add_user("tenant", 2);
+    let create = |extra: &str| {
+        send_json(
+            &d,
+            &key,
+            "POST",
+            "/v1/functions",
+            &format!(
+                "{{\"Name\":\"lim\",\"Image\":\"{IMAGE}\",\"Command\":[\"sleep\",\"3\"]{extra}}}"
+            ),
+        )
+    };
+    for extra in [
+        ",\"Memory\":18446744073709551615",
+        ",\"Memory\":536870912",
+        ",\"Memory\":4096",
+        ",\"Cpus\":1024",
+        ",\"Cpus\":2",
+        ",\"Cpus\":1e-9",
+        ",\"Cpus\":0",
+        ",\"Timeout\":\"2m\"",
+        ",\"Timeout\":\"99999999999999999s\"",
+    ] {
+        let (code, v) = create(extra);
+        assert_eq!(code, 400, "{extra}: {v}");
+        assert_eq!(v["error"]["code"], "bad_request", "{extra}: {v}");
+        assert!(v["error"]["message"].is_string(), "{extra}: {v}");
+    }
+    let (code, v) = create(",\"Memory\":67108864,\"Cpus\":0.5");
+    assert_eq!(code, 201, "{v}");
+    // No timeout asked: the ceiling's.
+    assert_eq!(v["Timeout"], "1m", "{v}");
+    for patch in [
+        "{\"Cpus\":1e-9}",
+        "{\"Memory\":18446744073709551615}",
+        "{\"Timeout\":\"1h\"}",
+    ] {
+        let (code, v) = send_json(&d, &key, "PATCH", "/v1/functions/lim", patch);
+        assert_eq!(code, 400, "{patch}: {v}");
+        assert_eq!(v["error"]["code"], "bad_request", "{patch}: {v}");
+    }
+
+    // What the container gets: the memory as asked, and no swap beyond it.
+    let out = d.cli_as(&key, &["func", "call", "lim"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = stdout(&out)
+        .trim()
+        .trim_start_matches("CallId: ")
+        .to_string();
+    let mut limits = String::new();
+    d.wait_until(30, "the call's container", || {
+        let out = std::process::Command::new("docker")
+            .args([
+                "ps",
+                "-q",
+                "--filter",
+                &format!("label=io.hyperfuncd.call={id}"),
+            ])
+            .output()
+            .expect("docker ps");
+        let cid = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if cid.is_empty() {
+            return false;
+        }
+        let out = std::process::Command::new("docker")
+            .args([
+                "inspect",
+                "-f",
+                "{{.HostConfig.Memory}} {{.HostConfig.MemorySwap}} {{.HostConfig.NanoCpus}}",
+                &cid,
+            ])
+            .output()
+            .expect("docker inspect");
+        limits = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        !limits.is_empty()
+    });
+    assert_eq!(limits, "67108864 67108864 500000000");
+    let out = d.cli_as(&key, &["func", "get", "--wait", &id], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    d.ok(&["func", "rm", "lim"]);
+    d.finish();
+}
+
+/// A loopback "registry" that answers every request with a 404 carrying
+/// `canary`, and counts the connections it got.
+fn canary_server(canary: &'static str) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let hits = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let body = format!("<html>{canary}</html>");
+            let _ = conn.write_all(
+                format!(
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+        }
+    });
+    (port, hits)
+}
+
+#[test]
+fn images_from_registries_not_allowed_are_refused_before_the_engine_is_asked() {
+    use std::sync::atomic::Ordering;
+    const CANARY: &str = "loopback-canary-7c1e";
+    let (refused_port, refused_hits) = canary_server(CANARY);
+    let (listed_port, listed_hits) = canary_server(CANARY);
+    let d = Daemon::start_with(&format!(
+        "[images]\nregistries = [\"docker.io\", \"127.0.0.1:{listed_port}\"]\n"
+    ));
+    let tenant = d.add_user("tenant", 2);
+    let admin = d.admin_key();
+    let probe = format!("127.0.0.1:{refused_port}/probe/x:latest");
+    for key in [&tenant, &admin] {
+        for image in [
+            probe.as_str(),
+            "localhost:22/x",
+            "10.0.0.1/x",
+            "ghcr.io/o/x",
+        ] {
+            let (code, v) = send_json(
+                &d,
+                key,
+                "POST",
+                "/v1/functions",
+                &format!("{{\"Name\":\"img\",\"Image\":\"{image}\"}}"),
+            );
+            assert_eq!(code, 400, "{image}: {v}");
+            assert_eq!(v["error"]["code"], "image_not_allowed", "{image}: {v}");
+        }
+    }
+    // An invalid reference is a 400 too, not a 500 from the Engine.
+    let (code, v) = send_json(
+        &d,
+        &tenant,
+        "POST",
+        "/v1/functions",
+        "{\"Name\":\"img\",\"Image\":\"UPPER/X\"}",
+    );
+    assert_eq!(
+        (code, &v["error"]["code"]),
+        (400, &"bad_request".into()),
+        "{v}"
+    );
+    // Updates are checked the same way.
+    d.create_as(&tenant, "img", &[IMAGE, "true"]);
+    let (code, v) = send_json(
+        &d,
+        &tenant,
+        "PATCH",
+        "/v1/functions/img",
+        &format!("{{\"Image\":\"{probe}\"}}"),
+    );
+    assert_eq!(
+        (code, &v["error"]["code"]),
+        (400, &"image_not_allowed".into()),
+        "{v}"
+    );
+    assert_eq!(
+        refused_hits.load(Ordering::SeqCst),
+        0,
+        "the Engine was made to connect to a refused registry"
+    );
+
+    // A listed registry is asked; its answer is summarised, never echoed.
+    let image = format!("127.0.0.1:{listed_port}/probe/x:latest");
+    let (code, v) = send_json(
+        &d,
+        &tenant,
+        "POST",
+        "/v1/functions",
+        &format!("{{\"Name\":\"pulled\",\"Image\":\"{image}\"}}"),
+    );
+    let text = v.to_string();
+    eprintln!("pull from a listed loopback registry: {code} {text}");
+    assert_eq!(code, 400, "{text}");
+    assert!(
+        listed_hits.load(Ordering::SeqCst) > 0,
+        "the Engine never asked it"
+    );
+    assert!(
+        !text.contains(CANARY),
+        "the registry's answer was echoed: {text}"
+    );
+    let message = v["error"]["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains(&image) && message.contains("could not be pulled"),
+        "{message}"
+    );
+    d.ok(&["func", "rm", "img"]);
+    d.finish();
+}
+
+#[test]
+fn the_cli_checks_names_and_ids_before_building_a_url_and_the_bearer_scheme_is_case_insensitive() {
+    let d = Daemon::start();
+    d.add_user("bob", 1);
+    d.create("keep", &[IMAGE, "true"]);
+    for args in [
+        &["func", "rm", "../users/bob"][..],
+        &["func", "rm", "keep", "../users/bob"],
+        &["func", "inspect", "../users/bob"],
+        &["func", "status", "../users/bob"],
+        &["func", "update", "../users/bob", "--refresh"],
+        &["user", "rm", "../functions/keep"],
+    ] {
+        assert_cli_error(&d.cli(args), "invalid name");
+    }
+    assert_cli_error(&d.cli(&["func", "get", "../../users/bob"]), "not found");
+    assert_cli_error(
+        &d.cli(&["func", "logs", "keep", "--callid", "x&tail=1"]),
+        "not a call id",
+    );
+    // Nothing was removed on the way.
+    assert!(d.ok(&["user", "ls"]).contains("bob"));
+    assert!(d.ok(&["func", "ls"]).contains("keep"));
+
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let (code, body) = d.curl(&[
+            "-H",
+            &format!("Authorization: {scheme} {}", d.admin_key()),
+            &format!("{}/v1/functions", d.endpoint),
+        ]);
+        assert_eq!(code, 200, "{scheme}: {}", String::from_utf8_lossy(&body));
+    }
+    d.ok(&["func", "rm", "keep"]);
+    d.finish();
+}
