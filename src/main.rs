@@ -7,13 +7,9 @@ use clap::Parser;
 use hyperfuncd::cli::{Cli, Command};
 use std::process::ExitCode;
 
-/// mimalloc: sled allocates and frees a 512 KiB I/O buffer per commit round
-/// and many small nodes per write; glibc's malloc spent a tenth of the
-/// daemon's CPU on them under intake load (perf).
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    tune_malloc();
     let cli = Cli::parse();
     let serving = matches!(cli.command, Command::Serve(_));
     let default_level = if serving { "info" } else { "warn" };
@@ -83,5 +79,18 @@ async fn wait_for_signal() {
         _ => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+/// sled allocates and frees a 512 KiB I/O buffer per commit round: above
+/// glibc's mmap threshold, each one was a fresh mapping whose pages the
+/// kernel zeroed again. Serve them from the heap, and keep freed memory
+/// up to a bound instead of trimming it back after every round.
+fn tune_malloc() {
+    // SAFETY: mallopt only sets allocator parameters; called before any
+    // other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 16 << 20);
     }
 }
