@@ -7,7 +7,6 @@ use clap::Parser;
 use hyperfuncd::cli::{Cli, Command};
 use std::process::ExitCode;
 
-
 fn main() -> ExitCode {
     tune_malloc();
     let cli = Cli::parse();

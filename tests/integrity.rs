@@ -109,6 +109,23 @@ fn kill_9_at_accept_committed() {
     c.finish();
 }
 
+/// Killed in the middle of a staged write (an inline accept): its intent
+/// and part of its writes are in sled's buffers, none acknowledged.
+#[test]
+fn kill_9_mid_staged_write() {
+    let mut c = Crash::arm("staged-write-applying", "5*off->return", CONFIG);
+    let acked = c.submit_cat(mixed_payloads(40), 3);
+    // Writes of one round are answered after its flush: the 6th staged
+    // write's kill may take a few earlier ones unanswered with it.
+    assert!(
+        acked < 40,
+        "all 40 acknowledged: the 6th inline accept should have killed the daemon"
+    );
+    c.crash_and_restart();
+    c.verdict();
+    c.finish();
+}
+
 /// Killed after a call's RUNNING state is durable, before its container
 /// exists.
 #[test]

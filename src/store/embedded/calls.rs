@@ -25,11 +25,16 @@ impl Inner {
         Ok(())
     }
 
-    /// Accepts a call whose payload is a file: written and fsynced here, on
-    /// a blocking thread, before its own transaction. Inline payloads take
-    /// `AcceptJob` on the commit thread instead.
+    /// Accepts a call. An inline payload is a staged write on the commit
+    /// thread; a file is written and fsynced here, on a blocking thread,
+    /// before its own transaction.
     pub(super) fn accept(&self, mut call: Call, payload: &[u8], fx: &mut Effects) -> Result<Call> {
         let seqs = self.accept_ids(&mut call, payload.len())?;
+        if payload.len() as u64 <= self.config.inline_max_bytes {
+            let marker = Marker::Inline(payload.to_vec());
+            let over = self.staged(|t| self.accept_tx(t, &call, &marker, seqs))?;
+            return Ok(self.accepted(call, over, fx));
+        }
         self.blobs
             .write(Kind::Payload, &call.id, payload)
             .map_err(|e| io_full(e, "the payload"))?;
@@ -42,17 +47,21 @@ impl Inner {
                 return Err(e);
             }
         };
+        Ok(self.accepted(call, over, fx))
+    }
+
+    fn accepted(&self, call: Call, over: bool, fx: &mut Effects) -> Call {
         fx.committed = true;
         crate::crash_point!("accept-committed");
         if over {
             fx.evict_logs.push(call.function.clone());
         }
-        Ok(call)
+        call
     }
 
     /// Checks the space for a payload of `len` bytes and numbers the call
     /// and its two events.
-    fn accept_ids(&self, call: &mut Call, len: usize) -> Result<(u64, u64)> {
+    pub(super) fn accept_ids(&self, call: &mut Call, len: usize) -> Result<(u64, u64)> {
         self.check_space(len as u64, "the call")?;
         call.seq = self.next_seq()?;
         Ok((self.next_seq()?, self.next_seq()?))
@@ -60,9 +69,9 @@ impl Inner {
 
     /// Stores an accepted call: its record, payload marker, queue and index
     /// entries, counters and events. True when the log went over budget.
-    fn accept_tx(
+    pub(super) fn accept_tx(
         &self,
-        t: &[TransactionalTree],
+        t: &[impl Kv],
         call: &Call,
         marker: &Marker,
         (call_seq, pending_seq): (u64, u64),
@@ -415,54 +424,5 @@ fn io_full(e: std::io::Error, what: &str) -> StoreError {
         StoreError::Full(format!("no space left to store {what}: {e}"))
     } else {
         StoreError::Failed(format!("cannot write {what}: {e}"))
-    }
-}
-
-/// What an inline accept answers: the stored call, and whether its
-/// function's log went over budget.
-pub(super) type Accepted = Result<(Call, bool)>;
-
-/// An accept whose payload fits in its record: it joins the commit
-/// thread's shared transaction, so a round of accepts costs one sled
-/// transaction and one flush.
-pub(super) struct AcceptJob {
-    pub inner: Arc<Inner>,
-    pub call: Call,
-    pub payload: Bytes,
-    pub seqs: (u64, u64),
-    /// The last run of the body's answer: over budget or not.
-    pub over: std::sync::atomic::AtomicBool,
-    pub reply: tokio::sync::oneshot::Sender<(Accepted, std::result::Result<(), String>)>,
-}
-
-impl commit::Batched for AcceptJob {
-    fn prepare(&mut self) -> Result<()> {
-        self.seqs = self.inner.accept_ids(&mut self.call, self.payload.len())?;
-        Ok(())
-    }
-
-    fn body(&self, t: &[TransactionalTree]) -> TxResult<()> {
-        let marker = Marker::Inline(self.payload.to_vec());
-        let over = self.inner.accept_tx(t, &self.call, &marker, self.seqs)?;
-        self.over.store(over, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn finish(self: Box<Self>, committed: Result<()>) -> commit::Done {
-        let job = *self;
-        let answer = committed.map(|()| {
-            crate::crash_point!("accept-committed");
-            (
-                job.call,
-                job.over.load(std::sync::atomic::Ordering::Relaxed),
-            )
-        });
-        let reply = job.reply;
-        commit::Done {
-            deletes: Vec::new(),
-            reply: Box::new(move |flushed| {
-                let _ = reply.send((answer, flushed));
-            }),
-        }
     }
 }

@@ -4,20 +4,10 @@
 //! before it is durable. Files whose markers a write dropped are deleted
 //! here, only after the flush that made the drop durable succeeded.
 //!
-//! Batched writes (`Op::Tx`) of one round share one sled transaction as
-//! well: every sled transaction rolls sled's I/O buffer and hands a write to
-//! sled's I/O threads, which costs more than the transaction's own work.
-//! If any body aborts, the round's transaction is dropped and each body
-//! runs again in a transaction of its own, so one write's refusal never
-//! undoes another's.
-//!
 //! A flush error is fatal: sled refuses every write after a failed log
 //! write, so the store reports itself failed and a restart recovers.
 
 use super::super::{Result, StoreError};
-use super::TxResult;
-use sled::transaction::{TransactionError, TransactionalTree};
-use sled::Transactional;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use tokio::sync::{oneshot, watch};
@@ -29,25 +19,8 @@ pub struct Done {
     pub reply: Box<dyn FnOnce(std::result::Result<(), String>) + Send>,
 }
 
-/// A write that runs in the round's shared transaction.
-pub trait Batched: Send {
-    /// Checks and id allocation before the transaction; an error answers
-    /// the write without running `body`.
-    fn prepare(&mut self) -> Result<()>;
-    /// The transaction's work. sled re-runs it on a conflict, and an abort
-    /// re-runs it alone, so it keeps nothing but the last run's results.
-    fn body(&self, t: &[TransactionalTree]) -> TxResult<()>;
-    /// After the transaction (or the refusal), before the flush.
-    fn finish(self: Box<Self>, committed: Result<()>) -> Done;
-}
-
 /// A write run on the commit thread, in the batch of its flush.
-pub enum Op {
-    /// Runs as is, before the round's transaction.
-    Run(Box<dyn FnOnce() -> Done + Send>),
-    /// Joins the round's transaction.
-    Tx(Box<dyn Batched>),
-}
+pub type Op = Box<dyn FnOnce() -> Done + Send>;
 
 #[derive(Default)]
 struct Pending {
@@ -68,7 +41,7 @@ pub struct Committer {
 }
 
 impl Committer {
-    pub fn start(db: sled::Db, trees: Vec<sled::Tree>) -> std::io::Result<Committer> {
+    pub fn start(db: sled::Db) -> std::io::Result<Committer> {
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending::default()),
             wake: Condvar::new(),
@@ -78,8 +51,7 @@ impl Committer {
         let thread = std::thread::Builder::new()
             .name("hyperfuncd-commit".into())
             .spawn(move || {
-                let ran =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&db, &trees, &s)));
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&db, &s)));
                 if ran.is_err() {
                     fail(&s, "the commit thread panicked".into());
                 }
@@ -110,12 +82,12 @@ impl Committer {
     /// then deletes `deletes`.
     pub async fn durable(&self, deletes: Vec<PathBuf>) -> Result<()> {
         let (tx, rx) = oneshot::channel();
-        self.submit(Op::Run(Box::new(move || Done {
+        self.submit(Box::new(move || Done {
             deletes,
             reply: Box::new(move |flushed| {
                 let _ = tx.send(flushed);
             }),
-        })))?;
+        }))?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(reason)) => Err(StoreError::Failed(reason)),
@@ -163,7 +135,7 @@ fn fail(shared: &Shared, reason: String) {
     });
 }
 
-fn run(db: &sled::Db, trees: &[sled::Tree], shared: &Shared) {
+fn run(db: &sled::Db, shared: &Shared) {
     loop {
         let ops = {
             let mut p = lock(&shared.pending);
@@ -178,19 +150,7 @@ fn run(db: &sled::Db, trees: &[sled::Tree], shared: &Shared) {
         // Every op of the batch commits before the flush begins, so the
         // flush covers them all (and whatever other threads committed
         // before they queued a `durable`).
-        let mut done = Vec::with_capacity(ops.len());
-        let mut batch = Vec::new();
-        for op in ops {
-            match op {
-                Op::Run(f) => done.push(f()),
-                Op::Tx(mut b) => match b.prepare() {
-                    Ok(()) => batch.push(b),
-                    Err(e) => done.push(b.finish(Err(e))),
-                },
-            }
-        }
-        let results = transact(trees, &batch);
-        done.extend(batch.into_iter().zip(results).map(|(b, r)| b.finish(r)));
+        let done: Vec<Done> = ops.into_iter().map(|op| op()).collect();
         let flushed = match shared.failed.borrow().clone() {
             Some(reason) => Err(reason),
             None => db.flush().map(drop).map_err(|e| e.to_string()),
@@ -207,23 +167,5 @@ fn run(db: &sled::Db, trees: &[sled::Tree], shared: &Shared) {
         for d in done {
             (d.reply)(flushed.clone());
         }
-    }
-}
-
-/// Runs every body of `batch` in one transaction; if one aborts, each in its
-/// own, so each gets its own result.
-fn transact(trees: &[sled::Tree], batch: &[Box<dyn Batched>]) -> Vec<Result<()>> {
-    let one = |b: &dyn Batched| -> Result<()> { Ok(trees.transaction(|t| b.body(t))?) };
-    match batch {
-        [] => Vec::new(),
-        [b] => vec![one(b.as_ref())],
-        _ => match trees.transaction(|t| batch.iter().try_for_each(|b| b.body(t))) {
-            Ok(()) => batch.iter().map(|_| Ok(())).collect(),
-            Err(TransactionError::Abort(_)) => batch.iter().map(|b| one(b.as_ref())).collect(),
-            Err(TransactionError::Storage(e)) => batch
-                .iter()
-                .map(|_| Err(StoreError::from(e.clone())))
-                .collect(),
-        },
     }
 }

@@ -101,7 +101,11 @@ impl Inner {
     }
 
     pub(super) fn remove_function(&self, name: &Name, fx: &mut Effects) -> Result<()> {
-        if self.tree(FUNCTIONS).remove(name.as_str())?.is_none() {
+        let removed = {
+            let _one = lock(&self.writing);
+            self.tree(FUNCTIONS).remove(name.as_str())?
+        };
+        if removed.is_none() {
             return Err(StoreError::NotFound(format!("function {name}")));
         }
         fx.committed = true;

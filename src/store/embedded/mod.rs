@@ -1,11 +1,13 @@
-//! The embedded store: sled trees, one transaction per operation, and a
-//! group commit that makes each operation durable before it returns.
+//! The embedded store: sled trees, one transaction (or staged write) per
+//! operation, and a group commit that makes each operation durable before
+//! it returns.
 //!
 //! Layout: `calls.rs` (calls, the queues, retention), `caches.rs` (outputs
 //! and logs, their eviction), `directory.rs` (users, keys, functions),
 //! `blobs.rs` (payload and output bytes), `commit.rs` (group commit),
-//! `codec.rs` (records and keys). Every sled call runs on a blocking thread
-//! (`read`/`write` below), never on the async runtime.
+//! `stage.rs` (staged writes on the commit thread), `codec.rs` (records
+//! and keys). Every sled call runs on a blocking thread or the commit
+//! thread, never on the async runtime.
 
 mod blobs;
 mod caches;
@@ -13,6 +15,7 @@ mod calls;
 mod codec;
 mod commit;
 mod directory;
+mod stage;
 #[cfg(test)]
 mod tests;
 
@@ -55,6 +58,13 @@ impl From<TransactionError<StoreError>> for StoreError {
 }
 
 type TxResult<T> = std::result::Result<T, ConflictableTransactionError<StoreError>>;
+
+/// Reads and writes of a write's body: a sled transaction's trees, or the
+/// commit thread's staged trees (`stage.rs`).
+trait Kv {
+    fn get(&self, key: impl AsRef<[u8]>) -> TxResult<Option<sled::IVec>>;
+    fn insert(&self, key: impl AsRef<[u8]>, value: impl Into<sled::IVec>) -> TxResult<()>;
+}
 
 fn abort<T>(e: impl Into<StoreError>) -> TxResult<T> {
     Err(ConflictableTransactionError::Abort(e.into()))
@@ -121,6 +131,9 @@ struct Inner {
     /// one at a time, so the byte count stays exact; other functions and
     /// intake never wait for it.
     evict_locks: Mutex<HashMap<Name, Arc<Mutex<()>>>>,
+    /// Held by every write to the trees: staged writes and transactions
+    /// (`stage.rs`).
+    writing: Mutex<()>,
 }
 
 pub struct SledStore {
@@ -188,11 +201,15 @@ impl SledStore {
             blobs,
             config,
             evict_locks: Mutex::new(HashMap::new()),
+            writing: Mutex::new(()),
         };
+        if inner.replay_intent()? {
+            tracing::info!("finished a write that a crash interrupted");
+        }
         inner.migrate()?;
         inner.collect_orphans()?;
         db.flush()?;
-        let committer = Committer::start(db, inner.trees.clone())
+        let committer = Committer::start(db)
             .map_err(|e| StoreError::Failed(format!("cannot start the commit thread: {e}")))?;
         let functions = inner
             .list_functions(None)?
@@ -249,29 +266,35 @@ impl SledStore {
         value
     }
 
-    /// Accepts a call with an inline payload on the commit thread, in the
-    /// round's shared transaction and flush: no hop through a blocking
-    /// thread. Writes with files or scans use `write` instead.
-    async fn accept_inline(&self, call: Call, payload: Bytes) -> Result<Call> {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        self.committer
-            .submit(commit::Op::Tx(Box::new(calls::AcceptJob {
-                inner: Arc::clone(&self.inner),
-                call,
-                payload,
-                seqs: (0, 0),
-                over: Default::default(),
-                reply,
-            })))?;
-        let (accepted, flushed) = rx
+    /// Runs a short write on the commit thread, in the round of its flush,
+    /// as a staged write (`stage.rs`): no hop through a blocking thread and
+    /// no sled transaction, and concurrent writes share the flush. Long
+    /// writes (scans, file I/O) use `write` instead.
+    async fn commit<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner, &mut Effects) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let inner = Arc::clone(&self.inner);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.committer.submit(Box::new(move || {
+            let mut fx = Effects::default();
+            let value = f(&inner, &mut fx);
+            let evict = std::mem::take(&mut fx.evict_logs);
+            commit::Done {
+                deletes: fx.deletes,
+                reply: Box::new(move |flushed| {
+                    let _ = tx.send((value, flushed, evict));
+                }),
+            }
+        }))?;
+        let (value, flushed, evict) = rx
             .await
             .map_err(|_| StoreError::Failed("the commit thread stopped".into()))?;
         flushed.map_err(StoreError::Failed)?;
-        let (call, over) = accepted?;
-        if over {
-            self.evict_logs_later(call.function.clone());
+        for name in evict {
+            self.evict_logs_later(name);
         }
-        Ok(call)
+        value
     }
 
     fn cached_functions(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Name, Function>> {
@@ -338,7 +361,9 @@ impl Inner {
         &self.trees[i]
     }
 
+    /// A sled transaction, one writer at a time (see `stage.rs` for why).
     fn tx<T>(&self, f: impl Fn(&[TransactionalTree]) -> TxResult<T>) -> Result<T> {
+        let _one = lock(&self.writing);
         Ok(self.trees.as_slice().transaction(|t| f(t))?)
     }
 
@@ -459,7 +484,7 @@ fn free_bytes(path: &Path) -> std::io::Result<u64> {
 }
 
 fn log(
-    logs: &TransactionalTree,
+    logs: &impl Kv,
     stats: &mut FunctionStats,
     call: &Call,
     kind: EventKind,
@@ -471,7 +496,7 @@ fn log(
     Ok(())
 }
 
-fn tx_stats(stats: &TransactionalTree, function: &Name) -> TxResult<FunctionStats> {
+fn tx_stats(stats: &impl Kv, function: &Name) -> TxResult<FunctionStats> {
     match stats.get(function.as_str())? {
         Some(v) => dec(&v),
         None => Ok(FunctionStats::default()),
@@ -683,7 +708,7 @@ impl Store for SledStore {
             // Its own file, written and fsynced off the commit thread.
             self.write(move |i, fx| i.accept(call, &payload, fx)).await
         } else {
-            self.accept_inline(call, payload).await
+            self.commit(move |i, fx| i.accept(call, &payload, fx)).await
         }
     }
 

@@ -425,3 +425,37 @@ async fn users_and_their_keys_follow_each_change() {
     assert!(store.user_by_key_hash(&[2; 32]).await.unwrap().is_none());
     assert!(store.list_users().await.unwrap().is_empty());
 }
+
+/// A staged write cut short by a crash is finished on open from its
+/// intent record, and a write whose intent is gone is left alone.
+#[tokio::test]
+async fn an_interrupted_staged_write_is_finished_on_open() {
+    let (dir, store) = setup(config()).await;
+    let first = accept(&store, b"1").await;
+    // Record what an accept writes, as its intent, then apply only the
+    // first two writes: the state a kill -9 mid-apply can leave on disk.
+    let mut call = Call::new(name("f"), name("alice"), 0, b"2", vec![]);
+    let inner = &store.inner;
+    let seqs = inner.accept_ids(&mut call, 1).unwrap();
+    let marker = Marker::Inline(b"2".to_vec());
+    let writes = inner.record(|t| inner.accept_tx(t, &call, &marker, seqs));
+    let (_, writes) = writes.unwrap();
+    assert!(writes.len() > 2);
+    inner.apply_partly(&writes, 2).unwrap();
+    inner.db.flush().unwrap();
+    drop(store);
+    let store = reopen(dir.path(), config());
+    let s = store.stats(&name("f")).await.unwrap();
+    assert_eq!((s.total, s.pending), (2, 2), "the accept was finished");
+    assert_eq!(&run(&store, &first).await[..], b"1");
+    let second = store.queue_head(&name("alice")).await.unwrap().unwrap();
+    assert_eq!(second, call.id);
+    drop(store);
+    let store = reopen(dir.path(), config());
+    let s = store.stats(&name("f")).await.unwrap();
+    assert_eq!(
+        (s.total, s.pending, s.running),
+        (2, 1, 1),
+        "replayed once only"
+    );
+}
