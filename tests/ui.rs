@@ -159,18 +159,20 @@ fn dashboard_in_headless_chromium() {
     let driver = Chromedriver::start();
     let rt = tokio::runtime::Runtime::new().expect("tokio");
     let outcome = rt.block_on(async {
-        let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-            .capabilities(driver.capabilities())
-            .connect(&driver.url)
+        let deadline = tokio::time::Instant::now() + BROWSER_BUDGET;
+        let over = || anyhow::anyhow!("the browser session took over {BROWSER_BUDGET:?}");
+        let mut builder =
+            ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new());
+        builder.capabilities(driver.capabilities());
+        let connect = builder.connect(&driver.url);
+        let client = tokio::time::timeout_at(deadline, connect)
             .await
+            .map_err(|_| over())?
             .context("WebDriver session")?;
-        let result = tokio::time::timeout(BROWSER_BUDGET, scenario(&client, &d)).await;
+        let result = tokio::time::timeout_at(deadline, scenario(&client, &d)).await;
         // Closing the session quits Chromium; the guard kills what remains.
-        let _ = client.close().await;
-        match result {
-            Ok(r) => r,
-            Err(_) => bail!("the browser session took over {BROWSER_BUDGET:?}"),
-        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), client.close()).await;
+        result.map_err(|_| over())?
     });
     if let Err(e) = outcome {
         panic!(
