@@ -6,6 +6,7 @@
 //! everything else instead of warp's default rejections.
 
 pub mod types;
+pub mod ui;
 
 use crate::model::{CallId, EnvVar, FunctionSpec, Name};
 use crate::service::{FunctionUpdate, OutputAnswer, Scope, Service, ServiceError};
@@ -228,6 +229,8 @@ async fn route(svc: &Arc<Service>, mut req: Req) -> ApiResult {
         ["openapi.yaml"] if m == Method::GET => {
             Ok(text_response(OPENAPI.to_string(), "application/yaml"))
         }
+        // The dashboard: static files only; it calls `/v1` like the CLI.
+        ["ui", rest @ ..] if m == Method::GET => Ok(ui::serve(rest)),
 
         // ---- management API ----
         ["v1", rest @ ..] => {

@@ -1,0 +1,790 @@
+// The dashboard: hash routes (#/functions, #/functions/NAME, #/users), each
+// a view that reads and changes state through api.js only. Text from the
+// server goes into the page as text (textContent), never as markup.
+
+import {
+  api,
+  ApiError,
+  bytes,
+  envLines,
+  errorOf,
+  fnPath,
+  joinCommand,
+  session,
+  splitCommand,
+  streamLines,
+  waitOutput,
+} from './api.js';
+
+const $ = (id) => document.getElementById(id);
+
+/** An element with properties (`class`, `text`, `on*` listeners, attributes) and children. */
+function h(tag, props = {}, ...kids) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(props)) {
+    if (v === null || v === undefined || v === false) {
+      continue;
+    }
+    if (k.startsWith('on')) {
+      el.addEventListener(k.slice(2), v);
+    } else if (k === 'class') {
+      el.className = v;
+    } else if (k === 'text') {
+      el.textContent = v;
+    } else {
+      el.setAttribute(k, v === true ? '' : v);
+    }
+  }
+  for (const c of kids.flat()) {
+    if (c !== null && c !== undefined) {
+      el.append(c instanceof Node ? c : String(c));
+    }
+  }
+  return el;
+}
+
+// ---- state of the signed-in tab ----
+
+const state = {
+  admin: false,
+  /** Aborts the current view's requests and streams when it is left. */
+  view: new AbortController(),
+  timers: [],
+  /** Object URLs of downloaded outputs, revoked when left. */
+  blobs: [],
+};
+
+function leaveView() {
+  state.view.abort();
+  state.view = new AbortController();
+  for (const t of state.timers) {
+    clearInterval(t);
+  }
+  state.timers = [];
+  for (const u of state.blobs) {
+    URL.revokeObjectURL(u);
+  }
+  state.blobs = [];
+}
+
+function isAbort(e) {
+  return e && e.name === 'AbortError';
+}
+
+// ---- messages ----
+
+function showError(e) {
+  if (isAbort(e)) {
+    return;
+  }
+  const text = e instanceof ApiError ? e.toString() : `error: ${e && e.message ? e.message : e}`;
+  $('error-text').textContent = text;
+  $('error').hidden = false;
+  if (e instanceof ApiError && e.status === 401 && session.key) {
+    // The key stopped working (removed or rotated): nothing else will.
+    $('error-text').textContent = `${text} (sign in again)`;
+  }
+}
+
+function clearError() {
+  $('error').hidden = true;
+  $('error-text').textContent = '';
+}
+
+let flashTimer = null;
+function flash(text) {
+  $('flash').textContent = text;
+  $('flash').hidden = false;
+  clearTimeout(flashTimer);
+  flashTimer = setTimeout(() => {
+    $('flash').hidden = true;
+  }, 5000);
+}
+
+/** Runs `f`, showing its error; returns whether it succeeded. */
+async function attempt(f) {
+  clearError();
+  try {
+    await f();
+    return true;
+  } catch (e) {
+    showError(e);
+    return false;
+  }
+}
+
+/** A modal yes/no question; resolves true only on an explicit confirm. */
+function confirmDialog(text, ok = 'Confirm') {
+  const d = $('confirm');
+  $('confirm-text').textContent = text;
+  $('confirm-ok').textContent = ok;
+  return new Promise((resolve) => {
+    const done = (v) => {
+      $('confirm-ok').removeEventListener('click', yes);
+      $('confirm-cancel').removeEventListener('click', no);
+      d.removeEventListener('cancel', no);
+      if (d.open) {
+        d.close();
+      }
+      resolve(v);
+    };
+    const yes = () => done(true);
+    const no = () => done(false);
+    $('confirm-ok').addEventListener('click', yes);
+    $('confirm-cancel').addEventListener('click', no);
+    d.addEventListener('cancel', no);
+    d.showModal();
+    $('confirm-cancel').focus();
+  });
+}
+
+// ---- sign in / out ----
+
+/** Checks a key against the API and learns whether it is an admin's. */
+async function checkKey(key) {
+  await api('GET', '/v1/functions', { key });
+  try {
+    await api('GET', '/v1/users', { key });
+    return true;
+  } catch (e) {
+    if (e instanceof ApiError && e.status === 403) {
+      return false;
+    }
+    throw e;
+  }
+}
+
+async function signIn(ev) {
+  ev.preventDefault();
+  const input = $('signin-key');
+  const key = input.value.trim();
+  await attempt(async () => {
+    try {
+      state.admin = await checkKey(key);
+    } finally {
+      // The key leaves the DOM whether it worked or not.
+      input.value = '';
+    }
+    session.set(key);
+    signedIn();
+    location.hash = '#/functions';
+    route();
+  });
+}
+
+function signedIn() {
+  $('nav').hidden = false;
+  $('nav-users').hidden = !state.admin;
+  $('signout').hidden = false;
+}
+
+function signOut() {
+  leaveView();
+  session.clear();
+  // Drop everything the views showed (call URLs are secrets too), then
+  // start over from a fresh document.
+  for (const id of ['functions-body', 'fn-details', 'logs', 'users-body', 'call-output']) {
+    $(id).replaceChildren();
+  }
+  for (const f of document.forms) {
+    f.reset();
+  }
+  $('newkey-value').textContent = '';
+  $('call-id').textContent = '';
+  location.replace('/ui/');
+}
+
+// ---- routing ----
+
+const VIEWS = ['view-signin', 'view-functions', 'view-function', 'view-users'];
+
+function show(view) {
+  for (const v of VIEWS) {
+    $(v).hidden = v !== view;
+  }
+  for (const [link, on] of [
+    ['nav-functions', view === 'view-functions' || view === 'view-function'],
+    ['nav-users', view === 'view-users'],
+  ]) {
+    if (on) {
+      $(link).setAttribute('aria-current', 'page');
+    } else {
+      $(link).removeAttribute('aria-current');
+    }
+  }
+}
+
+function route() {
+  leaveView();
+  if (!session.key) {
+    show('view-signin');
+    $('signin-key').focus();
+    return;
+  }
+  const [section, name] = location.hash.replace(/^#\/?/, '').split('/');
+  if (section === 'users' && state.admin) {
+    show('view-users');
+    loadUsers();
+  } else if (section === 'functions' && name) {
+    show('view-function');
+    openFunction(decodeURIComponent(name));
+  } else {
+    show('view-functions');
+    loadFunctions();
+    state.timers.push(setInterval(() => loadFunctions(true), 5000));
+  }
+}
+
+// ---- functions ----
+
+function counts(s) {
+  return `${s.Pending} / ${s.Running} / ${s.Finished} / ${s.Failed}`;
+}
+
+function cacheUse(f) {
+  return `out ${bytes(f.OutputCacheBytes)} / ${bytes(f.OutputCacheBudget)}, logs ${bytes(f.LogCacheBytes)} / ${bytes(f.LogCacheBudget)}`;
+}
+
+/** Every function the key sees, each with its status counts. */
+async function functionsWithStatus(signal) {
+  const list = await api('GET', '/v1/functions', { signal });
+  return Promise.all(
+    list.map(async (f) => ({ f, s: await api('GET', fnPath(f.Name, '/status'), { signal }) })),
+  );
+}
+
+async function loadFunctions(quiet = false) {
+  const signal = state.view.signal;
+  try {
+    const rows = await functionsWithStatus(signal);
+    if (signal.aborted) {
+      return;
+    }
+    rows.sort((a, b) => a.f.Name.localeCompare(b.f.Name));
+    $('functions-body').replaceChildren(
+      ...rows.map(({ f, s }) =>
+        h(
+          'tr',
+          {},
+          h('td', { 'data-label': 'Name' }, h('a', { href: `#/functions/${encodeURIComponent(f.Name)}`, text: f.Name })),
+          h('td', { 'data-label': 'Image' }, h('code', { text: f.Image })),
+          h('td', { 'data-label': 'Address', class: 'addr' }, h('code', { text: f.Address })),
+          h('td', { 'data-label': 'Calls P/R/F/X', class: 'num' }, counts(s)),
+          h('td', { 'data-label': 'Caches' }, cacheUse(f)),
+        ),
+      ),
+    );
+    $('functions-table').hidden = rows.length === 0;
+    $('functions-empty').hidden = rows.length !== 0;
+    if (rows.length === 0) {
+      $('create').open = true;
+    }
+  } catch (e) {
+    if (!quiet) {
+      showError(e);
+    }
+  }
+}
+
+async function createFunction(ev) {
+  ev.preventDefault();
+  const form = ev.target;
+  const v = Object.fromEntries(new FormData(form));
+  await attempt(async () => {
+    const body = {
+      Name: v.name.trim(),
+      Image: v.image.trim(),
+      Command: splitCommand(v.command),
+      Env: envLines(v.env),
+    };
+    if (v.timeout.trim()) {
+      body.Timeout = v.timeout.trim();
+    }
+    flash(`creating ${body.Name} (the image may be pulled)…`);
+    const f = await api('POST', '/v1/functions', { json: body });
+    form.reset();
+    $('create').open = false;
+    flash(`${f.Name} is created with the address of ${f.Address}`);
+    location.hash = `#/functions/${encodeURIComponent(f.Name)}`;
+  });
+}
+
+// ---- one function ----
+
+let current = null;
+
+function detail(label, value) {
+  return [h('dt', { text: label }), h('dd', {}, value)];
+}
+
+function meter(used, budget) {
+  return h('span', { class: 'meter-row' }, h('meter', { min: '0', max: String(budget), value: String(used) }), ` ${bytes(used)} / ${bytes(budget)}`);
+}
+
+function renderFunction(f, s) {
+  current = f;
+  $('fn-title').textContent = f.Name;
+  const copy = h('button', {
+    type: 'button',
+    class: 'quiet small',
+    text: 'Copy',
+    onclick: () => navigator.clipboard.writeText(f.Address).then(() => flash('address copied'), showError),
+  });
+  $('fn-details').replaceChildren(
+    ...detail('Address', [h('code', { id: 'fn-address', class: 'addr', text: f.Address }), ' ', copy]),
+    ...detail('Image', h('code', { text: f.Image })),
+    ...detail('Command', h('code', { text: f.Command.length ? joinCommand(f.Command) : '(image default)' })),
+    ...detail('Environment', f.Env.length ? h('code', { class: 'pre', text: f.Env.join('\n') }) : '—'),
+    ...detail('Timeout', f.Timeout ?? 'none'),
+    ...detail('Owner', f.Owner),
+    ...detail('Calls', h('span', { id: 'fn-status' }, statusText(s))),
+    ...detail('Output cache', meter(f.OutputCacheBytes, f.OutputCacheBudget)),
+    ...detail('Log cache', meter(f.LogCacheBytes, f.LogCacheBudget)),
+    ...detail('Updated', f.Updated),
+  );
+}
+
+function statusText(s) {
+  return `${s.Total} total: ${s.Pending} pending, ${s.Running} running, ${s.Finished} finished, ${s.Failed} failed`;
+}
+
+async function openFunction(name) {
+  const signal = state.view.signal;
+  $('edit-form').hidden = true;
+  $('call-result').hidden = true;
+  $('logs').replaceChildren();
+  $('logs-callid').value = '';
+  $('logs-follow').checked = true;
+  try {
+    const [f, s] = await Promise.all([
+      api('GET', fnPath(name), { signal }),
+      api('GET', fnPath(name, '/status'), { signal }),
+    ]);
+    renderFunction(f, s);
+    startLogs();
+  } catch (e) {
+    showError(e);
+  }
+}
+
+async function refreshFunction() {
+  if (!current) {
+    return;
+  }
+  const signal = state.view.signal;
+  try {
+    const [f, s] = await Promise.all([
+      api('GET', fnPath(current.Name), { signal }),
+      api('GET', fnPath(current.Name, '/status'), { signal }),
+    ]);
+    renderFunction(f, s);
+  } catch (e) {
+    if (!isAbort(e) && !(e instanceof ApiError && e.status === 404)) {
+      showError(e);
+    }
+  }
+}
+
+let statusSoon = null;
+function refreshSoon() {
+  clearTimeout(statusSoon);
+  statusSoon = setTimeout(refreshFunction, 300);
+}
+
+function editFunction() {
+  const form = $('edit-form');
+  form.elements.image.value = current.Image;
+  form.elements.command.value = joinCommand(current.Command);
+  form.elements.timeout.value = current.Timeout ?? '';
+  form.elements.env.value = current.Env.join('\n');
+  form.hidden = false;
+  form.elements.image.focus();
+}
+
+async function saveFunction(ev) {
+  ev.preventDefault();
+  const form = ev.target;
+  const v = Object.fromEntries(new FormData(form));
+  await attempt(async () => {
+    const env = envLines(v.env);
+    const keep = new Set(env.map((e) => e.split('=')[0]));
+    const body = {
+      Image: v.image.trim(),
+      Command: splitCommand(v.command),
+      Env: env,
+      UnsetEnv: current.Env.map((e) => e.split('=')[0]).filter((k) => !keep.has(k)),
+      Timeout: v.timeout.trim() || 'none',
+    };
+    const f = await api('PATCH', fnPath(current.Name), { json: body });
+    form.hidden = true;
+    flash(`${f.Name} is updated`);
+    await refreshFunction();
+  });
+}
+
+async function newUrl() {
+  const name = current.Name;
+  if (!(await confirmDialog(`Give ${name} a new URL? The current one stops working at once.`, 'New URL'))) {
+    return;
+  }
+  await attempt(async () => {
+    const f = await api('PATCH', fnPath(name), { json: { Refresh: true } });
+    flash(`${name} has the address of ${f.Address}`);
+    await refreshFunction();
+  });
+}
+
+async function removeFunction() {
+  const name = current.Name;
+  const question = `Remove ${name}? Its queued calls are cancelled, its running calls are killed, and its outputs and logs are deleted.`;
+  if (!(await confirmDialog(question, 'Remove'))) {
+    return;
+  }
+  await attempt(async () => {
+    leaveView();
+    await api('DELETE', fnPath(name, '?force=true'));
+    current = null;
+    flash(`${name} is removed`);
+    location.hash = '#/functions';
+  });
+}
+
+// ---- calls ----
+
+function payloadMode() {
+  const file = $('call-form').elements.mode.value === 'file';
+  $('payload-text-label').hidden = file;
+  $('payload-file-label').hidden = !file;
+}
+
+function showOutput(data) {
+  const text = new TextDecoder('utf-8', { fatal: false }).decode(data);
+  const binary = text.includes('\uFFFD') || /[\0-\x08\x0E-\x1F]/.test(text);
+  $('call-output').textContent = binary ? '(binary output: use Download)' : text;
+  $('call-output-size').textContent = bytes(data.length);
+  const url = URL.createObjectURL(new Blob([data], { type: 'application/octet-stream' }));
+  state.blobs.push(url);
+  $('call-download').href = url;
+  $('call-download').download = `${$('call-id').textContent || current.Name}.out`;
+  $('call-output-box').hidden = false;
+}
+
+function showFailure(e) {
+  const b = e instanceof ApiError ? e.body : null;
+  let text = e instanceof ApiError ? `${e.status} ${e.code}: ${e.message}` : String(e);
+  if (b && b.ExitCode !== undefined && b.ExitCode !== null) {
+    text += ` (exit code ${b.ExitCode})`;
+  }
+  if (b && b.ShortStderr) {
+    text += `\nstderr: ${b.ShortStderr}`;
+  }
+  $('call-failed').textContent = text;
+  $('call-failed').hidden = false;
+  $('call-state').textContent = 'FAILED';
+}
+
+function resetCallResult(id) {
+  $('call-result').hidden = false;
+  $('call-id').textContent = id;
+  $('call-state').textContent = '';
+  $('call-failed').hidden = true;
+  $('call-output-box').hidden = true;
+  $('call-output').textContent = '';
+  $('call-wait').hidden = id === '';
+}
+
+async function callFunction(ev) {
+  ev.preventDefault();
+  const form = ev.target;
+  const name = current.Name;
+  const file = form.elements.mode.value === 'file';
+  const payload = file ? form.elements.file.files[0] ?? new Blob([]) : form.elements.text.value;
+  const sync = form.elements.sync.checked;
+  const signal = state.view.signal;
+  clearError();
+  $('call-submit').disabled = true;
+  try {
+    const r = await api('POST', fnPath(name, sync ? '/call?sync=true' : '/call'), {
+      raw: true,
+      body: payload,
+      signal,
+    });
+    if (sync) {
+      resetCallResult('');
+      if (r.ok) {
+        $('call-state').textContent = 'FINISHED';
+        showOutput(new Uint8Array(await r.arrayBuffer()));
+      } else {
+        const e = await errorOf(r);
+        if (e.body && e.body.CallId) {
+          $('call-id').textContent = e.body.CallId;
+        }
+        showFailure(e);
+      }
+      return;
+    }
+    if (!r.ok) {
+      throw await errorOf(r);
+    }
+    const { CallId } = await r.json();
+    resetCallResult(CallId);
+    $('call-state').textContent = 'ACCEPTED';
+    $('call-wait').focus();
+  } catch (e) {
+    showError(e);
+  } finally {
+    $('call-submit').disabled = false;
+  }
+}
+
+async function getOutput() {
+  const id = $('call-id').textContent;
+  const signal = state.view.signal;
+  $('call-wait').disabled = true;
+  try {
+    const data = await waitOutput(id, (s) => {
+      $('call-state').textContent = s;
+    }, signal);
+    $('call-state').textContent = 'FINISHED';
+    showOutput(data);
+  } catch (e) {
+    if (e instanceof ApiError && e.code === 'call_failed') {
+      showFailure(e);
+    } else {
+      showError(e);
+    }
+  } finally {
+    $('call-wait').disabled = false;
+  }
+}
+
+// ---- logs ----
+
+let logs = new AbortController();
+
+/** The `func logs` line of an event. */
+function logLine(e) {
+  let s = `${e.Time} [${e.Event}] CallId: ${e.CallId}`;
+  if (e.Event === 'CALL') {
+    s += `, ShortStdin: ${e.ShortStdin}`;
+  } else if (e.Event === 'FINISHED') {
+    s += `, ShortStdout: ${e.ShortStdout}, ShortStderr: ${e.ShortStderr}`;
+  } else if (e.Event === 'FAILED') {
+    s += `, ShortStdout: ${e.ShortStdout}, ShortStderr: ${e.ShortStderr}, Message: ${e.Message}`;
+  }
+  return s.replace(/[\r\n]/g, ' ');
+}
+
+function startLogs() {
+  logs.abort();
+  logs = new AbortController();
+  const ctl = logs;
+  state.view.signal.addEventListener('abort', () => ctl.abort());
+  const name = current.Name;
+  const callid = $('logs-callid').value.trim();
+  const follow = $('logs-follow').checked;
+  const q = new URLSearchParams({ tail: '200' });
+  if (callid) {
+    q.set('callid', callid);
+  }
+  if (follow) {
+    q.set('follow', '1');
+  }
+  const list = $('logs');
+  list.replaceChildren();
+  $('logs-state').textContent = follow ? 'following…' : '';
+  streamLines(
+    fnPath(name, `/logs?${q}`),
+    (e) => {
+      // Newest first: each event goes on top.
+      list.prepend(h('li', { class: `ev ev-${e.Event.toLowerCase()}`, 'data-event': e.Event, 'data-callid': e.CallId }, logLine(e)));
+      while (list.childElementCount > 500) {
+        list.lastElementChild.remove();
+      }
+      refreshSoon();
+    },
+    ctl.signal,
+  ).then(
+    () => {
+      if (!ctl.signal.aborted) {
+        $('logs-state').textContent = follow ? 'the log stream ended' : '';
+      }
+    },
+    (e) => {
+      if (!isAbort(e)) {
+        $('logs-state').textContent = '';
+        showError(e);
+      }
+    },
+  );
+}
+
+// ---- users (admin) ----
+
+async function loadUsers() {
+  const signal = state.view.signal;
+  try {
+    const [users, fns] = await Promise.all([
+      api('GET', '/v1/users', { signal }),
+      functionsWithStatus(signal),
+    ]);
+    // Running and queued per user: the sum over the functions they own.
+    const load = new Map();
+    for (const { f, s } of fns) {
+      const l = load.get(f.Owner) ?? { running: 0, queued: 0 };
+      l.running += s.Running;
+      l.queued += s.Pending;
+      load.set(f.Owner, l);
+    }
+    users.sort((a, b) => a.Name.localeCompare(b.Name));
+    $('users-body').replaceChildren(...users.map((u) => userRow(u, load.get(u.Name) ?? { running: 0, queued: 0 })));
+  } catch (e) {
+    showError(e);
+  }
+}
+
+function userRow(u, l) {
+  const quota = h('input', {
+    type: 'number',
+    min: '1',
+    value: String(u.MaxConcurrency),
+    class: 'quota',
+    'aria-label': `Max concurrency of ${u.Name}`,
+  });
+  const save = h('button', {
+    type: 'button',
+    class: 'small',
+    text: 'Set',
+    onclick: () => setQuota(u.Name, quota.value),
+  });
+  return h(
+    'tr',
+    { 'data-user': u.Name },
+    h('td', { 'data-label': 'Name' }, h('strong', { text: u.Name })),
+    h('td', { 'data-label': 'Role', text: u.Admin ? 'admin' : 'user' }),
+    h('td', { 'data-label': 'Quota' }, h('span', { class: 'inline' }, quota, save)),
+    h('td', { 'data-label': 'Running', class: 'num', text: String(l.running) }),
+    h('td', { 'data-label': 'Queued', class: 'num', text: String(l.queued) }),
+    h('td', { 'data-label': 'Created', text: u.Created }),
+    h(
+      'td',
+      { 'data-label': 'Actions' },
+      h(
+        'span',
+        { class: 'inline' },
+        h('button', { type: 'button', class: 'small', text: 'Rotate key', onclick: () => rotateKey(u.Name) }),
+        h('button', { type: 'button', class: 'small danger', text: 'Remove', onclick: () => removeUser(u.Name) }),
+      ),
+    ),
+  );
+}
+
+function showKey(user, key) {
+  $('newkey-user').textContent = user;
+  $('newkey-value').textContent = key;
+  $('newkey').hidden = false;
+  $('newkey-value').focus();
+}
+
+function hideKey() {
+  $('newkey-value').textContent = '';
+  $('newkey-user').textContent = '';
+  $('newkey').hidden = true;
+}
+
+async function addUser(ev) {
+  ev.preventDefault();
+  const form = ev.target;
+  const v = Object.fromEntries(new FormData(form));
+  await attempt(async () => {
+    const body = { Name: v.name.trim(), Admin: v.admin === 'on' };
+    if (v.max) {
+      body.MaxConcurrency = Number(v.max);
+    }
+    const u = await api('POST', '/v1/users', { json: body });
+    form.reset();
+    $('adduser').open = false;
+    showKey(u.Name, u.Key);
+    await loadUsers();
+  });
+}
+
+async function setQuota(name, value) {
+  await attempt(async () => {
+    await api('PATCH', `/v1/users/${encodeURIComponent(name)}`, { json: { MaxConcurrency: Number(value) } });
+    flash(`${name} may run ${value} call(s) at once`);
+    await loadUsers();
+  });
+}
+
+async function rotateKey(name) {
+  if (!(await confirmDialog(`Give ${name} a new key? The current one stops working at once.`, 'Rotate key'))) {
+    return;
+  }
+  await attempt(async () => {
+    const u = await api('PATCH', `/v1/users/${encodeURIComponent(name)}`, { json: { RotateKey: true } });
+    showKey(u.Name, u.Key);
+  });
+}
+
+async function removeUser(name) {
+  if (!(await confirmDialog(`Remove user ${name}? Their key stops working.`, 'Remove'))) {
+    return;
+  }
+  await attempt(async () => {
+    await api('DELETE', `/v1/users/${encodeURIComponent(name)}`);
+    flash(`${name} is removed`);
+    await loadUsers();
+  });
+}
+
+// ---- wiring ----
+
+function wire() {
+  $('signin-form').addEventListener('submit', signIn);
+  $('signout').addEventListener('click', signOut);
+  $('error-close').addEventListener('click', clearError);
+  $('functions-refresh').addEventListener('click', () => loadFunctions());
+  $('create-form').addEventListener('submit', createFunction);
+  $('fn-edit').addEventListener('click', editFunction);
+  $('edit-cancel').addEventListener('click', () => {
+    $('edit-form').hidden = true;
+  });
+  $('edit-form').addEventListener('submit', saveFunction);
+  $('fn-refresh-url').addEventListener('click', newUrl);
+  $('fn-remove').addEventListener('click', removeFunction);
+  for (const r of $('call-form').elements.mode) {
+    r.addEventListener('change', payloadMode);
+  }
+  $('call-form').addEventListener('submit', callFunction);
+  $('call-wait').addEventListener('click', getOutput);
+  $('logs-form').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    startLogs();
+  });
+  $('logs-follow').addEventListener('change', startLogs);
+  $('users-refresh').addEventListener('click', loadUsers);
+  $('adduser-form').addEventListener('submit', addUser);
+  $('newkey-done').addEventListener('click', hideKey);
+  window.addEventListener('hashchange', () => {
+    hideKey();
+    route();
+  });
+}
+
+async function start() {
+  wire();
+  const key = session.key;
+  if (key) {
+    try {
+      state.admin = await checkKey(key);
+      signedIn();
+    } catch (e) {
+      session.clear();
+      showError(e);
+    }
+  }
+  route();
+}
+
+start();

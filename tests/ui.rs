@@ -1,0 +1,490 @@
+//! The dashboard at `/ui/` in a real browser: Debian's headless Chromium,
+//! driven through chromedriver (WebDriver) by fantoccini, against the real
+//! binary and the real Docker Engine. Chromium resolves no host name and
+//! the page may load nothing but the daemon's own files (its CSP), so
+//! whatever works here works without a CDN or any network.
+//!
+//! Writes screenshots (desktop 1280x800, phone 390x844) to
+//! `target/ui-screenshots/`.
+
+mod common;
+
+use anyhow::{bail, Context, Result};
+use common::*;
+use fantoccini::elements::Element;
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The whole browser session, start to sign-out (the daemon and chromedriver
+/// start before it). The test fails rather than outlive it.
+const BROWSER_BUDGET: Duration = Duration::from_secs(55);
+/// Longest wait for one thing to appear on the page.
+const STEP: Duration = Duration::from_secs(20);
+
+/// chromedriver on a free loopback port, in its own process group so that
+/// the Chromium it starts dies with it, even when the test fails.
+struct Chromedriver {
+    child: Child,
+    url: String,
+    /// Chromium's profile and chromedriver's log; removed after both exit.
+    dir: tempfile::TempDir,
+}
+
+impl Chromedriver {
+    fn start() -> Chromedriver {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+            l.local_addr().expect("port").port()
+        };
+        use std::os::unix::process::CommandExt;
+        let child = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .arg(format!("--log-path={}", dir.path().join("chromedriver.log").display()))
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start chromedriver ({e}): run scripts/deps (Debian packages chromium, chromium-driver)")
+            });
+        let mut d = Chromedriver {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!("chromedriver exited ({status}):\n{}", d.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "chromedriver did not listen:\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        d
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("chromedriver.log")).unwrap_or_default()
+    }
+
+    /// Headless Chromium that trusts this session's self-signed daemon
+    /// certificate (WebDriver's `acceptInsecureCerts`), reaches loopback
+    /// only, and makes no background requests of its own.
+    fn capabilities(&self) -> fantoccini::wd::Capabilities {
+        let profile = self.dir.path().join("profile");
+        let args = vec![
+            "--headless=new".to_string(),
+            // The CI runs as root, where Chromium's sandbox cannot start.
+            "--no-sandbox".into(),
+            "--disable-dev-shm-usage".into(),
+            "--disable-gpu".into(),
+            "--window-size=1280,800".into(),
+            format!("--user-data-dir={}", profile.display()),
+            "--no-first-run".into(),
+            "--no-default-browser-check".into(),
+            "--disable-background-networking".into(),
+            "--disable-component-update".into(),
+            "--disable-sync".into(),
+            "--disable-extensions".into(),
+            "--disable-breakpad".into(),
+            "--disable-crash-reporter".into(),
+            "--disable-default-apps".into(),
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1".into(),
+        ];
+        let caps = json!({
+            "browserName": "chrome",
+            "acceptInsecureCerts": true,
+            "goog:chromeOptions": {"binary": chromium_binary(), "args": args},
+        });
+        match caps {
+            Value::Object(m) => m,
+            _ => unreachable!("a JSON object literal"),
+        }
+    }
+}
+
+impl Drop for Chromedriver {
+    fn drop(&mut self) {
+        // The whole group: chromedriver and every Chromium process it started.
+        // SAFETY: kill(2) on the process group of our own child.
+        unsafe {
+            libc::kill(-(self.child.id() as i32), libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+fn chromium_binary() -> &'static str {
+    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("chromium is not installed: run scripts/deps")
+}
+
+fn screenshot_dir() -> PathBuf {
+    // CARGO_TARGET_TMPDIR is `target/tmp`.
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("target dir")
+        .join("ui-screenshots");
+    std::fs::create_dir_all(&dir).expect("screenshot dir");
+    dir
+}
+
+#[test]
+fn dashboard_in_headless_chromium() {
+    let d = Daemon::start();
+
+    // The policy the browser enforces below, as the daemon sends it.
+    let (code, head) = d.curl(&["-D", "-", "-o", "/dev/null", &format!("{}/ui/", d.endpoint)]);
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert_eq!(code, 200, "{head}");
+    for h in [
+        "content-security-policy: default-src 'self'; script-src 'self'; style-src 'self';",
+        "frame-ancestors 'none'",
+        "content-type: text/html",
+    ] {
+        assert!(head.contains(h), "missing {h:?} in:\n{head}");
+    }
+
+    let driver = Chromedriver::start();
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    let outcome = rt.block_on(async {
+        let deadline = tokio::time::Instant::now() + BROWSER_BUDGET;
+        let over = || anyhow::anyhow!("the browser session took over {BROWSER_BUDGET:?}");
+        let mut builder =
+            ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new());
+        builder.capabilities(driver.capabilities());
+        let connect = builder.connect(&driver.url);
+        let client = tokio::time::timeout_at(deadline, connect)
+            .await
+            .map_err(|_| over())?
+            .context("WebDriver session")?;
+        let result = tokio::time::timeout_at(deadline, scenario(&client, &d)).await;
+        // Closing the session quits Chromium; the guard kills what remains.
+        let _ = tokio::time::timeout(Duration::from_secs(5), client.close()).await;
+        result.map_err(|_| over())?
+    });
+    if let Err(e) = outcome {
+        panic!(
+            "{e:#}\n--- chromedriver log (tail) ---\n{}\n--- daemon log ---\n{}",
+            tail(&driver.log(), 40),
+            d.log()
+        );
+    }
+    drop(driver);
+    // The scenario removed its function: no container of the daemon remains.
+    d.finish();
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+async fn scenario(c: &Client, d: &Daemon) -> Result<()> {
+    let key = d.admin_key();
+    let payload = "hello from the browser, 1 2 3";
+    viewport(c, 1280, 800).await?;
+    c.goto(&format!("{}/ui/", d.endpoint)).await?;
+
+    // A wrong key: the API's own error, nothing kept.
+    let input = visible(c, "#signin-key").await?;
+    input.send_keys("hfk_not-a-key").await?;
+    click(c, "#signin-form button[type=submit]").await?;
+    let err = text_of(c, "#error-text", |t| !t.is_empty()).await?;
+    if !err.contains("401 unauthorized: missing or unknown API key") {
+        bail!("wrong key shows {err:?}");
+    }
+    if js(c, "return sessionStorage.length").await? != json!(0) {
+        bail!("a refused key was stored");
+    }
+    shot(c, "desktop-signin-error").await?;
+
+    // The admin key: the function list, empty, with the create form open.
+    visible(c, "#signin-key").await?.send_keys(&key).await?;
+    click(c, "#signin-form button[type=submit]").await?;
+    visible(c, "#view-functions").await?;
+    visible(c, "#nav-users").await?;
+    if js(c, "return document.getElementById('signin-key').value").await? != json!("") {
+        bail!("the key stayed in the sign-in field");
+    }
+
+    // Create `cat` on the real Engine.
+    visible(c, "#create-form input[name=name]")
+        .await?
+        .send_keys("ui-cat")
+        .await?;
+    type_into(c, "#create-form input[name=image]", test_image()).await?;
+    type_into(c, "#create-form input[name=command]", "cat").await?;
+    type_into(c, "#create-form input[name=timeout]", "30s").await?;
+    type_into(c, "#create-form textarea[name=env]", "GREETING=hi").await?;
+    click(c, "#create-form button[type=submit]").await?;
+    text_of(c, "#fn-title", |t| t == "ui-cat").await?;
+    let (code, f) = d.api("/v1/functions/ui-cat");
+    if code != 200 || f["Env"] != json!(["GREETING=hi"]) || f["Timeout"] != json!("30s") {
+        bail!("created function: {code} {f}");
+    }
+    let address = f["Address"].as_str().unwrap_or_default().to_string();
+    text_of(c, "#fn-address", |t| t == address).await?;
+    // The log stream is open before the call: what follows arrives live.
+    text_of(c, "#logs-state", |t| t == "following…").await?;
+
+    // An async call: its CallId, the FINISHED line live, then the output.
+    type_into(c, "#payload-text", payload).await?;
+    click(c, "#call-submit").await?;
+    let id = text_of(c, "#call-id", |t| t.len() == 36).await?;
+    visible(
+        c,
+        &format!("#logs li[data-event=FINISHED][data-callid='{id}']"),
+    )
+    .await?;
+    let newest = text_of(c, "#logs li:first-child", |t| !t.is_empty()).await?;
+    if !newest.contains(&format!("[FINISHED] CallId: {id}, ShortStdout: {payload}")) {
+        bail!("newest log line is {newest:?}");
+    }
+    click(c, "#call-wait").await?;
+    visible(c, "#call-output-box").await?;
+    let out = js(
+        c,
+        "return document.getElementById('call-output').textContent",
+    )
+    .await?;
+    if out != json!(payload) {
+        bail!("output {out} is not the payload {payload:?}");
+    }
+    text_of(c, "#call-state", |t| t == "FINISHED").await?;
+    shot(c, "desktop-function").await?;
+    js(c, "document.getElementById('logs').scrollIntoView()").await?;
+    shot(c, "desktop-logs").await?;
+    viewport(c, 390, 844).await?;
+    js(c, "document.getElementById('call-result').scrollIntoView()").await?;
+    shot(c, "phone-function").await?;
+    dark(c, true).await?;
+    shot(c, "phone-function-dark").await?;
+    dark(c, false).await?;
+    c.goto(&format!("{}/ui/#/functions", d.endpoint)).await?;
+    text_of(c, "#functions-body", |t| t.contains("ui-cat")).await?;
+    shot(c, "phone-functions").await?;
+    viewport(c, 1280, 800).await?;
+    shot(c, "desktop-functions").await?;
+
+    // Update the command; a sync call that fails shows the reason.
+    click(c, "#functions-body a").await?;
+    text_of(c, "#fn-title", |t| t == "ui-cat").await?;
+    click(c, "#fn-edit").await?;
+    let command = visible(c, "#edit-form input[name=command]").await?;
+    command.clear().await?;
+    command.send_keys("sh -c 'echo oops >&2; exit 3'").await?;
+    click(c, "#edit-form button[type=submit]").await?;
+    text_of(c, "#flash", |t| t == "ui-cat is updated").await?;
+    click(c, "#call-sync").await?;
+    click(c, "#call-submit").await?;
+    let failed = text_of(c, "#call-failed", |t| !t.is_empty()).await?;
+    if !(failed.contains("500 call_failed")
+        && failed.contains("exit code 3")
+        && failed.contains("oops"))
+    {
+        bail!("failed sync call shows {failed:?}");
+    }
+
+    // Admin: add a user (the key shown once), then remove it.
+    click(c, "#nav-users").await?;
+    visible(c, "#view-users").await?;
+    click(c, "#adduser summary").await?;
+    type_into(c, "#adduser-form input[name=name]", "ui-bob").await?;
+    type_into(c, "#adduser-form input[name=max]", "3").await?;
+    click(c, "#adduser-form button[type=submit]").await?;
+    let bob_key = text_of(c, "#newkey-value", |t| t.starts_with("hfk_")).await?;
+    text_of(c, "tr[data-user=ui-bob]", |t| t.contains("ui-bob")).await?;
+    let quota = js(
+        c,
+        "return document.querySelector('tr[data-user=ui-bob] input.quota').value",
+    )
+    .await?;
+    if quota != json!("3") {
+        bail!("ui-bob's quota shows {quota}");
+    }
+    shot(c, "desktop-users").await?;
+    click(c, "#newkey-done").await?;
+    if c.source().await?.contains(&bob_key) {
+        bail!("the new key stayed in the page after it was dismissed");
+    }
+    click(c, "tr[data-user=ui-bob] button.danger").await?;
+    click(c, "#confirm-ok").await?;
+    poll(c, "ui-bob's row to go", || async move {
+        let rows = c.find_all(Locator::Css("tr[data-user=ui-bob]")).await?;
+        Ok(rows.is_empty().then_some(()))
+    })
+    .await?;
+    if d.cli(&["user", "ls"])
+        .stdout
+        .windows(6)
+        .any(|w| w == b"ui-bob")
+    {
+        bail!("ui-bob is still a user");
+    }
+
+    // Remove the function (confirmed); the server no longer has it.
+    c.goto(&format!("{}/ui/#/functions/ui-cat", d.endpoint))
+        .await?;
+    text_of(c, "#fn-title", |t| t == "ui-cat").await?;
+    click(c, "#fn-remove").await?;
+    text_of(c, "#confirm-text", |t| t.starts_with("Remove ui-cat?")).await?;
+    click(c, "#confirm-ok").await?;
+    visible(c, "#view-functions").await?;
+    visible(c, "#functions-empty").await?;
+    let (code, _) = d.api("/v1/functions/ui-cat");
+    if code != 404 {
+        bail!("ui-cat answers {code} after removal");
+    }
+
+    // Sign out: no key in storage or in the page.
+    click(c, "#signout").await?;
+    visible(c, "#signin-key").await?;
+    if js(c, "return sessionStorage.length").await? != json!(0) {
+        bail!("sign-out left the session storage");
+    }
+    let page = c.source().await?;
+    if page.contains(&key) || page.contains(&address) {
+        bail!("a secret is in the page after sign-out");
+    }
+    Ok(())
+}
+
+/// A Chrome DevTools command through chromedriver's `goog/cdp/execute`.
+#[derive(Debug)]
+struct Cdp(Value);
+
+impl fantoccini::wd::WebDriverCompatibleCommand for Cdp {
+    fn endpoint(
+        &self,
+        base: &url::Url,
+        session: Option<&str>,
+    ) -> Result<url::Url, url::ParseError> {
+        base.join(&format!(
+            "session/{}/goog/cdp/execute",
+            session.unwrap_or_default()
+        ))
+    }
+
+    fn method_and_body(&self, _: &url::Url) -> (warp::http::Method, Option<String>) {
+        (warp::http::Method::POST, Some(self.0.to_string()))
+    }
+}
+
+/// Emulates `prefers-color-scheme: dark` (or stops emulating).
+async fn dark(c: &Client, on: bool) -> Result<()> {
+    let features = if on {
+        json!([{"name": "prefers-color-scheme", "value": "dark"}])
+    } else {
+        json!([])
+    };
+    c.issue_cmd(Cdp(json!({
+        "cmd": "Emulation.setEmulatedMedia",
+        "params": {"features": features},
+    })))
+    .await?;
+    Ok(())
+}
+
+/// Resizes the window so that the page's viewport is `w` x `h`.
+async fn viewport(c: &Client, w: u32, h: u32) -> Result<()> {
+    c.set_window_size(w, h).await?;
+    let inner = js(c, "return [window.innerWidth, window.innerHeight]").await?;
+    let (iw, ih) = (
+        inner[0].as_u64().unwrap_or(0),
+        inner[1].as_u64().unwrap_or(0),
+    );
+    if iw > 0 && (iw != u64::from(w) || ih != u64::from(h)) {
+        let dw = i64::from(w) - iw as i64;
+        let dh = i64::from(h) - ih as i64;
+        c.set_window_size((i64::from(w) + dw) as u32, (i64::from(h) + dh) as u32)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn shot(c: &Client, name: &str) -> Result<()> {
+    // Let layout settle after a resize or a render.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let png = c.screenshot().await?;
+    std::fs::write(screenshot_dir().join(format!("{name}.png")), png)?;
+    Ok(())
+}
+
+async fn js(c: &Client, script: &str) -> Result<Value> {
+    Ok(c.execute(script, vec![]).await?)
+}
+
+/// Polls `f` every 100 ms until it yields a value, for up to `STEP`.
+async fn poll<T, F, Fut>(c: &Client, what: &str, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + STEP;
+    loop {
+        if let Some(v) = f().await? {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            let error = js(
+                c,
+                "return document.getElementById('error-text').textContent",
+            )
+            .await
+            .unwrap_or_default();
+            bail!("timed out waiting for {what} (page error: {error})");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The element matching `css`, once it is displayed.
+async fn visible(c: &Client, css: &str) -> Result<Element> {
+    poll(c, &format!("{css} to be visible"), || async move {
+        match c.find_all(Locator::Css(css)).await?.into_iter().next() {
+            Some(e) if e.is_displayed().await? => Ok(Some(e)),
+            _ => Ok(None),
+        }
+    })
+    .await
+}
+
+/// The text of `css` once it satisfies `ok`.
+async fn text_of(c: &Client, css: &str, ok: impl Fn(&str) -> bool) -> Result<String> {
+    let last = std::cell::RefCell::new(String::new());
+    let (last_ref, ok) = (&last, &ok);
+    poll(c, &format!("the text of {css}"), || async move {
+        if let Some(e) = c.find_all(Locator::Css(css)).await?.into_iter().next() {
+            let t = e.text().await?;
+            if ok(&t) {
+                return Ok(Some(t));
+            }
+            *last_ref.borrow_mut() = t;
+        }
+        Ok(None)
+    })
+    .await
+    .with_context(|| format!("last text of {css}: {:?}", last.borrow()))
+}
+
+async fn click(c: &Client, css: &str) -> Result<()> {
+    visible(c, css).await?.click().await?;
+    Ok(())
+}
+
+async fn type_into(c: &Client, css: &str, text: &str) -> Result<()> {
+    visible(c, css).await?.send_keys(text).await?;
+    Ok(())
+}
