@@ -278,6 +278,7 @@ async fn queue_phase(
                 timeout: None,
                 memory: None,
                 cpus: None,
+                runtime: None,
             },
         )
         .await
@@ -684,6 +685,7 @@ impl Daemon {
                     timeout: None,
                     memory: None,
                     cpus: None,
+                    runtime: None,
                 },
             )
             .await
