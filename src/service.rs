@@ -281,7 +281,14 @@ impl Service {
     async fn check_runtime(&self, spec: &FunctionSpec) -> Result<()> {
         match spec.runtime_or(self.config.container.runtime.as_deref()) {
             Some(r) => Ok(self.runtime.check_runtime(r).await?),
-            None => Ok(()),
+            None => {
+                // The Engine's default, for `func inspect`, if the Engine
+                // did not answer at start; nothing to refuse.
+                if self.runtime.effective_runtime(None).is_none() {
+                    let _ = self.runtime.runtimes().await;
+                }
+                Ok(())
+            }
         }
     }
 

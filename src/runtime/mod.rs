@@ -190,8 +190,13 @@ impl Runtime {
     pub async fn check_oci_runtime(&self) -> Result<(), RuntimeError> {
         match &self.container.runtime {
             Some(wanted) => self.check_runtime(wanted).await,
-            // Still learns the Engine's default, for `func inspect`.
-            None => self.runtimes().await.map(drop),
+            None => {
+                // Only to learn the Engine's default, for `func inspect`:
+                // nothing to refuse, so an Engine that cannot answer yet
+                // does not hold up the start.
+                let _ = self.runtimes().await;
+                Ok(())
+            }
         }
     }
 
