@@ -134,7 +134,9 @@ impl Default for SchedulerConfig {
 pub struct ContainerConfig {
     /// Docker network mode of call containers (`bridge`, `none`, `host`, a network name).
     pub network_mode: String,
-    /// OCI runtime (`runsc`, `kata-runtime`); must be one the Engine knows. `None`: the Engine's default.
+    /// OCI runtime of every function that names none (`runsc` for gVisor,
+    /// `kata-runtime`); must be one the Engine has registered, checked at
+    /// start. `None`: the Engine's default (usually `runc`).
     pub runtime: Option<String>,
     /// Memory limit of a call container unless the function sets one, in bytes.
     pub memory_bytes: u64,
@@ -436,6 +438,10 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "limits.max_timeout must be above zero".into(),
             ));
+        }
+        if let Some(r) = &self.container.runtime {
+            crate::model::validate_runtime_name(r)
+                .map_err(|e| ConfigError::Invalid(format!("container.runtime: {e}")))?;
         }
         if self.scheduler.default_max_concurrency == 0 || self.scheduler.host_max_running == 0 {
             return Err(ConfigError::Invalid(

@@ -28,6 +28,34 @@ const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Exit status when the store fails for good (EX_IOERR); systemd restarts the daemon.
 pub const EXIT_STORE_FAILED: i32 = 74;
 
+/// Says which stored functions name an OCI runtime the Engine no longer
+/// has: their calls will fail until it is registered again or the function
+/// is updated. Not fatal: the daemon is how the function gets fixed.
+async fn check_function_runtimes(
+    store: &dyn crate::store::Store,
+    runtime: &Runtime,
+) -> anyhow::Result<()> {
+    let Ok(known) = runtime.runtimes().await else {
+        return Ok(());
+    };
+    for f in store.list_functions(None).await? {
+        if let Some(r) = f
+            .spec
+            .runtime
+            .as_deref()
+            .filter(|r| !known.iter().any(|k| k == r))
+        {
+            tracing::warn!(
+                function = %f.name,
+                runtime = r,
+                registered = %known.join(", "),
+                "the function's OCI runtime is not registered with the Docker Engine; its calls will fail"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Runs the daemon until `shutdown` fires.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = Arc::new(config);
@@ -42,9 +70,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         config.container.clone(),
     ));
     match runtime.check_oci_runtime().await {
-        Err(e @ crate::runtime::RuntimeError::Engine(_)) => return Err(e.into()),
+        Err(
+            e @ (crate::runtime::RuntimeError::Engine(_)
+            | crate::runtime::RuntimeError::UnknownRuntime { .. }),
+        ) => return Err(anyhow::Error::new(e).context("[container] runtime")),
         Err(e) => tracing::warn!(error = %e, "Docker Engine not reachable yet; calls will queue"),
-        Ok(()) => {}
+        Ok(()) => check_function_runtimes(store.as_ref(), &runtime).await?,
     }
 
     let listener = TcpListener::bind(config.listen)

@@ -22,6 +22,10 @@ pub enum ServiceError {
     /// An image from a registry the operator has not allowed.
     #[error("{0}")]
     ImageNotAllowed(String),
+    /// An OCI runtime the Docker Engine has not registered; the message
+    /// lists the ones it has.
+    #[error("{0}")]
+    UnknownRuntime(String),
     #[error("missing or unknown API key")]
     Unauthorized,
     #[error("{0}")]
@@ -62,6 +66,7 @@ impl From<RuntimeError> for ServiceError {
             RuntimeError::Pull { .. } => ServiceError::BadRequest(e.to_string()),
             RuntimeError::BadImage(m) => ServiceError::BadRequest(m),
             RuntimeError::Engine(m) => ServiceError::Internal(format!("Docker Engine: {m}")),
+            RuntimeError::UnknownRuntime { .. } => ServiceError::UnknownRuntime(e.to_string()),
         }
     }
 }
@@ -81,6 +86,8 @@ pub struct FunctionUpdate {
     pub timeout_ms: Option<Option<u64>>,
     pub memory_bytes: Option<u64>,
     pub cpus: Option<f64>,
+    /// `Some(None)` goes back to the daemon's default runtime.
+    pub runtime: Option<Option<String>>,
     /// Issue a new URL secret; the old URL stops working.
     pub refresh: bool,
 }
@@ -231,6 +238,7 @@ impl Service {
                 "function {name} already exists"
             )));
         }
+        self.check_runtime(&spec).await?;
         self.runtime
             .ensure_image(
                 &spec.image,
@@ -264,6 +272,31 @@ impl Service {
             "images from {} are not allowed on this server",
             r.registry
         )))
+    }
+
+    /// The OCI runtime `spec`'s containers would run under (its own, else
+    /// `[container] runtime`) must be registered with the Engine now: an
+    /// unknown one would fail every call. Asked at each create and update,
+    /// since an operator may change the Engine's runtimes and reload it.
+    async fn check_runtime(&self, spec: &FunctionSpec) -> Result<()> {
+        match spec.runtime_or(self.config.container.runtime.as_deref()) {
+            Some(r) => Ok(self.runtime.check_runtime(r).await?),
+            None => {
+                // The Engine's default, for `func inspect`, if the Engine
+                // did not answer at start; nothing to refuse.
+                if self.runtime.effective_runtime(None).is_none() {
+                    let _ = self.runtime.runtimes().await;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The OCI runtime `f`'s calls run under: its own, `[container] runtime`,
+    /// or the Engine's default (`None` until the Engine has answered).
+    pub fn runtime_of(&self, f: &Function) -> Option<String> {
+        self.runtime
+            .effective_runtime(f.spec.runtime_or(self.config.container.runtime.as_deref()))
     }
 
     /// Refuses, before anything is stored, a spec that could never run or
@@ -360,8 +393,12 @@ impl Service {
         if let Some(c) = u.cpus {
             s.cpus = Some(c);
         }
+        if let Some(r) = u.runtime {
+            s.runtime = r;
+        }
         self.check_limits(s).await?;
         self.check_image(caller, &s.image)?;
+        self.check_runtime(s).await?;
         self.runtime
             .ensure_image(
                 &s.image,

@@ -65,6 +65,7 @@ impl From<ServiceError> for ApiError {
         let (status, code) = match e {
             ServiceError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ServiceError::ImageNotAllowed(_) => (StatusCode::BAD_REQUEST, "image_not_allowed"),
+            ServiceError::UnknownRuntime(_) => (StatusCode::BAD_REQUEST, "unknown_runtime"),
             ServiceError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ServiceError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ServiceError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
@@ -272,6 +273,7 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
                     .flatten(),
                 memory_bytes: body.memory,
                 cpus: body.cpus,
+                runtime: body.runtime.filter(|r| r != RUNTIME_DEFAULT),
             };
             let f = svc.create_function(caller, name, spec).await?;
             Ok(json_response(StatusCode::CREATED, &view(svc, &f).await?))
@@ -290,6 +292,7 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
                 timeout_ms: body.timeout.as_deref().map(parse_timeout).transpose()?,
                 memory_bytes: body.memory,
                 cpus: body.cpus,
+                runtime: body.runtime.map(|r| (r != RUNTIME_DEFAULT).then_some(r)),
                 refresh: body.refresh,
             };
             let f = svc
@@ -389,7 +392,12 @@ async fn view(svc: &Service, f: &crate::model::Function) -> Result<FunctionView,
         output_budget: svc.config.limits.output_cache_bytes,
         log_budget: svc.config.limits.log_cache_bytes,
     };
-    Ok(FunctionView::new(f, svc.address(f), cache))
+    Ok(FunctionView::new(
+        f,
+        svc.address(f),
+        svc.runtime_of(f),
+        cache,
+    ))
 }
 
 async fn authenticate(svc: &Service, headers: &HeaderMap) -> Result<crate::model::User, ApiError> {

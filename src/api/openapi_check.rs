@@ -452,6 +452,7 @@ fn schemas_match_the_api_types() {
             timeout: None,
             memory: None,
             cpus: None,
+            runtime: None,
         },
     );
     check_request(&spec, "FunctionPatch", &FunctionPatch::default());
@@ -478,6 +479,7 @@ fn schemas_match_the_api_types() {
             timeout: None,
             memory: None,
             cpus: None,
+            runtime: Some("runc".into()),
             address: "https://localhost:8443/call/f/x".into(),
             created: String::new(),
             updated: String::new(),

@@ -5,6 +5,9 @@ use crate::model::{format_time, Call, Event, Function, User};
 use crate::store::FunctionStats;
 use serde::{Deserialize, Serialize};
 
+/// `Runtime` naming no runtime: the function follows the server's default.
+pub const RUNTIME_DEFAULT: &str = "default";
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", deny_unknown_fields)]
 pub struct FunctionCreate {
@@ -22,6 +25,9 @@ pub struct FunctionCreate {
     pub memory: Option<u64>,
     #[serde(default)]
     pub cpus: Option<f64>,
+    /// The OCI runtime (`runsc`); absent or `default`: the server's default.
+    #[serde(default)]
+    pub runtime: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -44,6 +50,9 @@ pub struct FunctionPatch {
     pub memory: Option<u64>,
     #[serde(default)]
     pub cpus: Option<f64>,
+    /// An OCI runtime; `default` goes back to the server's default.
+    #[serde(default)]
+    pub runtime: Option<String>,
     /// Issue a new URL; the old one answers 404 from now on.
     #[serde(default)]
     pub refresh: bool,
@@ -60,6 +69,9 @@ pub struct FunctionView {
     pub timeout: Option<String>,
     pub memory: Option<u64>,
     pub cpus: Option<f64>,
+    /// The OCI runtime its calls run under: its own, else the server's
+    /// default; null only while the Engine's default is unknown.
+    pub runtime: Option<String>,
     /// The call URL: whoever holds it may call the function.
     pub address: String,
     pub created: String,
@@ -78,7 +90,13 @@ pub struct CacheUse {
 }
 
 impl FunctionView {
-    pub fn new(f: &Function, address: String, cache: CacheUse) -> FunctionView {
+    /// `runtime` is the effective one (`Service::runtime_of`).
+    pub fn new(
+        f: &Function,
+        address: String,
+        runtime: Option<String>,
+        cache: CacheUse,
+    ) -> FunctionView {
         FunctionView {
             name: f.name.to_string(),
             owner: f.owner.to_string(),
@@ -95,6 +113,7 @@ impl FunctionView {
             }),
             memory: f.spec.memory_bytes,
             cpus: f.spec.cpus,
+            runtime,
             address,
             created: format_time(f.created_ms),
             updated: format_time(f.updated_ms),

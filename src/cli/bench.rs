@@ -88,6 +88,11 @@ pub struct BenchArgs {
     /// Calls queued (the accepted ones count) when the daemon's RSS is read
     #[arg(long, default_value_t = 20000)]
     pub queued: usize,
+    /// OCI runtime (e.g. runsc) for extra sync latency rows: cold and warm
+    /// calls of a function with this runtime against `docker run --runtime`
+    /// of the same image. The Engine must have it registered
+    #[arg(long)]
+    pub runtime: Option<String>,
 }
 
 impl BenchArgs {
@@ -103,6 +108,9 @@ impl BenchArgs {
         }
         if self.network.is_empty() {
             bail!("--network must name a network mode, e.g. none or bridge");
+        }
+        if let Some(r) = &self.runtime {
+            crate::model::validate_runtime_name(r).map_err(|e| anyhow!("--runtime: {e}"))?;
         }
         Ok(())
     }
@@ -145,6 +153,7 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         image: image.clone(),
         network: args.network.clone(),
         label: format!("{LABEL_BENCH}={run_id}"),
+        runtime: None,
     };
     let payload = Bytes::from_static(PAYLOAD);
     let mut report = Report {
@@ -194,6 +203,10 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     report.raw.latency = Latency::of(&samples[0]);
     report.cold.latency = Latency::of(&samples[1]);
     report.warm.latency = Latency::of(&samples[2]);
+    if let Some(runtime) = &args.runtime {
+        let rows = runtime_rows(args, runtime, &raw, [&cold, &warm], &payload).await?;
+        report.runtime = Some(rows);
+    }
 
     for &c in &args.concurrency {
         progress(&format!(
@@ -278,6 +291,7 @@ async fn queue_phase(
                 timeout: None,
                 memory: None,
                 cpus: None,
+                runtime: None,
             },
         )
         .await
@@ -433,12 +447,74 @@ fn progress(msg: &str) {
     eprintln!("bench: {msg}");
 }
 
+/// The sync latency rows under `--runtime`, measured as the main ones (the
+/// three take turns, the pool is full before each round) with a function of
+/// that runtime on each daemon, removed afterwards so that its idle warm
+/// containers weigh on nothing else.
+async fn runtime_rows(
+    args: &BenchArgs,
+    runtime: &str,
+    raw: &RawDocker,
+    [cold, warm]: [&Daemon; 2],
+    payload: &Bytes,
+) -> anyhow::Result<RuntimeRows> {
+    let raw = RawDocker {
+        image: raw.image.clone(),
+        network: raw.network.clone(),
+        label: raw.label.clone(),
+        runtime: Some(runtime.to_string()),
+    };
+    let name = "bench-cat-runtime";
+    let cold_f = cold
+        .create_function_under(name, &raw.image, &["cat"], Some(runtime))
+        .await?;
+    let warm_f = warm
+        .create_function_under(name, &raw.image, &["cat"], Some(runtime))
+        .await?;
+    warm.wait_pool_full(&warm_f.name).await;
+    progress(&format!(
+        "sync latency under {runtime}: {} rounds (+{WARMUP} warm-up) of docker run, cold, warm",
+        args.calls
+    ));
+    let mut samples: [Vec<Duration>; 3] = Default::default();
+    let since = SystemTime::now();
+    for round in 0..WARMUP + args.calls {
+        let took = [
+            timed(raw.call(payload)).await?,
+            timed(cold.sync_call(&cold_f, payload)).await?,
+            timed(warm.sync_call(&warm_f, payload)).await?,
+        ];
+        warm.wait_pool_full(&warm_f.name).await;
+        if round >= WARMUP {
+            for (s, t) in samples.iter_mut().zip(took) {
+                s.push(t);
+            }
+        }
+    }
+    let misses = warm.cold_starts(since, SystemTime::now()).await?;
+    for d in [cold, warm] {
+        d.admin
+            .delete(&format!("/v1/functions/{name}"))
+            .await
+            .with_context(|| format!("cannot remove function {name}"))?;
+    }
+    Ok(RuntimeRows {
+        runtime: runtime.to_string(),
+        raw: Latency::of(&samples[0]),
+        cold: Latency::of(&samples[1]),
+        warm: Latency::of(&samples[2]),
+        misses,
+    })
+}
+
 // ---- raw docker run ----
 
 struct RawDocker {
     image: String,
     network: String,
     label: String,
+    /// `docker run --runtime`, for the `--runtime` rows.
+    runtime: Option<String>,
 }
 
 impl RawDocker {
@@ -447,6 +523,7 @@ impl RawDocker {
     async fn call(&self, payload: &Bytes) -> anyhow::Result<()> {
         let mut child = tokio::process::Command::new("docker")
             .args(["run", "--rm", "-i", "--network", &self.network])
+            .args(self.runtime.iter().flat_map(|r| ["--runtime", r.as_str()]))
             .args(["--label", &self.label, &self.image, "cat"])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -619,7 +696,8 @@ impl Daemon {
             "listen = \"127.0.0.1:0\"\ndata_dir = {}\n\n[container]\nnetwork_mode = {}\n\n[pool]\nper_function = {pool}\nhost_max = {}\n",
             toml::Value::String(data.to_string_lossy().into_owned()),
             toml::Value::String(network.to_string()),
-            pool.max(POOL_HOST_MAX),
+            // Room for the `--runtime` rows' function beside the main one.
+            (2 * pool).max(POOL_HOST_MAX),
         );
         let config_path = dir.join("config.toml");
         std::fs::write(&config_path, config)
@@ -672,6 +750,17 @@ impl Daemon {
         image: &str,
         command: &[&str],
     ) -> anyhow::Result<Function> {
+        self.create_function_under(name, image, command, None).await
+    }
+
+    /// A function with its own OCI runtime (`None`: the daemon's default).
+    async fn create_function_under(
+        &self,
+        name: &str,
+        image: &str,
+        command: &[&str],
+        runtime: Option<&str>,
+    ) -> anyhow::Result<Function> {
         let v: FunctionView = self
             .admin
             .post_json(
@@ -684,6 +773,7 @@ impl Daemon {
                     timeout: None,
                     memory: None,
                     cpus: None,
+                    runtime: runtime.map(str::to_string),
                 },
             )
             .await
@@ -1079,6 +1169,16 @@ struct Row {
     misses: Vec<usize>,
 }
 
+/// The `--runtime` rows.
+struct RuntimeRows {
+    runtime: String,
+    raw: Latency,
+    cold: Latency,
+    warm: Latency,
+    /// Warm calls that started their own container.
+    misses: usize,
+}
+
 #[derive(Default)]
 struct Report {
     image: String,
@@ -1098,6 +1198,8 @@ struct Report {
     force_rm: Option<Result<Duration, String>>,
     /// Containers found after each daemon stopped.
     leftovers: Vec<(&'static str, usize)>,
+    /// The sync latency rows under `--runtime`, if asked.
+    runtime: Option<RuntimeRows>,
 }
 
 impl Report {
@@ -1134,6 +1236,29 @@ impl Report {
             ],
         );
         out.push('\n');
+        if let Some(r) = &self.runtime {
+            let base = r.raw.p50.as_secs_f64();
+            let lat = |name: String, l: &Latency| {
+                vec![name, ms(l.p50), ms(l.p95), ratio(l.p50.as_secs_f64(), base)]
+            };
+            let rt = &r.runtime;
+            let header = format!("sync latency under {rt} (ms)");
+            let vs = format!("p50 vs docker run --runtime {rt}");
+            out += &section(
+                &[&header, "p50", "p95", &vs],
+                vec![
+                    lat(format!("docker run --rm -i --runtime {rt}"), &r.raw),
+                    lat(format!("hyperfuncd cold, {rt}"), &r.cold),
+                    lat(format!("hyperfuncd warm, {rt}"), &r.warm),
+                ],
+            );
+            let _ = writeln!(
+                out,
+                "  warm calls under {rt} that started their own container: {}/{}",
+                r.misses, args.calls
+            );
+            out.push('\n');
+        }
 
         let mut header = vec![format!("finished calls/s ({} calls)", args.batch)];
         header.extend(args.concurrency.iter().map(|c| format!("c={c}")));

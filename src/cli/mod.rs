@@ -99,6 +99,9 @@ pub enum FuncCmd {
         /// CPUs, e.g. 0.5
         #[arg(long)]
         cpus: Option<f64>,
+        /// OCI runtime of its containers, e.g. runsc (gVisor); default: the server's
+        #[arg(long)]
+        runtime: Option<String>,
         image: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
@@ -121,6 +124,9 @@ pub enum FuncCmd {
         memory: Option<u64>,
         #[arg(long)]
         cpus: Option<f64>,
+        /// New OCI runtime, or "default" to follow the server's again
+        #[arg(long)]
+        runtime: Option<String>,
         /// New image
         #[arg(long)]
         image: Option<String>,
@@ -239,6 +245,7 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
             timeout,
             memory,
             cpus,
+            runtime,
             image,
             command,
         } => {
@@ -250,6 +257,7 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
                 timeout,
                 memory,
                 cpus,
+                runtime,
             };
             let f: FunctionView = client.post_json("/v1/functions", &body).await?;
             writeln!(
@@ -266,6 +274,7 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
             timeout,
             memory,
             cpus,
+            runtime,
             image,
             refresh,
             command,
@@ -278,6 +287,7 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
                 timeout,
                 memory,
                 cpus,
+                runtime,
                 refresh,
             };
             let f: FunctionView = client

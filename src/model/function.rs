@@ -49,11 +49,48 @@ pub struct FunctionSpec {
     pub timeout_ms: Option<u64>,
     pub memory_bytes: Option<u64>,
     pub cpus: Option<f64>,
+    /// The OCI runtime of its containers (`runsc` for gVisor); `None`
+    /// follows the daemon's `[container] runtime`, then the Engine's default.
+    /// Last, so a record of an older layout is this one minus a trailing
+    /// field (the store migrates those on open).
+    pub runtime: Option<String>,
+}
+
+/// The longest OCI runtime name accepted; the Engine's own are short words.
+const MAX_RUNTIME_NAME: usize = 64;
+
+/// Checks the shape of an OCI runtime name (whether the Engine has it is the
+/// runtime module's question): what `dockerd --add-runtime` and
+/// `daemon.json` accept in practice, nothing that could read as a path or
+/// an option.
+pub fn validate_runtime_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= MAX_RUNTIME_NAME
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid runtime name {name:?}: letters, digits, '.', '_' and '-', at most {MAX_RUNTIME_NAME}"
+        ))
+    }
 }
 
 impl FunctionSpec {
+    /// The runtime its containers run under: its own, else `default` (the
+    /// daemon's `[container] runtime`); `None` leaves it to the Engine.
+    pub fn runtime_or<'a>(&'a self, default: Option<&'a str>) -> Option<&'a str> {
+        self.runtime.as_deref().or(default)
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         super::ImageRef::parse(&self.image)?;
+        if let Some(r) = &self.runtime {
+            validate_runtime_name(r)?;
+        }
         if self.timeout_ms == Some(0) {
             return Err("timeout must be greater than zero".into());
         }
@@ -101,6 +138,7 @@ mod tests {
             timeout_ms: None,
             memory_bytes,
             cpus,
+            runtime: None,
         };
         assert!(spec(Some(64 << 20), Some(0.5)).validate().is_ok());
         for (m, c) in [
@@ -114,6 +152,53 @@ mod tests {
         ] {
             assert!(spec(m, c).validate().is_err(), "{m:?} {c:?}");
         }
+    }
+
+    #[test]
+    fn runtime_names() {
+        for good in [
+            "runsc",
+            "runc",
+            "kata-runtime",
+            "io.containerd.runc.v2",
+            "runsc_kvm",
+        ] {
+            assert!(validate_runtime_name(good).is_ok(), "{good}");
+        }
+        let long = "r".repeat(MAX_RUNTIME_NAME + 1);
+        for bad in [
+            "",
+            "-x",
+            "../runsc",
+            "run sc",
+            "runsc\0",
+            "/usr/bin/runsc",
+            &long,
+        ] {
+            assert!(validate_runtime_name(bad).is_err(), "{bad:?}");
+        }
+        let spec = FunctionSpec {
+            image: "busybox".into(),
+            command: vec![],
+            env: vec![],
+            timeout_ms: None,
+            memory_bytes: None,
+            cpus: None,
+            runtime: None,
+        };
+        assert_eq!(spec.runtime_or(Some("runsc")), Some("runsc"));
+        assert_eq!(spec.runtime_or(None), None);
+        let own = FunctionSpec {
+            runtime: Some("runc".into()),
+            ..spec
+        };
+        assert_eq!(own.runtime_or(Some("runsc")), Some("runc"));
+        assert!(FunctionSpec {
+            runtime: Some("a b".into()),
+            ..own
+        }
+        .validate()
+        .is_err());
     }
 
     #[test]

@@ -57,6 +57,10 @@ pub enum RuntimeError {
     BadImage(String),
     #[error("Docker Engine error: {0}")]
     Engine(String),
+    /// An OCI runtime the Engine has not registered; `known` are the ones
+    /// it has, so the message says what would work.
+    #[error("OCI runtime {wanted:?} is not registered with the Docker Engine (it has: {})", known.join(", "))]
+    UnknownRuntime { wanted: String, known: Vec<String> },
 }
 
 /// Everything needed to run one call.
@@ -70,6 +74,9 @@ pub struct RunSpec {
     pub env: Vec<String>,
     pub memory_bytes: u64,
     pub cpus: Option<f64>,
+    /// The OCI runtime (the function's, else the daemon's default); `None`:
+    /// the Engine's default.
+    pub runtime: Option<String>,
     pub timeout: Option<Duration>,
     pub stdin: Bytes,
     pub max_stdout: u64,
@@ -89,6 +96,9 @@ pub struct Runtime {
     /// The Engine host's CPUs and memory, asked once: function limits above
     /// them could never run.
     host: std::sync::OnceLock<HostResources>,
+    /// The Engine's default OCI runtime as last seen, to say which runtime
+    /// a function without one runs under.
+    default_runtime: std::sync::Mutex<Option<String>>,
 }
 
 /// What the Engine's host has to give a container.
@@ -106,6 +116,7 @@ impl Runtime {
             container,
             client: tokio::sync::Mutex::new(None),
             host: std::sync::OnceLock::new(),
+            default_runtime: std::sync::Mutex::new(None),
         }
     }
 
@@ -174,27 +185,62 @@ impl Runtime {
         Some(*self.host.get_or_init(|| h))
     }
 
-    /// The Engine's OCI runtimes, to check a configured one exists.
+    /// Checks the configured default OCI runtime (`[container] runtime`)
+    /// against the Engine's, at start.
     pub async fn check_oci_runtime(&self) -> Result<(), RuntimeError> {
-        let Some(wanted) = &self.container.runtime else {
-            return Ok(());
-        };
+        match &self.container.runtime {
+            Some(wanted) => self.check_runtime(wanted).await,
+            None => {
+                // Only to learn the Engine's default, for `func inspect`:
+                // nothing to refuse, so an Engine that cannot answer yet
+                // does not hold up the start.
+                let _ = self.runtimes().await;
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether the Engine has registered the OCI runtime `wanted` (asked
+    /// each time: an operator may register one and reload the Engine).
+    pub async fn check_runtime(&self, wanted: &str) -> Result<(), RuntimeError> {
+        let known = self.runtimes().await?;
+        if known.iter().any(|k| k == wanted) {
+            Ok(())
+        } else {
+            Err(RuntimeError::UnknownRuntime {
+                wanted: wanted.to_string(),
+                known,
+            })
+        }
+    }
+
+    /// The names of the Engine's OCI runtimes, sorted (GET /info `Runtimes`).
+    pub async fn runtimes(&self) -> Result<Vec<String>, RuntimeError> {
         let docker = self.docker().await?;
         let info = match docker.info().await {
             Ok(i) => i,
             Err(e) => return Err(self.classify(e).await),
         };
-        let known = info.runtimes.unwrap_or_default();
-        if known.contains_key(wanted) {
-            Ok(())
-        } else {
-            let mut names: Vec<_> = known.keys().cloned().collect();
-            names.sort();
-            Err(RuntimeError::Engine(format!(
-                "OCI runtime {wanted:?} is not known to the Docker Engine (it has: {})",
-                names.join(", ")
-            )))
+        if let Some(d) = info.default_runtime {
+            *self
+                .default_runtime
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(d);
         }
+        let mut names: Vec<String> = info.runtimes.unwrap_or_default().into_keys().collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// The runtime a container made with `runtime` runs under: that one, or
+    /// the Engine's default as last seen (`None` before the Engine answered).
+    pub fn effective_runtime(&self, runtime: Option<&str>) -> Option<String> {
+        runtime.map(str::to_string).or_else(|| {
+            self.default_runtime
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        })
     }
 
     /// Makes sure `image` is present locally, pulling it if not.
@@ -381,13 +427,18 @@ impl Runtime {
             cmd: (!spec.command.is_empty()).then(|| spec.command.clone()),
             env: Some(spec.env.clone()),
             labels: Some(labels),
-            host_config: Some(self.host_config(spec.memory_bytes, spec.cpus)),
+            host_config: Some(self.host_config(spec.memory_bytes, spec.cpus, spec.runtime.clone())),
             ..attachable()
         }
     }
 
     /// The hardened host side of every container, warm or cold (DESIGN 4).
-    fn host_config(&self, memory_bytes: u64, cpus: Option<f64>) -> HostConfig {
+    fn host_config(
+        &self,
+        memory_bytes: u64,
+        cpus: Option<f64>,
+        runtime: Option<String>,
+    ) -> HostConfig {
         let c = &self.container;
         HostConfig {
             log_config: Some(HostConfigLogConfig {
@@ -395,7 +446,7 @@ impl Runtime {
                 config: None,
             }),
             network_mode: Some(c.network_mode.clone()),
-            runtime: c.runtime.clone(),
+            runtime,
             memory: Some(i64::try_from(memory_bytes).unwrap_or(i64::MAX)),
             // No swap beyond the memory limit: the Engine's default doubles it.
             memory_swap: Some(i64::try_from(memory_bytes).unwrap_or(i64::MAX)),
@@ -448,7 +499,7 @@ impl Runtime {
             cmd: Some(argv),
             env: Some(spec.env.clone()),
             labels: Some(labels),
-            host_config: Some(self.host_config(spec.memory_bytes, spec.cpus)),
+            host_config: Some(self.host_config(spec.memory_bytes, spec.cpus, spec.runtime.clone())),
             ..attachable()
         };
         let options = CreateContainerOptions {
@@ -742,6 +793,8 @@ pub struct WarmSpec {
     pub env: Vec<String>,
     pub memory_bytes: u64,
     pub cpus: Option<f64>,
+    /// The OCI runtime: a container is handed only to a call of the same one.
+    pub runtime: Option<String>,
 }
 
 /// How a call in a warm container went.

@@ -256,7 +256,15 @@ impl Scheduler {
                 .memory_bytes
                 .unwrap_or(self.config.container.memory_bytes),
             cpus: f.spec.cpus,
+            runtime: self.runtime_of(f),
         }
+    }
+
+    /// The OCI runtime of `f`'s containers: its own, else `[container] runtime`.
+    fn runtime_of(&self, f: &Function) -> Option<String> {
+        f.spec
+            .runtime_or(self.config.container.runtime.as_deref())
+            .map(str::to_string)
     }
 
     /// `f` was created or changed: its warm containers are made afresh.
@@ -648,6 +656,7 @@ impl Scheduler {
                 .memory_bytes
                 .unwrap_or(self.config.container.memory_bytes),
             cpus: function.spec.cpus,
+            runtime: warm.runtime.clone(),
             timeout: function.spec.timeout_ms.map(Duration::from_millis),
             stdin: payload,
             max_stdout: limits.max_stdout_bytes,

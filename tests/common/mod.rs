@@ -629,11 +629,16 @@ pub struct PrivateEngine {
 
 impl PrivateEngine {
     pub fn start() -> PrivateEngine {
+        PrivateEngine::start_with_config("{}")
+    }
+
+    /// Starts one with `daemon_json` as its daemon.json (e.g. `runtimes`).
+    pub fn start_with_config(daemon_json: &str) -> PrivateEngine {
         test_image();
         let dir = PathBuf::from(format!("/tmp/hyperfuncd-engine-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("engine dir");
-        std::fs::write(dir.join("daemon.json"), "{}").expect("daemon.json");
+        std::fs::write(dir.join("daemon.json"), daemon_json).expect("daemon.json");
         let mut e = PrivateEngine {
             host: format!("unix://{}/docker.sock", dir.display()),
             dir,
@@ -728,6 +733,21 @@ impl PrivateEngine {
             .output()
             .expect("docker ps");
         String::from_utf8_lossy(&out.stdout).lines().count()
+    }
+
+    /// The docker CLI against this engine; panics unless it succeeds.
+    pub fn docker(&self, args: &[&str]) -> String {
+        let out = Command::new("docker")
+            .args(["-H", &self.host])
+            .args(args)
+            .output()
+            .expect("docker CLI");
+        assert!(
+            out.status.success(),
+            "docker {args:?} on the private engine: {}",
+            stderr(&out)
+        );
+        stdout(&out)
     }
 
     /// Containers of `instance` on this engine.

@@ -15,6 +15,7 @@ mod calls;
 mod codec;
 mod commit;
 mod directory;
+mod legacy;
 mod stage;
 #[cfg(test)]
 mod tests;
@@ -75,7 +76,8 @@ fn abort<T>(e: impl Into<StoreError>) -> TxResult<T> {
 const PAGE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Layout version in `meta`; `migrate` brings older databases up to it.
-const SCHEMA: u64 = 2;
+/// 3: a function's spec ends with its OCI runtime (`legacy.rs`).
+const SCHEMA: u64 = 3;
 
 // Tree indices of `Inner::trees`, so one transaction can span any of them.
 const USERS: usize = 0; // user name -> User
@@ -394,7 +396,7 @@ impl Inner {
         let schema: u64 = match meta.get("schema")? {
             Some(v) => decode(&v)?,
             // Schema 1 had no version key; an empty database is new.
-            None if self.tree(CALLS).is_empty() => SCHEMA,
+            None if self.tree(CALLS).is_empty() && self.tree(FUNCTIONS).is_empty() => SCHEMA,
             None => 1,
         };
         if schema == 1 {
@@ -420,6 +422,9 @@ impl Inner {
             return Err(StoreError::Corrupt(format!(
                 "the database has layout {schema}, newer than this release ({SCHEMA}) knows"
             )));
+        }
+        if schema < 3 {
+            self.migrate_functions_to_3()?;
         }
         meta.insert("schema", encode(&SCHEMA)?)?;
         Ok(())

@@ -36,6 +36,7 @@ fn function(n: &str) -> Function {
             timeout_ms: None,
             memory_bytes: None,
             cpus: None,
+            runtime: None,
         },
         secret: Secret::new(),
         created_ms: 0,
