@@ -79,8 +79,10 @@ pub struct BenchArgs {
     /// Concurrency levels of the finished-calls/s rows
     #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
     pub concurrency: Vec<usize>,
-    /// Async calls submitted for the accepted-calls/s row
-    #[arg(long, default_value_t = 2000)]
+    /// Async calls submitted for the accepted-calls/s row (a few seconds'
+    /// worth, so the first requests' TLS handshakes and the first call's
+    /// container start do not weigh on the rate)
+    #[arg(long, default_value_t = 10000)]
     pub accept: usize,
     /// Concurrent submitters (one keep-alive HTTPS client) for the accepted-calls/s row
     #[arg(long, default_value_t = 4)]
