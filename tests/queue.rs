@@ -73,10 +73,17 @@ fn quota_fifo_and_fairness_seen_from_the_engine() {
         2,
         "the quota should be used fully"
     );
+    // FIFO by dispatch: containers are created in submission order; their
+    // starts may overlap.
+    let created: Vec<String> = events
+        .all()
+        .into_iter()
+        .filter(|(a, _, f)| a == "create" && f == "nap")
+        .map(|(_, c, _)| c)
+        .collect();
     assert_eq!(
-        events.starts("nap"),
-        submitted,
-        "alice's calls start in submission order"
+        created, submitted,
+        "alice's containers are created in submission order"
     );
     let order: Vec<String> = events
         .all()
@@ -110,6 +117,66 @@ fn quota_fifo_and_fairness_seen_from_the_engine() {
     assert!(d.ok(&["user", "ls"]).contains("alice"));
     let out = run(&alice, &["func", "get", &submitted[0]]);
     assert_eq!(out, "");
+    d.finish();
+}
+
+/// FIFO by dispatch, not by start: an owner's containers are created in
+/// submission order, and the Engine starts them while the next ones are
+/// being created (not one after another, as parallel `docker run`s would).
+#[test]
+fn an_owners_containers_are_created_in_order_and_start_overlapping() {
+    let d = Daemon::start();
+    let carol = d.add_user("carol", 6);
+    let out = d.cli_as(
+        &carol,
+        &["func", "create", "--name", "echo6", IMAGE, "cat"],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let events = EngineEvents::start(&d.instance, None);
+    let url = d.inspect("echo6")["Address"].as_str().unwrap().to_string();
+    let payloads: Vec<Vec<u8>> = (0..6u8).map(|i| vec![b'a' + i; 16]).collect();
+    // One client connection, so acceptance order is submission order.
+    let submitted: Vec<String> =
+        submit_all(&d.ca(), &url, payloads, 1, Arc::new(AtomicBool::new(false)))
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect();
+    assert_eq!(submitted.len(), 6);
+    d.wait_until(60, "the six calls to finish", || {
+        d.status("echo6")["Finished"] == 6
+    });
+    d.wait_until(10, "the Engine's start events", || {
+        events.starts("echo6").len() == 6
+    });
+    let seen: Vec<(String, String)> = events
+        .all()
+        .into_iter()
+        .filter(|(a, _, f)| f == "echo6" && (a == "create" || a == "start"))
+        .map(|(a, c, _)| (a, c))
+        .collect();
+    let created: Vec<&String> = seen
+        .iter()
+        .filter(|(a, _)| a == "create")
+        .map(|(_, c)| c)
+        .collect();
+    assert_eq!(
+        created,
+        submitted.iter().collect::<Vec<_>>(),
+        "containers are created in submission order: {seen:?}"
+    );
+    let at = |action: &str, call: &String| {
+        seen.iter()
+            .position(|(a, c)| a == action && c == call)
+            .unwrap_or_else(|| panic!("no {action} of {call}: {seen:?}"))
+    };
+    let overlapped = submitted
+        .windows(2)
+        .any(|w| at("create", &w[1]) < at("start", &w[0]));
+    assert!(
+        overlapped,
+        "no container was created before its predecessor started: {seen:?}"
+    );
     d.finish();
 }
 

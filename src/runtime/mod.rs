@@ -81,8 +81,10 @@ pub struct RunSpec {
     pub stdin: Bytes,
     pub max_stdout: u64,
     pub max_stderr: u64,
-    /// Fired (or dropped) once the container has been started, so the
-    /// scheduler can start the owner's next call strictly after this one.
+    /// Fired (or dropped) once the call has its container: created (cold)
+    /// or framed (warm). The scheduler lets the owner's next call take its
+    /// container only then, so containers are created in submission order
+    /// while the Engine's starts overlap.
     pub started: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -358,7 +360,11 @@ impl Runtime {
     /// ending is an `Outcome`. The container, if one was made, is left for the
     /// caller to `remove` once the outcome is durable: a crash in between then
     /// leaves evidence that the call ran.
-    pub async fn run(&self, spec: RunSpec, cancel: CancellationToken) -> Result<Ran, RuntimeError> {
+    pub async fn run(
+        &self,
+        mut spec: RunSpec,
+        cancel: CancellationToken,
+    ) -> Result<Ran, RuntimeError> {
         let docker = self.docker().await?;
         let body = self.container_body(&spec);
         let name = format!("hyperfuncd-{}", spec.call_id);
@@ -402,6 +408,9 @@ impl Runtime {
             }
         };
         tracing::debug!(call = %spec.call_id, container = %id, "created");
+        if let Some(tx) = spec.started.take() {
+            let _ = tx.send(());
+        }
         let outcome = self.drive(&docker, &id, spec, cancel).await;
         Ok(Ran {
             outcome,
@@ -608,7 +617,7 @@ impl Runtime {
         &self,
         docker: &Docker,
         id: &str,
-        mut spec: RunSpec,
+        spec: RunSpec,
         cancel: CancellationToken,
     ) -> Outcome {
         let attach = match attach(docker, id, &cancel).await {
@@ -617,9 +626,6 @@ impl Runtime {
         };
         let started = docker.start_container(id, None).await;
         tracing::debug!(call = %spec.call_id, ok = started.is_ok(), "started");
-        if let Some(tx) = spec.started.take() {
-            let _ = tx.send(());
-        }
         if let Err(e) = started {
             return Outcome::failed(stage_failure("start", &e));
         }

@@ -95,9 +95,10 @@ struct DispatchState {
     cancels: HashMap<CallId, (u64, CancellationToken)>,
     /// Tells apart two runs of one call (requeued after an Engine refusal).
     generation: u64,
-    /// Per owner: resolves once the owner's latest dispatched call has been
-    /// started by the Engine. The next call waits for it, so an owner's
-    /// containers start in FIFO order even when dispatched together.
+    /// Per owner: resolves once the owner's latest dispatched call has its
+    /// container (created, or a warm one framed). The next call waits for
+    /// it, so an owner's containers are created in FIFO order even when
+    /// dispatched together, while their starts overlap.
     start_chain: HashMap<Name, StartSignal>,
     /// Recovery done: the queue may be drained.
     recovered: bool,

@@ -569,7 +569,7 @@ impl EngineEvents {
                     continue;
                 };
                 eprintln!("engine event: {line}");
-                if a == "start" || a == "die" {
+                if a == "start" || a == "die" || a == "create" {
                     sink.lock().unwrap().push((a, c, f));
                 }
             }
@@ -603,7 +603,7 @@ impl EngineEvents {
             }
             if a == "start" {
                 running.insert(c);
-            } else {
+            } else if a == "die" {
                 running.remove(&c);
             }
             max = max.max(running.len());
