@@ -228,10 +228,15 @@ async fn scenario(c: &Client, d: &Daemon) -> Result<()> {
     type_into(c, "#create-form input[name=command]", "cat").await?;
     type_into(c, "#create-form input[name=timeout]", "30s").await?;
     type_into(c, "#create-form textarea[name=env]", "GREETING=hi").await?;
+    type_into(c, "#create-form input[name=runtime]", "runc").await?;
     click(c, "#create-form button[type=submit]").await?;
     text_of(c, "#fn-title", |t| t == "ui-cat").await?;
     let (code, f) = d.api("/v1/functions/ui-cat");
-    if code != 200 || f["Env"] != json!(["GREETING=hi"]) || f["Timeout"] != json!("30s") {
+    if code != 200
+        || f["Env"] != json!(["GREETING=hi"])
+        || f["Timeout"] != json!("30s")
+        || f["Runtime"] != json!("runc")
+    {
         bail!("created function: {code} {f}");
     }
     let address = f["Address"].as_str().unwrap_or_default().to_string();

@@ -300,6 +300,9 @@ async function createFunction(ev) {
     if (v.timeout.trim()) {
       body.Timeout = v.timeout.trim();
     }
+    if (v.runtime.trim()) {
+      body.Runtime = v.runtime.trim();
+    }
     flash(`creating ${body.Name} (the image may be pulled)…`);
     const f = await api('POST', '/v1/functions', { json: body });
     form.reset();
@@ -336,6 +339,7 @@ function renderFunction(f, s) {
     ...detail('Command', h('code', { text: f.Command.length ? joinCommand(f.Command) : '(image default)' })),
     ...detail('Environment', f.Env.length ? h('code', { class: 'pre', text: f.Env.join('\n') }) : '—'),
     ...detail('Timeout', f.Timeout ?? 'none'),
+    ...detail('Runtime', f.Runtime ?? '(the Engine\'s default)'),
     ...detail('Owner', f.Owner),
     ...detail('Calls', h('span', { id: 'fn-status' }, statusText(s))),
     ...detail('Output cache', meter(f.OutputCacheBytes, f.OutputCacheBudget)),
@@ -396,6 +400,7 @@ function editFunction() {
   form.elements.image.value = current.Image;
   form.elements.command.value = joinCommand(current.Command);
   form.elements.timeout.value = current.Timeout ?? '';
+  form.elements.runtime.value = current.Runtime ?? '';
   form.elements.env.value = current.Env.join('\n');
   form.hidden = false;
   form.elements.image.focus();
@@ -415,6 +420,11 @@ async function saveFunction(ev) {
       UnsetEnv: current.Env.map((e) => e.split('=')[0]).filter((k) => !keep.has(k)),
       Timeout: v.timeout.trim() || 'none',
     };
+    // The field shows the effective runtime: send it only when changed,
+    // so saving does not pin a default.
+    if (v.runtime.trim() !== (current.Runtime ?? '')) {
+      body.Runtime = v.runtime.trim() || 'default';
+    }
     const f = await api('PATCH', fnPath(current.Name), { json: body });
     form.hidden = true;
     flash(`${f.Name} is updated`);
