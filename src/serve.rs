@@ -308,7 +308,11 @@ async fn serve_http<F>(
             builder
                 .http1()
                 .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout);
+                .header_read_timeout(header_timeout)
+                // Above the API's own limit, so that a head between the two
+                // is refused by the API, with a JSON body (hyper's own 431
+                // has none).
+                .max_headers(2 * api::MAX_HEADERS);
             let result = match tls {
                 Some(acceptor) => {
                     let stream =

@@ -521,3 +521,83 @@ fn the_cli_checks_names_and_ids_before_building_a_url_and_the_bearer_scheme_is_c
     d.ok(&["func", "rm", "keep"]);
     d.finish();
 }
+
+/// Sends `request` raw over TLS and reads the answer up to the close.
+fn raw_exchange(d: &Daemon, request: &[u8]) -> String {
+    let mut tls = d.tls_connect();
+    tls.sock
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    tls.write_all(request).expect("send");
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// The body of a raw HTTP/1.1 answer.
+fn body_of(answer: &str) -> &str {
+    answer.split_once("\r\n\r\n").map_or("", |(_, b)| b)
+}
+
+#[test]
+fn refusals_are_json_405_names_the_allowed_methods_and_hyper_answers_only_what_it_cannot_parse() {
+    let d = Daemon::start_with(SHORT);
+    let json_code = |answer: &str| -> String {
+        let v: serde_json::Value = serde_json::from_str(body_of(answer))
+            .unwrap_or_else(|e| panic!("not a JSON error ({e}): {answer}"));
+        v["error"]["code"].as_str().unwrap_or_default().to_string()
+    };
+
+    // A known path, a wrong method: 405, Allow, JSON.
+    let a = raw_exchange(
+        &d,
+        b"PUT /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    );
+    assert!(a.starts_with("HTTP/1.1 405"), "{a}");
+    assert!(a.to_ascii_lowercase().contains("\r\nallow: get\r\n"), "{a}");
+    assert_eq!(json_code(&a), "method_not_allowed");
+    let key = d.admin_key();
+    let (code, body) = d.curl(&[
+        "-X",
+        "PUT",
+        "-H",
+        &format!("Authorization: Bearer {key}"),
+        &format!("{}/v1/functions/x", d.endpoint),
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
+
+    // Over the API's limits, under hyper's: the API answers, in JSON.
+    let long = format!(
+        "GET /healthz?{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "a".repeat(9000)
+    );
+    let a = raw_exchange(&d, long.as_bytes());
+    assert!(a.starts_with("HTTP/1.1 414"), "{}", &a[..a.len().min(200)]);
+    assert_eq!(json_code(&a), "uri_too_long");
+    let mut many = String::from("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    for i in 0..120 {
+        many.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    let a = raw_exchange(&d, many.as_bytes());
+    assert!(a.starts_with("HTTP/1.1 431"), "{a}");
+    assert_eq!(json_code(&a), "headers_too_large");
+
+    // What hyper cannot parse it refuses itself, before any hook of ours:
+    // the status alone, an empty body, and the connection closed.
+    let a = raw_exchange(
+        &d,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Name: v\r\n\r\n",
+    );
+    assert!(a.starts_with("HTTP/1.1 400"), "{a}");
+    assert_eq!(body_of(&a), "", "{a}");
+
+    // And the daemon is none the worse for any of it.
+    let (code, _) = d.curl(&[&format!("{}/healthz", d.endpoint)]);
+    assert_eq!(code, 200);
+    d.finish();
+}

@@ -1,10 +1,13 @@
 //! HTTP: parse a request into a service call, authenticate, map the answer
 //! and errors to status codes. No platform logic lives here.
 //!
-//! One warp filter captures every request; `route` matches method and path
-//! segments, so unknown routes and bad input get the same JSON error shape as
+//! One warp filter captures every request; `route` looks its canonical path
+//! and method up in the route table (`table.rs`, which the spec check reads
+//! too) and dispatches on the operation found, so unknown routes (404), wrong
+//! methods (405 with `Allow`) and bad input get the same JSON error shape as
 //! everything else instead of warp's default rejections.
 
+mod table;
 pub mod types;
 pub mod ui;
 
@@ -17,6 +20,7 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+use table::{Miss, Op};
 use types::*;
 use warp::http::{HeaderMap, Method, StatusCode};
 use warp::reply::Response;
@@ -30,6 +34,13 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 /// An oversized body up to this many times the STDIN limit is drained
 /// before the 413, so the client can read the answer.
 const DRAIN_FACTOR: u64 = 4;
+/// Longest request target (path and query) the API reads.
+const MAX_URI_BYTES: usize = 8 * 1024;
+/// Most header fields a request may carry; hyper is told to parse twice as
+/// many, so a request between the two gets the API's JSON 431, not hyper's.
+pub const MAX_HEADERS: usize = 100;
+/// Most bytes of header fields (names, values, separators) a request may carry.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// "Forever" for `/sync`, without overflowing an Instant.
 const SYNC_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -41,6 +52,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// The `Allow` header of a 405: the methods the path does take.
+    pub allow: Option<String>,
 }
 
 impl ApiError {
@@ -49,7 +62,12 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            allow: None,
         }
+    }
+    fn with_allow(mut self, allow: String) -> ApiError {
+        self.allow = Some(allow);
+        self
     }
     fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
@@ -93,6 +111,7 @@ impl From<crate::model::IdError> for ApiError {
 impl ApiError {
     fn into_response(self) -> Response {
         let status = self.status;
+        let allow = self.allow;
         let mut r = json_response(
             status,
             &ErrorBody {
@@ -102,6 +121,9 @@ impl ApiError {
                 },
             },
         );
+        if let Some(v) = allow.and_then(|a| warp::http::HeaderValue::from_str(&a).ok()) {
+            r.headers_mut().insert(warp::http::header::ALLOW, v);
+        }
         if status == StatusCode::REQUEST_TIMEOUT {
             // The rest of a late body is not worth waiting for.
             r.headers_mut().insert(
@@ -140,6 +162,9 @@ pub fn routes(
                 let svc = Arc::clone(&svc);
                 let body: BodyStream = boxed_body(body);
                 async move {
+                    if let Err(e) = check_head(path.as_str(), &raw_query, &headers) {
+                        return e.into_response();
+                    }
                     let query = parse_query(&raw_query);
                     let req = Req {
                         method,
@@ -158,6 +183,33 @@ pub fn routes(
         )
 }
 
+/// Refuses a request line or head over the API's limits with a JSON error.
+/// hyper refuses heads over its own limits itself, with an empty body and no
+/// hook to change it, so these are well below hyper's (`serve.rs` raises its
+/// header count to `2 * MAX_HEADERS`; its URI limit is 64 KiB and its head
+/// buffer about 400 KiB): what crosses ours gets an answer a client can read.
+fn check_head(path: &str, raw_query: &str, headers: &HeaderMap) -> Result<(), ApiError> {
+    if path.len() + raw_query.len() > MAX_URI_BYTES {
+        return Err(ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            format!("the request target is over {MAX_URI_BYTES} bytes"),
+        ));
+    }
+    let bytes: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if headers.len() > MAX_HEADERS || bytes > MAX_HEADER_BYTES {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!("at most {MAX_HEADERS} header fields and {MAX_HEADER_BYTES} bytes of them"),
+        ));
+    }
+    Ok(())
+}
+
 fn boxed_body<S, B>(body: S) -> BodyStream
 where
     S: Stream<Item = Result<B, warp::Error>> + Send + 'static,
@@ -169,31 +221,61 @@ where
 async fn route(svc: &Arc<Service>, mut req: Req) -> ApiResult {
     let segs = canonical_segments(&req.path)?;
     let s: Vec<&str> = segs.iter().map(String::as_str).collect();
-    let m = &req.method;
-    match s.as_slice() {
+    // A `/v1` path needs a key whether or not it names a route, so that
+    // without one the API reveals nothing, not even which paths exist.
+    let caller = match s.first() {
+        Some(&"v1") => {
+            let caller = authenticate(svc, &req.headers).await?;
+            // The key has done its work: nothing past this point (a call's
+            // environment, its record) may see it.
+            req.headers.remove(warp::http::header::AUTHORIZATION);
+            Some(caller)
+        }
+        _ => None,
+    };
+    let (op, p) = table::find(&req.method, &s).map_err(|miss| match miss {
+        Miss::NoRoute => no_route(&req),
+        Miss::Method(allow) => ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!(
+                "{} is not allowed on {}; allowed: {allow}",
+                req.method, req.path
+            ),
+        )
+        .with_allow(allow),
+    })?;
+    if let Some(caller) = caller {
+        return v1(svc, &caller, op, &p, req).await;
+    }
+    match op {
         // ---- data plane: capability URLs ----
-        ["call", name, secret] => {
-            let f = svc.function_by_secret(name, secret).await?;
-            accept(svc, f, false, req).await
+        Op::CallAsync | Op::CallSync => {
+            let f = svc
+                .function_by_secret(p.get("name"), p.get("secret"))
+                .await?;
+            accept(svc, f, op == Op::CallSync, req).await
         }
-        ["call", name, secret, "sync"] => {
-            let f = svc.function_by_secret(name, secret).await?;
-            accept(svc, f, true, req).await
+        Op::Output | Op::OutputWait => {
+            let f = svc
+                .function_by_secret(p.get("name"), p.get("secret"))
+                .await?;
+            let wait = match op {
+                Op::OutputWait => Some(wait_param(&req)?),
+                _ => None,
+            };
+            output(svc, &Scope::Function(&f), p.get("callId"), wait).await
         }
-        ["output", name, secret, id] if m == Method::GET => {
-            let f = svc.function_by_secret(name, secret).await?;
-            output(svc, &Scope::Function(&f), id, None).await
-        }
-        ["output", name, secret, id, "wait"] if m == Method::GET => {
-            let f = svc.function_by_secret(name, secret).await?;
-            output(svc, &Scope::Function(&f), id, Some(wait_param(&req)?)).await
-        }
-        ["logs", name, secret] if m == Method::GET => {
-            let f = svc.function_by_secret(name, secret).await?;
+        Op::Logs => {
+            let f = svc
+                .function_by_secret(p.get("name"), p.get("secret"))
+                .await?;
             logs(svc, f, &req.query).await
         }
-        ["status", name, secret] if m == Method::GET => {
-            let f = svc.function_by_secret(name, secret).await?;
+        Op::Status => {
+            let f = svc
+                .function_by_secret(p.get("name"), p.get("secret"))
+                .await?;
             Ok(json_response(
                 StatusCode::OK,
                 &StatusView::from(svc.stats(&f).await?),
@@ -201,7 +283,7 @@ async fn route(svc: &Arc<Service>, mut req: Req) -> ApiResult {
         }
 
         // ---- unauthenticated service routes ----
-        ["healthz"] if m == Method::GET => {
+        Op::Health => {
             let engine = svc.engine_ok().await;
             let store = svc.store_ok().await;
             // The Engine being down is not unhealthy: calls queue until it is
@@ -219,7 +301,7 @@ async fn route(svc: &Arc<Service>, mut req: Req) -> ApiResult {
             };
             Ok(json_response(status, &h))
         }
-        ["metrics"] if m == Method::GET => {
+        Op::Metrics => {
             // Any valid key: queue sizes are not for the whole network.
             authenticate(svc, &req.headers).await?;
             Ok(text_response(
@@ -227,38 +309,35 @@ async fn route(svc: &Arc<Service>, mut req: Req) -> ApiResult {
                 "text/plain; version=0.0.4",
             ))
         }
-        ["openapi.yaml"] if m == Method::GET => {
-            Ok(text_response(OPENAPI.to_string(), "application/yaml"))
-        }
+        Op::OpenApi => Ok(text_response(OPENAPI.to_string(), "application/yaml")),
         // The dashboard: static files only; it calls `/v1` like the CLI.
-        ["ui", rest @ ..] if m == Method::GET => Ok(ui::serve(rest)),
-
-        // ---- management API ----
-        ["v1", rest @ ..] => {
-            let caller = authenticate(svc, &req.headers).await?;
-            // The key has done its work: nothing past this point (a call's
-            // environment, its record) may see it.
-            req.headers.remove(warp::http::header::AUTHORIZATION);
-            v1(svc, &caller, rest, req).await
-        }
-        _ => Err(ApiError::not_found(format!(
-            "no route for {} {}",
-            req.method, req.path
-        ))),
+        Op::Ui => Ok(ui::serve(&p.rest())),
+        // `/v1` templates all start with `v1`, so they were answered above.
+        _ => Err(no_route(&req)),
     }
 }
 
-async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req: Req) -> ApiResult {
-    let m = req.method.clone();
-    match rest {
-        ["functions"] if m == Method::GET => {
+/// The router's answer for a path no template matches.
+fn no_route(req: &Req) -> ApiError {
+    ApiError::not_found(format!("no route for {} {}", req.method, req.path))
+}
+
+async fn v1(
+    svc: &Arc<Service>,
+    caller: &crate::model::User,
+    op: Op,
+    p: &table::Params<'_>,
+    req: Req,
+) -> ApiResult {
+    match op {
+        Op::ListFunctions => {
             let mut list = Vec::new();
             for f in svc.list_functions(caller).await? {
                 list.push(view(svc, &f).await?);
             }
             Ok(json_response(StatusCode::OK, &list))
         }
-        ["functions"] if m == Method::POST => {
+        Op::CreateFunction => {
             let body: FunctionCreate = json_body(svc, req.body).await?;
             let name = Name::parse(&body.name)?;
             let spec = FunctionSpec {
@@ -278,11 +357,11 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
             let f = svc.create_function(caller, name, spec).await?;
             Ok(json_response(StatusCode::CREATED, &view(svc, &f).await?))
         }
-        ["functions", name] if m == Method::GET => {
-            let f = svc.function(caller, &Name::parse(name)?).await?;
+        Op::GetFunction => {
+            let f = svc.function(caller, &Name::parse(p.get("name"))?).await?;
             Ok(json_response(StatusCode::OK, &view(svc, &f).await?))
         }
-        ["functions", name] if m == Method::PATCH => {
+        Op::UpdateFunction => {
             let body: FunctionPatch = json_body(svc, req.body).await?;
             let update = FunctionUpdate {
                 image: body.image,
@@ -296,47 +375,48 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
                 refresh: body.refresh,
             };
             let f = svc
-                .update_function(caller, &Name::parse(name)?, update)
+                .update_function(caller, &Name::parse(p.get("name"))?, update)
                 .await?;
             Ok(json_response(StatusCode::OK, &view(svc, &f).await?))
         }
-        ["functions", name] if m == Method::DELETE => {
+        Op::DeleteFunction => {
             let force = flag(&req.query, "force");
-            svc.delete_function(caller, &Name::parse(name)?, force)
+            svc.delete_function(caller, &Name::parse(p.get("name"))?, force)
                 .await?;
             Ok(empty(StatusCode::NO_CONTENT))
         }
-        ["functions", name, "call"] if m == Method::POST => {
-            let f = svc.function(caller, &Name::parse(name)?).await?;
+        Op::CallFunction => {
+            let f = svc.function(caller, &Name::parse(p.get("name"))?).await?;
             let sync = flag(&req.query, "sync");
             accept(svc, f, sync, req).await
         }
-        ["functions", name, "logs"] if m == Method::GET => {
-            let f = svc.function(caller, &Name::parse(name)?).await?;
+        Op::FunctionLogs => {
+            let f = svc.function(caller, &Name::parse(p.get("name"))?).await?;
             logs(svc, f, &req.query).await
         }
-        ["functions", name, "status"] if m == Method::GET => {
-            let f = svc.function(caller, &Name::parse(name)?).await?;
+        Op::FunctionStatus => {
+            let f = svc.function(caller, &Name::parse(p.get("name"))?).await?;
             Ok(json_response(
                 StatusCode::OK,
                 &StatusView::from(svc.stats(&f).await?),
             ))
         }
-        ["calls", id] if m == Method::GET => {
+        Op::GetCall => {
+            let id = p.get("callId");
             let id = CallId::parse(id)
                 .map_err(|_| ApiError::not_found(format!("call {id} not found")))?;
             let call = svc.call(&Scope::User(caller), &id).await?;
             Ok(json_response(StatusCode::OK, &CallView::from(&call)))
         }
-        ["calls", id, "output"] if m == Method::GET => {
+        Op::CallOutput => {
             let wait = if req.query.contains_key("wait") {
                 Some(wait_param(&req)?)
             } else {
                 None
             };
-            output(svc, &Scope::User(caller), id, wait).await
+            output(svc, &Scope::User(caller), p.get("callId"), wait).await
         }
-        ["users"] if m == Method::GET => {
+        Op::ListUsers => {
             let users: Vec<UserView> = svc
                 .list_users(caller)
                 .await?
@@ -345,7 +425,7 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
                 .collect();
             Ok(json_response(StatusCode::OK, &users))
         }
-        ["users"] if m == Method::POST => {
+        Op::CreateUser => {
             let body: UserCreate = json_body(svc, req.body).await?;
             let (user, key) = svc
                 .add_user(
@@ -360,12 +440,12 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
                 &UserView::new(&user, Some(key.as_str().to_string())),
             ))
         }
-        ["users", name] if m == Method::PATCH => {
+        Op::UpdateUser => {
             let body: UserPatch = json_body(svc, req.body).await?;
             let (user, key) = svc
                 .update_user(
                     caller,
-                    &Name::parse(name)?,
+                    &Name::parse(p.get("name"))?,
                     body.max_concurrency,
                     body.rotate_key,
                 )
@@ -375,14 +455,13 @@ async fn v1(svc: &Arc<Service>, caller: &crate::model::User, rest: &[&str], req:
                 &UserView::new(&user, key.map(|k| k.as_str().to_string())),
             ))
         }
-        ["users", name] if m == Method::DELETE => {
-            svc.delete_user(caller, &Name::parse(name)?).await?;
+        Op::DeleteUser => {
+            svc.delete_user(caller, &Name::parse(p.get("name"))?)
+                .await?;
             Ok(empty(StatusCode::NO_CONTENT))
         }
-        _ => Err(ApiError::not_found(format!(
-            "no route for {} {}",
-            req.method, req.path
-        ))),
+        // Templates outside `/v1` never reach here (see `route`).
+        _ => Err(no_route(&req)),
     }
 }
 

@@ -1,12 +1,12 @@
 //! `assets/openapi.yaml` checked against the router (DESIGN 1.3: the spec must
 //! match what the server does).
 //!
-//! `ROUTES` lists every arm of `route()` and `v1()`. The tests check that
+//! `table::ROUTES` is what `route()` dispatches from. The tests check that
 //! the table and the spec name the same (method, path) pairs, that every
 //! documented operation reaches a handler (not the "no route for" fallback)
 //! and answers a status the spec documents, and that every method the table
-//! does not list falls through to the fallback, so the check can fail both
-//! ways. The service runs on a temporary store with a Runtime pointed at a
+//! does not list on a known path answers 405 with the table's `Allow`, so the
+//! check can fail both ways. The service runs on a temporary store with a Runtime pointed at a
 //! socket that does not exist: nothing here needs Docker.
 
 use super::*;
@@ -16,40 +16,22 @@ use crate::scheduler::Scheduler;
 use serde_yaml_ng::Value;
 use std::collections::BTreeSet;
 
-/// (METHOD, path template) of every arm of `route()` and `v1()`.
-const ROUTES: &[(&str, &str)] = &[
-    // data plane
-    ("POST", "/call/{name}/{secret}"),
-    ("GET", "/call/{name}/{secret}"),
-    ("POST", "/call/{name}/{secret}/sync"),
-    ("GET", "/call/{name}/{secret}/sync"),
-    ("GET", "/output/{name}/{secret}/{callId}"),
-    ("GET", "/output/{name}/{secret}/{callId}/wait"),
-    ("GET", "/logs/{name}/{secret}"),
-    ("GET", "/status/{name}/{secret}"),
-    // service
-    ("GET", "/healthz"),
-    ("GET", "/metrics"),
-    ("GET", "/openapi.yaml"),
-    // management
-    ("GET", "/v1/functions"),
-    ("POST", "/v1/functions"),
-    ("GET", "/v1/functions/{name}"),
-    ("PATCH", "/v1/functions/{name}"),
-    ("DELETE", "/v1/functions/{name}"),
-    ("POST", "/v1/functions/{name}/call"),
-    ("GET", "/v1/functions/{name}/logs"),
-    ("GET", "/v1/functions/{name}/status"),
-    ("GET", "/v1/calls/{callId}"),
-    ("GET", "/v1/calls/{callId}/output"),
-    ("GET", "/v1/users"),
-    ("POST", "/v1/users"),
-    ("PATCH", "/v1/users/{name}"),
-    ("DELETE", "/v1/users/{name}"),
-];
-
-/// Routes that answer any method (the spec documents POST and GET).
-const ANY_METHOD: &[&str] = &["/call/{name}/{secret}", "/call/{name}/{secret}/sync"];
+/// (METHOD, path template) of every route of the table the spec documents;
+/// a route taking any method is documented as GET and POST.
+fn table_routes() -> BTreeSet<(String, String)> {
+    table::ROUTES
+        .iter()
+        .filter(|r| r.in_spec)
+        .flat_map(|r| {
+            let methods: &[&str] = if r.method == table::ANY {
+                &["GET", "POST"]
+            } else {
+                std::slice::from_ref(&r.method)
+            };
+            methods.iter().map(|m| (m.to_string(), r.path.to_string()))
+        })
+        .collect()
+}
 
 /// The methods probed for the converse check.
 const PROBE_METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE"];
@@ -155,12 +137,37 @@ fn concrete(template: &str) -> String {
 }
 
 async fn send(svc: &Arc<Service>, method: &str, path: &str, key: Option<&str>) -> (u16, Bytes) {
+    let (status, _, body) = send_full(svc, method, path, key, &[]).await;
+    (status, body)
+}
+
+async fn send_full(
+    svc: &Arc<Service>,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    headers: &[(String, String)],
+) -> (u16, warp::http::HeaderMap, Bytes) {
     let mut req = warp::test::request().method(method).path(path);
     if let Some(key) = key {
         req = req.header("authorization", format!("Bearer {key}"));
     }
+    for (k, v) in headers {
+        req = req.header(k.as_str(), v.as_str());
+    }
     let resp = req.reply(&routes(Arc::clone(svc))).await;
-    (resp.status().as_u16(), resp.body().clone())
+    (
+        resp.status().as_u16(),
+        resp.headers().clone(),
+        resp.body().clone(),
+    )
+}
+
+/// The error code of a JSON error body, if it is one of the spec's shape.
+fn error_code(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v["error"]["message"].as_str()?;
+    v["error"]["code"].as_str().map(str::to_string)
 }
 
 /// The router's own "no route" answer, as opposed to a handler's 404.
@@ -248,17 +255,15 @@ fn spec_lists_exactly_the_routes_of_the_router() {
         .into_iter()
         .map(|(m, p, _, _)| (m, p))
         .collect();
-    let in_code: BTreeSet<(String, String)> = ROUTES
-        .iter()
-        .map(|(m, p)| (m.to_string(), p.to_string()))
-        .collect();
-    assert_eq!(in_code.len(), ROUTES.len(), "ROUTES has duplicates");
+    let in_code = table_routes();
     let missing: Vec<_> = in_code.difference(&in_spec).collect();
     let extra: Vec<_> = in_spec.difference(&in_code).collect();
     assert!(
         missing.is_empty() && extra.is_empty(),
         "spec and router disagree: routed but not documented {missing:?}; documented but not routed {extra:?}"
     );
+    // The dashboard is served but deliberately not part of the API.
+    assert!(!in_spec.iter().any(|(_, p)| p.starts_with("/ui")));
 }
 
 #[tokio::test]
@@ -312,31 +317,47 @@ async fn every_documented_operation_reaches_a_handler_and_answers_a_documented_s
 }
 
 #[tokio::test]
-async fn methods_and_paths_outside_the_table_answer_the_fallback() {
+async fn wrong_methods_answer_405_with_allow_and_unknown_paths_the_fallback() {
     let fx = fixture().await;
-    let any: BTreeSet<&str> = ANY_METHOD.iter().copied().collect();
-    let routed: BTreeSet<(&str, &str)> = ROUTES.iter().copied().collect();
-    let templates: BTreeSet<&str> = ROUTES.iter().map(|(_, p)| *p).collect();
-    for template in templates {
-        let path = concrete(template);
-        let key = template.starts_with("/v1/").then_some(fx.key.as_str());
+    let codes = error_codes(&spec());
+    for route in table::ROUTES.iter().filter(|r| r.in_spec) {
+        let path = concrete(route.path);
+        let key = route.path.starts_with("/v1/").then_some(fx.key.as_str());
+        let allow: BTreeSet<&str> = table::ROUTES
+            .iter()
+            .filter(|r| r.path == route.path)
+            .map(|r| r.method)
+            .collect();
         for &method in PROBE_METHODS {
-            let (status, body) = send(&fx.svc, method, &path, key).await;
-            let expect_route = any.contains(template) || routed.contains(&(method, template));
-            assert_eq!(
-                !is_fallback(status, &body),
-                expect_route,
-                "{method} {path}: answered {status} {}; ROUTES says it is {}routed",
-                String::from_utf8_lossy(&body),
-                if expect_route { "" } else { "not " }
+            let (status, headers, body) = send_full(&fx.svc, method, &path, key, &[]).await;
+            let text = String::from_utf8_lossy(&body);
+            if allow.contains(table::ANY) || allow.contains(method) {
+                assert!(
+                    !is_fallback(status, &body) && status != 405,
+                    "{method} {path} is routed but answered {status} {text}"
+                );
+                continue;
+            }
+            assert_eq!(status, 405, "{method} {path}: {text}");
+            let code = error_code(&body).unwrap_or_default();
+            assert!(
+                code == "method_not_allowed" && codes.contains(&code),
+                "{method} {path}: {text}"
             );
+            let header: BTreeSet<&str> = headers
+                .get("allow")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .split(", ")
+                .collect();
+            assert_eq!(header, allow, "{method} {path}: Allow");
         }
     }
     for (method, path) in [
         ("GET", "/v1/nothing"),
         ("GET", "/v1/functions/f/nothing"),
-        ("DELETE", "/healthz"),
         ("GET", "/nothing"),
+        ("GET", "/"),
         ("GET", "/call/f"),
         ("GET", format!("/status/f/{SECRET}/x").as_str()),
     ] {
@@ -348,6 +369,69 @@ async fn methods_and_paths_outside_the_table_answer_the_fallback() {
             String::from_utf8_lossy(&body)
         );
     }
+    // Without a key a `/v1` path says nothing about which methods it takes.
+    let (status, body) = send(&fx.svc, "PUT", "/v1/functions/f", None).await;
+    assert_eq!(
+        (status, error_code(&body).as_deref()),
+        (401, Some("unauthorized"))
+    );
+}
+
+#[tokio::test]
+async fn the_dashboard_is_routed_though_not_in_the_spec() {
+    let fx = fixture().await;
+    for path in ["/ui", "/ui/", "/ui/app.js"] {
+        let (status, headers, _) = send_full(&fx.svc, "GET", path, None, &[]).await;
+        assert_eq!(status, 200, "{path}");
+        assert_eq!(headers["content-security-policy"], ui::CSP);
+    }
+    let (status, headers, body) = send_full(&fx.svc, "GET", "/ui/nope.js", None, &[]).await;
+    assert_eq!(
+        (status, error_code(&body).as_deref()),
+        (404, Some("not_found"))
+    );
+    assert_eq!(headers["content-security-policy"], ui::CSP);
+    let (status, headers, _) = send_full(&fx.svc, "POST", "/ui/", None, &[]).await;
+    assert_eq!((status, headers["allow"].to_str().ok()), (405, Some("GET")));
+}
+
+type Headers = [(String, String)];
+
+#[tokio::test]
+async fn every_refusal_is_a_json_error_with_a_code_the_spec_lists() {
+    let fx = fixture().await;
+    let codes = error_codes(&spec());
+    let long = format!("/v1/functions/{}", "a".repeat(MAX_URI_BYTES));
+    let many: Vec<(String, String)> = (0..=MAX_HEADERS)
+        .map(|i| (format!("x-h{i}"), "v".into()))
+        .collect();
+    let big = vec![("x-big".to_string(), "v".repeat(MAX_HEADER_BYTES))];
+    let none: Vec<(String, String)> = Vec::new();
+    let cases: [(&str, &str, &Headers, u16, &str); 6] = [
+        ("GET", long.as_str(), &none, 414, "uri_too_long"),
+        ("GET", "/healthz", &many, 431, "headers_too_large"),
+        ("GET", "/healthz", &big, 431, "headers_too_large"),
+        ("GET", "//v1/functions", &none, 400, "bad_request"),
+        ("TRACE", "/healthz", &none, 405, "method_not_allowed"),
+        ("GET", "/nothing", &none, 404, "not_found"),
+    ];
+    for (method, path, headers, want, want_code) in cases {
+        let (status, _, body) = send_full(&fx.svc, method, path, None, headers).await;
+        let code = error_code(&body);
+        assert_eq!(
+            (status, code.as_deref()),
+            (want, Some(want_code)),
+            "{method} {}",
+            &path[..path.len().min(40)]
+        );
+        assert!(codes.contains(want_code), "{want_code} is not in the spec");
+    }
+    // At the limits themselves, nothing is refused.
+    let at: Vec<(String, String)> = (1..MAX_HEADERS)
+        .map(|i| (format!("x-h{i}"), "v".into()))
+        .collect();
+    let (status, _, _) = send_full(&fx.svc, "GET", "/healthz", None, &at).await;
+    assert_eq!(status, 200);
 }
 
 #[tokio::test]

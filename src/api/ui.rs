@@ -42,7 +42,7 @@ const FILES: &[(&str, &str, &[u8])] = &[
     ),
 ];
 
-/// The answer to `GET /ui/REST`: an embedded file, or a plain 404.
+/// The answer to `GET /ui/REST`: an embedded file, or a JSON 404.
 pub fn serve(rest: &[&str]) -> Response {
     let path = match rest {
         [] | ["index.html"] => Some(""),
@@ -52,10 +52,11 @@ pub fn serve(rest: &[&str]) -> Response {
     let found = path.and_then(|path| FILES.iter().find(|(p, _, _)| *p == path));
     let (status, content_type, body): (_, &'static str, &'static [u8]) = match found {
         Some((_, content_type, body)) => (StatusCode::OK, content_type, body),
+        // The same JSON error shape as every other refusal of the server.
         None => (
             StatusCode::NOT_FOUND,
-            "text/plain; charset=utf-8",
-            b"not found\n",
+            "application/json",
+            br#"{"error":{"code":"not_found","message":"no such file in the dashboard"}}"#,
         ),
     };
     let mut r = warp::http::Response::new(Bytes::from_static(body)).into_response();
