@@ -10,11 +10,13 @@
 //! - [`model`]: ids, records, the call lifecycle.
 //! - [`config`]: the one configuration schema.
 //! - [`serve`]: first start, TLS, and the server's main loop.
+//! - [`metrics`]: the Prometheus metrics; counted where things happen, levels read at scrape.
 
 pub mod api;
 pub mod cli;
 pub mod config;
 pub mod failpoint;
+pub mod metrics;
 pub mod model;
 pub mod runtime;
 pub mod scheduler;

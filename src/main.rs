@@ -47,6 +47,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 config.listen = l;
             }
             config.validate()?;
+            hyperfuncd::metrics::install();
             #[cfg(feature = "failpoints")]
             let _failpoints = hyperfuncd::failpoint::setup();
             let shutdown = tokio_util::sync::CancellationToken::new();

@@ -61,6 +61,7 @@ impl From<StoreError> for ServiceError {
 
 impl From<RuntimeError> for ServiceError {
     fn from(e: RuntimeError) -> Self {
+        crate::metrics::engine_error(&e);
         match e {
             RuntimeError::Unavailable { .. } => ServiceError::Unavailable(e.to_string()),
             RuntimeError::Pull { .. } => ServiceError::BadRequest(e.to_string()),
@@ -462,6 +463,7 @@ impl Service {
         // The store assigns the FIFO sequence.
         let call = Call::new(f.name.clone(), f.owner.clone(), 0, &payload, request_env);
         let call = self.store.accept(call, payload).await?;
+        crate::metrics::call_accepted(&call);
         self.scheduler.queued(&f.owner);
         Ok(call.id)
     }

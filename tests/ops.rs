@@ -1,0 +1,191 @@
+//! What an operator reads: `/metrics` after real calls on the real Engine,
+//! checked against the calls made and by Prometheus' own `promtool`.
+
+mod common;
+
+use common::*;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+/// The value of the sample `name` whose labels are exactly `labels`.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (n, rest) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.strip_suffix('}')?),
+            None => (series, ""),
+        };
+        if n != name {
+            return None;
+        }
+        let mut got: Vec<(String, String)> = rest
+            .split(',')
+            .filter(|p| !p.is_empty())
+            .filter_map(|p| {
+                let (k, v) = p.split_once('=')?;
+                Some((k.to_string(), v.trim_matches('"').to_string()))
+            })
+            .collect();
+        let mut want: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        got.sort();
+        want.sort();
+        (got == want).then(|| value.parse().ok())?
+    })
+}
+
+fn scrape(d: &Daemon) -> String {
+    let auth = format!("Authorization: Bearer {}", d.admin_key());
+    let (code, body) = d.curl(&["-H", &auth, &format!("{}/metrics", d.endpoint)]);
+    let text = String::from_utf8(body).expect("metrics are UTF-8");
+    assert_eq!(code, 200, "{text}");
+    text
+}
+
+#[test]
+fn metrics_count_the_calls_made_and_promtool_accepts_them() {
+    let d = Daemon::start();
+    d.create("ok", &[IMAGE, "cat"]);
+    d.create("bad", &[IMAGE, "sh", "-c", "cat; exit 3"]);
+    const N: usize = 3;
+    const M: usize = 2;
+    for i in 0..N {
+        d.call("ok", format!("payload {i}").as_bytes());
+    }
+    for i in 0..M {
+        d.call("bad", format!("payload {i}").as_bytes());
+    }
+    d.wait_until(60, "every call to end", || {
+        d.status("ok")["Finished"] == N && d.status("bad")["Failed"] == M
+    });
+
+    let text = scrape(&d);
+    let calls = |f: &str, state: &str| {
+        sample(
+            &text,
+            "hyperfuncd_calls_total",
+            &[("function", f), ("state", state)],
+        )
+    };
+    assert_eq!(calls("ok", "finished"), Some(N as f64), "{text}");
+    assert_eq!(calls("bad", "failed"), Some(M as f64), "{text}");
+    assert_eq!(calls("ok", "failed"), None, "{text}");
+    assert_eq!(calls("bad", "finished"), None, "{text}");
+    let accepted = |f| sample(&text, "hyperfuncd_calls_accepted_total", &[("function", f)]);
+    assert_eq!(accepted("ok"), Some(N as f64), "{text}");
+    assert_eq!(accepted("bad"), Some(M as f64), "{text}");
+    // Every call that ran has one run time and one queue wait.
+    let count = |h: &str, f| sample(&text, &format!("{h}_count"), &[("function", f)]);
+    assert_eq!(count("hyperfuncd_call_run_seconds", "ok"), Some(N as f64));
+    assert_eq!(count("hyperfuncd_call_run_seconds", "bad"), Some(M as f64));
+    assert_eq!(
+        count("hyperfuncd_call_queue_wait_seconds", "ok"),
+        Some(N as f64)
+    );
+    assert!(
+        text.contains("hyperfuncd_call_run_seconds_bucket{function=\"ok\",le=\"+Inf\"} 3"),
+        "histograms have buckets: {text}"
+    );
+    // Levels, read at scrape time.
+    let admin = [("user", "admin")];
+    assert_eq!(sample(&text, "hyperfuncd_queued_calls", &admin), Some(0.0));
+    assert_eq!(sample(&text, "hyperfuncd_running_calls", &admin), Some(0.0));
+    // The outputs wait in the cache, unfetched: "payload 0".."payload 2".
+    assert_eq!(
+        sample(
+            &text,
+            "hyperfuncd_output_cache_bytes",
+            &[("function", "ok")]
+        ),
+        Some((N * "payload 0".len()) as f64),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "hyperfuncd_log_cache_bytes", &[("function", "bad")]).unwrap_or(0.0) > 0.0
+    );
+    assert_eq!(sample(&text, "hyperfuncd_engine_up", &[]), Some(1.0));
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        sample(&text, "hyperfuncd_build_info", &[("version", version)]),
+        Some(1.0)
+    );
+    // The CLI's calls went through /v1/functions/NAME/call and were answered 202.
+    assert!(
+        sample(
+            &text,
+            "hyperfuncd_http_requests_total",
+            &[("route", "v1_functions"), ("status", "202")]
+        )
+        .unwrap_or(0.0)
+            >= (N + M) as f64,
+        "{text}"
+    );
+    // No label carries a path, a secret or a call id.
+    assert!(!text.contains("/call/"), "{text}");
+
+    // Prometheus' own parser and linter.
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is missing: run scripts/deps (it installs promtool from Debian)");
+    promtool
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("feed promtool");
+    let out = promtool.wait_with_output().expect("promtool output");
+    assert!(
+        out.status.success(),
+        "promtool check metrics refused /metrics:\n{}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A removed function's failed queued calls are counted too.
+    let key = d.add_user("slow", 1);
+    let out = d.cli_as(
+        &key,
+        &["func", "create", "--name", "hold", IMAGE, "sleep", "600"],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    for _ in 0..3 {
+        let out = d.cli_as(&key, &["func", "call", "hold"], Some(b""));
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    d.wait_until(60, "one call running, two queued", || {
+        let s = d.status("hold");
+        s["Running"] == 1 && s["Pending"] == 2
+    });
+    let text = scrape(&d);
+    let slow = [("user", "slow")];
+    assert_eq!(
+        sample(&text, "hyperfuncd_queued_calls", &slow),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "hyperfuncd_running_calls", &slow),
+        Some(1.0),
+        "{text}"
+    );
+    let out = d.cli_as(&key, &["func", "rm", "--force", "hold"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = scrape(&d);
+    assert_eq!(
+        sample(
+            &text,
+            "hyperfuncd_calls_total",
+            &[("function", "hold"), ("state", "failed")]
+        ),
+        Some(3.0),
+        "{text}"
+    );
+    d.finish();
+}
