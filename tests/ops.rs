@@ -189,3 +189,98 @@ fn metrics_count_the_calls_made_and_promtool_accepts_them() {
     );
     d.finish();
 }
+
+/// The daemon's stderr as JSON objects, one per line; fails on any other line.
+fn json_lines(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l:?}")))
+        .collect()
+}
+
+/// `[log] format = "json"` at the default level: every line is one JSON
+/// object, and the audit trail is there without any debug detail or secret.
+#[test]
+fn json_log_parses_line_by_line_with_the_audit_trail() {
+    // An empty HYPERFUNCD_LOG is the default level, as in the unit.
+    let d = Daemon::start_with_env("[log]\nformat = \"json\"", &[("HYPERFUNCD_LOG", "")]);
+    let url = d.create("audited", &[IMAGE, "sh", "-c", "echo oops >&2; exit 7"]);
+    let failed = d.call("audited", b"x");
+    d.wait_until(60, "the call to fail", || {
+        d.status("audited")["Failed"] == 1
+    });
+    let key = d.add_user("carol", 2);
+    let rotated = d.ok(&["user", "update", "carol", "--rotate-key"]);
+    d.ok(&["user", "update", "carol", "--max-concurrency", "3"]);
+    d.ok(&["func", "update", "audited", "--refresh"]);
+    d.ok(&["func", "rm", "audited"]);
+    d.ok(&["user", "rm", "carol"]);
+    let log = d.log();
+    assert!(!log.contains('\u{1b}'), "escape codes in a file: {log}");
+    let lines = json_lines(&log);
+    let audit: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["target"] == "hyperfuncd::audit")
+        .collect();
+    let find = |message: &str| {
+        audit
+            .iter()
+            .find(|l| l["message"] == message)
+            .unwrap_or_else(|| panic!("no audit event {message:?} in:\n{log}"))
+    };
+    let e = find("function created");
+    assert_eq!(
+        (e["actor"].as_str(), e["function"].as_str()),
+        (Some("admin"), Some("audited"))
+    );
+    assert_eq!(e["level"], "INFO");
+    let e = find("call failed");
+    assert_eq!(e["call"], failed.as_str());
+    assert_eq!(e["exit_code"], 7);
+    assert!(e["reason"].as_str().is_some_and(|r| !r.is_empty()), "{e}");
+    assert_eq!(find("user added")["user"], "carol");
+    assert_eq!(find("user key rotated")["user"], "carol");
+    assert!(audit
+        .iter()
+        .any(|l| l["message"] == "user updated" && l["max_concurrency"] == 3));
+    assert_eq!(find("function updated")["url_refreshed"], true);
+    assert_eq!(find("function removed")["function"], "audited");
+    assert_eq!(find("user removed")["user"], "carol");
+    // Per-call detail is debug, not in the default level.
+    assert!(lines.iter().all(|l| l["level"] != "DEBUG"), "{log}");
+    // No key or capability secret reaches the log.
+    let new_key = rotated.lines().last().unwrap_or("").trim();
+    let secret = url.rsplit('/').next().unwrap_or("");
+    for s in [key.as_str(), new_key, secret, d.admin_key().as_str()] {
+        assert!(!s.is_empty() && !log.contains(s), "{s} is in the log");
+    }
+    d.finish();
+}
+
+/// `serve 2>file` in the default text format: no colour codes, and the
+/// per-call detail shows at debug. `HYPERFUNCD_LOG_FORMAT=json` switches
+/// a text config to JSON.
+#[test]
+fn text_log_in_a_file_has_no_escape_codes_and_the_env_picks_json() {
+    let d = Daemon::start();
+    d.create("plain", &[IMAGE, "false"]);
+    let id = d.call("plain", b"");
+    d.wait_until(60, "the call to fail", || d.status("plain")["Failed"] == 1);
+    let log = d.log();
+    assert!(!log.contains('\u{1b}'), "escape codes in a file: {log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("call failed") && l.contains(&id) && l.contains("INFO")),
+        "{log}"
+    );
+    // The harness runs at hyperfuncd=debug.
+    assert!(log.contains("call accepted"), "{log}");
+    d.finish();
+
+    let d = Daemon::start_with_env("", &[("HYPERFUNCD_LOG_FORMAT", "json")]);
+    let lines = json_lines(&d.log());
+    assert!(
+        lines.iter().any(|l| l["message"] == "recovery done"),
+        "{lines:?}"
+    );
+    d.finish();
+}

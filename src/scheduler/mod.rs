@@ -431,6 +431,7 @@ impl Scheduler {
             let cancelled = self.store.cancel_queued(name, REMOVED).await?;
             if cancelled > 0 {
                 crate::metrics::calls_cancelled(name, cancelled);
+                crate::logging::calls_cancelled(name, cancelled);
                 // Wake output waiters of the failed calls.
                 self.changed();
             }
@@ -487,6 +488,7 @@ impl Scheduler {
     async fn finish(&self, id: &CallId, outcome: Outcome) -> Result<Call, StoreError> {
         let call = self.store.finish(id, outcome).await?;
         crate::metrics::call_ended(&call);
+        crate::logging::call_ended(&call);
         Ok(call)
     }
 
