@@ -65,6 +65,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             hyperfuncd::serve::run(config, shutdown).await
         }
         Command::Bench(args) => hyperfuncd::cli::bench::run(args).await,
+        Command::Completions(args) => hyperfuncd::cli::docs::completions(args),
+        Command::Man(args) => hyperfuncd::cli::docs::man(args),
         other => hyperfuncd::cli::run_remote(cli.remote, other).await,
     }
 }

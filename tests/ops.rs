@@ -284,3 +284,73 @@ fn text_log_in_a_file_has_no_escape_codes_and_the_env_picks_json() {
     );
     d.finish();
 }
+
+/// The CLI without a profile (an empty HOME; with --endpoint and --key
+/// given, no admin profile is read): only the flags given here.
+fn bare_cli(home: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .env("HOME", home)
+        .env_remove("HYPERFUNC_PROFILE")
+        .env_remove("HYPERFUNC_ENDPOINT")
+        .env_remove("HYPERFUNC_KEY")
+        .env_remove("HYPERFUNC_CA")
+        .output()
+        .expect("run hyperfuncd")
+}
+
+/// Completions and man pages come from the binary itself, and the two
+/// usual connection errors say what to do.
+#[test]
+fn completions_man_pages_and_errors_that_say_what_to_do() {
+    let home = tempfile::tempdir().expect("tempdir");
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef hyperfuncd"),
+        ("fish", "complete -c hyperfuncd"),
+    ] {
+        let out = bare_cli(home.path(), &["completions", shell]);
+        assert!(out.status.success(), "{shell}: {}", stderr(&out));
+        let script = stdout(&out);
+        assert!(script.contains(marker), "{shell}: {script}");
+        assert!(
+            script.contains("rotate-key"),
+            "{shell} completes subcommand flags"
+        );
+    }
+    let man = home.path().join("man");
+    let out = bare_cli(home.path(), &["man", man.to_str().expect("utf-8 path")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for page in [
+        "hyperfuncd.1",
+        "hyperfuncd-func-get.1",
+        "hyperfuncd-user-update.1",
+    ] {
+        let text = std::fs::read_to_string(man.join(page)).expect(page);
+        assert!(
+            text.starts_with(".ie") || text.contains(".TH"),
+            "{page}: {text}"
+        );
+    }
+
+    // Nothing listens on a port just released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let endpoint = format!("https://127.0.0.1:{port}");
+    let out = bare_cli(
+        home.path(),
+        &["--endpoint", &endpoint, "--key", "k", "func", "ls"],
+    );
+    assert_cli_error(&out, "is `hyperfuncd serve` running there?");
+
+    // A daemon whose self-signed certificate the client was not given.
+    let d = Daemon::start();
+    let out = bare_cli(
+        home.path(),
+        &["--endpoint", &d.endpoint, "--key", "k", "func", "ls"],
+    );
+    assert_cli_error(&out, "--ca");
+    d.finish();
+}

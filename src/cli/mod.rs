@@ -4,6 +4,7 @@
 
 pub mod bench;
 mod client;
+pub mod docs;
 mod profile;
 
 pub use profile::Profile;
@@ -57,6 +58,10 @@ pub enum Command {
     User(UserCmd),
     /// Measure hyperfuncd against raw `docker run` on this host (private daemons; prints one table)
     Bench(bench::BenchArgs),
+    /// Print a shell completion script: bash, zsh, fish, elvish or powershell
+    Completions(docs::CompletionsArgs),
+    /// Write man pages for every command into a directory
+    Man(docs::ManArgs),
 }
 
 #[derive(Args, Debug)]
@@ -82,6 +87,7 @@ pub enum Format {
 pub enum FuncCmd {
     /// Register a function: IMAGE [COMMAND [ARG...]]
     Create {
+        /// Name of the function: lower-case letters, digits and '-', at most 63
         #[arg(long)]
         name: String,
         /// Environment variable K=V (repeatable)
@@ -102,16 +108,20 @@ pub enum FuncCmd {
         /// OCI runtime of its containers, e.g. runsc (gVisor); default: the server's
         #[arg(long)]
         runtime: Option<String>,
+        /// Docker image; present locally or pulled from an allowed registry
         image: String,
+        /// Command and arguments to run (default: the image's CMD)
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
     /// Change a function; running calls keep their old settings
     Update {
+        /// The function to change
         name: String,
         /// Add or replace an environment variable K=V (repeatable)
         #[arg(short = 'e', long = "env")]
         env: Vec<String>,
+        /// File of K=V lines to add or replace (# comments and blank lines ignored)
         #[arg(long)]
         env_file: Vec<PathBuf>,
         /// Remove an environment variable (repeatable)
@@ -120,8 +130,10 @@ pub enum FuncCmd {
         /// New timeout, or "none" to remove it
         #[arg(long)]
         timeout: Option<String>,
+        /// New memory limit, e.g. 268435456, 256m, 1g
         #[arg(long, value_parser = parse_bytes)]
         memory: Option<u64>,
+        /// New CPU limit, e.g. 0.5
         #[arg(long)]
         cpus: Option<f64>,
         /// New OCI runtime, or "default" to follow the server's again
@@ -139,11 +151,13 @@ pub enum FuncCmd {
     },
     /// List functions
     Ls {
+        /// Output format: a table for people, or JSON for scripts
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Format,
     },
     /// Show functions as JSON (one object, or an array for several names)
     Inspect {
+        /// Functions to show
         #[arg(required = true)]
         names: Vec<String>,
     },
@@ -152,6 +166,7 @@ pub enum FuncCmd {
         /// Cancel queued calls and kill running ones
         #[arg(long, short)]
         force: bool,
+        /// Functions to remove
         #[arg(required = true)]
         names: Vec<String>,
     },
@@ -160,6 +175,7 @@ pub enum FuncCmd {
         /// Wait and print the call's STDOUT instead of its id
         #[arg(long)]
         sync: bool,
+        /// The function to call
         name: String,
     },
     /// Print a call's STDOUT (once: it is deleted when fetched)
@@ -167,25 +183,32 @@ pub enum FuncCmd {
         /// Wait until the call has ended
         #[arg(long)]
         wait: bool,
+        /// The CallId that `func call` printed
         call_id: String,
     },
     /// Show a function's call events
     Logs {
+        /// Only the last N events
         #[arg(long)]
         tail: Option<usize>,
         /// Keep printing new events until interrupted
         #[arg(long, short)]
         follow: bool,
+        /// Only the events of this call
         #[arg(long)]
         callid: Option<String>,
+        /// Output format: a table for people, or JSON for scripts
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Format,
+        /// The function whose events to show
         name: String,
     },
     /// Count a function's calls by state
     Status {
+        /// Output format: a table for people, or JSON for scripts
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Format,
+        /// The function whose calls to count
         name: String,
     },
 }
@@ -194,7 +217,9 @@ pub enum FuncCmd {
 pub enum UserCmd {
     /// Add a user; prints the key once, alone on the last line
     Add {
+        /// Name of the new user
         name: String,
+        /// Calls of the user that may run at once; more wait in its queue (default: scheduler.default_max_concurrency)
         #[arg(long)]
         max_concurrency: Option<u32>,
         /// Make the user an administrator
@@ -203,14 +228,20 @@ pub enum UserCmd {
     },
     /// List users
     Ls {
+        /// Output format: a table for people, or JSON for scripts
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Format,
     },
     /// Remove a user (who owns no functions)
-    Rm { name: String },
+    Rm {
+        /// The user to remove
+        name: String,
+    },
     /// Change a user's quota or key
     Update {
+        /// The user to change
         name: String,
+        /// New quota of calls running at once
         #[arg(long)]
         max_concurrency: Option<u32>,
         /// Issue a new key (printed alone on the last line); the old one stops working
@@ -230,7 +261,9 @@ pub async fn run_remote(flags: RemoteFlags, command: Command) -> anyhow::Result<
     let client = Client::new(&profile)?;
     let mut out = std::io::stdout().lock();
     match command {
-        Command::Serve(_) | Command::Bench(_) => bail!("not a remote command"),
+        Command::Serve(_) | Command::Bench(_) | Command::Completions(_) | Command::Man(_) => {
+            bail!("not a remote command")
+        }
         Command::Func(cmd) => func(&client, cmd, &mut out).await,
         Command::User(cmd) => user(&client, cmd, &mut out).await,
     }
