@@ -62,6 +62,32 @@ mod tests {
         assert!(missing.is_empty(), "arguments without help: {missing:?}");
     }
 
+    /// Every command that does something shows an example.
+    #[test]
+    fn every_command_has_an_example() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let leaf = cmd.get_subcommands().next().is_none();
+            let shown = cmd
+                .get_after_help()
+                .is_some_and(|h| h.to_string().contains("Example:"));
+            // `bench` documents itself at length in the README; `help` is clap's.
+            if leaf && !shown && cmd.get_name() != "bench" {
+                missing.push(path.to_string());
+            }
+            for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut cmd = crate::cli::Cli::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        walk(&cmd, "hyperfuncd", &mut missing);
+        assert!(
+            missing.is_empty(),
+            "commands without an example: {missing:?}"
+        );
+    }
+
     #[test]
     fn man_pages_for_every_command() {
         let dir = tempfile::tempdir().unwrap();

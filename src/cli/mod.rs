@@ -49,6 +49,9 @@ pub struct RemoteFlags {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the daemon: HTTPS API, scheduler and container runtime
+    #[command(
+        after_help = "Example:\n  hyperfuncd serve --config /etc/hyperfuncd/config.toml --listen 0.0.0.0:8443"
+    )]
     Serve(ServeArgs),
     /// Manage and call functions
     #[command(subcommand)]
@@ -59,8 +62,12 @@ pub enum Command {
     /// Measure hyperfuncd against raw `docker run` on this host (private daemons; prints one table)
     Bench(bench::BenchArgs),
     /// Print a shell completion script: bash, zsh, fish, elvish or powershell
+    #[command(
+        after_help = "Example:\n  hyperfuncd completions bash > /etc/bash_completion.d/hyperfuncd"
+    )]
     Completions(docs::CompletionsArgs),
     /// Write man pages for every command into a directory
+    #[command(after_help = "Example:\n  hyperfuncd man /usr/local/share/man/man1")]
     Man(docs::ManArgs),
 }
 
@@ -86,6 +93,9 @@ pub enum Format {
 #[derive(Subcommand, Debug)]
 pub enum FuncCmd {
     /// Register a function: IMAGE [COMMAND [ARG...]]
+    #[command(
+        after_help = "Example:\n  hyperfuncd func create --name resize -e WIDTH=640 --timeout 30s myorg/resize:1.2 resize --png"
+    )]
     Create {
         /// Name of the function: lower-case letters, digits and '-', at most 63
         #[arg(long)]
@@ -115,6 +125,9 @@ pub enum FuncCmd {
         command: Vec<String>,
     },
     /// Change a function; running calls keep their old settings
+    #[command(
+        after_help = "Example:\n  hyperfuncd func update resize -e WIDTH=800 --timeout none -- resize --jpeg"
+    )]
     Update {
         /// The function to change
         name: String,
@@ -150,18 +163,21 @@ pub enum FuncCmd {
         command: Vec<String>,
     },
     /// List functions
+    #[command(after_help = "Example:\n  hyperfuncd func ls -o json")]
     Ls {
         /// Output format: a table for people, or JSON for scripts
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Format,
     },
     /// Show functions as JSON (one object, or an array for several names)
+    #[command(after_help = "Example:\n  hyperfuncd func inspect resize")]
     Inspect {
         /// Functions to show
         #[arg(required = true)]
         names: Vec<String>,
     },
     /// Remove functions
+    #[command(after_help = "Example:\n  hyperfuncd func rm --force resize")]
     Rm {
         /// Cancel queued calls and kill running ones
         #[arg(long, short)]
@@ -171,6 +187,7 @@ pub enum FuncCmd {
         names: Vec<String>,
     },
     /// Call a function; the payload is piped STDIN, if any
+    #[command(after_help = "Example:\n  hyperfuncd func call resize < photo.png")]
     Call {
         /// Wait and print the call's STDOUT instead of its id
         #[arg(long)]
@@ -179,6 +196,9 @@ pub enum FuncCmd {
         name: String,
     },
     /// Print a call's STDOUT (once: it is deleted when fetched)
+    #[command(
+        after_help = "Example:\n  hyperfuncd func get --wait 0c6f3b5e-0f0c-4d55-8a4b-2b0c3f7a9e21 > small.png"
+    )]
     Get {
         /// Wait until the call has ended
         #[arg(long)]
@@ -187,6 +207,7 @@ pub enum FuncCmd {
         call_id: String,
     },
     /// Show a function's call events
+    #[command(after_help = "Example:\n  hyperfuncd func logs --follow --tail 20 resize")]
     Logs {
         /// Only the last N events
         #[arg(long)]
@@ -204,6 +225,7 @@ pub enum FuncCmd {
         name: String,
     },
     /// Count a function's calls by state
+    #[command(after_help = "Example:\n  hyperfuncd func status -o json resize")]
     Status {
         /// Output format: a table for people, or JSON for scripts
         #[arg(short = 'o', long, value_enum, default_value = "table")]
@@ -216,6 +238,9 @@ pub enum FuncCmd {
 #[derive(Subcommand, Debug)]
 pub enum UserCmd {
     /// Add a user; prints the key once, alone on the last line
+    #[command(
+        after_help = "Example:\n  key=$(hyperfuncd user add bob --max-concurrency 4 | tail -1)"
+    )]
     Add {
         /// Name of the new user
         name: String,
@@ -227,17 +252,20 @@ pub enum UserCmd {
         admin: bool,
     },
     /// List users
+    #[command(after_help = "Example:\n  hyperfuncd user ls")]
     Ls {
         /// Output format: a table for people, or JSON for scripts
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Format,
     },
     /// Remove a user (who owns no functions)
+    #[command(after_help = "Example:\n  hyperfuncd user rm bob")]
     Rm {
         /// The user to remove
         name: String,
     },
     /// Change a user's quota or key
+    #[command(after_help = "Example:\n  hyperfuncd user update bob --rotate-key | tail -1")]
     Update {
         /// The user to change
         name: String,
