@@ -48,6 +48,7 @@ pub struct Config {
     pub store: StoreSection,
     pub http: HttpConfig,
     pub images: ImagesConfig,
+    pub log: LogConfig,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -219,6 +220,24 @@ impl Default for StoreSection {
     }
 }
 
+/// How the daemon writes its log to stderr (`[log]`). The level is
+/// `HYPERFUNCD_LOG` (default `info`, which includes the audit trail).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` (for people; colours only on a terminal) or `json` (one
+    /// object per line, for log shippers). `HYPERFUNCD_LOG_FORMAT` overrides it.
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
 /// Where function images may come from (`[images]`). A reference makes the
 /// Engine connect to its registry host, so an unchecked one lets any tenant
 /// probe hosts and ports the Engine can reach, loopback included.
@@ -374,6 +393,7 @@ impl Default for Config {
             store: StoreSection::default(),
             http: HttpConfig::default(),
             images: ImagesConfig::default(),
+            log: LogConfig::default(),
         }
     }
 }

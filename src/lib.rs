@@ -10,11 +10,15 @@
 //! - [`model`]: ids, records, the call lifecycle.
 //! - [`config`]: the one configuration schema.
 //! - [`serve`]: first start, TLS, and the server's main loop.
+//! - [`logging`]: log set-up (text or JSON) and the audit trail.
+//! - [`metrics`]: the Prometheus metrics; counted where things happen, levels read at scrape.
 
 pub mod api;
 pub mod cli;
 pub mod config;
 pub mod failpoint;
+pub mod logging;
+pub mod metrics;
 pub mod model;
 pub mod runtime;
 pub mod scheduler;

@@ -10,15 +10,20 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     tune_malloc();
     let cli = Cli::parse();
-    let serving = matches!(cli.command, Command::Serve(_));
-    let default_level = if serving { "info" } else { "warn" };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HYPERFUNCD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let (default_level, log_format) = match &cli.command {
+        // A config that does not load is reported by `run`; log as text till then.
+        Command::Serve(a) => (
+            "info",
+            hyperfuncd::config::Config::load(a.config.as_deref())
+                .map(|c| c.log.format)
+                .unwrap_or_default(),
+        ),
+        _ => ("warn", Default::default()),
+    };
+    if let Err(e) = hyperfuncd::logging::init(default_level, log_format) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -47,6 +52,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 config.listen = l;
             }
             config.validate()?;
+            hyperfuncd::metrics::install();
             #[cfg(feature = "failpoints")]
             let _failpoints = hyperfuncd::failpoint::setup();
             let shutdown = tokio_util::sync::CancellationToken::new();
@@ -59,6 +65,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             hyperfuncd::serve::run(config, shutdown).await
         }
         Command::Bench(args) => hyperfuncd::cli::bench::run(args).await,
+        Command::Completions(args) => hyperfuncd::cli::docs::completions(args),
+        Command::Man(args) => hyperfuncd::cli::docs::man(args),
         other => hyperfuncd::cli::run_remote(cli.remote, other).await,
     }
 }

@@ -115,9 +115,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         key: None,
         ca: tls.as_ref().map(|t| t.ca.clone()),
     };
+    // An address clients can use: 0.0.0.0 is not one.
+    let callable = profile.endpoint.clone().unwrap_or_default();
     let profile_path = ensure_admin(&svc, &data_dir, profile).await?;
     println!(
-        "hyperfuncd listening on {scheme}://{local}; admin profile written to {}",
+        "hyperfuncd listening on {callable}{}; admin profile written to {}",
+        if local.ip().is_unspecified() {
+            format!(" (all addresses; call URLs use {})", svc.base_url)
+        } else {
+            String::new()
+        },
         profile_path.display()
     );
 

@@ -61,6 +61,7 @@ impl From<StoreError> for ServiceError {
 
 impl From<RuntimeError> for ServiceError {
     fn from(e: RuntimeError) -> Self {
+        crate::metrics::engine_error(&e);
         match e {
             RuntimeError::Unavailable { .. } => ServiceError::Unavailable(e.to_string()),
             RuntimeError::Pull { .. } => ServiceError::BadRequest(e.to_string()),
@@ -150,7 +151,9 @@ impl Service {
         admin: bool,
     ) -> Result<(User, ApiKey)> {
         Self::require_admin(caller)?;
-        self.create_user(name, max_concurrency, admin).await
+        let (user, key) = self.create_user(name, max_concurrency, admin).await?;
+        crate::logging::user_added(caller, &user);
+        Ok((user, key))
     }
 
     /// Creates a user without a caller (first start makes `admin` this way).
@@ -210,6 +213,7 @@ impl Service {
             user.key_hash = k.hash();
         }
         self.store.update_user(&user).await?;
+        crate::logging::user_updated(caller, &user, key.is_some());
         // A raised quota may let queued calls start now.
         self.scheduler.queued(name);
         Ok((user, key))
@@ -220,7 +224,9 @@ impl Service {
         if caller.name == *name {
             return Err(ServiceError::Conflict("you cannot remove yourself".into()));
         }
-        Ok(self.store.delete_user(name).await?)
+        self.store.delete_user(name).await?;
+        crate::logging::user_removed(caller, name);
+        Ok(())
     }
 
     // ---- functions ----
@@ -255,6 +261,7 @@ impl Service {
             updated_ms: now,
         };
         self.store.create_function(&f).await?;
+        crate::logging::function_created(caller, &f);
         self.scheduler.function_changed(&f);
         Ok(f)
     }
@@ -410,6 +417,7 @@ impl Service {
         }
         f.updated_ms = now_ms();
         self.store.update_function(&f).await?;
+        crate::logging::function_updated(caller, &f, u.refresh);
         self.scheduler.function_changed(&f);
         Ok(f)
     }
@@ -428,6 +436,7 @@ impl Service {
             )));
         }
         self.store.remove_function(&f.name).await?;
+        crate::logging::function_removed(caller, &f.name, force);
         self.scheduler.function_removed(&f.name);
         self.scheduler.remove_function_calls(&f.name).await?;
         Ok(())
@@ -462,6 +471,8 @@ impl Service {
         // The store assigns the FIFO sequence.
         let call = Call::new(f.name.clone(), f.owner.clone(), 0, &payload, request_env);
         let call = self.store.accept(call, payload).await?;
+        crate::metrics::call_accepted(&call);
+        crate::logging::call_accepted(&call);
         self.scheduler.queued(&f.owner);
         Ok(call.id)
     }

@@ -13,4 +13,12 @@ if [ -d /run/systemd/system ]; then
     fi
 fi
 
+# On erase, the package's own directories go with it unless something is
+# left in them (a config.toml.rpmsave stays, and so does its directory).
+# The rpm cannot own them: cargo-generate-rpm 0.21's directory entries
+# (`dir = true`) fail the build (it stats an empty source path).
+if [ "${1:-0}" -eq 0 ]; then
+    rmdir /etc/hyperfuncd /usr/share/hyperfuncd /usr/share/doc/hyperfuncd 2>/dev/null || true
+fi
+
 exit 0

@@ -166,18 +166,21 @@ pub fn routes(
                         return e.into_response();
                     }
                     let query = parse_query(&raw_query);
+                    let path = path.as_str().to_string();
                     let req = Req {
                         method,
-                        path: path.as_str().to_string(),
+                        path: path.clone(),
                         query,
                         raw_query,
                         headers,
                         body,
                     };
-                    match route(&svc, req).await {
+                    let r = match route(&svc, req).await {
                         Ok(r) => r,
                         Err(e) => e.into_response(),
-                    }
+                    };
+                    crate::metrics::http_request(&path, r.status().as_u16());
+                    r
                 }
             },
         )
@@ -305,7 +308,7 @@ async fn route(svc: &Arc<Service>, mut req: Req) -> ApiResult {
             // Any valid key: queue sizes are not for the whole network.
             authenticate(svc, &req.headers).await?;
             Ok(text_response(
-                metrics(svc).await,
+                crate::metrics::render(svc).await,
                 "text/plain; version=0.0.4",
             ))
         }
@@ -640,24 +643,6 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(f(tx));
     tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok)
-}
-
-async fn metrics(svc: &Service) -> String {
-    let engine = svc.engine_ok().await;
-    format!(
-        "# HELP hyperfuncd_queued_calls Calls waiting in the per-user queues.\n\
-         # TYPE hyperfuncd_queued_calls gauge\nhyperfuncd_queued_calls {}\n\
-         # HELP hyperfuncd_running_calls Calls running in containers.\n\
-         # TYPE hyperfuncd_running_calls gauge\nhyperfuncd_running_calls {}\n\
-         # HELP hyperfuncd_engine_up Whether the Docker Engine answers.\n\
-         # TYPE hyperfuncd_engine_up gauge\nhyperfuncd_engine_up {}\n\
-         # HELP hyperfuncd_db_bytes Size of the database on disk.\n\
-         # TYPE hyperfuncd_db_bytes gauge\nhyperfuncd_db_bytes {}\n",
-        svc.store.queue_len().await.unwrap_or(0),
-        svc.scheduler.running_total(),
-        u8::from(engine),
-        svc.store.size_on_disk().await,
-    )
 }
 
 /// The CGI-style environment of a call: `X-Foo-Bar: v` → `HTTP_X_FOO_BAR=v`,

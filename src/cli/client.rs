@@ -60,7 +60,7 @@ impl Client {
         let resp = r
             .send()
             .await
-            .map_err(|e| anyhow!("cannot reach {}: {}", self.endpoint, error_chain(&e)))?;
+            .map_err(|e| unreachable_error(&self.endpoint, &e))?;
         check(resp).await
     }
 
@@ -177,6 +177,23 @@ async fn check(resp: Response) -> anyhow::Result<Response> {
     }
 }
 
+/// "cannot reach": the cause, and what to do about the two usual ones.
+fn unreachable_error(endpoint: &str, e: &reqwest::Error) -> anyhow::Error {
+    let chain = error_chain(e);
+    anyhow!("cannot reach {endpoint}: {chain}{}", hint(&chain))
+}
+
+fn hint(chain: &str) -> &'static str {
+    let lower = chain.to_ascii_lowercase();
+    if lower.contains("connection refused") {
+        "; is `hyperfuncd serve` running there?"
+    } else if lower.contains("certificate") || lower.contains("unknownissuer") {
+        "; pass the server's CA certificate with --ca FILE (or HYPERFUNC_CA), e.g. DATA_DIR/tls/cert.pem of a self-signed server"
+    } else {
+        ""
+    }
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
@@ -186,4 +203,19 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hint;
+
+    #[test]
+    fn hints_say_what_to_do() {
+        assert!(hint(
+            "client error (Connect): tcp connect error: Connection refused (os error 111)"
+        )
+        .contains("hyperfuncd serve"));
+        assert!(hint("invalid peer certificate: UnknownIssuer").contains("--ca"));
+        assert_eq!(hint("dns error: failed to lookup address"), "");
+    }
 }

@@ -4,6 +4,7 @@
 
 pub mod bench;
 mod client;
+pub mod docs;
 mod profile;
 
 pub use profile::Profile;
@@ -48,6 +49,9 @@ pub struct RemoteFlags {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the daemon: HTTPS API, scheduler and container runtime
+    #[command(
+        after_help = "Example:\n  hyperfuncd serve --config /etc/hyperfuncd/config.toml --listen 0.0.0.0:8443"
+    )]
     Serve(ServeArgs),
     /// Manage and call functions
     #[command(subcommand)]
@@ -57,6 +61,14 @@ pub enum Command {
     User(UserCmd),
     /// Measure hyperfuncd against raw `docker run` on this host (private daemons; prints one table)
     Bench(bench::BenchArgs),
+    /// Print a shell completion script: bash, zsh, fish, elvish or powershell
+    #[command(
+        after_help = "Example:\n  hyperfuncd completions bash > /etc/bash_completion.d/hyperfuncd"
+    )]
+    Completions(docs::CompletionsArgs),
+    /// Write man pages for every command into a directory
+    #[command(after_help = "Example:\n  hyperfuncd man /usr/local/share/man/man1")]
+    Man(docs::ManArgs),
 }
 
 #[derive(Args, Debug)]
@@ -81,7 +93,11 @@ pub enum Format {
 #[derive(Subcommand, Debug)]
 pub enum FuncCmd {
     /// Register a function: IMAGE [COMMAND [ARG...]]
+    #[command(
+        after_help = "Example:\n  hyperfuncd func create --name resize -e WIDTH=640 --timeout 30s myorg/resize:1.2 resize --png"
+    )]
     Create {
+        /// Name of the function: lower-case letters, digits and '-', at most 63
         #[arg(long)]
         name: String,
         /// Environment variable K=V (repeatable)
@@ -102,16 +118,23 @@ pub enum FuncCmd {
         /// OCI runtime of its containers, e.g. runsc (gVisor); default: the server's
         #[arg(long)]
         runtime: Option<String>,
+        /// Docker image; present locally or pulled from an allowed registry
         image: String,
+        /// Command and arguments to run (default: the image's CMD)
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
     /// Change a function; running calls keep their old settings
+    #[command(
+        after_help = "Example:\n  hyperfuncd func update resize -e WIDTH=800 --timeout none -- resize --jpeg"
+    )]
     Update {
+        /// The function to change
         name: String,
         /// Add or replace an environment variable K=V (repeatable)
         #[arg(short = 'e', long = "env")]
         env: Vec<String>,
+        /// File of K=V lines to add or replace (# comments and blank lines ignored)
         #[arg(long)]
         env_file: Vec<PathBuf>,
         /// Remove an environment variable (repeatable)
@@ -120,8 +143,10 @@ pub enum FuncCmd {
         /// New timeout, or "none" to remove it
         #[arg(long)]
         timeout: Option<String>,
+        /// New memory limit, e.g. 268435456, 256m, 1g
         #[arg(long, value_parser = parse_bytes)]
         memory: Option<u64>,
+        /// New CPU limit, e.g. 0.5
         #[arg(long)]
         cpus: Option<f64>,
         /// New OCI runtime, or "default" to follow the server's again
@@ -138,54 +163,74 @@ pub enum FuncCmd {
         command: Vec<String>,
     },
     /// List functions
+    #[command(after_help = "Example:\n  hyperfuncd func ls -o json")]
     Ls {
+        /// Output format: a table for people, or JSON for scripts
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Format,
     },
     /// Show functions as JSON (one object, or an array for several names)
+    #[command(after_help = "Example:\n  hyperfuncd func inspect resize")]
     Inspect {
+        /// Functions to show
         #[arg(required = true)]
         names: Vec<String>,
     },
     /// Remove functions
+    #[command(after_help = "Example:\n  hyperfuncd func rm --force resize")]
     Rm {
         /// Cancel queued calls and kill running ones
         #[arg(long, short)]
         force: bool,
+        /// Functions to remove
         #[arg(required = true)]
         names: Vec<String>,
     },
     /// Call a function; the payload is piped STDIN, if any
+    #[command(after_help = "Example:\n  hyperfuncd func call resize < photo.png")]
     Call {
         /// Wait and print the call's STDOUT instead of its id
         #[arg(long)]
         sync: bool,
+        /// The function to call
         name: String,
     },
     /// Print a call's STDOUT (once: it is deleted when fetched)
+    #[command(
+        after_help = "Example:\n  hyperfuncd func get --wait 0c6f3b5e-0f0c-4d55-8a4b-2b0c3f7a9e21 > small.png"
+    )]
     Get {
         /// Wait until the call has ended
         #[arg(long)]
         wait: bool,
+        /// The CallId that `func call` printed
         call_id: String,
     },
     /// Show a function's call events
+    #[command(after_help = "Example:\n  hyperfuncd func logs --follow --tail 20 resize")]
     Logs {
+        /// Only the last N events
         #[arg(long)]
         tail: Option<usize>,
         /// Keep printing new events until interrupted
         #[arg(long, short)]
         follow: bool,
+        /// Only the events of this call
         #[arg(long)]
         callid: Option<String>,
+        /// Output format: a table for people, or JSON for scripts
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Format,
+        /// The function whose events to show
         name: String,
     },
     /// Count a function's calls by state
+    #[command(after_help = "Example:\n  hyperfuncd func status -o json resize")]
     Status {
+        /// Output format: a table for people, or JSON for scripts
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Format,
+        /// The function whose calls to count
         name: String,
     },
 }
@@ -193,8 +238,13 @@ pub enum FuncCmd {
 #[derive(Subcommand, Debug)]
 pub enum UserCmd {
     /// Add a user; prints the key once, alone on the last line
+    #[command(
+        after_help = "Example:\n  key=$(hyperfuncd user add bob --max-concurrency 4 | tail -1)"
+    )]
     Add {
+        /// Name of the new user
         name: String,
+        /// Calls of the user that may run at once; more wait in its queue (default: scheduler.default_max_concurrency)
         #[arg(long)]
         max_concurrency: Option<u32>,
         /// Make the user an administrator
@@ -202,15 +252,24 @@ pub enum UserCmd {
         admin: bool,
     },
     /// List users
+    #[command(after_help = "Example:\n  hyperfuncd user ls")]
     Ls {
+        /// Output format: a table for people, or JSON for scripts
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Format,
     },
     /// Remove a user (who owns no functions)
-    Rm { name: String },
-    /// Change a user's quota or key
-    Update {
+    #[command(after_help = "Example:\n  hyperfuncd user rm bob")]
+    Rm {
+        /// The user to remove
         name: String,
+    },
+    /// Change a user's quota or key
+    #[command(after_help = "Example:\n  hyperfuncd user update bob --rotate-key | tail -1")]
+    Update {
+        /// The user to change
+        name: String,
+        /// New quota of calls running at once
         #[arg(long)]
         max_concurrency: Option<u32>,
         /// Issue a new key (printed alone on the last line); the old one stops working
@@ -230,7 +289,9 @@ pub async fn run_remote(flags: RemoteFlags, command: Command) -> anyhow::Result<
     let client = Client::new(&profile)?;
     let mut out = std::io::stdout().lock();
     match command {
-        Command::Serve(_) | Command::Bench(_) => bail!("not a remote command"),
+        Command::Serve(_) | Command::Bench(_) | Command::Completions(_) | Command::Man(_) => {
+            bail!("not a remote command")
+        }
         Command::Func(cmd) => func(&client, cmd, &mut out).await,
         Command::User(cmd) => user(&client, cmd, &mut out).await,
     }

@@ -159,6 +159,15 @@ impl Scheduler {
         self.state().running_total
     }
 
+    /// Warm containers ready for a call, per function name.
+    pub fn pool_idle(&self) -> HashMap<String, usize> {
+        let mut idle = HashMap::new();
+        for (spec, _) in self.pool.idle_specs() {
+            *idle.entry(spec.function).or_default() += 1;
+        }
+        idle
+    }
+
     /// Cancels a running call: its container is killed and it ends FAILED "cancelled".
     pub fn cancel(&self, id: &CallId) -> bool {
         match self.state().cancels.get(id) {
@@ -420,7 +429,10 @@ impl Scheduler {
         let mut deadline = tokio::time::Instant::now();
         loop {
             changes.borrow_and_update();
-            if self.store.cancel_queued(name, REMOVED).await? > 0 {
+            let cancelled = self.store.cancel_queued(name, REMOVED).await?;
+            if cancelled > 0 {
+                crate::metrics::calls_cancelled(name, cancelled);
+                crate::logging::calls_cancelled(name, cancelled);
                 // Wake output waiters of the failed calls.
                 self.changed();
             }
@@ -468,8 +480,17 @@ impl Scheduler {
 
     /// Ends a call FAILED with `message`.
     async fn fail(&self, id: &CallId, message: &str) -> Result<(), StoreError> {
-        self.store.finish(id, Outcome::failed(message)).await?;
+        self.finish(id, Outcome::failed(message)).await?;
         Ok(())
+    }
+
+    /// Records how a call ended: every end of a call that ran or was
+    /// dispatched goes through here, so this is where ends are counted.
+    async fn finish(&self, id: &CallId, outcome: Outcome) -> Result<Call, StoreError> {
+        let call = self.store.finish(id, outcome).await?;
+        crate::metrics::call_ended(&call);
+        crate::logging::call_ended(&call);
+        Ok(call)
     }
 
     /// Removes this instance's containers that belong to no running call.
@@ -534,6 +555,7 @@ impl Scheduler {
         };
         crate::crash_point!("start-durable");
         tracing::debug!(call = %id, owner = %owner, "dispatched");
+        crate::metrics::call_started(&call);
         let token = CancellationToken::new();
         let (started_tx, started_rx) = oneshot::channel();
         let (previous, generation) = {
@@ -665,6 +687,9 @@ impl Scheduler {
             started: Some(started),
         };
         let claimed = self.pool.take(&warm);
+        if self.pool.enabled() {
+            crate::metrics::pool_take(&warm.function, claimed.is_some());
+        }
         let result = match &claimed {
             Some(c) => {
                 // The container has the function's env; the frame adds the request's.
@@ -701,6 +726,9 @@ impl Scheduler {
         warm: &WarmSpec,
         result: Result<crate::runtime::Ran, RuntimeError>,
     ) -> Result<(), StoreError> {
+        if let Err(e) = &result {
+            crate::metrics::engine_error(e);
+        }
         match result {
             Ok(mut ran) => {
                 if ran.outcome.message.as_deref() == Some("cancelled") {
@@ -710,7 +738,7 @@ impl Scheduler {
                 // Durable before the container goes: if this fails, the call
                 // stays RUNNING on disk and its container is the evidence
                 // that makes the next recovery fail it, never re-run it.
-                self.store.finish(&call.id, ran.outcome).await?;
+                self.finish(&call.id, ran.outcome).await?;
                 crate::crash_point!("finish-durable");
                 if let Some(c) = ran.container {
                     self.runtime.remove(&c).await;

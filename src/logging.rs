@@ -1,0 +1,111 @@
+//! The daemon's log: set-up (level, text or JSON, colours only on a
+//! terminal) and the audit trail, the events an operator must find in the
+//! journal months later at the default level (`info`): function and user
+//! changes, key rotations, failed calls with their reason. Per-call detail
+//! (accepted, finished) is `debug`.
+//!
+//! Audit events have the target `hyperfuncd::audit`, so they can be kept at
+//! a quieter level (`HYPERFUNCD_LOG=warn,hyperfuncd::audit=info`). They never
+//! carry a key, a capability secret or a payload.
+
+use crate::config::LogFormat;
+use crate::model::{Call, CallState, Function, Name, User};
+use std::io::IsTerminal;
+
+/// The target of every audit event.
+pub const AUDIT: &str = "hyperfuncd::audit";
+
+/// Sets up the global subscriber on stderr. `default_level` applies unless
+/// `HYPERFUNCD_LOG` is set (and not empty); `HYPERFUNCD_LOG_FORMAT`
+/// (`text`/`json`) overrides `format`.
+pub fn init(default_level: &str, format: LogFormat) -> Result<(), String> {
+    let format = match std::env::var("HYPERFUNCD_LOG_FORMAT") {
+        Ok(v) if v.eq_ignore_ascii_case("json") => LogFormat::Json,
+        Ok(v) if v.eq_ignore_ascii_case("text") => LogFormat::Text,
+        Ok(v) if v.is_empty() => format,
+        Ok(v) => {
+            return Err(format!(
+                "HYPERFUNCD_LOG_FORMAT={v:?}: expected text or json"
+            ))
+        }
+        Err(_) => format,
+    };
+    let filter = match std::env::var("HYPERFUNCD_LOG") {
+        Ok(v) if !v.trim().is_empty() => tracing_subscriber::EnvFilter::try_new(&v)
+            .map_err(|e| format!("HYPERFUNCD_LOG={v:?}: {e}"))?,
+        _ => tracing_subscriber::EnvFilter::new(default_level),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_ansi(false)
+            .try_init(),
+        // Colour codes in a file or the journal are noise.
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+            .try_init(),
+    };
+    result.map_err(|e| format!("cannot set up logging: {e}"))
+}
+
+// ---- the audit trail ----
+
+pub fn function_created(actor: &User, f: &Function) {
+    tracing::info!(target: AUDIT, actor = %actor.name, function = %f.name, owner = %f.owner,
+        image = %f.spec.image, "function created");
+}
+
+pub fn function_updated(actor: &User, f: &Function, url_refreshed: bool) {
+    tracing::info!(target: AUDIT, actor = %actor.name, function = %f.name, owner = %f.owner,
+        image = %f.spec.image, url_refreshed, "function updated");
+}
+
+pub fn function_removed(actor: &User, name: &Name, force: bool) {
+    tracing::info!(target: AUDIT, actor = %actor.name, function = %name, force, "function removed");
+}
+
+pub fn user_added(actor: &User, user: &User) {
+    tracing::info!(target: AUDIT, actor = %actor.name, user = %user.name,
+        max_concurrency = user.max_concurrency, admin = user.admin, "user added");
+}
+
+pub fn user_updated(actor: &User, user: &User, key_rotated: bool) {
+    tracing::info!(target: AUDIT, actor = %actor.name, user = %user.name,
+        max_concurrency = user.max_concurrency, key_rotated, "user updated");
+    if key_rotated {
+        tracing::info!(target: AUDIT, actor = %actor.name, user = %user.name, "user key rotated");
+    }
+}
+
+pub fn user_removed(actor: &User, name: &Name) {
+    tracing::info!(target: AUDIT, actor = %actor.name, user = %name, "user removed");
+}
+
+/// A call was accepted (durable).
+pub fn call_accepted(call: &Call) {
+    tracing::debug!(call = %call.id, function = %call.function, owner = %call.owner,
+        stdin_bytes = call.stdin_len, "call accepted");
+}
+
+/// A call ended: a failure is audited with its reason, a success is detail.
+pub fn call_ended(call: &Call) {
+    match call.state {
+        CallState::Failed => tracing::info!(target: AUDIT, call = %call.id,
+            function = %call.function, owner = %call.owner, exit_code = call.exit_code,
+            reason = call.message.as_deref().unwrap_or(""), "call failed"),
+        _ => tracing::debug!(call = %call.id, function = %call.function,
+            state = call.state.as_str(), stdout_bytes = call.stdout_len, "call ended"),
+    }
+}
+
+/// `count` queued calls of a removed function were failed at once.
+pub fn calls_cancelled(function: &Name, count: usize) {
+    tracing::info!(target: AUDIT, function = %function, count,
+        reason = "cancelled: the function was removed", "queued calls failed");
+}

@@ -1,0 +1,321 @@
+//! Prometheus metrics: the one place that names the `metrics` crates and
+//! the metric names. Events (a call accepted, started, ended; an HTTP
+//! answer; an Engine error; a warm-pool hit) are counted where they happen
+//! through the small functions below; levels (queues, caches, warm
+//! containers) are read from the store and the scheduler when `/metrics` is
+//! scraped, so they can never drift from the state they describe.
+//!
+//! It never changes state and never fails a request: without an installed
+//! recorder (unit tests, the CLI) every function here is a no-op.
+
+use crate::model::{Call, CallState, Name};
+use crate::runtime::RuntimeError;
+use crate::service::Service;
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
+use std::collections::HashMap;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// Bucket bounds of every `*_seconds` histogram: from a warm call's queue
+/// wait (milliseconds) to a long batch job (an hour).
+const SECONDS_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+/// Gauges are all set at scrape time; one not set for this long belongs to
+/// a function or user that is gone, and leaves the output.
+const GAUGE_IDLE: Duration = Duration::from_secs(30);
+/// How often histogram samples are folded into their buckets when nobody scrapes.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide recorder (once; later calls return the same
+/// handle) and, inside a tokio runtime, its upkeep task. `None` if another
+/// recorder is installed already.
+pub fn install() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+                .map(|b| b.idle_timeout(MetricKindMask::GAUGE, Some(GAUGE_IDLE)))
+                .and_then(|b| b.install_recorder());
+            match handle {
+                Ok(h) => {
+                    describe();
+                    // Present from the start, so a rate() has a baseline.
+                    for kind in ["unreachable", "error", "pull"] {
+                        counter!("hyperfuncd_engine_errors_total", "kind" => kind).absolute(0);
+                    }
+                    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                        let upkeep = h.clone();
+                        rt.spawn(async move {
+                            let mut every = tokio::time::interval(UPKEEP_EVERY);
+                            loop {
+                                every.tick().await;
+                                upkeep.run_upkeep();
+                            }
+                        });
+                    }
+                    Some(h)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics recorder not installed; /metrics shows levels only");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+// ---- events ----
+
+/// A call was accepted (durable, answered 202).
+pub fn call_accepted(call: &Call) {
+    counter!("hyperfuncd_calls_accepted_total", "function" => call.function.to_string())
+        .increment(1);
+}
+
+/// A call got its container slot: how long it queued.
+pub fn call_started(call: &Call) {
+    if let Some(started) = call.started_ms {
+        histogram!("hyperfuncd_call_queue_wait_seconds", "function" => call.function.to_string())
+            .record(ms_to_secs(started.saturating_sub(call.created_ms)));
+    }
+}
+
+/// A call ended; `call` is the record as stored, so a FINISHED outcome the
+/// store turned FAILED (no space for the output) counts as failed.
+pub fn call_ended(call: &Call) {
+    let state = match call.state {
+        CallState::Finished => "finished",
+        CallState::Failed => "failed",
+        // Not an end: nothing to count.
+        CallState::Pending | CallState::Running => return,
+    };
+    let function = call.function.to_string();
+    counter!("hyperfuncd_calls_total", "function" => function.clone(), "state" => state)
+        .increment(1);
+    if let (Some(started), Some(ended)) = (call.started_ms, call.finished_ms) {
+        histogram!("hyperfuncd_call_run_seconds", "function" => function)
+            .record(ms_to_secs(ended.saturating_sub(started)));
+    }
+}
+
+/// `count` queued calls of `function` were failed at once (`func rm --force`).
+pub fn calls_cancelled(function: &Name, count: usize) {
+    counter!("hyperfuncd_calls_total", "function" => function.to_string(), "state" => "failed")
+        .increment(count as u64);
+}
+
+/// A call of `function` took a warm container (`hit`) or, with the pool
+/// on, found none ready.
+pub fn pool_take(function: &str, hit: bool) {
+    let name = if hit {
+        "hyperfuncd_pool_hits_total"
+    } else {
+        "hyperfuncd_pool_misses_total"
+    };
+    counter!(name, "function" => function.to_string()).increment(1);
+}
+
+/// The Docker Engine failed a request: it was unreachable, or answered
+/// with an error. A refused image or runtime is the user's, not the Engine's.
+pub fn engine_error(e: &RuntimeError) {
+    let kind = match e {
+        RuntimeError::Unavailable { .. } => "unreachable",
+        RuntimeError::Engine(_) => "error",
+        RuntimeError::Pull { .. } => "pull",
+        RuntimeError::BadImage(_) | RuntimeError::UnknownRuntime { .. } => return,
+    };
+    counter!("hyperfuncd_engine_errors_total", "kind" => kind).increment(1);
+}
+
+/// An HTTP request was answered with `status`.
+pub fn http_request(path: &str, status: u16) {
+    counter!(
+        "hyperfuncd_http_requests_total",
+        "route" => route_class(path),
+        "status" => status.to_string()
+    )
+    .increment(1);
+}
+
+/// A fixed label for a request path, so neither function names nor
+/// capability secrets nor garbage paths become label values.
+fn route_class(path: &str) -> &'static str {
+    let mut segs = path.trim_start_matches('/').split('/');
+    match (segs.next(), segs.next()) {
+        (Some("call"), _) => "call",
+        (Some("output"), _) => "output",
+        (Some("logs"), _) => "logs",
+        (Some("status"), _) => "status",
+        (Some("healthz"), _) => "healthz",
+        (Some("metrics"), _) => "metrics",
+        (Some("openapi.yaml"), _) => "openapi",
+        (Some("ui"), _) => "ui",
+        (Some("v1"), Some("functions")) => "v1_functions",
+        (Some("v1"), Some("calls")) => "v1_calls",
+        (Some("v1"), Some("users")) => "v1_users",
+        _ => "other",
+    }
+}
+
+fn ms_to_secs(ms: u64) -> f64 {
+    ms as f64 / 1000.0
+}
+
+// ---- scrape ----
+
+/// The Prometheus text exposition: levels read now, then every series the
+/// recorder holds.
+pub async fn render(svc: &Service) -> String {
+    let Some(handle) = install() else {
+        return String::new();
+    };
+    gauge!("hyperfuncd_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    gauge!("hyperfuncd_engine_up").set(if svc.engine_ok().await { 1.0 } else { 0.0 });
+    gauge!("hyperfuncd_db_bytes").set(svc.store.size_on_disk().await as f64);
+    let limits = &svc.config.limits;
+    gauge!("hyperfuncd_output_cache_budget_bytes").set(limits.output_cache_bytes as f64);
+    gauge!("hyperfuncd_log_cache_budget_bytes").set(limits.log_cache_bytes as f64);
+
+    // Per user: every user shows, with 0 when idle.
+    let mut per_user: HashMap<String, (u64, u64)> = HashMap::new();
+    if let Ok(users) = svc.store.list_users().await {
+        for u in users {
+            gauge!("hyperfuncd_user_max_concurrency", "user" => u.name.to_string())
+                .set(f64::from(u.max_concurrency));
+            per_user.entry(u.name.to_string()).or_default();
+        }
+    }
+    let idle = svc.scheduler.pool_idle();
+    if let Ok(functions) = svc.store.list_functions(None).await {
+        for f in functions {
+            let Ok(s) = svc.store.stats(&f.name).await else {
+                continue;
+            };
+            let name = f.name.to_string();
+            gauge!("hyperfuncd_output_cache_bytes", "function" => name.clone())
+                .set(s.output_bytes as f64);
+            gauge!("hyperfuncd_log_cache_bytes", "function" => name.clone())
+                .set(s.log_bytes as f64);
+            if svc.config.pool.per_function > 0 {
+                let n = idle.get(&name).copied().unwrap_or(0);
+                gauge!("hyperfuncd_pool_idle_containers", "function" => name).set(n as f64);
+            }
+            let u = per_user.entry(f.owner.to_string()).or_default();
+            u.0 += s.pending;
+            u.1 += s.running;
+        }
+    }
+    for (user, (queued, running)) in per_user {
+        gauge!("hyperfuncd_queued_calls", "user" => user.clone()).set(queued as f64);
+        gauge!("hyperfuncd_running_calls", "user" => user).set(running as f64);
+    }
+    handle.render()
+}
+
+/// What each metric means, in the exposition's `# HELP` lines.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        "hyperfuncd_calls_accepted_total",
+        "Calls accepted (durable, answered 202), per function."
+    );
+    describe_counter!(
+        "hyperfuncd_calls_total",
+        "Calls that ended, per function, by state (finished or failed)."
+    );
+    describe_histogram!(
+        "hyperfuncd_call_queue_wait_seconds",
+        Unit::Seconds,
+        "Time from acceptance to dispatch into a container, per function."
+    );
+    describe_histogram!(
+        "hyperfuncd_call_run_seconds",
+        Unit::Seconds,
+        "Time from dispatch to the recorded end of a call, per function."
+    );
+    describe_counter!(
+        "hyperfuncd_pool_hits_total",
+        "Calls that took a ready warm container, per function."
+    );
+    describe_counter!(
+        "hyperfuncd_pool_misses_total",
+        "Calls that found no ready warm container (pool enabled), per function."
+    );
+    describe_counter!(
+        "hyperfuncd_engine_errors_total",
+        "Docker Engine failures by kind: unreachable, error, pull."
+    );
+    describe_counter!(
+        "hyperfuncd_http_requests_total",
+        "HTTP requests answered, by route class and status code."
+    );
+    describe_gauge!(
+        "hyperfuncd_build_info",
+        "Always 1; the version of this daemon is in the labels."
+    );
+    describe_gauge!(
+        "hyperfuncd_engine_up",
+        "Whether the Docker Engine answers (1) or not (0)."
+    );
+    describe_gauge!(
+        "hyperfuncd_db_bytes",
+        Unit::Bytes,
+        "Size of the database on disk."
+    );
+    describe_gauge!(
+        "hyperfuncd_output_cache_bytes",
+        Unit::Bytes,
+        "STDOUT bytes held in the function's output cache."
+    );
+    describe_gauge!(
+        "hyperfuncd_log_cache_bytes",
+        Unit::Bytes,
+        "Log event bytes held in the function's log cache."
+    );
+    describe_gauge!(
+        "hyperfuncd_output_cache_budget_bytes",
+        Unit::Bytes,
+        "Budget of each function's output cache (limits.output_cache_bytes)."
+    );
+    describe_gauge!(
+        "hyperfuncd_log_cache_budget_bytes",
+        Unit::Bytes,
+        "Budget of each function's log cache (limits.log_cache_bytes)."
+    );
+    describe_gauge!(
+        "hyperfuncd_pool_idle_containers",
+        "Warm containers ready for a call, per function."
+    );
+    describe_gauge!(
+        "hyperfuncd_queued_calls",
+        "Calls waiting in the user's queue."
+    );
+    describe_gauge!(
+        "hyperfuncd_running_calls",
+        "Calls of the user running in containers."
+    );
+    describe_gauge!(
+        "hyperfuncd_user_max_concurrency",
+        "The user's quota of calls running at once."
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_classes_are_a_fixed_set() {
+        assert_eq!(route_class("/call/f/secret/sync"), "call");
+        assert_eq!(route_class("/v1/functions/f/call"), "v1_functions");
+        assert_eq!(route_class("/v1/users"), "v1_users");
+        assert_eq!(route_class("/v1"), "other");
+        assert_eq!(route_class("/../../etc/passwd"), "other");
+        assert_eq!(route_class(""), "other");
+    }
+}
