@@ -794,7 +794,33 @@ impl Drop for PrivateEngine {
         let _ = Command::new("pkill")
             .args(["-9", "-f", &self.dir.display().to_string()])
             .output();
+        unmount_below(&self.dir);
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Detaches every mount at or below `dir`, deepest first: dockerd leaves
+/// its `--data-root` bind-mounted on itself, and removing the directory
+/// would otherwise leave it behind.
+fn unmount_below(dir: &std::path::Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let prefix = dir.display().to_string();
+    // Field 5 is the mount point; octal escapes do not occur in our paths.
+    let mut points: Vec<&str> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| *p == prefix || p.starts_with(&format!("{prefix}/")))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        if let Ok(c) = std::ffi::CString::new(p) {
+            // SAFETY: umount2 on a NUL-terminated path we own; failure is ignored.
+            unsafe {
+                libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+            }
+        }
     }
 }
 
