@@ -1,7 +1,8 @@
 //! Calls and the per-user queues: accept, start, requeue, finish, cancel,
-//! and retention of ended calls. Each state change is one transaction that
-//! also moves the call's queue entry, its live/done index entries, the
-//! function's counters and its log.
+//! and retention of ended calls. Each state change is one transaction (an
+//! inline accept: one staged write, `stage.rs`) that also moves the call's
+//! queue entry, its live/done index entries, the function's counters and
+//! its log.
 
 use super::codec::{key_prefix, seq_prefix};
 use super::directory::done_key;

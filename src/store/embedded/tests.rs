@@ -135,8 +135,8 @@ async fn queue_is_fifo_per_owner_and_counts_follow() {
     );
 }
 
-/// Inline accepts submitted together share the commit thread's transaction;
-/// one refused (its function is gone) must not undo the others.
+/// Inline accepts submitted together share the commit thread's round and
+/// flush; one refused (its function is gone) must not undo the others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_accept_leaves_its_round_stored() {
     let (dir, store) = setup(config()).await;
