@@ -209,6 +209,10 @@ pub struct StoreSection {
     /// rather than eat into it, and an output that does not fit ends its
     /// call FAILED, so state changes always have room.
     pub min_free_bytes: u64,
+    /// `sled`: the embedded store in the data dir, for one node. `nats`:
+    /// a NATS JetStream cluster (`[store.nats]`) shared by several nodes.
+    pub backend: StoreBackend,
+    pub nats: NatsSection,
 }
 
 impl Default for StoreSection {
@@ -216,6 +220,42 @@ impl Default for StoreSection {
         Self {
             inline_max_bytes: 64 * 1024,
             min_free_bytes: 128 * MIB,
+            backend: StoreBackend::Sled,
+            nats: NatsSection::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    #[default]
+    Sled,
+    Nats,
+}
+
+/// The JetStream cluster of `backend = "nats"` (`[store.nats]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsSection {
+    /// Server URLs, e.g. `nats://10.0.0.1:4222`; any one of them is enough
+    /// to find the rest of the cluster.
+    pub servers: Vec<String>,
+    /// A `.creds` file (JWT and NKey seed), if the servers require one.
+    pub credentials: Option<PathBuf>,
+    /// CA certificate to verify the servers' TLS certificates (TLS is then required).
+    pub ca: Option<PathBuf>,
+    /// Copies of every stream and bucket: 3 for a three-server cluster.
+    pub replicas: usize,
+}
+
+impl Default for NatsSection {
+    fn default() -> Self {
+        Self {
+            servers: vec!["nats://127.0.0.1:4222".into()],
+            credentials: None,
+            ca: None,
+            replicas: 3,
         }
     }
 }
@@ -478,6 +518,20 @@ impl Config {
             min_free_bytes: self.store.min_free_bytes,
             output_budget: self.limits.output_cache_bytes,
             log_budget: self.limits.log_cache_bytes,
+        }
+    }
+
+    /// What the shared store needs to know.
+    pub fn nats(&self) -> crate::store::NatsConfig {
+        crate::store::NatsConfig {
+            servers: self.store.nats.servers.clone(),
+            credentials: self.store.nats.credentials.clone(),
+            ca: self.store.nats.ca.clone(),
+            replicas: self.store.nats.replicas,
+            max_message_bytes: self
+                .limits
+                .max_stdin_bytes
+                .max(self.limits.max_stdout_bytes),
         }
     }
 

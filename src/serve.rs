@@ -61,8 +61,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let config = Arc::new(config);
     let data_dir = config.data_dir();
     create_private_dir(&data_dir)?;
-    let store = crate::store::open(&data_dir.join("db"), config.store())
-        .with_context(|| format!("cannot open the database in {}", data_dir.display()))?;
+    let store = match config.store.backend {
+        crate::config::StoreBackend::Sled => {
+            crate::store::open(&data_dir.join("db"), config.store())
+                .with_context(|| format!("cannot open the database in {}", data_dir.display()))?
+        }
+        crate::config::StoreBackend::Nats => {
+            crate::store::open_nats(&data_dir, config.store(), config.nats())
+                .await
+                .context("cannot open the shared store ([store] backend = \"nats\")")?
+        }
+    };
     let instance = store.instance_id().await?;
     let runtime = Arc::new(Runtime::new(
         config.docker_socket(),

@@ -55,6 +55,7 @@ impl From<StoreError> for ServiceError {
                 ServiceError::InsufficientStorage(e.to_string())
             }
             StoreError::Corrupt(m) => ServiceError::Internal(m),
+            StoreError::Unavailable(m) => ServiceError::Unavailable(m),
         }
     }
 }

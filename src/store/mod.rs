@@ -8,8 +8,10 @@
 //! hands out an output) that a crash could take back.
 
 mod embedded;
+mod nats;
 
 pub use embedded::SledStore;
+pub use nats::{NatsConfig, NatsStore, NODE_LOST};
 
 use crate::model::{Call, CallId, Event, Function, Name, Outcome, User};
 use async_trait::async_trait;
@@ -34,6 +36,10 @@ pub enum StoreError {
     /// A record or data file is missing or damaged.
     #[error("{0}")]
     Corrupt(String),
+    /// A shared store's servers cannot be reached now; nothing was lost,
+    /// and the same request may be retried.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// What the embedded store needs from the config.
@@ -100,6 +106,16 @@ pub trait Store: Send + Sync {
     /// error while writing): only a restart recovers.
     async fn failed(&self) -> String;
     async fn size_on_disk(&self) -> u64;
+    /// For a store shared by several nodes: owners whose calls another node
+    /// changed (queued, started, ended), so this node's dispatcher looks
+    /// again. Taken once; `None` for a store only this process writes.
+    fn remote_changes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Name>> {
+        None
+    }
+    /// True when other nodes share this store.
+    fn shared(&self) -> bool {
+        false
+    }
 
     // ---- users ----
     async fn create_user(&self, user: &User) -> Result<()>;
@@ -176,6 +192,15 @@ pub trait Store: Send + Sync {
     /// The sequence of `function`'s newest event, so a follower can skip
     /// what it has already scanned even when its filter matched nothing.
     async fn last_event_seq(&self, function: &Name) -> Result<Option<u64>>;
+}
+
+/// Connects to the shared JetStream store; `dir` keeps this node's id.
+pub async fn open_nats(
+    dir: &std::path::Path,
+    config: StoreConfig,
+    nats: NatsConfig,
+) -> Result<Arc<dyn Store>> {
+    Ok(Arc::new(NatsStore::open(dir, config, nats).await?))
 }
 
 /// Opens the embedded store in `dir`.

@@ -1,0 +1,769 @@
+//! Calls on JetStream: accept (queue message, then record), the claim of a
+//! queue head, the state changes (each one atomic batch with the counters
+//! and indexes, compare-and-set on the call's revision), outputs, logs,
+//! retention, and the reaping of calls whose node was lost.
+
+use super::*;
+use crate::model::{EventKind, OutputState};
+
+/// The header that names a queue message's call.
+const CALL_HEADER: &str = "Hf-Call";
+
+pub fn call_key(id: &CallId) -> String {
+    format!("c.{id}")
+}
+fn live_key(function: &Name, id: &CallId) -> String {
+    format!("l.{function}.{id}")
+}
+fn running_key(id: &CallId) -> String {
+    format!("r.{id}")
+}
+fn done_key(id: &CallId) -> String {
+    format!("d.{id}")
+}
+
+fn count(stats: &mut FunctionStats, state: CallState, delta: i64) {
+    let slot = match state {
+        CallState::Pending => &mut stats.pending,
+        CallState::Running => &mut stats.running,
+        CallState::Finished => &mut stats.finished,
+        CallState::Failed => &mut stats.failed,
+    };
+    *slot = slot.saturating_add_signed(delta);
+}
+
+/// What the head of an owner's queue turned out to be.
+enum Head {
+    /// A PENDING call, now held by this node.
+    Pending(CallId),
+    /// Nothing to start now.
+    Nothing,
+    /// Dealt with (ended, or dropped): look at the next message.
+    Next,
+}
+
+impl Inner {
+    pub(super) async fn accept(&self, mut call: Call, payload: Bytes) -> Result<Call> {
+        if self.function(&call.function).await?.is_none() {
+            return Err(StoreError::NotFound(format!("function {}", call.function)));
+        }
+        // The owner's consumer exists before its first message.
+        self.consumer(&call.owner).await?;
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(CALL_HEADER, call.id.to_string().as_str());
+        let ack = self
+            .bucket
+            .js
+            .publish_with_headers(format!("hfq.{}", call.owner), h, payload)
+            .await
+            .map_err(|e| unavailable("queueing the call", e))?
+            .await
+            .map_err(|e| unavailable("queueing the call", e))?;
+        crate::crash_point!("nats-accept-queued");
+        // The stream's sequence is the FIFO key, as sled's counter is.
+        call.seq = ack.sequence;
+        let stored = retry(|| async {
+            let (srev, stats) = self
+                .bucket
+                .get::<FunctionStats>(&stats_key(&call.function))
+                .await?;
+            let mut stats = stats.unwrap_or_default();
+            stats.total += 1;
+            count(&mut stats, CallState::Pending, 1);
+            self.bucket
+                .commit(vec![
+                    Op::Put(call_key(&call.id), enc(&call)?, Some(0)),
+                    Op::Put(live_key(&call.function, &call.id), Vec::new(), None),
+                    Op::Put(stats_key(&call.function), enc(&stats)?, Some(srev)),
+                ])
+                .await
+        })
+        .await;
+        if let Err(e) = stored {
+            // Not accepted: its message must not run.
+            let _ = self.queue.delete_message(call.seq).await;
+            return Err(e);
+        }
+        self.log(&call, EventKind::Call).await;
+        self.log(&call, EventKind::Pending).await;
+        self.notify(&call.owner).await;
+        Ok(call)
+    }
+
+    /// The oldest queued call of `owner` that this node may start, held
+    /// (unacknowledged) until `start`, or given back after a tick.
+    pub(super) async fn queue_head(&self, owner: &Name) -> Result<Option<CallId>> {
+        if let Some(id) = lock(&self.heads).get(owner) {
+            return Ok(Some(*id));
+        }
+        let consumer = self.consumer(owner).await?;
+        for _ in 0..64 {
+            let mut c = consumer.clone();
+            let info = c
+                .info()
+                .await
+                .map_err(|e| unavailable("reading a queue", e))?;
+            if info.num_ack_pending as i64 >= info.config.max_ack_pending {
+                // The owner's quota is taken across the cluster.
+                return Ok(None);
+            }
+            let held_here = lock(&self.held)
+                .values()
+                .filter(|h| &h.owner == owner)
+                .count();
+            let wait = if info.num_pending > 0 {
+                Duration::from_secs(1)
+            } else if info.num_ack_pending > held_here {
+                // Only redeliveries (given back, or of a lost node) may be due.
+                Duration::from_millis(20)
+            } else {
+                return Ok(None);
+            };
+            let mut batch = consumer
+                .batch()
+                .max_messages(1)
+                .expires(wait)
+                .messages()
+                .await
+                .map_err(|e| unavailable("taking a queued call", e))?;
+            let msg = match batch.next().await {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => return Err(unavailable("taking a queued call", e)),
+                None => return Ok(None),
+            };
+            match self.examine(owner, msg).await? {
+                Head::Pending(id) => return Ok(Some(id)),
+                Head::Nothing => return Ok(None),
+                Head::Next => continue,
+            }
+        }
+        Ok(None)
+    }
+
+    /// Decides what to do with a message handed out by `owner`'s consumer.
+    async fn examine(&self, owner: &Name, msg: jetstream::Message) -> Result<Head> {
+        let id = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(CALL_HEADER))
+            .and_then(|v| CallId::parse(v.as_str()).ok());
+        let Some(id) = id else {
+            tracing::warn!(subject = %msg.subject, "dropping a queue message without a call id");
+            let _ = msg.ack().await;
+            return Ok(Head::Next);
+        };
+        let (_, call) = self.bucket.get::<Call>(&call_key(&id)).await?;
+        let Some(call) = call else {
+            let published = msg.info().map(|i| i.published.unix_timestamp()).ok();
+            let now = (crate::model::now_ms() / 1000) as i64;
+            let age = published.map_or(0, |p| now.saturating_sub(p).max(0) as u64);
+            if age > ORPHAN_AFTER.as_secs() {
+                // Its accept failed before answering: never accepted.
+                let _ = msg.ack().await;
+                return Ok(Head::Next);
+            }
+            // Its accept is still storing the record.
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+            return Ok(Head::Nothing);
+        };
+        match call.state {
+            CallState::Pending => {
+                lock(&self.held).insert(
+                    id,
+                    Held {
+                        msg,
+                        owner: owner.clone(),
+                        since: Instant::now(),
+                        running: false,
+                    },
+                );
+                lock(&self.heads).insert(owner.clone(), id);
+                Ok(Head::Pending(id))
+            }
+            CallState::Running => {
+                let node = self.bucket.get::<String>(&running_key(&id)).await?.1;
+                match node {
+                    Some(n) if self.node_alive(&n).await? => {
+                        // Its node still runs it (a progress ack was late).
+                        let _ = msg
+                            .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
+                            .await;
+                        Ok(Head::Nothing)
+                    }
+                    _ => {
+                        self.lost(&id).await?;
+                        let _ = msg.ack().await;
+                        Ok(Head::Next)
+                    }
+                }
+            }
+            CallState::Finished | CallState::Failed => {
+                let _ = msg.ack().await;
+                Ok(Head::Next)
+            }
+        }
+    }
+
+    pub(super) async fn discard_head(&self, owner: &Name, id: &CallId) {
+        let held = {
+            let mut heads = lock(&self.heads);
+            if heads.get(owner) == Some(id) {
+                heads.remove(owner);
+            }
+            lock(&self.held).remove(id)
+        };
+        if let Some(h) = held {
+            let _ = h.msg.ack().await;
+        }
+    }
+
+    /// PENDING → RUNNING on this node: a compare-and-set on the call's
+    /// revision, so of two nodes holding the same call only one starts it.
+    pub(super) async fn start(&self, id: &CallId) -> Result<Started> {
+        let payload = {
+            let held = lock(&self.held);
+            match held.get(id) {
+                Some(h) if !h.running => h.msg.payload.clone(),
+                _ => return Err(StoreError::NotFound(format!("queued call {id}"))),
+            }
+        };
+        let outcome = retry(|| async {
+            let (rev, call) = self.bucket.get::<Call>(&call_key(id)).await?;
+            let Some(mut call) = call else {
+                return Err(Refused::Error(StoreError::NotFound(format!("call {id}"))));
+            };
+            if call.state != CallState::Pending {
+                return Ok(Err(None));
+            }
+            if self.function(&call.function).await?.is_none() {
+                return Ok(Err(Some("cancelled: the function was removed".to_string())));
+            }
+            if payload.len() as u64 != call.stdin_len {
+                return Ok(Err(Some(format!(
+                    "the payload of call {id} is lost: {} bytes queued, {} accepted",
+                    payload.len(),
+                    call.stdin_len
+                ))));
+            }
+            let (srev, stats) = self
+                .bucket
+                .get::<FunctionStats>(&stats_key(&call.function))
+                .await?;
+            let mut stats = stats.unwrap_or_default();
+            call.transition(CallState::Running)
+                .map_err(|e| Refused::Error(e.into()))?;
+            count(&mut stats, CallState::Pending, -1);
+            count(&mut stats, CallState::Running, 1);
+            self.bucket
+                .commit(vec![
+                    Op::Put(call_key(id), enc(&call)?, Some(rev)),
+                    Op::Put(stats_key(&call.function), enc(&stats)?, Some(srev)),
+                    Op::Put(running_key(id), enc(&self.node)?, None),
+                ])
+                .await?;
+            Ok(Ok(call))
+        })
+        .await;
+        let owner = lock(&self.held).get(id).map(|h| h.owner.clone());
+        if let Some(owner) = &owner {
+            lock(&self.heads).remove(owner);
+        }
+        match outcome {
+            Ok(Ok(call)) => {
+                if let Some(h) = lock(&self.held).get_mut(id) {
+                    h.running = true;
+                    h.since = Instant::now();
+                }
+                self.log(&call, EventKind::Running).await;
+                self.notify(&call.owner).await;
+                Ok(Started::Running(Box::new(call), payload))
+            }
+            Ok(Err(why)) => {
+                if let Some(why) = why {
+                    tracing::warn!(call = %id, reason = %why, "call not started");
+                    match self
+                        .end(id, Outcome::failed(why), Some(CallState::Pending))
+                        .await
+                    {
+                        Ok(_) | Err(StoreError::Transition(_)) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                let held = lock(&self.held).remove(id);
+                if let Some(h) = held {
+                    let _ = h.msg.ack().await;
+                }
+                Ok(Started::Skipped)
+            }
+            Err(e) => {
+                // Give it back: another attempt (here or elsewhere) retries.
+                let held = lock(&self.held).remove(id);
+                if let Some(h) = held {
+                    let _ = h.msg.ack_with(AckKind::Nak(None)).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// RUNNING → PENDING: the Engine refused before any container existed.
+    /// The message is handed out again (at once if this node holds it,
+    /// otherwise once its ack wait ends).
+    pub(super) async fn requeue(&self, id: &CallId) -> Result<()> {
+        let call = retry(|| async {
+            let (rev, call) = self.bucket.get::<Call>(&call_key(id)).await?;
+            let Some(mut call) = call else {
+                return Err(Refused::Error(StoreError::NotFound(format!("call {id}"))));
+            };
+            call.transition(CallState::Pending)
+                .map_err(|e| Refused::Error(e.into()))?;
+            let (srev, stats) = self
+                .bucket
+                .get::<FunctionStats>(&stats_key(&call.function))
+                .await?;
+            let mut stats = stats.unwrap_or_default();
+            count(&mut stats, CallState::Running, -1);
+            count(&mut stats, CallState::Pending, 1);
+            self.bucket
+                .commit(vec![
+                    Op::Put(call_key(id), enc(&call)?, Some(rev)),
+                    Op::Put(stats_key(&call.function), enc(&stats)?, Some(srev)),
+                    Op::Del(running_key(id), None),
+                ])
+                .await?;
+            Ok(call)
+        })
+        .await?;
+        let held = lock(&self.held).remove(id);
+        if let Some(h) = held {
+            let _ = h.msg.ack_with(AckKind::Nak(None)).await;
+        }
+        self.notify(&call.owner).await;
+        Ok(())
+    }
+
+    /// Ends a call from `from` (or from any live state): its output first
+    /// (durable in the function's output stream), then the record, counters
+    /// and indexes in one batch, then its queue message goes.
+    pub(super) async fn end(
+        &self,
+        id: &CallId,
+        outcome: Outcome,
+        from: Option<CallState>,
+    ) -> Result<Call> {
+        let (_, call) = self.bucket.get::<Call>(&call_key(id)).await?;
+        let Some(call) = call else {
+            return Err(StoreError::NotFound(format!("call {id}")));
+        };
+        let len = outcome.stdout.len() as u64;
+        let mut stored = false;
+        if outcome.state == CallState::Finished
+            && len <= self.config.output_budget
+            && call.state == CallState::Running
+        {
+            self.ensure_streams(&call.function).await?;
+            self.bucket
+                .js
+                .publish(
+                    format!("hfo.{}.{id}", call.function),
+                    outcome.stdout.clone(),
+                )
+                .await
+                .map_err(|e| unavailable("storing the output", e))?
+                .await
+                .map_err(|e| unavailable("storing the output", e))?;
+            stored = true;
+        }
+        let ended = retry(|| async {
+            let (rev, call) = self.bucket.get::<Call>(&call_key(id)).await?;
+            let Some(mut call) = call else {
+                return Err(Refused::Error(StoreError::NotFound(format!("call {id}"))));
+            };
+            let was = call.state;
+            if from.is_some_and(|f| f != was) {
+                return Err(Refused::Error(
+                    crate::model::TransitionError {
+                        id: *id,
+                        from: was,
+                        to: outcome.state,
+                    }
+                    .into(),
+                ));
+            }
+            call.finish(&outcome)
+                .map_err(|e| Refused::Error(e.into()))?;
+            if call.state == CallState::Finished && !stored {
+                call.output = OutputState::Evicted;
+            }
+            let (srev, stats) = self
+                .bucket
+                .get::<FunctionStats>(&stats_key(&call.function))
+                .await?;
+            let mut stats = stats.unwrap_or_default();
+            count(&mut stats, was, -1);
+            count(&mut stats, call.state, 1);
+            let done = (call.finished_ms.unwrap_or_default(), call.function.clone());
+            self.bucket
+                .commit(vec![
+                    Op::Put(call_key(id), enc(&call)?, Some(rev)),
+                    Op::Put(stats_key(&call.function), enc(&stats)?, Some(srev)),
+                    Op::Del(running_key(id), None),
+                    Op::Del(live_key(&call.function, id), None),
+                    Op::Put(done_key(id), enc(&done)?, None),
+                ])
+                .await?;
+            Ok(call)
+        })
+        .await?;
+        crate::crash_point!("nats-end-committed");
+        let held = lock(&self.held).remove(id);
+        match held {
+            Some(h) => {
+                lock(&self.heads).retain(|_, head| head != id);
+                let _ = h.msg.ack().await;
+            }
+            None => {
+                let _ = self.queue.delete_message(ended.seq).await;
+            }
+        }
+        let kind = if ended.state == CallState::Finished {
+            EventKind::Finished
+        } else {
+            EventKind::Failed
+        };
+        self.log(&ended, kind).await;
+        self.notify(&ended.owner).await;
+        Ok(ended)
+    }
+
+    /// A call RUNNING on a node that is gone ends FAILED, never runs again.
+    pub(super) async fn lost(&self, id: &CallId) -> Result<()> {
+        match self
+            .end(id, Outcome::failed(NODE_LOST), Some(CallState::Running))
+            .await
+        {
+            Ok(call) => {
+                tracing::warn!(call = %id, function = %call.function, "{NODE_LOST}");
+                Ok(())
+            }
+            // Ended meanwhile, by its node or another reaper.
+            Err(StoreError::Transition(_) | StoreError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Fails the calls RUNNING on nodes whose heartbeat expired.
+    pub(super) async fn reap(&self) -> Result<()> {
+        let mut alive: HashMap<String, bool> = HashMap::new();
+        for (k, v) in self.bucket.scan("r.").await? {
+            let node: String = dec(&k, &v)?;
+            let ok = match alive.get(&node) {
+                Some(ok) => *ok,
+                None => {
+                    let ok = self.node_alive(&node).await?;
+                    alive.insert(node.clone(), ok);
+                    ok
+                }
+            };
+            if ok {
+                continue;
+            }
+            if let Ok(id) = CallId::parse(k.trim_start_matches("r.")) {
+                tracing::info!(call = %id, node = %node, "the call's node stopped beating");
+                self.lost(&id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn cancel_queued(&self, function: &Name, message: &str) -> Result<usize> {
+        let mut cancelled = 0;
+        for call in self.live_calls(function).await? {
+            if call.state != CallState::Pending {
+                continue;
+            }
+            match self
+                .end(&call.id, Outcome::failed(message), Some(CallState::Pending))
+                .await
+            {
+                Ok(_) => cancelled += 1,
+                Err(StoreError::Transition(_) | StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(cancelled)
+    }
+
+    pub(super) async fn take_output(&self, id: &CallId) -> Result<Option<OutputLookup>> {
+        let (_, call) = self.bucket.get::<Call>(&call_key(id)).await?;
+        let Some(call) = call else {
+            return Ok(None);
+        };
+        if call.state != CallState::Finished || call.output != OutputState::Stored {
+            return Ok(Some(OutputLookup::NoOutput(call)));
+        }
+        let stream = self
+            .bucket
+            .js
+            .get_stream_no_info(Self::output_stream(&call.function))
+            .await
+            .map_err(|e| unavailable("reading an output", e))?;
+        let found = stream
+            .direct_get_last_for_subject(format!("hfo.{}.{id}", call.function))
+            .await;
+        let message = match found {
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {
+                None
+            }
+            Err(e) => return Err(unavailable("reading an output", e)),
+        };
+        // Whoever moves the record from Stored takes the output: one taker.
+        let taken = retry(|| async {
+            let (rev, call) = self.bucket.get::<Call>(&call_key(id)).await?;
+            let Some(mut call) = call else {
+                return Ok(None);
+            };
+            if call.output != OutputState::Stored {
+                return Ok(Some((call, false)));
+            }
+            call.output = if message.is_some() {
+                OutputState::Fetched
+            } else {
+                OutputState::Evicted
+            };
+            self.bucket
+                .commit(vec![Op::Put(call_key(id), enc(&call)?, Some(rev))])
+                .await?;
+            Ok(Some((call, message.is_some())))
+        })
+        .await?;
+        match (taken, message) {
+            (None, _) => Ok(None),
+            (Some((call, true)), Some(m)) => {
+                let _ = stream.delete_message(m.sequence).await;
+                Ok(Some(OutputLookup::Output(call, m.payload)))
+            }
+            (Some((call, _)), _) => Ok(Some(OutputLookup::NoOutput(call))),
+        }
+    }
+
+    pub(super) async fn live_calls(&self, function: &Name) -> Result<Vec<Call>> {
+        let mut out = Vec::new();
+        for (k, _) in self.bucket.scan(&format!("l.{function}.")).await? {
+            let Some(id) = k.rsplit('.').next().and_then(|s| CallId::parse(s).ok()) else {
+                continue;
+            };
+            if let (_, Some(call)) = self.bucket.get::<Call>(&call_key(&id)).await? {
+                if !call.state.is_done() {
+                    out.push(call);
+                }
+            }
+        }
+        out.sort_by_key(|c| c.seq);
+        Ok(out)
+    }
+
+    /// The calls RUNNING on this node (after a restart: those its previous
+    /// run left).
+    pub(super) async fn running_calls(&self) -> Result<Vec<Call>> {
+        let mut out = Vec::new();
+        for (k, v) in self.bucket.scan("r.").await? {
+            if dec::<String>(&k, &v)? != self.node {
+                continue;
+            }
+            let Ok(id) = CallId::parse(k.trim_start_matches("r.")) else {
+                continue;
+            };
+            if let (_, Some(call)) = self.bucket.get::<Call>(&call_key(&id)).await? {
+                if call.state == CallState::Running {
+                    out.push(call);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn prune(&self, before_ms: u64) -> Result<usize> {
+        let mut pruned = 0;
+        for (k, v) in self.bucket.scan("d.").await? {
+            let (done, function): (u64, Name) = dec(&k, &v)?;
+            if done >= before_ms {
+                continue;
+            }
+            let Ok(id) = CallId::parse(k.trim_start_matches("d.")) else {
+                continue;
+            };
+            self.forget(&id, &function).await?;
+            pruned += 1;
+        }
+        Ok(pruned)
+    }
+
+    /// Deletes an ended call's record, index entry and any output it holds.
+    async fn forget(&self, id: &CallId, function: &Name) -> Result<()> {
+        if let Ok(s) = self
+            .bucket
+            .js
+            .get_stream_no_info(Self::output_stream(function))
+            .await
+        {
+            let _ = s.purge().filter(format!("hfo.{function}.{id}")).await;
+        }
+        self.bucket
+            .commit(vec![
+                Op::Del(call_key(id), None),
+                Op::Del(done_key(id), None),
+            ])
+            .await
+            .map_err(|e| match e {
+                Refused::Error(e) => e,
+                Refused::Moved => StoreError::Conflict(format!("call {id} changed")),
+            })
+    }
+
+    /// Deletes a removed function's calls, outputs, events and counters.
+    pub(super) async fn purge_function(&self, name: &Name) -> Result<()> {
+        if self.function(name).await?.is_some() {
+            return Err(StoreError::Conflict(format!(
+                "function {name} exists: remove it first"
+            )));
+        }
+        let live = self.live_calls(name).await?;
+        if let Some(c) = live.iter().find(|c| c.state == CallState::Running) {
+            return Err(StoreError::Conflict(format!(
+                "call {} of function {name} is still running",
+                c.id
+            )));
+        }
+        for c in live {
+            let _ = self.queue.delete_message(c.seq).await;
+            self.bucket
+                .commit(vec![
+                    Op::Del(call_key(&c.id), None),
+                    Op::Del(live_key(name, &c.id), None),
+                ])
+                .await
+                .map_err(|e| match e {
+                    Refused::Error(e) => e,
+                    Refused::Moved => StoreError::Conflict(format!("call {} changed", c.id)),
+                })?;
+        }
+        for (k, v) in self.bucket.scan("d.").await? {
+            let (_, function): (u64, Name) = dec(&k, &v)?;
+            if &function == name {
+                if let Ok(id) = CallId::parse(k.trim_start_matches("d.")) {
+                    self.forget(&id, name).await?;
+                }
+            }
+        }
+        for s in [Self::output_stream(name), Self::log_stream(name)] {
+            match self.bucket.js.delete_stream(&s).await {
+                Ok(_) => {}
+                Err(e) if e.to_string().contains("not found") => {}
+                Err(e) => return Err(unavailable("deleting a function's streams", e)),
+            }
+        }
+        self.bucket
+            .commit(vec![Op::Del(stats_key(name), None)])
+            .await
+            .map_err(|e| match e {
+                Refused::Error(e) => e,
+                Refused::Moved => StoreError::Conflict(format!("function {name} changed")),
+            })
+    }
+
+    /// Appends the call's event to its function's log (a cache: a lost
+    /// event loses no call).
+    async fn log(&self, call: &Call, kind: EventKind) {
+        let Ok(bytes) = enc(&call.event(kind)) else {
+            return;
+        };
+        let _ = self
+            .bucket
+            .client
+            .publish(format!("hfl.{}.{}", call.function, call.id), bytes.into())
+            .await;
+    }
+
+    pub(super) async fn events(
+        &self,
+        function: &Name,
+        after: Option<u64>,
+        call: Option<&CallId>,
+        tail: Option<usize>,
+    ) -> Result<Vec<(u64, Event)>> {
+        let stream_name = Self::log_stream(function);
+        let (_, last) = self.stream_bytes(&stream_name).await?;
+        let from = after.map_or(1, |a| a.saturating_add(1));
+        if last == 0 || from > last {
+            return Ok(Vec::new());
+        }
+        // Without a call filter every sequence is an event: start at the tail.
+        let from = match (tail, call) {
+            (Some(n), None) => from.max(last.saturating_sub(n as u64).saturating_add(1)),
+            _ => from,
+        };
+        let stream = self
+            .bucket
+            .js
+            .get_stream_no_info(&stream_name)
+            .await
+            .map_err(|e| unavailable("reading a log", e))?;
+        let filter = match call {
+            Some(id) => format!("hfl.{function}.{id}"),
+            None => format!("hfl.{function}.*"),
+        };
+        let mut consumer: consumer::PullConsumer = stream
+            .create_consumer(consumer::pull::Config {
+                filter_subject: filter,
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: from,
+                },
+                ack_policy: consumer::AckPolicy::None,
+                memory_storage: true,
+                num_replicas: 1,
+                inactive_threshold: Duration::from_secs(30),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable("reading a log", e))?;
+        let name = consumer.cached_info().name.clone();
+        let mut left = consumer
+            .info()
+            .await
+            .map_err(|e| unavailable("reading a log", e))?
+            .num_pending;
+        let mut out = Vec::new();
+        while left > 0 {
+            let mut batch = consumer
+                .batch()
+                .max_messages(left.min(1000) as usize)
+                .expires(Duration::from_secs(2))
+                .messages()
+                .await
+                .map_err(|e| unavailable("reading a log", e))?;
+            let mut got = 0;
+            while let Some(m) = batch.next().await {
+                let m = m.map_err(|e| unavailable("reading a log", e))?;
+                got += 1;
+                let seq = m.info().map(|i| i.stream_sequence).unwrap_or_default();
+                if let Ok(ev) = dec::<Event>(m.subject.as_str(), &m.payload) {
+                    out.push((seq, ev));
+                }
+            }
+            if got == 0 {
+                break;
+            }
+            left = left.saturating_sub(got);
+        }
+        let _ = stream.delete_consumer(&name).await;
+        if let Some(n) = tail {
+            let skip = out.len().saturating_sub(n);
+            out.drain(..skip);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,235 @@
+//! The one key-value bucket that holds every record, and the two ways it is
+//! written: a single compare-and-set, or an atomic batch (ADR-50) of puts
+//! and deletes, each with an optional expected revision, all applied or
+//! none.
+//!
+//! Keys (`BUCKET`):
+//! - `u.USER` → User, `k.HEX` → user name (the key-hash index)
+//! - `f.FUNCTION` → Function, `s.FUNCTION` → FunctionStats (counters; a
+//!   stats key without a function record means a removal not yet purged)
+//! - `c.CALL` → Call
+//! - `l.FUNCTION.CALL` → () while the call is live (PENDING or RUNNING)
+//! - `r.CALL` → node id while the call is RUNNING on that node
+//! - `d.CALL` → (finished_ms, function) once the call has ended, for retention
+
+use super::super::{Result, StoreError};
+use async_nats::jetstream::{self, consumer, kv};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::{de::DeserializeOwned, Serialize};
+use std::time::Duration;
+
+pub const BUCKET: &str = "hyperfuncd";
+pub const BUCKET_STREAM: &str = "KV_hyperfuncd";
+
+/// One write of a batch.
+pub enum Op {
+    /// Put `value` at `key`; with `Some(rev)`, only if the key's last
+    /// revision is `rev` (0: the key has never been written).
+    Put(String, Vec<u8>, Option<u64>),
+    /// Delete `key` (a KV delete marker), with the same optional check.
+    Del(String, Option<u64>),
+}
+
+/// Why a batch was not applied.
+pub enum Refused {
+    /// An expected revision did not match: re-read and try again.
+    Moved,
+    Error(StoreError),
+}
+
+impl From<StoreError> for Refused {
+    fn from(e: StoreError) -> Self {
+        Refused::Error(e)
+    }
+}
+
+pub fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("NATS: {what}: {e}"))
+}
+
+pub fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    bincode::serialize(v).map_err(|e| StoreError::Corrupt(format!("encoding a record: {e}")))
+}
+
+pub fn dec<T: DeserializeOwned>(key: &str, v: &[u8]) -> Result<T> {
+    bincode::deserialize(v).map_err(|e| StoreError::Corrupt(format!("record {key}: {e}")))
+}
+
+/// A key's value and revision; `None` value: deleted (the revision is the
+/// delete marker's, which a compare-and-set must name).
+pub struct Read {
+    pub revision: u64,
+    pub value: Option<Bytes>,
+}
+
+#[derive(Clone)]
+pub struct Bucket {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub kv: kv::Store,
+}
+
+impl Bucket {
+    /// The key's last revision, if it was ever written.
+    pub async fn read(&self, key: &str) -> Result<Option<Read>> {
+        let entry = self
+            .kv
+            .entry(key)
+            .await
+            .map_err(|e| unavailable("reading a record", e))?;
+        Ok(entry.map(|e| Read {
+            revision: e.revision,
+            value: (e.operation == kv::Operation::Put).then_some(e.value),
+        }))
+    }
+
+    /// The key's record and revision (0 if it never existed or was deleted
+    /// and its marker is gone).
+    pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<(u64, Option<T>)> {
+        match self.read(key).await? {
+            None => Ok((0, None)),
+            Some(Read {
+                revision,
+                value: None,
+            }) => Ok((revision, None)),
+            Some(Read {
+                revision,
+                value: Some(v),
+            }) => Ok((revision, Some(dec(key, &v)?))),
+        }
+    }
+
+    /// Applies `ops` atomically: all of them or none.
+    pub async fn commit(&self, ops: Vec<Op>) -> std::result::Result<(), Refused> {
+        let n = ops.len();
+        let batch = uuid::Uuid::new_v4().simple().to_string();
+        for (i, op) in ops.into_iter().enumerate() {
+            let mut h = HeaderMap::new();
+            let (key, value, expect) = match op {
+                Op::Put(k, v, e) => (k, v, e),
+                Op::Del(k, e) => {
+                    h.insert("KV-Operation", "DEL");
+                    (k, Vec::new(), e)
+                }
+            };
+            if let Some(rev) = expect {
+                h.insert(
+                    "Nats-Expected-Last-Subject-Sequence",
+                    rev.to_string().as_str(),
+                );
+            }
+            let subject = format!("$KV.{BUCKET}.{key}");
+            if n > 1 {
+                h.insert("Nats-Batch-Id", batch.as_str());
+                h.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
+            }
+            if i + 1 < n {
+                // Checked by the server when the commit arrives.
+                self.client
+                    .publish_with_headers(subject, h, value.into())
+                    .await
+                    .map_err(|e| unavailable("writing", e))?;
+                continue;
+            }
+            if n > 1 {
+                h.insert("Nats-Batch-Commit", "1");
+            }
+            let ack = self
+                .js
+                .publish_with_headers(subject, h, value.into())
+                .await
+                .map_err(|e| unavailable("writing", e))?;
+            return match ack.await {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                    Err(Refused::Moved)
+                }
+                Err(e) => Err(Refused::Error(unavailable("writing", e))),
+            };
+        }
+        Ok(())
+    }
+
+    /// Every live key under `prefix` (e.g. `l.FUNCTION.`) with its value,
+    /// in the order they were last written.
+    pub async fn scan(&self, prefix: &str) -> Result<Vec<(String, Bytes)>> {
+        let stream = self
+            .js
+            .get_stream_no_info(BUCKET_STREAM)
+            .await
+            .map_err(|e| unavailable("scanning", e))?;
+        let mut consumer: consumer::PullConsumer = stream
+            .create_consumer(consumer::pull::Config {
+                filter_subject: format!("$KV.{BUCKET}.{prefix}>"),
+                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                ack_policy: consumer::AckPolicy::None,
+                memory_storage: true,
+                num_replicas: 1,
+                inactive_threshold: Duration::from_secs(30),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable("scanning", e))?;
+        let mut left = consumer
+            .info()
+            .await
+            .map_err(|e| unavailable("scanning", e))?
+            .num_pending;
+        let name = consumer.cached_info().name.clone();
+        let skip = format!("$KV.{BUCKET}.");
+        let mut out = Vec::new();
+        while left > 0 {
+            let mut batch = consumer
+                .batch()
+                .max_messages(left.min(1000) as usize)
+                .expires(Duration::from_secs(2))
+                .messages()
+                .await
+                .map_err(|e| unavailable("scanning", e))?;
+            let mut got = 0;
+            while let Some(m) = batch.next().await {
+                let m = m.map_err(|e| unavailable("scanning", e))?;
+                got += 1;
+                let deleted = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("KV-Operation"))
+                    .is_some_and(|v| v.as_str() != "PUT");
+                if !deleted {
+                    let key = m.subject.as_str().strip_prefix(&skip).unwrap_or_default();
+                    out.push((key.to_string(), m.payload.clone()));
+                }
+            }
+            if got == 0 {
+                break;
+            }
+            left = left.saturating_sub(got);
+        }
+        let _ = stream.delete_consumer(&name).await;
+        Ok(out)
+    }
+}
+
+/// Retries `attempt` while a compare-and-set finds the record moved.
+pub async fn retry<T, F, Fut>(mut attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, Refused>>,
+{
+    let mut backoff = Duration::from_millis(1);
+    for _ in 0..200 {
+        match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(Refused::Error(e)) => return Err(e),
+            Err(Refused::Moved) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(50));
+            }
+        }
+    }
+    Err(StoreError::Unavailable(
+        "NATS: a record kept changing under 200 attempts to update it".into(),
+    ))
+}

@@ -1,0 +1,821 @@
+//! The shared store: NATS JetStream, so several hyperfuncd nodes, each with
+//! its own Docker Engine, serve one set of users, functions, queues and
+//! caches. Every node runs this module against the same JetStream cluster.
+//!
+//! Where things live:
+//! - records: one KV bucket (`kv.rs`), written by compare-and-set on a
+//!   record's revision, several keys at once in atomic batches;
+//! - the per-user FIFO queues: the work-queue stream `HFQ`, subject
+//!   `hfq.USER`, one message per accepted call carrying its payload; per
+//!   user a durable pull consumer with `max_ack_pending` = the user's
+//!   quota, so at most that many of the user's calls are out across the
+//!   cluster, handed out in order. A message stays unacknowledged while its
+//!   call runs (kept alive by progress acks) and is acknowledged once the
+//!   call's end is stored;
+//! - outputs and logs: per function the streams `HFO_FUNCTION` and
+//!   `HFL_FUNCTION`, bounded by the budgets (`max_bytes`, discard old);
+//! - node liveness: the bucket `hyperfuncd-nodes`, one key per node,
+//!   refreshed every `HEARTBEAT` and gone `NODE_TTL` after the last.
+//!
+//! The rules of the single-host store hold cluster-wide: a call is
+//! accepted (202) once its message and its record are stored with the
+//! stream's replicas; RUNNING is a compare-and-set on the call's record,
+//! taken before any container exists, so no call starts twice; a call
+//! RUNNING on a node whose heartbeat expired ends FAILED "node lost while
+//! the call was running" (`reap`), and one that never reached RUNNING is
+//! handed to another node by the consumer's redelivery.
+
+mod calls;
+mod kv;
+
+use super::{FunctionStats, OutputLookup, Result, Started, Store, StoreConfig, StoreError};
+use crate::model::{Call, CallId, CallState, Event, Function, Name, Outcome, User};
+use async_nats::jetstream::{self, consumer, stream, AckKind};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use kv::{dec, enc, retry, unavailable, Bucket, Op, Refused};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// How to reach the JetStream cluster (`[store.nats]`).
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    pub servers: Vec<String>,
+    /// A `.creds` file (JWT + NKey seed), if the servers require one.
+    pub credentials: Option<PathBuf>,
+    /// CA certificate(s) to verify the servers' TLS certificates; with it
+    /// the connection requires TLS.
+    pub ca: Option<PathBuf>,
+    /// Replicas of every stream and bucket (3 in a three-server cluster).
+    pub replicas: usize,
+    /// The largest message the store must carry (a payload or an output):
+    /// the servers' `max_payload` must allow it.
+    pub max_message_bytes: u64,
+}
+
+const QUEUE_STREAM: &str = "HFQ";
+const NODES_BUCKET: &str = "hyperfuncd-nodes";
+/// How often a node refreshes its liveness key.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+/// How long after its last heartbeat a node counts as lost.
+const NODE_TTL: Duration = Duration::from_secs(10);
+/// A queue message not acknowledged for this long is handed out again
+/// (to any node); progress acks keep a running call's message.
+const ACK_WAIT: Duration = Duration::from_secs(15);
+/// How often held messages get a progress ack, dead nodes are looked for,
+/// and unstarted heads are given back.
+const TICK: Duration = Duration::from_secs(4);
+/// A queue message whose call record is still missing after this long
+/// belongs to an accept that crashed before answering: dropped.
+const ORPHAN_AFTER: Duration = Duration::from_secs(60);
+/// Room for headers beside a message's bytes.
+const HEADROOM: u64 = 64 * 1024;
+/// The reason a call running on a lost node ends with.
+pub const NODE_LOST: &str = "node lost while the call was running";
+
+/// A queue message this node holds: the head it is about to start, or the
+/// message of a call it runs.
+struct Held {
+    msg: jetstream::Message,
+    owner: Name,
+    since: Instant,
+    running: bool,
+}
+
+pub struct NatsStore {
+    inner: Arc<Inner>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+struct Inner {
+    bucket: Bucket,
+    nodes: async_nats::jetstream::kv::Store,
+    queue: stream::Stream,
+    node: String,
+    config: StoreConfig,
+    replicas: usize,
+    consumers: Mutex<HashMap<Name, consumer::PullConsumer>>,
+    held: Mutex<HashMap<CallId, Held>>,
+    /// Per owner: the held head not yet started.
+    heads: Mutex<HashMap<Name, CallId>>,
+    remote: Mutex<Option<mpsc::UnboundedReceiver<Name>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Drop for NatsStore {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl NatsStore {
+    /// Connects, creates what is missing (bucket, streams), and starts the
+    /// heartbeat. `dir` keeps this node's id, so a restarted node finds
+    /// its own calls.
+    pub async fn open(dir: &Path, config: StoreConfig, nats: NatsConfig) -> Result<NatsStore> {
+        let node = node_id(dir)?;
+        let mut options = async_nats::ConnectOptions::new()
+            .name(format!("hyperfuncd {node}"))
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5));
+        if let Some(creds) = &nats.credentials {
+            options = options
+                .credentials_file(creds)
+                .await
+                .map_err(|e| StoreError::Failed(format!("{}: {e}", creds.display())))?;
+        }
+        if let Some(ca) = &nats.ca {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        let servers: Vec<async_nats::ServerAddr> = nats
+            .servers
+            .iter()
+            .map(|s| {
+                s.parse()
+                    .map_err(|e| StoreError::Failed(format!("[store.nats] servers: {s}: {e}")))
+            })
+            .collect::<Result<_>>()?;
+        let client = tokio::time::timeout(Duration::from_secs(30), options.connect(servers))
+            .await
+            .map_err(|_| unavailable("connecting", "no server answered within 30 s"))?
+            .map_err(|e| unavailable("connecting", e))?;
+        let max_payload = client.server_info().max_payload as u64;
+        if max_payload < nats.max_message_bytes + HEADROOM {
+            return Err(StoreError::Failed(format!(
+                "the NATS servers' max_payload is {max_payload} bytes, but hyperfuncd must store payloads and outputs of up to {} bytes: set max_payload to at least {} in every server's config",
+                nats.max_message_bytes,
+                nats.max_message_bytes + HEADROOM
+            )));
+        }
+        let js = jetstream::new(client.clone());
+        let replicas = nats.replicas.max(1);
+        let kv = open_bucket(&js, replicas).await?;
+        let nodes = match js.get_key_value(NODES_BUCKET).await {
+            Ok(b) => b,
+            Err(_) => js
+                .create_key_value(jetstream::kv::Config {
+                    bucket: NODES_BUCKET.into(),
+                    history: 1,
+                    max_age: NODE_TTL,
+                    num_replicas: replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| unavailable("creating the nodes bucket", e))?,
+        };
+        let queue = js
+            .get_or_create_stream(stream::Config {
+                name: QUEUE_STREAM.into(),
+                subjects: vec!["hfq.*".into()],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable("creating the queue stream", e))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            bucket: Bucket { client, js, kv },
+            nodes,
+            queue,
+            node,
+            config,
+            replicas,
+            consumers: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
+            heads: Mutex::new(HashMap::new()),
+            remote: Mutex::new(Some(rx)),
+        });
+        inner.beat().await?;
+        let mut changes = inner
+            .bucket
+            .client
+            .subscribe("hf.changed.*")
+            .await
+            .map_err(|e| unavailable("subscribing", e))?;
+        let tasks = vec![
+            tokio::spawn({
+                let inner = Arc::clone(&inner);
+                async move {
+                    let mut tick = tokio::time::interval(HEARTBEAT);
+                    loop {
+                        tick.tick().await;
+                        if let Err(e) = inner.beat().await {
+                            tracing::warn!(error = %e, "NATS heartbeat failed");
+                        }
+                    }
+                }
+            }),
+            tokio::spawn({
+                let inner = Arc::clone(&inner);
+                async move {
+                    let mut tick = tokio::time::interval(TICK);
+                    loop {
+                        tick.tick().await;
+                        inner.keep_alive().await;
+                        if let Err(e) = inner.reap().await {
+                            tracing::warn!(error = %e, "looking for lost nodes failed");
+                        }
+                    }
+                }
+            }),
+            tokio::spawn(async move {
+                while let Some(m) = changes.next().await {
+                    let owner = m.subject.as_str().rsplit('.').next().unwrap_or_default();
+                    if let Ok(owner) = Name::parse(owner) {
+                        if tx.send(owner).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }),
+        ];
+        tracing::info!(node = %inner.node, replicas, "connected to NATS JetStream");
+        Ok(NatsStore { inner, tasks })
+    }
+}
+
+/// The node's id, kept in `dir/node-id`: a restarted node is the same node.
+fn node_id(dir: &Path) -> Result<String> {
+    let path = dir.join("node-id");
+    let failed = |e: std::io::Error| StoreError::Failed(format!("{}: {e}", path.display()));
+    match std::fs::read_to_string(&path) {
+        Ok(s) if Name::parse(s.trim()).is_ok() => return Ok(s.trim().to_string()),
+        Ok(_) => {
+            return Err(StoreError::Corrupt(format!(
+                "{} does not hold a node id",
+                path.display()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(failed(e)),
+    }
+    std::fs::create_dir_all(dir).map_err(failed)?;
+    let id = format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let tmp = dir.join("node-id.tmp");
+    std::fs::write(&tmp, &id).map_err(failed)?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(failed)?;
+    std::fs::rename(&tmp, &path).map_err(failed)?;
+    Ok(id)
+}
+
+async fn open_bucket(js: &jetstream::Context, replicas: usize) -> Result<jetstream::kv::Store> {
+    let kv = match js.get_key_value(kv::BUCKET).await {
+        Ok(b) => b,
+        Err(_) => js
+            .create_key_value(jetstream::kv::Config {
+                bucket: kv::BUCKET.into(),
+                history: 1,
+                num_replicas: replicas,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable("creating the records bucket", e))?,
+    };
+    // Multi-key writes are atomic batches, which the stream must allow.
+    let mut stream = js
+        .get_stream(kv::BUCKET_STREAM)
+        .await
+        .map_err(|e| unavailable("opening the records bucket", e))?;
+    let mut config = stream
+        .info()
+        .await
+        .map_err(|e| unavailable("opening the records bucket", e))?
+        .config
+        .clone();
+    if !config.allow_atomic_publish {
+        config.allow_atomic_publish = true;
+        js.update_stream(config)
+            .await
+            .map_err(|e| unavailable("allowing atomic batches on the records bucket", e))?;
+    }
+    Ok(kv)
+}
+
+fn user_key(name: &Name) -> String {
+    format!("u.{name}")
+}
+fn hash_key(hash: &[u8; 32]) -> String {
+    format!("k.{}", hex::encode(hash))
+}
+fn function_key(name: &Name) -> String {
+    format!("f.{name}")
+}
+fn stats_key(name: &Name) -> String {
+    format!("s.{name}")
+}
+
+impl Inner {
+    async fn beat(&self) -> Result<()> {
+        self.nodes
+            .put(&self.node, crate::model::now_ms().to_string().into())
+            .await
+            .map_err(|e| unavailable("heartbeat", e))?;
+        Ok(())
+    }
+
+    async fn node_alive(&self, node: &str) -> Result<bool> {
+        if node == self.node {
+            return Ok(true);
+        }
+        let entry = self
+            .nodes
+            .entry(node)
+            .await
+            .map_err(|e| unavailable("reading a node's heartbeat", e))?;
+        Ok(entry.is_some_and(|e| e.operation == jetstream::kv::Operation::Put))
+    }
+
+    /// Tells every node that `owner`'s calls changed (queued, started, ended).
+    async fn notify(&self, owner: &Name) {
+        let _ = self
+            .bucket
+            .client
+            .publish(format!("hf.changed.{owner}"), Bytes::new())
+            .await;
+    }
+
+    /// Progress acks for the messages this node holds; heads not started
+    /// within a tick are given back so another node may take them.
+    async fn keep_alive(&self) {
+        let mut back = Vec::new();
+        let msgs: Vec<jetstream::Message> = {
+            let mut held = lock(&self.held);
+            let mut heads = lock(&self.heads);
+            let stale: Vec<CallId> = held
+                .iter()
+                .filter(|(_, h)| !h.running && h.since.elapsed() > TICK)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in stale {
+                if let Some(h) = held.remove(&id) {
+                    heads.remove(&h.owner);
+                    back.push(h.msg);
+                }
+            }
+            held.values().map(|h| h.msg.clone()).collect()
+        };
+        for m in back {
+            let _ = m.ack_with(AckKind::Nak(None)).await;
+        }
+        for m in msgs {
+            let _ = m.ack_with(AckKind::Progress).await;
+        }
+    }
+
+    async fn consumer(&self, owner: &Name) -> Result<consumer::PullConsumer> {
+        if let Some(c) = lock(&self.consumers).get(owner) {
+            return Ok(c.clone());
+        }
+        let quota = match self.bucket.get::<User>(&user_key(owner)).await?.1 {
+            Some(u) => u.max_concurrency,
+            None => 1,
+        };
+        let c = self.ensure_consumer(owner, quota).await?;
+        lock(&self.consumers).insert(owner.clone(), c.clone());
+        Ok(c)
+    }
+
+    /// Creates or updates `owner`'s queue consumer with `quota` calls out at once.
+    async fn ensure_consumer(&self, owner: &Name, quota: u32) -> Result<consumer::PullConsumer> {
+        let name = format!("q-{owner}");
+        let config = consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: format!("hfq.{owner}"),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: ACK_WAIT,
+            max_ack_pending: i64::from(quota.max(1)),
+            max_deliver: -1,
+            num_replicas: self.replicas,
+            ..Default::default()
+        };
+        let c = match self
+            .queue
+            .get_consumer::<consumer::pull::Config>(&name)
+            .await
+        {
+            Ok(mut c) => {
+                let current = c
+                    .info()
+                    .await
+                    .map_err(|e| unavailable("reading a queue consumer", e))?
+                    .config
+                    .max_ack_pending;
+                if current != config.max_ack_pending {
+                    self.queue
+                        .update_consumer(config)
+                        .await
+                        .map_err(|e| unavailable("updating a queue consumer", e))?
+                } else {
+                    c
+                }
+            }
+            Err(_) => self
+                .queue
+                .create_consumer(config)
+                .await
+                .map_err(|e| unavailable("creating a queue consumer", e))?,
+        };
+        Ok(c)
+    }
+
+    async fn function(&self, name: &Name) -> Result<Option<Function>> {
+        Ok(self.bucket.get(&function_key(name)).await?.1)
+    }
+
+    fn output_stream(name: &Name) -> String {
+        format!("HFO_{name}")
+    }
+    fn log_stream(name: &Name) -> String {
+        format!("HFL_{name}")
+    }
+
+    /// The function's output and log streams, bounded by the budgets.
+    async fn ensure_streams(&self, name: &Name) -> Result<()> {
+        for (stream_name, subject, budget) in [
+            (
+                Self::output_stream(name),
+                format!("hfo.{name}.*"),
+                self.config.output_budget,
+            ),
+            (
+                Self::log_stream(name),
+                format!("hfl.{name}.*"),
+                self.config.log_budget,
+            ),
+        ] {
+            self.bucket
+                .js
+                .get_or_create_stream(stream::Config {
+                    name: stream_name,
+                    subjects: vec![subject],
+                    max_bytes: budget.min(i64::MAX as u64) as i64,
+                    discard: stream::DiscardPolicy::Old,
+                    storage: stream::StorageType::File,
+                    num_replicas: self.replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| unavailable("creating a function's streams", e))?;
+        }
+        Ok(())
+    }
+
+    async fn stream_bytes(&self, name: &str) -> Result<(u64, u64)> {
+        match self.bucket.js.get_stream(name).await {
+            Ok(mut s) => {
+                let info = s
+                    .info()
+                    .await
+                    .map_err(|e| unavailable("reading a stream", e))?;
+                Ok((info.state.bytes, info.state.last_sequence))
+            }
+            Err(_) => Ok((0, 0)),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for NatsStore {
+    async fn instance_id(&self) -> Result<String> {
+        Ok(self.inner.node.clone())
+    }
+
+    async fn health(&self) -> std::result::Result<(), String> {
+        match self.inner.bucket.client.connection_state() {
+            async_nats::connection::State::Connected => Ok(()),
+            s => Err(format!("NATS is not reachable ({s:?})")),
+        }
+    }
+
+    async fn failed(&self) -> String {
+        // The connection reconnects on its own; nothing here needs a restart.
+        std::future::pending().await
+    }
+
+    async fn size_on_disk(&self) -> u64 {
+        match self.inner.bucket.js.query_account().await {
+            Ok(a) => a.storage,
+            Err(_) => 0,
+        }
+    }
+
+    fn remote_changes(&self) -> Option<mpsc::UnboundedReceiver<Name>> {
+        lock(&self.inner.remote).take()
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    // ---- users ----
+    async fn create_user(&self, user: &User) -> Result<()> {
+        let i = &self.inner;
+        retry(|| async {
+            let (rev, old) = i.bucket.get::<User>(&user_key(&user.name)).await?;
+            if old.is_some() {
+                return Err(Refused::Error(StoreError::Conflict(format!(
+                    "user {} already exists",
+                    user.name
+                ))));
+            }
+            i.bucket
+                .commit(vec![
+                    Op::Put(user_key(&user.name), enc(user)?, Some(rev)),
+                    Op::Put(hash_key(&user.key_hash), enc(&user.name)?, None),
+                ])
+                .await
+        })
+        .await?;
+        let c = i.ensure_consumer(&user.name, user.max_concurrency).await?;
+        lock(&i.consumers).insert(user.name.clone(), c);
+        Ok(())
+    }
+
+    async fn update_user(&self, user: &User) -> Result<()> {
+        let i = &self.inner;
+        retry(|| async {
+            let (rev, old) = i.bucket.get::<User>(&user_key(&user.name)).await?;
+            let Some(old) = old else {
+                return Err(Refused::Error(StoreError::NotFound(format!(
+                    "user {}",
+                    user.name
+                ))));
+            };
+            let mut ops = vec![Op::Put(user_key(&user.name), enc(user)?, Some(rev))];
+            if old.key_hash != user.key_hash {
+                ops.push(Op::Del(hash_key(&old.key_hash), None));
+            }
+            ops.push(Op::Put(hash_key(&user.key_hash), enc(&user.name)?, None));
+            i.bucket.commit(ops).await
+        })
+        .await?;
+        let c = i.ensure_consumer(&user.name, user.max_concurrency).await?;
+        lock(&i.consumers).insert(user.name.clone(), c);
+        Ok(())
+    }
+
+    async fn get_user(&self, name: &Name) -> Result<Option<User>> {
+        Ok(self.inner.bucket.get(&user_key(name)).await?.1)
+    }
+
+    async fn user_by_key_hash(&self, hash: &[u8; 32]) -> Result<Option<User>> {
+        let Some(name) = self.inner.bucket.get::<Name>(&hash_key(hash)).await?.1 else {
+            return Ok(None);
+        };
+        // The index may lag a rotation by one write: trust the record.
+        Ok(self.get_user(&name).await?.filter(|u| &u.key_hash == hash))
+    }
+
+    async fn list_users(&self) -> Result<Vec<User>> {
+        let mut users: Vec<User> = self
+            .inner
+            .bucket
+            .scan("u.")
+            .await?
+            .iter()
+            .map(|(k, v)| dec(k, v))
+            .collect::<Result<_>>()?;
+        users.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(users)
+    }
+
+    async fn delete_user(&self, name: &Name) -> Result<()> {
+        let owns = self.list_functions(Some(name)).await?;
+        if let Some(f) = owns.first() {
+            return Err(StoreError::Conflict(format!(
+                "user {name} still owns {} function(s), e.g. {}: remove them first",
+                owns.len(),
+                f.name
+            )));
+        }
+        let i = &self.inner;
+        retry(|| async {
+            let (rev, old) = i.bucket.get::<User>(&user_key(name)).await?;
+            let Some(old) = old else {
+                return Err(Refused::Error(StoreError::NotFound(format!("user {name}"))));
+            };
+            i.bucket
+                .commit(vec![
+                    Op::Del(user_key(name), Some(rev)),
+                    Op::Del(hash_key(&old.key_hash), None),
+                ])
+                .await
+        })
+        .await?;
+        lock(&i.consumers).remove(name);
+        let _ = i.queue.delete_consumer(&format!("q-{name}")).await;
+        Ok(())
+    }
+
+    // ---- functions ----
+    async fn create_function(&self, f: &Function) -> Result<()> {
+        let i = &self.inner;
+        retry(|| async {
+            let (rev, old) = i.bucket.get::<Function>(&function_key(&f.name)).await?;
+            if old.is_some() {
+                return Err(Refused::Error(StoreError::Conflict(format!(
+                    "function {} already exists",
+                    f.name
+                ))));
+            }
+            let (srev, stats) = i.bucket.get::<FunctionStats>(&stats_key(&f.name)).await?;
+            if stats.is_some() {
+                return Err(Refused::Error(StoreError::Conflict(format!(
+                    "function {} is still being removed; try again in a moment",
+                    f.name
+                ))));
+            }
+            i.bucket
+                .commit(vec![
+                    Op::Put(function_key(&f.name), enc(f)?, Some(rev)),
+                    Op::Put(
+                        stats_key(&f.name),
+                        enc(&FunctionStats::default())?,
+                        Some(srev),
+                    ),
+                ])
+                .await
+        })
+        .await?;
+        i.ensure_streams(&f.name).await
+    }
+
+    async fn update_function(&self, f: &Function) -> Result<()> {
+        let i = &self.inner;
+        retry(|| async {
+            let (rev, old) = i.bucket.get::<Function>(&function_key(&f.name)).await?;
+            if old.is_none() {
+                return Err(Refused::Error(StoreError::NotFound(format!(
+                    "function {}",
+                    f.name
+                ))));
+            }
+            i.bucket
+                .commit(vec![Op::Put(function_key(&f.name), enc(f)?, Some(rev))])
+                .await
+        })
+        .await
+    }
+
+    async fn get_function(&self, name: &Name) -> Result<Option<Function>> {
+        self.inner.function(name).await
+    }
+
+    async fn list_functions(&self, owner: Option<&Name>) -> Result<Vec<Function>> {
+        let mut all: Vec<Function> = Vec::new();
+        for (k, v) in self.inner.bucket.scan("f.").await? {
+            let f: Function = dec(&k, &v)?;
+            if owner.is_none_or(|o| &f.owner == o) {
+                all.push(f);
+            }
+        }
+        all.sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
+        Ok(all)
+    }
+
+    async fn remove_function(&self, name: &Name) -> Result<()> {
+        let i = &self.inner;
+        retry(|| async {
+            let (rev, old) = i.bucket.get::<Function>(&function_key(name)).await?;
+            if old.is_none() {
+                return Err(Refused::Error(StoreError::NotFound(format!(
+                    "function {name}"
+                ))));
+            }
+            i.bucket
+                .commit(vec![Op::Del(function_key(name), Some(rev))])
+                .await
+        })
+        .await
+    }
+
+    async fn purge_function(&self, name: &Name) -> Result<()> {
+        self.inner.purge_function(name).await
+    }
+
+    async fn unpurged_functions(&self) -> Result<Vec<Name>> {
+        let i = &self.inner;
+        let mut out = Vec::new();
+        for (k, _) in i.bucket.scan("s.").await? {
+            if let Ok(n) = Name::parse(k.trim_start_matches("s.")) {
+                if i.function(&n).await?.is_none() {
+                    out.push(n);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn stats(&self, function: &Name) -> Result<FunctionStats> {
+        let i = &self.inner;
+        let mut stats: FunctionStats = i
+            .bucket
+            .get(&stats_key(function))
+            .await?
+            .1
+            .unwrap_or_default();
+        stats.output_bytes = i.stream_bytes(&Inner::output_stream(function)).await?.0;
+        stats.log_bytes = i.stream_bytes(&Inner::log_stream(function)).await?.0;
+        Ok(stats)
+    }
+
+    // ---- calls ----
+    async fn accept(&self, call: Call, payload: Bytes) -> Result<Call> {
+        self.inner.accept(call, payload).await
+    }
+
+    async fn get_call(&self, id: &CallId) -> Result<Option<Call>> {
+        Ok(self.inner.bucket.get(&calls::call_key(id)).await?.1)
+    }
+
+    async fn queue_head(&self, owner: &Name) -> Result<Option<CallId>> {
+        self.inner.queue_head(owner).await
+    }
+
+    async fn queued_owners(&self) -> Result<Vec<Name>> {
+        Ok(self
+            .list_users()
+            .await?
+            .into_iter()
+            .map(|u| u.name)
+            .collect())
+    }
+
+    async fn discard_queued(&self, owner: &Name, id: &CallId) -> Result<()> {
+        self.inner.discard_head(owner, id).await;
+        Ok(())
+    }
+
+    async fn queue_len(&self) -> Result<u64> {
+        let mut n = 0;
+        for (k, v) in self.inner.bucket.scan("s.").await? {
+            n += dec::<FunctionStats>(&k, &v)?.pending;
+        }
+        Ok(n)
+    }
+
+    async fn start(&self, id: &CallId) -> Result<Started> {
+        self.inner.start(id).await
+    }
+
+    async fn requeue(&self, id: &CallId) -> Result<()> {
+        self.inner.requeue(id).await
+    }
+
+    async fn finish(&self, id: &CallId, outcome: Outcome) -> Result<Call> {
+        self.inner.end(id, outcome, Some(CallState::Running)).await
+    }
+
+    async fn cancel_queued(&self, function: &Name, message: &str) -> Result<usize> {
+        self.inner.cancel_queued(function, message).await
+    }
+
+    async fn take_output(&self, id: &CallId) -> Result<Option<OutputLookup>> {
+        self.inner.take_output(id).await
+    }
+
+    async fn live_calls(&self, function: &Name) -> Result<Vec<Call>> {
+        self.inner.live_calls(function).await
+    }
+
+    async fn running_calls(&self) -> Result<Vec<Call>> {
+        self.inner.running_calls().await
+    }
+
+    async fn prune(&self, before_ms: u64) -> Result<usize> {
+        self.inner.prune(before_ms).await
+    }
+
+    // ---- logs ----
+    async fn events(
+        &self,
+        function: &Name,
+        after: Option<u64>,
+        call: Option<&CallId>,
+        tail: Option<usize>,
+    ) -> Result<Vec<(u64, Event)>> {
+        self.inner.events(function, after, call, tail).await
+    }
+
+    async fn last_event_seq(&self, function: &Name) -> Result<Option<u64>> {
+        let (_, last) = self
+            .inner
+            .stream_bytes(&Inner::log_stream(function))
+            .await?;
+        Ok((last > 0).then_some(last))
+    }
+}
