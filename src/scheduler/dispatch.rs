@@ -1,0 +1,295 @@
+//! The dispatch loop: owners served round-robin within their quota and the
+//! host cap, an owner's calls taken in FIFO order with their containers
+//! created in that order (`start_chain`), each call run cold or warm, and
+//! its outcome made durable before its container is removed.
+
+use super::{call_env, Scheduler};
+use crate::model::{Call, CallId, Name};
+use crate::runtime::{RunSpec, RuntimeError, Warm, WarmSpec};
+use crate::store::{Started, StoreError};
+use futures_util::future::FutureExt;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+/// What one owner's turn in the dispatcher did.
+enum Turn {
+    Started,
+    /// The head was a call cancelled meanwhile; it was dropped from the queue.
+    Stale,
+    AtQuota,
+    Empty,
+}
+
+/// A running call's claim on its owner's quota and the host cap; released on
+/// drop, so a panicking call task cannot leak a slot.
+struct Slot {
+    scheduler: Arc<Scheduler>,
+    owner: Name,
+    id: CallId,
+    generation: u64,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        {
+            let mut st = self.scheduler.state();
+            if let Some(n) = st.running.get_mut(&self.owner) {
+                *n = n.saturating_sub(1);
+            }
+            st.running_total = st.running_total.saturating_sub(1);
+            if st
+                .cancels
+                .get(&self.id)
+                .is_some_and(|(g, _)| *g == self.generation)
+            {
+                st.cancels.remove(&self.id);
+            }
+        }
+        self.scheduler.changed();
+        self.scheduler.wake.notify_one();
+    }
+}
+
+impl Scheduler {
+    /// Gives `owner` one turn: starts its oldest queued call if its quota allows.
+    async fn dispatch_one(self: &Arc<Self>, owner: &Name) -> Result<Turn, StoreError> {
+        let quota = self
+            .store
+            .get_user(owner)
+            .await?
+            .map_or(self.config.scheduler.default_max_concurrency, |u| {
+                u.max_concurrency
+            });
+        if self.state().running.get(owner).copied().unwrap_or(0) >= quota {
+            return Ok(Turn::AtQuota);
+        }
+        let Some(id) = self.store.queue_head(owner).await? else {
+            return Ok(Turn::Empty);
+        };
+        // RUNNING is durable once `start` returns: only then may a container
+        // exist (see module doc).
+        let (call, payload) = match self.store.start(&id).await {
+            Ok(Started::Running(call, payload)) => (*call, payload),
+            // Cancelled meanwhile, or failed (function removed, payload
+            // lost): its queue entry is gone; the next head is up.
+            Ok(Started::Skipped) => {
+                self.changed();
+                return Ok(Turn::Stale);
+            }
+            Err(StoreError::NotFound(_)) => {
+                self.store.discard_queued(owner, &id).await?;
+                return Ok(Turn::Stale);
+            }
+            Err(e) => return Err(e),
+        };
+        crate::crash_point!("start-durable");
+        tracing::debug!(call = %id, owner = %owner, "dispatched");
+        crate::metrics::call_started(&call);
+        let token = CancellationToken::new();
+        let (started_tx, started_rx) = oneshot::channel();
+        let (previous, generation) = {
+            let mut st = self.state();
+            let previous = st.start_chain.insert(owner.clone(), started_rx.shared());
+            *st.running.entry(owner.clone()).or_default() += 1;
+            st.running_total += 1;
+            st.generation += 1;
+            let generation = st.generation;
+            st.cancels.insert(id, (generation, token.clone()));
+            st.ready.push_back(owner.clone());
+            (previous, generation)
+        };
+        self.changed();
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            // Undoes the bookkeeping even if the call's task panics.
+            let _slot = Slot {
+                scheduler: Arc::clone(&this),
+                owner: call.owner.clone(),
+                id,
+                generation,
+            };
+            if let Some(previous) = previous {
+                // Err only means that call ended before starting: fine.
+                let _ = previous.await;
+            }
+            if let Err(e) = this.execute(call, payload, token, started_tx).await {
+                tracing::error!(call = %id, error = %e, "call bookkeeping failed");
+            }
+        });
+        Ok(Turn::Started)
+    }
+
+    /// Starts as many queued calls as the quotas allow.
+    pub(super) async fn dispatch(self: &Arc<Self>) -> Result<(), StoreError> {
+        if !self.state().recovered {
+            self.recover().await?;
+            if !self.state().recovered {
+                return Ok(());
+            }
+            self.prune().await;
+        }
+        if self.state().engine_down {
+            if self.runtime.ping().await.is_err() {
+                return Ok(());
+            }
+            tracing::info!("Docker Engine is back; draining the queue");
+            self.state().engine_down = false;
+            self.sweep().await;
+            self.prefill().await?;
+        }
+        let host_cap = self.config.scheduler.host_max_running;
+        // Each turn gives one owner one slot, then moves on: round-robin.
+        let mut idle_turns = 0;
+        loop {
+            let owner = {
+                let mut st = self.state();
+                if st.running_total >= host_cap || st.engine_down || idle_turns >= st.ready.len() {
+                    break;
+                }
+                match st.ready.pop_front() {
+                    Some(o) => o,
+                    None => break,
+                }
+            };
+            match self.dispatch_one(&owner).await {
+                Ok(Turn::Started) => idle_turns = 0,
+                Ok(Turn::Stale) => {
+                    self.state().ready.push_front(owner);
+                    idle_turns = 0;
+                }
+                Ok(Turn::AtQuota) => {
+                    self.state().ready.push_back(owner);
+                    idle_turns += 1;
+                }
+                Ok(Turn::Empty) => {
+                    // Leave the ready set, then look once more: a call
+                    // accepted in between found the owner still in the set
+                    // and did not re-add it.
+                    self.state().ready_set.remove(&owner);
+                    if self.store.queue_head(&owner).await?.is_some() {
+                        self.queued(&owner);
+                    }
+                }
+                Err(e) => {
+                    // Keep the owner's turn: its other calls must not be stranded.
+                    self.state().ready.push_back(owner);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn execute(
+        &self,
+        call: Call,
+        payload: bytes::Bytes,
+        token: CancellationToken,
+        started: oneshot::Sender<()>,
+    ) -> Result<(), StoreError> {
+        let limits = &self.config.limits;
+        let Some(function) = self.store.get_function(&call.function).await? else {
+            return self
+                .fail(&call.id, "cancelled: the function was removed")
+                .await;
+        };
+        if token.is_cancelled() {
+            return self.fail(&call.id, self.cancel_reason()).await;
+        }
+        let warm = self.warm_spec(&function);
+        let spec = RunSpec {
+            call_id: call.id,
+            function: function.name.to_string(),
+            image: function.spec.image.clone(),
+            command: function.spec.command.clone(),
+            env: call_env(&function.spec.env, &call.request_env),
+            memory_bytes: function
+                .spec
+                .memory_bytes
+                .unwrap_or(self.config.container.memory_bytes),
+            cpus: function.spec.cpus,
+            runtime: warm.runtime.clone(),
+            timeout: function.spec.timeout_ms.map(Duration::from_millis),
+            stdin: payload,
+            max_stdout: limits.max_stdout_bytes,
+            max_stderr: limits.max_stderr_bytes,
+            started: Some(started),
+        };
+        let claimed = self.pool.take(&warm);
+        if self.pool.enabled() {
+            crate::metrics::pool_take(&warm.function, claimed.is_some());
+        }
+        let result = match &claimed {
+            Some(c) => {
+                // The container has the function's env; the frame adds the request's.
+                let frame_env: Vec<String> = spec
+                    .env
+                    .iter()
+                    .filter(|e| !warm.env.contains(e))
+                    .cloned()
+                    .collect();
+                match self
+                    .runtime
+                    .run_warm(&c.id, spec, &frame_env, token.clone())
+                    .await
+                {
+                    Ok(Warm::Ran(ran)) => Ok(ran),
+                    Ok(Warm::Unusable(spec)) => self.runtime.run(*spec, token).await,
+                    Err(e) => Err(e),
+                }
+            }
+            None => self.runtime.run(spec, token).await,
+        };
+        let ended = self.conclude(&call, &warm, result).await;
+        // Only now, with its container removed, may the sweep forget it.
+        if let Some(c) = claimed {
+            self.pool.release(&c.name);
+        }
+        ended
+    }
+
+    /// Stores how a call ended, then removes its container.
+    async fn conclude(
+        &self,
+        call: &Call,
+        warm: &WarmSpec,
+        result: Result<crate::runtime::Ran, RuntimeError>,
+    ) -> Result<(), StoreError> {
+        if let Err(e) = &result {
+            crate::metrics::engine_error(e);
+        }
+        match result {
+            Ok(mut ran) => {
+                if ran.outcome.message.as_deref() == Some("cancelled") {
+                    ran.outcome.message = Some(self.cancel_reason().into());
+                }
+                tracing::debug!(call = %call.id, state = ?ran.outcome.state, "ended");
+                // Durable before the container goes: if this fails, the call
+                // stays RUNNING on disk and its container is the evidence
+                // that makes the next recovery fail it, never re-run it.
+                self.finish(&call.id, ran.outcome).await?;
+                crate::crash_point!("finish-durable");
+                if let Some(c) = ran.container {
+                    self.runtime.remove(&c).await;
+                }
+                // After the call, so making its successor does not slow it;
+                // not for a function removed or changed meanwhile.
+                self.refill(warm).await;
+            }
+            Err(RuntimeError::Unavailable { message, .. }) => {
+                tracing::warn!(call = %call.id, error = %message, "Docker Engine unreachable; call requeued");
+                self.state().engine_down = true;
+                self.pool.forget_all();
+                self.store.requeue(&call.id).await?;
+                let mut st = self.state();
+                if st.ready_set.insert(call.owner.clone()) {
+                    st.ready.push_front(call.owner.clone());
+                }
+            }
+            Err(e) => self.fail(&call.id, &e.to_string()).await?,
+        }
+        Ok(())
+    }
+}
