@@ -250,6 +250,15 @@ async fn ensure_admin(
             .as_str()
             .to_string(),
         (Some(_), Some(k)) if old_ok => k,
+        // Another node made the admin: rotating its key here would lock
+        // out the others. The operator copies that node's profile instead.
+        (Some(_), _) if svc.store.shared() => {
+            tracing::warn!(
+                profile = %path.display(),
+                "the shared store already has an admin: copy admin-profile.toml from the node that made it to use this node's CLI as admin"
+            );
+            return Ok(path);
+        }
         (Some(mut user), _) => {
             let key = crate::model::ApiKey::generate();
             user.key_hash = key.hash();

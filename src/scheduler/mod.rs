@@ -39,6 +39,9 @@ const ENGINE_RETRY: Duration = Duration::from_secs(1);
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// How often ended calls past `limits.call_retention` are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
+/// How often a node of a shared store looks at every queue, in case a
+/// change notice from another node was lost.
+const REMOTE_POLL: Duration = Duration::from_secs(2);
 
 pub struct Scheduler {
     store: Arc<dyn Store>,
@@ -153,6 +156,12 @@ impl Scheduler {
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut prune = tokio::time::interval(PRUNE_EVERY);
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A shared store: other nodes queue and end calls too. They say so
+        // (best effort), and every REMOTE_POLL the queues are looked at anyway.
+        let mut remote = self.store.remote_changes();
+        let shared = self.store.shared();
+        let mut poll = tokio::time::interval(REMOTE_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if let Err(e) = self.dispatch().await {
                 tracing::error!(error = %e, "dispatch failed");
@@ -167,6 +176,18 @@ impl Scheduler {
                 _ = tokio::time::sleep(ENGINE_RETRY), if retry => {}
                 _ = sweep.tick() => self.sweep().await,
                 _ = prune.tick() => self.prune().await,
+                Some(owner) = recv(&mut remote) => {
+                    self.queued(&owner);
+                    while let Some(owner) = remote.as_mut().and_then(|r| r.try_recv().ok()) {
+                        self.queued(&owner);
+                    }
+                }
+                _ = poll.tick(), if shared => {
+                    match self.store.queued_owners().await {
+                        Ok(owners) => owners.iter().for_each(|o| self.queued(o)),
+                        Err(e) => tracing::debug!(error = %e, "listing queues failed"),
+                    }
+                }
             }
         }
         self.stop_running().await;
@@ -287,5 +308,13 @@ mod tests {
             ("PATH".to_string(), "/evil".to_string()),
         ];
         assert_eq!(call_env(&fenv, &req), vec!["HTTP_X_B=b", "HTTP_X_A=fn"]);
+    }
+}
+
+/// The next owner another node changed, or never without a shared store.
+async fn recv(remote: &mut Option<tokio::sync::mpsc::UnboundedReceiver<Name>>) -> Option<Name> {
+    match remote {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
     }
 }

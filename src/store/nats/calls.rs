@@ -510,12 +510,16 @@ impl Inner {
             .get_stream_no_info(Self::output_stream(&call.function))
             .await
             .map_err(|e| unavailable("reading an output", e))?;
+        // Read from the stream's leader: a replica might not have it yet.
         let found = stream
-            .direct_get_last_for_subject(format!("hfo.{}.{id}", call.function))
+            .get_last_raw_message_by_subject(&format!("hfo.{}.{id}", call.function))
             .await;
         let message = match found {
             Ok(m) => Some(m),
-            Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+            {
                 None
             }
             Err(e) => return Err(unavailable("reading an output", e)),

@@ -123,19 +123,6 @@ impl NatsStore {
     /// its own calls.
     pub async fn open(dir: &Path, config: StoreConfig, nats: NatsConfig) -> Result<NatsStore> {
         let node = node_id(dir)?;
-        let mut options = async_nats::ConnectOptions::new()
-            .name(format!("hyperfuncd {node}"))
-            .retry_on_initial_connect()
-            .connection_timeout(Duration::from_secs(5));
-        if let Some(creds) = &nats.credentials {
-            options = options
-                .credentials_file(creds)
-                .await
-                .map_err(|e| StoreError::Failed(format!("{}: {e}", creds.display())))?;
-        }
-        if let Some(ca) = &nats.ca {
-            options = options.add_root_certificates(ca.clone()).require_tls(true);
-        }
         let servers: Vec<async_nats::ServerAddr> = nats
             .servers
             .iter()
@@ -144,10 +131,30 @@ impl NatsStore {
                     .map_err(|e| StoreError::Failed(format!("[store.nats] servers: {s}: {e}")))
             })
             .collect::<Result<_>>()?;
-        let client = tokio::time::timeout(Duration::from_secs(30), options.connect(servers))
-            .await
-            .map_err(|_| unavailable("connecting", "no server answered within 30 s"))?
-            .map_err(|e| unavailable("connecting", e))?;
+        // A cluster starting beside us may take a moment to answer.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let client = loop {
+            let mut options = async_nats::ConnectOptions::new()
+                .name(format!("hyperfuncd {node}"))
+                .connection_timeout(Duration::from_secs(5));
+            if let Some(creds) = &nats.credentials {
+                options = options
+                    .credentials_file(creds)
+                    .await
+                    .map_err(|e| StoreError::Failed(format!("{}: {e}", creds.display())))?;
+            }
+            if let Some(ca) = &nats.ca {
+                options = options.add_root_certificates(ca.clone()).require_tls(true);
+            }
+            match options.connect(servers.clone()).await {
+                Ok(c) => break c,
+                Err(e) if Instant::now() > deadline => return Err(unavailable("connecting", e)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "NATS not reachable yet; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
         let max_payload = client.server_info().max_payload as u64;
         if max_payload < nats.max_message_bytes + HEADROOM {
             return Err(StoreError::Failed(format!(
@@ -158,31 +165,17 @@ impl NatsStore {
         }
         let js = jetstream::new(client.clone());
         let replicas = nats.replicas.max(1);
-        let kv = open_bucket(&js, replicas).await?;
-        let nodes = match js.get_key_value(NODES_BUCKET).await {
-            Ok(b) => b,
-            Err(_) => js
-                .create_key_value(jetstream::kv::Config {
-                    bucket: NODES_BUCKET.into(),
-                    history: 1,
-                    max_age: NODE_TTL,
-                    num_replicas: replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| unavailable("creating the nodes bucket", e))?,
+        // A cluster that has just started may still be electing its leaders.
+        let (kv, nodes, queue) = loop {
+            match open_streams(&js, replicas).await {
+                Ok(v) => break v,
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "JetStream not ready yet; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
         };
-        let queue = js
-            .get_or_create_stream(stream::Config {
-                name: QUEUE_STREAM.into(),
-                subjects: vec!["hfq.*".into()],
-                retention: stream::RetentionPolicy::WorkQueue,
-                storage: stream::StorageType::File,
-                num_replicas: replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| unavailable("creating the queue stream", e))?;
         let (tx, rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             bucket: Bucket { client, js, kv },
@@ -269,6 +262,39 @@ fn node_id(dir: &Path) -> Result<String> {
         .map_err(failed)?;
     std::fs::rename(&tmp, &path).map_err(failed)?;
     Ok(id)
+}
+
+/// The records bucket, the nodes bucket and the queue stream, made if missing.
+async fn open_streams(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> Result<(jetstream::kv::Store, jetstream::kv::Store, stream::Stream)> {
+    let kv = open_bucket(js, replicas).await?;
+    let nodes = match js.get_key_value(NODES_BUCKET).await {
+        Ok(b) => b,
+        Err(_) => js
+            .create_key_value(jetstream::kv::Config {
+                bucket: NODES_BUCKET.into(),
+                history: 1,
+                max_age: NODE_TTL,
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable("creating the nodes bucket", e))?,
+    };
+    let queue = js
+        .get_or_create_stream(stream::Config {
+            name: QUEUE_STREAM.into(),
+            subjects: vec!["hfq.*".into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| unavailable("creating the queue stream", e))?;
+    Ok((kv, nodes, queue))
 }
 
 async fn open_bucket(js: &jetstream::Context, replicas: usize) -> Result<jetstream::kv::Store> {
