@@ -5,9 +5,11 @@
 mod common;
 
 use common::*;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Three `nats-server`s with JetStream, clustered on loopback.
@@ -175,18 +177,87 @@ fn wait_ended(d: &Daemon, ids: &[String], secs: u64) -> Vec<serde_json::Value> {
     ids.iter().map(|id| call_state(d, id)).collect()
 }
 
-fn remove_node_containers(instance: &str) {
-    let out = Command::new("docker")
-        .args(["ps", "-aq", "--filter"])
-        .arg(format!("label=io.hyperfuncd.instance={instance}"))
-        .output()
-        .expect("docker ps");
-    let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect();
-    if !ids.is_empty() {
-        let _ = Command::new("docker").args(["rm", "-f"]).args(&ids).output();
+/// `docker events` for one function's containers on the shared Engine, from
+/// every node, in the Engine's order: (action, call, instance).
+struct FunctionEvents {
+    child: Child,
+    lines: Arc<std::sync::Mutex<Vec<(String, String, String)>>>,
+}
+
+impl FunctionEvents {
+    fn start(function: &str) -> FunctionEvents {
+        use std::io::BufRead;
+        let mut child = Command::new("docker")
+            .args(["events", "--filter"])
+            .arg(format!("label=io.hyperfuncd.function={function}"))
+            .args(["--filter", "event=create", "--filter", "event=start", "--filter", "event=die"])
+            .args([
+                "--format",
+                "{{.Action}} {{index .Actor.Attributes \"io.hyperfuncd.call\"}} {{index .Actor.Attributes \"io.hyperfuncd.instance\"}}",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker events");
+        let stdout = child.stdout.take().expect("stdout");
+        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let p: Vec<&str> = line.split_whitespace().collect();
+                if let [a, c, i] = p[..] {
+                    sink.lock()
+                        .expect("events")
+                        .push((a.into(), c.into(), i.into()));
+                }
+            }
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        FunctionEvents { child, lines }
+    }
+
+    fn all(&self) -> Vec<(String, String, String)> {
+        self.lines.lock().expect("events").clone()
+    }
+
+    /// Starts per call id.
+    fn starts(&self) -> HashMap<String, usize> {
+        let mut n = HashMap::new();
+        for (a, c, _) in self.all() {
+            if a == "start" {
+                *n.entry(c).or_default() += 1;
+            }
+        }
+        n
+    }
+
+    /// The most containers running at once, over every node.
+    fn max_running(&self) -> usize {
+        let mut running = std::collections::HashSet::new();
+        let mut max = 0;
+        for (a, c, _) in self.all() {
+            match a.as_str() {
+                "start" => {
+                    running.insert(c);
+                }
+                "die" => {
+                    running.remove(&c);
+                }
+                _ => {}
+            }
+            max = max.max(running.len());
+        }
+        max
+    }
+}
+
+impl Drop for FunctionEvents {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -205,19 +276,29 @@ fn a_call_accepted_on_one_node_runs_on_another_and_is_fetched_from_either() {
         &nats.config("[scheduler]\nhost_max_running = 1\n"),
     );
     let b = join(&a, &data_dir(&tmp, "b"), &nats.config(""));
-    assert_ne!(a.instance, b.instance, "each node labels its own containers");
+    assert_ne!(
+        a.instance, b.instance,
+        "each node labels its own containers"
+    );
     let events = events_of(&[&a, &b]);
 
     a.create("nap", &[IMAGE, "sleep", "6"]);
     a.create("echo", &[IMAGE, "cat"]);
     // B sees what A created: one set of functions.
     let listed = b.ok(&["func", "ls"]);
-    assert!(listed.contains("echo") && listed.contains("nap"), "{listed}");
+    assert!(
+        listed.contains("echo") && listed.contains("nap"),
+        "{listed}"
+    );
 
     // Either node may take a nap: submit them until one runs on A.
     let mut naps = Vec::new();
     while !created_on(&events, "nap").values().any(|n| n.contains(&0)) {
-        assert!(naps.len() < 6, "no nap ran on A: {:?}", created_on(&events, "nap"));
+        assert!(
+            naps.len() < 6,
+            "no nap ran on A: {:?}",
+            created_on(&events, "nap")
+        );
         naps.push(a.call("nap", b""));
         std::thread::sleep(Duration::from_millis(700));
     }
@@ -226,17 +307,214 @@ fn a_call_accepted_on_one_node_runs_on_another_and_is_fetched_from_either() {
     // Fetched from B, where it ran (A is full); the output is handed out once.
     let out = b.cli(&["func", "get", "--wait", &id]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(out.stdout, payload, "the output is the payload, byte for byte");
+    assert_eq!(
+        out.stdout, payload,
+        "the output is the payload, byte for byte"
+    );
     let again = a.cli(&["func", "get", &id]);
     assert!(!again.status.success(), "an output is handed out once");
 
     let created = created_on(&events, "echo");
-    assert_eq!(created.get(&id), Some(&vec![1]), "echo ran on B only: {created:?}");
+    assert_eq!(
+        created.get(&id),
+        Some(&vec![1]),
+        "echo ran on B only: {created:?}"
+    );
     let ended = wait_ended(&b, &naps, 30);
     assert!(ended.iter().all(|c| c["State"] == "FINISHED"), "{ended:?}");
     // Logs of a call that ran on B, read from A.
     let logs = a.ok(&["func", "logs", "echo"]);
     assert!(logs.contains("FINISHED"), "{logs}");
+    a.finish();
+    b.finish();
+}
+
+#[test]
+fn a_users_quota_holds_across_nodes_and_no_call_starts_twice() {
+    let nats = NatsCluster::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = Daemon::start_on(&data_dir(&tmp, "a"), &nats.config(""));
+    let b = join(&a, &data_dir(&tmp, "b"), &nats.config(""));
+    let alice = a.add_user("alice", 2);
+    let out = a.cli_as(
+        &alice,
+        &["func", "create", "--name", "q2", IMAGE, "sleep", "1"],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let events = FunctionEvents::start("q2");
+    // Eight calls, half through each node.
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        let node = if i % 2 == 0 { &a } else { &b };
+        let out = node.cli_as(&alice, &["func", "call", "q2"], Some(b""));
+        assert!(out.status.success(), "{}", stderr(&out));
+        ids.push(
+            stdout(&out)
+                .trim()
+                .trim_start_matches("CallId: ")
+                .to_string(),
+        );
+    }
+    let ended = wait_ended(&b, &ids, 60);
+    assert!(ended.iter().all(|c| c["State"] == "FINISHED"), "{ended:?}");
+    let starts = events.starts();
+    for id in &ids {
+        assert_eq!(
+            starts.get(id),
+            Some(&1),
+            "call {id} started once: {starts:?}"
+        );
+    }
+    let max = events.max_running();
+    assert!(
+        max <= 2,
+        "alice's quota of 2 held across both nodes: {max} ran at once"
+    );
+    let nodes: std::collections::HashSet<String> =
+        events.all().into_iter().map(|(_, _, i)| i).collect();
+    eprintln!("q2 ran on {} node(s), at most {max} at once", nodes.len());
+    a.finish();
+    b.finish();
+}
+
+#[test]
+fn a_node_killed_mid_run_fails_its_running_calls_and_its_queue_runs_elsewhere() {
+    let nats = NatsCluster::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = nats.config("[pool]\nper_function = 0\n");
+    let mut a = Daemon::start_on(&data_dir(&tmp, "a"), &cfg);
+    let b = join(&a, &data_dir(&tmp, "b"), &cfg);
+    let bob = a.add_user("bob", 3);
+    let out = a.cli_as(
+        &bob,
+        &["func", "create", "--name", "slow", IMAGE, "sleep", "3"],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let events = FunctionEvents::start("slow");
+    let ids: Vec<String> = (0..8)
+        .map(|_| {
+            let out = a.cli_as(&bob, &["func", "call", "slow"], Some(b""));
+            assert!(out.status.success(), "{}", stderr(&out));
+            stdout(&out)
+                .trim()
+                .trim_start_matches("CallId: ")
+                .to_string()
+        })
+        .collect();
+    let on_a = |ev: &FunctionEvents| -> Vec<String> {
+        ev.all()
+            .into_iter()
+            .filter(|(act, _, i)| act == "start" && *i == a.instance)
+            .map(|(_, c, _)| c)
+            .collect()
+    };
+    a.wait_until(30, "a call running on A", || !on_a(&events).is_empty());
+    let running_on_a = on_a(&events);
+    a.kill9();
+    // B (and the reaper) take over: nothing is lost, nothing runs twice.
+    let ended = wait_ended(&b, &ids, 90);
+    let starts = events.starts();
+    for (id, call) in ids.iter().zip(&ended) {
+        assert!(
+            starts.get(id).copied().unwrap_or(0) <= 1,
+            "call {id} started twice: {starts:?}"
+        );
+        if running_on_a.contains(id) {
+            assert_eq!(call["State"], "FAILED", "{call}");
+            assert!(
+                call["Message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("node lost while the call was running"),
+                "{call}"
+            );
+        } else {
+            assert_eq!(call["State"], "FINISHED", "{call}");
+        }
+    }
+    assert!(
+        ended.iter().any(|c| c["State"] == "FINISHED"),
+        "B ran the rest"
+    );
+    // A comes back: its recovery removes what its dead run left.
+    a.restart();
+    a.finish();
+    b.finish();
+}
+
+#[test]
+fn a_nats_server_killed_loses_no_accepted_call_and_caches_stay_in_budget() {
+    let mut nats = NatsCluster::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = nats.config("[limits]\noutput_cache_bytes = 4096\n");
+    let a = Daemon::start_on(&data_dir(&tmp, "a"), &cfg);
+    let b = join(&a, &data_dir(&tmp, "b"), &cfg);
+    let url = a.create("echo2", &[IMAGE, "cat"]);
+    let payloads: Vec<Vec<u8>> = (0..40).map(|i| format!("{i:0>300}").into_bytes()).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let submitter = {
+        let (ca, url, payloads, stop) = (a.ca(), url.clone(), payloads.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || submit_all(&ca, &url, payloads, 2, stop))
+    };
+    std::thread::sleep(Duration::from_millis(400));
+    nats.kill9(0);
+    let mut acked = submitter.join().expect("submitter");
+    // While the streams elect new leaders intake may answer 503 (nothing
+    // stored, retry); then it goes on with two servers of three.
+    let killed = Instant::now();
+    let mut more = 0;
+    while more < 10 {
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "intake did not resume"
+        );
+        let i = payloads.len() + more;
+        let body = format!("{i:0>300}").into_bytes();
+        let got = submit_all(
+            &a.ca(),
+            &url,
+            vec![body.clone()],
+            1,
+            Arc::new(AtomicBool::new(false)),
+        );
+        match got.first() {
+            Some((_, id)) => {
+                acked.push((i, id.clone()));
+                more += 1;
+            }
+            None => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+    eprintln!(
+        "{} calls accepted; intake was back {:?} after the kill",
+        acked.len(),
+        killed.elapsed()
+    );
+    let ids: Vec<String> = acked.iter().map(|(_, id)| id.clone()).collect();
+    let ended = wait_ended(&b, &ids, 90);
+    assert!(ended.iter().all(|c| c["State"] == "FINISHED"), "{ended:?}");
+    // Outputs still cached are each call's own payload; older ones were
+    // rotated out to keep the cache within its budget.
+    let mut fetched = 0;
+    for (i, id) in &acked {
+        let out = b.cli(&["func", "get", id]);
+        if out.status.success() {
+            assert_eq!(out.stdout, format!("{i:0>300}").into_bytes(), "call {id}");
+            fetched += 1;
+        }
+    }
+    assert!(fetched > 0, "some outputs were still cached");
+    for d in [&a, &b] {
+        let (code, f) = d.api("/v1/functions/echo2");
+        assert_eq!(code, 200, "{f}");
+        let used = f["OutputCacheBytes"].as_u64().unwrap_or(u64::MAX);
+        assert!(
+            used <= 4096,
+            "output cache within its 4096-byte budget: {f}"
+        );
+    }
     a.finish();
     b.finish();
 }

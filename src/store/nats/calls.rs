@@ -49,20 +49,34 @@ impl Inner {
         }
         // The owner's consumer exists before its first message.
         self.consumer(&call.owner).await?;
-        let mut h = async_nats::HeaderMap::new();
-        h.insert(CALL_HEADER, call.id.to_string().as_str());
-        let ack = self
-            .bucket
-            .js
-            .publish_with_headers(format!("hfq.{}", call.owner), h, payload)
-            .await
-            .map_err(|e| unavailable("queueing the call", e))?
-            .await
-            .map_err(|e| unavailable("queueing the call", e))?;
+        // The call id as message id: a retried publish is stored once.
+        let ack = retry(|| async {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(CALL_HEADER, call.id.to_string().as_str());
+            h.insert("Nats-Msg-Id", call.id.to_string().as_str());
+            self.bucket
+                .js
+                .publish_with_headers(format!("hfq.{}", call.owner), h, payload.clone())
+                .await
+                .map_err(|e| unavailable("queueing the call", e))?
+                .await
+                .map_err(|e| Refused::Error(unavailable("queueing the call", e)))
+        })
+        .await?;
         crate::crash_point!("nats-accept-queued");
         // The stream's sequence is the FIFO key, as sled's counter is.
         call.seq = ack.sequence;
         let stored = retry(|| async {
+            if self
+                .bucket
+                .get::<Call>(&call_key(&call.id))
+                .await?
+                .1
+                .is_some()
+            {
+                // An earlier attempt was stored; only its answer was lost.
+                return Ok(());
+            }
             let (srev, stats) = self
                 .bucket
                 .get::<FunctionStats>(&stats_key(&call.function))
@@ -234,6 +248,20 @@ impl Inner {
             let Some(mut call) = call else {
                 return Err(Refused::Error(StoreError::NotFound(format!("call {id}"))));
             };
+            if call.state == CallState::Running
+                && self
+                    .bucket
+                    .get::<String>(&running_key(id))
+                    .await?
+                    .1
+                    .as_deref()
+                    == Some(self.node.as_str())
+            {
+                // This node's earlier attempt was stored; only its answer was
+                // lost (this node holds the call's message, so no one else
+                // could have started it).
+                return Ok(Ok(call));
+            }
             if call.state != CallState::Pending {
                 return Ok(Err(None));
             }
@@ -363,17 +391,29 @@ impl Inner {
             && len <= self.config.output_budget
             && call.state == CallState::Running
         {
-            self.ensure_streams(&call.function).await?;
-            self.bucket
-                .js
-                .publish(
-                    format!("hfo.{}.{id}", call.function),
-                    outcome.stdout.clone(),
-                )
-                .await
-                .map_err(|e| unavailable("storing the output", e))?
-                .await
-                .map_err(|e| unavailable("storing the output", e))?;
+            retry(|| async {
+                self.ensure_streams(&call.function).await?;
+                let mut h = async_nats::HeaderMap::new();
+                h.insert("Nats-Msg-Id", format!("out-{id}").as_str());
+                self.bucket
+                    .js
+                    .publish_with_headers(
+                        format!("hfo.{}.{id}", call.function),
+                        h,
+                        outcome.stdout.clone(),
+                    )
+                    .await
+                    .map_err(|e| unavailable("storing the output", e))?
+                    .await
+                    .map_err(|e| {
+                        if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
+                            // Purged and made again by another node: look again.
+                            lock(&self.streams).remove(&call.function);
+                        }
+                        Refused::Error(unavailable("storing the output", e))
+                    })
+            })
+            .await?;
             stored = true;
         }
         let ended = retry(|| async {
@@ -382,6 +422,15 @@ impl Inner {
                 return Err(Refused::Error(StoreError::NotFound(format!("call {id}"))));
             };
             let was = call.state;
+            if was.is_done()
+                && was == outcome.state
+                && call.exit_code == outcome.exit_code
+                && call.message == outcome.message
+                && call.stdout_len == len
+            {
+                // An earlier attempt was stored; only its answer was lost.
+                return Ok(call);
+            }
             if from.is_some_and(|f| f != was) {
                 return Err(Refused::Error(
                     crate::model::TransitionError {
@@ -663,6 +712,7 @@ impl Inner {
                 }
             }
         }
+        lock(&self.streams).remove(name);
         for s in [Self::output_stream(name), Self::log_stream(name)] {
             match self.bucket.js.delete_stream(&s).await {
                 Ok(_) => {}

@@ -212,24 +212,42 @@ impl Bucket {
     }
 }
 
-/// Retries `attempt` while a compare-and-set finds the record moved.
+/// How long a write keeps retrying while the cluster cannot answer (a
+/// server lost, leaders being elected) before the error reaches the caller.
+const UNAVAILABLE_FOR: Duration = Duration::from_secs(60);
+
+/// Retries `attempt` while a compare-and-set finds the record moved, and
+/// while the cluster is unavailable (for up to `UNAVAILABLE_FOR`). A write
+/// whose answer was lost may have been applied: each attempt must
+/// recognise its own earlier write (see the callers).
 pub async fn retry<T, F, Fut>(mut attempt: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = std::result::Result<T, Refused>>,
 {
+    let deadline = std::time::Instant::now() + UNAVAILABLE_FOR;
     let mut backoff = Duration::from_millis(1);
-    for _ in 0..200 {
+    let mut moved = 0;
+    loop {
         match attempt().await {
             Ok(v) => return Ok(v),
+            Err(Refused::Error(StoreError::Unavailable(m)))
+                if std::time::Instant::now() < deadline =>
+            {
+                tracing::debug!(error = %m, "NATS unavailable; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
             Err(Refused::Error(e)) => return Err(e),
             Err(Refused::Moved) => {
+                moved += 1;
+                if moved > 200 {
+                    return Err(StoreError::Unavailable(
+                        "NATS: a record kept changing under 200 attempts to update it".into(),
+                    ));
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_millis(50));
             }
         }
     }
-    Err(StoreError::Unavailable(
-        "NATS: a record kept changing under 200 attempts to update it".into(),
-    ))
 }

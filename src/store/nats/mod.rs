@@ -35,7 +35,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use kv::{dec, enc, retry, unavailable, Bucket, Op, Refused};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -103,6 +103,8 @@ struct Inner {
     /// Per owner: the held head not yet started.
     heads: Mutex<HashMap<Name, CallId>>,
     remote: Mutex<Option<mpsc::UnboundedReceiver<Name>>>,
+    /// Functions whose output and log streams this node has made sure of.
+    streams: Mutex<HashSet<Name>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -188,6 +190,7 @@ impl NatsStore {
             held: Mutex::new(HashMap::new()),
             heads: Mutex::new(HashMap::new()),
             remote: Mutex::new(Some(rx)),
+            streams: Mutex::new(HashSet::new()),
         });
         inner.beat().await?;
         let mut changes = inner
@@ -471,6 +474,9 @@ impl Inner {
 
     /// The function's output and log streams, bounded by the budgets.
     async fn ensure_streams(&self, name: &Name) -> Result<()> {
+        if lock(&self.streams).contains(name) {
+            return Ok(());
+        }
         for (stream_name, subject, budget) in [
             (
                 Self::output_stream(name),
@@ -497,6 +503,7 @@ impl Inner {
                 .await
                 .map_err(|e| unavailable("creating a function's streams", e))?;
         }
+        lock(&self.streams).insert(name.clone());
         Ok(())
     }
 
