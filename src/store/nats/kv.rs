@@ -74,11 +74,18 @@ pub struct Bucket {
 impl Bucket {
     /// The key's last revision, if it was ever written.
     pub async fn read(&self, key: &str) -> Result<Option<Read>> {
-        let entry = self
-            .kv
-            .entry(key)
-            .await
-            .map_err(|e| unavailable("reading a record", e))?;
+        // While a leader is being elected reads find no responder: wait.
+        let deadline = std::time::Instant::now() + UNAVAILABLE_FOR;
+        let entry = loop {
+            match self.kv.entry(key).await {
+                Ok(e) => break e,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "NATS read failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(unavailable("reading a record", e)),
+            }
+        };
         Ok(entry.map(|e| Read {
             revision: e.revision,
             value: (e.operation == kv::Operation::Put).then_some(e.value),
@@ -155,6 +162,20 @@ impl Bucket {
     /// Every live key under `prefix` (e.g. `l.FUNCTION.`) with its value,
     /// in the order they were last written.
     pub async fn scan(&self, prefix: &str) -> Result<Vec<(String, Bytes)>> {
+        let deadline = std::time::Instant::now() + UNAVAILABLE_FOR;
+        loop {
+            match self.scan_once(prefix).await {
+                Ok(v) => return Ok(v),
+                Err(e) if std::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "NATS scan failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn scan_once(&self, prefix: &str) -> Result<Vec<(String, Bytes)>> {
         let stream = self
             .js
             .get_stream_no_info(BUCKET_STREAM)

@@ -62,7 +62,7 @@ const NODES_BUCKET: &str = "hyperfuncd-nodes";
 /// How often a node refreshes its liveness key.
 const HEARTBEAT: Duration = Duration::from_secs(2);
 /// How long after its last heartbeat a node counts as lost.
-const NODE_TTL: Duration = Duration::from_secs(10);
+const NODE_TTL: Duration = Duration::from_secs(20);
 /// A queue message not acknowledged for this long is handed out again
 /// (to any node); progress acks keep a running call's message.
 const ACK_WAIT: Duration = Duration::from_secs(15);
