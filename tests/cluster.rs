@@ -374,6 +374,28 @@ fn a_users_quota_holds_across_nodes_and_no_call_starts_twice() {
     let nodes: std::collections::HashSet<String> =
         events.all().into_iter().map(|(_, _, i)| i).collect();
     eprintln!("q2 ran on {} node(s), at most {max} at once", nodes.len());
+
+    // Quota 1: one call out at a time across the cluster, so the Engine
+    // starts carol's calls in exactly the order they were accepted.
+    let carol = a.add_user("carol", 1);
+    let out = a.cli_as(&carol, &["func", "create", "--name", "fifo1", IMAGE, "echo", "hi"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let fifo = FunctionEvents::start("fifo1");
+    let mut order = Vec::new();
+    for i in 0..6 {
+        let node = if i % 2 == 0 { &b } else { &a };
+        let out = node.cli_as(&carol, &["func", "call", "fifo1"], Some(b""));
+        assert!(out.status.success(), "{}", stderr(&out));
+        order.push(stdout(&out).trim().trim_start_matches("CallId: ").to_string());
+    }
+    wait_ended(&a, &order, 60);
+    let started: Vec<String> = fifo
+        .all()
+        .into_iter()
+        .filter(|(act, _, _)| act == "start")
+        .map(|(_, c, _)| c)
+        .collect();
+    assert_eq!(started, order, "carol's calls started in acceptance order");
     a.finish();
     b.finish();
 }
