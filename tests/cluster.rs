@@ -378,7 +378,11 @@ fn a_users_quota_holds_across_nodes_and_no_call_starts_twice() {
     // Quota 1: one call out at a time across the cluster, so the Engine
     // starts carol's calls in exactly the order they were accepted.
     let carol = a.add_user("carol", 1);
-    let out = a.cli_as(&carol, &["func", "create", "--name", "fifo1", IMAGE, "echo", "hi"], None);
+    let out = a.cli_as(
+        &carol,
+        &["func", "create", "--name", "fifo1", IMAGE, "echo", "hi"],
+        None,
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let fifo = FunctionEvents::start("fifo1");
     let mut order = Vec::new();
@@ -386,7 +390,12 @@ fn a_users_quota_holds_across_nodes_and_no_call_starts_twice() {
         let node = if i % 2 == 0 { &b } else { &a };
         let out = node.cli_as(&carol, &["func", "call", "fifo1"], Some(b""));
         assert!(out.status.success(), "{}", stderr(&out));
-        order.push(stdout(&out).trim().trim_start_matches("CallId: ").to_string());
+        order.push(
+            stdout(&out)
+                .trim()
+                .trim_start_matches("CallId: ")
+                .to_string(),
+        );
     }
     wait_ended(&a, &order, 60);
     let started: Vec<String> = fifo

@@ -66,36 +66,54 @@ impl Inner {
         crate::crash_point!("nats-accept-queued");
         // The stream's sequence is the FIFO key, as sled's counter is.
         call.seq = ack.sequence;
-        let stored = retry(|| async {
-            if self
-                .bucket
-                .get::<Call>(&call_key(&call.id))
-                .await?
-                .1
-                .is_some()
-            {
-                // An earlier attempt was stored; only its answer was lost.
-                return Ok(());
-            }
-            let (srev, stats) = self
-                .bucket
-                .get::<FunctionStats>(&stats_key(&call.function))
-                .await?;
-            let mut stats = stats.unwrap_or_default();
-            stats.total += 1;
-            count(&mut stats, CallState::Pending, 1);
-            self.bucket
-                .commit(vec![
-                    Op::Put(call_key(&call.id), enc(&call)?, Some(0)),
-                    Op::Put(live_key(&call.function, &call.id), Vec::new(), None),
-                    Op::Put(stats_key(&call.function), enc(&stats)?, Some(srev)),
-                ])
-                .await
-        })
-        .await;
+        // Bounded well under ORPHAN_AFTER: a record stored later than that
+        // could belong to a message already dropped as an orphan.
+        let stored = tokio::time::timeout(
+            ACCEPT_WITHIN,
+            retry(|| async {
+                if self
+                    .bucket
+                    .get::<Call>(&call_key(&call.id))
+                    .await?
+                    .1
+                    .is_some()
+                {
+                    // An earlier attempt was stored; only its answer was lost.
+                    return Ok(());
+                }
+                let (srev, stats) = self
+                    .bucket
+                    .get::<FunctionStats>(&stats_key(&call.function))
+                    .await?;
+                let mut stats = stats.unwrap_or_default();
+                stats.total += 1;
+                count(&mut stats, CallState::Pending, 1);
+                self.bucket
+                    .commit(vec![
+                        Op::Put(call_key(&call.id), enc(&call)?, Some(0)),
+                        Op::Put(live_key(&call.function, &call.id), Vec::new(), None),
+                        Op::Put(stats_key(&call.function), enc(&stats)?, Some(srev)),
+                    ])
+                    .await
+            }),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(
+                "NATS: the cluster did not store the call in time".into(),
+            ))
+        });
         if let Err(e) = stored {
-            // Not accepted: its message must not run.
+            // Not accepted: its message must not run, and a record stored
+            // after all must not wait for it.
             let _ = self.queue.delete_message(call.seq).await;
+            let _ = self
+                .end(
+                    &call.id,
+                    Outcome::failed("not accepted: the cluster did not store the call in time"),
+                    Some(CallState::Pending),
+                )
+                .await;
             return Err(e);
         }
         self.log(&call, EventKind::Call).await;

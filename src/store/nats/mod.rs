@@ -71,7 +71,9 @@ const ACK_WAIT: Duration = Duration::from_secs(15);
 const TICK: Duration = Duration::from_secs(4);
 /// A queue message whose call record is still missing after this long
 /// belongs to an accept that crashed before answering: dropped.
-const ORPHAN_AFTER: Duration = Duration::from_secs(60);
+const ORPHAN_AFTER: Duration = Duration::from_secs(30);
+/// How long an accept may take to store its record after its message.
+const ACCEPT_WITHIN: Duration = Duration::from_secs(15);
 /// Room for headers beside a message's bytes.
 const HEADROOM: u64 = 64 * 1024;
 /// The reason a call running on a lost node ends with.
