@@ -230,6 +230,15 @@ impl Daemon {
         }
     }
 
+    /// Makes `pool` calls of `f` at once, untimed, then waits for its pool:
+    /// the adaptive pool gives a function warm containers only once it has
+    /// been called, as many as its calls in the last minute.
+    pub(super) async fn prime(&self, f: &Function, payload: &Bytes) -> anyhow::Result<()> {
+        parallel(self.pool, self.pool, |_| self.async_call(f, payload)).await?;
+        self.wait_pool_full(&f.name).await;
+        Ok(())
+    }
+
     /// Waits (bounded) until the function's pool holds every container it may.
     pub(super) async fn wait_pool_full(&self, function: &str) {
         let want = self.pool;

@@ -182,7 +182,7 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     let mut warm = Daemon::start(&tmp.0, "warm", &args.network, args.pool).await?;
     let cold_f = cold.create_function("bench-cat", &image, &["cat"]).await?;
     let warm_f = warm.create_function("bench-cat", &image, &["cat"]).await?;
-    warm.wait_pool_full(&warm_f.name).await;
+    warm.prime(&warm_f, &payload).await?;
 
     progress(&format!(
         "sync latency: {} rounds (+{WARMUP} warm-up) of docker run, cold, warm",
@@ -480,7 +480,7 @@ async fn runtime_rows(
     let warm_f = warm
         .create_function_under(name, &raw.image, &["cat"], Some(runtime))
         .await?;
-    warm.wait_pool_full(&warm_f.name).await;
+    warm.prime(&warm_f, payload).await?;
     progress(&format!(
         "sync latency under {runtime}: {} rounds (+{WARMUP} warm-up) of docker run, cold, warm",
         args.calls

@@ -153,6 +153,8 @@ impl Scheduler {
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut prune = tokio::time::interval(PRUNE_EVERY);
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut expire = tokio::time::interval(self.pool.expire_every());
+        expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if let Err(e) = self.dispatch().await {
                 tracing::error!(error = %e, "dispatch failed");
@@ -167,6 +169,12 @@ impl Scheduler {
                 _ = tokio::time::sleep(ENGINE_RETRY), if retry => {}
                 _ = sweep.tick() => self.sweep().await,
                 _ = prune.tick() => self.prune().await,
+                _ = expire.tick() => {
+                    let removed = self.pool.expire();
+                    if removed > 0 {
+                        tracing::debug!(count = removed, "idle warm containers expired");
+                    }
+                }
             }
         }
         self.stop_running().await;
@@ -206,12 +214,15 @@ impl Scheduler {
         }
     }
 
-    /// Fills the pool of every function (after recovery, or once the Engine
-    /// is back).
+    /// Fills the pool of every function that was called recently (after
+    /// recovery none was, so it fills nothing; once the Engine is back, those
+    /// in use get theirs again).
     async fn prefill(&self) -> Result<(), StoreError> {
         if self.pool.enabled() {
             for f in self.store.list_functions(None).await? {
-                self.pool.fill(&self.warm_spec(&f));
+                if self.pool.wanted(f.name.as_str()) {
+                    self.pool.fill(&self.warm_spec(&f));
+                }
             }
         }
         Ok(())
