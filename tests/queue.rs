@@ -431,7 +431,11 @@ fn sync_calls_answer_the_stored_end_and_leave_no_output_cached() {
         assert!(out == payload, "output differs ({} bytes)", out.len());
     }
     let s = d.status("echo");
-    assert_eq!((s["Finished"].clone(), s["Running"].clone()), (2.into(), 0.into()), "{s}");
+    assert_eq!(
+        (s["Finished"].clone(), s["Running"].clone()),
+        (2.into(), 0.into()),
+        "{s}"
+    );
     d.wait_until(30, "the answered outputs to leave the cache", || {
         d.api("/v1/functions/echo").1["OutputCacheBytes"] == 0
     });
