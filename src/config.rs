@@ -161,20 +161,32 @@ impl Default for ContainerConfig {
 
 /// The warm pool (DESIGN 6): containers started ahead of their call, so a call
 /// costs an attach instead of a container start. Each still serves one call.
+/// On by default and adaptive: a function gets warm containers only once it
+/// has been called, as many as it had calls in the last minute, within
+/// `per_function`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
-    /// Warm containers kept per function; 0 turns the pool off.
+    /// Most warm containers kept per function; 0 turns the pool off.
     pub per_function: usize,
-    /// Warm containers on this host, across all functions.
+    /// Warm containers on this host, across all functions; at the bound the
+    /// least recently called functions' idle ones give way. 0 turns the pool off.
     pub host_max: usize,
+    /// Seconds after its last call (and the refill after it) that a
+    /// function's warm containers are removed.
+    pub idle_secs: u64,
 }
+
+/// Warm containers per function unless configured: enough for a burst of
+/// four calls at the latency of an attach.
+pub const DEFAULT_POOL_PER_FUNCTION: usize = 4;
 
 impl Default for PoolConfig {
     fn default() -> Self {
         Self {
-            per_function: 0,
+            per_function: DEFAULT_POOL_PER_FUNCTION,
             host_max: 16,
+            idle_secs: 300,
         }
     }
 }

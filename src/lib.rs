@@ -2,6 +2,7 @@
 //!
 //! Module map (dependencies point one way, top to bottom):
 //! - [`cli`]: the command line; a remote client that speaks the same types as [`api`].
+//! - [`bench`]: `hyperfuncd bench`, private daemons against raw `docker run`.
 //! - [`api`]: HTTP only — parse, authenticate, hand to [`service`], map errors.
 //! - [`service`]: the operations of the platform (create a function, accept a call, ...).
 //! - [`scheduler`]: per-user FIFO drain, quotas, recovery, timeouts.
@@ -14,6 +15,7 @@
 //! - [`metrics`]: the Prometheus metrics; counted where things happen, levels read at scrape.
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod failpoint;

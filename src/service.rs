@@ -9,7 +9,7 @@ use crate::model::{
     OutputState, Secret, User,
 };
 use crate::runtime::{Runtime, RuntimeError};
-use crate::scheduler::Scheduler;
+use crate::scheduler::{EndWaiter, Ended, Scheduler};
 use crate::store::{FunctionStats, OutputLookup, Store, StoreError};
 use bytes::Bytes;
 use std::sync::Arc;
@@ -505,6 +505,14 @@ impl Service {
     ) -> Result<OutputAnswer> {
         let deadline = wait.map(|w| tokio::time::Instant::now() + w);
         let mut changes = self.scheduler.subscribe();
+        // Registered before the first look, so no end is missed: `finish`
+        // hands it the durable end, and the answer need not wait for the
+        // container's removal nor read the output back (ARCHITECTURE: sync
+        // answers). Visibility is still checked first, below.
+        let mut waiter: Option<EndWaiter> = match wait {
+            Some(_) => self.scheduler.await_end(*id),
+            None => None,
+        };
         loop {
             // Visibility first, so another user's call id answers 404.
             let call = self.call(scope, id).await?;
@@ -523,13 +531,50 @@ impl Service {
             } else {
                 OutputAnswer::Pending
             };
-            match deadline {
-                Some(d) if tokio::time::Instant::now() < d => {
-                    if tokio::time::timeout_at(d, changes.changed()).await.is_err() {
-                        return Ok(answer);
-                    }
-                }
+            let d = match deadline {
+                Some(d) if tokio::time::Instant::now() < d => d,
                 _ => return Ok(answer),
+            };
+            enum Woke {
+                Handed(Ended),
+                /// `finish` had nothing to hand: only the store can answer.
+                Closed,
+                Changed,
+                Deadline,
+            }
+            let handed = async {
+                match waiter.as_mut() {
+                    Some(w) => match (&mut w.ended).await {
+                        Ok(e) => Woke::Handed(e),
+                        Err(_) => Woke::Closed,
+                    },
+                    None => std::future::pending().await,
+                }
+            };
+            let woke = tokio::select! {
+                w = handed => w,
+                changed = tokio::time::timeout_at(d, changes.changed()) => match changed {
+                    Ok(_) => Woke::Changed,
+                    Err(_) => Woke::Deadline,
+                },
+            };
+            match woke {
+                Woke::Deadline => return Ok(answer),
+                Woke::Handed(Ended::Output(out)) => {
+                    // The output is durable in the cache; removing it, as a
+                    // fetch does, is off the caller's path.
+                    let store = Arc::clone(&self.store);
+                    let id = *id;
+                    tokio::spawn(async move {
+                        if let Err(e) = store.take_output(&id).await {
+                            tracing::warn!(call = %id, error = %e, "removing an answered output failed");
+                        }
+                    });
+                    return Ok(OutputAnswer::Output(out));
+                }
+                Woke::Handed(Ended::Failed(call)) => return Ok(OutputAnswer::Failed(*call)),
+                Woke::Closed => waiter = None,
+                Woke::Changed => {}
             }
         }
     }

@@ -174,6 +174,9 @@ fn calls_run_under_gvisor_cold_and_warm_and_runc_stays_available() {
     let d = daemon_on(&engine, "[pool]\nper_function = 1");
     d.create("gv", &[IMAGE, "sh", "-c", PROBE]);
     d.create("plain", &["--runtime", "runc", IMAGE, "sh", "-c", PROBE]);
+    // The pool warms a function once it has been called: one cold call each.
+    probe(&d, "gv", &payload);
+    probe(&d, "plain", &payload);
     d.wait_until(120, "a warm container per function", || {
         warm(&engine, &d.instance, "gv").len() == 1
             && warm(&engine, &d.instance, "plain").len() == 1

@@ -1,7 +1,9 @@
 //! The warm pool (DESIGN 6) against the real binary and Engine: a warm call
 //! still sees a fresh container with its own payload and headers, follows
 //! function updates, fails clearly, and survives kill -9 without running a
-//! call twice or leaving a container behind.
+//! call twice or leaving a container behind. The pool is on by default and
+//! adaptive: only a called function gets warm containers, an idle one loses
+//! them, and an operator can turn it off.
 
 mod common;
 
@@ -17,6 +19,15 @@ fn warm(d: &Daemon, function: &str) -> HashSet<String> {
     d.ps(&["--filter", &label, "--filter", "name=hyperfuncd-pool-"])
         .into_iter()
         .collect()
+}
+
+/// Calls `function` `n` times, one after the other, whatever each answers:
+/// the pool gives a function as many warm containers as its recent calls.
+fn prime(d: &Daemon, function: &str, n: usize) {
+    for _ in 0..n {
+        let id = d.call(function, b"");
+        let _ = d.cli(&["func", "get", "--wait", &id]);
+    }
 }
 
 /// SIGTERM, then no container of this daemon may remain: the pool's idle
@@ -50,6 +61,7 @@ fn warm_calls_are_fresh_exact_and_follow_updates() {
             script,
         ],
     );
+    prime(&d, "warm", 2);
     d.wait_until(60, "two warm containers", || warm(&d, "warm").len() == 2);
 
     let payload: Vec<u8> = (0..1024 * 1024u32)
@@ -109,12 +121,15 @@ fn warm_calls_are_fresh_exact_and_follow_updates() {
 
     // A failing command, and a command the image lacks, fail clearly.
     d.create("three", &[IMAGE, "sh", "-c", "exit 3"]);
+    prime(&d, "three", 2);
     d.wait_until(60, "warm containers of three", || {
         warm(&d, "three").len() == 2
     });
     let id = d.call("three", b"");
     assert_cli_error(&d.cli(&["func", "get", "--wait", &id]), "exit code 3");
     d.create("missing", &[IMAGE, "no-such-program"]);
+    // Calls that fail to start (cold) still give the function its pool.
+    prime(&d, "missing", 2);
     d.wait_until(60, "warm containers of missing", || {
         warm(&d, "missing").len() == 2
     });
@@ -154,10 +169,15 @@ fn kill_9_during_a_warm_call_neither_loses_nor_repeats_it() {
             IMAGE,
             "sh",
             "-c",
-            "read x; sleep 3; echo done-$x",
+            "read x; case $x in p) ;; *) sleep 3;; esac; echo done-$x",
         ],
         None,
     );
+    // Two quick calls: the function then gets two warm containers.
+    for _ in 0..2 {
+        let id = as_solo(&["func", "call", "slow"], Some(b"p\n"));
+        as_solo(&["func", "get", "--wait", &id], None);
+    }
     d.wait_until(60, "warm containers", || warm(&d, "slow").len() == 2);
     let running = as_solo(&["func", "call", "slow"], Some(b"1\n"));
     let queued = as_solo(&["func", "call", "slow"], Some(b"2\n"));
@@ -233,7 +253,10 @@ fn warm_calls_keep_the_image_entrypoint_workdir_and_env() {
         ("ep-default", "ep /tmp yes dflt\n"),
         ("ep-args", "ep /tmp yes x y\n"),
     ] {
-        d.wait_until(60, "warm containers", || warm(&d, f).len() == 2);
+        // Cold first (the pool warms only called functions), then warm.
+        let id = d.call(f, b"");
+        assert_eq!(d.ok(&["func", "get", "--wait", &id]), expected, "{f}");
+        d.wait_until(60, "a warm container", || !warm(&d, f).is_empty());
         let id = d.call(f, b"");
         assert_eq!(d.ok(&["func", "get", "--wait", &id]), expected, "{f}");
     }
@@ -241,4 +264,45 @@ fn warm_calls_keep_the_image_entrypoint_workdir_and_env() {
     d.ok(&["func", "rm", "ep-args"]);
     stop_clean(d);
     let _ = Command::new("docker").args(["rmi", "-f", &tag]).output();
+}
+
+/// The pool with its default size: a function that was never called has no
+/// warm container; once called it has one; after `idle_secs` without a call
+/// it has none again, removed from the Engine.
+#[test]
+fn only_called_functions_get_warm_containers_until_they_go_idle() {
+    let d = Daemon::start_with("[pool]\nidle_secs = 10");
+    d.create("never", &[IMAGE, "cat"]);
+    d.create("used", &[IMAGE, "cat"]);
+    assert!(warm(&d, "used").is_empty(), "{:?}", warm(&d, "used"));
+    let id = d.call("used", b"x");
+    assert_eq!(d.ok(&["func", "get", "--wait", &id]), "x");
+    d.wait_until(60, "a warm container after the first call", || {
+        warm(&d, "used").len() == 1
+    });
+    // Its fill came after both creates: an eager pool would have filled
+    // "never" too by now.
+    assert!(warm(&d, "never").is_empty(), "{:?}", warm(&d, "never"));
+    d.wait_until(60, "the idle pool to expire", || {
+        warm(&d, "used").is_empty()
+    });
+    assert!(warm(&d, "never").is_empty(), "{:?}", warm(&d, "never"));
+    stop_clean(d);
+}
+
+/// `per_function = 0` turns the pool off: calls run cold and no warm
+/// container is ever made.
+#[test]
+fn with_the_pool_off_there_is_never_a_warm_container() {
+    let d = Daemon::start_with("[pool]\nper_function = 0");
+    d.create("cold", &[IMAGE, "cat"]);
+    for n in 0..3 {
+        let payload = format!("call {n}");
+        let id = d.call("cold", payload.as_bytes());
+        assert_eq!(d.ok(&["func", "get", "--wait", &id]), payload);
+        assert!(warm(&d, "cold").is_empty(), "{:?}", warm(&d, "cold"));
+    }
+    let any_warm = d.ps(&["-a", "--filter", "name=hyperfuncd-pool-"]);
+    assert!(any_warm.is_empty(), "{any_warm:?}");
+    stop_clean(d);
 }

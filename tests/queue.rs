@@ -1,5 +1,5 @@
 //! Quotas, the persistent per-user FIFO, crash recovery and Engine faults,
-//! observed from the Docker Engine itself.
+//! observed from the Docker Engine itself; and what a sync call answers.
 
 mod common;
 
@@ -409,4 +409,42 @@ fn engine_fault_on_a_private_dockerd() {
         engine.containers(&d.instance).is_empty()
     });
     d.finish();
+}
+
+/// A sync call is answered from memory once its end is durable: the answer
+/// is the exact output (inline and file-sized), the record is FINISHED, and
+/// the output leaves the cache as a fetched one does; a failing sync call
+/// answers its stored failure.
+#[test]
+fn sync_calls_answer_the_stored_end_and_leave_no_output_cached() {
+    let d = Daemon::start();
+    let url = d.create("echo", &[IMAGE, "cat"]);
+    let big: Vec<u8> = (0..200 * 1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
+    let file = d.dir.path().join("payload");
+    for payload in [b"small".to_vec(), big] {
+        std::fs::write(&file, &payload).expect("payload file");
+        let body = format!("@{}", file.display());
+        let (code, out) = d.curl(&["--data-binary", &body, &format!("{url}/sync")]);
+        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&out));
+        assert!(out == payload, "output differs ({} bytes)", out.len());
+    }
+    let s = d.status("echo");
+    assert_eq!(
+        (s["Finished"].clone(), s["Running"].clone()),
+        (2.into(), 0.into()),
+        "{s}"
+    );
+    d.wait_until(30, "the answered outputs to leave the cache", || {
+        d.api("/v1/functions/echo").1["OutputCacheBytes"] == 0
+    });
+
+    let url = d.create("fail", &[IMAGE, "sh", "-c", "echo oops >&2; exit 4"]);
+    let (code, out) = d.curl(&["--data-binary", "x", &format!("{url}/sync")]);
+    assert_eq!(code, 500, "{}", String::from_utf8_lossy(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+    assert_eq!(v["ExitCode"], 4, "{v}");
+    assert_eq!(v["ShortStderr"], "oops\n", "{v}");
+    assert_eq!(d.status("fail")["Failed"], 1);
 }

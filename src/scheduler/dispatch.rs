@@ -217,6 +217,7 @@ impl Scheduler {
             max_stderr: limits.max_stderr_bytes,
             started: Some(started),
         };
+        self.pool.record_call(&warm.function);
         let claimed = self.pool.take(&warm);
         if self.pool.enabled() {
             crate::metrics::pool_take(&warm.function, claimed.is_some());
@@ -288,7 +289,11 @@ impl Scheduler {
                     st.ready.push_front(call.owner.clone());
                 }
             }
-            Err(e) => self.fail(&call.id, &e.to_string()).await?,
+            Err(e) => {
+                self.fail(&call.id, &e.to_string()).await?;
+                // The function was called: it gets its pool all the same.
+                self.refill(warm).await;
+            }
         }
         Ok(())
     }

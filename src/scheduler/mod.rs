@@ -18,7 +18,7 @@ mod recovery;
 mod shutdown;
 
 use crate::config::Config;
-use crate::model::{Call, CallId, Function, Name, Outcome};
+use crate::model::{Call, CallId, CallState, Function, Name, Outcome};
 use crate::runtime::{Runtime, WarmSpec};
 use crate::store::{Store, StoreError};
 use futures_util::future::Shared;
@@ -77,6 +77,44 @@ struct DispatchState {
     engine_down: bool,
     /// Shutting down: cancelled calls were cancelled by the stop.
     stopping: bool,
+    /// At most one waiter per call that `finish` hands the stored end to,
+    /// so it can answer from memory (`await_end`); tagged to tell apart
+    /// two registrations of one call.
+    end_waiters: HashMap<CallId, (u64, oneshot::Sender<Ended>)>,
+    end_waiter_tag: u64,
+}
+
+/// How a call ended, as the store now holds it: handed from `finish` to a
+/// waiter (a sync call), which may answer with it without reading it back.
+pub enum Ended {
+    /// FINISHED, and this output is in the function's output cache.
+    Output(bytes::Bytes),
+    /// FAILED: the stored record says why.
+    Failed(Box<Call>),
+}
+
+/// A registration for a call's `Ended`; unregisters when dropped.
+pub struct EndWaiter {
+    scheduler: Arc<Scheduler>,
+    id: CallId,
+    tag: u64,
+    /// Resolves once the call's end is durable; closed without a value if
+    /// the end is one only the store can answer (an output rotated out at
+    /// once) or another path ended the call.
+    pub ended: oneshot::Receiver<Ended>,
+}
+
+impl Drop for EndWaiter {
+    fn drop(&mut self) {
+        let mut st = self.scheduler.state();
+        if st
+            .end_waiters
+            .get(&self.id)
+            .is_some_and(|(t, _)| *t == self.tag)
+        {
+            st.end_waiters.remove(&self.id);
+        }
+    }
 }
 
 impl Scheduler {
@@ -109,6 +147,25 @@ impl Scheduler {
 
     pub fn changed(&self) {
         self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Hands the durable end of call `id` to the returned waiter, unless
+    /// another waits for it already (then `None`: read the store).
+    pub fn await_end(self: &Arc<Self>, id: CallId) -> Option<EndWaiter> {
+        let mut st = self.state();
+        if st.end_waiters.contains_key(&id) {
+            return None;
+        }
+        st.end_waiter_tag += 1;
+        let tag = st.end_waiter_tag;
+        let (tx, ended) = oneshot::channel();
+        st.end_waiters.insert(id, (tag, tx));
+        Some(EndWaiter {
+            scheduler: Arc::clone(self),
+            id,
+            tag,
+            ended,
+        })
     }
 
     /// A call of `owner` was queued.
@@ -162,6 +219,8 @@ impl Scheduler {
         let shared = self.store.shared();
         let mut poll = tokio::time::interval(REMOTE_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut expire = tokio::time::interval(self.pool.expire_every());
+        expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if let Err(e) = self.dispatch().await {
                 tracing::error!(error = %e, "dispatch failed");
@@ -186,6 +245,12 @@ impl Scheduler {
                     match self.store.queued_owners().await {
                         Ok(owners) => owners.iter().for_each(|o| self.queued(o)),
                         Err(e) => tracing::debug!(error = %e, "listing queues failed"),
+                    }
+                }
+                _ = expire.tick() => {
+                    let removed = self.pool.expire();
+                    if removed > 0 {
+                        tracing::debug!(count = removed, "idle warm containers expired");
                     }
                 }
             }
@@ -227,12 +292,15 @@ impl Scheduler {
         }
     }
 
-    /// Fills the pool of every function (after recovery, or once the Engine
-    /// is back).
+    /// Fills the pool of every function that was called recently (after
+    /// recovery none was, so it fills nothing; once the Engine is back, those
+    /// in use get theirs again).
     async fn prefill(&self) -> Result<(), StoreError> {
         if self.pool.enabled() {
             for f in self.store.list_functions(None).await? {
-                self.pool.fill(&self.warm_spec(&f));
+                if self.pool.wanted(f.name.as_str()) {
+                    self.pool.fill(&self.warm_spec(&f));
+                }
             }
         }
         Ok(())
@@ -263,10 +331,32 @@ impl Scheduler {
 
     /// Records how a call ended: every end of a call that ran or was
     /// dispatched goes through here, so this is where ends are counted.
+    /// Once the end is durable (never before: a waiter answered from it
+    /// must not learn of an end a crash could still undo), a waiter of the
+    /// call gets it with the very bytes the store was given.
     async fn finish(&self, id: &CallId, outcome: Outcome) -> Result<Call, StoreError> {
+        let stdout = outcome.stdout.clone();
         let call = self.store.finish(id, outcome).await?;
         crate::metrics::call_ended(&call);
         crate::logging::call_ended(&call);
+        let waiter = self.state().end_waiters.remove(id);
+        if let Some((_, tx)) = waiter {
+            // The store keeps a FINISHED output unless it exceeds the whole
+            // cache budget; that one (and any other end) the waiter reads
+            // from the store, as before.
+            let ended = match call.state {
+                CallState::Finished
+                    if stdout.len() as u64 <= self.config.limits.output_cache_bytes =>
+                {
+                    Some(Ended::Output(stdout))
+                }
+                CallState::Failed => Some(Ended::Failed(Box::new(call.clone()))),
+                _ => None,
+            };
+            if let Some(ended) = ended {
+                let _ = tx.send(ended);
+            }
+        }
         Ok(call)
     }
 }

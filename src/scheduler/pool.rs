@@ -3,6 +3,13 @@
 //! attach instead of a container start. Each serves exactly one call and is
 //! removed after it, like any call container.
 //!
+//! Adaptive: a function gets warm containers only once it has been called
+//! (`record_call`, at every dispatch), as many as it started calls within
+//! the last `DEMAND_WINDOW`, at least one and at most `per_function`. A
+//! function not called for `idle_secs` loses its pool (`expire`). When the
+//! host bound leaves no room, the idle containers of the least recently
+//! called functions give way to a more recently called one.
+//!
 //! Invariants: the pool never makes more than `per_function` containers of a
 //! function nor `host_max` in all; a container is handed out only if it was
 //! made from the function's current spec (same `WarmSpec`), so an update never
@@ -19,11 +26,17 @@ use crate::config::PoolConfig;
 use crate::runtime::{Runtime, WarmSpec};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 /// How long shutdown waits for warm containers still being made.
 const CLOSE_WAIT: Duration = Duration::from_secs(20);
+/// A function's pool is sized by the calls it started this long back (its
+/// calls per minute, within `1..=per_function`): a function called now and
+/// then keeps one warm container, one called in bursts as many as a burst
+/// was wide; a minute is long enough that the size does not swing with
+/// each call's timing.
+const DEMAND_WINDOW: Duration = Duration::from_secs(60);
 
 pub struct Pool {
     runtime: Arc<Runtime>,
@@ -46,7 +59,17 @@ struct State {
     epoch: HashMap<String, u64>,
     /// Names of every container the pool made that is not yet released.
     names: HashSet<String>,
+    /// Per function that was called: when, recently. Only these get warm
+    /// containers; `expire` forgets those idle for `idle_secs`.
+    usage: HashMap<String, Usage>,
     closed: bool,
+}
+
+#[derive(Default)]
+struct Usage {
+    /// Start times of its calls within `DEMAND_WINDOW`, oldest first.
+    recent: VecDeque<Instant>,
+    last: Option<Instant>,
 }
 
 struct Ready {
@@ -71,6 +94,25 @@ impl State {
     fn epoch(&self, function: &str) -> u64 {
         self.epoch.get(function).copied().unwrap_or(0)
     }
+
+    /// Warm containers `function` should have now: none unless it was
+    /// called, else its recent demand within `1..=per_function`.
+    fn target(&self, function: &str, per_function: usize, now: Instant) -> usize {
+        let Some(u) = self.usage.get(function) else {
+            return 0;
+        };
+        let recent = u
+            .recent
+            .iter()
+            .filter(|t| now.saturating_duration_since(**t) < DEMAND_WINDOW)
+            .count();
+        recent.clamp(1, per_function.max(1)).min(per_function)
+    }
+
+    /// When `function` was last called (never: `None`, which sorts first).
+    fn last_call(&self, function: &str) -> Option<Instant> {
+        self.usage.get(function).and_then(|u| u.last)
+    }
 }
 
 impl Pool {
@@ -85,6 +127,67 @@ impl Pool {
 
     pub fn enabled(&self) -> bool {
         self.config.per_function > 0 && self.config.host_max > 0
+    }
+
+    /// A call of `function` is being dispatched: it now counts as used, and
+    /// its demand grows.
+    pub fn record_call(&self, function: &str) {
+        if !self.enabled() {
+            return;
+        }
+        let now = Instant::now();
+        let mut st = self.state();
+        let u = st.usage.entry(function.to_string()).or_default();
+        while u
+            .recent
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= DEMAND_WINDOW)
+        {
+            u.recent.pop_front();
+        }
+        // Bounded: more than `per_function` recent calls size it no further.
+        if u.recent.len() >= self.config.per_function {
+            u.recent.pop_front();
+        }
+        u.recent.push_back(now);
+        u.last = Some(now);
+    }
+
+    /// Whether `function` was called recently enough to have a pool.
+    pub fn wanted(&self, function: &str) -> bool {
+        self.enabled() && self.state().usage.contains_key(function)
+    }
+
+    /// Drops the pools of functions not called (nor refilled after a call)
+    /// for `idle_secs`; answers
+    /// how many containers went.
+    pub fn expire(self: &Arc<Self>) -> usize {
+        let idle = Duration::from_secs(self.config.idle_secs);
+        let now = Instant::now();
+        let expired: Vec<String> = {
+            let st = self.state();
+            st.usage
+                .iter()
+                .filter(|(_, u)| {
+                    u.last
+                        .is_none_or(|t| now.saturating_duration_since(t) >= idle)
+                })
+                .map(|(f, _)| f.clone())
+                .collect()
+        };
+        let mut removed = 0;
+        for f in expired {
+            self.state().usage.remove(&f);
+            removed += self.drop_function(&f);
+        }
+        removed
+    }
+
+    /// How often `expire` should run so a pool goes about `idle_secs` after
+    /// its last call.
+    pub fn expire_every(&self) -> Duration {
+        (Duration::from_secs(self.config.idle_secs) / 4)
+            .clamp(Duration::from_millis(250), Duration::from_secs(15))
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -109,25 +212,59 @@ impl Pool {
         self.state().names.remove(name);
     }
 
-    /// Starts making containers for `spec` until its function has
-    /// `per_function` of them, within the host-wide bound.
+    /// Starts making containers for `spec` until its function has as many
+    /// as its demand asks (none if it was not called), within the host-wide
+    /// bound; at that bound, idle containers of functions called less
+    /// recently are removed to make room.
     pub fn fill(self: &Arc<Self>, spec: &WarmSpec) {
         if !self.enabled() {
             return;
         }
-        let (count, epoch) = {
+        let (count, epoch, evicted) = {
             let mut st = self.state();
             if st.closed {
                 return;
             }
+            let want = st.target(&spec.function, self.config.per_function, Instant::now());
             let have = st.idle.get(&spec.function).map_or(0, VecDeque::len)
                 + st.filling.get(&spec.function).copied().unwrap_or(0);
-            let room = self.config.host_max.saturating_sub(st.owned());
-            let count = self.config.per_function.saturating_sub(have).min(room);
+            let need = want.saturating_sub(have);
+            let mut evicted = Vec::new();
+            let mut room = self.config.host_max.saturating_sub(st.owned());
+            if room < need {
+                // Least recently called first; only those called before `spec`'s.
+                let mine = st.last_call(&spec.function);
+                let mut others: Vec<(Option<Instant>, String)> = st
+                    .idle
+                    .iter()
+                    .filter(|(f, q)| **f != spec.function && !q.is_empty())
+                    .map(|(f, _)| (st.last_call(f), f.clone()))
+                    .filter(|(last, _)| *last < mine)
+                    .collect();
+                others.sort();
+                for (_, f) in others {
+                    while room < need {
+                        let Some(r) = st.idle.get_mut(&f).and_then(VecDeque::pop_front) else {
+                            break;
+                        };
+                        evicted.push(r);
+                        room += 1;
+                    }
+                }
+            }
+            // The function is in use: its idle time counts from now.
+            if let Some(u) = st.usage.get_mut(&spec.function) {
+                u.last = Some(Instant::now());
+            }
+            let count = need.min(room);
             *st.filling.entry(spec.function.clone()).or_default() += count;
             st.in_flight += count;
-            (count, st.epoch(&spec.function))
+            (count, st.epoch(&spec.function), evicted)
         };
+        if !evicted.is_empty() {
+            tracing::debug!(function = %spec.function, count = evicted.len(), "warm containers of less recently called functions give way");
+        }
+        self.remove_all(evicted);
         for _ in 0..count {
             let this = Arc::clone(self);
             let spec = spec.clone();
@@ -176,16 +313,19 @@ impl Pool {
         self.filled.notify_waiters();
     }
 
-    /// Removes the function's warm containers: it changed or is gone. Fills
-    /// in flight remove theirs when they end.
-    pub fn drop_function(self: &Arc<Self>, function: &str) {
+    /// Removes the function's warm containers: it changed, is gone, or
+    /// went idle. Fills in flight remove theirs when they end. Answers how
+    /// many idle ones went.
+    pub fn drop_function(self: &Arc<Self>, function: &str) -> usize {
         let dropped: Vec<Ready> = {
             let mut st = self.state();
             *st.epoch.entry(function.to_string()).or_default() += 1;
             st.filling.remove(function);
             st.idle.remove(function).unwrap_or_default().into()
         };
+        let n = dropped.len();
         self.remove_all(dropped);
+        n
     }
 
     /// Removes the idle containers `stale` says are out of date (spec or
