@@ -354,3 +354,40 @@ fn completions_man_pages_and_errors_that_say_what_to_do() {
     assert_cli_error(&out, "--ca");
     d.finish();
 }
+
+/// Client options are listed where they apply (`func`, `user` and their
+/// subcommands), not in `serve --help`, and `serve` refuses them.
+#[test]
+fn client_options_only_where_they_apply() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let client = ["--endpoint", "--key", "--ca", "--profile"];
+    for args in [&["serve", "--help"][..], &["completions", "--help"]] {
+        let out = bare_cli(home.path(), args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        let help = stdout(&out);
+        for flag in client {
+            assert!(!help.contains(flag), "{args:?} lists {flag}:\n{help}");
+        }
+    }
+    for args in [
+        &["func", "--help"][..],
+        &["func", "get", "--help"],
+        &["user", "add", "--help"],
+    ] {
+        let out = bare_cli(home.path(), args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        let help = stdout(&out);
+        for flag in client {
+            assert!(help.contains(flag), "{args:?} lacks {flag}:\n{help}");
+        }
+    }
+    let out = bare_cli(
+        home.path(),
+        &["serve", "--endpoint", "https://127.0.0.1:1", "--help"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    // Before a command that is no client: refused, not ignored.
+    let out = bare_cli(home.path(), &["--key", "k", "completions", "bash"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("client options"), "{}", stderr(&out));
+}
