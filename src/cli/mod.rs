@@ -6,6 +6,7 @@ pub mod bench;
 mod client;
 pub mod docs;
 mod profile;
+mod progress;
 
 pub use profile::Profile;
 
@@ -537,18 +538,27 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
         }
         FuncCmd::Call { sync, name } => {
             let payload = read_stdin_payload()?;
+            // On a terminal, --sync is an accept and then `func get --wait`,
+            // whose spinner shows the call's state; a single `?sync=true`
+            // request would tell nothing until the call has ended.
+            let one_request = sync && !std::io::stderr().is_terminal();
             let path = format!(
                 "/v1/functions/{}/call{}",
                 url_name(&name)?,
-                if sync { "?sync=true" } else { "" }
+                if one_request { "?sync=true" } else { "" }
             );
             let resp = client.post_bytes(&path, payload).await?;
-            if sync {
+            if one_request {
                 let bytes = client::output_bytes(resp).await?;
                 out.write_all(&bytes)?;
             } else {
                 let a: CallAccepted = client::json(resp).await?;
-                writeln!(out, "CallId: {}", a.call_id)?;
+                if sync {
+                    let bytes = client.output(&a.call_id, true).await?;
+                    out.write_all(&bytes)?;
+                } else {
+                    writeln!(out, "CallId: {}", a.call_id)?;
+                }
             }
         }
         FuncCmd::Get { wait, call_id } => {
