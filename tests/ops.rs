@@ -354,3 +354,95 @@ fn completions_man_pages_and_errors_that_say_what_to_do() {
     assert_cli_error(&out, "--ca");
     d.finish();
 }
+
+/// Client options are listed where they apply (`func`, `user` and their
+/// subcommands), not in `serve --help`, and `serve` refuses them.
+#[test]
+fn client_options_only_where_they_apply() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let client = ["--endpoint", "--key", "--ca", "--profile"];
+    for args in [&["serve", "--help"][..], &["completions", "--help"]] {
+        let out = bare_cli(home.path(), args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        let help = stdout(&out);
+        for flag in client {
+            assert!(!help.contains(flag), "{args:?} lists {flag}:\n{help}");
+        }
+    }
+    for args in [
+        &["func", "--help"][..],
+        &["func", "get", "--help"],
+        &["user", "add", "--help"],
+    ] {
+        let out = bare_cli(home.path(), args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        let help = stdout(&out);
+        for flag in client {
+            assert!(help.contains(flag), "{args:?} lacks {flag}:\n{help}");
+        }
+    }
+    let out = bare_cli(
+        home.path(),
+        &["serve", "--endpoint", "https://127.0.0.1:1", "--help"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    // Before a command that is no client: refused, not ignored.
+    let out = bare_cli(home.path(), &["--key", "k", "completions", "bash"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("client options"), "{}", stderr(&out));
+}
+
+/// `func call --sync` and `func get --wait` on a terminal show a spinner
+/// with the elapsed time and the call's state; off a terminal, nothing.
+#[test]
+fn waiting_shows_the_call_state_on_a_terminal_only() {
+    let d = Daemon::start();
+    d.create("slow", &[IMAGE, "sh", "-c", "sleep 3; echo done"]);
+
+    // Off a terminal: the output and not a byte on stderr.
+    let out = d.cli(&["func", "call", "--sync", "slow"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "done\n");
+    assert_eq!(stderr(&out), "", "stderr off a terminal");
+    let id = d.call("slow", b"");
+    let out = d.cli(&["func", "get", "--wait", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        (stdout(&out).as_str(), stderr(&out).as_str()),
+        ("done\n", "")
+    );
+
+    // On a terminal: script(1) gives the CLI a pseudo-terminal and
+    // records what it wrote there.
+    let on_a_terminal = |args: &str| {
+        let out = Command::new("script")
+            .args(["-qfec", &format!("{BIN} {args}"), "/dev/null"])
+            .env("HYPERFUNC_PROFILE", d.profile())
+            .env("HOME", d.dir.path())
+            .env("TERM", "xterm")
+            .env_remove("HYPERFUNC_ENDPOINT")
+            .env_remove("HYPERFUNC_KEY")
+            .env_remove("HYPERFUNC_CA")
+            .stdin(Stdio::null())
+            .output()
+            .expect("script(1) from util-linux");
+        assert!(out.status.success(), "{args}: {}", stderr(&out));
+        stdout(&out)
+    };
+    for get in [false, true] {
+        // The call is made just before `get`, so it is still running then.
+        let args = if get {
+            format!("func get --wait {}", d.call("slow", b""))
+        } else {
+            "func call --sync slow".to_string()
+        };
+        let screen = on_a_terminal(&args);
+        assert!(screen.contains("RUNNING"), "{args}: {screen:?}");
+        assert!(
+            screen.contains(" 1s ") || screen.contains(" 2s "),
+            "{args}: elapsed time: {screen:?}"
+        );
+        assert!(screen.contains("done"), "{args}: {screen:?}");
+    }
+    d.finish();
+}

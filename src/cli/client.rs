@@ -14,6 +14,8 @@ pub struct Client {
     http: reqwest::Client,
     endpoint: String,
     key: Option<String>,
+    /// The CA file in force, named by the hint of a certificate error.
+    ca: Option<std::path::PathBuf>,
 }
 
 impl Client {
@@ -36,6 +38,7 @@ impl Client {
             http: builder.build().context("cannot set up the HTTP client")?,
             endpoint: endpoint.trim_end_matches('/').to_string(),
             key: p.key.clone(),
+            ca: p.ca.clone(),
         })
     }
 
@@ -60,7 +63,7 @@ impl Client {
         let resp = r
             .send()
             .await
-            .map_err(|e| unreachable_error(&self.endpoint, &e))?;
+            .map_err(|e| unreachable_error(&self.endpoint, self.ca.as_deref(), &e))?;
         check(resp).await
     }
 
@@ -104,18 +107,32 @@ impl Client {
     }
 
     /// A call's STDOUT; with `wait`, long-polls until the call has ended.
+    /// On a terminal the wait shows a spinner with the call's state: the
+    /// first poll answers at once, later ones hold at most two seconds
+    /// (`wait=1` would mean the server's longest), so the state stays current.
     pub async fn output(&self, call_id: &str, wait: bool) -> anyhow::Result<Bytes> {
-        let path = format!(
-            "/v1/calls/{call_id}/output{}",
-            if wait { "?wait=60" } else { "" }
-        );
+        let progress = wait.then(|| super::progress::Waiting::start(call_id));
+        let mut poll = match &progress {
+            Some(p) if p.shown() => "?wait=0",
+            Some(_) => "?wait=60",
+            None => "",
+        };
         loop {
+            let path = format!("/v1/calls/{call_id}/output{poll}");
             let resp = self.send(self.request(reqwest::Method::GET, &path)).await?;
-            match resp.status() {
-                StatusCode::CREATED | StatusCode::ACCEPTED if wait => continue,
-                StatusCode::CREATED => bail!("call {call_id} is still running (use --wait)"),
-                StatusCode::ACCEPTED => bail!("call {call_id} is still pending (use --wait)"),
+            match (resp.status(), &progress) {
+                (StatusCode::CREATED, Some(p)) => p.state("RUNNING"),
+                (StatusCode::ACCEPTED, Some(p)) => p.state("PENDING"),
+                (StatusCode::CREATED, None) => {
+                    bail!("call {call_id} is still running (use --wait)")
+                }
+                (StatusCode::ACCEPTED, None) => {
+                    bail!("call {call_id} is still pending (use --wait)")
+                }
                 _ => return output_bytes(resp).await,
+            }
+            if poll == "?wait=0" {
+                poll = "?wait=2";
             }
         }
     }
@@ -178,19 +195,29 @@ async fn check(resp: Response) -> anyhow::Result<Response> {
 }
 
 /// "cannot reach": the cause, and what to do about the two usual ones.
-fn unreachable_error(endpoint: &str, e: &reqwest::Error) -> anyhow::Error {
+fn unreachable_error(
+    endpoint: &str,
+    ca: Option<&std::path::Path>,
+    e: &reqwest::Error,
+) -> anyhow::Error {
     let chain = error_chain(e);
-    anyhow!("cannot reach {endpoint}: {chain}{}", hint(&chain))
+    anyhow!("cannot reach {endpoint}: {chain}{}", hint(&chain, ca))
 }
 
-fn hint(chain: &str) -> &'static str {
+fn hint(chain: &str, ca: Option<&std::path::Path>) -> String {
     let lower = chain.to_ascii_lowercase();
     if lower.contains("connection refused") {
-        "; is `hyperfuncd serve` running there?"
+        "; is `hyperfuncd serve` running there?".into()
     } else if lower.contains("certificate") || lower.contains("unknownissuer") {
-        "; pass the server's CA certificate with --ca FILE (or HYPERFUNC_CA), e.g. DATA_DIR/tls/cert.pem of a self-signed server"
+        match ca {
+            Some(ca) => format!(
+                "; the CA certificate in use ({}, from --ca, HYPERFUNC_CA or the profile's `ca`) does not certify this server: pass the right one with --ca FILE",
+                ca.display()
+            ),
+            None => "; pass the server's CA certificate with --ca FILE (or HYPERFUNC_CA, or `ca` in the profile), e.g. DATA_DIR/tls/cert.pem of a self-signed server".into(),
+        }
     } else {
-        ""
+        String::new()
     }
 }
 
@@ -212,10 +239,17 @@ mod tests {
     #[test]
     fn hints_say_what_to_do() {
         assert!(hint(
-            "client error (Connect): tcp connect error: Connection refused (os error 111)"
+            "client error (Connect): tcp connect error: Connection refused (os error 111)",
+            None
         )
         .contains("hyperfuncd serve"));
-        assert!(hint("invalid peer certificate: UnknownIssuer").contains("--ca"));
-        assert_eq!(hint("dns error: failed to lookup address"), "");
+        let h = hint("invalid peer certificate: UnknownIssuer", None);
+        assert!(h.contains("--ca") && h.contains("profile"), "{h}");
+        let h = hint(
+            "invalid peer certificate: UnknownIssuer",
+            Some(std::path::Path::new("/x/ca.pem")),
+        );
+        assert!(h.contains("/x/ca.pem") && h.contains("--ca"), "{h}");
+        assert_eq!(hint("dns error: failed to lookup address", None), "");
     }
 }

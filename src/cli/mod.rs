@@ -6,6 +6,7 @@ pub mod bench;
 mod client;
 pub mod docs;
 mod profile;
+mod progress;
 
 pub use profile::Profile;
 
@@ -16,34 +17,156 @@ use client::Client;
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 
+/// The command line. Client flags (`RemoteFlags`) are taken before the
+/// subcommand (`hyperfuncd --endpoint URL func ls`) and anywhere after
+/// `func`/`user` (`hyperfuncd func ls --endpoint URL`), and only there:
+/// `serve`, `bench`, `completions` and `man` neither list nor take them.
+#[derive(Debug)]
+pub struct Cli {
+    /// Client flags given before the subcommand.
+    pub remote: RemoteFlags,
+    pub command: Command,
+}
+
+/// What clap derives; `Cli` adds the one rule clap cannot express, that
+/// client flags before a subcommand which is not a client are refused
+/// rather than ignored.
 #[derive(Parser, Debug)]
 #[command(
     name = "hyperfuncd",
     version,
     about = "Docker-centric serverless functions: every call runs in a fresh container"
 )]
-pub struct Cli {
+struct Parsed {
     #[command(flatten)]
-    pub remote: RemoteFlags,
+    remote: RemoteFlags,
     #[command(subcommand)]
-    pub command: Command,
+    command: Command,
 }
 
-/// Where and how to reach a daemon (not used by `serve`).
-#[derive(Args, Debug, Clone)]
+impl Cli {
+    fn checked(p: Parsed) -> Result<Cli, clap::Error> {
+        let client = matches!(p.command, Command::Func(_) | Command::User(_));
+        if !client && !p.remote.is_empty() {
+            return Err(clap::Error::raw(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--endpoint, --key, --ca and --profile are client options: they apply to `func` and `user` only\n",
+            ));
+        }
+        Ok(Cli {
+            remote: p.remote,
+            command: p.command,
+        })
+    }
+}
+
+impl clap::CommandFactory for Cli {
+    fn command() -> clap::Command {
+        Parsed::command()
+    }
+    fn command_for_update() -> clap::Command {
+        Parsed::command_for_update()
+    }
+}
+
+impl clap::FromArgMatches for Cli {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        Cli::checked(Parsed::from_arg_matches(m)?)
+    }
+    fn from_arg_matches_mut(m: &mut clap::ArgMatches) -> Result<Self, clap::Error> {
+        Cli::checked(Parsed::from_arg_matches_mut(m)?)
+    }
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Cli::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl Parser for Cli {}
+
+/// Where and how to reach a daemon: the client commands' options.
+#[derive(Args, Debug, Clone, Default)]
+#[command(next_help_heading = "Client options")]
 pub struct RemoteFlags {
     /// API endpoint, e.g. https://faas.example.com:8443 [env: HYPERFUNC_ENDPOINT]
-    #[arg(long, global = true)]
+    #[arg(long)]
     pub endpoint: Option<String>,
     /// API key [env: HYPERFUNC_KEY]
-    #[arg(long, global = true)]
+    #[arg(long)]
     pub key: Option<String>,
     /// PEM certificate to trust for the endpoint [env: HYPERFUNC_CA]
-    #[arg(long, global = true)]
+    #[arg(long)]
     pub ca: Option<PathBuf>,
     /// Client profile file [env: HYPERFUNC_PROFILE; default: ~/.config/hyperfuncd/profile.toml]
-    #[arg(long, global = true)]
+    #[arg(long)]
     pub profile: Option<PathBuf>,
+}
+
+/// The ids of `RemoteFlags`' arguments (a unit test keeps the list whole).
+const REMOTE_FLAG_IDS: [&str; 4] = ["endpoint", "key", "ca", "profile"];
+
+impl RemoteFlags {
+    fn is_empty(&self) -> bool {
+        self.endpoint.is_none() && self.key.is_none() && self.ca.is_none() && self.profile.is_none()
+    }
+
+    /// `self`, with what it lacks taken from `outer` (flags given before the subcommand).
+    fn or(self, outer: RemoteFlags) -> RemoteFlags {
+        RemoteFlags {
+            endpoint: self.endpoint.or(outer.endpoint),
+            key: self.key.or(outer.key),
+            ca: self.ca.or(outer.ca),
+            profile: self.profile.or(outer.profile),
+        }
+    }
+}
+
+/// `RemoteFlags` as global arguments of `func` and `user`, so every one of
+/// their subcommands takes them too, wherever they stand after `func`/`user`.
+#[derive(Debug, Clone, Default)]
+pub struct ClientFlags(pub RemoteFlags);
+
+impl clap::FromArgMatches for ClientFlags {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        RemoteFlags::from_arg_matches(m).map(ClientFlags)
+    }
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        self.0.update_from_arg_matches(m)
+    }
+}
+
+impl Args for ClientFlags {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        global(RemoteFlags::augment_args(cmd))
+    }
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        global(RemoteFlags::augment_args_for_update(cmd))
+    }
+}
+
+fn global(mut cmd: clap::Command) -> clap::Command {
+    for id in REMOTE_FLAG_IDS {
+        cmd = cmd.mut_arg(id, |a| a.global(true));
+    }
+    cmd
+}
+
+/// `func` with the client options, then its subcommand.
+#[derive(Args, Debug)]
+pub struct FuncArgs {
+    #[command(flatten)]
+    pub client: ClientFlags,
+    #[command(subcommand)]
+    pub cmd: FuncCmd,
+}
+
+/// `user` with the client options, then its subcommand.
+#[derive(Args, Debug)]
+pub struct UserArgs {
+    #[command(flatten)]
+    pub client: ClientFlags,
+    #[command(subcommand)]
+    pub cmd: UserCmd,
 }
 
 #[derive(Subcommand, Debug)]
@@ -54,11 +177,9 @@ pub enum Command {
     )]
     Serve(ServeArgs),
     /// Manage and call functions
-    #[command(subcommand)]
-    Func(FuncCmd),
+    Func(FuncArgs),
     /// Manage users (admin only)
-    #[command(subcommand)]
-    User(UserCmd),
+    User(UserArgs),
     /// Measure hyperfuncd against raw `docker run` on this host (private daemons; prints one table)
     Bench(bench::BenchArgs),
     /// Print a shell completion script: bash, zsh, fish, elvish or powershell
@@ -279,7 +400,12 @@ pub enum UserCmd {
 }
 
 /// Runs a remote command.
-pub async fn run_remote(flags: RemoteFlags, command: Command) -> anyhow::Result<()> {
+pub async fn run_remote(before: RemoteFlags, command: Command) -> anyhow::Result<()> {
+    let flags = match &command {
+        Command::Func(a) => a.client.0.clone().or(before),
+        Command::User(a) => a.client.0.clone().or(before),
+        _ => before,
+    };
     let given = Profile {
         endpoint: flags.endpoint,
         key: flags.key,
@@ -292,8 +418,8 @@ pub async fn run_remote(flags: RemoteFlags, command: Command) -> anyhow::Result<
         Command::Serve(_) | Command::Bench(_) | Command::Completions(_) | Command::Man(_) => {
             bail!("not a remote command")
         }
-        Command::Func(cmd) => func(&client, cmd, &mut out).await,
-        Command::User(cmd) => user(&client, cmd, &mut out).await,
+        Command::Func(a) => func(&client, a.cmd, &mut out).await,
+        Command::User(a) => user(&client, a.cmd, &mut out).await,
     }
 }
 
@@ -412,18 +538,27 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
         }
         FuncCmd::Call { sync, name } => {
             let payload = read_stdin_payload()?;
+            // On a terminal, --sync is an accept and then `func get --wait`,
+            // whose spinner shows the call's state; a single `?sync=true`
+            // request would tell nothing until the call has ended.
+            let one_request = sync && !std::io::stderr().is_terminal();
             let path = format!(
                 "/v1/functions/{}/call{}",
                 url_name(&name)?,
-                if sync { "?sync=true" } else { "" }
+                if one_request { "?sync=true" } else { "" }
             );
             let resp = client.post_bytes(&path, payload).await?;
-            if sync {
+            if one_request {
                 let bytes = client::output_bytes(resp).await?;
                 out.write_all(&bytes)?;
             } else {
                 let a: CallAccepted = client::json(resp).await?;
-                writeln!(out, "CallId: {}", a.call_id)?;
+                if sync {
+                    let bytes = client.output(&a.call_id, true).await?;
+                    out.write_all(&bytes)?;
+                } else {
+                    writeln!(out, "CallId: {}", a.call_id)?;
+                }
             }
         }
         FuncCmd::Get { wait, call_id } => {
@@ -687,12 +822,60 @@ mod tests {
         ])
         .unwrap();
         match c.command {
-            Command::Func(FuncCmd::Create { command, env, .. }) => {
+            Command::Func(FuncArgs {
+                cmd: FuncCmd::Create { command, env, .. },
+                ..
+            }) => {
                 assert_eq!(command, vec!["echo", "-n", "x"]);
                 assert_eq!(env, vec!["A=1"]);
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Client flags are taken before the subcommand and anywhere after
+    /// `func`/`user`; the later one wins.
+    #[test]
+    fn client_flags_where_they_apply() {
+        for argv in [
+            &["hyperfuncd", "--endpoint", "https://a", "func", "ls"][..],
+            &["hyperfuncd", "func", "--endpoint", "https://a", "ls"],
+            &["hyperfuncd", "func", "ls", "--endpoint", "https://a"],
+            &[
+                "hyperfuncd",
+                "--endpoint",
+                "https://b",
+                "func",
+                "ls",
+                "--endpoint",
+                "https://a",
+            ],
+        ] {
+            let c = Cli::try_parse_from(argv).unwrap();
+            let Command::Func(a) = &c.command else {
+                panic!("{argv:?}: {c:?}")
+            };
+            let flags = a.client.0.clone().or(c.remote.clone());
+            assert_eq!(flags.endpoint.as_deref(), Some("https://a"), "{argv:?}");
+        }
+        let c = Cli::try_parse_from(["hyperfuncd", "user", "ls", "--key", "k"]).unwrap();
+        let Command::User(a) = &c.command else {
+            panic!("{c:?}")
+        };
+        assert_eq!(a.client.0.key.as_deref(), Some("k"));
+        // Not a client: refused, before or after the subcommand.
+        for argv in [
+            &["hyperfuncd", "serve", "--endpoint", "https://a"][..],
+            &["hyperfuncd", "--key", "k", "serve"],
+            &["hyperfuncd", "--ca", "x.pem", "completions", "bash"],
+        ] {
+            assert!(Cli::try_parse_from(argv).is_err(), "{argv:?}");
+        }
+        let ids: Vec<String> = RemoteFlags::augment_args(clap::Command::new("x"))
+            .get_arguments()
+            .map(|a| a.get_id().to_string())
+            .collect();
+        assert_eq!(ids, REMOTE_FLAG_IDS);
     }
 
     impl Cli {
