@@ -384,6 +384,14 @@ pub fn call_env(
         .collect()
 }
 
+/// The next owner another node changed, or never without a shared store.
+async fn recv(remote: &mut Option<tokio::sync::mpsc::UnboundedReceiver<Name>>) -> Option<Name> {
+    match remote {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,13 +406,5 @@ mod tests {
             ("PATH".to_string(), "/evil".to_string()),
         ];
         assert_eq!(call_env(&fenv, &req), vec!["HTTP_X_B=b", "HTTP_X_A=fn"]);
-    }
-}
-
-/// The next owner another node changed, or never without a shared store.
-async fn recv(remote: &mut Option<tokio::sync::mpsc::UnboundedReceiver<Name>>) -> Option<Name> {
-    match remote {
-        Some(r) => r.recv().await,
-        None => std::future::pending().await,
     }
 }
