@@ -12,6 +12,8 @@ pub const SYSTEM_CONFIG_PATH: &str = "/etc/hyperfuncd/config.toml";
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
 pub const MIB: u64 = 1024 * 1024;
+/// The network call containers use by default, which hyperfuncd creates.
+pub const DEFAULT_NETWORK: &str = "hyperfuncd";
 pub const DEFAULT_CALL_RETENTION: std::time::Duration =
     std::time::Duration::from_secs(7 * 24 * 3600);
 
@@ -133,7 +135,11 @@ impl Default for SchedulerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ContainerConfig {
-    /// Docker network mode of call containers (`bridge`, `none`, `host`, a network name).
+    /// Docker network mode of call containers: a network name, or `bridge`
+    /// (the Engine's default bridge, shared with every container on the
+    /// host), `none`, `host`. A named network that does not exist is created
+    /// at start as a bridge with inter-container traffic disabled; the
+    /// default, `hyperfuncd`, is one.
     pub network_mode: String,
     /// OCI runtime of every function that names none (`runsc` for gVisor,
     /// `kata-runtime`); must be one the Engine has registered, checked at
@@ -150,7 +156,7 @@ pub struct ContainerConfig {
 impl Default for ContainerConfig {
     fn default() -> Self {
         Self {
-            network_mode: "bridge".into(),
+            network_mode: DEFAULT_NETWORK.into(),
             runtime: None,
             memory_bytes: 512 * MIB,
             pids_limit: 256,

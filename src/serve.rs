@@ -77,6 +77,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Err(e) => tracing::warn!(error = %e, "Docker Engine not reachable yet; calls will queue"),
         Ok(()) => check_function_runtimes(store.as_ref(), &runtime).await?,
     }
+    match runtime.ensure_network().await {
+        Err(e @ crate::runtime::RuntimeError::Engine(_)) => {
+            return Err(anyhow::Error::new(e).context("[container] network_mode"))
+        }
+        // Made at the first call's create instead.
+        Err(e) => tracing::warn!(error = %e, "cannot make the call network yet"),
+        Ok(()) => {}
+    }
 
     let listener = TcpListener::bind(config.listen)
         .await

@@ -601,3 +601,160 @@ fn refusals_are_json_405_names_the_allowed_methods_and_hyper_answers_only_what_i
     assert_eq!(code, 200);
     d.finish();
 }
+
+/// `docker ARGS`, asserting success; its trimmed stdout.
+fn docker_ok(args: &[&str]) -> String {
+    let out = std::process::Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker CLI");
+    assert!(out.status.success(), "docker {args:?}: {}", stderr(&out));
+    stdout(&out).trim().to_string()
+}
+
+/// Removes, when dropped, what a test made on the Engine itself: containers
+/// first, then the networks they were on.
+struct EngineLeftovers {
+    containers: Vec<String>,
+    networks: Vec<String>,
+}
+
+impl Drop for EngineLeftovers {
+    fn drop(&mut self) {
+        for c in &self.containers {
+            let _ = std::process::Command::new("docker")
+                .args(["rm", "-f", c])
+                .output();
+        }
+        for n in &self.networks {
+            let _ = std::process::Command::new("docker")
+                .args(["network", "rm", n])
+                .output();
+        }
+    }
+}
+
+#[test]
+fn calls_run_on_a_network_hyperfuncd_makes_where_they_cannot_reach_other_containers() {
+    test_image();
+    // A private name, so the test can watch the network being made and
+    // remove it after; the default `hyperfuncd` is made the same way.
+    let net = format!("hyperfuncd-test-net-{}", std::process::id());
+    let server = format!("hyperfuncd-test-peer-{}", std::process::id());
+    let mut leftovers = EngineLeftovers {
+        containers: Vec::new(),
+        networks: Vec::new(),
+    };
+    let absent = std::process::Command::new("docker")
+        .args(["network", "inspect", &net])
+        .output()
+        .expect("docker CLI");
+    assert!(!absent.status.success(), "{net} exists before the test");
+    let d = Daemon::start_with(&format!("[container]\nnetwork_mode = \"{net}\"\n"));
+    leftovers.networks.push(net.clone());
+    let made: serde_json::Value =
+        serde_json::from_str(&docker_ok(&["network", "inspect", &net])).expect("inspect JSON");
+    let made = &made[0];
+    assert_eq!(made["Driver"], "bridge", "{made}");
+    assert_eq!(
+        made["Options"]["com.docker.network.bridge.enable_icc"], "false",
+        "{made}"
+    );
+    assert!(
+        made["Labels"]["io.hyperfuncd.network"].is_string(),
+        "{made}"
+    );
+
+    // Removed behind the daemon's back (`docker network prune` does it when
+    // no call runs): the next call makes it again instead of failing.
+    docker_ok(&["network", "rm", &net]);
+    let echo = d.create("echo", &[IMAGE, "cat"]);
+    let (code, body) = d.curl(&["--data-binary", "still here", &format!("{echo}/sync")]);
+    assert_eq!(
+        (code, String::from_utf8_lossy(&body).as_ref()),
+        (200, "still here")
+    );
+    let remade: serde_json::Value =
+        serde_json::from_str(&docker_ok(&["network", "inspect", &net])).expect("inspect JSON");
+    assert_eq!(
+        remade[0]["Options"]["com.docker.network.bridge.enable_icc"], "false",
+        "{remade}"
+    );
+    let subnet = remade[0]["IPAM"]["Config"][0]["Subnet"]
+        .as_str()
+        .expect("subnet")
+        .to_string();
+
+    // Another container on the same network, serving HTTP: the host reaches
+    // it, a call does not.
+    leftovers.containers.push(server.clone());
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &server,
+        "--network",
+        &net,
+        IMAGE,
+        "httpd",
+        "-f",
+        "-p",
+        "8080",
+        "-h",
+        "/bin",
+    ]);
+    let ip = docker_ok(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        &server,
+    ]);
+    let peer = format!("http://{ip}:8080/");
+    // (nc in the call, not wget: the static busybox's wget crashes.)
+    let from_host = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-m",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &peer,
+        ])
+        .output()
+        .expect("curl");
+    assert_ne!(
+        stdout(&from_host),
+        "000",
+        "the peer does not answer the host: {}",
+        stderr(&from_host)
+    );
+
+    let script =
+        format!("ip -4 -o addr show eth0; printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {ip} 8080 2>&1; echo nc=$?");
+    let url = d.create("probe", &[IMAGE, "sh", "-c", &script]);
+    let (code, body) = d.curl(&["--data-binary", "", &format!("{url}/sync")]);
+    let text = String::from_utf8_lossy(&body).into_owned();
+    assert_eq!(code, 200, "{text}");
+    // On the network: an address of its subnet (Docker hands out /16s).
+    let prefix: String = subnet.split('.').take(2).collect::<Vec<_>>().join(".");
+    assert!(
+        text.contains(&format!("inet {prefix}.")),
+        "not on {net} ({subnet}): {text}"
+    );
+    // Dropped, not refused: the peer is there, the bridge keeps the call out.
+    assert!(
+        text.contains("nc=1") && !text.contains("HTTP/1") && !text.contains("refused"),
+        "the call reached the peer: {text}"
+    );
+    d.ok(&["func", "rm", "probe"]);
+    d.ok(&["func", "rm", "echo"]);
+    d.finish();
+    drop(leftovers);
+    let gone = std::process::Command::new("docker")
+        .args(["network", "inspect", &net])
+        .output()
+        .expect("docker CLI");
+    assert!(!gone.status.success(), "{net} is left behind");
+}
