@@ -352,7 +352,8 @@ fn limits_outside_the_ceilings_or_nonsensical_are_refused_at_create_and_update()
             .args([
                 "inspect",
                 "-f",
-                "{{.HostConfig.Memory}} {{.HostConfig.MemorySwap}} {{.HostConfig.NanoCpus}}",
+                "{{.HostConfig.Memory}} {{.HostConfig.MemorySwap}} {{.HostConfig.NanoCpus}} \
+                 {{.HostConfig.CpuShares}} {{.HostConfig.ReadonlyRootfs}}",
                 &cid,
             ])
             .output()
@@ -360,7 +361,9 @@ fn limits_outside_the_ceilings_or_nonsensical_are_refused_at_create_and_update()
         limits = String::from_utf8_lossy(&out.stdout).trim().to_string();
         !limits.is_empty()
     });
-    assert_eq!(limits, "67108864 67108864 500000000");
+    // And the defaults: a CPU share below other containers' 1024, a root
+    // filesystem as writable as `docker run`'s.
+    assert_eq!(limits, "67108864 67108864 500000000 512 false");
     let out = d.cli_as(&key, &["func", "get", "--wait", &id], None);
     assert!(out.status.success(), "{}", stderr(&out));
     d.ok(&["func", "rm", "lim"]);
@@ -757,4 +760,88 @@ fn calls_run_on_a_network_hyperfuncd_makes_where_they_cannot_reach_other_contain
         .output()
         .expect("docker CLI");
     assert!(!gone.status.success(), "{net} is left behind");
+}
+
+#[test]
+fn a_read_only_root_leaves_only_a_bounded_tmp_writable() {
+    let d = Daemon::start_with(
+        "[container]\nnetwork_mode = \"none\"\nread_only_root = true\ntmp_bytes = 8388608\ncpu_shares = 256\n",
+    );
+    // Root refused; /tmp takes 4 MiB but not 16, and runs nothing.
+    let script = "touch /probe 2>&1; echo root=$?; \
+        dd if=/dev/zero of=/tmp/small bs=1048576 count=4 2>/dev/null; echo small=$?; \
+        dd if=/dev/zero of=/tmp/big bs=1048576 count=16 2>&1; echo big=$?; \
+        grep ' /tmp ' /proc/mounts; \
+        rm /tmp/big /tmp/small; cp /bin/busybox /tmp/sh && /tmp/sh true 2>&1; echo exec=$?; \
+        sleep 2";
+    let url = d.create("ro", &[IMAGE, "sh", "-c", script]);
+    let call = std::thread::spawn({
+        let d_url = format!("{url}/sync");
+        let ca = d.ca();
+        move || {
+            std::process::Command::new("curl")
+                .arg("--cacert")
+                .arg(ca)
+                .args(["-s", "--data-binary", "", &d_url])
+                .output()
+                .expect("curl")
+        }
+    });
+    let mut host = String::new();
+    d.wait_until(30, "the call's container", || {
+        let Some(cid) = d.containers(true).into_iter().next() else {
+            return false;
+        };
+        host = docker_ok(&[
+            "inspect",
+            "-f",
+            "{{.HostConfig.ReadonlyRootfs}} {{.HostConfig.CpuShares}} {{json .HostConfig.Tmpfs}} \
+             {{.HostConfig.Memory}} {{.HostConfig.MemorySwap}}",
+            &cid,
+        ]);
+        true
+    });
+    assert_eq!(
+        host,
+        r#"true 256 {"/tmp":"size=8388608"} 536870912 536870912"#
+    );
+    let out = call.join().expect("curl thread");
+    let text = stdout(&out);
+    assert!(text.contains("Read-only file system"), "{text}");
+    assert!(text.contains("root=1"), "{text}");
+    assert!(text.contains("small=0"), "{text}");
+    assert!(
+        text.contains("No space left on device") && text.contains("big=1"),
+        "{text}"
+    );
+    let mount = text
+        .lines()
+        .find(|l| l.contains(" /tmp "))
+        .unwrap_or_else(|| panic!("no /tmp mount: {text}"));
+    assert!(
+        mount.contains("tmpfs") && mount.contains("noexec") && mount.contains("size=8192k"),
+        "{mount}"
+    );
+    assert!(
+        text.contains("Permission denied") && text.contains("exec=126"),
+        "ran a program from /tmp: {text}"
+    );
+    d.ok(&["func", "rm", "ro"]);
+    d.finish();
+
+    // The warm pool's init cannot be copied into a read-only container.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[container]\nread_only_root = true\n[pool]\nper_function = 1\n",
+    )
+    .expect("write config");
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .expect("hyperfuncd");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("warm pool"), "{}", stderr(&out));
 }

@@ -570,6 +570,12 @@ impl Runtime {
             // No swap beyond the memory limit: the Engine's default doubles it.
             memory_swap: Some(i64::try_from(memory_bytes).unwrap_or(i64::MAX)),
             nano_cpus: cpus.map(|c| (c * 1e9) as i64),
+            cpu_shares: Some(c.cpu_shares),
+            readonly_rootfs: Some(c.read_only_root),
+            // noexec, nosuid, nodev are the Engine's defaults for a tmpfs.
+            tmpfs: c
+                .read_only_root
+                .then(|| HashMap::from([("/tmp".to_string(), format!("size={}", c.tmp_bytes))])),
             pids_limit: Some(c.pids_limit),
             security_opt: Some(vec!["no-new-privileges".into()]),
             cap_drop: Some(vec!["ALL".into()]),
