@@ -849,3 +849,127 @@ fn a_read_only_root_leaves_only_a_bounded_tmp_writable() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("warm pool"), "{}", stderr(&out));
 }
+
+/// Paths under `dir` (itself included) that their group or others can use.
+fn not_private(dir: &std::path::Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut open = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        let meta = std::fs::symlink_metadata(&p).expect("stat");
+        if meta.permissions().mode() & 0o077 != 0 && !meta.file_type().is_symlink() {
+            open.push(format!(
+                "{} {:o}",
+                p.display(),
+                meta.permissions().mode() & 0o777
+            ));
+        }
+        if meta.is_dir() {
+            for e in std::fs::read_dir(&p).expect("read_dir") {
+                todo.push(e.expect("entry").path());
+            }
+        }
+    }
+    open
+}
+
+/// Whether the certificate in `cert` is still valid `days` from now.
+fn valid_in(cert: &std::path::Path, days: u64) -> bool {
+    std::process::Command::new("openssl")
+        .args([
+            "x509",
+            "-noout",
+            "-checkend",
+            &(days * 86_400).to_string(),
+            "-in",
+        ])
+        .arg(cert)
+        .output()
+        .expect("openssl")
+        .status
+        .success()
+}
+
+#[test]
+fn the_data_dir_is_private_a_readable_key_is_refused_and_the_certificate_lasts_a_year() {
+    use std::os::unix::fs::PermissionsExt;
+    // Payloads above 16 bytes are blob files of their own.
+    let mut d = Daemon::start_with("[store]\ninline_max_bytes = 16\n");
+    let url = d.create("echo", &[IMAGE, "cat"]);
+    let payload = "a payload that is a file of its own";
+    let (code, body) = d.curl(&["--data-binary", payload, &format!("{url}/sync")]);
+    assert_eq!(
+        (code, String::from_utf8_lossy(&body).as_ref()),
+        (200, payload)
+    );
+    d.call("echo", payload.as_bytes());
+    let data = d.data_dir();
+    let blobs = std::fs::read_dir(data.join("db/hf-blobs"))
+        .map(|r| r.count())
+        .unwrap_or(0);
+    assert!(blobs > 0, "no blob file to check");
+    assert_eq!(not_private(&data), Vec::<String>::new());
+    let cert = d.ca();
+    assert!(valid_in(&cert, 360) && !valid_in(&cert, 370), "not a year");
+
+    // An older data dir, opened up, and a certificate with 10 days left.
+    d.stop();
+    let set = |p: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod")
+    };
+    set(&data, 0o755);
+    set(&data.join("db"), 0o755);
+    set(&data.join("admin-profile.toml"), 0o644);
+    let key = data.join("tls/key.pem");
+    let key_before = std::fs::read(&key).expect("key");
+    let short = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-days", "10", "-subj", "/CN=short", "-key"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(short.status.success(), "{}", stderr(&short));
+    assert!(!valid_in(&cert, 30));
+    d.restart();
+    assert_eq!(not_private(&data), Vec::<String>::new());
+    assert!(valid_in(&cert, 360), "not renewed:\n{}", d.log());
+    assert_eq!(std::fs::read(&key).expect("key"), key_before);
+    assert!(d.log().contains("renewed the self-signed TLS certificate"));
+    // The renewed certificate serves, and clients that trust it as CA connect.
+    let (code, _) = d.curl(&["--data-binary", "x", &format!("{url}/sync")]);
+    assert_eq!(code, 200);
+
+    // A configured key its group can read: refused at start, saying the fix.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (own_cert, own_key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    std::fs::copy(&cert, &own_cert).expect("copy cert");
+    std::fs::copy(&key, &own_key).expect("copy key");
+    set(&own_key, 0o640);
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n\
+             [container]\nnetwork_mode = \"none\"\n",
+            dir.path().join("data").display(),
+            own_cert.display(),
+            own_key.display()
+        ),
+    )
+    .expect("write config");
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .expect("hyperfuncd");
+    assert!(!out.status.success());
+    assert!(!dir.path().join("data").exists(), "made a data dir first");
+    assert!(
+        stderr(&out).contains(&format!("chmod 600 {}", own_key.display())),
+        "{}",
+        stderr(&out)
+    );
+    d.ok(&["func", "rm", "echo"]);
+    d.finish();
+}
