@@ -215,7 +215,7 @@ impl Runtime {
     /// names one (not `bridge`, `host`, `none`, `container:...`): if missing,
     /// it is created as a bridge with inter-container traffic disabled, so a
     /// call reaches neither another call nor any container on it. Called at
-    /// start and again when a create finds it gone (`docker network prune`
+    /// start and again when a create or start finds it gone (`docker network prune`
     /// removes it while no container uses it).
     pub async fn ensure_network(&self) -> Result<(), RuntimeError> {
         let Some(name) = named_network(&self.container.network_mode) else {
