@@ -12,6 +12,8 @@ pub const SYSTEM_CONFIG_PATH: &str = "/etc/hyperfuncd/config.toml";
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
 pub const MIB: u64 = 1024 * 1024;
+/// The network call containers use by default, which hyperfuncd creates.
+pub const DEFAULT_NETWORK: &str = "hyperfuncd";
 pub const DEFAULT_CALL_RETENTION: std::time::Duration =
     std::time::Duration::from_secs(7 * 24 * 3600);
 
@@ -133,7 +135,11 @@ impl Default for SchedulerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ContainerConfig {
-    /// Docker network mode of call containers (`bridge`, `none`, `host`, a network name).
+    /// Docker network mode of call containers: a network name, or `bridge`
+    /// (the Engine's default bridge, shared with every container on the
+    /// host), `none`, `host`. A named network that does not exist is created
+    /// at start as a bridge with inter-container traffic disabled; the
+    /// default, `hyperfuncd`, is one.
     pub network_mode: String,
     /// OCI runtime of every function that names none (`runsc` for gVisor,
     /// `kata-runtime`); must be one the Engine has registered, checked at
@@ -143,6 +149,17 @@ pub struct ContainerConfig {
     pub memory_bytes: u64,
     /// Process limit of a call container.
     pub pids_limit: i64,
+    /// CPU weight of a call container when the host's CPUs are contended
+    /// (`docker run --cpu-shares`; a container gets 1024 by default), so
+    /// calls yield to the host's other containers. 2 to 262144.
+    pub cpu_shares: i64,
+    /// Mount a call container's root filesystem read-only; the function can
+    /// then write only to `/tmp`, a tmpfs of `tmp_bytes`. Not with the warm
+    /// pool: the Engine refuses to copy the pool's init into such a container.
+    pub read_only_root: bool,
+    /// Size of the `/tmp` tmpfs of a read-only container (its pages count
+    /// against the container's memory limit).
+    pub tmp_bytes: u64,
     /// Capabilities added back after dropping all of them.
     pub cap_add: Vec<String>,
 }
@@ -150,10 +167,13 @@ pub struct ContainerConfig {
 impl Default for ContainerConfig {
     fn default() -> Self {
         Self {
-            network_mode: "bridge".into(),
+            network_mode: DEFAULT_NETWORK.into(),
             runtime: None,
             memory_bytes: 512 * MIB,
             pids_limit: 256,
+            cpu_shares: 512,
+            read_only_root: false,
+            tmp_bytes: 64 * MIB,
             cap_add: Vec::new(),
         }
     }
@@ -515,6 +535,26 @@ impl Config {
             crate::model::validate_runtime_name(r)
                 .map_err(|e| ConfigError::Invalid(format!("container.runtime: {e}")))?;
         }
+        let c = &self.container;
+        if !(2..=262_144).contains(&c.cpu_shares) {
+            return Err(ConfigError::Invalid(
+                "container.cpu_shares must be between 2 and 262144".into(),
+            ));
+        }
+        if c.read_only_root && c.tmp_bytes == 0 {
+            return Err(ConfigError::Invalid(
+                "container.tmp_bytes must be above zero with container.read_only_root".into(),
+            ));
+        }
+        if c.read_only_root && self.pool.per_function > 0 {
+            // Verified on Engine 20.10: PUT /containers/ID/archive answers
+            // "container rootfs is marked read-only", before start as after.
+            return Err(ConfigError::Invalid(
+                "container.read_only_root cannot be used with the warm pool (pool.per_function): \
+                 the Docker Engine refuses to copy the pool's init into a read-only container"
+                    .into(),
+            ));
+        }
         if self.scheduler.default_max_concurrency == 0 || self.scheduler.host_max_running == 0 {
             return Err(ConfigError::Invalid(
                 "scheduler limits must be at least 1".into(),
@@ -648,6 +688,26 @@ mod tests {
         assert!(c.validate().is_ok());
         let c: Config = toml::from_str("[limits]\nmax_memory_bytes = 1048576").unwrap();
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn container_defaults_and_what_they_refuse() {
+        let c = ContainerConfig::default();
+        assert_eq!(c.network_mode, DEFAULT_NETWORK);
+        assert_eq!(c.cpu_shares, 512);
+        assert!(!c.read_only_root);
+        assert_eq!(c.tmp_bytes, 64 * MIB);
+        for bad in [
+            "[container]\ncpu_shares = 1",
+            "[container]\ncpu_shares = 262145",
+            "[container]\nread_only_root = true\ntmp_bytes = 0",
+            "[container]\nread_only_root = true\n[pool]\nper_function = 1",
+        ] {
+            let c: Config = toml::from_str(bad).unwrap();
+            assert!(c.validate().is_err(), "{bad}");
+        }
+        let c: Config = toml::from_str("[container]\nread_only_root = true").unwrap();
+        assert!(c.validate().is_ok());
     }
 
     #[test]

@@ -222,11 +222,14 @@ fn the_admin_key_never_reaches_a_container_or_the_database() {
         "{text}"
     );
     let basic = "Basic aHlwZXJmdW5jZDpjYW5hcnk=";
+    // The payload's first bytes stay in the call record, so the search
+    // below can show that it finds what is there.
+    let payload = "payload-canary-3b9d";
     let (code, body) = d.curl(&[
         "-H",
         &format!("Authorization: {basic}"),
         "--data-binary",
-        "",
+        payload,
         &format!("{url}/sync"),
     ]);
     let text = String::from_utf8_lossy(&body);
@@ -238,11 +241,12 @@ fn the_admin_key_never_reaches_a_container_or_the_database() {
     );
 
     // Nothing on disk holds the key, while the call records do hold the
-    // request variables (the search would find it).
+    // payload's first bytes (the search would find it). The request
+    // variables are dropped once a call ends (`Call::transition`).
     d.stop();
     let db = d.data_dir().join("db");
     assert!(
-        found_in_files(&db, basic.as_bytes()),
+        found_in_files(&db, payload.as_bytes()),
         "the search finds nothing"
     );
     assert!(
@@ -352,7 +356,8 @@ fn limits_outside_the_ceilings_or_nonsensical_are_refused_at_create_and_update()
             .args([
                 "inspect",
                 "-f",
-                "{{.HostConfig.Memory}} {{.HostConfig.MemorySwap}} {{.HostConfig.NanoCpus}}",
+                "{{.HostConfig.Memory}} {{.HostConfig.MemorySwap}} {{.HostConfig.NanoCpus}} \
+                 {{.HostConfig.CpuShares}} {{.HostConfig.ReadonlyRootfs}}",
                 &cid,
             ])
             .output()
@@ -360,7 +365,9 @@ fn limits_outside_the_ceilings_or_nonsensical_are_refused_at_create_and_update()
         limits = String::from_utf8_lossy(&out.stdout).trim().to_string();
         !limits.is_empty()
     });
-    assert_eq!(limits, "67108864 67108864 500000000");
+    // And the defaults: a CPU share below other containers' 1024, a root
+    // filesystem as writable as `docker run`'s.
+    assert_eq!(limits, "67108864 67108864 500000000 512 false");
     let out = d.cli_as(&key, &["func", "get", "--wait", &id], None);
     assert!(out.status.success(), "{}", stderr(&out));
     d.ok(&["func", "rm", "lim"]);
@@ -599,5 +606,370 @@ fn refusals_are_json_405_names_the_allowed_methods_and_hyper_answers_only_what_i
     // And the daemon is none the worse for any of it.
     let (code, _) = d.curl(&[&format!("{}/healthz", d.endpoint)]);
     assert_eq!(code, 200);
+    d.finish();
+}
+
+/// `docker ARGS`, asserting success; its trimmed stdout.
+fn docker_ok(args: &[&str]) -> String {
+    let out = std::process::Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker CLI");
+    assert!(out.status.success(), "docker {args:?}: {}", stderr(&out));
+    stdout(&out).trim().to_string()
+}
+
+/// Removes, when dropped, what a test made on the Engine itself: containers
+/// first, then the networks they were on.
+struct EngineLeftovers {
+    containers: Vec<String>,
+    networks: Vec<String>,
+}
+
+impl Drop for EngineLeftovers {
+    fn drop(&mut self) {
+        for c in &self.containers {
+            let _ = std::process::Command::new("docker")
+                .args(["rm", "-f", c])
+                .output();
+        }
+        for n in &self.networks {
+            let _ = std::process::Command::new("docker")
+                .args(["network", "rm", n])
+                .output();
+        }
+    }
+}
+
+#[test]
+fn calls_run_on_a_network_hyperfuncd_makes_where_they_cannot_reach_other_containers() {
+    test_image();
+    // A private name, so the test can watch the network being made and
+    // remove it after; the default `hyperfuncd` is made the same way.
+    let net = format!("hyperfuncd-test-net-{}", std::process::id());
+    let server = format!("hyperfuncd-test-peer-{}", std::process::id());
+    let mut leftovers = EngineLeftovers {
+        containers: Vec::new(),
+        networks: Vec::new(),
+    };
+    let absent = std::process::Command::new("docker")
+        .args(["network", "inspect", &net])
+        .output()
+        .expect("docker CLI");
+    assert!(!absent.status.success(), "{net} exists before the test");
+    let d = Daemon::start_with(&format!("[container]\nnetwork_mode = \"{net}\"\n"));
+    leftovers.networks.push(net.clone());
+    let made: serde_json::Value =
+        serde_json::from_str(&docker_ok(&["network", "inspect", &net])).expect("inspect JSON");
+    let made = &made[0];
+    assert_eq!(made["Driver"], "bridge", "{made}");
+    assert_eq!(
+        made["Options"]["com.docker.network.bridge.enable_icc"], "false",
+        "{made}"
+    );
+    assert!(
+        made["Labels"]["io.hyperfuncd.network"].is_string(),
+        "{made}"
+    );
+
+    // Removed behind the daemon's back (`docker network prune` does it when
+    // no call runs): the next call makes it again instead of failing.
+    docker_ok(&["network", "rm", &net]);
+    let echo = d.create("echo", &[IMAGE, "cat"]);
+    let (code, body) = d.curl(&["--data-binary", "still here", &format!("{echo}/sync")]);
+    assert_eq!(
+        (code, String::from_utf8_lossy(&body).as_ref()),
+        (200, "still here")
+    );
+    let remade: serde_json::Value =
+        serde_json::from_str(&docker_ok(&["network", "inspect", &net])).expect("inspect JSON");
+    assert_eq!(
+        remade[0]["Options"]["com.docker.network.bridge.enable_icc"], "false",
+        "{remade}"
+    );
+    let subnet = remade[0]["IPAM"]["Config"][0]["Subnet"]
+        .as_str()
+        .expect("subnet")
+        .to_string();
+
+    // Another container on the same network, serving HTTP: the host reaches
+    // it, a call does not.
+    leftovers.containers.push(server.clone());
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &server,
+        "--network",
+        &net,
+        IMAGE,
+        "httpd",
+        "-f",
+        "-p",
+        "8080",
+        "-h",
+        "/bin",
+    ]);
+    let ip = docker_ok(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        &server,
+    ]);
+    let peer = format!("http://{ip}:8080/");
+    // (nc in the call, not wget: the static busybox's wget crashes.)
+    let from_host = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-m",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &peer,
+        ])
+        .output()
+        .expect("curl");
+    assert_ne!(
+        stdout(&from_host),
+        "000",
+        "the peer does not answer the host: {}",
+        stderr(&from_host)
+    );
+
+    let script =
+        format!("ip -4 -o addr show eth0; printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {ip} 8080 2>&1; echo nc=$?");
+    let url = d.create("probe", &[IMAGE, "sh", "-c", &script]);
+    let (code, body) = d.curl(&["--data-binary", "", &format!("{url}/sync")]);
+    let text = String::from_utf8_lossy(&body).into_owned();
+    assert_eq!(code, 200, "{text}");
+    // On the network: an address of its subnet (Docker hands out /16s).
+    let prefix: String = subnet.split('.').take(2).collect::<Vec<_>>().join(".");
+    assert!(
+        text.contains(&format!("inet {prefix}.")),
+        "not on {net} ({subnet}): {text}"
+    );
+    // Dropped, not refused: the peer is there, the bridge keeps the call out.
+    assert!(
+        text.contains("nc=1") && !text.contains("HTTP/1") && !text.contains("refused"),
+        "the call reached the peer: {text}"
+    );
+    d.ok(&["func", "rm", "probe"]);
+    d.ok(&["func", "rm", "echo"]);
+    d.finish();
+    drop(leftovers);
+    let gone = std::process::Command::new("docker")
+        .args(["network", "inspect", &net])
+        .output()
+        .expect("docker CLI");
+    assert!(!gone.status.success(), "{net} is left behind");
+}
+
+#[test]
+fn a_read_only_root_leaves_only_a_bounded_tmp_writable() {
+    let d = Daemon::start_with(
+        "[container]\nnetwork_mode = \"none\"\nread_only_root = true\ntmp_bytes = 8388608\ncpu_shares = 256\n",
+    );
+    // Root refused; /tmp takes 4 MiB but not 16, and runs nothing.
+    let script = "touch /probe 2>&1; echo root=$?; \
+        dd if=/dev/zero of=/tmp/small bs=1048576 count=4 2>/dev/null; echo small=$?; \
+        dd if=/dev/zero of=/tmp/big bs=1048576 count=16 2>&1; echo big=$?; \
+        grep ' /tmp ' /proc/mounts; \
+        rm /tmp/big /tmp/small; cp /bin/busybox /tmp/sh && /tmp/sh true 2>&1; echo exec=$?; \
+        sleep 2";
+    let url = d.create("ro", &[IMAGE, "sh", "-c", script]);
+    let call = std::thread::spawn({
+        let d_url = format!("{url}/sync");
+        let ca = d.ca();
+        move || {
+            std::process::Command::new("curl")
+                .arg("--cacert")
+                .arg(ca)
+                .args(["-s", "--data-binary", "", &d_url])
+                .output()
+                .expect("curl")
+        }
+    });
+    let mut host = String::new();
+    d.wait_until(30, "the call's container", || {
+        let Some(cid) = d.containers(true).into_iter().next() else {
+            return false;
+        };
+        host = docker_ok(&[
+            "inspect",
+            "-f",
+            "{{.HostConfig.ReadonlyRootfs}} {{.HostConfig.CpuShares}} {{json .HostConfig.Tmpfs}} \
+             {{.HostConfig.Memory}} {{.HostConfig.MemorySwap}}",
+            &cid,
+        ]);
+        true
+    });
+    assert_eq!(
+        host,
+        r#"true 256 {"/tmp":"size=8388608"} 536870912 536870912"#
+    );
+    let out = call.join().expect("curl thread");
+    let text = stdout(&out);
+    assert!(text.contains("Read-only file system"), "{text}");
+    assert!(text.contains("root=1"), "{text}");
+    assert!(text.contains("small=0"), "{text}");
+    assert!(
+        text.contains("No space left on device") && text.contains("big=1"),
+        "{text}"
+    );
+    let mount = text
+        .lines()
+        .find(|l| l.contains(" /tmp "))
+        .unwrap_or_else(|| panic!("no /tmp mount: {text}"));
+    assert!(
+        mount.contains("tmpfs") && mount.contains("noexec") && mount.contains("size=8192k"),
+        "{mount}"
+    );
+    assert!(
+        text.contains("Permission denied") && text.contains("exec=126"),
+        "ran a program from /tmp: {text}"
+    );
+    d.ok(&["func", "rm", "ro"]);
+    d.finish();
+
+    // The warm pool's init cannot be copied into a read-only container.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[container]\nread_only_root = true\n[pool]\nper_function = 1\n",
+    )
+    .expect("write config");
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .expect("hyperfuncd");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("warm pool"), "{}", stderr(&out));
+}
+
+/// Paths under `dir` (itself included) that their group or others can use.
+fn not_private(dir: &std::path::Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut open = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        let meta = std::fs::symlink_metadata(&p).expect("stat");
+        if meta.permissions().mode() & 0o077 != 0 && !meta.file_type().is_symlink() {
+            open.push(format!(
+                "{} {:o}",
+                p.display(),
+                meta.permissions().mode() & 0o777
+            ));
+        }
+        if meta.is_dir() {
+            for e in std::fs::read_dir(&p).expect("read_dir") {
+                todo.push(e.expect("entry").path());
+            }
+        }
+    }
+    open
+}
+
+/// Whether the certificate in `cert` is still valid `days` from now.
+fn valid_in(cert: &std::path::Path, days: u64) -> bool {
+    std::process::Command::new("openssl")
+        .args([
+            "x509",
+            "-noout",
+            "-checkend",
+            &(days * 86_400).to_string(),
+            "-in",
+        ])
+        .arg(cert)
+        .output()
+        .expect("openssl")
+        .status
+        .success()
+}
+
+#[test]
+fn the_data_dir_is_private_a_readable_key_is_refused_and_the_certificate_lasts_a_year() {
+    use std::os::unix::fs::PermissionsExt;
+    // Payloads above 16 bytes are blob files of their own.
+    let mut d = Daemon::start_with("[store]\ninline_max_bytes = 16\n");
+    let url = d.create("echo", &[IMAGE, "cat"]);
+    let payload = "a payload that is a file of its own";
+    let (code, body) = d.curl(&["--data-binary", payload, &format!("{url}/sync")]);
+    assert_eq!(
+        (code, String::from_utf8_lossy(&body).as_ref()),
+        (200, payload)
+    );
+    d.call("echo", payload.as_bytes());
+    let data = d.data_dir();
+    let blobs = std::fs::read_dir(data.join("db/hf-blobs"))
+        .map(|r| r.count())
+        .unwrap_or(0);
+    assert!(blobs > 0, "no blob file to check");
+    assert_eq!(not_private(&data), Vec::<String>::new());
+    let cert = d.ca();
+    assert!(valid_in(&cert, 360) && !valid_in(&cert, 370), "not a year");
+
+    // An older data dir, opened up, and a certificate with 10 days left.
+    d.stop();
+    let set = |p: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod")
+    };
+    set(&data, 0o755);
+    set(&data.join("db"), 0o755);
+    set(&data.join("admin-profile.toml"), 0o644);
+    let key = data.join("tls/key.pem");
+    let key_before = std::fs::read(&key).expect("key");
+    let short = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-days", "10", "-subj", "/CN=short", "-key"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(short.status.success(), "{}", stderr(&short));
+    assert!(!valid_in(&cert, 30));
+    d.restart();
+    assert_eq!(not_private(&data), Vec::<String>::new());
+    assert!(valid_in(&cert, 360), "not renewed:\n{}", d.log());
+    assert_eq!(std::fs::read(&key).expect("key"), key_before);
+    assert!(d.log().contains("renewed the self-signed TLS certificate"));
+    // The renewed certificate serves, and clients that trust it as CA connect.
+    let (code, _) = d.curl(&["--data-binary", "x", &format!("{url}/sync")]);
+    assert_eq!(code, 200);
+
+    // A configured key its group can read: refused at start, saying the fix.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (own_cert, own_key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    std::fs::copy(&cert, &own_cert).expect("copy cert");
+    std::fs::copy(&key, &own_key).expect("copy key");
+    set(&own_key, 0o640);
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n\
+             [container]\nnetwork_mode = \"none\"\n",
+            dir.path().join("data").display(),
+            own_cert.display(),
+            own_key.display()
+        ),
+    )
+    .expect("write config");
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .expect("hyperfuncd");
+    assert!(!out.status.success());
+    assert!(!dir.path().join("data").exists(), "made a data dir first");
+    assert!(
+        stderr(&out).contains(&format!("chmod 600 {}", own_key.display())),
+        "{}",
+        stderr(&out)
+    );
+    d.ok(&["func", "rm", "echo"]);
     d.finish();
 }

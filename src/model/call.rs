@@ -68,7 +68,10 @@ pub struct Call {
     pub message: Option<String>,
     pub stdin_len: u64,
     pub stdout_len: u64,
-    /// CGI-style variables from the request (HTTP_*, REQUEST_METHOD, QUERY_STRING).
+    /// CGI-style variables from the request (HTTP_*, REQUEST_METHOD,
+    /// QUERY_STRING), for the container only: emptied when the call ends
+    /// (`transition`), since they may carry the caller's credentials and
+    /// nothing reads them after the run.
     pub request_env: Vec<(String, String)>,
     pub short_stdin: Vec<u8>,
     pub short_stdout: Vec<u8>,
@@ -107,6 +110,8 @@ impl Call {
 
     /// Moves the call to `to`. Legal moves: PENDING→RUNNING, RUNNING→PENDING (the
     /// Engine refused before any container existed), and any live state → FINISHED|FAILED.
+    /// An ended call drops its request variables here, where every store
+    /// backend's end of a call passes, so no backend keeps them.
     pub fn transition(&mut self, to: CallState) -> Result<(), TransitionError> {
         use CallState::*;
         let legal = matches!(
@@ -128,7 +133,10 @@ impl Call {
         match to {
             Running => self.started_ms = Some(now),
             Pending => self.started_ms = None,
-            Finished | Failed => self.finished_ms = Some(now),
+            Finished | Failed => {
+                self.finished_ms = Some(now);
+                self.request_env = Vec::new();
+            }
         }
         self.state = to;
         Ok(())
@@ -263,5 +271,42 @@ mod tests {
         assert_eq!(c.output, OutputState::NotYet);
         assert!(c.transition(CallState::Running).is_err());
         assert_eq!(c.event(EventKind::Failed).message, "boom");
+    }
+
+    #[test]
+    fn request_variables_are_dropped_when_the_call_ends_and_not_before() {
+        let n = Name::parse("f").unwrap();
+        let env = vec![(
+            "HTTP_AUTHORIZATION".to_string(),
+            "Basic c2VjcmV0".to_string(),
+        )];
+        let ends: [fn(&mut Call); 3] = [
+            |c| c.finish(&Outcome::failed("boom")).unwrap(),
+            |c| {
+                let mut done = Outcome::failed("");
+                done.state = CallState::Finished;
+                done.message = None;
+                c.finish(&done).unwrap()
+            },
+            |c| c.transition(CallState::Failed).unwrap(),
+        ];
+        for (i, end) in ends.iter().enumerate() {
+            let mut c = Call::new(n.clone(), n.clone(), 1, b"", env.clone());
+            if i < 2 {
+                // Kept while the call may still run, requeues included.
+                c.transition(CallState::Running).unwrap();
+                c.transition(CallState::Pending).unwrap();
+                assert_eq!(c.request_env, env);
+                c.transition(CallState::Running).unwrap();
+                assert_eq!(c.request_env, env);
+            }
+            end(&mut c);
+            assert!(c.state.is_done());
+            assert!(c.request_env.is_empty(), "case {i}: {:?}", c.request_env);
+        }
+        // A refused transition changes nothing.
+        let mut c = Call::new(n.clone(), n, 1, b"", env.clone());
+        assert!(c.transition(CallState::Finished).is_err());
+        assert_eq!(c.request_env, env);
     }
 }

@@ -9,10 +9,10 @@ use crate::config::ContainerConfig;
 use crate::model::{CallId, CallState, Outcome};
 use bollard::container::{AttachContainerResults, LogOutput};
 use bollard::errors::Error as DockerError;
-use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
+use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, NetworkCreateRequest};
 use bollard::query_parameters::{
     AttachContainerOptions, CreateContainerOptions, CreateImageOptions, KillContainerOptions,
-    ListContainersOptions, RemoveContainerOptions, RenameContainerOptions,
+    ListContainersOptions, ListNetworksOptions, RemoveContainerOptions, RenameContainerOptions,
     UploadToContainerOptions, WaitContainerOptions,
 };
 use bollard::Docker;
@@ -30,6 +30,11 @@ pub const LABEL_FUNCTION: &str = "io.hyperfuncd.function";
 pub const LABEL_INSTANCE: &str = "io.hyperfuncd.instance";
 /// A warm container, not yet given a call: the function it is for.
 pub const LABEL_POOL: &str = "io.hyperfuncd.pool";
+/// On a network hyperfuncd created (any daemon on the Engine may have).
+pub const LABEL_NETWORK: &str = "io.hyperfuncd.network";
+/// The bridge option that stops containers on one network from reaching
+/// each other: a call must not reach another tenant's call.
+const ICC_OPTION: &str = "com.docker.network.bridge.enable_icc";
 /// Where the init program lives inside a warm container.
 const INIT_PATH: &str = "/.hyperfuncd-init";
 /// How `init.c` begins the one line it prints when it cannot run the command.
@@ -101,6 +106,9 @@ pub struct Runtime {
     /// The Engine's default OCI runtime as last seen, to say which runtime
     /// a function without one runs under.
     default_runtime: std::sync::Mutex<Option<String>>,
+    /// Held while the call network is checked or made, so one daemon never
+    /// races itself into two networks of one name.
+    network: tokio::sync::Mutex<()>,
 }
 
 /// What the Engine's host has to give a container.
@@ -119,6 +127,7 @@ impl Runtime {
             client: tokio::sync::Mutex::new(None),
             host: std::sync::OnceLock::new(),
             default_runtime: std::sync::Mutex::new(None),
+            network: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -199,6 +208,98 @@ impl Runtime {
                 let _ = self.runtimes().await;
                 Ok(())
             }
+        }
+    }
+
+    /// Makes sure the network of `[container] network_mode` exists when it
+    /// names one (not `bridge`, `host`, `none`, `container:...`): if missing,
+    /// it is created as a bridge with inter-container traffic disabled, so a
+    /// call reaches neither another call nor any container on it. Called at
+    /// start and again when a create or start finds it gone (`docker network prune`
+    /// removes it while no container uses it).
+    pub async fn ensure_network(&self) -> Result<(), RuntimeError> {
+        let Some(name) = named_network(&self.container.network_mode) else {
+            return Ok(());
+        };
+        let _held = self.network.lock().await;
+        let docker = self.docker().await?;
+        let mut found = self.networks_named(&docker, name).await?;
+        if found.is_empty() {
+            let request = NetworkCreateRequest {
+                name: name.to_string(),
+                driver: Some("bridge".into()),
+                options: Some(HashMap::from([(
+                    ICC_OPTION.to_string(),
+                    "false".to_string(),
+                )])),
+                labels: Some(HashMap::from([(
+                    LABEL_NETWORK.to_string(),
+                    "1".to_string(),
+                )])),
+                ..Default::default()
+            };
+            if let Err(e) = docker.create_network(request).await {
+                return Err(self.classify(e).await);
+            }
+            tracing::info!(
+                network = name,
+                "created the call network (bridge, inter-container traffic disabled)"
+            );
+            found = self.networks_named(&docker, name).await?;
+        }
+        // Engines before API 1.44 do not refuse a second network of the same
+        // name, so two daemons starting together may both have made one; a
+        // name that means two networks fails every create. Every daemon keeps
+        // the same one (the lowest id) and removes the other ones hyperfuncd
+        // made; none has a container yet, since no create could name them.
+        found.sort_by(|a, b| a.id.cmp(&b.id));
+        for extra in found.iter().skip(1) {
+            if let (Some(id), true) = (&extra.id, is_ours(extra)) {
+                match docker.remove_network(id).await {
+                    Ok(())
+                    | Err(DockerError::DockerResponseServerError {
+                        status_code: 404, ..
+                    }) => {}
+                    Err(e) => {
+                        tracing::warn!(network = name, id, error = %e, "cannot remove a duplicate call network")
+                    }
+                }
+            }
+        }
+        if let Some(kept) = found.first() {
+            let icc = kept
+                .options
+                .as_ref()
+                .and_then(|o| o.get(ICC_OPTION))
+                .map(String::as_str);
+            if icc != Some("false") {
+                tracing::warn!(
+                    network = name,
+                    "the call network lets containers reach each other (it was not made by hyperfuncd with {ICC_OPTION}=false)"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The networks called exactly `name` (the Engine's filter matches parts of names).
+    async fn networks_named(
+        &self,
+        docker: &Docker,
+        name: &str,
+    ) -> Result<Vec<bollard::models::Network>, RuntimeError> {
+        let filters = HashMap::from([("name".to_string(), vec![name.to_string()])]);
+        match docker
+            .list_networks(Some(ListNetworksOptions {
+                filters: Some(filters),
+            }))
+            .await
+        {
+            Ok(list) => Ok(list
+                .into_iter()
+                .filter(|n| n.name.as_deref() == Some(name))
+                .collect()),
+            Err(e) => Err(self.classify(e).await),
         }
     }
 
@@ -382,13 +483,22 @@ impl Runtime {
             // A create whose answer was lost (the call was then requeued): that
             // container was never started, so it is replaced.
             remove(&docker, &name).await;
+            created = docker
+                .create_container(Some(options.clone()), body.clone())
+                .await;
+        }
+        if matches!(&created, Err(e) if network_missing(e)) {
+            if let Err(e @ RuntimeError::Unavailable { .. }) = self.ensure_network().await {
+                return Err(e);
+            }
             created = docker.create_container(Some(options), body).await;
         }
         let id = match created {
             Ok(r) => r.id,
             Err(DockerError::DockerResponseServerError {
-                status_code: 404, ..
-            }) => {
+                status_code: 404,
+                message,
+            }) if !message.contains("network") => {
                 return Ok(Ran {
                     outcome: Outcome::failed(format!(
                         "image {} is not present on the Docker Engine",
@@ -460,6 +570,12 @@ impl Runtime {
             // No swap beyond the memory limit: the Engine's default doubles it.
             memory_swap: Some(i64::try_from(memory_bytes).unwrap_or(i64::MAX)),
             nano_cpus: cpus.map(|c| (c * 1e9) as i64),
+            cpu_shares: Some(c.cpu_shares),
+            readonly_rootfs: Some(c.read_only_root),
+            // noexec, nosuid, nodev are the Engine's defaults for a tmpfs.
+            tmpfs: c
+                .read_only_root
+                .then(|| HashMap::from([("/tmp".to_string(), format!("size={}", c.tmp_bytes))])),
             pids_limit: Some(c.pids_limit),
             security_opt: Some(vec!["no-new-privileges".into()]),
             cap_drop: Some(vec!["ALL".into()]),
@@ -515,7 +631,14 @@ impl Runtime {
             name: Some(name.to_string()),
             ..Default::default()
         };
-        let id = match docker.create_container(Some(options), body).await {
+        let mut created = docker
+            .create_container(Some(options.clone()), body.clone())
+            .await;
+        if matches!(&created, Err(e) if network_missing(e)) {
+            self.ensure_network().await?;
+            created = docker.create_container(Some(options), body).await;
+        }
+        let id = match created {
             Ok(r) => r.id,
             Err(e) => return Err(self.classify(e).await),
         };
@@ -528,6 +651,10 @@ impl Runtime {
             .await;
         if ready.is_ok() {
             ready = docker.start_container(&id, None).await;
+            if matches!(&ready, Err(e) if network_missing(e)) {
+                self.ensure_network().await?;
+                ready = docker.start_container(&id, None).await;
+            }
         }
         if let Err(e) = ready {
             remove(&docker, &id).await;
@@ -620,17 +747,27 @@ impl Runtime {
         spec: RunSpec,
         cancel: CancellationToken,
     ) -> Outcome {
-        let attach = match attach(docker, id, &cancel).await {
+        let mut attached = match attach(docker, id, &cancel).await {
             Ok(a) => a,
             Err(failed) => return failed,
         };
-        let started = docker.start_container(id, None).await;
+        let mut started = docker.start_container(id, None).await;
+        // Engine 20.10 looks the network up at start, not at create. The
+        // failed start ended the attach, so a second start needs a new one.
+        if matches!(&started, Err(e) if network_missing(e)) && self.ensure_network().await.is_ok() {
+            drop(attached);
+            attached = match attach(docker, id, &cancel).await {
+                Ok(a) => a,
+                Err(failed) => return failed,
+            };
+            started = docker.start_container(id, None).await;
+        }
         tracing::debug!(call = %spec.call_id, ok = started.is_ok(), "started");
         if let Err(e) = started {
             return Outcome::failed(stage_failure("start", &e));
         }
 
-        self.exchange(docker, id, attach, spec, cancel, Bytes::new())
+        self.exchange(docker, id, attached, spec, cancel, Bytes::new())
             .await
     }
 
@@ -984,6 +1121,27 @@ fn stage_failure(stage: &str, e: &DockerError) -> String {
 }
 
 /// Whether an error means the Engine could not be reached at all.
+/// The network `mode` names, if it names one rather than a mode of its own
+/// (the Engine's `bridge`, `host`, `none`, `default`, `container:ID`).
+pub fn named_network(mode: &str) -> Option<&str> {
+    let builtin = matches!(mode, "" | "bridge" | "host" | "none" | "default")
+        || mode.starts_with("container:");
+    (!builtin).then_some(mode)
+}
+
+fn is_ours(n: &bollard::models::Network) -> bool {
+    n.labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(LABEL_NETWORK))
+}
+
+/// Whether a create or start failed because the network it names is gone,
+/// which the Engine says with the same 404 as a missing image.
+fn network_missing(e: &DockerError) -> bool {
+    matches!(e, DockerError::DockerResponseServerError { status_code: 404, message }
+        if message.contains("network"))
+}
+
 fn is_transport(e: &DockerError) -> bool {
     !matches!(
         e,
