@@ -12,6 +12,13 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// One cluster test at a time: each runs three servers and two daemons,
+/// and on two cores several at once starve each other's elections.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Three `nats-server`s with JetStream, clustered on loopback.
 struct NatsCluster {
     dir: tempfile::TempDir,
@@ -95,7 +102,16 @@ impl NatsCluster {
             }
             return;
         }
-        panic!("the NATS cluster did not become healthy");
+        let logs: Vec<String> = (0..3)
+            .map(|i| {
+                std::fs::read_to_string(self.dir.path().join(format!("n{i}.log")))
+                    .unwrap_or_default()
+            })
+            .collect();
+        panic!(
+            "the NATS cluster did not become healthy:\n{}",
+            logs.join("\n----\n")
+        );
     }
 
     fn urls(&self) -> String {
@@ -267,6 +283,7 @@ fn data_dir(tmp: &tempfile::TempDir, name: &str) -> PathBuf {
 
 #[test]
 fn a_call_accepted_on_one_node_runs_on_another_and_is_fetched_from_either() {
+    let _one = one_at_a_time();
     let nats = NatsCluster::start();
     let tmp = tempfile::tempdir().expect("tempdir");
     // Node A runs one call at a time: a long call keeps it busy, so the
@@ -331,6 +348,7 @@ fn a_call_accepted_on_one_node_runs_on_another_and_is_fetched_from_either() {
 
 #[test]
 fn a_users_quota_holds_across_nodes_and_no_call_starts_twice() {
+    let _one = one_at_a_time();
     let nats = NatsCluster::start();
     let tmp = tempfile::tempdir().expect("tempdir");
     let a = Daemon::start_on(&data_dir(&tmp, "a"), &nats.config(""));
@@ -411,6 +429,7 @@ fn a_users_quota_holds_across_nodes_and_no_call_starts_twice() {
 
 #[test]
 fn a_node_killed_mid_run_fails_its_running_calls_and_its_queue_runs_elsewhere() {
+    let _one = one_at_a_time();
     let nats = NatsCluster::start();
     let tmp = tempfile::tempdir().expect("tempdir");
     let cfg = nats.config("[pool]\nper_function = 0\n");
@@ -477,6 +496,7 @@ fn a_node_killed_mid_run_fails_its_running_calls_and_its_queue_runs_elsewhere() 
 
 #[test]
 fn a_nats_server_killed_loses_no_accepted_call_and_caches_stay_in_budget() {
+    let _one = one_at_a_time();
     let mut nats = NatsCluster::start();
     let tmp = tempfile::tempdir().expect("tempdir");
     let cfg = nats.config("[limits]\noutput_cache_bytes = 4096\n");
@@ -548,4 +568,58 @@ fn a_nats_server_killed_loses_no_accepted_call_and_caches_stay_in_budget() {
     }
     a.finish();
     b.finish();
+}
+
+#[test]
+fn kill_9_between_a_stored_end_and_its_ack_runs_nothing_twice() {
+    let _one = one_at_a_time();
+    let nats = NatsCluster::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut a = Daemon::start_on(&data_dir(&tmp, "a"), &nats.config(""));
+    let dana = a.add_user("dana", 1);
+    let out = a.cli_as(
+        &dana,
+        &["func", "create", "--name", "once", IMAGE, "cat"],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let events = FunctionEvents::start("once");
+    // The node dies right after the call's end is stored, before its queue
+    // message is acknowledged (the failpoint kills it with SIGKILL).
+    a.set_env(&[("FAILPOINTS", "nats-end-committed=return")]);
+    a.restart();
+    let call = |d: &Daemon, body: &[u8]| {
+        let out = d.cli_as(&dana, &["func", "call", "once"], Some(body));
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+            .trim()
+            .trim_start_matches("CallId: ")
+            .to_string()
+    };
+    let first = call(&a, b"first payload");
+    a.wait_dead(30);
+    a.set_env(&[]);
+    a.restart();
+    // Its end was stored: it is FINISHED with its output, and its message,
+    // handed out again once its ack wait ends, is dropped, not re-run;
+    // dana's one slot comes back, so her next call runs.
+    let second = call(&a, b"second payload");
+    let ended = wait_ended(&a, &[first.clone(), second.clone()], 60);
+    assert!(ended.iter().all(|c| c["State"] == "FINISHED"), "{ended:?}");
+    for (id, body) in [
+        (&first, &b"first payload"[..]),
+        (&second, &b"second payload"[..]),
+    ] {
+        let out = a.cli(&["func", "get", id]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(out.stdout, body, "call {id}");
+    }
+    let starts = events.starts();
+    assert_eq!(
+        starts.get(&first),
+        Some(&1),
+        "the first call ran once: {starts:?}"
+    );
+    assert_eq!(starts.get(&second), Some(&1), "{starts:?}");
+    a.finish();
 }

@@ -135,18 +135,17 @@ impl Inner {
                 .info()
                 .await
                 .map_err(|e| unavailable("reading a queue", e))?;
-            if info.num_ack_pending as i64 >= info.config.max_ack_pending {
-                // The owner's quota is taken across the cluster.
-                return Ok(None);
-            }
             let held_here = lock(&self.held)
                 .values()
                 .filter(|h| &h.owner == owner)
                 .count();
-            let wait = if info.num_pending > 0 {
+            // At the quota the consumer hands out nothing new, but a message
+            // out on another node (or a dead run of this one) may be due for
+            // redelivery: a short pull finds it.
+            let at_quota = info.num_ack_pending as i64 >= info.config.max_ack_pending;
+            let wait = if !at_quota && info.num_pending > 0 {
                 Duration::from_secs(1)
             } else if info.num_ack_pending > held_here {
-                // Only redeliveries (given back, or of a lost node) may be due.
                 Duration::from_millis(20)
             } else {
                 return Ok(None);
