@@ -26,18 +26,23 @@ struct NatsCluster {
     ports: Vec<(u16, u16, u16)>,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+/// `n` distinct free ports: all bound at once, so none is handed out twice.
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
 }
 
 impl NatsCluster {
     fn start() -> NatsCluster {
         let dir = tempfile::tempdir().expect("tempdir");
+        let p = free_ports(9);
         let ports: Vec<(u16, u16, u16)> = (0..3)
-            .map(|_| (free_port(), free_port(), free_port()))
+            .map(|i| (p[3 * i], p[3 * i + 1], p[3 * i + 2]))
             .collect();
         let mut c = NatsCluster {
             dir,
