@@ -787,50 +787,16 @@ impl Inner {
             Some(id) => format!("hfl.{function}.{id}"),
             None => format!("hfl.{function}.*"),
         };
-        let mut consumer: consumer::PullConsumer = stream
-            .create_consumer(consumer::pull::Config {
-                filter_subject: filter,
-                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: from,
-                },
-                ack_policy: consumer::AckPolicy::None,
-                memory_storage: true,
-                num_replicas: 1,
-                inactive_threshold: Duration::from_secs(30),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| unavailable("reading a log", e))?;
-        let name = consumer.cached_info().name.clone();
-        let mut left = consumer
-            .info()
-            .await
-            .map_err(|e| unavailable("reading a log", e))?
-            .num_pending;
+        let deliver = consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: from,
+        };
         let mut out = Vec::new();
-        while left > 0 {
-            let mut batch = consumer
-                .batch()
-                .max_messages(left.min(1000) as usize)
-                .expires(Duration::from_secs(2))
-                .messages()
-                .await
-                .map_err(|e| unavailable("reading a log", e))?;
-            let mut got = 0;
-            while let Some(m) = batch.next().await {
-                let m = m.map_err(|e| unavailable("reading a log", e))?;
-                got += 1;
-                let seq = m.info().map(|i| i.stream_sequence).unwrap_or_default();
-                if let Ok(ev) = dec::<Event>(m.subject.as_str(), &m.payload) {
-                    out.push((seq, ev));
-                }
+        for m in kv::read_all(&stream, filter, deliver, "reading a log").await? {
+            let seq = m.info().map(|i| i.stream_sequence).unwrap_or_default();
+            if let Ok(ev) = dec::<Event>(m.subject.as_str(), &m.payload) {
+                out.push((seq, ev));
             }
-            if got == 0 {
-                break;
-            }
-            left = left.saturating_sub(got);
         }
-        let _ = stream.delete_consumer(&name).await;
         if let Some(n) = tail {
             let skip = out.len().saturating_sub(n);
             out.drain(..skip);

@@ -181,56 +181,78 @@ impl Bucket {
             .get_stream_no_info(BUCKET_STREAM)
             .await
             .map_err(|e| unavailable("scanning", e))?;
-        let mut consumer: consumer::PullConsumer = stream
-            .create_consumer(consumer::pull::Config {
-                filter_subject: format!("$KV.{BUCKET}.{prefix}>"),
-                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-                ack_policy: consumer::AckPolicy::None,
-                memory_storage: true,
-                num_replicas: 1,
-                inactive_threshold: Duration::from_secs(30),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| unavailable("scanning", e))?;
-        let mut left = consumer
-            .info()
-            .await
-            .map_err(|e| unavailable("scanning", e))?
-            .num_pending;
-        let name = consumer.cached_info().name.clone();
+        let messages = read_all(
+            &stream,
+            format!("$KV.{BUCKET}.{prefix}>"),
+            consumer::DeliverPolicy::LastPerSubject,
+            "scanning",
+        )
+        .await?;
         let skip = format!("$KV.{BUCKET}.");
-        let mut out = Vec::new();
-        while left > 0 {
-            let mut batch = consumer
-                .batch()
-                .max_messages(left.min(1000) as usize)
-                .expires(Duration::from_secs(2))
-                .messages()
-                .await
-                .map_err(|e| unavailable("scanning", e))?;
-            let mut got = 0;
-            while let Some(m) = batch.next().await {
-                let m = m.map_err(|e| unavailable("scanning", e))?;
-                got += 1;
-                let deleted = m
-                    .headers
+        Ok(messages
+            .into_iter()
+            .filter(|m| {
+                // Deleted keys leave a marker: skip it.
+                m.headers
                     .as_ref()
                     .and_then(|h| h.get("KV-Operation"))
-                    .is_some_and(|v| v.as_str() != "PUT");
-                if !deleted {
-                    let key = m.subject.as_str().strip_prefix(&skip).unwrap_or_default();
-                    out.push((key.to_string(), m.payload.clone()));
-                }
-            }
-            if got == 0 {
-                break;
-            }
-            left = left.saturating_sub(got);
-        }
-        let _ = stream.delete_consumer(&name).await;
-        Ok(out)
+                    .is_none_or(|v| v.as_str() == "PUT")
+            })
+            .map(|m| {
+                let key = m.subject.as_str().strip_prefix(&skip).unwrap_or_default();
+                (key.to_string(), m.payload.clone())
+            })
+            .collect())
     }
+}
+
+/// Every message of `stream` on `filter` from `deliver`, read through a
+/// short-lived consumer that is removed afterwards.
+pub async fn read_all(
+    stream: &jetstream::stream::Stream<()>,
+    filter: String,
+    deliver: consumer::DeliverPolicy,
+    what: &str,
+) -> Result<Vec<jetstream::Message>> {
+    let mut consumer: consumer::PullConsumer = stream
+        .create_consumer(consumer::pull::Config {
+            filter_subject: filter,
+            deliver_policy: deliver,
+            ack_policy: consumer::AckPolicy::None,
+            memory_storage: true,
+            num_replicas: 1,
+            inactive_threshold: Duration::from_secs(30),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| unavailable(what, e))?;
+    let name = consumer.cached_info().name.clone();
+    let mut left = consumer
+        .info()
+        .await
+        .map_err(|e| unavailable(what, e))?
+        .num_pending;
+    let mut out = Vec::new();
+    while left > 0 {
+        let mut batch = consumer
+            .batch()
+            .max_messages(left.min(1000) as usize)
+            .expires(Duration::from_secs(2))
+            .messages()
+            .await
+            .map_err(|e| unavailable(what, e))?;
+        let mut got = 0;
+        while let Some(m) = batch.next().await {
+            out.push(m.map_err(|e| unavailable(what, e))?);
+            got += 1;
+        }
+        if got == 0 {
+            break;
+        }
+        left = left.saturating_sub(got);
+    }
+    let _ = stream.delete_consumer(&name).await;
+    Ok(out)
 }
 
 /// How long a write keeps retrying while the cluster cannot answer (a
