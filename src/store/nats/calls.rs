@@ -8,6 +8,10 @@ use crate::model::{EventKind, OutputState};
 
 /// The header that names a queue message's call.
 const CALL_HEADER: &str = "Hf-Call";
+/// The header that names a queue message's function (for a tombstone).
+const FUNCTION_HEADER: &str = "Hf-Function";
+/// Why a call whose record lost the race to its tombstone was not accepted.
+const NOT_ACCEPTED: &str = "not accepted: the cluster did not store the call in time";
 
 pub fn call_key(id: &CallId) -> String {
     format!("c.{id}")
@@ -22,6 +26,11 @@ fn done_key(id: &CallId) -> String {
     format!("d.{id}")
 }
 
+/// The node of a `r.CALL` value ("NODE ATTEMPT").
+fn claim_node(claim: &str) -> &str {
+    claim.split(' ').next().unwrap_or_default()
+}
+
 fn count(stats: &mut FunctionStats, state: CallState, delta: i64) {
     let slot = match state {
         CallState::Pending => &mut stats.pending,
@@ -30,6 +39,16 @@ fn count(stats: &mut FunctionStats, state: CallState, delta: i64) {
         CallState::Failed => &mut stats.failed,
     };
     *slot = slot.saturating_add_signed(delta);
+}
+
+/// Why `start` did not start a held call.
+enum NotStarted {
+    /// It has ended (cancelled meanwhile): its message goes.
+    Ended,
+    /// Another node runs it (its message came back here): let go of it.
+    Elsewhere,
+    /// It cannot run: it ends FAILED with this reason.
+    Fail(String),
 }
 
 /// What the head of an owner's queue turned out to be.
@@ -53,6 +72,7 @@ impl Inner {
         let ack = retry(|| async {
             let mut h = async_nats::HeaderMap::new();
             h.insert(CALL_HEADER, call.id.to_string().as_str());
+            h.insert(FUNCTION_HEADER, call.function.as_str());
             h.insert("Nats-Msg-Id", call.id.to_string().as_str());
             self.bucket
                 .js
@@ -66,20 +86,18 @@ impl Inner {
         crate::crash_point!("nats-accept-queued");
         // The stream's sequence is the FIFO key, as sled's counter is.
         call.seq = ack.sequence;
-        // Bounded well under ORPHAN_AFTER: a record stored later than that
-        // could belong to a message already dropped as an orphan.
+        // The record and a tombstone (`bury`) race for the call's key with
+        // expected revision 0: exactly one of them is stored, whatever the
+        // timing, so a dropped message never leaves an accepted call behind.
         let stored = tokio::time::timeout(
             ACCEPT_WITHIN,
             retry(|| async {
-                if self
-                    .bucket
-                    .get::<Call>(&call_key(&call.id))
-                    .await?
-                    .1
-                    .is_some()
-                {
-                    // An earlier attempt was stored; only its answer was lost.
-                    return Ok(());
+                if let (_, Some(existing)) = self.bucket.get::<Call>(&call_key(&call.id)).await? {
+                    if existing.state == CallState::Pending && existing.seq == call.seq {
+                        // An earlier attempt was stored; only its answer was lost.
+                        return Ok(());
+                    }
+                    return Err(Refused::Error(StoreError::Unavailable(NOT_ACCEPTED.into())));
                 }
                 let (srev, stats) = self
                     .bucket
@@ -98,22 +116,23 @@ impl Inner {
             }),
         )
         .await
-        .unwrap_or_else(|_| {
-            Err(StoreError::Unavailable(
-                "NATS: the cluster did not store the call in time".into(),
-            ))
-        });
+        .unwrap_or_else(|_| Err(StoreError::Unavailable(NOT_ACCEPTED.into())));
         if let Err(e) = stored {
-            // Not accepted: its message must not run, and a record stored
-            // after all must not wait for it.
+            // Not accepted: its message must not run, and if its record was
+            // stored after all (a write in flight), it must not wait forever.
             let _ = self.queue.delete_message(call.seq).await;
-            let _ = self
-                .end(
-                    &call.id,
-                    Outcome::failed("not accepted: the cluster did not store the call in time"),
-                    Some(CallState::Pending),
-                )
-                .await;
+            if let Ok(false) = self
+                .bury(&call.id, &call.function, &call.owner, call.seq)
+                .await
+            {
+                let _ = self
+                    .end(
+                        &call.id,
+                        Outcome::failed(NOT_ACCEPTED),
+                        Some(CallState::Pending),
+                    )
+                    .await;
+            }
             return Err(e);
         }
         self.log(&call, EventKind::Call).await;
@@ -188,10 +207,21 @@ impl Inner {
             let published = msg.info().map(|i| i.published.unix_timestamp()).ok();
             let now = (crate::model::now_ms() / 1000) as i64;
             let age = published.map_or(0, |p| now.saturating_sub(p).max(0) as u64);
-            if age > ORPHAN_AFTER.as_secs() {
-                // Its accept failed before answering: never accepted.
-                let _ = msg.ack().await;
-                return Ok(Head::Next);
+            let function = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(FUNCTION_HEADER))
+                .and_then(|v| Name::parse(v.as_str()).ok());
+            if let (true, Some(function)) = (age > ORPHAN_AFTER.as_secs(), function) {
+                let seq = msg.info().map(|i| i.stream_sequence).unwrap_or_default();
+                if self.bury(&id, &function, owner, seq).await? {
+                    // Its accept failed before answering: never accepted.
+                    let _ = msg.ack().await;
+                    return Ok(Head::Next);
+                }
+                // Its record was stored meanwhile: a call like any other.
+                let _ = msg.ack_with(AckKind::Nak(None)).await;
+                return Ok(Head::Nothing);
             }
             // Its accept is still storing the record.
             let _ = msg
@@ -214,9 +244,9 @@ impl Inner {
                 Ok(Head::Pending(id))
             }
             CallState::Running => {
-                let node = self.bucket.get::<String>(&running_key(&id)).await?.1;
-                match node {
-                    Some(n) if self.node_alive(&n).await? => {
+                let claim = self.bucket.get::<String>(&running_key(&id)).await?.1;
+                match claim.as_deref().map(claim_node) {
+                    Some(n) if self.node_alive(n).await? => {
                         // Its node still runs it (a progress ack was late).
                         let _ = msg
                             .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
@@ -238,13 +268,14 @@ impl Inner {
     }
 
     pub(super) async fn discard_head(&self, owner: &Name, id: &CallId) {
-        let held = {
+        {
             let mut heads = lock(&self.heads);
             if heads.get(owner) == Some(id) {
                 heads.remove(owner);
             }
-            lock(&self.held).remove(id)
-        };
+        }
+        // Never both locks at once (`keep_alive` takes them one at a time too).
+        let held = lock(&self.held).remove(id);
         if let Some(h) = held {
             let _ = h.msg.ack().await;
         }
@@ -253,13 +284,20 @@ impl Inner {
     /// PENDING → RUNNING on this node: a compare-and-set on the call's
     /// revision, so of two nodes holding the same call only one starts it.
     pub(super) async fn start(&self, id: &CallId) -> Result<Started> {
+        // From here the message is this node's until the start resolves:
+        // `keep_alive` keeps it (progress acks) instead of giving it back.
         let payload = {
-            let held = lock(&self.held);
-            match held.get(id) {
-                Some(h) if !h.running => h.msg.payload.clone(),
+            let mut held = lock(&self.held);
+            match held.get_mut(id) {
+                Some(h) if !h.running => {
+                    h.running = true;
+                    h.msg.payload.clone()
+                }
                 _ => return Err(StoreError::NotFound(format!("queued call {id}"))),
             }
         };
+        // Names this attempt in `r.CALL`, so a retry recognises its own write.
+        let claim = format!("{} {}", self.node, uuid::Uuid::new_v4().simple());
         let outcome = retry(|| async {
             let (rev, call) = self.bucket.get::<Call>(&call_key(id)).await?;
             let Some(mut call) = call else {
@@ -272,21 +310,27 @@ impl Inner {
                     .await?
                     .1
                     .as_deref()
-                    == Some(self.node.as_str())
+                    == Some(claim.as_str())
             {
                 // This node's earlier attempt was stored; only its answer was
                 // lost (this node holds the call's message, so no one else
                 // could have started it).
                 return Ok(Ok(call));
             }
+            if call.state == CallState::Running {
+                // Another node runs it: its message is not ours to remove.
+                return Ok(Err(NotStarted::Elsewhere));
+            }
             if call.state != CallState::Pending {
-                return Ok(Err(None));
+                return Ok(Err(NotStarted::Ended));
             }
             if self.function(&call.function).await?.is_none() {
-                return Ok(Err(Some("cancelled: the function was removed".to_string())));
+                return Ok(Err(NotStarted::Fail(
+                    "cancelled: the function was removed".to_string(),
+                )));
             }
             if payload.len() as u64 != call.stdin_len {
-                return Ok(Err(Some(format!(
+                return Ok(Err(NotStarted::Fail(format!(
                     "the payload of call {id} is lost: {} bytes queued, {} accepted",
                     payload.len(),
                     call.stdin_len
@@ -305,7 +349,7 @@ impl Inner {
                 .commit(vec![
                     Op::Put(call_key(id), enc(&call)?, Some(rev)),
                     Op::Put(stats_key(&call.function), enc(&stats)?, Some(srev)),
-                    Op::Put(running_key(id), enc(&self.node)?, None),
+                    Op::Put(running_key(id), enc(&claim)?, None),
                 ])
                 .await?;
             Ok(Ok(call))
@@ -325,8 +369,13 @@ impl Inner {
                 self.notify(&call.owner).await;
                 Ok(Started::Running(Box::new(call), payload))
             }
-            Ok(Err(why)) => {
-                if let Some(why) = why {
+            Ok(Err(NotStarted::Elsewhere)) => {
+                // Its own node holds it too; that node acks it at the end.
+                lock(&self.held).remove(id);
+                Ok(Started::Skipped)
+            }
+            Ok(Err(not)) => {
+                if let NotStarted::Fail(why) = not {
                     tracing::warn!(call = %id, reason = %why, "call not started");
                     match self
                         .end(id, Outcome::failed(why), Some(CallState::Pending))
@@ -343,6 +392,7 @@ impl Inner {
                 Ok(Started::Skipped)
             }
             Err(e) => {
+                self.give_up(id, &e);
                 // Give it back: another attempt (here or elsewhere) retries.
                 let held = lock(&self.held).remove(id);
                 if let Some(h) = held {
@@ -367,7 +417,8 @@ impl Inner {
             let (srev, stats) = self
                 .bucket
                 .get::<FunctionStats>(&stats_key(&call.function))
-                .await?;
+                .await
+                .inspect_err(|e| self.give_up(id, e))?;
             let mut stats = stats.unwrap_or_default();
             count(&mut stats, CallState::Running, -1);
             count(&mut stats, CallState::Pending, 1);
@@ -482,7 +533,17 @@ impl Inner {
                 .await?;
             Ok(call)
         })
-        .await?;
+        .await;
+        let ended = match ended {
+            Ok(call) => call,
+            Err(e) => {
+                if matches!(e, StoreError::Transition(_) | StoreError::NotFound(_)) {
+                    self.let_go_if_ended(id).await;
+                }
+                self.give_up(id, &e);
+                return Err(e);
+            }
+        };
         crate::crash_point!("nats-end-committed");
         let held = lock(&self.held).remove(id);
         match held {
@@ -502,6 +563,44 @@ impl Inner {
         self.log(&ended, kind).await;
         self.notify(&ended.owner).await;
         Ok(ended)
+    }
+
+    /// Stores a FAILED tombstone at the key of a call whose accept gave up,
+    /// if no record is there: true if it was stored (the accept can no
+    /// longer store its record), false if the record won the race.
+    async fn bury(&self, id: &CallId, function: &Name, owner: &Name, seq: u64) -> Result<bool> {
+        let mut call = Call::new(function.clone(), owner.clone(), seq, &[], Vec::new());
+        call.id = *id;
+        call.finish(&Outcome::failed(NOT_ACCEPTED))?;
+        let done = (call.finished_ms.unwrap_or_default(), function.clone());
+        let ops = vec![
+            Op::Put(call_key(id), enc(&call)?, Some(0)),
+            Op::Put(done_key(id), enc(&done)?, None),
+        ];
+        match self.bucket.commit(ops).await {
+            Ok(()) => Ok(true),
+            Err(Refused::Moved) => Ok(false),
+            Err(Refused::Error(e)) => Err(e),
+        }
+    }
+
+    /// Drops this node's hold on a call that has ended elsewhere (e.g. it
+    /// was reaped while this node was cut off) and removes its message, so
+    /// its quota slot comes back.
+    async fn let_go_if_ended(&self, id: &CallId) {
+        let ended = match self.bucket.get::<Call>(&call_key(id)).await {
+            Ok((_, None)) => true,
+            Ok((_, Some(c))) => c.state.is_done(),
+            Err(_) => false,
+        };
+        if !ended {
+            return;
+        }
+        lock(&self.heads).retain(|_, head| head != id);
+        let held = lock(&self.held).remove(id);
+        if let Some(h) = held {
+            let _ = h.msg.ack().await;
+        }
     }
 
     /// A call RUNNING on a node that is gone ends FAILED, never runs again.
@@ -524,7 +623,7 @@ impl Inner {
     pub(super) async fn reap(&self) -> Result<()> {
         let mut alive: HashMap<String, bool> = HashMap::new();
         for (k, v) in self.bucket.scan("r.").await? {
-            let node: String = dec(&k, &v)?;
+            let node = claim_node(&dec::<String>(&k, &v)?).to_string();
             let ok = match alive.get(&node) {
                 Some(ok) => *ok,
                 None => {
@@ -641,7 +740,7 @@ impl Inner {
     pub(super) async fn running_calls(&self) -> Result<Vec<Call>> {
         let mut out = Vec::new();
         for (k, v) in self.bucket.scan("r.").await? {
-            if dec::<String>(&k, &v)? != self.node {
+            if claim_node(&dec::<String>(&k, &v)?) != self.node {
                 continue;
             }
             let Ok(id) = CallId::parse(k.trim_start_matches("r.")) else {

@@ -107,6 +107,8 @@ struct Inner {
     remote: Mutex<Option<mpsc::UnboundedReceiver<Name>>>,
     /// Functions whose output and log streams this node has made sure of.
     streams: Mutex<HashSet<Name>>,
+    /// Set when a call's state change could not be settled (see `give_up`).
+    fatal: tokio::sync::watch::Sender<Option<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -193,6 +195,7 @@ impl NatsStore {
             heads: Mutex::new(HashMap::new()),
             remote: Mutex::new(Some(rx)),
             streams: Mutex::new(HashSet::new()),
+            fatal: tokio::sync::watch::channel(None).0,
         });
         inner.beat().await?;
         let mut changes = inner
@@ -221,6 +224,17 @@ impl NatsStore {
                     loop {
                         tick.tick().await;
                         inner.keep_alive().await;
+                    }
+                }
+            }),
+            // Apart from the progress acks: a long reap must not let this
+            // node's messages lapse.
+            tokio::spawn({
+                let inner = Arc::clone(&inner);
+                async move {
+                    let mut tick = tokio::time::interval(TICK);
+                    loop {
+                        tick.tick().await;
                         if let Err(e) = inner.reap().await {
                             tracing::warn!(error = %e, "looking for lost nodes failed");
                         }
@@ -356,6 +370,19 @@ impl Inner {
             .await
             .map_err(|e| unavailable("heartbeat", e))?;
         Ok(())
+    }
+
+    /// A call's state change still failed after every retry: it may or may
+    /// not be stored, and only a restart's recovery (which reads the store
+    /// and the Engine afresh) can settle the call. `failed` then resolves,
+    /// and `serve` exits for its supervisor to restart it.
+    fn give_up(&self, id: &CallId, e: &StoreError) {
+        if let StoreError::Unavailable(m) = e {
+            tracing::error!(call = %id, error = %m, "a call's state change could not be stored");
+            self.fatal.send_replace(Some(format!(
+                "the state of call {id} could not be stored: {m}"
+            )));
+        }
     }
 
     async fn node_alive(&self, node: &str) -> Result<bool> {
@@ -537,8 +564,17 @@ impl Store for NatsStore {
     }
 
     async fn failed(&self) -> String {
-        // The connection reconnects on its own; nothing here needs a restart.
-        std::future::pending().await
+        // The connection reconnects on its own; only a state change whose
+        // outcome is unknown after every retry needs the restart's recovery.
+        let mut rx = self.inner.fatal.subscribe();
+        loop {
+            if let Some(reason) = rx.borrow_and_update().clone() {
+                return reason;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
     }
 
     async fn size_on_disk(&self) -> u64 {
