@@ -34,10 +34,23 @@ fn prime(d: &Daemon, function: &str, n: usize) {
 /// containers are removed on shutdown.
 fn stop_clean(mut d: Daemon) {
     d.stop();
+    let left = d.containers(false);
     assert!(
-        d.containers(false).is_empty(),
-        "containers left after shutdown: {:?}",
-        d.containers(false)
+        left.is_empty(),
+        "containers left after shutdown: {left:?} ({}); daemon log:\n{}",
+        String::from_utf8_lossy(
+            &Command::new("docker")
+                .args([
+                    "inspect",
+                    "--format",
+                    "{{.Name}} {{.State.Status}} {{.Config.Labels}}"
+                ])
+                .args(&left)
+                .output()
+                .map(|o| o.stdout)
+                .unwrap_or_default()
+        ),
+        d.log()
     );
 }
 

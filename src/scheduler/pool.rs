@@ -394,12 +394,21 @@ impl Pool {
         for r in &idle {
             self.runtime.remove(&r.id).await;
         }
-        // Also those a background removal had not finished: any warm
-        // container without a call.
-        if let Ok(all) = self.runtime.containers().await {
-            for c in all.iter().filter(|c| c.call.is_empty()) {
+        // Also those a background removal or a dropped fill had not
+        // finished: any warm container without a call. A fill that ends
+        // just now may still be removing its own, so look again briefly.
+        for _ in 0..5 {
+            let Ok(all) = self.runtime.containers().await else {
+                break;
+            };
+            let left: Vec<_> = all.iter().filter(|c| c.call.is_empty()).collect();
+            if left.is_empty() {
+                break;
+            }
+            for c in left {
                 self.runtime.remove(&c.id).await;
             }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
