@@ -197,7 +197,18 @@ impl NatsStore {
             streams: Mutex::new(HashSet::new()),
             fatal: tokio::sync::watch::channel(None).0,
         });
-        inner.beat().await?;
+        // The nodes bucket may have just been made: its stream can take a
+        // moment to answer, as the others can.
+        loop {
+            match inner.beat().await {
+                Ok(()) => break,
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "JetStream not ready yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        }
         let mut changes = inner
             .bucket
             .client
@@ -447,8 +458,22 @@ impl Inner {
         Ok(c)
     }
 
-    /// Creates or updates `owner`'s queue consumer with `quota` calls out at once.
+    /// Creates or updates `owner`'s queue consumer with `quota` calls out
+    /// at once, waiting out a cluster that is still electing its leaders.
     async fn ensure_consumer(&self, owner: &Name, quota: u32) -> Result<consumer::PullConsumer> {
+        retry(|| async {
+            self.ensure_consumer_once(owner, quota)
+                .await
+                .map_err(Refused::Error)
+        })
+        .await
+    }
+
+    async fn ensure_consumer_once(
+        &self,
+        owner: &Name,
+        quota: u32,
+    ) -> Result<consumer::PullConsumer> {
         let name = format!("q-{owner}");
         let config = consumer::pull::Config {
             durable_name: Some(name.clone()),
@@ -503,6 +528,10 @@ impl Inner {
 
     /// The function's output and log streams, bounded by the budgets.
     async fn ensure_streams(&self, name: &Name) -> Result<()> {
+        retry(|| async { self.ensure_streams_once(name).await.map_err(Refused::Error) }).await
+    }
+
+    async fn ensure_streams_once(&self, name: &Name) -> Result<()> {
         if lock(&self.streams).contains(name) {
             return Ok(());
         }
