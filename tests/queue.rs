@@ -208,7 +208,9 @@ fn rm_with_live_calls_needs_force() {
 /// that does not is killed and FAILED with the reason; no container stays.
 #[test]
 fn sigterm_lets_calls_finish_then_kills_the_rest() {
-    let mut d = Daemon::start_with("[scheduler]\nshutdown_grace_secs = 3");
+    // RUNNING is recorded before the container starts: under load the quick
+    // call's start alone can take seconds, so the grace leaves room for it.
+    let mut d = Daemon::start_with("[scheduler]\nshutdown_grace_secs = 8");
     d.create("quick", &[IMAGE, "sh", "-c", "sleep 1; echo done"]);
     d.create("long", &[IMAGE, "sleep", "60"]);
     let quick = d.call("quick", b"");
