@@ -446,3 +446,103 @@ fn waiting_shows_the_call_state_on_a_terminal_only() {
     }
     d.finish();
 }
+
+/// `func create` and `func update` are answered once the server has the
+/// image (it pulls an absent one first): on a terminal a spinner says what
+/// the request waits for, then the usual line; off a terminal, only the line.
+#[test]
+fn create_and_update_say_what_they_wait_for_on_a_terminal_only() {
+    let d = Daemon::start();
+
+    // Off a terminal: the one line on stdout and not a byte on stderr.
+    let out = d.cli(&["func", "create", "--name", "piped", IMAGE, "cat"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("piped is created with the address of https://"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(stdout(&out).lines().count(), 1, "{}", stdout(&out));
+    assert_eq!(stderr(&out), "", "stderr off a terminal");
+    let out = d.cli(&["func", "update", "piped", "--timeout", "5s"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("piped is updated with the address of https://"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(stderr(&out), "", "stderr off a terminal");
+
+    // On a terminal (script(1) gives the CLI a pseudo-terminal and records
+    // what it wrote there): the spinner's text, with the elapsed time after
+    // the ellipsis, then the usual line.
+    let on_a_terminal = |args: &str| {
+        let out = Command::new("script")
+            .args(["-qfec", &format!("{BIN} {args}"), "/dev/null"])
+            .env("HYPERFUNC_PROFILE", d.profile())
+            .env("HOME", d.dir.path())
+            .env("TERM", "xterm")
+            .env_remove("HYPERFUNC_ENDPOINT")
+            .env_remove("HYPERFUNC_KEY")
+            .env_remove("HYPERFUNC_CA")
+            .stdin(Stdio::null())
+            .output()
+            .expect("script(1) from util-linux");
+        assert!(out.status.success(), "{args}: {}", stderr(&out));
+        stdout(&out)
+    };
+    let elapsed_after = |screen: &str, text: &str| {
+        screen.split(text).skip(1).any(|rest| {
+            let digits = rest.chars().take_while(char::is_ascii_digit).count();
+            digits > 0 && rest[digits..].starts_with('s')
+        })
+    };
+    for (args, spinner, line) in [
+        (
+            format!("func create --name tty {IMAGE} cat"),
+            format!("creating tty: pulling/checking image {IMAGE}… "),
+            "tty is created with the address of https://",
+        ),
+        (
+            format!("func update tty --image {IMAGE}"),
+            format!("updating tty: pulling/checking image {IMAGE}… "),
+            "tty is updated with the address of https://",
+        ),
+        (
+            "func update tty --timeout 5s".to_string(),
+            "updating tty: checking its image… ".to_string(),
+            "tty is updated with the address of https://",
+        ),
+    ] {
+        let screen = on_a_terminal(&args);
+        assert!(screen.contains(&spinner), "{args}: {screen:?}");
+        assert!(
+            elapsed_after(&screen, &spinner),
+            "{args}: elapsed time: {screen:?}"
+        );
+        assert!(screen.contains(line), "{args}: {screen:?}");
+    }
+    // An error still reads as one: the spinner's line is cleared first.
+    let screen = {
+        let out = Command::new("script")
+            .args([
+                "-qfec",
+                &format!("{BIN} func create --name tty {IMAGE} cat"),
+                "/dev/null",
+            ])
+            .env("HYPERFUNC_PROFILE", d.profile())
+            .env("HOME", d.dir.path())
+            .env("TERM", "xterm")
+            .stdin(Stdio::null())
+            .output()
+            .expect("script(1) from util-linux");
+        assert!(!out.status.success(), "creating tty twice succeeded");
+        stdout(&out)
+    };
+    assert!(
+        screen.contains("creating tty: pulling/checking image"),
+        "{screen:?}"
+    );
+    assert!(screen.contains("already exists"), "{screen:?}");
+    d.finish();
+}

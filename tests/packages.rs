@@ -1,7 +1,8 @@
 //! The packages as an operator gets them: `scripts/package` builds the .deb
 //! and the .rpm (from this test build's binary, so no release build), lintian
 //! finds no error in the .deb, both list the completions, man pages and
-//! notices; the .rpm installs and `rpm -e` leaves none of its directories;
+//! notices; the .rpm owns its directories, installs, and `rpm -e` leaves
+//! none of them (a modified config only as `config.toml.rpmsave`);
 //! the .deb installs, its binary started as the unit starts it (with the
 //! installed config, on a port of its own) runs a real call on the real
 //! Engine, and `dpkg --purge` leaves what Debian policy allows.
@@ -23,6 +24,21 @@ use std::time::{Duration, Instant};
 /// Serialises runs of this test across work trees on one machine.
 const LOCK: &str = "/tmp/hyperfuncd-packages-test.lock";
 const PROFILE: &str = "/var/lib/hyperfuncd/admin-profile.toml";
+/// Shared directories the .rpm's files go in (not its own), deepest first.
+const SHARED_DIRS: [&str; 6] = [
+    "/usr/share/zsh/site-functions",
+    "/usr/share/zsh",
+    "/usr/share/fish/vendor_completions.d",
+    "/usr/share/fish",
+    "/usr/share/bash-completion/completions",
+    "/usr/share/bash-completion",
+];
+/// The directories of the package's own (the config's first).
+const OWN_DIRS: [&str; 3] = [
+    "/etc/hyperfuncd",
+    "/usr/share/hyperfuncd",
+    "/usr/share/doc/hyperfuncd",
+];
 
 fn run(cmd: &mut Command) -> Output {
     cmd.output()
@@ -183,7 +199,7 @@ fn packages_build_lint_install_call_and_purge() {
     // Build both packages from this build's binary into a target dir of
     // the test's own, kept between runs for scripts/package's cached notices.
     let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("packages");
-    for dir in ["debian", "generate-rpm"] {
+    for dir in ["debian", "rpm"] {
         let _ = std::fs::remove_dir_all(target.join(dir));
     }
     let started = Instant::now();
@@ -193,7 +209,7 @@ fn packages_build_lint_install_call_and_purge() {
         .current_dir(env!("CARGO_MANIFEST_DIR")));
     eprintln!("scripts/package took {:?}", started.elapsed());
     let deb = one_file(&target.join("debian"), ".deb");
-    let rpm = one_file(&target.join("generate-rpm"), ".rpm");
+    let rpm = one_file(&target.join("rpm"), ".rpm");
     let logs = tempfile::tempdir().expect("tempdir");
 
     // lintian: no errors (warnings are printed for the log).
@@ -212,8 +228,33 @@ fn packages_build_lint_install_call_and_purge() {
     );
     let rpm_list = ok(Command::new("rpm").arg("-qlvp").arg(&rpm));
     assert_lists_docs(".rpm", &rpm_list, "/usr/share/zsh/site-functions", "");
+    // The package's own directories are entries of its own (mode d...), so
+    // rpm removes them on erase; shared ones (man1, completions) are not.
+    let modes = ok(Command::new("rpm")
+        .args(["-qp", "--qf", "[%{FILENAMES} %{FILEMODES:perms}\n]"])
+        .arg(&rpm));
+    for dir in OWN_DIRS {
+        assert!(
+            modes.lines().any(|l| l.starts_with(&format!("{dir} d"))),
+            ".rpm does not own the directory {dir}:\n{modes}"
+        );
+    }
+    for shared in ["/usr/share/man/man1", "/usr/lib/systemd/system", "/usr/bin"] {
+        assert!(
+            !modes.lines().any(|l| l.starts_with(&format!("{shared} "))),
+            ".rpm owns the shared directory {shared}:\n{modes}"
+        );
+    }
 
     let mut state = Installed::default();
+
+    // Shared directories the .rpm's files go in that this (Debian) host
+    // lacks: rpm creates them and, as they are not the package's, leaves
+    // them; the test removes them after its last `rpm -e`.
+    let absent: Vec<&str> = SHARED_DIRS
+        .into_iter()
+        .filter(|d| !Path::new(d).exists())
+        .collect();
 
     // The .rpm: installed (its scriptlets run: user, config) and erased,
     // after which none of its directories is left.
@@ -223,14 +264,45 @@ fn packages_build_lint_install_call_and_purge() {
     assert!(Path::new("/usr/share/doc/hyperfuncd/THIRD-PARTY-NOTICES").is_file());
     ok(Command::new("rpm").args(["-e", "--nodeps", "hyperfuncd"]));
     state.rpm = false;
-    for dir in [
-        "/etc/hyperfuncd",
-        "/usr/share/hyperfuncd",
-        "/usr/share/doc/hyperfuncd",
-        "/usr/bin/hyperfuncd",
-    ] {
+    for dir in OWN_DIRS.iter().chain(&["/usr/bin/hyperfuncd"]) {
         assert!(!Path::new(dir).exists(), "{dir} is left after rpm -e");
     }
+    // Again with an edited config: rpm keeps the edit as config.toml.rpmsave
+    // (%config(noreplace)), so /etc/hyperfuncd stays with only that in it;
+    // the other directories go.
+    state.rpm = true;
+    ok(Command::new("rpm").args(["-i", "--nodeps"]).arg(&rpm));
+    let mut config = std::fs::OpenOptions::new()
+        .append(true)
+        .open("/etc/hyperfuncd/config.toml")
+        .expect("the installed config");
+    writeln!(config, "# edited by tests/packages.rs").expect("edit the config");
+    drop(config);
+    ok(Command::new("rpm").args(["-e", "--nodeps", "hyperfuncd"]));
+    state.rpm = false;
+    let mut kept: Vec<String> = std::fs::read_dir("/etc/hyperfuncd")
+        .expect("/etc/hyperfuncd stays with the saved config")
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    kept.sort();
+    let saved = std::fs::read_to_string("/etc/hyperfuncd/config.toml.rpmsave").unwrap_or_default();
+    std::fs::remove_dir_all("/etc/hyperfuncd").expect("remove the saved config");
+    assert_eq!(
+        kept,
+        ["config.toml.rpmsave"],
+        "left in /etc/hyperfuncd after rpm -e"
+    );
+    assert!(saved.contains("# edited by tests/packages.rs"), "{saved}");
+    for dir in &OWN_DIRS[1..] {
+        assert!(!Path::new(dir).exists(), "{dir} is left after rpm -e");
+    }
+    for dir in &absent {
+        // Only if empty (deepest first): what is in it is not the test's.
+        let _ = std::fs::remove_dir(dir);
+    }
+    eprintln!(
+        "after rpm -e: none of its directories is left; rpm created and left {absent:?} (removed)"
+    );
 
     // The .deb, started as its unit starts it.
     state.deb = true;

@@ -446,7 +446,14 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
                 cpus,
                 runtime,
             };
+            // The server answers once it has the image, pulling it first
+            // if the Engine lacks it: on a terminal, say so while it works.
+            let pending = progress::Pending::start(format!(
+                "creating {}: pulling/checking image {}",
+                body.name, body.image
+            ));
             let f: FunctionView = client.post_json("/v1/functions", &body).await?;
+            drop(pending);
             writeln!(
                 out,
                 "{} is created with the address of {}",
@@ -477,9 +484,15 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
                 runtime,
                 refresh,
             };
-            let f: FunctionView = client
-                .patch_json(&format!("/v1/functions/{}", url_name(&name)?), &body)
-                .await?;
+            let path = format!("/v1/functions/{}", url_name(&name)?);
+            // As at create: the server checks (and may pull) the image,
+            // the new one or the function's own.
+            let pending = progress::Pending::start(match &body.image {
+                Some(image) => format!("updating {name}: pulling/checking image {image}"),
+                None => format!("updating {name}: checking its image"),
+            });
+            let f: FunctionView = client.patch_json(&path, &body).await?;
+            drop(pending);
             writeln!(
                 out,
                 "{} is updated with the address of {}",
