@@ -201,7 +201,7 @@ pub fn two_users_own_one_name(a: &Daemon, b: &Daemon) {
         lb.contains(&id_b) && lb.contains(&kept) && !lb.contains(&id_a),
         "{lb}"
     );
-    let (code, body) = a.curl(&[&plane(&url_b, "logs", "")]);
+    let (code, body) = b.curl(&[&plane(&url_b, "logs", "")]);
     assert_eq!(code, 200);
     let body = String::from_utf8_lossy(&body);
     assert!(body.contains(&id_b) && !body.contains(&id_a), "{body}");
