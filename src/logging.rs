@@ -9,7 +9,7 @@
 //! carry a key, a capability secret or a payload.
 
 use crate::config::LogFormat;
-use crate::model::{Call, CallState, Function, Name, User};
+use crate::model::{Call, CallState, FnKey, Function, Name, User};
 use std::io::IsTerminal;
 
 /// The target of every audit event.
@@ -66,8 +66,8 @@ pub fn function_updated(actor: &User, f: &Function, url_refreshed: bool) {
         image = %f.spec.image, url_refreshed, "function updated");
 }
 
-pub fn function_removed(actor: &User, name: &Name, force: bool) {
-    tracing::info!(target: AUDIT, actor = %actor.name, function = %name, force, "function removed");
+pub fn function_removed(actor: &User, key: &FnKey, force: bool) {
+    tracing::info!(target: AUDIT, actor = %actor.name, function = %key.name, owner = %key.owner, force, "function removed");
 }
 
 pub fn user_added(actor: &User, user: &User) {
@@ -105,7 +105,7 @@ pub fn call_ended(call: &Call) {
 }
 
 /// `count` queued calls of a removed function were failed at once.
-pub fn calls_cancelled(function: &Name, count: usize) {
-    tracing::info!(target: AUDIT, function = %function, count,
+pub fn calls_cancelled(function: &FnKey, count: usize) {
+    tracing::info!(target: AUDIT, function = %function.name, owner = %function.owner, count,
         reason = "cancelled: the function was removed", "queued calls failed");
 }

@@ -8,7 +8,7 @@
 //! It never changes state and never fails a request: without an installed
 //! recorder (unit tests, the CLI) every function here is a no-op.
 
-use crate::model::{Call, CallState, Name};
+use crate::model::{Call, CallState, FnKey};
 use crate::runtime::RuntimeError;
 use crate::service::Service;
 use metrics::{counter, gauge, histogram};
@@ -73,14 +73,14 @@ pub fn install() -> Option<&'static PrometheusHandle> {
 
 /// A call was accepted (durable, answered 202).
 pub fn call_accepted(call: &Call) {
-    counter!("hyperfuncd_calls_accepted_total", "function" => call.function.to_string())
+    counter!("hyperfuncd_calls_accepted_total", "function" => call.function.to_string(), "owner" => call.owner.to_string())
         .increment(1);
 }
 
 /// A call got its container slot: how long it queued.
 pub fn call_started(call: &Call) {
     if let Some(started) = call.started_ms {
-        histogram!("hyperfuncd_call_queue_wait_seconds", "function" => call.function.to_string())
+        histogram!("hyperfuncd_call_queue_wait_seconds", "function" => call.function.to_string(), "owner" => call.owner.to_string())
             .record(ms_to_secs(started.saturating_sub(call.created_ms)));
     }
 }
@@ -95,29 +95,30 @@ pub fn call_ended(call: &Call) {
         CallState::Pending | CallState::Running => return,
     };
     let function = call.function.to_string();
-    counter!("hyperfuncd_calls_total", "function" => function.clone(), "state" => state)
+    let owner = call.owner.to_string();
+    counter!("hyperfuncd_calls_total", "function" => function.clone(), "owner" => owner.clone(), "state" => state)
         .increment(1);
     if let (Some(started), Some(ended)) = (call.started_ms, call.finished_ms) {
-        histogram!("hyperfuncd_call_run_seconds", "function" => function)
+        histogram!("hyperfuncd_call_run_seconds", "function" => function, "owner" => owner)
             .record(ms_to_secs(ended.saturating_sub(started)));
     }
 }
 
 /// `count` queued calls of `function` were failed at once (`func rm --force`).
-pub fn calls_cancelled(function: &Name, count: usize) {
-    counter!("hyperfuncd_calls_total", "function" => function.to_string(), "state" => "failed")
+pub fn calls_cancelled(function: &FnKey, count: usize) {
+    counter!("hyperfuncd_calls_total", "function" => function.name.to_string(), "owner" => function.owner.to_string(), "state" => "failed")
         .increment(count as u64);
 }
 
 /// A call of `function` took a warm container (`hit`) or, with the pool
 /// on, found none ready.
-pub fn pool_take(function: &str, hit: bool) {
+pub fn pool_take(owner: &str, function: &str, hit: bool) {
     let name = if hit {
         "hyperfuncd_pool_hits_total"
     } else {
         "hyperfuncd_pool_misses_total"
     };
-    counter!(name, "function" => function.to_string()).increment(1);
+    counter!(name, "function" => function.to_string(), "owner" => owner.to_string()).increment(1);
 }
 
 /// The Docker Engine failed a request: it was unreachable, or answered
@@ -193,17 +194,19 @@ pub async fn render(svc: &Service) -> String {
     let idle = svc.scheduler.pool_idle();
     if let Ok(functions) = svc.store.list_functions(None).await {
         for f in functions {
-            let Ok(s) = svc.store.stats(&f.name).await else {
+            let Ok(s) = svc.store.stats(&f.key()).await else {
                 continue;
             };
             let name = f.name.to_string();
-            gauge!("hyperfuncd_output_cache_bytes", "function" => name.clone())
+            let owner = f.owner.to_string();
+            gauge!("hyperfuncd_output_cache_bytes", "function" => name.clone(), "owner" => owner.clone())
                 .set(s.output_bytes as f64);
-            gauge!("hyperfuncd_log_cache_bytes", "function" => name.clone())
+            gauge!("hyperfuncd_log_cache_bytes", "function" => name.clone(), "owner" => owner.clone())
                 .set(s.log_bytes as f64);
             if svc.config.pool.per_function > 0 {
-                let n = idle.get(&name).copied().unwrap_or(0);
-                gauge!("hyperfuncd_pool_idle_containers", "function" => name).set(n as f64);
+                let n = idle.get(&f.key().to_string()).copied().unwrap_or(0);
+                gauge!("hyperfuncd_pool_idle_containers", "function" => name, "owner" => owner)
+                    .set(n as f64);
             }
             let u = per_user.entry(f.owner.to_string()).or_default();
             u.0 += s.pending;

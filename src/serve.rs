@@ -47,6 +47,7 @@ async fn check_function_runtimes(
         {
             tracing::warn!(
                 function = %f.name,
+                owner = %f.owner,
                 runtime = r,
                 registered = %known.join(", "),
                 "the function's OCI runtime is not registered with the Docker Engine; its calls will fail"

@@ -5,7 +5,7 @@
 
 use crate::config::Config;
 use crate::model::{
-    now_ms, ApiKey, Call, CallId, CallState, EnvVar, Event, Function, FunctionSpec, Name,
+    now_ms, ApiKey, Call, CallId, CallState, EnvVar, Event, FnKey, Function, FunctionSpec, Name,
     OutputState, Secret, User,
 };
 use crate::runtime::{Runtime, RuntimeError};
@@ -240,7 +240,10 @@ impl Service {
     ) -> Result<Function> {
         self.check_limits(&mut spec).await?;
         self.check_image(caller, &spec.image)?;
-        if self.store.get_function(&name).await?.is_some() {
+        // Only the caller's own names conflict: another user's function of
+        // the same name is theirs, and its existence is not told.
+        let key = FnKey::new(caller.name.clone(), name.clone());
+        if self.store.get_function(&key).await?.is_some() {
             return Err(ServiceError::Conflict(format!(
                 "function {name} already exists"
             )));
@@ -358,16 +361,58 @@ impl Service {
         Ok(())
     }
 
-    /// The function `name` if `caller` may see it; others' are "not found".
-    pub async fn function(&self, caller: &User, name: &Name) -> Result<Function> {
-        match self.store.get_function(name).await? {
-            Some(f) if caller.admin || f.owner == caller.name => Ok(f),
-            _ => Err(ServiceError::NotFound(format!("function {name} not found"))),
+    /// The function `name` of `owner` (the caller when `None`) if `caller`
+    /// may see it: a user sees only their own, an admin anyone's. Anything
+    /// else is "not found", the same words as for a name nobody owns.
+    pub async fn function(
+        &self,
+        caller: &User,
+        name: &Name,
+        owner: Option<&Name>,
+    ) -> Result<Function> {
+        let owner = owner.unwrap_or(&caller.name);
+        let not_found = || ServiceError::NotFound(format!("function {name} not found"));
+        if !caller.admin && *owner != caller.name {
+            return Err(not_found());
         }
+        let key = FnKey::new(owner.clone(), name.clone());
+        if let Some(f) = self.store.get_function(&key).await? {
+            return Ok(f);
+        }
+        if caller.admin && *owner == caller.name {
+            // An admin may have meant someone else's: say whose exist.
+            let others: Vec<String> = self
+                .store
+                .list_functions(None)
+                .await?
+                .into_iter()
+                .filter(|f| f.name == *name)
+                .map(|f| f.key().to_string())
+                .take(5)
+                .collect();
+            if !others.is_empty() {
+                return Err(ServiceError::NotFound(format!(
+                    "function {name} not found; {} exist{} (use OWNER/NAME)",
+                    others.join(", "),
+                    if others.len() == 1 { "s" } else { "" }
+                )));
+            }
+        }
+        Err(not_found())
     }
 
-    pub async fn list_functions(&self, caller: &User) -> Result<Vec<Function>> {
-        let owner = (!caller.admin).then_some(&caller.name);
+    /// The caller's functions; for an admin everyone's, or `owner`'s.
+    pub async fn list_functions(
+        &self,
+        caller: &User,
+        owner: Option<&Name>,
+    ) -> Result<Vec<Function>> {
+        if !caller.admin {
+            if owner.is_some_and(|o| *o != caller.name) {
+                return Ok(Vec::new());
+            }
+            return Ok(self.store.list_functions(Some(&caller.name)).await?);
+        }
         Ok(self.store.list_functions(owner).await?)
     }
 
@@ -375,9 +420,10 @@ impl Service {
         &self,
         caller: &User,
         name: &Name,
+        owner: Option<&Name>,
         u: FunctionUpdate,
     ) -> Result<Function> {
-        let mut f = self.function(caller, name).await?;
+        let mut f = self.function(caller, name, owner).await?;
         let s = &mut f.spec;
         if let Some(image) = u.image {
             s.image = image;
@@ -427,34 +473,43 @@ impl Service {
     /// which cancels them through the scheduler: queued ones end FAILED,
     /// running ones are killed first. Once the record is gone no call of
     /// the function is accepted or started.
-    pub async fn delete_function(&self, caller: &User, name: &Name, force: bool) -> Result<()> {
-        let f = self.function(caller, name).await?;
-        let live = self.store.live_calls(&f.name).await?;
+    pub async fn delete_function(
+        &self,
+        caller: &User,
+        name: &Name,
+        owner: Option<&Name>,
+        force: bool,
+    ) -> Result<()> {
+        let f = self.function(caller, name, owner).await?;
+        let key = f.key();
+        let live = self.store.live_calls(&key).await?;
         if !live.is_empty() && !force {
             return Err(ServiceError::Conflict(format!(
                 "function {name} has {} queued or running call(s); use --force to cancel them",
                 live.len()
             )));
         }
-        self.store.remove_function(&f.name).await?;
-        crate::logging::function_removed(caller, &f.name, force);
-        self.scheduler.function_removed(&f.name);
-        self.scheduler.remove_function_calls(&f.name).await?;
+        self.store.remove_function(&key).await?;
+        crate::logging::function_removed(caller, &key, force);
+        self.scheduler.function_removed(&key);
+        self.scheduler.remove_function_calls(&key).await?;
         Ok(())
     }
 
-    /// The function behind a capability URL; a wrong secret is "not found".
+    /// The function behind a capability URL: found by its secret (names
+    /// are per owner, secrets unique), then the name must match and the
+    /// secret is compared again in constant time. Anything wrong is "not found".
     pub async fn function_by_secret(&self, name: &str, secret: &str) -> Result<Function> {
         let not_found = || ServiceError::NotFound("no such function URL".into());
         let name = Name::parse(name).map_err(|_| not_found())?;
-        match self.store.get_function(&name).await? {
-            Some(f) if f.secret.matches(secret) => Ok(f),
+        match self.store.function_by_secret(secret).await? {
+            Some(f) if f.secret.matches(secret) && f.name == name => Ok(f),
             _ => Err(not_found()),
         }
     }
 
     pub async fn stats(&self, f: &Function) -> Result<FunctionStats> {
-        Ok(self.store.stats(&f.name).await?)
+        Ok(self.store.stats(&f.key()).await?)
     }
 
     // ---- calls ----
@@ -490,7 +545,7 @@ impl Service {
         let call = self.store.get_call(id).await?;
         match (call, scope) {
             (Some(c), Scope::User(u)) if u.admin || c.owner == u.name => Ok(c),
-            (Some(c), Scope::Function(f)) if c.function == f.name => Ok(c),
+            (Some(c), Scope::Function(f)) if c.function == f.name && c.owner == f.owner => Ok(c),
             _ => Err(ServiceError::NotFound(format!("call {id} not found"))),
         }
     }
@@ -587,12 +642,12 @@ impl Service {
         call: Option<&CallId>,
         tail: Option<usize>,
     ) -> Result<Vec<(u64, Event)>> {
-        Ok(self.store.events(&f.name, after, call, tail).await?)
+        Ok(self.store.events(&f.key(), after, call, tail).await?)
     }
 
     /// The newest event's sequence of `f` (see `Store::last_event_seq`).
     pub async fn last_event_seq(&self, f: &Function) -> Result<Option<u64>> {
-        Ok(self.store.last_event_seq(&f.name).await?)
+        Ok(self.store.last_event_seq(&f.key()).await?)
     }
 
     /// `Err(reason)` while the store cannot take writes, for `/healthz`.

@@ -628,3 +628,17 @@ fn kill_9_between_a_stored_end_and_its_ack_runs_nothing_twice() {
     assert_eq!(starts.get(&second), Some(&1), "{starts:?}");
     a.finish();
 }
+
+#[test]
+fn two_users_own_one_function_name_across_nodes() {
+    let _one = one_at_a_time();
+    let nats = NatsCluster::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = Daemon::start_on(&data_dir(&tmp, "a"), &nats.config(""));
+    let b = join(&a, &data_dir(&tmp, "b"), &nats.config(""));
+    // alice through node A, bob through node B: one set of functions, keyed
+    // by owner and name (`f.OWNER.NAME`, streams `HFO_OWNER_NAME`).
+    scope::two_users_own_one_name(&a, &b);
+    b.finish();
+    a.finish();
+}

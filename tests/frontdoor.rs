@@ -370,7 +370,7 @@ fn limits_outside_the_ceilings_or_nonsensical_are_refused_at_create_and_update()
     assert_eq!(limits, "67108864 67108864 500000000 512 false");
     let out = d.cli_as(&key, &["func", "get", "--wait", &id], None);
     assert!(out.status.success(), "{}", stderr(&out));
-    d.ok(&["func", "rm", "lim"]);
+    d.ok(&["func", "rm", "tenant/lim"]);
     d.finish();
 }
 
@@ -489,7 +489,7 @@ fn images_from_registries_not_allowed_are_refused_before_the_engine_is_asked() {
         message.contains(&image) && message.contains("could not be pulled"),
         "{message}"
     );
-    d.ok(&["func", "rm", "img"]);
+    d.ok(&["func", "rm", "tenant/img"]);
     d.finish();
 }
 

@@ -245,7 +245,7 @@ fn kill_9_at_rm_cancelled() {
         stdout(&rm)
     );
     c.crash_and_restart();
-    let survived = c.d.api("/v1/functions/hold").0 == 200;
+    let survived = c.d.api("/v1/functions/hold?owner=holder").0 == 200;
     eprintln!(
         "after the crash in rm, the function is {}",
         if survived { "still there" } else { "gone" }
@@ -257,7 +257,7 @@ fn kill_9_at_rm_cancelled() {
         assert!(rm.status.success(), "rm after the crash: {}", stderr(&rm));
         assert_eq!(stdout(&rm), "hold\n");
     }
-    assert_eq!(d.api("/v1/functions/hold").0, 404);
+    assert_eq!(d.api("/v1/functions/hold?owner=holder").0, 404);
     for (id, (f, _)) in &c.ledger.acked {
         if f == "hold" {
             assert_eq!(

@@ -66,18 +66,21 @@ fn metrics_count_the_calls_made_and_promtool_accepts_them() {
         sample(
             &text,
             "hyperfuncd_calls_total",
-            &[("function", f), ("state", state)],
+            &[("function", f), ("owner", "admin"), ("state", state)],
         )
     };
     assert_eq!(calls("ok", "finished"), Some(N as f64), "{text}");
     assert_eq!(calls("bad", "failed"), Some(M as f64), "{text}");
     assert_eq!(calls("ok", "failed"), None, "{text}");
     assert_eq!(calls("bad", "finished"), None, "{text}");
-    let accepted = |f| sample(&text, "hyperfuncd_calls_accepted_total", &[("function", f)]);
+    // Metrics of a function name its owner: two users' functions of one
+    // name are two series.
+    let of = |f| [("function", f), ("owner", "admin")];
+    let accepted = |f| sample(&text, "hyperfuncd_calls_accepted_total", &of(f));
     assert_eq!(accepted("ok"), Some(N as f64), "{text}");
     assert_eq!(accepted("bad"), Some(M as f64), "{text}");
     // Every call that ran has one run time and one queue wait.
-    let count = |h: &str, f| sample(&text, &format!("{h}_count"), &[("function", f)]);
+    let count = |h: &str, f| sample(&text, &format!("{h}_count"), &of(f));
     assert_eq!(count("hyperfuncd_call_run_seconds", "ok"), Some(N as f64));
     assert_eq!(count("hyperfuncd_call_run_seconds", "bad"), Some(M as f64));
     assert_eq!(
@@ -85,7 +88,9 @@ fn metrics_count_the_calls_made_and_promtool_accepts_them() {
         Some(N as f64)
     );
     assert!(
-        text.contains("hyperfuncd_call_run_seconds_bucket{function=\"ok\",le=\"+Inf\"} 3"),
+        text.contains(
+            "hyperfuncd_call_run_seconds_bucket{function=\"ok\",owner=\"admin\",le=\"+Inf\"} 3"
+        ),
         "histograms have buckets: {text}"
     );
     // Levels, read at scrape time.
@@ -94,17 +99,11 @@ fn metrics_count_the_calls_made_and_promtool_accepts_them() {
     assert_eq!(sample(&text, "hyperfuncd_running_calls", &admin), Some(0.0));
     // The outputs wait in the cache, unfetched: "payload 0".."payload 2".
     assert_eq!(
-        sample(
-            &text,
-            "hyperfuncd_output_cache_bytes",
-            &[("function", "ok")]
-        ),
+        sample(&text, "hyperfuncd_output_cache_bytes", &of("ok")),
         Some((N * "payload 0".len()) as f64),
         "{text}"
     );
-    assert!(
-        sample(&text, "hyperfuncd_log_cache_bytes", &[("function", "bad")]).unwrap_or(0.0) > 0.0
-    );
+    assert!(sample(&text, "hyperfuncd_log_cache_bytes", &of("bad")).unwrap_or(0.0) > 0.0);
     assert_eq!(sample(&text, "hyperfuncd_engine_up", &[]), Some(1.0));
     let version = env!("CARGO_PKG_VERSION");
     assert_eq!(
@@ -182,7 +181,7 @@ fn metrics_count_the_calls_made_and_promtool_accepts_them() {
         sample(
             &text,
             "hyperfuncd_calls_total",
-            &[("function", "hold"), ("state", "failed")]
+            &[("function", "hold"), ("owner", "slow"), ("state", "failed")]
         ),
         Some(3.0),
         "{text}"

@@ -78,9 +78,17 @@ export async function api(method, path, opts = {}) {
   return r.status === 204 ? null : r.json();
 }
 
-/** `/v1/functions/NAME` + `rest`, the name encoded. */
-export function fnPath(name, rest = '') {
-  return `/v1/functions/${encodeURIComponent(name)}${rest}`;
+/**
+ * `/v1/functions/NAME` + `rest`, the name encoded; with `owner`, the
+ * function of that user (names are per user; only an admin may name
+ * another's).
+ */
+export function fnPath(name, rest = '', owner = null) {
+  const path = `/v1/functions/${encodeURIComponent(name)}${rest}`;
+  if (!owner) {
+    return path;
+  }
+  return `${path}${rest.includes('?') ? '&' : '?'}owner=${encodeURIComponent(owner)}`;
 }
 
 /** Calls `onEvent` for each JSON line of a (possibly endless) NDJSON answer. */

@@ -1,4 +1,5 @@
-// The dashboard: hash routes (#/functions, #/functions/NAME, #/users), each
+// The dashboard: hash routes (#/functions, #/functions/NAME,
+// #/functions/OWNER/NAME for an admin, #/users), each
 // a view that reads and changes state through api.js only. Text from the
 // server goes into the page as text (textContent), never as markup.
 
@@ -221,13 +222,15 @@ function route() {
     $('signin-key').focus();
     return;
   }
-  const [section, name] = location.hash.replace(/^#\/?/, '').split('/');
+  const [section, first, second] = location.hash.replace(/^#\/?/, '').split('/');
+  // `#/functions/OWNER/NAME`: another user's function, for an admin.
+  const [owner, name] = second ? [first, second] : [null, first];
   if (section === 'users' && state.admin) {
     show('view-users');
     loadUsers();
   } else if (section === 'functions' && name) {
     show('view-function');
-    openFunction(decodeURIComponent(name));
+    openFunction(decodeURIComponent(name), owner && decodeURIComponent(owner));
   } else {
     show('view-functions');
     loadFunctions();
@@ -236,6 +239,26 @@ function route() {
 }
 
 // ---- functions ----
+
+/**
+ * The owner to name in a function's API paths and links: an admin sees
+ * every user's functions, whose names may repeat, so theirs always say
+ * whose; a user sees only their own.
+ */
+function ownerOf(f) {
+  return state.admin ? f.Owner : null;
+}
+
+/** The dashboard link of `f`: `#/functions/NAME`, or OWNER/NAME for an admin. */
+function fnHash(f) {
+  const owner = ownerOf(f);
+  return `#/functions/${owner ? `${encodeURIComponent(owner)}/` : ''}${encodeURIComponent(f.Name)}`;
+}
+
+/** What a list shows of `f`'s name: OWNER/NAME for an admin. */
+function fnLabel(f) {
+  return ownerOf(f) ? `${f.Owner}/${f.Name}` : f.Name;
+}
 
 function counts(s) {
   return `${s.Pending} / ${s.Running} / ${s.Finished} / ${s.Failed}`;
@@ -249,7 +272,7 @@ function cacheUse(f) {
 async function functionsWithStatus(signal) {
   const list = await api('GET', '/v1/functions', { signal });
   return Promise.all(
-    list.map(async (f) => ({ f, s: await api('GET', fnPath(f.Name, '/status'), { signal }) })),
+    list.map(async (f) => ({ f, s: await api('GET', fnPath(f.Name, '/status', ownerOf(f)), { signal }) })),
   );
 }
 
@@ -260,13 +283,13 @@ async function loadFunctions(quiet = false) {
     if (signal.aborted) {
       return;
     }
-    rows.sort((a, b) => a.f.Name.localeCompare(b.f.Name));
+    rows.sort((a, b) => fnLabel(a.f).localeCompare(fnLabel(b.f)));
     $('functions-body').replaceChildren(
       ...rows.map(({ f, s }) =>
         h(
           'tr',
           {},
-          h('td', { 'data-label': 'Name' }, h('a', { href: `#/functions/${encodeURIComponent(f.Name)}`, text: f.Name })),
+          h('td', { 'data-label': 'Name' }, h('a', { href: fnHash(f), text: fnLabel(f) })),
           h('td', { 'data-label': 'Image' }, h('code', { text: f.Image })),
           h('td', { 'data-label': 'Address', class: 'addr' }, h('code', { text: f.Address })),
           h('td', { 'data-label': 'Calls P/R/F/X', class: 'num' }, counts(s)),
@@ -308,7 +331,7 @@ async function createFunction(ev) {
     form.reset();
     $('create').open = false;
     flash(`${f.Name} is created with the address of ${f.Address}`);
-    location.hash = `#/functions/${encodeURIComponent(f.Name)}`;
+    location.hash = fnHash(f);
   });
 }
 
@@ -352,7 +375,7 @@ function statusText(s) {
   return `${s.Total} total: ${s.Pending} pending, ${s.Running} running, ${s.Finished} finished, ${s.Failed} failed`;
 }
 
-async function openFunction(name) {
+async function openFunction(name, owner = null) {
   const signal = state.view.signal;
   $('edit-form').hidden = true;
   $('call-result').hidden = true;
@@ -361,8 +384,8 @@ async function openFunction(name) {
   $('logs-follow').checked = true;
   try {
     const [f, s] = await Promise.all([
-      api('GET', fnPath(name), { signal }),
-      api('GET', fnPath(name, '/status'), { signal }),
+      api('GET', fnPath(name, '', owner), { signal }),
+      api('GET', fnPath(name, '/status', owner), { signal }),
     ]);
     renderFunction(f, s);
     startLogs();
@@ -378,8 +401,8 @@ async function refreshFunction() {
   const signal = state.view.signal;
   try {
     const [f, s] = await Promise.all([
-      api('GET', fnPath(current.Name), { signal }),
-      api('GET', fnPath(current.Name, '/status'), { signal }),
+      api('GET', fnPath(current.Name, '', ownerOf(current)), { signal }),
+      api('GET', fnPath(current.Name, '/status', ownerOf(current)), { signal }),
     ]);
     renderFunction(f, s);
   } catch (e) {
@@ -425,7 +448,7 @@ async function saveFunction(ev) {
     if (v.runtime.trim() !== (current.Runtime ?? '')) {
       body.Runtime = v.runtime.trim() || 'default';
     }
-    const f = await api('PATCH', fnPath(current.Name), { json: body });
+    const f = await api('PATCH', fnPath(current.Name, '', ownerOf(current)), { json: body });
     form.hidden = true;
     flash(`${f.Name} is updated`);
     await refreshFunction();
@@ -434,11 +457,12 @@ async function saveFunction(ev) {
 
 async function newUrl() {
   const name = current.Name;
+  const owner = ownerOf(current);
   if (!(await confirmDialog(`Give ${name} a new URL? The current one stops working at once.`, 'New URL'))) {
     return;
   }
   await attempt(async () => {
-    const f = await api('PATCH', fnPath(name), { json: { Refresh: true } });
+    const f = await api('PATCH', fnPath(name, '', owner), { json: { Refresh: true } });
     flash(`${name} has the address of ${f.Address}`);
     await refreshFunction();
   });
@@ -446,13 +470,14 @@ async function newUrl() {
 
 async function removeFunction() {
   const name = current.Name;
+  const owner = ownerOf(current);
   const question = `Remove ${name}? Its queued calls are cancelled, its running calls are killed, and its outputs and logs are deleted.`;
   if (!(await confirmDialog(question, 'Remove'))) {
     return;
   }
   await attempt(async () => {
     leaveView();
-    await api('DELETE', fnPath(name, '?force=true'));
+    await api('DELETE', fnPath(name, '?force=true', owner));
     current = null;
     flash(`${name} is removed`);
     location.hash = '#/functions';
@@ -514,7 +539,7 @@ async function callFunction(ev) {
   clearError();
   $('call-submit').disabled = true;
   try {
-    const r = await api('POST', fnPath(name, sync ? '/call?sync=true' : '/call'), {
+    const r = await api('POST', fnPath(name, sync ? '/call?sync=true' : '/call', ownerOf(current)), {
       raw: true,
       body: payload,
       signal,
@@ -604,7 +629,7 @@ function startLogs() {
   list.replaceChildren();
   $('logs-state').textContent = follow ? 'following…' : '';
   streamLines(
-    fnPath(name, `/logs?${q}`),
+    fnPath(name, `/logs?${q}`, ownerOf(current)),
     (e) => {
       // Newest first: each event goes on top.
       list.prepend(h('li', { class: `ev ev-${e.Event.toLowerCase()}`, 'data-event': e.Event, 'data-callid': e.CallId }, logLine(e)));

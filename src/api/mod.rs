@@ -335,7 +335,8 @@ async fn v1(
     match op {
         Op::ListFunctions => {
             let mut list = Vec::new();
-            for f in svc.list_functions(caller).await? {
+            let owner = owner_param(&req.query)?;
+            for f in svc.list_functions(caller, owner.as_ref()).await? {
                 list.push(view(svc, &f).await?);
             }
             Ok(json_response(StatusCode::OK, &list))
@@ -361,10 +362,17 @@ async fn v1(
             Ok(json_response(StatusCode::CREATED, &view(svc, &f).await?))
         }
         Op::GetFunction => {
-            let f = svc.function(caller, &Name::parse(p.get("name"))?).await?;
+            let f = svc
+                .function(
+                    caller,
+                    &Name::parse(p.get("name"))?,
+                    owner_param(&req.query)?.as_ref(),
+                )
+                .await?;
             Ok(json_response(StatusCode::OK, &view(svc, &f).await?))
         }
         Op::UpdateFunction => {
+            let owner = owner_param(&req.query)?;
             let body: FunctionPatch = json_body(svc, req.body).await?;
             let update = FunctionUpdate {
                 image: body.image,
@@ -377,28 +385,48 @@ async fn v1(
                 runtime: body.runtime.map(|r| (r != RUNTIME_DEFAULT).then_some(r)),
                 refresh: body.refresh,
             };
+            let name = Name::parse(p.get("name"))?;
             let f = svc
-                .update_function(caller, &Name::parse(p.get("name"))?, update)
+                .update_function(caller, &name, owner.as_ref(), update)
                 .await?;
             Ok(json_response(StatusCode::OK, &view(svc, &f).await?))
         }
         Op::DeleteFunction => {
             let force = flag(&req.query, "force");
-            svc.delete_function(caller, &Name::parse(p.get("name"))?, force)
+            let owner = owner_param(&req.query)?;
+            svc.delete_function(caller, &Name::parse(p.get("name"))?, owner.as_ref(), force)
                 .await?;
             Ok(empty(StatusCode::NO_CONTENT))
         }
         Op::CallFunction => {
-            let f = svc.function(caller, &Name::parse(p.get("name"))?).await?;
+            let f = svc
+                .function(
+                    caller,
+                    &Name::parse(p.get("name"))?,
+                    owner_param(&req.query)?.as_ref(),
+                )
+                .await?;
             let sync = flag(&req.query, "sync");
             accept(svc, f, sync, req).await
         }
         Op::FunctionLogs => {
-            let f = svc.function(caller, &Name::parse(p.get("name"))?).await?;
+            let f = svc
+                .function(
+                    caller,
+                    &Name::parse(p.get("name"))?,
+                    owner_param(&req.query)?.as_ref(),
+                )
+                .await?;
             logs(svc, f, &req.query).await
         }
         Op::FunctionStatus => {
-            let f = svc.function(caller, &Name::parse(p.get("name"))?).await?;
+            let f = svc
+                .function(
+                    caller,
+                    &Name::parse(p.get("name"))?,
+                    owner_param(&req.query)?.as_ref(),
+                )
+                .await?;
             Ok(json_response(
                 StatusCode::OK,
                 &StatusView::from(svc.stats(&f).await?),
@@ -616,7 +644,7 @@ async fn logs(
             }
             if svc
                 .store
-                .get_function(&f.name)
+                .get_function(&f.key())
                 .await
                 .ok()
                 .flatten()
@@ -817,6 +845,16 @@ fn flag(query: &HashMap<String, String>, name: &str) -> bool {
         query.get(name).map(String::as_str),
         Some("" | "1" | "true" | "yes")
     )
+}
+
+/// `?owner=USER`: whose function a `/v1/functions/{name}` route means (the
+/// caller's when absent). Only an admin may name another user; for anyone
+/// else such a function is "not found" (`Service::function`).
+fn owner_param(query: &HashMap<String, String>) -> Result<Option<Name>, ApiError> {
+    match query.get("owner") {
+        Some(o) => Ok(Some(Name::parse(o)?)),
+        None => Ok(None),
+    }
 }
 
 /// The query as `application/x-www-form-urlencoded` (`+` is a space here,

@@ -250,7 +250,7 @@ pub enum FuncCmd {
         after_help = "Example:\n  hyperfuncd func update resize -e WIDTH=800 --timeout none -- resize --jpeg"
     )]
     Update {
-        /// The function to change
+        /// The function to change (NAME, or OWNER/NAME for an admin)
         name: String,
         /// Add or replace an environment variable K=V (repeatable)
         #[arg(short = 'e', long = "env")]
@@ -291,9 +291,9 @@ pub enum FuncCmd {
         output: Format,
     },
     /// Show functions as JSON (one object, or an array for several names)
-    #[command(after_help = "Example:\n  hyperfuncd func inspect resize")]
+    #[command(after_help = "Example:\n  hyperfuncd func inspect resize bob/resize")]
     Inspect {
-        /// Functions to show
+        /// Functions to show (NAME, or OWNER/NAME for an admin)
         #[arg(required = true)]
         names: Vec<String>,
     },
@@ -303,7 +303,7 @@ pub enum FuncCmd {
         /// Cancel queued calls and kill running ones
         #[arg(long, short)]
         force: bool,
-        /// Functions to remove
+        /// Functions to remove (NAME, or OWNER/NAME for an admin)
         #[arg(required = true)]
         names: Vec<String>,
     },
@@ -313,7 +313,7 @@ pub enum FuncCmd {
         /// Wait and print the call's STDOUT instead of its id
         #[arg(long)]
         sync: bool,
-        /// The function to call
+        /// The function to call (NAME, or OWNER/NAME for an admin)
         name: String,
     },
     /// Print a call's STDOUT (once: it is deleted when fetched)
@@ -342,7 +342,7 @@ pub enum FuncCmd {
         /// Output format: a table for people, or JSON for scripts
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Format,
-        /// The function whose events to show
+        /// The function whose events to show (NAME, or OWNER/NAME for an admin)
         name: String,
     },
     /// Count a function's calls by state
@@ -351,7 +351,7 @@ pub enum FuncCmd {
         /// Output format: a table for people, or JSON for scripts
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Format,
-        /// The function whose calls to count
+        /// The function whose calls to count (NAME, or OWNER/NAME for an admin)
         name: String,
     },
 }
@@ -484,7 +484,7 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
                 runtime,
                 refresh,
             };
-            let path = format!("/v1/functions/{}", url_name(&name)?);
+            let path = fn_path(&fn_arg(&name)?, "", &[]);
             // As at create: the server checks (and may pull) the image,
             // the new one or the function's own.
             let pending = progress::Pending::start(match &body.image {
@@ -509,6 +509,7 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
                     .map(|f| {
                         vec![
                             f.name.clone(),
+                            f.owner.clone(),
                             f.image.clone(),
                             f.command.join(" "),
                             f.timeout.clone().unwrap_or_else(|| "-".into()),
@@ -518,17 +519,19 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
                     .collect();
                 table(
                     out,
-                    &["NAME", "IMAGE", "COMMAND", "TIMEOUT", "CREATED"],
+                    &["NAME", "OWNER", "IMAGE", "COMMAND", "TIMEOUT", "CREATED"],
                     rows,
                 )?;
             }
         }
         FuncCmd::Inspect { names } => {
             let mut all = Vec::new();
-            for n in &names {
-                let f: serde_json::Value = client
-                    .get_json(&format!("/v1/functions/{}", url_name(n)?))
-                    .await?;
+            let targets = names
+                .iter()
+                .map(|n| fn_arg(n))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            for t in &targets {
+                let f: serde_json::Value = client.get_json(&fn_path(t, "", &[])).await?;
                 all.push(f);
             }
             let value = if all.len() == 1 {
@@ -540,12 +543,17 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
         }
         FuncCmd::Rm { force, names } => {
             // All checked before the first removal.
-            for n in &names {
-                url_name(n)?;
-            }
-            for n in &names {
-                let q = if force { "?force=true" } else { "" };
-                client.delete(&format!("/v1/functions/{n}{q}")).await?;
+            let targets = names
+                .iter()
+                .map(|n| fn_arg(n))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            for (n, t) in names.iter().zip(&targets) {
+                let q = if force {
+                    vec!["force=true".to_string()]
+                } else {
+                    vec![]
+                };
+                client.delete(&fn_path(t, "", &q)).await?;
                 writeln!(out, "{n}")?;
             }
         }
@@ -555,11 +563,12 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
             // whose spinner shows the call's state; a single `?sync=true`
             // request would tell nothing until the call has ended.
             let one_request = sync && !std::io::stderr().is_terminal();
-            let path = format!(
-                "/v1/functions/{}/call{}",
-                url_name(&name)?,
-                if one_request { "?sync=true" } else { "" }
-            );
+            let q = if one_request {
+                vec!["sync=true".to_string()]
+            } else {
+                vec![]
+            };
+            let path = fn_path(&fn_arg(&name)?, "/call", &q);
             let resp = client.post_bytes(&path, payload).await?;
             if one_request {
                 let bytes = client::output_bytes(resp).await?;
@@ -596,7 +605,7 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
             if let Some(c) = callid {
                 q.push(format!("callid={}", url_call_id(&c)?));
             }
-            let path = format!("/v1/functions/{}/logs?{}", url_name(&name)?, q.join("&"));
+            let path = fn_path(&fn_arg(&name)?, "/logs", &q);
             client
                 .stream_lines(&path, |line| {
                     if output == Format::Json {
@@ -613,7 +622,7 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
         }
         FuncCmd::Status { output, name } => {
             let s: StatusView = client
-                .get_json(&format!("/v1/functions/{}/status", url_name(&name)?))
+                .get_json(&fn_path(&fn_arg(&name)?, "/status", &[]))
                 .await?;
             if output == Format::Json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&s)?)?;
@@ -716,6 +725,40 @@ fn url_name(name: &str) -> anyhow::Result<&str> {
     Ok(name)
 }
 
+/// A function named on the command line: `NAME` (the caller's own) or
+/// `OWNER/NAME` (an admin's way to reach another user's), both parts
+/// checked like `url_name` before any URL is built.
+#[derive(Debug, PartialEq)]
+struct FnArg {
+    name: String,
+    owner: Option<String>,
+}
+
+fn fn_arg(s: &str) -> anyhow::Result<FnArg> {
+    let (owner, name) = match s.split_once('/') {
+        Some((o, n)) => (Some(url_name(o)?.to_string()), n),
+        None => (None, s),
+    };
+    Ok(FnArg {
+        name: url_name(name)?.to_string(),
+        owner,
+    })
+}
+
+/// `/v1/functions/NAME{rest}?{query}`, with `owner=` when one was named.
+fn fn_path(f: &FnArg, rest: &str, query: &[String]) -> String {
+    let mut q: Vec<String> = query.to_vec();
+    if let Some(o) = &f.owner {
+        q.push(format!("owner={o}"));
+    }
+    let q = if q.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", q.join("&"))
+    };
+    format!("/v1/functions/{}{rest}{q}", f.name)
+}
+
 /// A call id checked before it goes into a URL. The server would answer 404
 /// for it, so the error says the same.
 fn url_call_id(id: &str) -> anyhow::Result<&str> {
@@ -815,6 +858,30 @@ mod tests {
         assert_eq!(parse_bytes("256m"), Ok(256 << 20));
         assert_eq!(parse_bytes("1G"), Ok(1 << 30));
         assert!(parse_bytes("lots").is_err());
+    }
+
+    #[test]
+    fn function_names_with_an_owner() {
+        let own = fn_arg("resize").unwrap();
+        assert_eq!(fn_path(&own, "/status", &[]), "/v1/functions/resize/status");
+        let bobs = fn_arg("bob/resize").unwrap();
+        assert_eq!(bobs.owner.as_deref(), Some("bob"));
+        assert_eq!(
+            fn_path(&bobs, "/call", &["sync=true".into()]),
+            "/v1/functions/resize/call?sync=true&owner=bob"
+        );
+        assert_eq!(fn_path(&bobs, "", &[]), "/v1/functions/resize?owner=bob");
+        for bad in [
+            "../users/bob",
+            "bob/../x",
+            "bob/",
+            "/x",
+            "a/b/c",
+            "Bob/x",
+            "b%2fx",
+        ] {
+            assert!(fn_arg(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! A call and its lifecycle: CALL (accepted) → PENDING → RUNNING → FINISHED | FAILED.
 //! `Call::transition` is the one place a state changes; an illegal move is an error.
 
-use super::ids::{CallId, Name};
+use super::ids::{CallId, FnKey, Name};
 use serde::{Deserialize, Serialize};
 
 /// Bytes of STDIN/STDOUT/STDERR shown in log events.
@@ -80,6 +80,11 @@ pub struct Call {
 }
 
 impl Call {
+    /// The key of the function it calls.
+    pub fn fn_key(&self) -> FnKey {
+        FnKey::new(self.owner.clone(), self.function.clone())
+    }
+
     pub fn new(
         function: Name,
         owner: Name,

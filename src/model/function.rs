@@ -1,7 +1,7 @@
 //! A function: an image, a command and an environment, owned by one user and
 //! reachable at a capability URL.
 
-use super::ids::{Name, Secret};
+use super::ids::{FnKey, Name, Secret};
 use serde::{Deserialize, Serialize};
 
 /// One `K=V` of a function's environment.
@@ -123,6 +123,13 @@ pub struct Function {
     pub secret: Secret,
     pub created_ms: u64,
     pub updated_ms: u64,
+}
+
+impl Function {
+    /// Its identity: owner and name.
+    pub fn key(&self) -> FnKey {
+        FnKey::new(self.owner.clone(), self.name.clone())
+    }
 }
 
 #[cfg(test)]

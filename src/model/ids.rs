@@ -56,6 +56,49 @@ impl fmt::Display for Name {
     }
 }
 
+/// A function's identity: its owner and its name. Two users may own
+/// functions of the same name; everything kept per function (record,
+/// secret, calls, counters, caches, containers, pool) is kept per key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct FnKey {
+    pub owner: Name,
+    pub name: Name,
+}
+
+impl FnKey {
+    pub fn new(owner: Name, name: Name) -> FnKey {
+        FnKey { owner, name }
+    }
+
+    /// Parses `OWNER/NAME`, both parts validated.
+    pub fn parse(s: &str) -> Result<FnKey, IdError> {
+        let (o, n) = s
+            .split_once('/')
+            .ok_or_else(|| IdError::Name(s.chars().take(80).collect()))?;
+        Ok(FnKey::new(Name::parse(o)?, Name::parse(n)?))
+    }
+
+    /// `owner NUL name`: the embedded store's key (names never hold a NUL,
+    /// so two keys never share a spelling, and `key NUL` prefixes exactly
+    /// one function's entries).
+    pub fn store_key(&self) -> String {
+        format!("{}\0{}", self.owner, self.name)
+    }
+
+    /// `owner_name`: a NATS stream or subject token. `_` is in no name, so
+    /// the split is unambiguous.
+    pub fn token(&self) -> String {
+        format!("{}_{}", self.owner, self.name)
+    }
+}
+
+impl fmt::Display for FnKey {
+    /// `owner/name`, as the CLI accepts it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.owner, self.name)
+    }
+}
+
 /// A call id: a random UUID, shown hyphenated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -102,7 +145,7 @@ impl fmt::Display for CallId {
 
 /// The capability part of a call URL: a v4 UUID (122 random bits). Compared in
 /// constant time so response timing says nothing about how much of a guess was right.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Secret(String);
 
 impl Secret {
@@ -150,6 +193,25 @@ mod tests {
             "a/b",
         ] {
             assert!(Name::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn function_keys() {
+        let k = FnKey::parse("bob/resize").unwrap();
+        assert_eq!((k.owner.as_str(), k.name.as_str()), ("bob", "resize"));
+        assert_eq!(k.to_string(), "bob/resize");
+        assert_eq!(k.store_key(), "bob\0resize");
+        assert_eq!(k.token(), "bob_resize");
+        for bad in [
+            "resize",
+            "bob/",
+            "/resize",
+            "bob/re/size",
+            "Bob/resize",
+            "../x",
+        ] {
+            assert!(FnKey::parse(bad).is_err(), "{bad}");
         }
     }
 

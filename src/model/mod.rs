@@ -11,7 +11,7 @@ pub use call::{
     Call, CallState, Event, EventKind, Outcome, OutputState, TransitionError, SHORT_LEN,
 };
 pub use function::{validate_runtime_name, EnvVar, Function, FunctionSpec, MIN_CPUS, MIN_MEMORY};
-pub use ids::{CallId, IdError, Name, Secret};
+pub use ids::{CallId, FnKey, IdError, Name, Secret};
 pub use image::{normalize_registry, ImageRef, DOCKER_HUB};
 pub use user::{hash_key, ApiKey, User, API_KEY_PREFIX};
 

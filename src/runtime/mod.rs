@@ -26,6 +26,9 @@ use tokio_util::sync::CancellationToken;
 
 pub const LABEL_CALL: &str = "io.hyperfuncd.call";
 pub const LABEL_FUNCTION: &str = "io.hyperfuncd.function";
+/// The owner of the function: two users' functions of one name are told
+/// apart by it.
+pub const LABEL_OWNER: &str = "io.hyperfuncd.owner";
 /// Which daemon (data directory) a container belongs to.
 pub const LABEL_INSTANCE: &str = "io.hyperfuncd.instance";
 /// A warm container, not yet given a call: the function it is for.
@@ -72,6 +75,7 @@ pub enum RuntimeError {
 pub struct RunSpec {
     pub call_id: CallId,
     pub function: String,
+    pub owner: String,
     pub image: String,
     /// Empty keeps the image's CMD.
     pub command: Vec<String>,
@@ -539,6 +543,7 @@ impl Runtime {
         let labels = HashMap::from([
             (LABEL_CALL.to_string(), spec.call_id.to_string()),
             (LABEL_FUNCTION.to_string(), spec.function.clone()),
+            (LABEL_OWNER.to_string(), spec.owner.clone()),
             (LABEL_INSTANCE.to_string(), self.instance.clone()),
         ]);
         ContainerCreateBody {
@@ -616,6 +621,7 @@ impl Runtime {
         let labels = HashMap::from([
             (LABEL_POOL.to_string(), spec.function.clone()),
             (LABEL_FUNCTION.to_string(), spec.function.clone()),
+            (LABEL_OWNER.to_string(), spec.owner.clone()),
             (LABEL_INSTANCE.to_string(), self.instance.clone()),
         ]);
         let body = ContainerCreateBody {
@@ -929,6 +935,7 @@ impl Runtime {
 #[derive(Debug, Clone, PartialEq)]
 pub struct WarmSpec {
     pub function: String,
+    pub owner: String,
     pub image: String,
     /// Empty keeps the image's CMD.
     pub command: Vec<String>,
@@ -938,6 +945,14 @@ pub struct WarmSpec {
     pub cpus: Option<f64>,
     /// The OCI runtime: a container is handed only to a call of the same one.
     pub runtime: Option<String>,
+}
+
+impl WarmSpec {
+    /// `owner/function`: what the pool keys its containers by, so two
+    /// users' functions of one name never share one.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.owner, self.function)
+    }
 }
 
 /// How a call in a warm container went.

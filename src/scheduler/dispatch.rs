@@ -190,7 +190,7 @@ impl Scheduler {
         started: oneshot::Sender<()>,
     ) -> Result<(), StoreError> {
         let limits = &self.config.limits;
-        let Some(function) = self.store.get_function(&call.function).await? else {
+        let Some(function) = self.store.get_function(&call.fn_key()).await? else {
             return self
                 .fail(&call.id, "cancelled: the function was removed")
                 .await;
@@ -202,6 +202,7 @@ impl Scheduler {
         let spec = RunSpec {
             call_id: call.id,
             function: function.name.to_string(),
+            owner: function.owner.to_string(),
             image: function.spec.image.clone(),
             command: function.spec.command.clone(),
             env: call_env(&function.spec.env, &call.request_env),
@@ -217,10 +218,10 @@ impl Scheduler {
             max_stderr: limits.max_stderr_bytes,
             started: Some(started),
         };
-        self.pool.record_call(&warm.function);
+        self.pool.record_call(&warm.key());
         let claimed = self.pool.take(&warm);
         if self.pool.enabled() {
-            crate::metrics::pool_take(&warm.function, claimed.is_some());
+            crate::metrics::pool_take(&warm.owner, &warm.function, claimed.is_some());
         }
         let result = match &claimed {
             Some(c) => {

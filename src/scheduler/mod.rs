@@ -18,7 +18,7 @@ mod recovery;
 mod shutdown;
 
 use crate::config::Config;
-use crate::model::{Call, CallId, CallState, Function, Name, Outcome};
+use crate::model::{Call, CallId, CallState, FnKey, Function, Name, Outcome};
 use crate::runtime::{Runtime, WarmSpec};
 use crate::store::{Store, StoreError};
 use futures_util::future::Shared;
@@ -187,11 +187,11 @@ impl Scheduler {
         self.state().running_total
     }
 
-    /// Warm containers ready for a call, per function name.
+    /// Warm containers ready for a call, per function (`owner/name`).
     pub fn pool_idle(&self) -> HashMap<String, usize> {
         let mut idle = HashMap::new();
         for (spec, _) in self.pool.idle_specs() {
-            *idle.entry(spec.function).or_default() += 1;
+            *idle.entry(spec.key()).or_default() += 1;
         }
         idle
     }
@@ -263,6 +263,7 @@ impl Scheduler {
     fn warm_spec(&self, f: &Function) -> WarmSpec {
         WarmSpec {
             function: f.name.to_string(),
+            owner: f.owner.to_string(),
             image: f.spec.image.clone(),
             command: f.spec.command.clone(),
             env: call_env(&f.spec.env, &[]),
@@ -286,7 +287,7 @@ impl Scheduler {
     /// Before recovery the pool waits: recovery removes every container
     /// and then fills the pools itself.
     pub fn function_changed(&self, f: &Function) {
-        self.pool.drop_function(f.name.as_str());
+        self.pool.drop_function(&f.key().to_string());
         if self.state().recovered {
             self.pool.fill(&self.warm_spec(f));
         }
@@ -298,7 +299,7 @@ impl Scheduler {
     async fn prefill(&self) -> Result<(), StoreError> {
         if self.pool.enabled() {
             for f in self.store.list_functions(None).await? {
-                if self.pool.wanted(f.name.as_str()) {
+                if self.pool.wanted(&f.key().to_string()) {
                     self.pool.fill(&self.warm_spec(&f));
                 }
             }
@@ -308,19 +309,19 @@ impl Scheduler {
 
     /// Tops up the pool of `warm.function` if `warm` is still its spec.
     async fn refill(&self, warm: &WarmSpec) {
-        let Ok(name) = Name::parse(&warm.function) else {
+        let Ok(key) = FnKey::parse(&warm.key()) else {
             return;
         };
-        if let Ok(Some(f)) = self.store.get_function(&name).await {
+        if let Ok(Some(f)) = self.store.get_function(&key).await {
             if self.warm_spec(&f) == *warm {
                 self.pool.fill(warm);
             }
         }
     }
 
-    /// `name` was removed: its warm containers go with it.
-    pub fn function_removed(&self, name: &Name) {
-        self.pool.drop_function(name.as_str());
+    /// `key` was removed: its warm containers go with it.
+    pub fn function_removed(&self, key: &FnKey) {
+        self.pool.drop_function(&key.to_string());
     }
 
     /// Ends a call FAILED with `message`.

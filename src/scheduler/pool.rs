@@ -199,7 +199,7 @@ impl Pool {
     /// another spec stay: `drop_function` and `prune` deal with those.
     pub fn take(&self, spec: &WarmSpec) -> Option<Claimed> {
         let mut st = self.state();
-        let queue = st.idle.get_mut(&spec.function)?;
+        let queue = st.idle.get_mut(&spec.key())?;
         let at = queue.iter().position(|r| r.spec == *spec)?;
         queue.remove(at).map(|r| Claimed {
             id: r.id,
@@ -225,19 +225,19 @@ impl Pool {
             if st.closed {
                 return;
             }
-            let want = st.target(&spec.function, self.config.per_function, Instant::now());
-            let have = st.idle.get(&spec.function).map_or(0, VecDeque::len)
-                + st.filling.get(&spec.function).copied().unwrap_or(0);
+            let want = st.target(&spec.key(), self.config.per_function, Instant::now());
+            let have = st.idle.get(&spec.key()).map_or(0, VecDeque::len)
+                + st.filling.get(&spec.key()).copied().unwrap_or(0);
             let need = want.saturating_sub(have);
             let mut evicted = Vec::new();
             let mut room = self.config.host_max.saturating_sub(st.owned());
             if room < need {
                 // Least recently called first; only those called before `spec`'s.
-                let mine = st.last_call(&spec.function);
+                let mine = st.last_call(&spec.key());
                 let mut others: Vec<(Option<Instant>, String)> = st
                     .idle
                     .iter()
-                    .filter(|(f, q)| **f != spec.function && !q.is_empty())
+                    .filter(|(f, q)| **f != spec.key() && !q.is_empty())
                     .map(|(f, _)| (st.last_call(f), f.clone()))
                     .filter(|(last, _)| *last < mine)
                     .collect();
@@ -253,16 +253,16 @@ impl Pool {
                 }
             }
             // The function is in use: its idle time counts from now.
-            if let Some(u) = st.usage.get_mut(&spec.function) {
+            if let Some(u) = st.usage.get_mut(&spec.key()) {
                 u.last = Some(Instant::now());
             }
             let count = need.min(room);
-            *st.filling.entry(spec.function.clone()).or_default() += count;
+            *st.filling.entry(spec.key()).or_default() += count;
             st.in_flight += count;
-            (count, st.epoch(&spec.function), evicted)
+            (count, st.epoch(&spec.key()), evicted)
         };
         if !evicted.is_empty() {
-            tracing::debug!(function = %spec.function, count = evicted.len(), "warm containers of less recently called functions give way");
+            tracing::debug!(function = %spec.key(), count = evicted.len(), "warm containers of less recently called functions give way");
         }
         self.remove_all(evicted);
         for _ in 0..count {
@@ -279,29 +279,26 @@ impl Pool {
         let unwanted = {
             let mut st = self.state();
             st.in_flight = st.in_flight.saturating_sub(1);
-            let current = st.epoch(&spec.function) == epoch;
+            let current = st.epoch(&spec.key()) == epoch;
             if current {
-                if let Some(n) = st.filling.get_mut(&spec.function) {
+                if let Some(n) = st.filling.get_mut(&spec.key()) {
                     *n = n.saturating_sub(1);
                 }
             }
             match made {
                 Ok((id, image_id)) if current && !st.closed => {
-                    st.idle
-                        .entry(spec.function.clone())
-                        .or_default()
-                        .push_back(Ready {
-                            id,
-                            name,
-                            spec,
-                            image_id,
-                        });
+                    st.idle.entry(spec.key()).or_default().push_back(Ready {
+                        id,
+                        name,
+                        spec,
+                        image_id,
+                    });
                     None
                 }
                 Ok((id, _)) => Some((id, name)),
                 Err(e) => {
                     st.names.remove(&name);
-                    tracing::warn!(function = %spec.function, error = %e, "cannot make a warm container");
+                    tracing::warn!(function = %spec.key(), error = %e, "cannot make a warm container");
                     None
                 }
             }

@@ -5,7 +5,7 @@
 //! evidence for it is removed.
 
 use super::Scheduler;
-use crate::model::{CallId, Name};
+use crate::model::{CallId, FnKey};
 use crate::store::StoreError;
 use std::collections::HashSet;
 use std::time::Duration;
@@ -17,7 +17,7 @@ impl Scheduler {
     async fn prune_pool(&self) {
         let mut stale = Vec::new();
         for (spec, image_id) in self.pool.idle_specs() {
-            let current = match Name::parse(&spec.function) {
+            let current = match FnKey::parse(&spec.key()) {
                 Ok(n) => match self.store.get_function(&n).await {
                     Ok(f) => f.map(|f| self.warm_spec(&f)),
                     // Unknown: keep them for now.
@@ -116,7 +116,7 @@ impl Scheduler {
     /// end FAILED once their container is dead), then, once none is live,
     /// its calls, outputs and events are deleted. The one cancellation path
     /// of `func rm --force`, and of a removal a crash interrupted.
-    pub async fn remove_function_calls(&self, name: &Name) -> Result<(), StoreError> {
+    pub async fn remove_function_calls(&self, name: &FnKey) -> Result<(), StoreError> {
         const REMOVED: &str = "cancelled: the function was removed";
         let mut changes = self.subscribe();
         // The deadline bounds a wait without progress, not the cancelling
@@ -154,7 +154,7 @@ impl Scheduler {
             }
         }
         self.store.purge_function(name).await?;
-        self.pool.drop_function(name.as_str());
+        self.pool.drop_function(&name.to_string());
         self.changed();
         Ok(())
     }

@@ -13,7 +13,7 @@ mod nats;
 pub use embedded::SledStore;
 pub use nats::{NatsConfig, NatsStore, NODE_LOST};
 
-use crate::model::{Call, CallId, Event, Function, Name, Outcome, User};
+use crate::model::{Call, CallId, Event, FnKey, Function, Name, Outcome, User};
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -128,22 +128,29 @@ pub trait Store: Send + Sync {
     async fn delete_user(&self, name: &Name) -> Result<()>;
 
     // ---- functions ----
-    /// Refused while an earlier function of that name is still being purged.
+    /// Refused when its owner already has a function of that name, or while
+    /// an earlier one of that owner and name is still being purged. Other
+    /// owners' functions of the same name do not matter.
     async fn create_function(&self, f: &Function) -> Result<()>;
     async fn update_function(&self, f: &Function) -> Result<()>;
-    async fn get_function(&self, name: &Name) -> Result<Option<Function>>;
+    async fn get_function(&self, key: &FnKey) -> Result<Option<Function>>;
+    /// The function whose call URL carries `secret` (secrets are random and
+    /// unique), from an index or an in-memory copy: the data plane's lookup,
+    /// never a scan of the records. The caller still compares the secret in
+    /// constant time and checks the name.
+    async fn function_by_secret(&self, secret: &str) -> Result<Option<Function>>;
     /// Functions of `owner`, or all of them.
     async fn list_functions(&self, owner: Option<&Name>) -> Result<Vec<Function>>;
     /// Removes the function's record: from now on its calls are neither
     /// accepted nor started. Its calls stay until `purge_function`.
-    async fn remove_function(&self, name: &Name) -> Result<()>;
+    async fn remove_function(&self, key: &FnKey) -> Result<()>;
     /// Deletes every call, output and event of a removed function; refused
     /// while one of its calls is still RUNNING.
-    async fn purge_function(&self, name: &Name) -> Result<()>;
-    /// Names that still have calls or counters but no function record (a
+    async fn purge_function(&self, key: &FnKey) -> Result<()>;
+    /// Functions that still have calls or counters but no record (a
     /// removal interrupted by a crash).
-    async fn unpurged_functions(&self) -> Result<Vec<Name>>;
-    async fn stats(&self, function: &Name) -> Result<FunctionStats>;
+    async fn unpurged_functions(&self) -> Result<Vec<FnKey>>;
+    async fn stats(&self, function: &FnKey) -> Result<FunctionStats>;
 
     // ---- calls ----
     /// Persists an accepted call (its `seq` is assigned here) with its
@@ -169,11 +176,11 @@ pub trait Store: Send + Sync {
     async fn finish(&self, id: &CallId, outcome: Outcome) -> Result<Call>;
     /// PENDING → FAILED with `message`, for every queued call of `function`;
     /// a call that has started meanwhile is left alone. Returns how many.
-    async fn cancel_queued(&self, function: &Name, message: &str) -> Result<usize>;
+    async fn cancel_queued(&self, function: &FnKey, message: &str) -> Result<usize>;
     /// Returns a finished call's STDOUT once its deletion from the cache is durable.
     async fn take_output(&self, id: &CallId) -> Result<Option<OutputLookup>>;
     /// Calls of `function` that have not ended, oldest first.
-    async fn live_calls(&self, function: &Name) -> Result<Vec<Call>>;
+    async fn live_calls(&self, function: &FnKey) -> Result<Vec<Call>>;
     /// Every call left RUNNING, e.g. by a crash.
     async fn running_calls(&self) -> Result<Vec<Call>>;
     /// Deletes the records of calls that ended before `before_ms` (with any
@@ -184,14 +191,14 @@ pub trait Store: Send + Sync {
     /// Events of `function` after sequence `after`, oldest first, with their sequence.
     async fn events(
         &self,
-        function: &Name,
+        function: &FnKey,
         after: Option<u64>,
         call: Option<&CallId>,
         tail: Option<usize>,
     ) -> Result<Vec<(u64, Event)>>;
     /// The sequence of `function`'s newest event, so a follower can skip
     /// what it has already scanned even when its filter matched nothing.
-    async fn last_event_seq(&self, function: &Name) -> Result<Option<u64>>;
+    async fn last_event_seq(&self, function: &FnKey) -> Result<Option<u64>>;
 }
 
 /// Connects to the shared JetStream store; `dir` keeps this node's id.

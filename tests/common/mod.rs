@@ -3,6 +3,8 @@
 //! the Docker Engine itself (the test image, the label checks).
 #![allow(dead_code)]
 
+pub mod scope;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -535,8 +537,11 @@ impl Daemon {
         )
     }
 
+    /// The counters of `function`, whoever owns it (names are per user: a
+    /// tenant's function is found by its name when only one user has it).
     pub fn status(&self, function: &str) -> serde_json::Value {
-        let (code, v) = self.api(&format!("/v1/functions/{function}/status"));
+        let q = self.owner_query(function);
+        let (code, v) = self.api(&format!("/v1/functions/{function}/status{q}"));
         assert_eq!(code, 200, "status of {function}: {v}");
         v
     }
@@ -919,9 +924,33 @@ impl Daemon {
         (field("VmRSS:"), field("VmHWM:"))
     }
 
+    /// `?owner=USER` for the one user owning a function `name`, if it is
+    /// not the admin: what lets the admin address a tenant's function.
+    pub fn owner_query(&self, name: &str) -> String {
+        let (_, all) = self.api("/v1/functions");
+        let owners: Vec<String> = all
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|f| f["Name"] == name)
+                    .filter_map(|f| f["Owner"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        match owners.as_slice() {
+            [one] if one != "admin" => format!("?owner={one}"),
+            _ => String::new(),
+        }
+    }
+
     /// A function's record as `func inspect` shows it.
+    /// A tenant's function is found as `owner_query` finds it.
     pub fn inspect(&self, name: &str) -> serde_json::Value {
-        serde_json::from_str(&self.ok(&["func", "inspect", name])).expect("inspect JSON")
+        let target = match self.owner_query(name).strip_prefix("?owner=") {
+            Some(owner) => format!("{owner}/{name}"),
+            None => name.to_string(),
+        };
+        serde_json::from_str(&self.ok(&["func", "inspect", &target])).expect("inspect JSON")
     }
 }
 
@@ -1159,7 +1188,8 @@ pub fn verdict(d: &Daemon, events: &EngineEvents, ledger: &Ledger, secs: u64) ->
     use std::collections::{HashMap, HashSet};
     let mut live: Vec<&str> = Vec::new();
     for f in ledger.functions.keys() {
-        let (code, v) = d.api(&format!("/v1/functions/{f}/status"));
+        let q = d.owner_query(f);
+        let (code, v) = d.api(&format!("/v1/functions/{f}/status{q}"));
         match code {
             200 => live.push(f),
             404 if ledger.removable.contains(f) => {}

@@ -12,11 +12,11 @@ impl Inner {
     /// `target` bytes. The caller holds the function's evict lock.
     pub(super) fn evict_outputs_to(
         &self,
-        function: &Name,
+        function: &FnKey,
         target: u64,
         fx: &mut Effects,
     ) -> Result<()> {
-        let prefix = seq_prefix(function.as_str());
+        let prefix = seq_prefix(function.store_key().as_str());
         while self.stats(function)?.output_bytes > target {
             let Some(kv) = self.tree(OUTPUT_INDEX).scan_prefix(&prefix).next() else {
                 break;
@@ -37,7 +37,7 @@ impl Inner {
                 stats.output_bytes = stats
                     .output_bytes
                     .saturating_sub(marker.as_ref().map_or(0, Marker::len));
-                t[STATS].insert(function.as_str(), enc(&stats)?)?;
+                t[STATS].insert(function.store_key().as_str(), enc(&stats)?)?;
                 Ok(marker)
             })?;
             fx.committed = true;
@@ -63,7 +63,7 @@ impl Inner {
         }
         // One fetch at a time per function, so the bytes read here are the
         // ones the transaction hands out (eviction takes the same lock).
-        let evict_lock = self.evict_lock(&call.function);
+        let evict_lock = self.evict_lock(&call.fn_key());
         let _guard = lock(&evict_lock);
         let bytes = match self.tree(OUTPUTS).get(id.as_bytes())? {
             Some(v) => self.blobs.read(Kind::Output, id, Marker::decode(&v)?)?,
@@ -81,12 +81,12 @@ impl Inner {
                 return Ok((call, None));
             };
             let marker = Marker::decode(&v).or_else(abort)?;
-            t[OUTPUT_INDEX].remove(seq_key(call.function.as_str(), call.seq))?;
+            t[OUTPUT_INDEX].remove(seq_key(fk(&call).as_str(), call.seq))?;
             call.output = OutputState::Fetched;
             t[CALLS].insert(id.as_bytes(), enc(&call)?)?;
-            let mut stats = tx_stats(&t[STATS], &call.function)?;
+            let mut stats = tx_stats(&t[STATS], &call.fn_key())?;
             stats.output_bytes = stats.output_bytes.saturating_sub(marker.len());
-            t[STATS].insert(call.function.as_str(), enc(&stats)?)?;
+            t[STATS].insert(fk(&call).as_str(), enc(&stats)?)?;
             Ok((call, Some(marker)))
         })?;
         match taken {
@@ -102,14 +102,14 @@ impl Inner {
         }
     }
 
-    pub(super) fn logs_over_budget(&self, function: &Name) -> Result<bool> {
+    pub(super) fn logs_over_budget(&self, function: &FnKey) -> Result<bool> {
         Ok(self.stats(function)?.log_bytes > self.config.log_budget)
     }
 
     /// Evicts `function`'s oldest events until its log is within budget.
     /// One evictor per function runs at a time (`SledStore::evict_logs_later`).
-    pub(super) fn evict_logs(&self, function: &Name) -> Result<()> {
-        let prefix = seq_prefix(function.as_str());
+    pub(super) fn evict_logs(&self, function: &FnKey) -> Result<()> {
+        let prefix = seq_prefix(function.store_key().as_str());
         while self.logs_over_budget(function)? {
             let Some(kv) = self.tree(LOGS).scan_prefix(&prefix).next() else {
                 break;
@@ -121,7 +121,7 @@ impl Inner {
                 };
                 let mut stats = tx_stats(&t[STATS], function)?;
                 stats.log_bytes = stats.log_bytes.saturating_sub(old.len() as u64);
-                t[STATS].insert(function.as_str(), enc(&stats)?)?;
+                t[STATS].insert(function.store_key().as_str(), enc(&stats)?)?;
                 Ok(())
             })?;
         }
@@ -130,14 +130,17 @@ impl Inner {
 
     pub(super) fn events(
         &self,
-        function: &Name,
+        function: &FnKey,
         after: Option<u64>,
         call: Option<&CallId>,
         tail: Option<usize>,
     ) -> Result<Vec<(u64, Event)>> {
         let tree = self.tree(LOGS);
-        let start = seq_key(function.as_str(), after.map_or(0, |a| a.saturating_add(1)));
-        let end = seq_key(function.as_str(), u64::MAX);
+        let start = seq_key(
+            function.store_key().as_str(),
+            after.map_or(0, |a| a.saturating_add(1)),
+        );
+        let end = seq_key(function.store_key().as_str(), u64::MAX);
         let wanted = |ev: &Event| call.is_none_or(|c| *c == ev.call_id);
         let mut out = Vec::new();
         match tail {
@@ -168,9 +171,9 @@ impl Inner {
         Ok(out)
     }
 
-    pub(super) fn last_event_seq(&self, function: &Name) -> Result<Option<u64>> {
-        let start = seq_key(function.as_str(), 0);
-        let end = seq_key(function.as_str(), u64::MAX);
+    pub(super) fn last_event_seq(&self, function: &FnKey) -> Result<Option<u64>> {
+        let start = seq_key(function.store_key().as_str(), 0);
+        let end = seq_key(function.store_key().as_str(), u64::MAX);
         match self.tree(LOGS).range(start..=end).next_back() {
             Some(kv) => Ok(Some(key_seq(&kv?.0))),
             None => Ok(None),

@@ -17,10 +17,8 @@ impl Inner {
                 self.tree(DONE).insert(done_key(done, &call.id), &[])?;
             }
             _ => {
-                self.tree(LIVE).insert(
-                    seq_key(call.function.as_str(), call.seq),
-                    call.id.as_bytes(),
-                )?;
+                self.tree(LIVE)
+                    .insert(seq_key(fk(call).as_str(), call.seq), call.id.as_bytes())?;
             }
         }
         Ok(())
@@ -55,7 +53,7 @@ impl Inner {
         fx.committed = true;
         crate::crash_point!("accept-committed");
         if over {
-            fx.evict_logs.push(call.function.clone());
+            fx.evict_logs.push(call.fn_key());
         }
         call
     }
@@ -77,21 +75,21 @@ impl Inner {
         marker: &Marker,
         (call_seq, pending_seq): (u64, u64),
     ) -> TxResult<bool> {
-        if t[FUNCTIONS].get(call.function.as_str())?.is_none() {
+        if t[FUNCTIONS].get(fk(call).as_str())?.is_none() {
             return abort(StoreError::NotFound(format!("function {}", call.function)));
         }
         let id = call.id.as_bytes();
         t[CALLS].insert(id, enc(call)?)?;
         t[PAYLOADS].insert(id, marker.encode())?;
         t[QUEUE].insert(seq_key(call.owner.as_str(), call.seq), id)?;
-        t[FN_CALLS].insert(seq_key(call.function.as_str(), call.seq), id)?;
-        t[LIVE].insert(seq_key(call.function.as_str(), call.seq), id)?;
-        let mut stats = tx_stats(&t[STATS], &call.function)?;
+        t[FN_CALLS].insert(seq_key(fk(call).as_str(), call.seq), id)?;
+        t[LIVE].insert(seq_key(fk(call).as_str(), call.seq), id)?;
+        let mut stats = tx_stats(&t[STATS], &call.fn_key())?;
         stats.total += 1;
         stats.count(CallState::Pending, 1);
         log(&t[LOGS], &mut stats, call, EventKind::Call, call_seq)?;
         log(&t[LOGS], &mut stats, call, EventKind::Pending, pending_seq)?;
-        t[STATS].insert(call.function.as_str(), enc(&stats)?)?;
+        t[STATS].insert(fk(call).as_str(), enc(&stats)?)?;
         Ok(stats.log_bytes > self.config.log_budget)
     }
 
@@ -144,7 +142,7 @@ impl Inner {
             // Ended meanwhile (cancelled); its queue entry went with it.
             return Ok(Started::Skipped);
         }
-        let why_not = if self.tree(FUNCTIONS).get(call.function.as_str())?.is_none() {
+        let why_not = if self.tree(FUNCTIONS).get(fk(&call).as_str())?.is_none() {
             Some("cancelled: the function was removed".to_string())
         } else {
             None
@@ -170,9 +168,7 @@ impl Inner {
         let seq = self.next_seq()?;
         let started = self.tx(|t| {
             let mut call: Call = tx_get(&t[CALLS], id.as_bytes(), "call")?;
-            if call.state != CallState::Pending
-                || t[FUNCTIONS].get(call.function.as_str())?.is_none()
-            {
+            if call.state != CallState::Pending || t[FUNCTIONS].get(fk(&call).as_str())?.is_none() {
                 return Ok(None);
             }
             if let Err(e) = call.transition(CallState::Running) {
@@ -180,11 +176,11 @@ impl Inner {
             }
             t[QUEUE].remove(seq_key(call.owner.as_str(), call.seq))?;
             t[CALLS].insert(id.as_bytes(), enc(&call)?)?;
-            let mut stats = tx_stats(&t[STATS], &call.function)?;
+            let mut stats = tx_stats(&t[STATS], &call.fn_key())?;
             stats.count(CallState::Pending, -1);
             stats.count(CallState::Running, 1);
             log(&t[LOGS], &mut stats, &call, EventKind::Running, seq)?;
-            t[STATS].insert(call.function.as_str(), enc(&stats)?)?;
+            t[STATS].insert(fk(&call).as_str(), enc(&stats)?)?;
             Ok(Some((call, stats.log_bytes > self.config.log_budget)))
         })?;
         let Some((call, over)) = started else {
@@ -193,7 +189,7 @@ impl Inner {
         };
         fx.committed = true;
         if over {
-            fx.evict_logs.push(call.function.clone());
+            fx.evict_logs.push(call.fn_key());
         }
         Ok(Started::Running(Box::new(call), Bytes::from(payload)))
     }
@@ -206,10 +202,10 @@ impl Inner {
             }
             t[QUEUE].insert(seq_key(call.owner.as_str(), call.seq), id.as_bytes())?;
             t[CALLS].insert(id.as_bytes(), enc(&call)?)?;
-            let mut stats = tx_stats(&t[STATS], &call.function)?;
+            let mut stats = tx_stats(&t[STATS], &call.fn_key())?;
             stats.count(CallState::Running, -1);
             stats.count(CallState::Pending, 1);
-            t[STATS].insert(call.function.as_str(), enc(&stats)?)?;
+            t[STATS].insert(fk(&call).as_str(), enc(&stats)?)?;
             Ok(())
         })?;
         fx.committed = true;
@@ -236,7 +232,7 @@ impl Inner {
             return Err(StoreError::NotFound(format!("call {id}")));
         };
         let from = from.unwrap_or(call.state);
-        let function = call.function.clone();
+        let function = call.fn_key();
         let len = outcome.stdout.len() as u64;
         let budget = self.config.output_budget;
         // Only a FINISHED call's output can be fetched, so only it is kept;
@@ -284,7 +280,7 @@ impl Inner {
             if let Err(e) = call.finish(&outcome) {
                 return abort(e);
             }
-            let key = seq_key(call.function.as_str(), call.seq);
+            let key = seq_key(fk(&call).as_str(), call.seq);
             if was == CallState::Pending {
                 t[QUEUE].remove(seq_key(call.owner.as_str(), call.seq))?;
             }
@@ -293,7 +289,7 @@ impl Inner {
             if let Some(done) = call.finished_ms {
                 t[DONE].insert(done_key(done, id), &[])?;
             }
-            let mut stats = tx_stats(&t[STATS], &call.function)?;
+            let mut stats = tx_stats(&t[STATS], &call.fn_key())?;
             match &marker {
                 Some(m) => {
                     t[OUTPUTS].insert(id.as_bytes(), m.encode())?;
@@ -312,7 +308,7 @@ impl Inner {
                 EventKind::Failed
             };
             log(&t[LOGS], &mut stats, &call, kind, seq)?;
-            t[STATS].insert(call.function.as_str(), enc(&stats)?)?;
+            t[STATS].insert(fk(&call).as_str(), enc(&stats)?)?;
             Ok((call, payload, stats.log_bytes > self.config.log_budget))
         });
         let (call, payload, over) = match ended {
@@ -332,14 +328,14 @@ impl Inner {
             }
         }
         if over {
-            fx.evict_logs.push(call.function.clone());
+            fx.evict_logs.push(call.fn_key());
         }
         Ok(call)
     }
 
     pub(super) fn cancel_queued(
         &self,
-        function: &Name,
+        function: &FnKey,
         message: &str,
         fx: &mut Effects,
     ) -> Result<usize> {
@@ -364,10 +360,10 @@ impl Inner {
     }
 
     /// Calls that have not ended, of `function` or of all, oldest first per function.
-    pub(super) fn live_calls(&self, function: Option<&Name>) -> Result<Vec<Call>> {
+    pub(super) fn live_calls(&self, function: Option<&FnKey>) -> Result<Vec<Call>> {
         let live = self.tree(LIVE);
         let iter = match function {
-            Some(f) => live.scan_prefix(seq_prefix(f.as_str())),
+            Some(f) => live.scan_prefix(seq_prefix(&f.store_key())),
             None => live.iter(),
         };
         let mut out = Vec::new();
@@ -394,7 +390,7 @@ impl Inner {
                 continue;
             };
             let output = self.tx(|t| {
-                let key = seq_key(call.function.as_str(), call.seq);
+                let key = seq_key(fk(&call).as_str(), call.seq);
                 t[DONE].remove(&k)?;
                 t[CALLS].remove(id.as_bytes())?;
                 t[FN_CALLS].remove(key.clone())?;
@@ -403,9 +399,9 @@ impl Inner {
                 };
                 let marker = Marker::decode(&v).or_else(abort)?;
                 t[OUTPUT_INDEX].remove(key)?;
-                let mut stats = tx_stats(&t[STATS], &call.function)?;
+                let mut stats = tx_stats(&t[STATS], &call.fn_key())?;
                 stats.output_bytes = stats.output_bytes.saturating_sub(marker.len());
-                t[STATS].insert(call.function.as_str(), enc(&stats)?)?;
+                t[STATS].insert(fk(&call).as_str(), enc(&stats)?)?;
                 Ok(Some(marker))
             })?;
             fx.committed = true;

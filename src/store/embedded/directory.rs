@@ -58,7 +58,8 @@ impl Inner {
 
     pub(super) fn create_function(&self, f: &Function, fx: &mut Effects) -> Result<()> {
         self.tx(|t| {
-            if t[FUNCTIONS].get(f.name.as_str())?.is_some() {
+            let key = f.key().store_key();
+            if t[FUNCTIONS].get(key.as_str())?.is_some() {
                 return abort(StoreError::Conflict(format!(
                     "function {} already exists",
                     f.name
@@ -66,14 +67,14 @@ impl Inner {
             }
             // Counters without a record: an earlier function of this name is
             // still being purged, and its calls share the name's keys.
-            if t[STATS].get(f.name.as_str())?.is_some() {
+            if t[STATS].get(key.as_str())?.is_some() {
                 return abort(StoreError::Conflict(format!(
                     "function {} is still being removed; try again in a moment",
                     f.name
                 )));
             }
-            t[FUNCTIONS].insert(f.name.as_str(), enc(f)?)?;
-            t[STATS].insert(f.name.as_str(), enc(&FunctionStats::default())?)?;
+            t[FUNCTIONS].insert(key.as_str(), enc(f)?)?;
+            t[STATS].insert(key.as_str(), enc(&FunctionStats::default())?)?;
             Ok(())
         })?;
         fx.committed = true;
@@ -82,10 +83,11 @@ impl Inner {
 
     pub(super) fn update_function(&self, f: &Function, fx: &mut Effects) -> Result<()> {
         self.tx(|t| {
-            if t[FUNCTIONS].get(f.name.as_str())?.is_none() {
+            let key = f.key().store_key();
+            if t[FUNCTIONS].get(key.as_str())?.is_none() {
                 return abort(StoreError::NotFound(format!("function {}", f.name)));
             }
-            t[FUNCTIONS].insert(f.name.as_str(), enc(f)?)?;
+            t[FUNCTIONS].insert(key.as_str(), enc(f)?)?;
             Ok(())
         })?;
         fx.committed = true;
@@ -100,13 +102,13 @@ impl Inner {
             .collect())
     }
 
-    pub(super) fn remove_function(&self, name: &Name, fx: &mut Effects) -> Result<()> {
+    pub(super) fn remove_function(&self, key: &FnKey, fx: &mut Effects) -> Result<()> {
         let removed = {
             let _one = lock(&self.writing);
-            self.tree(FUNCTIONS).remove(name.as_str())?
+            self.tree(FUNCTIONS).remove(key.store_key().as_str())?
         };
         if removed.is_none() {
-            return Err(StoreError::NotFound(format!("function {name}")));
+            return Err(StoreError::NotFound(format!("function {}", key.name)));
         }
         fx.committed = true;
         Ok(())
@@ -116,13 +118,18 @@ impl Inner {
     /// Accept and start refuse calls of a function without a record, so
     /// nothing is added behind the scan; a RUNNING call still has a
     /// container and is waited for.
-    pub(super) fn purge_function(&self, name: &Name, fx: &mut Effects) -> Result<()> {
-        if self.tree(FUNCTIONS).get(name.as_str())?.is_some() {
+    pub(super) fn purge_function(&self, key: &FnKey, fx: &mut Effects) -> Result<()> {
+        let name = key;
+        if self
+            .tree(FUNCTIONS)
+            .get(key.store_key().as_str())?
+            .is_some()
+        {
             return Err(StoreError::Conflict(format!(
                 "function {name} exists: remove it first"
             )));
         }
-        let prefix = seq_prefix(name.as_str());
+        let prefix = seq_prefix(&key.store_key());
         for kv in self.tree(LIVE).scan_prefix(&prefix) {
             let (_, id) = kv?;
             if let Some(call) = get::<Call>(self.tree(CALLS), &id)? {
@@ -160,26 +167,36 @@ impl Inner {
                 self.tree(tree).remove(kv?.0)?;
             }
         }
-        self.tree(STATS).remove(name.as_str())?;
+        self.tree(STATS).remove(key.store_key().as_str())?;
         Ok(())
     }
 
-    pub(super) fn unpurged_functions(&self) -> Result<Vec<Name>> {
+    pub(super) fn unpurged_functions(&self) -> Result<Vec<FnKey>> {
         let mut out = Vec::new();
         for kv in self.tree(STATS).iter() {
             let (k, _) = kv?;
             if self.tree(FUNCTIONS).get(&k)?.is_none() {
-                if let Ok(n) = Name::parse(&String::from_utf8_lossy(&k)) {
-                    out.push(n);
+                if let Some(key) = parse_store_key(&k) {
+                    out.push(key);
                 }
             }
         }
         Ok(out)
     }
 
-    pub(super) fn stats(&self, function: &Name) -> Result<FunctionStats> {
-        Ok(get(self.tree(STATS), function.as_str())?.unwrap_or_default())
+    pub(super) fn stats(&self, function: &FnKey) -> Result<FunctionStats> {
+        Ok(get(self.tree(STATS), function.store_key().as_str())?.unwrap_or_default())
     }
+}
+
+/// The function key of a `functions` or `stats` key (`owner NUL name`).
+pub(super) fn parse_store_key(k: &[u8]) -> Option<FnKey> {
+    let s = std::str::from_utf8(k).ok()?;
+    let (owner, name) = s.split_once('\0')?;
+    Some(FnKey::new(
+        Name::parse(owner).ok()?,
+        Name::parse(name).ok()?,
+    ))
 }
 
 /// Key of the retention index: ends oldest first, then by id.

@@ -3,6 +3,7 @@
 //! shifts every byte after it, so an old record cannot be read with the new
 //! shape and is converted here instead.
 
+use super::codec::{key_prefix, seq_prefix};
 use super::*;
 use crate::model::{EnvVar, FunctionSpec, Secret};
 
@@ -77,6 +78,139 @@ impl Inner {
     }
 }
 
+/// Entries re-keyed per atomic batch by `migrate_keys_to_4`.
+const REKEY_BATCH: usize = 1000;
+
+impl Inner {
+    /// Schema 4 keys everything kept per function by `owner NUL name`
+    /// instead of the bare name (names were global before). Crash-safe and
+    /// re-runnable: the trees are done one after the other, each in atomic
+    /// batches that insert an entry's new key and remove its old one; an
+    /// old key is told from a new one by its NUL (no name holds one), so a
+    /// re-run after a crash skips what is done. `schema` changes last.
+    pub(super) fn migrate_keys_to_4(&self) -> Result<()> {
+        tracing::info!("migrating the database to schema 4 (functions keyed by owner)");
+        // Owners by name: function records are read whatever their key.
+        let mut owners: HashMap<String, Name> = HashMap::new();
+        for kv in self.tree(FUNCTIONS).iter() {
+            let f: Function = decode(&kv?.1)?;
+            owners.insert(f.name.to_string(), f.owner);
+        }
+        // The owner of a call id (an index entry's value, an event's call).
+        let call_owner = |id: &[u8]| -> Result<Option<Name>> {
+            Ok(get::<Call>(self.tree(CALLS), id)?.map(|c| c.owner))
+        };
+        // functions and stats: `name` -> `owner NUL name`.
+        self.rekey(FUNCTIONS, |k, v| {
+            if k.contains(&0) {
+                return Ok(None);
+            }
+            let f: Function = decode(v)?;
+            Ok(Some(Some(f.key().store_key().into_bytes())))
+        })?;
+        self.rekey(STATS, |k, _| {
+            if k.contains(&0) {
+                return Ok(None);
+            }
+            let name = String::from_utf8_lossy(k).to_string();
+            let mut owner = owners.get(&name).cloned();
+            if owner.is_none() {
+                // A removal a crash interrupted: its calls still say whose.
+                // (`fn_calls` is re-keyed after this tree, so it is still old.)
+                if let Some(kv) = self.tree(FN_CALLS).scan_prefix(seq_prefix(&name)).next() {
+                    owner = call_owner(&kv?.1)?;
+                }
+            }
+            Ok(Some(owner.map(|o| with_owner(&o, k))))
+        })?;
+        // What re-keyed stats name, for the caches of removed functions.
+        for kv in self.tree(STATS).iter() {
+            if let Some(key) = super::directory::parse_store_key(&kv?.0) {
+                owners.entry(key.name.to_string()).or_insert(key.owner);
+            }
+        }
+        let is_old = |k: &[u8]| !key_prefix(k).contains(&0);
+        for tree in [FN_CALLS, LIVE, OUTPUT_INDEX] {
+            self.rekey(tree, |k, v| {
+                if !is_old(k) {
+                    return Ok(None);
+                }
+                let name = String::from_utf8_lossy(key_prefix(k)).to_string();
+                let owner = match call_owner(v)? {
+                    Some(o) => Some(o),
+                    None => owners.get(&name).cloned(),
+                };
+                Ok(Some(owner.map(|o| with_owner(&o, k))))
+            })?;
+        }
+        self.rekey(LOGS, |k, v| {
+            if !is_old(k) {
+                return Ok(None);
+            }
+            let name = String::from_utf8_lossy(key_prefix(k)).to_string();
+            let ev: Event = decode(v)?;
+            let owner = match call_owner(ev.call_id.as_bytes())? {
+                Some(o) => Some(o),
+                None => owners.get(&name).cloned(),
+            };
+            Ok(Some(owner.map(|o| with_owner(&o, k))))
+        })?;
+        let _one = lock(&self.writing);
+        self.tree(META).insert("schema", encode(&4u64)?)?;
+        Ok(())
+    }
+
+    /// Moves the entries of `tree` that `new_key` re-keys: `None` leaves an
+    /// entry, `Some(None)` drops it (nothing says whose it is: a removed
+    /// function's leftovers), `Some(Some(k))` moves it to `k`. Each batch
+    /// is atomic, so a crash loses no entry and leaves none twice.
+    fn rekey(
+        &self,
+        tree: usize,
+        new_key: impl Fn(&[u8], &[u8]) -> Result<Option<Option<Vec<u8>>>>,
+    ) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        let mut pending = 0;
+        let mut dropped = 0u64;
+        for kv in self.tree(tree).iter() {
+            let (k, v) = kv?;
+            match new_key(&k, &v)? {
+                None => continue,
+                Some(Some(nk)) => batch.insert(nk, v),
+                Some(None) => dropped += 1,
+            }
+            batch.remove(k);
+            pending += 1;
+            if pending == REKEY_BATCH {
+                let _one = lock(&self.writing);
+                self.tree(tree).apply_batch(std::mem::take(&mut batch))?;
+                pending = 0;
+            }
+        }
+        if pending > 0 {
+            let _one = lock(&self.writing);
+            self.tree(tree).apply_batch(batch)?;
+        }
+        if dropped > 0 {
+            tracing::warn!(
+                tree = TREE_NAMES[tree],
+                entries = dropped,
+                "dropped entries of a removed function whose owner is unknown"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `key` (a bare name, or `name NUL seq`) under `owner`.
+fn with_owner(owner: &Name, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(owner.as_str().len() + 1 + key.len());
+    k.extend_from_slice(owner.as_str().as_bytes());
+    k.push(0);
+    k.extend_from_slice(key);
+    k
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,6 +271,151 @@ mod tests {
         SledStore::open(dir, config).unwrap()
     }
 
+    fn function_of(owner: &str, name: &str) -> Function {
+        Function {
+            name: Name::parse(name).unwrap(),
+            owner: Name::parse(owner).unwrap(),
+            spec: FunctionSpec {
+                image: "busybox".into(),
+                command: vec![],
+                env: vec![],
+                timeout_ms: None,
+                memory_bytes: None,
+                cpus: None,
+                runtime: None,
+            },
+            secret: Secret::new(),
+            created_ms: 1,
+            updated_ms: 1,
+        }
+    }
+
+    async fn accept_call(store: &SledStore, f: &Function, payload: &[u8]) -> Call {
+        let call = Call::new(f.name.clone(), f.owner.clone(), 0, payload, vec![]);
+        store
+            .accept(call, Bytes::copy_from_slice(payload))
+            .await
+            .unwrap()
+    }
+
+    async fn run_call(store: &SledStore, call: &Call, stdout: &[u8]) {
+        assert!(matches!(
+            store.start(&call.id).await.unwrap(),
+            Started::Running(..)
+        ));
+        let outcome = Outcome {
+            state: CallState::Finished,
+            exit_code: Some(0),
+            message: None,
+            stdout: Bytes::copy_from_slice(stdout),
+            stderr: Bytes::new(),
+        };
+        store.finish(&call.id, outcome).await.unwrap();
+    }
+
+    /// The trees schema 4 re-keyed, in the order `migrate_keys_to_4` goes.
+    const REKEYED: [usize; 6] = [FUNCTIONS, STATS, FN_CALLS, LIVE, OUTPUT_INDEX, LOGS];
+
+    /// Rewrites a database of today's layout as schema 3 wrote it (the
+    /// owner taken off every key) — or, with `crash_in`, as a migration
+    /// interrupted in that tree left it: the trees before it done, half of
+    /// it done, the rest still old.
+    fn as_schema_3(dir: &Path, crash_in: Option<usize>) {
+        let db = sled::open(dir).unwrap();
+        let stop = crash_in.map_or(0, |t| REKEYED.iter().position(|r| *r == t).unwrap());
+        for (i, t) in REKEYED.iter().enumerate() {
+            let tree = db.open_tree(TREE_NAMES[*t]).unwrap();
+            let entries: Vec<_> = tree.iter().map(|kv| kv.unwrap()).collect();
+            let keep_new = match crash_in {
+                Some(_) if i < stop => entries.len(),
+                Some(_) if i == stop => entries.len() / 2,
+                _ => 0,
+            };
+            for (k, v) in entries.into_iter().skip(keep_new) {
+                let nul = k.iter().position(|b| *b == 0).unwrap();
+                tree.remove(&k).unwrap();
+                tree.insert(&k[nul + 1..], v).unwrap();
+            }
+        }
+        db.open_tree("meta")
+            .unwrap()
+            .insert("schema", encode(&3u64).unwrap())
+            .unwrap();
+        db.flush().unwrap();
+    }
+
+    #[tokio::test]
+    async fn schema_3_data_is_keyed_by_owner_even_after_a_crash_midway() {
+        for crash_in in [None, Some(FUNCTIONS), Some(STATS), Some(LIVE), Some(LOGS)] {
+            let dir = tempfile::tempdir().unwrap();
+            let f = function_of("alice", "resize");
+            let g = function_of("bob", "thumb");
+            let h = function_of("alice", "gone");
+            let (done, queued, before) = {
+                let store = open(dir.path());
+                for x in [&f, &g, &h] {
+                    store.create_function(x).await.unwrap();
+                }
+                let done = accept_call(&store, &f, b"ab").await;
+                run_call(&store, &done, b"out-a").await;
+                // A payload of its own file (inline_max_bytes is 4).
+                let queued = accept_call(&store, &f, b"a file payload").await;
+                let other = accept_call(&store, &g, b"g").await;
+                run_call(&store, &other, b"out-g").await;
+                // Removed but not purged: its counters and calls remain.
+                accept_call(&store, &h, b"h").await;
+                store.remove_function(&h.key()).await.unwrap();
+                let mut before = Vec::new();
+                for k in [f.key(), g.key(), h.key()] {
+                    let events = store.events(&k, None, None, None).await.unwrap().len();
+                    before.push((store.stats(&k).await.unwrap(), events));
+                }
+                (done, queued, before)
+            };
+            as_schema_3(dir.path(), crash_in);
+            let store = open(dir.path());
+            let why = format!("crash in {crash_in:?}");
+            for (x, (stats, events)) in [&f, &g, &h].into_iter().zip(&before) {
+                let k = x.key();
+                assert_eq!(store.stats(&k).await.unwrap(), *stats, "{why}: {k}");
+                let now = store.events(&k, None, None, None).await.unwrap().len();
+                assert_eq!(now, *events, "{why}: {k}");
+            }
+            let got = store.get_function(&f.key()).await.unwrap().unwrap();
+            assert_eq!(got, f, "{why}");
+            let by_secret = store.function_by_secret(g.secret.as_str()).await.unwrap();
+            assert_eq!(by_secret.as_ref(), Some(&g), "{why}");
+            assert_eq!(store.list_functions(None).await.unwrap().len(), 2, "{why}");
+            assert_eq!(
+                store.unpurged_functions().await.unwrap(),
+                vec![h.key()],
+                "{why}"
+            );
+            let live = store.live_calls(&f.key()).await.unwrap();
+            assert_eq!(
+                live.iter().map(|c| c.id).collect::<Vec<_>>(),
+                vec![queued.id]
+            );
+            match store.take_output(&done.id).await.unwrap() {
+                Some(OutputLookup::Output(_, out)) => assert_eq!(&out[..], b"out-a", "{why}"),
+                other => panic!("{why}: {other:?}"),
+            }
+            match store.start(&queued.id).await.unwrap() {
+                Started::Running(_, p) => assert_eq!(&p[..], b"a file payload", "{why}"),
+                Started::Skipped => panic!("{why}: the queued call did not start"),
+            }
+            store.purge_function(&h.key()).await.unwrap();
+            assert!(store.unpurged_functions().await.unwrap().is_empty());
+            // Another owner's function of an existing name is its own.
+            let twin = function_of("bob", "resize");
+            store.create_function(&twin).await.unwrap();
+            assert_eq!(store.stats(&twin.key()).await.unwrap().total, 0);
+            let schema: u64 =
+                decode(&store.inner.tree(META).get("schema").unwrap().unwrap()).unwrap();
+            assert_eq!(schema, SCHEMA, "{why}");
+        }
+    }
+
     #[tokio::test]
     async fn functions_of_schema_1_and_2_are_read_and_rewritten() {
         for schema in [Some(2), None] {
@@ -144,7 +423,8 @@ mod tests {
             let made = old_database(dir.path(), schema);
             let store = open(dir.path());
             for (name, secret) in &made {
-                let f = store.get_function(name).await.unwrap().unwrap();
+                let key = FnKey::new(Name::parse("alice").unwrap(), name.clone());
+                let f = store.get_function(&key).await.unwrap().unwrap();
                 assert_eq!(&f.secret, secret, "{schema:?}");
                 assert_eq!(f.spec.runtime, None);
                 assert_eq!(f.spec.command, vec!["cat".to_string()]);
@@ -152,12 +432,13 @@ mod tests {
                 assert_eq!((f.created_ms, f.updated_ms), (1, 2));
             }
             // A new field is stored and read back; the layout is now 3.
-            let mut f = store.get_function(&made[0].0).await.unwrap().unwrap();
+            let key = FnKey::new(Name::parse("alice").unwrap(), made[0].0.clone());
+            let mut f = store.get_function(&key).await.unwrap().unwrap();
             f.spec.runtime = Some("runsc".into());
             store.update_function(&f).await.unwrap();
             drop(store);
             let store = open(dir.path());
-            let again = store.get_function(&made[0].0).await.unwrap().unwrap();
+            let again = store.get_function(&key).await.unwrap().unwrap();
             assert_eq!(again, f);
             assert_eq!(store.list_functions(None).await.unwrap().len(), 2);
             let schema: u64 =

@@ -21,7 +21,9 @@ mod stage;
 mod tests;
 
 use super::{FunctionStats, OutputLookup, Result, Started, Store, StoreConfig, StoreError};
-use crate::model::{Call, CallId, CallState, Event, EventKind, Function, Name, Outcome, User};
+use crate::model::{
+    Call, CallId, CallState, Event, EventKind, FnKey, Function, Name, Outcome, User,
+};
 use async_trait::async_trait;
 use blobs::{Blobs, Kind, Marker};
 use bytes::Bytes;
@@ -77,22 +79,23 @@ const PAGE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Layout version in `meta`; `migrate` brings older databases up to it.
 /// 3: a function's spec ends with its OCI runtime (`legacy.rs`).
-const SCHEMA: u64 = 3;
+/// 4: everything kept per function is keyed by owner and name (`legacy.rs`).
+const SCHEMA: u64 = 4;
 
 // Tree indices of `Inner::trees`, so one transaction can span any of them.
 const USERS: usize = 0; // user name -> User
 const KEYS: usize = 1; // key hash -> user name
-const FUNCTIONS: usize = 2; // function name -> Function
+const FUNCTIONS: usize = 2; // owner\0name -> Function
 const CALLS: usize = 3; // call id -> Call
 const PAYLOADS: usize = 4; // call id -> Marker of the STDIN bytes, until the call ends
 const QUEUE: usize = 5; // owner\0seq -> call id: the per-user FIFO
 const OUTPUTS: usize = 6; // call id -> Marker of the STDOUT bytes
-const OUTPUT_INDEX: usize = 7; // function\0seq -> call id, oldest first, for eviction
-const LOGS: usize = 8; // function\0seq -> Event
-const STATS: usize = 9; // function name -> FunctionStats
-const FN_CALLS: usize = 10; // function\0seq -> call id: every call of a function
+const OUTPUT_INDEX: usize = 7; // owner\0name\0seq -> call id, oldest first, for eviction
+const LOGS: usize = 8; // owner\0name\0seq -> Event
+const STATS: usize = 9; // owner\0name -> FunctionStats
+const FN_CALLS: usize = 10; // owner\0name\0seq -> call id: every call of a function
 const META: usize = 11; // small singletons
-const LIVE: usize = 12; // function\0seq -> call id: calls not yet ended
+const LIVE: usize = 12; // owner\0name\0seq -> call id: calls not yet ended
 const DONE: usize = 13; // finished_ms\0id -> (): ended calls, oldest first, for retention
 const TREE_NAMES: [&str; 14] = [
     "users",
@@ -120,7 +123,7 @@ struct Effects {
     /// Files whose markers were dropped: deleted after the flush.
     deletes: Vec<PathBuf>,
     /// Functions whose log cache went over budget: evicted in the background.
-    evict_logs: Vec<Name>,
+    evict_logs: Vec<FnKey>,
 }
 
 /// The synchronous core; every method runs on a blocking thread.
@@ -132,7 +135,7 @@ struct Inner {
     /// Per function: output eviction and the insert it makes room for run
     /// one at a time, so the byte count stays exact; other functions and
     /// intake never wait for it.
-    evict_locks: Mutex<HashMap<Name, Arc<Mutex<()>>>>,
+    evict_locks: Mutex<HashMap<FnKey, Arc<Mutex<()>>>>,
     /// Held by every write to the trees: staged writes and transactions
     /// (`stage.rs`).
     writing: Mutex<()>,
@@ -143,7 +146,7 @@ pub struct SledStore {
     committer: Arc<Committer>,
     /// Every function record, read on each call's intake: served from
     /// memory, written through after each durable change.
-    functions: std::sync::RwLock<HashMap<Name, Function>>,
+    functions: std::sync::RwLock<Functions>,
     /// Every user and key hash, read on each authenticated request and each
     /// dispatch: served from memory, written through after each durable
     /// change.
@@ -152,7 +155,33 @@ pub struct SledStore {
     /// order of the commits.
     directory: tokio::sync::Mutex<()>,
     /// Functions whose log eviction is under way, so one runs per function.
-    log_evicting: Arc<Mutex<HashSet<Name>>>,
+    log_evicting: Arc<Mutex<HashSet<FnKey>>>,
+}
+
+/// The in-memory copy of the function records, by key and by secret (the
+/// data plane's lookup).
+#[derive(Default)]
+struct Functions {
+    by_key: HashMap<FnKey, Function>,
+    by_secret: HashMap<String, FnKey>,
+}
+
+impl Functions {
+    fn put(&mut self, f: Function) {
+        let key = f.key();
+        if let Some(old) = self.by_key.get(&key) {
+            self.by_secret.remove(old.secret.as_str());
+        }
+        self.by_secret
+            .insert(f.secret.as_str().to_string(), key.clone());
+        self.by_key.insert(key, f);
+    }
+
+    fn remove(&mut self, key: &FnKey) {
+        if let Some(old) = self.by_key.remove(key) {
+            self.by_secret.remove(old.secret.as_str());
+        }
+    }
 }
 
 #[derive(Default)]
@@ -213,11 +242,10 @@ impl SledStore {
         db.flush()?;
         let committer = Committer::start(db)
             .map_err(|e| StoreError::Failed(format!("cannot start the commit thread: {e}")))?;
-        let functions = inner
-            .list_functions(None)?
-            .into_iter()
-            .map(|f| (f.name.clone(), f))
-            .collect();
+        let mut functions = Functions::default();
+        for f in inner.list_functions(None)? {
+            functions.put(f);
+        }
         let mut users = Users::default();
         for u in values::<User>(inner.tree(USERS).iter())? {
             users.put(u);
@@ -299,7 +327,7 @@ impl SledStore {
         value
     }
 
-    fn cached_functions(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Name, Function>> {
+    fn cached_functions(&self) -> std::sync::RwLockReadGuard<'_, Functions> {
         self.functions.read().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -311,11 +339,11 @@ impl SledStore {
         self.users.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn cache_function(&self, name: &Name, f: Option<Function>) {
+    fn cache_function(&self, key: &FnKey, f: Option<Function>) {
         let mut cache = self.functions.write().unwrap_or_else(|p| p.into_inner());
         match f {
-            Some(f) => cache.insert(name.clone(), f),
-            None => cache.remove(name),
+            Some(f) => cache.put(f),
+            None => cache.remove(key),
         };
     }
 
@@ -323,7 +351,7 @@ impl SledStore {
     /// the write that went over budget; one evictor per function. Evicted
     /// events release no file, so their removal needs no flush of its own:
     /// the next group flush carries it, which is all a cache needs.
-    fn evict_logs_later(&self, function: Name) {
+    fn evict_logs_later(&self, function: FnKey) {
         if !lock(&self.log_evicting).insert(function.clone()) {
             return;
         }
@@ -426,6 +454,9 @@ impl Inner {
         if schema < 3 {
             self.migrate_functions_to_3()?;
         }
+        if schema < 4 {
+            self.migrate_keys_to_4()?;
+        }
         meta.insert("schema", encode(&SCHEMA)?)?;
         Ok(())
     }
@@ -469,7 +500,7 @@ impl Inner {
         }
     }
 
-    fn evict_lock(&self, function: &Name) -> Arc<Mutex<()>> {
+    fn evict_lock(&self, function: &FnKey) -> Arc<Mutex<()>> {
         Arc::clone(lock(&self.evict_locks).entry(function.clone()).or_default())
     }
 }
@@ -497,12 +528,17 @@ fn log(
 ) -> TxResult<()> {
     let bytes = enc(&call.event(kind))?;
     stats.log_bytes += bytes.len() as u64;
-    logs.insert(seq_key(call.function.as_str(), seq), bytes)?;
+    logs.insert(seq_key(fk(call).as_str(), seq), bytes)?;
     Ok(())
 }
 
-fn tx_stats(stats: &impl Kv, function: &Name) -> TxResult<FunctionStats> {
-    match stats.get(function.as_str())? {
+/// The store key of a call's function (`owner NUL name`).
+fn fk(call: &Call) -> String {
+    call.fn_key().store_key()
+}
+
+fn tx_stats(stats: &impl Kv, function: &FnKey) -> TxResult<FunctionStats> {
+    match stats.get(function.store_key().as_str())? {
         Some(v) => dec(&v),
         None => Ok(FunctionStats::default()),
     }
@@ -643,7 +679,7 @@ impl Store for SledStore {
         let made = f.clone();
         self.write(move |i, fx| i.create_function(&made, fx))
             .await?;
-        self.cache_function(&f.name, Some(f.clone()));
+        self.cache_function(&f.key(), Some(f.clone()));
         Ok(())
     }
 
@@ -652,26 +688,36 @@ impl Store for SledStore {
         let changed = f.clone();
         self.write(move |i, fx| i.update_function(&changed, fx))
             .await?;
-        self.cache_function(&f.name, Some(f.clone()));
+        self.cache_function(&f.key(), Some(f.clone()));
         Ok(())
     }
 
-    async fn get_function(&self, name: &Name) -> Result<Option<Function>> {
-        Ok(self.cached_functions().get(name).cloned())
+    async fn get_function(&self, key: &FnKey) -> Result<Option<Function>> {
+        Ok(self.cached_functions().by_key.get(key).cloned())
+    }
+
+    async fn function_by_secret(&self, secret: &str) -> Result<Option<Function>> {
+        let cache = self.cached_functions();
+        Ok(cache
+            .by_secret
+            .get(secret)
+            .and_then(|k| cache.by_key.get(k))
+            .cloned())
     }
 
     async fn list_functions(&self, owner: Option<&Name>) -> Result<Vec<Function>> {
         let mut all: Vec<Function> = self
             .cached_functions()
+            .by_key
             .values()
             .filter(|f| owner.is_none_or(|o| &f.owner == o))
             .cloned()
             .collect();
-        all.sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
+        all.sort_by(|a, b| (&a.name, &a.owner).cmp(&(&b.name, &b.owner)));
         Ok(all)
     }
 
-    async fn remove_function(&self, name: &Name) -> Result<()> {
+    async fn remove_function(&self, name: &FnKey) -> Result<()> {
         let _one = self.directory.lock().await;
         let n = name.clone();
         // Out of the cache first: intake stops taking its calls at once
@@ -682,7 +728,7 @@ impl Store for SledStore {
             if let Ok(Some(f)) = self
                 .read({
                     let n = name.clone();
-                    move |i| get::<Function>(i.tree(FUNCTIONS), n.as_str())
+                    move |i| get::<Function>(i.tree(FUNCTIONS), n.store_key().as_str())
                 })
                 .await
             {
@@ -692,18 +738,18 @@ impl Store for SledStore {
         removed
     }
 
-    async fn purge_function(&self, name: &Name) -> Result<()> {
+    async fn purge_function(&self, name: &FnKey) -> Result<()> {
         let n = name.clone();
         self.write(move |i, fx| i.purge_function(&n, fx)).await?;
         lock(&self.inner.evict_locks).remove(name);
         Ok(())
     }
 
-    async fn unpurged_functions(&self) -> Result<Vec<Name>> {
+    async fn unpurged_functions(&self) -> Result<Vec<FnKey>> {
         self.read(|i| i.unpurged_functions()).await
     }
 
-    async fn stats(&self, function: &Name) -> Result<FunctionStats> {
+    async fn stats(&self, function: &FnKey) -> Result<FunctionStats> {
         let name = function.clone();
         self.read(move |i| i.stats(&name)).await
     }
@@ -756,7 +802,7 @@ impl Store for SledStore {
         self.write(move |i, fx| i.finish(&id, outcome, fx)).await
     }
 
-    async fn cancel_queued(&self, function: &Name, message: &str) -> Result<usize> {
+    async fn cancel_queued(&self, function: &FnKey, message: &str) -> Result<usize> {
         let (function, message) = (function.clone(), message.to_string());
         self.write(move |i, fx| i.cancel_queued(&function, &message, fx))
             .await
@@ -767,7 +813,7 @@ impl Store for SledStore {
         self.write(move |i, fx| i.take_output(&id, fx)).await
     }
 
-    async fn live_calls(&self, function: &Name) -> Result<Vec<Call>> {
+    async fn live_calls(&self, function: &FnKey) -> Result<Vec<Call>> {
         let function = function.clone();
         self.read(move |i| i.live_calls(Some(&function))).await
     }
@@ -788,7 +834,7 @@ impl Store for SledStore {
 
     async fn events(
         &self,
-        function: &Name,
+        function: &FnKey,
         after: Option<u64>,
         call: Option<&CallId>,
         tail: Option<usize>,
@@ -798,7 +844,7 @@ impl Store for SledStore {
             .await
     }
 
-    async fn last_event_seq(&self, function: &Name) -> Result<Option<u64>> {
+    async fn last_event_seq(&self, function: &FnKey) -> Result<Option<u64>> {
         let function = function.clone();
         self.read(move |i| i.last_event_seq(&function)).await
     }

@@ -5,6 +5,11 @@ fn name(s: &str) -> Name {
     Name::parse(s).unwrap()
 }
 
+/// Alice's function `n`: the test functions are hers.
+fn key(n: &str) -> FnKey {
+    FnKey::new(name("alice"), name(n))
+}
+
 fn config() -> StoreConfig {
     StoreConfig {
         inline_max_bytes: 4,
@@ -99,13 +104,13 @@ async fn queue_is_fifo_per_owner_and_counts_follow() {
     run(&store, &a).await;
     assert_eq!(store.running_calls().await.unwrap().len(), 1);
     store.finish(&a.id, ok(b"out")).await.unwrap();
-    let s = store.stats(&name("f")).await.unwrap();
+    let s = store.stats(&key("f")).await.unwrap();
     assert_eq!(
         (s.total, s.pending, s.running, s.finished, s.failed),
         (2, 1, 0, 1, 0)
     );
     assert_eq!(s.output_bytes, 3);
-    assert_eq!(store.live_calls(&name("f")).await.unwrap().len(), 1);
+    assert_eq!(store.live_calls(&key("f")).await.unwrap().len(), 1);
     match store.take_output(&a.id).await.unwrap() {
         Some(OutputLookup::Output(_, out)) => assert_eq!(&out[..], b"out"),
         other => panic!("{other:?}"),
@@ -115,9 +120,9 @@ async fn queue_is_fifo_per_owner_and_counts_follow() {
         other => panic!("{other:?}"),
     }
     assert!(store.take_output(&CallId::new()).await.unwrap().is_none());
-    assert_eq!(store.stats(&name("f")).await.unwrap().output_bytes, 0);
+    assert_eq!(store.stats(&key("f")).await.unwrap().output_bytes, 0);
     let kinds: Vec<_> = store
-        .events(&name("f"), None, Some(&a.id), None)
+        .events(&key("f"), None, Some(&a.id), None)
         .await
         .unwrap()
         .into_iter()
@@ -157,7 +162,7 @@ async fn a_refused_accept_leaves_its_round_stored() {
     assert_eq!(stored.len(), 56);
     drop(store);
     let store = reopen(dir.path(), config());
-    let s = store.stats(&name("f")).await.unwrap();
+    let s = store.stats(&key("f")).await.unwrap();
     assert_eq!((s.total, s.pending), (56, 56));
     // Each call has its own payload, and the queue follows the seqs.
     stored.sort_by_key(|(c, _)| c.seq);
@@ -184,7 +189,7 @@ async fn output_cache_evicts_oldest_within_budget() {
         store.finish(&c.id, ok(&[7u8; 100])).await.unwrap();
         ids.push(c.id);
     }
-    assert_eq!(store.stats(&name("f")).await.unwrap().output_bytes, 200);
+    assert_eq!(store.stats(&key("f")).await.unwrap().output_bytes, 200);
     for id in &ids[..3] {
         assert_eq!(
             store.get_call(id).await.unwrap().unwrap().output,
@@ -265,16 +270,16 @@ async fn log_cache_stays_within_budget() {
         accept(&store, b"x").await;
     }
     // Eviction runs in the background, off the intake path.
-    let mut s = store.stats(&name("f")).await.unwrap();
+    let mut s = store.stats(&key("f")).await.unwrap();
     for _ in 0..100 {
         if s.log_bytes <= 2000 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        s = store.stats(&name("f")).await.unwrap();
+        s = store.stats(&key("f")).await.unwrap();
     }
     assert!(s.log_bytes <= 2000 && s.log_bytes > 1000, "{s:?}");
-    let events = store.events(&name("f"), None, None, None).await.unwrap();
+    let events = store.events(&key("f"), None, None, None).await.unwrap();
     let bytes: usize = events.iter().map(|(_, e)| encode(e).unwrap().len()).sum();
     assert_eq!(bytes as u64, s.log_bytes);
 }
@@ -286,7 +291,7 @@ async fn cancel_leaves_started_calls_to_the_scheduler() {
     let b = accept(&store, b"").await;
     run(&store, &a).await;
     assert_eq!(
-        store.cancel_queued(&name("f"), "cancelled").await.unwrap(),
+        store.cancel_queued(&key("f"), "cancelled").await.unwrap(),
         1
     );
     assert_eq!(
@@ -300,7 +305,7 @@ async fn cancel_leaves_started_calls_to_the_scheduler() {
     assert_eq!(store.queue_head(&name("alice")).await.unwrap(), None);
 
     // Removal: no new calls, then the purge waits for the running one.
-    store.remove_function(&name("f")).await.unwrap();
+    store.remove_function(&key("f")).await.unwrap();
     let refused = store
         .accept(
             Call::new(name("f"), name("alice"), 0, b"", vec![]),
@@ -311,14 +316,14 @@ async fn cancel_leaves_started_calls_to_the_scheduler() {
         matches!(refused, Err(StoreError::NotFound(_))),
         "{refused:?}"
     );
-    assert!(store.purge_function(&name("f")).await.is_err());
-    assert_eq!(store.unpurged_functions().await.unwrap(), vec![name("f")]);
+    assert!(store.purge_function(&key("f")).await.is_err());
+    assert_eq!(store.unpurged_functions().await.unwrap(), vec![key("f")]);
     assert!(
         store.create_function(&function("f")).await.is_err(),
         "a name is free again only after the purge"
     );
     store.finish(&a.id, ok(b"")).await.unwrap();
-    store.purge_function(&name("f")).await.unwrap();
+    store.purge_function(&key("f")).await.unwrap();
     assert!(store.get_call(&a.id).await.unwrap().is_none());
     assert!(store.unpurged_functions().await.unwrap().is_empty());
     store.create_function(&function("f")).await.unwrap();
@@ -336,7 +341,7 @@ async fn retention_prunes_ended_calls() {
     assert_eq!(store.prune(later).await.unwrap(), 1);
     assert!(store.get_call(&a.id).await.unwrap().is_none());
     assert!(store.take_output(&a.id).await.unwrap().is_none());
-    assert_eq!(store.stats(&name("f")).await.unwrap().output_bytes, 0);
+    assert_eq!(store.stats(&key("f")).await.unwrap().output_bytes, 0);
     assert!(
         store.get_call(&b.id).await.unwrap().is_some(),
         "live calls stay"
@@ -356,12 +361,12 @@ async fn state_survives_reopen() {
     }
     let store = reopen(dir.path(), config());
     assert_eq!(store.queue_head(&name("alice")).await.unwrap(), Some(id));
-    assert_eq!(store.stats(&name("f")).await.unwrap().pending, 1);
-    let tail = store.events(&name("f"), None, None, Some(1)).await.unwrap();
+    assert_eq!(store.stats(&key("f")).await.unwrap().pending, 1);
+    let tail = store.events(&key("f"), None, None, Some(1)).await.unwrap();
     assert_eq!(tail.len(), 1);
     assert_eq!(tail[0].1.kind, EventKind::Pending);
     assert_eq!(
-        store.last_event_seq(&name("f")).await.unwrap(),
+        store.last_event_seq(&key("f")).await.unwrap(),
         Some(tail[0].0)
     );
     assert_eq!(
@@ -384,7 +389,7 @@ async fn a_full_disk_refuses_intake_and_stores_nothing() {
         )
         .await;
     assert!(matches!(refused, Err(StoreError::Full(_))), "{refused:?}");
-    assert_eq!(store.stats(&name("f")).await.unwrap().total, 0);
+    assert_eq!(store.stats(&key("f")).await.unwrap().total, 0);
     assert!(store.health().await.is_err());
 }
 
@@ -446,14 +451,14 @@ async fn an_interrupted_staged_write_is_finished_on_open() {
     inner.db.flush().unwrap();
     drop(store);
     let store = reopen(dir.path(), config());
-    let s = store.stats(&name("f")).await.unwrap();
+    let s = store.stats(&key("f")).await.unwrap();
     assert_eq!((s.total, s.pending), (2, 2), "the accept was finished");
     assert_eq!(&run(&store, &first).await[..], b"1");
     let second = store.queue_head(&name("alice")).await.unwrap().unwrap();
     assert_eq!(second, call.id);
     drop(store);
     let store = reopen(dir.path(), config());
-    let s = store.stats(&name("f")).await.unwrap();
+    let s = store.stats(&key("f")).await.unwrap();
     assert_eq!(
         (s.total, s.pending, s.running),
         (2, 1, 1),

@@ -16,8 +16,16 @@ const NOT_ACCEPTED: &str = "not accepted: the cluster did not store the call in 
 pub fn call_key(id: &CallId) -> String {
     format!("c.{id}")
 }
-fn live_key(function: &Name, id: &CallId) -> String {
-    format!("l.{function}.{id}")
+fn live_key(function: &FnKey, id: &CallId) -> String {
+    format!("l.{}.{}.{id}", function.owner, function.name)
+}
+/// The subject of a call's output in its function's output stream.
+pub(super) fn output_subject(function: &FnKey, id: impl std::fmt::Display) -> String {
+    format!("hfo.{}.{}.{id}", function.owner, function.name)
+}
+/// The subject of a call's events in its function's log stream.
+pub(super) fn log_subject(function: &FnKey, id: impl std::fmt::Display) -> String {
+    format!("hfl.{}.{}.{id}", function.owner, function.name)
 }
 fn running_key(id: &CallId) -> String {
     format!("r.{id}")
@@ -63,7 +71,7 @@ enum Head {
 
 impl Inner {
     pub(super) async fn accept(&self, mut call: Call, payload: Bytes) -> Result<Call> {
-        if self.function(&call.function).await?.is_none() {
+        if self.function(&call.fn_key()).await?.is_none() {
             return Err(StoreError::NotFound(format!("function {}", call.function)));
         }
         // The owner's consumer exists before its first message.
@@ -101,7 +109,7 @@ impl Inner {
                 }
                 let (srev, stats) = self
                     .bucket
-                    .get::<FunctionStats>(&stats_key(&call.function))
+                    .get::<FunctionStats>(&stats_key(&call.fn_key()))
                     .await?;
                 let mut stats = stats.unwrap_or_default();
                 stats.total += 1;
@@ -109,8 +117,8 @@ impl Inner {
                 self.bucket
                     .commit(vec![
                         Op::Put(call_key(&call.id), enc(&call)?, Some(0)),
-                        Op::Put(live_key(&call.function, &call.id), Vec::new(), None),
-                        Op::Put(stats_key(&call.function), enc(&stats)?, Some(srev)),
+                        Op::Put(live_key(&call.fn_key(), &call.id), Vec::new(), None),
+                        Op::Put(stats_key(&call.fn_key()), enc(&stats)?, Some(srev)),
                     ])
                     .await
             }),
@@ -324,7 +332,7 @@ impl Inner {
             if call.state != CallState::Pending {
                 return Ok(Err(NotStarted::Ended));
             }
-            if self.function(&call.function).await?.is_none() {
+            if self.function(&call.fn_key()).await?.is_none() {
                 return Ok(Err(NotStarted::Fail(
                     "cancelled: the function was removed".to_string(),
                 )));
@@ -338,7 +346,7 @@ impl Inner {
             }
             let (srev, stats) = self
                 .bucket
-                .get::<FunctionStats>(&stats_key(&call.function))
+                .get::<FunctionStats>(&stats_key(&call.fn_key()))
                 .await?;
             let mut stats = stats.unwrap_or_default();
             call.transition(CallState::Running)
@@ -348,7 +356,7 @@ impl Inner {
             self.bucket
                 .commit(vec![
                     Op::Put(call_key(id), enc(&call)?, Some(rev)),
-                    Op::Put(stats_key(&call.function), enc(&stats)?, Some(srev)),
+                    Op::Put(stats_key(&call.fn_key()), enc(&stats)?, Some(srev)),
                     Op::Put(running_key(id), enc(&claim)?, None),
                 ])
                 .await?;
@@ -416,7 +424,7 @@ impl Inner {
                 .map_err(|e| Refused::Error(e.into()))?;
             let (srev, stats) = self
                 .bucket
-                .get::<FunctionStats>(&stats_key(&call.function))
+                .get::<FunctionStats>(&stats_key(&call.fn_key()))
                 .await
                 .inspect_err(|e| self.give_up(id, e))?;
             let mut stats = stats.unwrap_or_default();
@@ -425,7 +433,7 @@ impl Inner {
             self.bucket
                 .commit(vec![
                     Op::Put(call_key(id), enc(&call)?, Some(rev)),
-                    Op::Put(stats_key(&call.function), enc(&stats)?, Some(srev)),
+                    Op::Put(stats_key(&call.fn_key()), enc(&stats)?, Some(srev)),
                     Op::Del(running_key(id), None),
                 ])
                 .await?;
@@ -460,13 +468,13 @@ impl Inner {
             && call.state == CallState::Running
         {
             retry(|| async {
-                self.ensure_streams(&call.function).await?;
+                self.ensure_streams(&call.fn_key()).await?;
                 let mut h = async_nats::HeaderMap::new();
                 h.insert("Nats-Msg-Id", format!("out-{id}").as_str());
                 self.bucket
                     .js
                     .publish_with_headers(
-                        format!("hfo.{}.{id}", call.function),
+                        output_subject(&call.fn_key(), id),
                         h,
                         outcome.stdout.clone(),
                     )
@@ -476,7 +484,7 @@ impl Inner {
                     .map_err(|e| {
                         if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
                             // Purged and made again by another node: look again.
-                            lock(&self.streams).remove(&call.function);
+                            lock(&self.streams).remove(&call.fn_key());
                         }
                         Refused::Error(unavailable("storing the output", e))
                     })
@@ -516,18 +524,18 @@ impl Inner {
             }
             let (srev, stats) = self
                 .bucket
-                .get::<FunctionStats>(&stats_key(&call.function))
+                .get::<FunctionStats>(&stats_key(&call.fn_key()))
                 .await?;
             let mut stats = stats.unwrap_or_default();
             count(&mut stats, was, -1);
             count(&mut stats, call.state, 1);
-            let done = (call.finished_ms.unwrap_or_default(), call.function.clone());
+            let done = (call.finished_ms.unwrap_or_default(), call.fn_key());
             self.bucket
                 .commit(vec![
                     Op::Put(call_key(id), enc(&call)?, Some(rev)),
-                    Op::Put(stats_key(&call.function), enc(&stats)?, Some(srev)),
+                    Op::Put(stats_key(&call.fn_key()), enc(&stats)?, Some(srev)),
                     Op::Del(running_key(id), None),
-                    Op::Del(live_key(&call.function, id), None),
+                    Op::Del(live_key(&call.fn_key(), id), None),
                     Op::Put(done_key(id), enc(&done)?, None),
                 ])
                 .await?;
@@ -572,7 +580,7 @@ impl Inner {
         let mut call = Call::new(function.clone(), owner.clone(), seq, &[], Vec::new());
         call.id = *id;
         call.finish(&Outcome::failed(NOT_ACCEPTED))?;
-        let done = (call.finished_ms.unwrap_or_default(), function.clone());
+        let done = (call.finished_ms.unwrap_or_default(), call.fn_key());
         let ops = vec![
             Op::Put(call_key(id), enc(&call)?, Some(0)),
             Op::Put(done_key(id), enc(&done)?, None),
@@ -643,7 +651,7 @@ impl Inner {
         Ok(())
     }
 
-    pub(super) async fn cancel_queued(&self, function: &Name, message: &str) -> Result<usize> {
+    pub(super) async fn cancel_queued(&self, function: &FnKey, message: &str) -> Result<usize> {
         let mut cancelled = 0;
         for call in self.live_calls(function).await? {
             if call.state != CallState::Pending {
@@ -672,12 +680,12 @@ impl Inner {
         let stream = self
             .bucket
             .js
-            .get_stream_no_info(Self::output_stream(&call.function))
+            .get_stream_no_info(Self::output_stream(&call.fn_key()))
             .await
             .map_err(|e| unavailable("reading an output", e))?;
         // Read from the stream's leader: a replica might not have it yet.
         let found = stream
-            .get_last_raw_message_by_subject(&format!("hfo.{}.{id}", call.function))
+            .get_last_raw_message_by_subject(&output_subject(&call.fn_key(), id))
             .await;
         let message = match found {
             Ok(m) => Some(m),
@@ -719,9 +727,10 @@ impl Inner {
         }
     }
 
-    pub(super) async fn live_calls(&self, function: &Name) -> Result<Vec<Call>> {
+    pub(super) async fn live_calls(&self, function: &FnKey) -> Result<Vec<Call>> {
         let mut out = Vec::new();
-        for (k, _) in self.bucket.scan(&format!("l.{function}.")).await? {
+        let prefix = format!("l.{}.{}.", function.owner, function.name);
+        for (k, _) in self.bucket.scan(&prefix).await? {
             let Some(id) = k.rsplit('.').next().and_then(|s| CallId::parse(s).ok()) else {
                 continue;
             };
@@ -758,7 +767,7 @@ impl Inner {
     pub(super) async fn prune(&self, before_ms: u64) -> Result<usize> {
         let mut pruned = 0;
         for (k, v) in self.bucket.scan("d.").await? {
-            let (done, function): (u64, Name) = dec(&k, &v)?;
+            let (done, function): (u64, FnKey) = dec(&k, &v)?;
             if done >= before_ms {
                 continue;
             }
@@ -772,14 +781,14 @@ impl Inner {
     }
 
     /// Deletes an ended call's record, index entry and any output it holds.
-    async fn forget(&self, id: &CallId, function: &Name) -> Result<()> {
+    async fn forget(&self, id: &CallId, function: &FnKey) -> Result<()> {
         if let Ok(s) = self
             .bucket
             .js
             .get_stream_no_info(Self::output_stream(function))
             .await
         {
-            let _ = s.purge().filter(format!("hfo.{function}.{id}")).await;
+            let _ = s.purge().filter(output_subject(function, id)).await;
         }
         self.bucket
             .commit(vec![
@@ -794,7 +803,7 @@ impl Inner {
     }
 
     /// Deletes a removed function's calls, outputs, events and counters.
-    pub(super) async fn purge_function(&self, name: &Name) -> Result<()> {
+    pub(super) async fn purge_function(&self, name: &FnKey) -> Result<()> {
         if self.function(name).await?.is_some() {
             return Err(StoreError::Conflict(format!(
                 "function {name} exists: remove it first"
@@ -821,7 +830,7 @@ impl Inner {
                 })?;
         }
         for (k, v) in self.bucket.scan("d.").await? {
-            let (_, function): (u64, Name) = dec(&k, &v)?;
+            let (_, function): (u64, FnKey) = dec(&k, &v)?;
             if &function == name {
                 if let Ok(id) = CallId::parse(k.trim_start_matches("d.")) {
                     self.forget(&id, name).await?;
@@ -854,13 +863,13 @@ impl Inner {
         let _ = self
             .bucket
             .client
-            .publish(format!("hfl.{}.{}", call.function, call.id), bytes.into())
+            .publish(log_subject(&call.fn_key(), call.id), bytes.into())
             .await;
     }
 
     pub(super) async fn events(
         &self,
-        function: &Name,
+        function: &FnKey,
         after: Option<u64>,
         call: Option<&CallId>,
         tail: Option<usize>,
@@ -883,8 +892,8 @@ impl Inner {
             .await
             .map_err(|e| unavailable("reading a log", e))?;
         let filter = match call {
-            Some(id) => format!("hfl.{function}.{id}"),
-            None => format!("hfl.{function}.*"),
+            Some(id) => log_subject(function, id),
+            None => log_subject(function, "*"),
         };
         let deliver = consumer::DeliverPolicy::ByStartSequence {
             start_sequence: from,

@@ -12,8 +12,10 @@
 //!   cluster, handed out in order. A message stays unacknowledged while its
 //!   call runs (kept alive by progress acks) and is acknowledged once the
 //!   call's end is stored;
-//! - outputs and logs: per function the streams `HFO_FUNCTION` and
-//!   `HFL_FUNCTION`, bounded by the budgets (`max_bytes`, discard old);
+//! - outputs and logs: per function the streams `HFO_OWNER_NAME` and
+//!   `HFL_OWNER_NAME` (subjects `hfo.OWNER.NAME.CALL`, `hfl.OWNER.NAME.CALL`;
+//!   `_` is in no name, so a stream name is unambiguous), bounded by the
+//!   budgets (`max_bytes`, discard old);
 //! - node liveness: the bucket `hyperfuncd-nodes`, one key per node,
 //!   refreshed every `HEARTBEAT` and gone `NODE_TTL` after the last.
 //!
@@ -29,7 +31,7 @@ mod calls;
 mod kv;
 
 use super::{FunctionStats, OutputLookup, Result, Started, Store, StoreConfig, StoreError};
-use crate::model::{Call, CallId, CallState, Event, Function, Name, Outcome, User};
+use crate::model::{Call, CallId, CallState, Event, FnKey, Function, Name, Outcome, User};
 use async_nats::jetstream::{self, consumer, stream, AckKind};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -106,7 +108,7 @@ struct Inner {
     heads: Mutex<HashMap<Name, CallId>>,
     remote: Mutex<Option<mpsc::UnboundedReceiver<Name>>>,
     /// Functions whose output and log streams this node has made sure of.
-    streams: Mutex<HashSet<Name>>,
+    streams: Mutex<HashSet<FnKey>>,
     /// Set when a call's state change could not be settled (see `give_up`).
     fatal: tokio::sync::watch::Sender<Option<String>>,
 }
@@ -367,11 +369,29 @@ fn user_key(name: &Name) -> String {
 fn hash_key(hash: &[u8; 32]) -> String {
     format!("k.{}", hex::encode(hash))
 }
-fn function_key(name: &Name) -> String {
-    format!("f.{name}")
+fn function_key(key: &FnKey) -> String {
+    format!("f.{}.{}", key.owner, key.name)
 }
-fn stats_key(name: &Name) -> String {
-    format!("s.{name}")
+fn stats_key(key: &FnKey) -> String {
+    format!("s.{}.{}", key.owner, key.name)
+}
+/// The secret index: `x.SECRET` -> the function's key, written in the same
+/// batch as the record.
+fn secret_key(secret: &str) -> String {
+    format!("x.{secret}")
+}
+/// `OWNER.NAME` at the end of a `f.`/`s.` key.
+fn parse_key(rest: &str) -> Option<FnKey> {
+    let (owner, name) = rest.split_once('.')?;
+    Some(FnKey::new(
+        Name::parse(owner).ok()?,
+        Name::parse(name).ok()?,
+    ))
+}
+/// Only a secret of the shape this store makes (a hyphenated v4 UUID) may
+/// become part of a key: anything else is no function's.
+fn secret_shaped(s: &str) -> bool {
+    s.len() == 36 && s.bytes().all(|c| c.is_ascii_hexdigit() || c == b'-')
 }
 
 impl Inner {
@@ -515,35 +535,35 @@ impl Inner {
         Ok(c)
     }
 
-    async fn function(&self, name: &Name) -> Result<Option<Function>> {
-        Ok(self.bucket.get(&function_key(name)).await?.1)
+    async fn function(&self, key: &FnKey) -> Result<Option<Function>> {
+        Ok(self.bucket.get(&function_key(key)).await?.1)
     }
 
-    fn output_stream(name: &Name) -> String {
-        format!("HFO_{name}")
+    fn output_stream(key: &FnKey) -> String {
+        format!("HFO_{}", key.token())
     }
-    fn log_stream(name: &Name) -> String {
-        format!("HFL_{name}")
+    fn log_stream(key: &FnKey) -> String {
+        format!("HFL_{}", key.token())
     }
 
     /// The function's output and log streams, bounded by the budgets.
-    async fn ensure_streams(&self, name: &Name) -> Result<()> {
+    async fn ensure_streams(&self, name: &FnKey) -> Result<()> {
         retry(|| async { self.ensure_streams_once(name).await.map_err(Refused::Error) }).await
     }
 
-    async fn ensure_streams_once(&self, name: &Name) -> Result<()> {
+    async fn ensure_streams_once(&self, name: &FnKey) -> Result<()> {
         if lock(&self.streams).contains(name) {
             return Ok(());
         }
         for (stream_name, subject, budget) in [
             (
                 Self::output_stream(name),
-                format!("hfo.{name}.*"),
+                calls::output_subject(name, "*"),
                 self.config.output_budget,
             ),
             (
                 Self::log_stream(name),
-                format!("hfl.{name}.*"),
+                calls::log_subject(name, "*"),
                 self.config.log_budget,
             ),
         ] {
@@ -724,15 +744,16 @@ impl Store for NatsStore {
     // ---- functions ----
     async fn create_function(&self, f: &Function) -> Result<()> {
         let i = &self.inner;
+        let key = f.key();
         retry(|| async {
-            let (rev, old) = i.bucket.get::<Function>(&function_key(&f.name)).await?;
+            let (rev, old) = i.bucket.get::<Function>(&function_key(&key)).await?;
             if old.is_some() {
                 return Err(Refused::Error(StoreError::Conflict(format!(
                     "function {} already exists",
                     f.name
                 ))));
             }
-            let (srev, stats) = i.bucket.get::<FunctionStats>(&stats_key(&f.name)).await?;
+            let (srev, stats) = i.bucket.get::<FunctionStats>(&stats_key(&key)).await?;
             if stats.is_some() {
                 return Err(Refused::Error(StoreError::Conflict(format!(
                     "function {} is still being removed; try again in a moment",
@@ -741,38 +762,54 @@ impl Store for NatsStore {
             }
             i.bucket
                 .commit(vec![
-                    Op::Put(function_key(&f.name), enc(f)?, Some(rev)),
-                    Op::Put(
-                        stats_key(&f.name),
-                        enc(&FunctionStats::default())?,
-                        Some(srev),
-                    ),
+                    Op::Put(function_key(&key), enc(f)?, Some(rev)),
+                    Op::Put(stats_key(&key), enc(&FunctionStats::default())?, Some(srev)),
+                    Op::Put(secret_key(f.secret.as_str()), enc(&key)?, None),
                 ])
                 .await
         })
         .await?;
-        i.ensure_streams(&f.name).await
+        i.ensure_streams(&key).await
     }
 
     async fn update_function(&self, f: &Function) -> Result<()> {
         let i = &self.inner;
+        let key = f.key();
         retry(|| async {
-            let (rev, old) = i.bucket.get::<Function>(&function_key(&f.name)).await?;
-            if old.is_none() {
+            let (rev, old) = i.bucket.get::<Function>(&function_key(&key)).await?;
+            let Some(old) = old else {
                 return Err(Refused::Error(StoreError::NotFound(format!(
                     "function {}",
                     f.name
                 ))));
+            };
+            let mut ops = vec![Op::Put(function_key(&key), enc(f)?, Some(rev))];
+            if old.secret != f.secret {
+                ops.push(Op::Del(secret_key(old.secret.as_str()), None));
+                ops.push(Op::Put(secret_key(f.secret.as_str()), enc(&key)?, None));
             }
-            i.bucket
-                .commit(vec![Op::Put(function_key(&f.name), enc(f)?, Some(rev))])
-                .await
+            i.bucket.commit(ops).await
         })
         .await
     }
 
-    async fn get_function(&self, name: &Name) -> Result<Option<Function>> {
-        self.inner.function(name).await
+    async fn get_function(&self, key: &FnKey) -> Result<Option<Function>> {
+        self.inner.function(key).await
+    }
+
+    async fn function_by_secret(&self, secret: &str) -> Result<Option<Function>> {
+        if !secret_shaped(secret) {
+            return Ok(None);
+        }
+        let i = &self.inner;
+        let Some(key) = i.bucket.get::<FnKey>(&secret_key(secret)).await?.1 else {
+            return Ok(None);
+        };
+        // The record is the truth: an index entry a refresh left behind in
+        // a lost race names a function with another secret now.
+        Ok(i.function(&key)
+            .await?
+            .filter(|f| f.secret.as_str() == secret))
     }
 
     async fn list_functions(&self, owner: Option<&Name>) -> Result<Vec<Function>> {
@@ -783,44 +820,48 @@ impl Store for NatsStore {
                 all.push(f);
             }
         }
-        all.sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
+        all.sort_by(|a, b| (&a.name, &a.owner).cmp(&(&b.name, &b.owner)));
         Ok(all)
     }
 
-    async fn remove_function(&self, name: &Name) -> Result<()> {
+    async fn remove_function(&self, name: &FnKey) -> Result<()> {
         let i = &self.inner;
         retry(|| async {
             let (rev, old) = i.bucket.get::<Function>(&function_key(name)).await?;
-            if old.is_none() {
+            let Some(old) = old else {
                 return Err(Refused::Error(StoreError::NotFound(format!(
-                    "function {name}"
+                    "function {}",
+                    name.name
                 ))));
-            }
+            };
             i.bucket
-                .commit(vec![Op::Del(function_key(name), Some(rev))])
+                .commit(vec![
+                    Op::Del(function_key(name), Some(rev)),
+                    Op::Del(secret_key(old.secret.as_str()), None),
+                ])
                 .await
         })
         .await
     }
 
-    async fn purge_function(&self, name: &Name) -> Result<()> {
+    async fn purge_function(&self, name: &FnKey) -> Result<()> {
         self.inner.purge_function(name).await
     }
 
-    async fn unpurged_functions(&self) -> Result<Vec<Name>> {
+    async fn unpurged_functions(&self) -> Result<Vec<FnKey>> {
         let i = &self.inner;
         let mut out = Vec::new();
         for (k, _) in i.bucket.scan("s.").await? {
-            if let Ok(n) = Name::parse(k.trim_start_matches("s.")) {
-                if i.function(&n).await?.is_none() {
-                    out.push(n);
+            if let Some(key) = parse_key(k.trim_start_matches("s.")) {
+                if i.function(&key).await?.is_none() {
+                    out.push(key);
                 }
             }
         }
         Ok(out)
     }
 
-    async fn stats(&self, function: &Name) -> Result<FunctionStats> {
+    async fn stats(&self, function: &FnKey) -> Result<FunctionStats> {
         let i = &self.inner;
         let mut stats: FunctionStats = i
             .bucket
@@ -880,7 +921,7 @@ impl Store for NatsStore {
         self.inner.end(id, outcome, Some(CallState::Running)).await
     }
 
-    async fn cancel_queued(&self, function: &Name, message: &str) -> Result<usize> {
+    async fn cancel_queued(&self, function: &FnKey, message: &str) -> Result<usize> {
         self.inner.cancel_queued(function, message).await
     }
 
@@ -888,7 +929,7 @@ impl Store for NatsStore {
         self.inner.take_output(id).await
     }
 
-    async fn live_calls(&self, function: &Name) -> Result<Vec<Call>> {
+    async fn live_calls(&self, function: &FnKey) -> Result<Vec<Call>> {
         self.inner.live_calls(function).await
     }
 
@@ -903,7 +944,7 @@ impl Store for NatsStore {
     // ---- logs ----
     async fn events(
         &self,
-        function: &Name,
+        function: &FnKey,
         after: Option<u64>,
         call: Option<&CallId>,
         tail: Option<usize>,
@@ -911,7 +952,7 @@ impl Store for NatsStore {
         self.inner.events(function, after, call, tail).await
     }
 
-    async fn last_event_seq(&self, function: &Name) -> Result<Option<u64>> {
+    async fn last_event_seq(&self, function: &FnKey) -> Result<Option<u64>> {
         let (_, last) = self
             .inner
             .stream_bytes(&Inner::log_stream(function))
