@@ -11,8 +11,8 @@
 //! `docker run` containers labelled with this run's id, and the temp dir
 //! itself. It must never touch the user's own daemon or data dir, never
 //! pull an image, and never leave a container, a process or a temp dir
-//! behind, whether it ends in success, error or Ctrl-C. Unlike the rest of the CLI it runs the `docker` CLI: the
-//! baseline is `docker run` itself.
+//! behind, whether it ends in success, error or Ctrl-C. Unlike the rest of
+//! the CLI it runs the `docker` CLI: the baseline is `docker run` itself.
 
 mod cluster;
 mod daemon;
