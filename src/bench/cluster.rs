@@ -256,13 +256,21 @@ pub(super) async fn bench_cluster(args: &BenchArgs) -> anyhow::Result<()> {
         ));
         let wall = parallel(args.batch, c, |_| raw.call(&payload)).await?;
         report.raw.throughput.push(rate(args.batch, wall));
-        daemon_batch(&sled, &sled_f, &payload, args.batch, c, &mut report.sled).await?;
+        daemon_batch(&sled, &sled_f, &payload, args.batch, c, &mut report.sled)
+            .await
+            .context("a call to the sled daemon")?;
         let before = cpu_of(&[&a, &b])?;
         // Call i goes to node i % 2 and is waited for on the same node; where
         // it runs is up to the cluster.
         let wall = parallel(args.batch, c, |i| {
             let (d, f) = nodes[i % nodes.len()];
-            d.async_call(f, &payload)
+            let node = ["A", "B"][i % nodes.len()];
+            let payload = &payload;
+            async move {
+                d.async_call(f, payload)
+                    .await
+                    .with_context(|| format!("a call submitted to node {node}"))
+            }
         })
         .await?;
         report.cluster.throughput.push(rate(args.batch, wall));
