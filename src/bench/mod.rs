@@ -98,6 +98,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 10000)]
     pub accept: usize,
     /// Concurrent submitters (one keep-alive HTTPS client) for the accepted-calls/s row
+    /// (and `--cluster`'s accept runs)
     #[arg(long, default_value_t = 4)]
     pub clients: usize,
     /// Calls queued (the accepted ones count) when the daemon's RSS is read
