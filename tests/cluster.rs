@@ -630,6 +630,134 @@ fn kill_9_between_a_stored_end_and_its_ack_runs_nothing_twice() {
 }
 
 #[test]
+fn logs_follow_on_one_node_streams_a_call_that_runs_on_the_other() {
+    let _one = one_at_a_time();
+    let nats = NatsCluster::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = Daemon::start_on(&data_dir(&tmp, "a"), &nats.config(""));
+    // B runs one call at a time: a nap keeps it busy, so the call it
+    // accepts next can only run on A.
+    let b = join(
+        &a,
+        &data_dir(&tmp, "b"),
+        &nats.config("[scheduler]\nhost_max_running = 1\n"),
+    );
+    let events = events_of(&[&a, &b]);
+    a.create("nap", &[IMAGE, "sleep", "8"]);
+    a.create("echo", &[IMAGE, "cat"]);
+    let mut naps = Vec::new();
+    while !created_on(&events, "nap").values().any(|n| n.contains(&1)) {
+        assert!(
+            naps.len() < 6,
+            "no nap ran on B: {:?}",
+            created_on(&events, "nap")
+        );
+        naps.push(b.call("nap", b""));
+        std::thread::sleep(Duration::from_millis(700));
+    }
+
+    use std::io::BufRead;
+    let mut follow = Command::new(BIN)
+        .args(["func", "logs", "--follow", "echo"])
+        .env("HYPERFUNC_PROFILE", b.profile())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("func logs --follow");
+    let out = follow.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let id = b.call("echo", b"followed from B");
+    let mut seen: Vec<String> = Vec::new();
+    while !seen
+        .iter()
+        .any(|l| l.contains(&id) && l.contains("[FINISHED]"))
+    {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(l) => seen.push(l),
+            Err(_) => panic!("--follow on B showed no FINISHED event of {id}; saw {seen:?}"),
+        }
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let created = created_on(&events, "echo");
+    assert_eq!(
+        created.get(&id),
+        Some(&vec![0]),
+        "echo ran on A only: {created:?}"
+    );
+    let kinds: Vec<&str> = seen
+        .iter()
+        .filter(|l| l.contains(&id))
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    let started = kinds.iter().position(|k| *k == "[RUNNING]");
+    let finished = kinds.iter().position(|k| *k == "[FINISHED]");
+    assert!(
+        matches!((started, finished), (Some(s), Some(f)) if s < f),
+        "B streamed the call's start, then its end: {seen:?}"
+    );
+    let ended = wait_ended(&a, &naps, 60);
+    assert!(ended.iter().all(|c| c["State"] == "FINISHED"), "{ended:?}");
+    a.finish();
+    b.finish();
+}
+
+#[test]
+fn a_5_mib_payload_accepted_on_one_node_is_fetched_byte_exact_from_the_other() {
+    let _one = one_at_a_time();
+    let nats = NatsCluster::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = Daemon::start_on(&data_dir(&tmp, "a"), &nats.config(""));
+    let b = join(&a, &data_dir(&tmp, "b"), &nats.config(""));
+    let url = a.create("big", &[IMAGE, "cat"]);
+    let url_b = url.replace(&a.addr(), &b.addr());
+    let exact: Vec<u8> = (0..5 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let mut over = exact.clone();
+    over.push(1);
+    let big = tmp.path().join("big");
+
+    // One byte over the limit, into B: refused before anything is stored.
+    std::fs::write(&big, &over).expect("write payload");
+    let (code, body) = b.curl(&["--data-binary", &format!("@{}", big.display()), &url_b]);
+    assert_eq!(code, 413, "{}", String::from_utf8_lossy(&body));
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON error");
+    assert_eq!(v["error"]["code"], "payload_too_large");
+    for d in [&a, &b] {
+        assert_eq!(
+            d.status("big")["Total"],
+            0,
+            "a refused body creates no call"
+        );
+        assert_eq!(d.ok(&["func", "logs", "big"]), "", "and no log event");
+    }
+
+    // Exactly the limit, into A; its output fetched from B.
+    std::fs::write(&big, &exact).expect("write payload");
+    let (code, body) = a.curl(&["--data-binary", &format!("@{}", big.display()), &url]);
+    assert_eq!(code, 202, "{}", String::from_utf8_lossy(&body));
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON answer");
+    let id = v["CallId"].as_str().expect("a call id").to_string();
+    let out = b.cli(&["func", "get", "--wait", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        out.stdout == exact,
+        "the output fetched from B is the 5 MiB payload, byte for byte ({} bytes)",
+        out.stdout.len()
+    );
+    assert_eq!(b.status("big")["Total"], 1, "one call stored");
+    a.finish();
+    b.finish();
+}
+
+#[test]
 fn two_users_own_one_function_name_across_nodes() {
     let _one = one_at_a_time();
     let nats = NatsCluster::start();

@@ -25,6 +25,24 @@ impl Function {
             output: format!("{base}/output/{rest}"),
         })
     }
+
+    /// The same function's URLs on another node of a shared store.
+    pub(super) fn on(&self, node: &Daemon) -> anyhow::Result<Function> {
+        let endpoint = node
+            .profile
+            .endpoint
+            .as_deref()
+            .ok_or_else(|| anyhow!("the daemon's profile names no endpoint"))?;
+        let (_, rest) = self
+            .call
+            .rsplit_once("/call/")
+            .ok_or_else(|| anyhow!("unexpected function address {}", self.call))?;
+        Ok(Function {
+            name: self.name.clone(),
+            call: format!("{}/call/{rest}", endpoint.trim_end_matches('/')),
+            output: format!("{}/output/{rest}", endpoint.trim_end_matches('/')),
+        })
+    }
 }
 
 /// `hyperfuncd serve` on its own data dir and port, with an admin client.
@@ -54,18 +72,48 @@ impl Daemon {
         network: &str,
         pool: usize,
     ) -> anyhow::Result<Daemon> {
+        Daemon::start_with(root, name, network, pool, "", None).await
+    }
+
+    /// A daemon whose config ends with `extra` (whole TOML tables). With
+    /// `join`, it starts with a copy of that daemon's admin profile, as a
+    /// second node of a shared store must (README, scale-out): it keeps the
+    /// admin key the first node made.
+    pub(super) async fn start_with(
+        root: &Path,
+        name: &str,
+        network: &str,
+        pool: usize,
+        extra: &str,
+        join: Option<&Daemon>,
+    ) -> anyhow::Result<Daemon> {
         let dir = root.join(name);
         std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let data = dir.join("data");
         // Port 0: the daemon picks a free port and writes it into its admin
         // profile, so no other process can take it between choice and bind.
         let config = format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = {}\n\n[container]\nnetwork_mode = {}\n\n[pool]\nper_function = {pool}\nhost_max = {}\n",
+            "listen = \"127.0.0.1:0\"\ndata_dir = {}\n\n[container]\nnetwork_mode = {}\n\n[pool]\nper_function = {pool}\nhost_max = {}\n{extra}",
             toml::Value::String(data.to_string_lossy().into_owned()),
             toml::Value::String(network.to_string()),
             // Room for the `--runtime` rows' function beside the main one.
             (2 * pool).max(POOL_HOST_MAX),
         );
+        // The copied profile names the first node's endpoint until this one
+        // rewrites it with its own.
+        let stale_endpoint = match join {
+            Some(first) => {
+                std::fs::DirBuilder::new()
+                    .mode(0o700)
+                    .create(&data)
+                    .with_context(|| format!("cannot create {}", data.display()))?;
+                let from = first.process.dir.join("data").join("admin-profile.toml");
+                std::fs::copy(&from, data.join("admin-profile.toml"))
+                    .with_context(|| format!("cannot copy {}", from.display()))?;
+                first.profile.endpoint.clone()
+            }
+            None => None,
+        };
         let config_path = dir.join("config.toml");
         std::fs::write(&config_path, config)
             .with_context(|| format!("cannot write {}", config_path.display()))?;
@@ -90,7 +138,7 @@ impl Daemon {
             dir,
             instance: String::new(),
         };
-        let profile = process.wait_profile(&data).await?;
+        let profile = process.wait_profile(&data, stale_endpoint).await?;
         let admin = Client::new(&profile)?;
         process.instance = wait_healthy(&admin, &profile).await?;
         progress(&format!(
@@ -347,7 +395,13 @@ pub(super) async fn wait_healthy(admin: &Client, profile: &Profile) -> anyhow::R
 
 impl Process {
     /// Waits for the admin profile the daemon writes once it listens.
-    pub(super) async fn wait_profile(&mut self, data: &Path) -> anyhow::Result<Profile> {
+    /// A profile still naming `stale` (the endpoint of the node whose
+    /// profile was copied here) is not this daemon's yet.
+    pub(super) async fn wait_profile(
+        &mut self,
+        data: &Path,
+        stale: Option<String>,
+    ) -> anyhow::Result<Profile> {
         let deadline = Instant::now() + START_TIMEOUT;
         let path = data.join("admin-profile.toml");
         loop {
@@ -358,7 +412,10 @@ impl Process {
                 }
             }
             if let Ok(p) = Profile::load(&path) {
-                if p.endpoint.is_some() && p.key.is_some() {
+                if p.endpoint.is_some()
+                    && p.key.is_some()
+                    && (stale.is_none() || p.endpoint != stale)
+                {
                     return Ok(p);
                 }
             }
@@ -396,6 +453,17 @@ impl Process {
         let path = format!("/proc/{}/stat", self.pid);
         let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
         parse_cpu_ticks(&stat).ok_or_else(|| anyhow!("unexpected format of {path}"))
+    }
+
+    /// SIGTERM without waiting, so that several daemons stop at once;
+    /// `stop` then waits.
+    pub(super) fn terminate(&self) {
+        if self.child.is_some() {
+            // SAFETY: as in `stop`: our own child, not reaped yet.
+            unsafe {
+                libc::kill(self.pid as libc::pid_t, libc::SIGTERM);
+            }
+        }
     }
 
     /// SIGTERM, wait for the exit, then remove any container of this daemon

@@ -2,14 +2,19 @@
 //! measured in one run on the same Engine, image and network mode, printed
 //! as one table on stdout (progress goes to stderr).
 //!
+//! With `--cluster` it measures instead one sled daemon against two nodes
+//! on a three-server NATS JetStream cluster it starts itself (`cluster.rs`).
+//!
 //! It owns everything it measures: private daemons started from this very
-//! executable on a temp data dir and a loopback port, raw `docker run`
-//! containers labelled with this run's id, and the temp dir itself. It must
-//! never touch the user's own daemon or data dir, never pull an image, and
-//! never leave a container or a temp dir behind, whether it ends in success,
-//! error or Ctrl-C. Unlike the rest of the CLI it runs the `docker` CLI: the
-//! baseline is `docker run` itself.
+//! executable on a temp data dir and a loopback port, with `--cluster` the
+//! `nats-server`s on loopback ports with their stores in that dir, raw
+//! `docker run` containers labelled with this run's id, and the temp dir
+//! itself. It must never touch the user's own daemon or data dir, never
+//! pull an image, and never leave a container, a process or a temp dir
+//! behind, whether it ends in success, error or Ctrl-C. Unlike the rest of
+//! the CLI it runs the `docker` CLI: the baseline is `docker run` itself.
 
+mod cluster;
 mod daemon;
 mod raw;
 mod report;
@@ -23,6 +28,7 @@ use crate::runtime::{LABEL_CALL, LABEL_INSTANCE, LABEL_POOL};
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
 use clap::Args;
+use cluster::*;
 use daemon::*;
 use raw::*;
 use report::*;
@@ -92,6 +98,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 10000)]
     pub accept: usize,
     /// Concurrent submitters (one keep-alive HTTPS client) for the accepted-calls/s row
+    /// (and `--cluster`'s accept runs)
     #[arg(long, default_value_t = 4)]
     pub clients: usize,
     /// Calls queued (the accepted ones count) when the daemon's RSS is read
@@ -102,6 +109,18 @@ pub struct BenchArgs {
     /// of the same image. The Engine must have it registered
     #[arg(long)]
     pub runtime: Option<String>,
+    /// Instead of the default rows: one sled daemon against two nodes on a
+    /// three-server NATS JetStream cluster (R3) that the bench starts on
+    /// loopback; finished calls/s at each `--concurrency` (with docker run)
+    /// and durable accepts/s for `--seconds`. Needs nats-server
+    #[arg(long)]
+    pub cluster: bool,
+    /// The nats-server binary for `--cluster` (default: nats-server on PATH)
+    #[arg(long, value_name = "PATH", requires = "cluster")]
+    pub nats_server: Option<PathBuf>,
+    /// Seconds each durable-accepts run of `--cluster` lasts
+    #[arg(long, default_value_t = 10, requires = "cluster")]
+    pub seconds: u64,
 }
 
 impl BenchArgs {
@@ -121,6 +140,12 @@ impl BenchArgs {
         if let Some(r) = &self.runtime {
             crate::model::validate_runtime_name(r).map_err(|e| anyhow!("--runtime: {e}"))?;
         }
+        if self.cluster && self.runtime.is_some() {
+            bail!("--runtime and --cluster measure different rows: give one of them");
+        }
+        if self.cluster && self.seconds == 0 {
+            bail!("--seconds must be at least 1");
+        }
         Ok(())
     }
 }
@@ -130,12 +155,20 @@ impl BenchArgs {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     args.validate()?;
     tokio::select! {
-        r = bench(&args) => r,
+        r = async {
+            if args.cluster {
+                bench_cluster(&args).await
+            } else {
+                bench(&args).await
+            }
+        } => r,
         _ = tokio::signal::ctrl_c() => bail!("interrupted"),
     }
 }
 
-async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+/// The Engine's version, the temp dir, and the image (built if it is the
+/// default and absent): what every mode needs first.
+async fn prepare(args: &BenchArgs) -> anyhow::Result<(String, TempDir, String)> {
     let engine = docker(
         &["version", "--format", "{{.Server.Version}}"],
         DOCKER_TIMEOUT,
@@ -155,6 +188,11 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         }
         None => default_image(&tmp.0).await?,
     };
+    Ok((engine.trim().to_string(), tmp, image))
+}
+
+async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    let (engine, tmp, image) = prepare(args).await?;
     let run_id = uuid::Uuid::new_v4().simple().to_string();
     // Drops after the daemons (declared later), so raw leftovers go too.
     let _raw_cleanup = LabelCleanup(format!("{LABEL_BENCH}={run_id}"));
@@ -167,7 +205,7 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     let payload = Bytes::from_static(PAYLOAD);
     let mut report = Report {
         image: image.clone(),
-        engine: engine.trim().to_string(),
+        engine,
         ..Report::default()
     };
 
