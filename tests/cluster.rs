@@ -770,3 +770,45 @@ fn two_users_own_one_function_name_across_nodes() {
     b.finish();
     a.finish();
 }
+
+#[test]
+fn func_rm_force_on_one_node_stops_the_calls_running_on_the_other() {
+    let _one = one_at_a_time();
+    let nats = NatsCluster::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // One call at a time per node: two long calls run one on each.
+    let one = "[scheduler]\nhost_max_running = 1\n";
+    let a = Daemon::start_on(&data_dir(&tmp, "a"), &nats.config(one));
+    let b = join(&a, &data_dir(&tmp, "b"), &nats.config(one));
+    let events = events_of(&[&a, &b]);
+    a.create("long", &[IMAGE, "sleep", "600"]);
+    let ids = [a.call("long", b""), b.call("long", b"")];
+    a.wait_until(60, "a long call running on each node", || {
+        let created = created_on(&events, "long");
+        let mut nodes: Vec<usize> = created.values().flatten().copied().collect();
+        nodes.sort_unstable();
+        nodes == [0, 1]
+            && ids
+                .iter()
+                .all(|id| call_state(&a, id)["State"] == "RUNNING")
+    });
+
+    // Removed through A: B notices within its poll and kills its call, so
+    // the removal completes instead of timing out on B's call.
+    let out = a.cli(&["func", "rm", "--force", "long"]);
+    assert!(
+        out.status.success(),
+        "func rm --force on A: {}\nB's log:\n{}",
+        stderr(&out),
+        b.log()
+    );
+    for d in [&a, &b] {
+        d.wait_until(30, "no container of long on either node", || {
+            d.containers(false).is_empty()
+        });
+        let (code, _) = d.api("/v1/functions/long");
+        assert_eq!(code, 404, "the function is gone everywhere");
+    }
+    b.finish();
+    a.finish();
+}

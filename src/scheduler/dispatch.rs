@@ -4,7 +4,7 @@
 //! its outcome made durable before its container is removed.
 
 use super::{call_env, Scheduler};
-use crate::model::{Call, CallId, Name};
+use crate::model::{Call, CallId, FnKey, Name};
 use crate::runtime::{RunSpec, RuntimeError, Warm, WarmSpec};
 use crate::store::{Started, StoreError};
 use futures_util::future::FutureExt;
@@ -45,6 +45,7 @@ impl Drop for Slot {
                 .is_some_and(|(g, _)| *g == self.generation)
             {
                 st.cancels.remove(&self.id);
+                st.functions.remove(&self.id);
             }
         }
         self.scheduler.changed();
@@ -97,6 +98,8 @@ impl Scheduler {
             st.generation += 1;
             let generation = st.generation;
             st.cancels.insert(id, (generation, token.clone()));
+            st.functions
+                .insert(id, FnKey::new(call.owner.clone(), call.function.clone()));
             st.ready.push_back(owner.clone());
             (previous, generation)
         };

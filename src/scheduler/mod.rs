@@ -64,6 +64,9 @@ struct DispatchState {
     running_total: u32,
     /// One token per running call, to cancel it.
     cancels: HashMap<CallId, (u64, CancellationToken)>,
+    /// The function of each running call, for a shared store: another
+    /// node may remove it (`cancel_removed`).
+    functions: HashMap<CallId, FnKey>,
     /// Tells apart two runs of one call (requeued after an Engine refusal).
     generation: u64,
     /// Per owner: resolves once the owner's latest dispatched call has its
@@ -207,6 +210,34 @@ impl Scheduler {
         }
     }
 
+    /// For a shared store: cancels this node's running calls whose function
+    /// another node removed (`func rm --force` there waits for them to end).
+    /// A function cannot be created again while calls of its old self are
+    /// live, so a missing record is the removal.
+    async fn cancel_removed(&self) {
+        let running: HashSet<FnKey> = self.state().functions.values().cloned().collect();
+        for key in running {
+            match self.store.get_function(&key).await {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    let ids: Vec<CallId> = {
+                        let st = self.state();
+                        st.functions
+                            .iter()
+                            .filter(|(_, k)| **k == key)
+                            .map(|(id, _)| *id)
+                            .collect()
+                    };
+                    tracing::debug!(function = %key, calls = ids.len(), "function removed elsewhere: cancelling its calls here");
+                    for id in &ids {
+                        self.cancel(id);
+                    }
+                }
+                Err(e) => tracing::debug!(function = %key, error = %e, "reading a function failed"),
+            }
+        }
+    }
+
     /// Drains the queues until `shutdown` fires.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
@@ -246,6 +277,7 @@ impl Scheduler {
                         Ok(owners) => owners.iter().for_each(|o| self.queued(o)),
                         Err(e) => tracing::debug!(error = %e, "listing queues failed"),
                     }
+                    self.cancel_removed().await;
                 }
                 _ = expire.tick() => {
                     let removed = self.pool.expire();
