@@ -305,12 +305,14 @@ async fn route(svc: &Arc<Service>, mut req: Req) -> ApiResult {
             Ok(json_response(status, &h))
         }
         Op::Metrics => {
-            // Any valid key: queue sizes are not for the whole network.
-            authenticate(svc, &req.headers).await?;
-            Ok(text_response(
-                crate::metrics::render(svc).await,
-                "text/plain; version=0.0.4",
-            ))
+            // Any valid key: queue sizes are not for the whole network. A
+            // user sees their own series only; the admin, everyone's.
+            let caller = authenticate(svc, &req.headers).await?;
+            let mut text = crate::metrics::render(svc).await;
+            if !caller.admin {
+                text = crate::metrics::for_user(&text, caller.name.as_str());
+            }
+            Ok(text_response(text, "text/plain; version=0.0.4"))
         }
         Op::OpenApi => Ok(text_response(OPENAPI.to_string(), "application/yaml")),
         // The dashboard: static files only; it calls `/v1` like the CLI.
