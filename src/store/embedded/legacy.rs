@@ -433,9 +433,10 @@ mod tests {
             }
             // A new field is stored and read back; the layout is now 3.
             let key = FnKey::new(Name::parse("alice").unwrap(), made[0].0.clone());
-            let mut f = store.get_function(&key).await.unwrap().unwrap();
+            let read = store.get_function(&key).await.unwrap().unwrap();
+            let mut f = read.clone();
             f.spec.runtime = Some("runsc".into());
-            store.update_function(&f).await.unwrap();
+            store.update_function(&read, &f).await.unwrap();
             drop(store);
             let store = open(dir.path());
             let again = store.get_function(&key).await.unwrap().unwrap();
