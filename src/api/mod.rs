@@ -344,6 +344,13 @@ async fn v1(
             Ok(json_response(StatusCode::OK, &list))
         }
         Op::CreateFunction => {
+            // Not "the caller's own" silently: an admin naming someone would
+            // otherwise get a function of their own under that name.
+            if req.query.contains_key("owner") {
+                return Err(ApiError::bad_request(
+                    "owner= is not accepted here: a function is created by its owner's key",
+                ));
+            }
             let body: FunctionCreate = json_body(svc, req.body).await?;
             let name = Name::parse(&body.name)?;
             let spec = FunctionSpec {
