@@ -29,6 +29,8 @@
 
 mod calls;
 mod kv;
+#[cfg(test)]
+mod tests;
 
 use super::{
     changed_meanwhile, FunctionStats, OutputLookup, Result, Started, Store, StoreConfig, StoreError,
