@@ -220,6 +220,78 @@ pub async fn render(svc: &Service) -> String {
     handle.render()
 }
 
+/// `text` (an exposition from `render`) as `user` may see it: every
+/// series whose `owner` or `user` label names someone else is dropped, so a
+/// tenant's scrape says nothing of other users or their function names
+/// (ARCHITECTURE: lookups say nothing of other users' names). Series
+/// without such a label (process-wide figures) stay. A family left without
+/// samples loses its `# HELP`/`# TYPE` lines too. A sample line that does
+/// not parse is dropped: when in doubt, show less.
+pub fn for_user(text: &str, user: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for block in text.split_terminator("\n\n") {
+        let mut comments = Vec::new();
+        let mut samples = Vec::new();
+        let mut had_samples = false;
+        for line in block.lines().filter(|l| !l.is_empty()) {
+            if line.starts_with('#') {
+                comments.push(line);
+                continue;
+            }
+            had_samples = true;
+            let visible = series_labels(line).is_some_and(|labels| {
+                labels
+                    .iter()
+                    .all(|(k, v)| !matches!(k.as_str(), "owner" | "user") || v == user)
+            });
+            if visible {
+                samples.push(line);
+            }
+        }
+        if had_samples && samples.is_empty() {
+            continue;
+        }
+        for line in comments.into_iter().chain(samples) {
+            out.push_str(line);
+            out.push('\n');
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The labels of a sample line `name{k="v",...} value`, values unescaped;
+/// `None` if the line is not of that shape.
+fn series_labels(line: &str) -> Option<Vec<(String, String)>> {
+    let Some(open) = line.find('{') else {
+        // `name value`: no labels.
+        return (!line.trim().is_empty()).then(Vec::new);
+    };
+    let mut rest = line.get(open + 1..)?;
+    let mut labels = Vec::new();
+    loop {
+        if let Some(after) = rest.strip_prefix('}') {
+            return after.starts_with(' ').then_some(labels);
+        }
+        let (key, after) = rest.split_once("=\"")?;
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            match chars.next()? {
+                (i, '"') => break i,
+                (_, '\\') => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    c => value.push(c),
+                },
+                (_, c) => value.push(c),
+            }
+        };
+        labels.push((key.to_string(), value));
+        rest = after.get(end + 1..)?;
+        rest = rest.strip_prefix(',').unwrap_or(rest);
+    }
+}
+
 /// What each metric means, in the exposition's `# HELP` lines.
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
@@ -311,6 +383,65 @@ pub fn describe() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const SCRAPE: &str = "\
+# HELP hyperfuncd_calls_total Calls that ended.
+# TYPE hyperfuncd_calls_total counter
+hyperfuncd_calls_total{function=\"ok\",owner=\"alice\",state=\"finished\"} 3
+hyperfuncd_calls_total{function=\"ok\",owner=\"bob\",state=\"finished\"} 2
+
+# TYPE hyperfuncd_pool_hits_total counter
+hyperfuncd_pool_hits_total{function=\"secret-project\",owner=\"bob\"} 1
+
+# HELP hyperfuncd_queued_calls Calls waiting.
+# TYPE hyperfuncd_queued_calls gauge
+hyperfuncd_queued_calls{user=\"bob\"} 0
+hyperfuncd_queued_calls{user=\"alice\"} 1
+
+# TYPE hyperfuncd_engine_up gauge
+hyperfuncd_engine_up 1
+
+# TYPE hyperfuncd_call_run_seconds histogram
+hyperfuncd_call_run_seconds_bucket{function=\"ok\",owner=\"alice\",le=\"+Inf\"} 3
+hyperfuncd_call_run_seconds_sum{function=\"ok\",owner=\"alice\"} 0.5
+hyperfuncd_call_run_seconds_count{function=\"ok\",owner=\"alice\"} 3
+hyperfuncd_call_run_seconds_bucket{function=\"ok\",owner=\"bob\",le=\"+Inf\"} 2
+hyperfuncd_call_run_seconds_sum{function=\"ok\",owner=\"bob\"} 0.1
+hyperfuncd_call_run_seconds_count{function=\"ok\",owner=\"bob\"} 2
+
+# TYPE hyperfuncd_http_requests_total counter
+hyperfuncd_http_requests_total{route=\"call\",status=\"202\"} 5
+hyperfuncd_odd{owner=\"alice\\\"x\"} 1
+hyperfuncd_broken{owner=\"alice 1
+
+";
+
+    #[test]
+    fn a_tenant_sees_only_its_own_series() {
+        let alice = for_user(SCRAPE, "alice");
+        assert!(!alice.contains("bob"), "{alice}");
+        assert!(!alice.contains("secret-project"), "{alice}");
+        // A family with nothing left loses its header too.
+        assert!(!alice.contains("hyperfuncd_pool_hits_total"), "{alice}");
+        for line in [
+            "# HELP hyperfuncd_calls_total Calls that ended.",
+            "hyperfuncd_calls_total{function=\"ok\",owner=\"alice\",state=\"finished\"} 3",
+            "hyperfuncd_queued_calls{user=\"alice\"} 1",
+            "hyperfuncd_engine_up 1",
+            "hyperfuncd_call_run_seconds_count{function=\"ok\",owner=\"alice\"} 3",
+            "hyperfuncd_http_requests_total{route=\"call\",status=\"202\"} 5",
+        ] {
+            assert!(alice.lines().any(|l| l == line), "{line} missing: {alice}");
+        }
+        // An escaped quote is part of the value, not its end; a line that
+        // does not parse is left out.
+        assert!(!alice.contains("hyperfuncd_odd"), "{alice}");
+        assert!(!alice.contains("hyperfuncd_broken"), "{alice}");
+        assert!(for_user(SCRAPE, "alice\"x").contains("hyperfuncd_odd"));
+        // Families stay separated by one blank line.
+        assert!(!alice.contains("\n\n\n"), "{alice}");
+        assert!(alice.ends_with("\n\n"), "{alice}");
+    }
 
     #[test]
     fn route_classes_are_a_fixed_set() {

@@ -424,6 +424,7 @@ impl Service {
         u: FunctionUpdate,
     ) -> Result<Function> {
         let mut f = self.function(caller, name, owner).await?;
+        let read = f.clone();
         let s = &mut f.spec;
         if let Some(image) = u.image {
             s.image = image;
@@ -463,7 +464,7 @@ impl Service {
             f.secret = Secret::new();
         }
         f.updated_ms = now_ms();
-        self.store.update_function(&f).await?;
+        self.store.update_function(&read, &f).await?;
         crate::logging::function_updated(caller, &f, u.refresh);
         self.scheduler.function_changed(&f);
         Ok(f)

@@ -37,11 +37,39 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 }
 
 fn scrape(d: &Daemon) -> String {
-    let auth = format!("Authorization: Bearer {}", d.admin_key());
+    scrape_as(d, &d.admin_key())
+}
+
+fn scrape_as(d: &Daemon, key: &str) -> String {
+    let auth = format!("Authorization: Bearer {key}");
     let (code, body) = d.curl(&["-H", &auth, &format!("{}/metrics", d.endpoint)]);
     let text = String::from_utf8(body).expect("metrics are UTF-8");
     assert_eq!(code, 200, "{text}");
     text
+}
+
+/// Prometheus' own parser and linter accept `text`.
+fn promtool_accepts(text: &str) {
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is missing: run scripts/deps (it installs promtool from Debian)");
+    promtool
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("feed promtool");
+    let out = promtool.wait_with_output().expect("promtool output");
+    assert!(
+        out.status.success(),
+        "promtool check metrics refused /metrics:\n{}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -125,26 +153,7 @@ fn metrics_count_the_calls_made_and_promtool_accepts_them() {
     assert!(!text.contains("/call/"), "{text}");
 
     // Prometheus' own parser and linter.
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool is missing: run scripts/deps (it installs promtool from Debian)");
-    promtool
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("feed promtool");
-    let out = promtool.wait_with_output().expect("promtool output");
-    assert!(
-        out.status.success(),
-        "promtool check metrics refused /metrics:\n{}{}\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    promtool_accepts(&text);
 
     // A removed function's failed queued calls are counted too.
     let key = d.add_user("slow", 1);
@@ -174,6 +183,29 @@ fn metrics_count_the_calls_made_and_promtool_accepts_them() {
         Some(1.0),
         "{text}"
     );
+    // A user's own scrape: their series and the process-wide ones, nothing
+    // that names another user or their functions.
+    let own = scrape_as(&d, &key);
+    assert_eq!(
+        sample(&own, "hyperfuncd_queued_calls", &slow),
+        Some(2.0),
+        "{own}"
+    );
+    assert_eq!(
+        sample(
+            &own,
+            "hyperfuncd_calls_accepted_total",
+            &[("function", "hold"), ("owner", "slow")]
+        ),
+        Some(3.0),
+        "{own}"
+    );
+    assert_eq!(sample(&own, "hyperfuncd_engine_up", &[]), Some(1.0));
+    assert!(own.contains("hyperfuncd_http_requests_total{"), "{own}");
+    for other in ["\"admin\"", "\"ok\"", "\"bad\""] {
+        assert!(!own.contains(other), "{other} in a user's scrape:\n{own}");
+    }
+    promtool_accepts(&own);
     let out = d.cli_as(&key, &["func", "rm", "--force", "hold"], None);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = scrape(&d);

@@ -305,12 +305,14 @@ async fn route(svc: &Arc<Service>, mut req: Req) -> ApiResult {
             Ok(json_response(status, &h))
         }
         Op::Metrics => {
-            // Any valid key: queue sizes are not for the whole network.
-            authenticate(svc, &req.headers).await?;
-            Ok(text_response(
-                crate::metrics::render(svc).await,
-                "text/plain; version=0.0.4",
-            ))
+            // Any valid key: queue sizes are not for the whole network. A
+            // user sees their own series only; the admin, everyone's.
+            let caller = authenticate(svc, &req.headers).await?;
+            let mut text = crate::metrics::render(svc).await;
+            if !caller.admin {
+                text = crate::metrics::for_user(&text, caller.name.as_str());
+            }
+            Ok(text_response(text, "text/plain; version=0.0.4"))
         }
         Op::OpenApi => Ok(text_response(OPENAPI.to_string(), "application/yaml")),
         // The dashboard: static files only; it calls `/v1` like the CLI.
@@ -342,6 +344,13 @@ async fn v1(
             Ok(json_response(StatusCode::OK, &list))
         }
         Op::CreateFunction => {
+            // Not "the caller's own" silently: an admin naming someone would
+            // otherwise get a function of their own under that name.
+            if req.query.contains_key("owner") {
+                return Err(ApiError::bad_request(
+                    "owner= is not accepted here: a function is created by its owner's key",
+                ));
+            }
             let body: FunctionCreate = json_body(svc, req.body).await?;
             let name = Name::parse(&body.name)?;
             let spec = FunctionSpec {
@@ -580,6 +589,10 @@ async fn output(
     })
 }
 
+/// How often a log follower that saw no call change checks that its
+/// function still has the secret it was opened with.
+const FOLLOW_RECHECK: Duration = Duration::from_secs(1);
+
 async fn logs(
     svc: &Arc<Service>,
     f: crate::model::Function,
@@ -621,7 +634,11 @@ async fn logs(
         ));
     }
     // Follow: send what is there, then new events as calls change state,
-    // until the client goes away or the function is removed.
+    // until the client goes away, the function is removed, or its secret is
+    // no longer the one the stream was opened with (`--refresh`, or removed
+    // and created again): a follower must not outlive the URL it came by and
+    // watch the calls of whoever holds the new one. A refresh wakes no
+    // follower (nor does a change made on another node), hence the recheck.
     let svc = Arc::clone(svc);
     let head = lines(first);
     let stream = async_stream(move |tx| async move {
@@ -629,7 +646,14 @@ async fn logs(
             return;
         }
         loop {
-            if changes.changed().await.is_err() {
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() {
+                    return;
+                },
+                () = tokio::time::sleep(FOLLOW_RECHECK) => {}
+            }
+            let now = svc.store.get_function(&f.key()).await.ok().flatten();
+            if now.as_ref().is_some_and(|now| now.secret != f.secret) {
                 return;
             }
             let Ok(top) = svc.last_event_seq(&f).await else {
@@ -642,14 +666,7 @@ async fn logs(
             if !events.is_empty() && tx.send(lines(events)).await.is_err() {
                 return;
             }
-            if svc
-                .store
-                .get_function(&f.key())
-                .await
-                .ok()
-                .flatten()
-                .is_none()
-            {
+            if now.is_none() {
                 return;
             }
         }

@@ -42,6 +42,11 @@ pub enum StoreError {
     Unavailable(String),
 }
 
+/// `update_function`'s refusal when the record is no longer the one read.
+pub(crate) fn changed_meanwhile(name: &Name) -> StoreError {
+    StoreError::Conflict(format!("function {name} changed meanwhile; try again"))
+}
+
 /// What the embedded store needs from the config.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -132,7 +137,12 @@ pub trait Store: Send + Sync {
     /// an earlier one of that owner and name is still being purged. Other
     /// owners' functions of the same name do not matter.
     async fn create_function(&self, f: &Function) -> Result<()>;
-    async fn update_function(&self, f: &Function) -> Result<()>;
+    /// Replaces the record `read` (as the caller read it) by `f`, or is
+    /// `Conflict` if the stored record is no longer `read`: two updates
+    /// from one read cannot both land, so a slow one cannot write back a
+    /// secret a `--refresh` replaced meanwhile. The check and the write are
+    /// one atomic step.
+    async fn update_function(&self, read: &Function, f: &Function) -> Result<()>;
     async fn get_function(&self, key: &FnKey) -> Result<Option<Function>>;
     /// The function whose call URL carries `secret` (secrets are random and
     /// unique), from an index or an in-memory copy: the data plane's lookup,

@@ -81,11 +81,20 @@ impl Inner {
         Ok(())
     }
 
-    pub(super) fn update_function(&self, f: &Function, fx: &mut Effects) -> Result<()> {
+    pub(super) fn update_function(
+        &self,
+        read: &Function,
+        f: &Function,
+        fx: &mut Effects,
+    ) -> Result<()> {
         self.tx(|t| {
             let key = f.key().store_key();
-            if t[FUNCTIONS].get(key.as_str())?.is_none() {
-                return abort(StoreError::NotFound(format!("function {}", f.name)));
+            let stored: Function = match t[FUNCTIONS].get(key.as_str())? {
+                Some(v) => dec(&v)?,
+                None => return abort(StoreError::NotFound(format!("function {}", f.name))),
+            };
+            if &stored != read {
+                return abort(changed_meanwhile(&f.name));
             }
             t[FUNCTIONS].insert(key.as_str(), enc(f)?)?;
             Ok(())

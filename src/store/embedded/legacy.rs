@@ -100,6 +100,29 @@ impl Inner {
         let call_owner = |id: &[u8]| -> Result<Option<Name>> {
             Ok(get::<Call>(self.tree(CALLS), id)?.map(|c| c.owner))
         };
+        // A removed function's owner, when its record is gone: its calls
+        // still say whose. A purge a crash interrupted removes each call
+        // record before its `fn_calls` entry, so any entry (the first one
+        // most likely) may name a call that is gone: walk them all, then
+        // the other indexes naming its calls. (These trees are re-keyed
+        // after `stats`, so their keys are still the old ones.)
+        let removed_owner = |name: &str| -> Result<Option<Name>> {
+            let prefix = seq_prefix(name);
+            for tree in [FN_CALLS, LIVE, OUTPUT_INDEX] {
+                for kv in self.tree(tree).scan_prefix(&prefix) {
+                    if let Some(o) = call_owner(&kv?.1)? {
+                        return Ok(Some(o));
+                    }
+                }
+            }
+            for kv in self.tree(LOGS).scan_prefix(&prefix) {
+                let ev: Event = decode(&kv?.1)?;
+                if let Some(o) = call_owner(ev.call_id.as_bytes())? {
+                    return Ok(Some(o));
+                }
+            }
+            Ok(None)
+        };
         // functions and stats: `name` -> `owner NUL name`.
         self.rekey(FUNCTIONS, |k, v| {
             if k.contains(&0) {
@@ -113,14 +136,10 @@ impl Inner {
                 return Ok(None);
             }
             let name = String::from_utf8_lossy(k).to_string();
-            let mut owner = owners.get(&name).cloned();
-            if owner.is_none() {
-                // A removal a crash interrupted: its calls still say whose.
-                // (`fn_calls` is re-keyed after this tree, so it is still old.)
-                if let Some(kv) = self.tree(FN_CALLS).scan_prefix(seq_prefix(&name)).next() {
-                    owner = call_owner(&kv?.1)?;
-                }
-            }
+            let owner = match owners.get(&name) {
+                Some(o) => Some(o.clone()),
+                None => removed_owner(&name)?,
+            };
             Ok(Some(owner.map(|o| with_owner(&o, k))))
         })?;
         // What re-keyed stats name, for the caches of removed functions.
@@ -363,8 +382,14 @@ mod tests {
                 let other = accept_call(&store, &g, b"g").await;
                 run_call(&store, &other, b"out-g").await;
                 // Removed but not purged: its counters and calls remain.
-                accept_call(&store, &h, b"h").await;
+                // Its purge was cut short by a crash right after removing
+                // the first call's record, so its first `fn_calls` entry
+                // names a call that is gone; the second still says whose.
+                let purged = accept_call(&store, &h, b"h").await;
+                accept_call(&store, &h, b"h2").await;
                 store.remove_function(&h.key()).await.unwrap();
+                let calls = store.inner.tree(CALLS);
+                assert!(calls.remove(purged.id.as_bytes()).unwrap().is_some());
                 let mut before = Vec::new();
                 for k in [f.key(), g.key(), h.key()] {
                     let events = store.events(&k, None, None, None).await.unwrap().len();
@@ -433,9 +458,10 @@ mod tests {
             }
             // A new field is stored and read back; the layout is now 3.
             let key = FnKey::new(Name::parse("alice").unwrap(), made[0].0.clone());
-            let mut f = store.get_function(&key).await.unwrap().unwrap();
+            let read = store.get_function(&key).await.unwrap().unwrap();
+            let mut f = read.clone();
             f.spec.runtime = Some("runsc".into());
-            store.update_function(&f).await.unwrap();
+            store.update_function(&read, &f).await.unwrap();
             drop(store);
             let store = open(dir.path());
             let again = store.get_function(&key).await.unwrap().unwrap();

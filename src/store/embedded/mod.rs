@@ -20,7 +20,9 @@ mod stage;
 #[cfg(test)]
 mod tests;
 
-use super::{FunctionStats, OutputLookup, Result, Started, Store, StoreConfig, StoreError};
+use super::{
+    changed_meanwhile, FunctionStats, OutputLookup, Result, Started, Store, StoreConfig, StoreError,
+};
 use crate::model::{
     Call, CallId, CallState, Event, EventKind, FnKey, Function, Name, Outcome, User,
 };
@@ -683,10 +685,10 @@ impl Store for SledStore {
         Ok(())
     }
 
-    async fn update_function(&self, f: &Function) -> Result<()> {
+    async fn update_function(&self, read: &Function, f: &Function) -> Result<()> {
         let _one = self.directory.lock().await;
-        let changed = f.clone();
-        self.write(move |i, fx| i.update_function(&changed, fx))
+        let (read, changed) = (read.clone(), f.clone());
+        self.write(move |i, fx| i.update_function(&read, &changed, fx))
             .await?;
         self.cache_function(&f.key(), Some(f.clone()));
         Ok(())

@@ -432,6 +432,48 @@ async fn users_and_their_keys_follow_each_change() {
     assert!(store.list_users().await.unwrap().is_empty());
 }
 
+/// Two updates from one read: the second is refused rather than writing
+/// back the secret the first (a `--refresh`) replaced, and the refused
+/// one changed nothing, on disk either.
+#[tokio::test]
+async fn an_update_from_a_stale_read_is_a_conflict() {
+    let (dir, store) = setup(config()).await;
+    let read = store.get_function(&key("f")).await.unwrap().unwrap();
+    let mut refreshed = read.clone();
+    refreshed.secret = Secret::new();
+    refreshed.updated_ms = 1;
+    let mut slow = read.clone();
+    slow.spec.image = "img2".into();
+    slow.updated_ms = 1;
+    store.update_function(&read, &refreshed).await.unwrap();
+    let refused = store.update_function(&read, &slow).await;
+    match refused {
+        Err(StoreError::Conflict(m)) => {
+            assert_eq!(m, "function f changed meanwhile; try again")
+        }
+        other => panic!("{other:?}"),
+    }
+    drop(store);
+    let store = reopen(dir.path(), config());
+    let now = store.get_function(&key("f")).await.unwrap().unwrap();
+    assert_eq!(now, refreshed);
+    assert!(store
+        .function_by_secret(read.secret.as_str())
+        .await
+        .unwrap()
+        .is_none());
+    // From a fresh read the same change goes through.
+    let mut again = now.clone();
+    again.spec.image = "img2".into();
+    store.update_function(&now, &again).await.unwrap();
+    // A removed function is not found, whatever was read.
+    store.remove_function(&key("f")).await.unwrap();
+    assert!(matches!(
+        store.update_function(&again, &again).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
 /// A staged write cut short by a crash is finished on open from its
 /// intent record, and a write whose intent is gone is left alone.
 #[tokio::test]

@@ -29,8 +29,12 @@
 
 mod calls;
 mod kv;
+#[cfg(test)]
+mod tests;
 
-use super::{FunctionStats, OutputLookup, Result, Started, Store, StoreConfig, StoreError};
+use super::{
+    changed_meanwhile, FunctionStats, OutputLookup, Result, Started, Store, StoreConfig, StoreError,
+};
 use crate::model::{Call, CallId, CallState, Event, FnKey, Function, Name, Outcome, User};
 use async_nats::jetstream::{self, consumer, stream, AckKind};
 use async_trait::async_trait;
@@ -772,7 +776,7 @@ impl Store for NatsStore {
         i.ensure_streams(&key).await
     }
 
-    async fn update_function(&self, f: &Function) -> Result<()> {
+    async fn update_function(&self, read: &Function, f: &Function) -> Result<()> {
         let i = &self.inner;
         let key = f.key();
         retry(|| async {
@@ -783,6 +787,11 @@ impl Store for NatsStore {
                     f.name
                 ))));
             };
+            // Compared at `rev`, written only at `rev`: a change after the
+            // read makes the put fail, and the retry compares again.
+            if &old != read {
+                return Err(Refused::Error(changed_meanwhile(&f.name)));
+            }
             let mut ops = vec![Op::Put(function_key(&key), enc(f)?, Some(rev))];
             if old.secret != f.secret {
                 ops.push(Op::Del(secret_key(old.secret.as_str()), None));
