@@ -8,7 +8,7 @@ use crate::model::{
     now_ms, ApiKey, Call, CallId, CallState, EnvVar, Event, FnKey, Function, FunctionSpec, Name,
     OutputState, Secret, User,
 };
-use crate::runtime::{Runtime, RuntimeError};
+use crate::runtime::{PullProgress, Runtime, RuntimeError};
 use crate::scheduler::{EndWaiter, Ended, Scheduler};
 use crate::store::{FunctionStats, OutputLookup, Store, StoreError};
 use bytes::Bytes;
@@ -237,6 +237,7 @@ impl Service {
         caller: &User,
         name: Name,
         mut spec: FunctionSpec,
+        progress: Option<&PullProgress>,
     ) -> Result<Function> {
         self.check_limits(&mut spec).await?;
         self.check_image(caller, &spec.image)?;
@@ -253,6 +254,7 @@ impl Service {
             .ensure_image(
                 &spec.image,
                 Duration::from_secs(self.config.docker.pull_timeout_secs),
+                progress,
             )
             .await?;
         let now = now_ms();
@@ -422,6 +424,7 @@ impl Service {
         name: &Name,
         owner: Option<&Name>,
         u: FunctionUpdate,
+        progress: Option<&PullProgress>,
     ) -> Result<Function> {
         let mut f = self.function(caller, name, owner).await?;
         let read = f.clone();
@@ -458,6 +461,7 @@ impl Service {
             .ensure_image(
                 &s.image,
                 Duration::from_secs(self.config.docker.pull_timeout_secs),
+                progress,
             )
             .await?;
         if u.refresh {

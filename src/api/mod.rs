@@ -7,6 +7,7 @@
 //! methods (405 with `Allow`) and bad input get the same JSON error shape as
 //! everything else instead of warp's default rejections.
 
+mod pull;
 mod table;
 pub mod types;
 pub mod ui;
@@ -367,7 +368,14 @@ async fn v1(
                 cpus: body.cpus,
                 runtime: body.runtime.filter(|r| r != RUNTIME_DEFAULT),
             };
-            let f = svc.create_function(caller, name, spec).await?;
+            if pull::wanted(&req.headers) {
+                let (s, caller) = (Arc::clone(svc), caller.clone());
+                return pull::answer(svc, StatusCode::CREATED, move |tx| async move {
+                    s.create_function(&caller, name, spec, Some(&tx)).await
+                })
+                .await;
+            }
+            let f = svc.create_function(caller, name, spec, None).await?;
             Ok(json_response(StatusCode::CREATED, &view(svc, &f).await?))
         }
         Op::GetFunction => {
@@ -395,8 +403,16 @@ async fn v1(
                 refresh: body.refresh,
             };
             let name = Name::parse(p.get("name"))?;
+            if pull::wanted(&req.headers) {
+                let (s, caller) = (Arc::clone(svc), caller.clone());
+                return pull::answer(svc, StatusCode::OK, move |tx| async move {
+                    s.update_function(&caller, &name, owner.as_ref(), update, Some(&tx))
+                        .await
+                })
+                .await;
+            }
             let f = svc
-                .update_function(caller, &name, owner.as_ref(), update)
+                .update_function(caller, &name, owner.as_ref(), update, None)
                 .await?;
             Ok(json_response(StatusCode::OK, &view(svc, &f).await?))
         }

@@ -656,6 +656,44 @@ fn schemas_match_the_api_types() {
             message: String::new(),
         },
     };
+    let progress = PullProgressView {
+        id: "1af6936d28e1".into(),
+        status: "Downloading".into(),
+        current: Some(1),
+        total: Some(2),
+    };
+    check_response(&spec, "PullProgress", &progress, &["Current", "Total"]);
+    let states: BTreeSet<String> = spec["components"]["schemas"]["PullProgress"]["properties"]
+        ["Status"]["enum"]
+        .as_sequence()
+        .expect("PullProgress.Status enum")
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
+    assert_eq!(
+        states,
+        crate::runtime::LAYER_STATES
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<BTreeSet<_>>(),
+        "PullProgress.Status"
+    );
+    let start = PullStart { image: "i".into() };
+    check_response(&spec, "PullStart", &start, &[]);
+    let line = PullLine {
+        pull: Some(start),
+        progress: Some(progress),
+        status: Some(201),
+        function: None,
+        error: Some(error.error.clone()),
+    };
+    let mut keys = json_keys(&line);
+    keys.insert("Function".into());
+    assert_eq!(keys, schema_properties(&spec, "PullLine"), "PullLine");
+    assert!(
+        spec["components"]["schemas"]["PullLine"]["required"].is_null(),
+        "PullLine: every field is optional"
+    );
     check_response(&spec, "Error", &error, &[]);
     check_response(&spec, "ErrorDetail", &error.error, &[]);
 }

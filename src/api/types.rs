@@ -303,3 +303,45 @@ pub struct Health {
     /// The value of the `io.hyperfuncd.instance` label on this daemon's containers.
     pub instance: String,
 }
+
+/// One line of `POST /v1/functions` or `PATCH /v1/functions/{name}` answered
+/// as `application/x-ndjson` (asked with `Accept`, once the image is being
+/// pulled): exactly one of `Pull`, `Progress`, or a final `Status` with
+/// `Function` or `Error`. Absent fields are left out.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct PullLine {
+    /// The first line: the image is not on the Engine and is being pulled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull: Option<PullStart>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<PullProgressView>,
+    /// The status the plain request would have answered (201, 200, 400…).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// The last line of a success: the function, as the JSON answer has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<FunctionView>,
+    /// The last line of a failure: the JSON error body's `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorDetail>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct PullStart {
+    pub image: String,
+}
+
+/// A layer's state during a pull, in the Engine's own state words
+/// (`Downloading`, `Extracting`, `Pull complete`…); bytes when known.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct PullProgressView {
+    pub id: String,
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
+}

@@ -2,7 +2,7 @@
 //! into one readable line.
 
 use super::Profile;
-use crate::api::types::ErrorBody;
+use crate::api::types::{ErrorBody, FunctionView, PullLine};
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -135,6 +135,53 @@ impl Client {
                 poll = "?wait=2";
             }
         }
+    }
+
+    /// `func create` / `func update`: sends `body` with `method` to `path`
+    /// and returns the function. With `on_pull`, asks for the pull's progress
+    /// (`Accept: application/x-ndjson`) and hands it each line before the
+    /// last; a server that needs no pull (or predates the stream) answers
+    /// the plain JSON, which is read as without.
+    pub async fn put_function<B: Serialize>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &B,
+        on_pull: Option<&mut dyn FnMut(&PullLine)>,
+    ) -> anyhow::Result<FunctionView> {
+        let mut r = self.request(method, path).json(body);
+        let Some(on_pull) = on_pull else {
+            return json(self.send(r).await?).await;
+        };
+        r = r.header(reqwest::header::ACCEPT, "application/x-ndjson");
+        let resp = self.send(r).await?;
+        let ndjson = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/x-ndjson"));
+        if !ndjson {
+            return json(resp).await;
+        }
+        let mut stream = resp.bytes_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| anyhow!("connection lost: {}", error_chain(&e)))?;
+            buf.extend_from_slice(&chunk);
+            while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+                let raw: Vec<u8> = buf.drain(..=pos).collect();
+                let line: PullLine =
+                    serde_json::from_slice(&raw).context("unexpected answer from the server")?;
+                if let Some(f) = line.function {
+                    return Ok(f);
+                }
+                if let Some(e) = line.error {
+                    bail!(e.message);
+                }
+                on_pull(&line);
+            }
+        }
+        bail!("the server ended its answer before the function was saved")
     }
 
     /// Reads a line-oriented body as it arrives.

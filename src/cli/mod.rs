@@ -448,12 +448,15 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
             };
             // The server answers once it has the image, pulling it first
             // if the Engine lacks it: on a terminal, say so while it works.
-            let pending = progress::Pending::start(format!(
-                "creating {}: pulling/checking image {}",
-                body.name, body.image
-            ));
-            let f: FunctionView = client.post_json("/v1/functions", &body).await?;
-            drop(pending);
+            let f = put_function(
+                client,
+                reqwest::Method::POST,
+                "/v1/functions",
+                &body,
+                format!("creating {}", body.name),
+                format!("pulling/checking image {}", body.image),
+            )
+            .await?;
             writeln!(
                 out,
                 "{} is created with the address of {}",
@@ -487,12 +490,19 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
             let path = fn_path(&fn_arg(&name)?, "", &[]);
             // As at create: the server checks (and may pull) the image,
             // the new one or the function's own.
-            let pending = progress::Pending::start(match &body.image {
-                Some(image) => format!("updating {name}: pulling/checking image {image}"),
-                None => format!("updating {name}: checking its image"),
-            });
-            let f: FunctionView = client.patch_json(&path, &body).await?;
-            drop(pending);
+            let waits_for = match &body.image {
+                Some(image) => format!("pulling/checking image {image}"),
+                None => "checking its image".to_string(),
+            };
+            let f = put_function(
+                client,
+                reqwest::Method::PATCH,
+                &path,
+                &body,
+                format!("updating {name}"),
+                waits_for,
+            )
+            .await?;
             writeln!(
                 out,
                 "{} is updated with the address of {}",
@@ -846,6 +856,43 @@ fn table(out: &mut impl Write, header: &[&str], rows: Vec<Vec<String>>) -> std::
         writeln!(out, "{}", line(r.iter().map(String::as_str).collect()))?;
     }
     Ok(())
+}
+
+/// `func create` / `func update`: the server answers once it has the image,
+/// pulling it first if the Engine lacks it. On a terminal a spinner says what
+/// the request (`what`) waits for (`waits_for`) until the server reports a
+/// pull; then the pull's progress is drawn (`progress::Pulling`). Off a
+/// terminal the request is the plain one and nothing is shown.
+async fn put_function<B: serde::Serialize>(
+    client: &Client,
+    method: reqwest::Method,
+    path: &str,
+    body: &B,
+    what: String,
+    waits_for: String,
+) -> anyhow::Result<FunctionView> {
+    if !std::io::stderr().is_terminal() {
+        return client.put_function(method, path, body, None).await;
+    }
+    let mut pending = Some(progress::Pending::start(format!("{what}: {waits_for}")));
+    let mut pulling: Option<progress::Pulling> = None;
+    let mut on_pull = |l: &PullLine| {
+        if let Some(start) = &l.pull {
+            pending = None;
+            pulling = Some(progress::Pulling::start(what.clone(), start.image.clone()));
+        }
+        if let (Some(p), Some(layer)) = (pulling.as_mut(), &l.progress) {
+            p.layer(layer);
+        }
+    };
+    let f = client
+        .put_function(method, path, body, Some(&mut on_pull))
+        .await?;
+    drop(pending);
+    if let Some(p) = pulling {
+        p.done();
+    }
+    Ok(f)
 }
 
 #[cfg(test)]

@@ -350,11 +350,15 @@ impl Runtime {
         })
     }
 
-    /// Makes sure `image` is present locally, pulling it if not.
+    /// Makes sure `image` is present locally, pulling it if not. With
+    /// `progress`, a pull is told there: `PullEvent::Started` once the image
+    /// is known to be missing, then each layer's state as the Engine reports
+    /// it (in our words; a full channel drops a line rather than slow the pull).
     pub async fn ensure_image(
         &self,
         image: &str,
         pull_timeout: Duration,
+        progress: Option<&PullProgress>,
     ) -> Result<(), RuntimeError> {
         let docker = self.docker().await?;
         match docker.inspect_image(image).await {
@@ -373,6 +377,14 @@ impl Runtime {
         }
         let (from_image, tag) = split_reference(image);
         tracing::info!(image, "pulling image");
+        let tell = |e: PullEvent| {
+            if let Some(tx) = progress {
+                let _ = tx.try_send(e);
+            }
+        };
+        tell(PullEvent::Started {
+            image: image.to_string(),
+        });
         let options = CreateImageOptions {
             from_image: Some(from_image),
             tag: Some(tag),
@@ -386,8 +398,11 @@ impl Runtime {
                         if let Some(detail) = info.error_detail {
                             return Err(detail.message.unwrap_or_else(|| "pull failed".into()));
                         }
-                        if let Some(status) = info.status {
+                        if let Some(status) = &info.status {
                             tracing::debug!(image, status, "pull progress");
+                        }
+                        if let Some(e) = layer_event(&info) {
+                            tell(e);
                         }
                     }
                     Err(e) => return Err(engine_message(&e)),
@@ -1174,6 +1189,59 @@ fn engine_message(e: &DockerError) -> String {
     }
 }
 
+/// Where `ensure_image` tells how a pull goes (`PullEvent`s).
+pub type PullProgress = tokio::sync::mpsc::Sender<PullEvent>;
+
+/// One step of an image pull, as `ensure_image` tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PullEvent {
+    /// The image is not on the Engine: the pull of `image` begins.
+    Started { image: String },
+    /// A layer's state; bytes while it downloads or extracts.
+    Layer {
+        /// The Engine's short layer ID (hex).
+        id: String,
+        status: &'static str,
+        current: Option<u64>,
+        total: Option<u64>,
+    },
+}
+
+/// The layer states of the Engine's pull stream, passed on in these words;
+/// anything else (a registry's text, a digest line) is not.
+pub const LAYER_STATES: &[&str] = &[
+    "Pulling fs layer",
+    "Waiting",
+    "Downloading",
+    "Verifying Checksum",
+    "Download complete",
+    "Extracting",
+    "Pull complete",
+    "Already exists",
+    "Retrying",
+];
+
+/// A pull stream item as a `PullEvent::Layer`, if it is about a layer (a hex
+/// ID) in one of `LAYER_STATES`. A retry's "Retrying in 5 seconds" is "Retrying".
+fn layer_event(info: &bollard::models::CreateImageInfo) -> Option<PullEvent> {
+    let id = info.id.as_deref()?;
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let raw = info.status.as_deref()?;
+    let status = LAYER_STATES
+        .iter()
+        .find(|s| raw == **s || (**s == "Retrying" && raw.starts_with("Retrying in ")))?;
+    let detail = info.progress_detail.as_ref();
+    let bytes = |v: Option<i64>| v.and_then(|n| u64::try_from(n).ok()).filter(|n| *n > 0);
+    Some(PullEvent::Layer {
+        id: id.to_string(),
+        status,
+        current: bytes(detail.and_then(|d| d.current)),
+        total: bytes(detail.and_then(|d| d.total)),
+    })
+}
+
 /// Our own words for a pull that took longer than `docker.pull_timeout_secs`.
 const PULL_TIMED_OUT: &str = "the pull timed out";
 
@@ -1282,6 +1350,60 @@ mod tests {
             entries,
             [(".hyperfuncd-init".to_string(), 0o755, INIT.len() as u64)]
         );
+    }
+
+    #[test]
+    fn pull_progress_passes_on_layer_states_only() {
+        use bollard::models::{CreateImageInfo, ProgressDetail};
+        let info =
+            |id: &str, status: &str, current: Option<i64>, total: Option<i64>| CreateImageInfo {
+                id: Some(id.into()),
+                status: Some(status.into()),
+                progress_detail: Some(ProgressDetail { current, total }),
+                ..Default::default()
+            };
+        assert_eq!(
+            layer_event(&info(
+                "1af6936d28e1",
+                "Downloading",
+                Some(16384),
+                Some(1500000)
+            )),
+            Some(PullEvent::Layer {
+                id: "1af6936d28e1".into(),
+                status: "Downloading",
+                current: Some(16384),
+                total: Some(1500000),
+            })
+        );
+        assert_eq!(
+            layer_event(&info(
+                "1af6936d28e1",
+                "Retrying in 5 seconds",
+                None,
+                Some(-1)
+            )),
+            Some(PullEvent::Layer {
+                id: "1af6936d28e1".into(),
+                status: "Retrying",
+                current: None,
+                total: None,
+            })
+        );
+        // The tag line, a registry's words, a digest line: not passed on.
+        assert_eq!(
+            layer_event(&info("latest", "Pulling from x/y", None, None)),
+            None
+        );
+        assert_eq!(
+            layer_event(&info("1af6936d28e1", "<html>canary", None, None)),
+            None
+        );
+        let digest = CreateImageInfo {
+            status: Some("Digest: sha256:00".into()),
+            ..Default::default()
+        };
+        assert_eq!(layer_event(&digest), None);
     }
 
     #[test]
