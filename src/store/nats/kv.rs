@@ -13,7 +13,7 @@
 //! - `d.CALL` → (finished_ms, function) once the call has ended, for retention
 
 use super::super::{Result, StoreError};
-use async_nats::jetstream::{self, consumer, kv};
+use async_nats::jetstream::{self, consumer, stream};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -68,27 +68,61 @@ pub struct Read {
 pub struct Bucket {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
-    pub kv: kv::Store,
 }
 
 impl Bucket {
-    /// The key's last revision, if it was ever written.
+    /// The key's last revision, if it was ever written, read from the
+    /// bucket stream's leader.
+    ///
+    /// Not `kv.entry`: a KV bucket's stream allows direct gets, which any
+    /// replica answers, a follower from what it has applied so far. Two
+    /// reads in a row could then go back in time (a call seen FINISHED,
+    /// then RUNNING from a lagging follower), and a read right after
+    /// another node's write could miss it. The leader has every
+    /// acknowledged write, so each read sees at least what was written
+    /// before it began (issue 12: a finished call's output answered 410).
     pub async fn read(&self, key: &str) -> Result<Option<Read>> {
         // While a leader is being elected reads find no responder: wait.
         let deadline = std::time::Instant::now() + UNAVAILABLE_FOR;
-        let entry = loop {
-            match self.kv.entry(key).await {
-                Ok(e) => break e,
+        loop {
+            match self.read_once(key).await {
+                Ok(r) => return Ok(r),
                 Err(e) if std::time::Instant::now() < deadline => {
                     tracing::debug!(error = %e, "NATS read failed; retrying");
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
                 Err(e) => return Err(unavailable("reading a record", e)),
             }
+        }
+    }
+
+    async fn read_once(&self, key: &str) -> std::result::Result<Option<Read>, String> {
+        let stream = self
+            .js
+            .get_stream_no_info(BUCKET_STREAM)
+            .await
+            .map_err(|e| e.to_string())?;
+        // A message get (not a direct get) is answered by the leader only.
+        let message = match stream
+            .get_last_raw_message_by_subject(&format!("$KV.{BUCKET}.{key}"))
+            .await
+        {
+            Ok(m) => m,
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e.to_string()),
         };
-        Ok(entry.map(|e| Read {
-            revision: e.revision,
-            value: (e.operation == kv::Operation::Put).then_some(e.value),
+        // A put has no operation header (or `PUT`); a delete, a purge or a
+        // server's marker leaves no value.
+        let put = message
+            .headers
+            .get("KV-Operation")
+            .is_none_or(|v| v.as_str() == "PUT")
+            && message.headers.get("Nats-Marker-Reason").is_none();
+        Ok(Some(Read {
+            revision: message.sequence,
+            value: put.then_some(message.payload),
         }))
     }
 

@@ -178,7 +178,8 @@ impl NatsStore {
         let js = jetstream::new(client.clone());
         let replicas = nats.replicas.max(1);
         // A cluster that has just started may still be electing its leaders.
-        let (kv, nodes, queue) = loop {
+        // The records bucket is read and written through its stream (kv.rs).
+        let (_, nodes, queue) = loop {
             match open_streams(&js, replicas).await {
                 Ok(v) => break v,
                 Err(e) if Instant::now() > deadline => return Err(e),
@@ -190,7 +191,7 @@ impl NatsStore {
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
-            bucket: Bucket { client, js, kv },
+            bucket: Bucket { client, js },
             nodes,
             queue,
             node,
