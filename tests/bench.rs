@@ -49,10 +49,11 @@ fn a_short_bench_fills_every_row_and_leaves_nothing() {
             "bench",
             "--calls",
             "3",
+            // Four calls: one for each of the four users of the shared-host rows.
             "--batch",
-            "2",
+            "4",
             "--concurrency",
-            "1,2",
+            "1,4",
             "--pool",
             "1",
             "--accept",
@@ -81,6 +82,25 @@ fn a_short_bench_fills_every_row_and_leaves_nothing() {
             "{label}: {latency:?}\n{stdout}"
         );
     }
+    // The four-user finished-calls/s rows, and their ratios against the
+    // same docker run row as the one-user rows'.
+    for label in [
+        "hyperfuncd cold, 4 users",
+        "hyperfuncd warm, 4 users",
+        "cold, 4 users vs docker run",
+        "warm, 4 users vs docker run",
+    ] {
+        let rates = row(&stdout, label);
+        assert!(
+            // c=1 and c=4 (a daemon CPU column may round to 0.0).
+            rates.len() >= 2 && rates[..2].iter().all(|v| *v > 0.0),
+            "{label}: {rates:?}\n{stdout}"
+        );
+    }
+    assert!(
+        stdout.contains("warm calls of 4 users that started their own container: "),
+        "{stdout}"
+    );
     let accepted = row(&stdout, "300 calls, 4 clients");
     assert!(accepted.first().is_some_and(|r| *r > 0.0), "{stdout}");
     let rss = row(&stdout, "500 calls queued");

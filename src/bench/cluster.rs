@@ -232,10 +232,19 @@ pub(super) async fn bench_cluster(args: &BenchArgs) -> anyhow::Result<()> {
     let common = "\n[scheduler]\nshutdown_grace_secs = 1\n";
     let nats_config = format!("{common}{}", servers.store_config());
     progress("starting three private daemons: one on sled, two nodes on the cluster");
-    let mut sled = Daemon::start_with(&tmp.0, "sled", &args.network, 0, common, None).await?;
-    let mut a = Daemon::start_with(&tmp.0, "node-a", &args.network, 0, &nats_config, None).await?;
-    let mut b =
-        Daemon::start_with(&tmp.0, "node-b", &args.network, 0, &nats_config, Some(&a)).await?;
+    let mut sled = Daemon::start_with(&tmp.0, "sled", &args.network, 0, 0, common, None).await?;
+    let mut a =
+        Daemon::start_with(&tmp.0, "node-a", &args.network, 0, 0, &nats_config, None).await?;
+    let mut b = Daemon::start_with(
+        &tmp.0,
+        "node-b",
+        &args.network,
+        0,
+        0,
+        &nats_config,
+        Some(&a),
+    )
+    .await?;
 
     let sled_f = sled.create_function("bench-cat", &image, &["cat"]).await?;
     let a_f = a.create_function("bench-cat", &image, &["cat"]).await?;
@@ -256,9 +265,16 @@ pub(super) async fn bench_cluster(args: &BenchArgs) -> anyhow::Result<()> {
         ));
         let wall = parallel(args.batch, c, |_| raw.call(&payload)).await?;
         report.raw.throughput.push(rate(args.batch, wall));
-        daemon_batch(&sled, &sled_f, &payload, args.batch, c, &mut report.sled)
-            .await
-            .context("a call to the sled daemon")?;
+        daemon_batch(
+            &sled,
+            std::slice::from_ref(&sled_f),
+            &payload,
+            args.batch,
+            c,
+            &mut report.sled,
+        )
+        .await
+        .context("a call to the sled daemon")?;
         let before = cpu_of(&[&a, &b])?;
         // Call i goes to node i % 2 and is waited for on the same node; where
         // it runs is up to the cluster.

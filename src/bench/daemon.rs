@@ -7,6 +7,8 @@ use super::*;
 /// A function as the data plane sees it: its capability URLs.
 pub(super) struct Function {
     pub(super) name: String,
+    /// Its owner: warm containers are told apart by owner and name.
+    pub(super) owner: String,
     /// `https://HOST:PORT/call/NAME/UUID`
     pub(super) call: String,
     /// `https://HOST:PORT/output/NAME/UUID`
@@ -21,6 +23,7 @@ impl Function {
             .ok_or_else(|| anyhow!("unexpected function address {}", v.address))?;
         Ok(Function {
             name: v.name.clone(),
+            owner: v.owner.clone(),
             call: v.address.clone(),
             output: format!("{base}/output/{rest}"),
         })
@@ -39,6 +42,7 @@ impl Function {
             .ok_or_else(|| anyhow!("unexpected function address {}", self.call))?;
         Ok(Function {
             name: self.name.clone(),
+            owner: self.owner.clone(),
             call: format!("{}/call/{rest}", endpoint.trim_end_matches('/')),
             output: format!("{}/output/{rest}", endpoint.trim_end_matches('/')),
         })
@@ -66,16 +70,19 @@ pub(super) struct Process {
 }
 
 impl Daemon {
+    /// A daemon whose pool (of `pool` per function, 0: none) has room for
+    /// `functions` full pools at once (`[pool] host_max`, at least its default).
     pub(super) async fn start(
         root: &Path,
         name: &str,
         network: &str,
         pool: usize,
+        functions: usize,
     ) -> anyhow::Result<Daemon> {
-        Daemon::start_with(root, name, network, pool, "", None).await
+        Daemon::start_with(root, name, network, pool, functions, "", None).await
     }
 
-    /// A daemon whose config ends with `extra` (whole TOML tables). With
+    /// As `start`, with a config that ends with `extra` (whole TOML tables). With
     /// `join`, it starts with a copy of that daemon's admin profile, as a
     /// second node of a shared store must (README, scale-out): it keeps the
     /// admin key the first node made.
@@ -84,6 +91,7 @@ impl Daemon {
         name: &str,
         network: &str,
         pool: usize,
+        functions: usize,
         extra: &str,
         join: Option<&Daemon>,
     ) -> anyhow::Result<Daemon> {
@@ -96,8 +104,7 @@ impl Daemon {
             "listen = \"127.0.0.1:0\"\ndata_dir = {}\n\n[container]\nnetwork_mode = {}\n\n[pool]\nper_function = {pool}\nhost_max = {}\n{extra}",
             toml::Value::String(data.to_string_lossy().into_owned()),
             toml::Value::String(network.to_string()),
-            // Room for the `--runtime` rows' function beside the main one.
-            (2 * pool).max(POOL_HOST_MAX),
+            (functions * pool).max(POOL_HOST_MAX),
         );
         // The copied profile names the first node's endpoint until this one
         // rewrites it with its own.
@@ -176,24 +183,41 @@ impl Daemon {
         command: &[&str],
         runtime: Option<&str>,
     ) -> anyhow::Result<Function> {
-        let v: FunctionView = self
+        create_function_as(&self.admin, name, image, command, runtime).await
+    }
+
+    /// A user with the default quota (`[scheduler] default_max_concurrency`):
+    /// a client with its key.
+    pub(super) async fn add_user(&self, name: &str) -> anyhow::Result<Client> {
+        let user: UserView = self
             .admin
             .post_json(
-                "/v1/functions",
-                &FunctionCreate {
+                "/v1/users",
+                &UserCreate {
                     name: name.into(),
-                    image: image.into(),
-                    command: command.iter().map(|s| s.to_string()).collect(),
-                    env: vec![],
-                    timeout: None,
-                    memory: None,
-                    cpus: None,
-                    runtime: runtime.map(str::to_string),
+                    max_concurrency: None,
+                    admin: false,
                 },
             )
             .await
-            .with_context(|| format!("cannot create function {name}"))?;
-        Function::new(&v)
+            .with_context(|| format!("cannot add user {name}"))?;
+        let key = user.key.ok_or_else(|| anyhow!("the server sent no key"))?;
+        Client::new(&Profile {
+            key: Some(key),
+            ..self.profile.clone()
+        })
+    }
+
+    /// Adds user `owner` (default quota) and its function `name`.
+    pub(super) async fn add_user_function(
+        &self,
+        owner: &str,
+        name: &str,
+        image: &str,
+        command: &[&str],
+    ) -> anyhow::Result<Function> {
+        let client = self.add_user(owner).await?;
+        create_function_as(&client, name, image, command, None).await
     }
 
     /// `POST /call/NAME/UUID/sync`; checks the output is the payload.
@@ -278,21 +302,29 @@ impl Daemon {
         }
     }
 
-    /// Makes `pool` calls of `f` at once, untimed, then waits for its pool:
-    /// the adaptive pool gives a function warm containers only once it has
-    /// been called, as many as its calls in the last minute.
-    pub(super) async fn prime(&self, f: &Function, payload: &Bytes) -> anyhow::Result<()> {
-        parallel(self.pool, self.pool, |_| self.async_call(f, payload)).await?;
-        self.wait_pool_full(&f.name).await;
+    /// Makes `n` calls of `f` at once, untimed, then waits for its pool of
+    /// `n` (at most `pool`): the adaptive pool gives a function warm
+    /// containers only once it has been called, as many as its calls in the
+    /// last minute.
+    pub(super) async fn prime(
+        &self,
+        f: &Function,
+        n: usize,
+        payload: &Bytes,
+    ) -> anyhow::Result<()> {
+        parallel(n, n, |_| self.async_call(f, payload)).await?;
+        self.wait_pool_full(f, n).await;
         Ok(())
     }
 
-    /// Waits (bounded) until the function's pool holds every container it may.
-    pub(super) async fn wait_pool_full(&self, function: &str) {
-        let want = self.pool;
+    /// Waits (bounded) until the function's pool holds `want` containers
+    /// (at most `pool`). Its target is its calls of the last minute, so a
+    /// function called `n` times just now reaches `n.min(pool)`.
+    pub(super) async fn wait_pool_full(&self, f: &Function, want: usize) {
+        let want = want.min(self.pool);
         let deadline = Instant::now() + POOL_FILL_TIMEOUT;
         loop {
-            let have = self.pool_size(function).await.unwrap_or(0);
+            let have = self.pool_size(f).await.unwrap_or(0);
             if have >= want {
                 return;
             }
@@ -307,12 +339,17 @@ impl Daemon {
         }
     }
 
-    /// Running warm containers of `function` (none is serving a call between measurements).
-    pub(super) async fn pool_size(&self, function: &str) -> anyhow::Result<usize> {
+    /// Running warm containers of `f` (none is serving a call between
+    /// measurements). The pool label holds the name only: two users' functions
+    /// of one name are told apart by the owner label.
+    pub(super) async fn pool_size(&self, f: &Function) -> anyhow::Result<usize> {
         let instance = format!("label={LABEL_INSTANCE}={}", self.process.instance);
-        let pool = format!("label={LABEL_POOL}={function}");
+        let pool = format!("label={LABEL_POOL}={}", f.name);
+        let owner = format!("label={LABEL_OWNER}={}", f.owner);
         let out = docker(
-            &["ps", "-q", "--filter", &instance, "--filter", &pool],
+            &[
+                "ps", "-q", "--filter", &instance, "--filter", &pool, "--filter", &owner,
+            ],
             DOCKER_TIMEOUT,
         )
         .await?;
@@ -366,6 +403,33 @@ impl Daemon {
     pub(super) fn cpu_ticks(&self) -> anyhow::Result<u64> {
         self.process.cpu_ticks()
     }
+}
+
+/// Function `name`, created by (and owned by) the user of `client`.
+pub(super) async fn create_function_as(
+    client: &Client,
+    name: &str,
+    image: &str,
+    command: &[&str],
+    runtime: Option<&str>,
+) -> anyhow::Result<Function> {
+    let v: FunctionView = client
+        .post_json(
+            "/v1/functions",
+            &FunctionCreate {
+                name: name.into(),
+                image: image.into(),
+                command: command.iter().map(|s| s.to_string()).collect(),
+                env: vec![],
+                timeout: None,
+                memory: None,
+                cpus: None,
+                runtime: runtime.map(str::to_string),
+            },
+        )
+        .await
+        .with_context(|| format!("cannot create function {name}"))?;
+    Function::new(&v)
 }
 
 /// Polls `/healthz` until it reports the Engine up; answers the instance id.

@@ -24,7 +24,7 @@ use crate::api::types::{
 };
 use crate::cli::bench::Client;
 use crate::cli::Profile;
-use crate::runtime::{LABEL_CALL, LABEL_INSTANCE, LABEL_POOL};
+use crate::runtime::{LABEL_CALL, LABEL_INSTANCE, LABEL_OWNER, LABEL_POOL};
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
 use clap::Args;
@@ -67,6 +67,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for a warm pool to be full again.
 const POOL_FILL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most users of the shared-host rows (`--users`).
+const MAX_USERS: usize = 10;
 /// Longest `func rm --force` may take before the bench reports it as failed.
 const RM_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -92,6 +94,12 @@ pub struct BenchArgs {
     /// Concurrency levels of the finished-calls/s rows
     #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
     pub concurrency: Vec<usize>,
+    /// Users sharing the host in the extra finished-calls/s rows: the bench
+    /// adds them (default quota), each with its own bench-cat, and spreads
+    /// each level's calls evenly over them (c=8 and 4 users: 2 of each at a
+    /// time). 0 skips these rows
+    #[arg(long, default_value_t = 4)]
+    pub users: usize,
     /// Async calls submitted for the accepted-calls/s row (a few seconds'
     /// worth, so the first requests' TLS handshakes and the first call's
     /// container start do not weigh on the rate)
@@ -133,6 +141,9 @@ impl BenchArgs {
         }
         if self.concurrency.is_empty() || self.concurrency.iter().any(|&c| c == 0 || c > 10) {
             bail!("--concurrency takes levels from 1 to 10 (the admin user's default quota)");
+        }
+        if self.users == 1 || self.users > MAX_USERS {
+            bail!("--users takes 0 (no rows) or 2 to {MAX_USERS}: one user is the admin's rows");
         }
         if self.network.is_empty() {
             bail!("--network must name a network mode, e.g. none or bridge");
@@ -215,12 +226,15 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         "starting two private daemons: cold (no pool) and warm (pool of {})",
         args.pool
     ));
-    let mut cold = Daemon::start(&tmp.0, "cold", &args.network, 0).await?;
+    let mut cold = Daemon::start(&tmp.0, "cold", &args.network, 0, 0).await?;
     report.rss_fresh = cold.rss_mib()?;
-    let mut warm = Daemon::start(&tmp.0, "warm", &args.network, args.pool).await?;
+    // Room for full pools of the main function, the `--runtime` rows' one
+    // and each user's.
+    let pooled = 2 + args.users;
+    let mut warm = Daemon::start(&tmp.0, "warm", &args.network, args.pool, pooled).await?;
     let cold_f = cold.create_function("bench-cat", &image, &["cat"]).await?;
     let warm_f = warm.create_function("bench-cat", &image, &["cat"]).await?;
-    warm.prime(&warm_f, &payload).await?;
+    warm.prime(&warm_f, args.pool, &payload).await?;
 
     progress(&format!(
         "sync latency: {} rounds (+{WARMUP} warm-up) of docker run, cold, warm",
@@ -236,7 +250,7 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         ];
         // Making the used container's successor must not weigh on the next
         // round's calls, so the pool is full again before it starts.
-        warm.wait_pool_full(&warm_f.name).await;
+        warm.wait_pool_full(&warm_f, args.pool).await;
         if round >= WARMUP {
             for (s, t) in samples.iter_mut().zip(took) {
                 s.push(t);
@@ -255,15 +269,51 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         report.runtime = Some(rows);
     }
 
-    for &c in &args.concurrency {
+    // The users of the shared-host rows, on both daemons; their pools made
+    // now, after the latency rounds, so that these weigh on nothing else.
+    let (mut cold_users, mut warm_users) = (Vec::new(), Vec::new());
+    if args.users > 0 {
         progress(&format!(
-            "finished calls/s, {c} at a time: {} calls each of docker run, cold, warm",
+            "adding {} users, each with its own bench-cat, to both daemons",
+            args.users
+        ));
+        // Each user's share of a level: what its pool is sized by.
+        let share = args.batch.div_ceil(args.users).min(args.pool);
+        for u in 1..=args.users {
+            let owner = format!("bench-{u}");
+            let cmd = &["cat"];
+            cold_users.push(
+                cold.add_user_function(&owner, "bench-cat", &image, cmd)
+                    .await?,
+            );
+            let f = warm
+                .add_user_function(&owner, "bench-cat", &image, cmd)
+                .await?;
+            warm.prime(&f, share, &payload).await?;
+            warm_users.push(f);
+        }
+    }
+
+    for &c in &args.concurrency {
+        let users = if args.users > 0 {
+            format!(", cold and warm with {} users", args.users)
+        } else {
+            String::new()
+        };
+        progress(&format!(
+            "finished calls/s, {c} at a time: {} calls each of docker run, cold, warm{users}",
             args.batch
         ));
         let wall = parallel(args.batch, c, |_| raw.call(&payload)).await?;
         report.raw.throughput.push(rate(args.batch, wall));
-        daemon_batch(&cold, &cold_f, &payload, args.batch, c, &mut report.cold).await?;
-        daemon_batch(&warm, &warm_f, &payload, args.batch, c, &mut report.warm).await?;
+        let one = (std::slice::from_ref(&cold_f), std::slice::from_ref(&warm_f));
+        daemon_batch(&cold, one.0, &payload, args.batch, c, &mut report.cold).await?;
+        daemon_batch(&warm, one.1, &payload, args.batch, c, &mut report.warm).await?;
+        if args.users > 0 {
+            let (b, p) = (args.batch, &payload);
+            daemon_batch(&cold, &cold_users, p, b, c, &mut report.cold_users).await?;
+            daemon_batch(&warm, &warm_users, p, b, c, &mut report.warm_users).await?;
+        }
     }
     report.rss_after = cold.rss_mib()?;
     report.leftovers.push(("warm", warm.stop()?));
@@ -276,11 +326,13 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
 }
 
 /// `n` async calls to `d`, `c` at a time, waiting for each output: their
-/// calls/s and the daemon's CPU time. A pooled daemon's CPU includes making
-/// the containers that replace the used ones (read once the pool is full).
+/// calls/s and the daemon's CPU time. The calls are spread evenly over the
+/// functions `fs` (one per user, see `spread`). A pooled daemon's CPU
+/// includes making the containers that replace the used ones (read once
+/// each function's pool is full again).
 async fn daemon_batch(
     d: &Daemon,
-    f: &Function,
+    fs: &[Function],
     payload: &Bytes,
     n: usize,
     c: usize,
@@ -288,12 +340,16 @@ async fn daemon_batch(
 ) -> anyhow::Result<()> {
     let since = SystemTime::now();
     let before = d.cpu_ticks()?;
-    let wall = parallel(n, c, |_| d.async_call(f, payload)).await?;
+    let wall = spread(n, c, fs.len(), |u| d.async_call(&fs[u], payload)).await?;
     row.throughput.push(rate(n, wall));
     if d.pool > 0 {
         row.misses
             .push(d.cold_starts(since, SystemTime::now()).await?);
-        d.wait_pool_full(&f.name).await;
+        // Each function's pool is sized by its calls of the last minute,
+        // at least this batch's share of them.
+        for f in fs {
+            d.wait_pool_full(f, n / fs.len()).await;
+        }
     }
     row.cpu_ticks += d.cpu_ticks()?.saturating_sub(before);
     row.finished += n;
@@ -479,6 +535,46 @@ where
     Ok(start.elapsed())
 }
 
+/// Runs `total` calls spread evenly over `users` (`call(u)` calls user
+/// `u`'s function), `workers` at a time; the wall time until all ended.
+/// User `u` has `total / users` calls (the first `total % users` one more);
+/// worker `w` calls user `w % users` while it has calls left, then helps
+/// the next ones, so at `workers` = k × `users` each user has k calls
+/// running at a time until the last calls of the batch.
+async fn spread<F, Fut>(
+    total: usize,
+    workers: usize,
+    users: usize,
+    call: F,
+) -> anyhow::Result<Duration>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let users = users.max(1);
+    let left: Vec<AtomicUsize> = (0..users)
+        .map(|u| AtomicUsize::new(total / users + usize::from(u < total % users)))
+        .collect();
+    let (left, call) = (&left, &call);
+    // Takes one of user `u`'s calls, if it has any left.
+    let take = |u: usize| {
+        left[u]
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    };
+    let start = Instant::now();
+    futures_util::future::try_join_all((0..workers.min(total)).map(|w| async move {
+        loop {
+            let Some(u) = (0..users).map(|i| (w + i) % users).find(|&u| take(u)) else {
+                return Ok::<(), anyhow::Error>(());
+            };
+            call(u).await?;
+        }
+    }))
+    .await?;
+    Ok(start.elapsed())
+}
+
 fn rate(calls: usize, wall: Duration) -> f64 {
     calls as f64 / wall.as_secs_f64().max(1e-9)
 }
@@ -518,7 +614,7 @@ async fn runtime_rows(
     let warm_f = warm
         .create_function_under(name, &raw.image, &["cat"], Some(runtime))
         .await?;
-    warm.prime(&warm_f, payload).await?;
+    warm.prime(&warm_f, args.pool, payload).await?;
     progress(&format!(
         "sync latency under {runtime}: {} rounds (+{WARMUP} warm-up) of docker run, cold, warm",
         args.calls
@@ -531,7 +627,7 @@ async fn runtime_rows(
             timed(cold.sync_call(&cold_f, payload)).await?,
             timed(warm.sync_call(&warm_f, payload)).await?,
         ];
-        warm.wait_pool_full(&warm_f.name).await;
+        warm.wait_pool_full(&warm_f, args.pool).await;
         if round >= WARMUP {
             for (s, t) in samples.iter_mut().zip(took) {
                 s.push(t);
@@ -603,6 +699,51 @@ mod tests {
             Some(Duration::from_millis(1))
         );
         assert_eq!(percentile(&[], 50.0), None);
+    }
+
+    /// Per user: calls made, and most calls in flight at once.
+    async fn spread_counts(total: usize, workers: usize, users: usize) -> Vec<(usize, usize)> {
+        let state = std::sync::Mutex::new(vec![(0usize, 0usize, 0usize); users]);
+        let state = &state;
+        spread(total, workers, users, |u| async move {
+            if let Ok(mut s) = state.lock() {
+                let (made, now, most) = &mut s[u];
+                *made += 1;
+                *now += 1;
+                *most = (*most).max(*now);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if let Ok(mut s) = state.lock() {
+                s[u].1 -= 1;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let s = state.lock().unwrap().clone();
+        s.into_iter().map(|(made, _, most)| (made, most)).collect()
+    }
+
+    /// Every call taking as long (paused clock), the workers go in step: at
+    /// c = k × users each user has exactly k calls running at a time.
+    #[tokio::test(start_paused = true)]
+    async fn spread_gives_each_user_its_share_of_calls_and_of_concurrency() {
+        assert_eq!(spread_counts(24, 8, 4).await, vec![(6, 2); 4]);
+        assert_eq!(spread_counts(24, 4, 4).await, vec![(6, 1); 4]);
+        assert_eq!(spread_counts(24, 1, 4).await, vec![(6, 1); 4]);
+        assert_eq!(spread_counts(24, 8, 1).await, vec![(24, 8)]);
+        // A remainder goes to the first users.
+        let uneven = spread_counts(10, 4, 4).await;
+        let made: Vec<usize> = uneven.iter().map(|(m, _)| *m).collect();
+        assert_eq!(made, vec![3, 3, 2, 2]);
+        assert_eq!(
+            spread_counts(2, 8, 4)
+                .await
+                .iter()
+                .map(|p| p.0)
+                .sum::<usize>(),
+            2
+        );
     }
 
     #[test]

@@ -33,6 +33,10 @@ pub(super) struct Report {
     pub(super) raw: Row,
     pub(super) cold: Row,
     pub(super) warm: Row,
+    /// The finished-calls/s rows of `--users` users sharing the host (no
+    /// latency); empty throughput without them.
+    pub(super) cold_users: Row,
+    pub(super) warm_users: Row,
     pub(super) rss_fresh: f64,
     pub(super) rss_after: f64,
     pub(super) rss_queued: f64,
@@ -132,16 +136,42 @@ impl Report {
             row
         };
         let header: Vec<&str> = header.iter().map(String::as_str).collect();
-        out += &section(
-            &header,
-            vec![
-                tp("docker run --rm -i", &self.raw),
-                tp("hyperfuncd cold", &self.cold),
-                tp("hyperfuncd warm", &self.warm),
-                tp_ratio("cold vs docker run", &self.cold),
-                tp_ratio("warm vs docker run", &self.warm),
-            ],
-        );
+        let mut rows = vec![
+            tp("docker run --rm -i", &self.raw),
+            tp("hyperfuncd cold", &self.cold),
+            tp("hyperfuncd warm", &self.warm),
+        ];
+        let users = args.users;
+        let shared = !self.cold_users.throughput.is_empty();
+        if shared {
+            rows.push(tp(
+                &format!("hyperfuncd cold, {users} users"),
+                &self.cold_users,
+            ));
+            rows.push(tp(
+                &format!("hyperfuncd warm, {users} users"),
+                &self.warm_users,
+            ));
+        }
+        rows.push(tp_ratio("cold vs docker run", &self.cold));
+        rows.push(tp_ratio("warm vs docker run", &self.warm));
+        if shared {
+            rows.push(tp_ratio(
+                &format!("cold, {users} users vs docker run"),
+                &self.cold_users,
+            ));
+            rows.push(tp_ratio(
+                &format!("warm, {users} users vs docker run"),
+                &self.warm_users,
+            ));
+        }
+        out += &section(&header, rows);
+        if shared {
+            let _ = writeln!(
+                out,
+                "  {users} users: each owns its bench-cat (default quota); each level's calls spread evenly over them"
+            );
+        }
         out.push('\n');
 
         let mut rows = Vec::new();
@@ -189,18 +219,28 @@ impl Report {
             "func rm --force with {} calls queued: {rm}",
             self.queued
         );
-        let misses = &self.warm.misses;
-        if let Some((first, rest)) = misses.split_first() {
-            let rest: Vec<String> = rest
+        let per_level = |misses: &[usize]| -> String {
+            misses
                 .iter()
                 .zip(&args.concurrency)
                 .map(|(m, c)| format!("{m}/{} at c={c}", args.batch))
-                .collect();
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if let Some((first, rest)) = self.warm.misses.split_first() {
             let _ = writeln!(
                 out,
                 "warm calls that started their own container: {first}/{} sync, {}",
                 args.calls,
-                rest.join(", ")
+                per_level(rest)
+            );
+        }
+        if !self.warm_users.misses.is_empty() {
+            let _ = writeln!(
+                out,
+                "warm calls of {} users that started their own container: {}",
+                args.users,
+                per_level(&self.warm_users.misses)
             );
         }
         let left: Vec<String> = self
