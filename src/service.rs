@@ -582,6 +582,13 @@ impl Service {
                     Some(OutputLookup::NoOutput(c)) if c.state == CallState::Failed => {
                         Ok(OutputAnswer::Failed(c))
                     }
+                    // A shared store's reads may disagree for a moment
+                    // (e.g. across a leader change): a record that is not
+                    // ended after all is "not yet", never "gone".
+                    Some(OutputLookup::NoOutput(c)) if !c.state.is_done() => Ok(match c.state {
+                        CallState::Running => OutputAnswer::Running,
+                        _ => OutputAnswer::Pending,
+                    }),
                     Some(OutputLookup::NoOutput(c)) => Ok(OutputAnswer::Gone(c)),
                     None => Err(ServiceError::NotFound(format!("call {id} not found"))),
                 };
