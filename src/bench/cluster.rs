@@ -344,40 +344,13 @@ async fn accept_run(
     let first = nodes
         .first()
         .ok_or_else(|| anyhow!("no daemon to measure"))?;
-    let user: UserView = first
-        .admin
-        .post_json(
-            "/v1/users",
-            &UserCreate {
-                name: format!("bench-{tag}"),
-                max_concurrency: Some(1),
-                admin: false,
-            },
+    let (bench_user, f) = first
+        .add_queue_holder(
+            &format!("bench-{tag}"),
+            &format!("bench-queue-{tag}"),
+            image,
         )
-        .await
-        .context("cannot add the bench user")?;
-    let key = user.key.ok_or_else(|| anyhow!("the server sent no key"))?;
-    let bench_user = Client::new(&Profile {
-        key: Some(key),
-        ..first.profile.clone()
-    })?;
-    let created: FunctionView = bench_user
-        .post_json(
-            "/v1/functions",
-            &FunctionCreate {
-                name: format!("bench-queue-{tag}"),
-                image: image.to_string(),
-                command: vec!["sleep".into(), "600".into()],
-                env: vec![],
-                timeout: None,
-                memory: None,
-                cpus: None,
-                runtime: None,
-            },
-        )
-        .await
-        .context("cannot create the queue function")?;
-    let f = Function::new(&created)?;
+        .await?;
     let fs = nodes
         .iter()
         .map(|d| f.on(d))

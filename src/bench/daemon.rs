@@ -186,16 +186,20 @@ impl Daemon {
         create_function_as(&self.admin, name, image, command, runtime).await
     }
 
-    /// A user with the default quota (`[scheduler] default_max_concurrency`):
-    /// a client with its key.
-    pub(super) async fn add_user(&self, name: &str) -> anyhow::Result<Client> {
+    /// A user with quota `max_concurrency` (`None`: `[scheduler]
+    /// default_max_concurrency`): a client with its key.
+    pub(super) async fn add_user(
+        &self,
+        name: &str,
+        max_concurrency: Option<u32>,
+    ) -> anyhow::Result<Client> {
         let user: UserView = self
             .admin
             .post_json(
                 "/v1/users",
                 &UserCreate {
                     name: name.into(),
-                    max_concurrency: None,
+                    max_concurrency,
                     admin: false,
                 },
             )
@@ -216,8 +220,22 @@ impl Daemon {
         image: &str,
         command: &[&str],
     ) -> anyhow::Result<Function> {
-        let client = self.add_user(owner).await?;
+        let client = self.add_user(owner, None).await?;
         create_function_as(&client, name, image, command, None).await
+    }
+
+    /// User `owner` with a quota of 1 and its function `name` running
+    /// `sleep 600`: once its first call holds the one slot, every later call
+    /// stays queued, so intake alone is measured.
+    pub(super) async fn add_queue_holder(
+        &self,
+        owner: &str,
+        name: &str,
+        image: &str,
+    ) -> anyhow::Result<(Client, Function)> {
+        let client = self.add_user(owner, Some(1)).await?;
+        let f = create_function_as(&client, name, image, &["sleep", "600"], None).await?;
+        Ok((client, f))
     }
 
     /// `POST /call/NAME/UUID/sync`; checks the output is the payload.

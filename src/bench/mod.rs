@@ -366,40 +366,7 @@ async fn queue_phase(
     payload: &Bytes,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let user: UserView = d
-        .admin
-        .post_json(
-            "/v1/users",
-            &UserCreate {
-                name: "bench".into(),
-                max_concurrency: Some(1),
-                admin: false,
-            },
-        )
-        .await
-        .context("cannot add the bench user")?;
-    let key = user.key.ok_or_else(|| anyhow!("the server sent no key"))?;
-    let bench_user = Client::new(&Profile {
-        key: Some(key),
-        ..d.profile.clone()
-    })?;
-    let created: FunctionView = bench_user
-        .post_json(
-            "/v1/functions",
-            &FunctionCreate {
-                name: "bench-queue".into(),
-                image: image.to_string(),
-                command: vec!["sleep".into(), "600".into()],
-                env: vec![],
-                timeout: None,
-                memory: None,
-                cpus: None,
-                runtime: None,
-            },
-        )
-        .await
-        .context("cannot create the queue function")?;
-    let f = Function::new(&created)?;
+    let (bench_user, f) = d.add_queue_holder("bench", "bench-queue", image).await?;
     let first = d.submit(&f, payload).await?;
     let payload = &Bytes::from(vec![b'x'; ACCEPT_PAYLOAD_BYTES]);
     wait_running(&bench_user, &first).await?;
