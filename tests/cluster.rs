@@ -823,3 +823,253 @@ fn func_rm_force_on_one_node_stops_the_calls_running_on_the_other() {
     b.finish();
     a.finish();
 }
+
+#[test]
+fn a_node_reaches_a_tls_nats_server_with_a_creds_file_and_is_refused_clearly_without_them() {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let _one = one_at_a_time();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = |name: &str, text: &str| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        p
+    };
+
+    // A CA and the server's certificate for 127.0.0.1 and localhost.
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "hyperfuncd test NATS CA");
+    let ca_cert = ca_params.self_signed(&ca_key).expect("CA cert");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let server_key = rcgen::KeyPair::generate().expect("server key");
+    let server_cert =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .expect("server params")
+            .signed_by(&server_key, &issuer)
+            .expect("server cert");
+    let ca = file("ca.pem", &ca_cert.pem());
+    let cert = file("server.pem", &server_cert.pem());
+    let key = file("server-key.pem", &server_key.serialize_pem());
+
+    // Decentralized JWT auth, as `nsc` would set it up: an operator, an
+    // account with JetStream, and a user whose `.creds` file holds its
+    // JWT (signed by the account) and its NKey seed.
+    let jwt = |issuer: &nkeys::KeyPair, subject: &str, nats: serde_json::Value| {
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let mut claims = serde_json::json!({
+            "iat": 1_700_000_000u64,
+            "iss": issuer.public_key(),
+            "name": subject,
+            "sub": subject,
+            "nats": nats,
+        });
+        let jti = sha2::Sha256::digest(claims.to_string().as_bytes());
+        claims["jti"] = serde_json::Value::String(format!("{jti:X}"));
+        let signed = format!(
+            "{}.{}",
+            b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#),
+            b64(claims.to_string().as_bytes())
+        );
+        let sig = issuer.sign(signed.as_bytes()).expect("sign");
+        format!("{signed}.{}", b64(&sig))
+    };
+    let account_jwt = |operator: &nkeys::KeyPair, account: &nkeys::KeyPair, js: i64| {
+        jwt(
+            operator,
+            &account.public_key(),
+            serde_json::json!({
+                "type": "account", "version": 2,
+                "limits": {
+                    "subs": -1, "data": -1, "payload": -1, "imports": -1,
+                    "exports": -1, "wildcards": true, "conn": -1, "leaf": -1,
+                    "mem_storage": js, "disk_storage": js, "streams": js, "consumer": js
+                },
+                "default_permissions": { "pub": {}, "sub": {} }
+            }),
+        )
+    };
+    let creds = |name: &str, account: &nkeys::KeyPair| {
+        let user = nkeys::KeyPair::new_user();
+        let token = jwt(
+            account,
+            &user.public_key(),
+            serde_json::json!({
+                "type": "user", "version": 2, "pub": {}, "sub": {},
+                "subs": -1, "data": -1, "payload": -1
+            }),
+        );
+        file(
+            name,
+            &format!(
+                "-----BEGIN NATS USER JWT-----\n{token}\n------END NATS USER JWT------\n\n\
+                 -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+                user.seed().expect("seed")
+            ),
+        )
+    };
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    // JetStream in operator mode needs a system account (without JetStream).
+    let system = nkeys::KeyPair::new_account();
+    let good = creds("hf.creds", &account);
+    // Signed by an account the server does not know.
+    let stranger = creds("stranger.creds", &nkeys::KeyPair::new_account());
+
+    let p = free_ports(2);
+    let (port, http) = (p[0], p[1]);
+    let conf = file(
+        "nats.conf",
+        &format!(
+            "listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{http}\nmax_payload: 8MB\n\
+             jetstream {{ store_dir: \"{}\" }}\n\
+             tls {{ cert_file: \"{}\", key_file: \"{}\" }}\n\
+             operator: \"{}\"\nsystem_account: {}\nresolver: MEMORY\n\
+             resolver_preload: {{ {}: \"{}\", {}: \"{}\" }}\n",
+            tmp.path().join("js").display(),
+            cert.display(),
+            key.display(),
+            jwt(
+                &operator,
+                &operator.public_key(),
+                serde_json::json!({ "type": "operator", "version": 2 })
+            ),
+            system.public_key(),
+            system.public_key(),
+            account_jwt(&operator, &system, 0),
+            account.public_key(),
+            account_jwt(&operator, &account, -1),
+        ),
+    );
+    let log = tmp.path().join("nats.log");
+    let mut server = Command::new("nats-server")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("nats-server (scripts/deps installs it)");
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let server = {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+                .arg(format!("http://127.0.0.1:{http}/healthz"))
+                .output()
+                .expect("curl");
+            if String::from_utf8_lossy(&out.stdout) == "200" {
+                break Kill(server);
+            }
+            if Instant::now() > deadline || server.try_wait().ok().flatten().is_some() {
+                let _ = server.kill();
+                let _ = server.wait();
+                panic!(
+                    "nats-server did not become healthy:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let store = |extra: &str| {
+        format!(
+            "[store]\nbackend = \"nats\"\n[store.nats]\nservers = [\"nats://127.0.0.1:{port}\"]\n\
+             replicas = 1\n{extra}"
+        )
+    };
+    let ca_line = format!("ca = \"{}\"\n", ca.display());
+    let creds_line = |c: &Path| format!("credentials = \"{}\"\n", c.display());
+
+    // Trusting the CA, with the creds: a call end to end.
+    let node = Daemon::start_on(
+        &data_dir(&tmp, "ok"),
+        &store(&format!("{ca_line}{}", creds_line(&good))),
+    );
+    node.create("echo", &[IMAGE, "cat"]);
+    let id = node.call("echo", b"over TLS, with creds");
+    let out = node.cli(&["func", "get", "--wait", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.stdout, b"over TLS, with creds");
+    node.finish();
+
+    // Refused: `serve` exits by itself (the test does not wait forever)
+    // with an error naming the problem.
+    let refused = |name: &str, extra: &str| -> String {
+        let dir = data_dir(&tmp, name);
+        std::fs::create_dir_all(&dir).expect("data dir");
+        let config = file(
+            &format!("{name}.toml"),
+            &format!(
+                "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{}",
+                dir.display(),
+                store(extra)
+            ),
+        );
+        let mut child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start hyperfuncd");
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{name}: hyperfuncd kept trying instead of refusing to start");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+            .expect("stderr");
+        assert!(!status.success(), "{name}: {err}");
+        err
+    };
+    // The server's certificate, not trusted without `ca`.
+    let no_ca = refused("no-ca", &creds_line(&good));
+    assert!(
+        no_ca.contains("TLS certificate is not trusted")
+            && no_ca.contains("[store.nats] ca (none set)"),
+        "{no_ca}"
+    );
+    // The servers want a user: none given, or one of an unknown account.
+    let no_creds = refused("no-creds", &ca_line);
+    assert!(
+        no_creds.contains("the server refused this node")
+            && no_creds.contains("[store.nats] credentials (none set)"),
+        "{no_creds}"
+    );
+    let wrong = refused(
+        "wrong-creds",
+        &format!("{ca_line}{}", creds_line(&stranger)),
+    );
+    assert!(
+        wrong.contains("the server refused this node")
+            && wrong.contains(&format!(
+                "[store.nats] credentials ({})",
+                stranger.display()
+            )),
+        "{wrong}"
+    );
+    // Refused at once: a config error is not retried as an unreachable server.
+    for err in [&no_ca, &no_creds, &wrong] {
+        assert!(!err.contains("retrying"), "{err}");
+    }
+    drop(server);
+}

@@ -150,18 +150,27 @@ impl NatsStore {
                 .name(format!("hyperfuncd {node}"))
                 .connection_timeout(Duration::from_secs(5));
             if let Some(creds) = &nats.credentials {
-                options = options
-                    .credentials_file(creds)
-                    .await
-                    .map_err(|e| StoreError::Failed(format!("{}: {e}", creds.display())))?;
+                options = options.credentials_file(creds).await.map_err(|e| {
+                    // Not `Failed` ("the store cannot write"): a config error.
+                    StoreError::Unavailable(format!(
+                        "[store.nats] credentials: {}: {e}",
+                        creds.display()
+                    ))
+                })?;
             }
             if let Some(ca) = &nats.ca {
                 options = options.add_root_certificates(ca.clone()).require_tls(true);
             }
             match options.connect(servers.clone()).await {
                 Ok(c) => break c,
-                Err(e) if Instant::now() > deadline => return Err(unavailable("connecting", e)),
                 Err(e) => {
+                    // Retrying cannot mend the config: say what to fix, now.
+                    if let Some(why) = refused(&e, &nats) {
+                        return Err(unavailable("connecting", why));
+                    }
+                    if Instant::now() > deadline {
+                        return Err(unavailable("connecting", e));
+                    }
                     tracing::warn!(error = %e, "NATS not reachable yet; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
@@ -299,6 +308,45 @@ fn node_id(dir: &Path) -> Result<String> {
         .map_err(failed)?;
     std::fs::rename(&tmp, &path).map_err(failed)?;
     Ok(id)
+}
+
+/// What the servers' refusal of a connection means for `[store.nats]`, if
+/// it is one that no retry will change: an untrusted certificate, TLS
+/// required by one side only, or credentials missing or not accepted.
+fn refused(e: &async_nats::ConnectError, nats: &NatsConfig) -> Option<String> {
+    use async_nats::ConnectErrorKind as Kind;
+    let creds = match &nats.credentials {
+        Some(c) => format!("[store.nats] credentials ({})", c.display()),
+        None => "[store.nats] credentials (none set)".to_string(),
+    };
+    let ca = match &nats.ca {
+        Some(c) => format!("[store.nats] ca ({})", c.display()),
+        None => "[store.nats] ca (none set)".to_string(),
+    };
+    match e.kind() {
+        Kind::AuthorizationViolation | Kind::Authentication => Some(format!(
+            "the server refused this node ({e}): {creds} must be a .creds file of a user the servers accept"
+        )),
+        Kind::Tls => Some(format!(
+            "TLS setup failed ({e}): check {ca}: a readable PEM, set exactly when the servers have tls {{ ... }}"
+        )),
+        _ => {
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                let inner = s
+                    .downcast_ref::<std::io::Error>()
+                    .and_then(|io| io.get_ref())
+                    .and_then(|i| i.downcast_ref::<rustls::Error>());
+                if let Some(rustls::Error::InvalidCertificate(c)) = inner {
+                    return Some(format!(
+                        "the server's TLS certificate is not trusted ({c:?}): {ca} must name the PEM of the CA that signed the servers' certificates"
+                    ));
+                }
+                source = s.source();
+            }
+            None
+        }
+    }
 }
 
 /// The records bucket, the nodes bucket and the queue stream, made if missing.
