@@ -445,21 +445,7 @@ fn waiting_shows_the_call_state_on_a_terminal_only() {
 
     // On a terminal: script(1) gives the CLI a pseudo-terminal and
     // records what it wrote there.
-    let on_a_terminal = |args: &str| {
-        let out = Command::new("script")
-            .args(["-qfec", &format!("{BIN} {args}"), "/dev/null"])
-            .env("HYPERFUNC_PROFILE", d.profile())
-            .env("HOME", d.dir.path())
-            .env("TERM", "xterm")
-            .env_remove("HYPERFUNC_ENDPOINT")
-            .env_remove("HYPERFUNC_KEY")
-            .env_remove("HYPERFUNC_CA")
-            .stdin(Stdio::null())
-            .output()
-            .expect("script(1) from util-linux");
-        assert!(out.status.success(), "{args}: {}", stderr(&out));
-        stdout(&out)
-    };
+    let on_a_terminal = |args: &str| d.on_a_terminal(args);
     for get in [false, true] {
         // The call is made just before `get`, so it is still running then.
         let args = if get {
@@ -507,21 +493,7 @@ fn create_and_update_say_what_they_wait_for_on_a_terminal_only() {
     // On a terminal (script(1) gives the CLI a pseudo-terminal and records
     // what it wrote there): the spinner's text, with the elapsed time after
     // the ellipsis, then the usual line.
-    let on_a_terminal = |args: &str| {
-        let out = Command::new("script")
-            .args(["-qfec", &format!("{BIN} {args}"), "/dev/null"])
-            .env("HYPERFUNC_PROFILE", d.profile())
-            .env("HOME", d.dir.path())
-            .env("TERM", "xterm")
-            .env_remove("HYPERFUNC_ENDPOINT")
-            .env_remove("HYPERFUNC_KEY")
-            .env_remove("HYPERFUNC_CA")
-            .stdin(Stdio::null())
-            .output()
-            .expect("script(1) from util-linux");
-        assert!(out.status.success(), "{args}: {}", stderr(&out));
-        stdout(&out)
-    };
+    let on_a_terminal = |args: &str| d.on_a_terminal(args);
     let elapsed_after = |screen: &str, text: &str| {
         screen.split(text).skip(1).any(|rest| {
             let digits = rest.chars().take_while(char::is_ascii_digit).count();

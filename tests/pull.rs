@@ -105,23 +105,6 @@ fn image_with_a_new_layer(dir: &Path) -> std::path::PathBuf {
     saved
 }
 
-/// What `hyperfuncd ARGS` wrote on a pseudo-terminal (script(1)).
-fn on_a_terminal(d: &Daemon, args: &str) -> String {
-    let out = Command::new("script")
-        .args(["-qfec", &format!("{BIN} {args}"), "/dev/null"])
-        .env("HYPERFUNC_PROFILE", d.profile())
-        .env("HOME", d.dir.path())
-        .env("TERM", "xterm")
-        .env_remove("HYPERFUNC_ENDPOINT")
-        .env_remove("HYPERFUNC_KEY")
-        .env_remove("HYPERFUNC_CA")
-        .stdin(Stdio::null())
-        .output()
-        .expect("script(1) from util-linux");
-    assert!(out.status.success(), "{args}: {}", stderr(&out));
-    stdout(&out)
-}
-
 /// The lines of an NDJSON answer, each parsed.
 fn ndjson(body: &[u8]) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(body)
@@ -157,7 +140,7 @@ fn create_and_update_show_the_pull_on_a_terminal_and_stream_it_on_request() {
 
     // On a terminal: the pull drawn with layers and bytes, a line that
     // stays with what was pulled, then the usual line.
-    let screen = on_a_terminal(&d, &format!("func create --name tty {one} cat"));
+    let screen = d.on_a_terminal(&format!("func create --name tty {one} cat"));
     assert!(
         screen.contains(&format!("creating tty: pulling {one}: ")),
         "{screen:?}"
@@ -183,7 +166,7 @@ fn create_and_update_show_the_pull_on_a_terminal_and_stream_it_on_request() {
     );
 
     // The same on update, to another tag (not on the Engine yet).
-    let screen = on_a_terminal(&d, &format!("func update tty --image {two}"));
+    let screen = d.on_a_terminal(&format!("func update tty --image {two}"));
     assert!(
         screen.contains(&format!("updating tty: pulling {two}: ")),
         "{screen:?}"
@@ -194,7 +177,7 @@ fn create_and_update_show_the_pull_on_a_terminal_and_stream_it_on_request() {
         "{screen:?}"
     );
     // An image already there: no pull to show, the spinner as before.
-    let screen = on_a_terminal(&d, &format!("func update tty --image {one}"));
+    let screen = d.on_a_terminal(&format!("func update tty --image {one}"));
     assert!(!screen.contains("pulled "), "{screen:?}");
     assert!(
         screen.contains(&format!("updating tty: pulling/checking image {one}…")),

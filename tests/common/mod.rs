@@ -424,6 +424,24 @@ impl Daemon {
             .collect()
     }
 
+    /// What `hyperfuncd ARGS` (split on spaces) wrote on a pseudo-terminal:
+    /// script(1) gives the CLI one and records what it wrote there.
+    pub fn on_a_terminal(&self, args: &str) -> String {
+        let out = Command::new("script")
+            .args(["-qfec", &format!("{BIN} {args}"), "/dev/null"])
+            .env("HYPERFUNC_PROFILE", self.profile())
+            .env("HOME", self.dir.path())
+            .env("TERM", "xterm")
+            .env_remove("HYPERFUNC_ENDPOINT")
+            .env_remove("HYPERFUNC_KEY")
+            .env_remove("HYPERFUNC_CA")
+            .stdin(Stdio::null())
+            .output()
+            .expect("script(1) from util-linux");
+        assert!(out.status.success(), "{args}: {}", stderr(&out));
+        stdout(&out)
+    }
+
     /// Waits until `f` holds, up to `secs`.
     pub fn wait_until(&self, secs: u64, what: &str, mut f: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(secs);
