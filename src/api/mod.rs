@@ -379,13 +379,7 @@ async fn v1(
             Ok(json_response(StatusCode::CREATED, &view(svc, &f).await?))
         }
         Op::GetFunction => {
-            let f = svc
-                .function(
-                    caller,
-                    &Name::parse(p.get("name"))?,
-                    owner_param(&req.query)?.as_ref(),
-                )
-                .await?;
+            let f = addressed(svc, caller, p.get("name"), &req.query).await?;
             Ok(json_response(StatusCode::OK, &view(svc, &f).await?))
         }
         Op::UpdateFunction => {
@@ -424,34 +418,16 @@ async fn v1(
             Ok(empty(StatusCode::NO_CONTENT))
         }
         Op::CallFunction => {
-            let f = svc
-                .function(
-                    caller,
-                    &Name::parse(p.get("name"))?,
-                    owner_param(&req.query)?.as_ref(),
-                )
-                .await?;
+            let f = addressed(svc, caller, p.get("name"), &req.query).await?;
             let sync = flag(&req.query, "sync");
             accept(svc, f, sync, req).await
         }
         Op::FunctionLogs => {
-            let f = svc
-                .function(
-                    caller,
-                    &Name::parse(p.get("name"))?,
-                    owner_param(&req.query)?.as_ref(),
-                )
-                .await?;
+            let f = addressed(svc, caller, p.get("name"), &req.query).await?;
             logs(svc, f, &req.query).await
         }
         Op::FunctionStatus => {
-            let f = svc
-                .function(
-                    caller,
-                    &Name::parse(p.get("name"))?,
-                    owner_param(&req.query)?.as_ref(),
-                )
-                .await?;
+            let f = addressed(svc, caller, p.get("name"), &req.query).await?;
             Ok(json_response(
                 StatusCode::OK,
                 &StatusView::from(svc.stats(&f).await?),
@@ -883,6 +859,20 @@ fn flag(query: &HashMap<String, String>, name: &str) -> bool {
 /// `?owner=USER`: whose function a `/v1/functions/{name}` route means (the
 /// caller's when absent). Only an admin may name another user; for anyone
 /// else such a function is "not found" (`Service::function`).
+/// The function `/v1/functions/{name}` addresses: the caller's own, or with
+/// `?owner=` (admins only) another user's.
+async fn addressed(
+    svc: &Service,
+    caller: &crate::model::User,
+    name: &str,
+    query: &HashMap<String, String>,
+) -> Result<crate::model::Function, ApiError> {
+    let owner = owner_param(query)?;
+    Ok(svc
+        .function(caller, &Name::parse(name)?, owner.as_ref())
+        .await?)
+}
+
 fn owner_param(query: &HashMap<String, String>) -> Result<Option<Name>, ApiError> {
     match query.get("owner") {
         Some(o) => Ok(Some(Name::parse(o)?)),
