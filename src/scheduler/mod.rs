@@ -246,7 +246,17 @@ impl Scheduler {
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // A shared store: other nodes queue and end calls too. They say so
         // (best effort), and every REMOTE_POLL the queues are looked at anyway.
-        let mut remote = self.store.remote_changes();
+        // Handled by a task of their own, not between dispatch turns: a turn
+        // may wait up to a second on the queue (another node took the
+        // message), and a waiter for a call that node ran must not.
+        let forward = self.store.remote_changes().map(|mut remote| {
+            let this = Arc::clone(&self);
+            tokio::spawn(async move {
+                while let Some(owner) = remote.recv().await {
+                    this.queued(&owner);
+                }
+            })
+        });
         let shared = self.store.shared();
         let mut poll = tokio::time::interval(REMOTE_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -266,12 +276,6 @@ impl Scheduler {
                 _ = tokio::time::sleep(ENGINE_RETRY), if retry => {}
                 _ = sweep.tick() => self.sweep().await,
                 _ = prune.tick() => self.prune().await,
-                Some(owner) = recv(&mut remote) => {
-                    self.queued(&owner);
-                    while let Some(owner) = remote.as_mut().and_then(|r| r.try_recv().ok()) {
-                        self.queued(&owner);
-                    }
-                }
                 _ = poll.tick(), if shared => {
                     match self.store.queued_owners().await {
                         Ok(owners) => owners.iter().for_each(|o| self.queued(o)),
@@ -286,6 +290,9 @@ impl Scheduler {
                     }
                 }
             }
+        }
+        if let Some(task) = forward {
+            task.abort();
         }
         self.stop_running().await;
         self.pool.close().await;
@@ -415,14 +422,6 @@ pub fn call_env(
                 .map(|e| format!("{}={}", e.name, e.value)),
         )
         .collect()
-}
-
-/// The next owner another node changed, or never without a shared store.
-async fn recv(remote: &mut Option<tokio::sync::mpsc::UnboundedReceiver<Name>>) -> Option<Name> {
-    match remote {
-        Some(r) => r.recv().await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,10 @@
 use super::*;
 use crate::model::{EventKind, OutputState};
 
+/// How often, and how long apart, a node taking a queue message looks again
+/// for a record its accept is still storing (see `examine`).
+const RECORD_LOOKS: usize = 10;
+const RECORD_LOOK_EVERY: Duration = Duration::from_millis(20);
 /// The header that names a queue message's call.
 const CALL_HEADER: &str = "Hf-Call";
 /// The header that names a queue message's function (for a tombstone).
@@ -210,7 +214,25 @@ impl Inner {
             let _ = msg.ack().await;
             return Ok(Head::Next);
         };
-        let (_, call) = self.bucket.get::<Call>(&call_key(&id)).await?;
+        let (_, mut call) = self.bucket.get::<Call>(&call_key(&id)).await?;
+        // Accept stores the message a few milliseconds before the record:
+        // a node that takes a message that young looks again a few times
+        // rather than give it back for a second, which left the call
+        // waiting for the next poll (seen as 1-2.5 s sync calls at c=1).
+        let young = msg
+            .info()
+            .map(|i| {
+                let now = (crate::model::now_ms() / 1000) as i64;
+                now.saturating_sub(i.published.unix_timestamp()) < 5
+            })
+            .unwrap_or(false);
+        for _ in 0..RECORD_LOOKS {
+            if call.is_some() || !young {
+                break;
+            }
+            tokio::time::sleep(RECORD_LOOK_EVERY).await;
+            call = self.bucket.get::<Call>(&call_key(&id)).await?.1;
+        }
         let Some(call) = call else {
             let published = msg.info().map(|i| i.published.unix_timestamp()).ok();
             let now = (crate::model::now_ms() / 1000) as i64;
