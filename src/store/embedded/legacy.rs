@@ -340,7 +340,20 @@ mod tests {
     /// interrupted in that tree left it: the trees before it done, half of
     /// it done, the rest still old.
     fn as_schema_3(dir: &Path, crash_in: Option<usize>) {
-        let db = sled::open(dir).unwrap();
+        // The store just dropped may still hold sled's file lock for a
+        // moment (its threads let go of the database after the drop).
+        let mut tries = 0;
+        let db = loop {
+            match sled::open(dir) {
+                Ok(db) => break db,
+                Err(e) if tries < 100 => {
+                    tries += 1;
+                    eprintln!("reopening for the rewrite: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => panic!("cannot reopen {}: {e}", dir.display()),
+            }
+        };
         let stop = crash_in.map_or(0, |t| REKEYED.iter().position(|r| *r == t).unwrap());
         for (i, t) in REKEYED.iter().enumerate() {
             let tree = db.open_tree(TREE_NAMES[*t]).unwrap();
