@@ -205,20 +205,13 @@ pub(super) async fn bench_cluster(args: &BenchArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("nats-server"));
     let nats = nats_version(&nats_bin).await?;
-    let (engine, tmp, image) = prepare(args).await?;
-    let run_id = uuid::Uuid::new_v4().simple().to_string();
-    // Drops last but for the temp dir: after the daemons and the servers.
-    let _raw_cleanup = LabelCleanup(format!("{LABEL_BENCH}={run_id}"));
-    let raw = RawDocker {
-        image: image.clone(),
-        network: args.network.clone(),
-        label: format!("{LABEL_BENCH}={run_id}"),
-        runtime: None,
-    };
+    // Drops after the daemons and the servers (declared later).
+    let p = prepare(args).await?;
+    let (tmp, raw, image) = (&p.tmp, &p.raw, p.image.clone());
     let payload = Bytes::from_static(PAYLOAD);
     let mut report = ClusterReport {
         image: image.clone(),
-        engine,
+        engine: p.engine.clone(),
         nats,
         ..ClusterReport::default()
     };

@@ -177,9 +177,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
 }
 
-/// The Engine's version, the temp dir, and the image (built if it is the
-/// default and absent): what every mode needs first.
-async fn prepare(args: &BenchArgs) -> anyhow::Result<(String, TempDir, String)> {
+/// What every mode needs first.
+struct Prepared {
+    /// Removes the raw `docker run` leftovers of this run. Dropped before
+    /// `tmp` (fields drop in order) and after the daemons, which every mode
+    /// starts later.
+    _raw_cleanup: LabelCleanup,
+    tmp: TempDir,
+    /// The Engine's version.
+    engine: String,
+    /// The image (built if it is the default and absent).
+    image: String,
+    /// The baseline, labelled with this run's id.
+    raw: RawDocker,
+}
+
+async fn prepare(args: &BenchArgs) -> anyhow::Result<Prepared> {
     let engine = docker(
         &["version", "--format", "{{.Server.Version}}"],
         DOCKER_TIMEOUT,
@@ -199,24 +212,29 @@ async fn prepare(args: &BenchArgs) -> anyhow::Result<(String, TempDir, String)> 
         }
         None => default_image(&tmp.0).await?,
     };
-    Ok((engine.trim().to_string(), tmp, image))
+    let run_id = uuid::Uuid::new_v4().simple().to_string();
+    Ok(Prepared {
+        _raw_cleanup: LabelCleanup(format!("{LABEL_BENCH}={run_id}")),
+        tmp,
+        engine: engine.trim().to_string(),
+        raw: RawDocker {
+            image: image.clone(),
+            network: args.network.clone(),
+            label: format!("{LABEL_BENCH}={run_id}"),
+            runtime: None,
+        },
+        image,
+    })
 }
 
 async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
-    let (engine, tmp, image) = prepare(args).await?;
-    let run_id = uuid::Uuid::new_v4().simple().to_string();
     // Drops after the daemons (declared later), so raw leftovers go too.
-    let _raw_cleanup = LabelCleanup(format!("{LABEL_BENCH}={run_id}"));
-    let raw = RawDocker {
-        image: image.clone(),
-        network: args.network.clone(),
-        label: format!("{LABEL_BENCH}={run_id}"),
-        runtime: None,
-    };
+    let p = prepare(args).await?;
+    let (tmp, raw, image) = (&p.tmp, &p.raw, p.image.clone());
     let payload = Bytes::from_static(PAYLOAD);
     let mut report = Report {
         image: image.clone(),
-        engine,
+        engine: p.engine.clone(),
         ..Report::default()
     };
 
@@ -265,7 +283,7 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     report.cold.latency = Latency::of(&samples[1]);
     report.warm.latency = Latency::of(&samples[2]);
     if let Some(runtime) = &args.runtime {
-        let rows = runtime_rows(args, runtime, &raw, [&cold, &warm], &payload).await?;
+        let rows = runtime_rows(args, runtime, raw, [&cold, &warm], &payload).await?;
         report.runtime = Some(rows);
     }
 
