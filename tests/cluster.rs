@@ -432,6 +432,73 @@ fn a_users_quota_holds_across_nodes_and_no_call_starts_twice() {
     b.finish();
 }
 
+/// With a quota above 1 an owner has calls out on both nodes at once; their
+/// containers must still be created in the order the calls were accepted,
+/// as on one host. Every call ends just after the second boundary 1-2 s
+/// after it began (busybox has no sub-second clock), so quota slots come
+/// free together and both nodes take calls at the same
+/// moment, again and again: without the cluster-wide turn, a node that took
+/// a later call often created its container first.
+#[test]
+fn containers_are_created_in_acceptance_order_across_nodes_with_a_quota_above_1() {
+    let _one = one_at_a_time();
+    let nats = NatsCluster::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = Daemon::start_on(&data_dir(&tmp, "a"), &nats.config(""));
+    let b = join(&a, &data_dir(&tmp, "b"), &nats.config(""));
+    let dave = a.add_user("dave", 3);
+    let out = a.cli_as(
+        &dave,
+        &[
+            "func",
+            "create",
+            "--name",
+            "order3",
+            IMAGE,
+            "sh",
+            "-c",
+            "t=$(($(date +%s) + 2)); while [ $(date +%s) -lt $t ]; do sleep 0.02; done; echo done",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let events = FunctionEvents::start("order3");
+    let mut order = Vec::new();
+    for i in 0..12 {
+        let node = if i % 2 == 0 { &a } else { &b };
+        let out = node.cli_as(&dave, &["func", "call", "order3"], Some(b""));
+        assert!(out.status.success(), "{}", stderr(&out));
+        order.push(
+            stdout(&out)
+                .trim()
+                .trim_start_matches("CallId: ")
+                .to_string(),
+        );
+    }
+    let ended = wait_ended(&a, &order, 120);
+    assert!(ended.iter().all(|c| c["State"] == "FINISHED"), "{ended:?}");
+    let all = events.all();
+    let created: Vec<String> = all
+        .iter()
+        .filter(|(act, _, _)| act == "create")
+        .map(|(_, c, _)| c.clone())
+        .collect();
+    let nodes: std::collections::HashSet<&String> = all.iter().map(|(_, _, i)| i).collect();
+    assert_eq!(
+        nodes.len(),
+        2,
+        "both nodes ran some of dave's calls: {all:?}"
+    );
+    assert_eq!(
+        created, order,
+        "dave's containers were created in acceptance order across both nodes"
+    );
+    let max = events.max_running();
+    assert!(max <= 3, "dave's quota of 3 held: {max} ran at once");
+    a.finish();
+    b.finish();
+}
+
 #[test]
 fn a_node_killed_mid_run_fails_its_running_calls_and_its_queue_runs_elsewhere() {
     let _one = one_at_a_time();

@@ -117,11 +117,49 @@ impl Scheduler {
                 // Err only means that call ended before starting: fine.
                 let _ = previous.await;
             }
+            let started_tx = if this.store.shared() {
+                this.take_turn(&call, &token).await;
+                this.tell_created(call.id, started_tx)
+            } else {
+                started_tx
+            };
             if let Err(e) = this.execute(call, payload, token, started_tx).await {
                 tracing::error!(call = %id, error = %e, "call bookkeeping failed");
             }
         });
         Ok(Turn::Started)
+    }
+
+    /// On a shared store: waits until the owner's earlier calls on other
+    /// nodes have their containers (`Store::await_turn`), or the call is
+    /// cancelled meanwhile (`execute` then fails it).
+    async fn take_turn(&self, call: &Call, token: &CancellationToken) {
+        tokio::select! {
+            waited = self.store.await_turn(call) => {
+                if let Err(e) = waited {
+                    // Order is lost for this call only; the call still runs.
+                    tracing::warn!(call = %call.id, error = %e, "could not wait for the owner's earlier calls");
+                }
+            }
+            _ = token.cancelled() => {}
+        }
+    }
+
+    /// A sender for the runtime's "container made" signal that passes it on
+    /// to this node's next call of the owner (`start_chain`) and then to the
+    /// other nodes (`Store::created`).
+    fn tell_created(&self, id: CallId, started: oneshot::Sender<()>) -> oneshot::Sender<()> {
+        let (tx, rx) = oneshot::channel();
+        let store = Arc::clone(&self.store);
+        tokio::spawn(async move {
+            // Err: the call ended without a container; dropping `started`
+            // lets the next call go all the same.
+            if rx.await.is_ok() {
+                let _ = started.send(());
+                store.created(&id).await;
+            }
+        });
+        tx
     }
 
     /// Starts as many queued calls as the quotas allow.

@@ -209,6 +209,19 @@ pub trait Store: Send + Sync {
     /// The sequence of `function`'s newest event, so a follower can skip
     /// what it has already scanned even when its filter matched nothing.
     async fn last_event_seq(&self, function: &FnKey) -> Result<Option<u64>>;
+
+    // ---- container order across nodes (shared stores) ----
+    /// Returns once every call of `call.owner` queued before `call` has its
+    /// container or has ended, wherever it runs: an owner's containers are
+    /// created in submission order cluster-wide, as on one host. A node
+    /// orders its own calls itself (the scheduler's `start_chain`), so a
+    /// store only this process writes has nothing to wait for.
+    async fn await_turn(&self, _call: &Call) -> Result<()> {
+        Ok(())
+    }
+    /// The RUNNING call `id`'s container exists (created cold, or a warm
+    /// one framed): the owner's later calls on other nodes may have theirs.
+    async fn created(&self, _id: &CallId) {}
 }
 
 /// Connects to the shared JetStream store; `dir` keeps this node's id.

@@ -11,7 +11,7 @@ use crate::model::{EventKind, OutputState};
 const RECORD_LOOKS: usize = 10;
 const RECORD_LOOK_EVERY: Duration = Duration::from_millis(20);
 /// The header that names a queue message's call.
-const CALL_HEADER: &str = "Hf-Call";
+pub(super) const CALL_HEADER: &str = "Hf-Call";
 /// The header that names a queue message's function (for a tombstone).
 const FUNCTION_HEADER: &str = "Hf-Function";
 /// Why a call whose record lost the race to its tombstone was not accepted.
@@ -31,7 +31,7 @@ pub(super) fn output_subject(function: &FnKey, id: impl std::fmt::Display) -> St
 pub(super) fn log_subject(function: &FnKey, id: impl std::fmt::Display) -> String {
     format!("hfl.{}.{}.{id}", function.owner, function.name)
 }
-fn running_key(id: &CallId) -> String {
+pub(super) fn running_key(id: &CallId) -> String {
     format!("r.{id}")
 }
 fn done_key(id: &CallId) -> String {
@@ -39,7 +39,7 @@ fn done_key(id: &CallId) -> String {
 }
 
 /// The node of a `r.CALL` value ("NODE ATTEMPT").
-fn claim_node(claim: &str) -> &str {
+pub(super) fn claim_node(claim: &str) -> &str {
     claim.split(' ').next().unwrap_or_default()
 }
 
@@ -268,6 +268,7 @@ impl Inner {
                         owner: owner.clone(),
                         since: Instant::now(),
                         running: false,
+                        created: false,
                     },
                 );
                 lock(&self.heads).insert(owner.clone(), id);

@@ -29,6 +29,7 @@
 
 mod calls;
 mod kv;
+mod order;
 #[cfg(test)]
 mod tests;
 
@@ -92,6 +93,8 @@ struct Held {
     owner: Name,
     since: Instant,
     running: bool,
+    /// Its container exists (`order.rs`).
+    created: bool,
 }
 
 pub struct NatsStore {
@@ -111,6 +114,8 @@ struct Inner {
     /// Per owner: the held head not yet started.
     heads: Mutex<HashMap<Name, CallId>>,
     remote: Mutex<Option<mpsc::UnboundedReceiver<Name>>>,
+    /// Owners named by change notices, for `await_turn` (`order.rs`).
+    changed: tokio::sync::broadcast::Sender<Name>,
     /// Functions whose output and log streams this node has made sure of.
     streams: Mutex<HashSet<FnKey>>,
     /// Set when a call's state change could not be settled (see `give_up`).
@@ -210,6 +215,7 @@ impl NatsStore {
             held: Mutex::new(HashMap::new()),
             heads: Mutex::new(HashMap::new()),
             remote: Mutex::new(Some(rx)),
+            changed: tokio::sync::broadcast::channel(256).0,
             streams: Mutex::new(HashSet::new()),
             fatal: tokio::sync::watch::channel(None).0,
         });
@@ -268,12 +274,17 @@ impl NatsStore {
                     }
                 }
             }),
-            tokio::spawn(async move {
-                while let Some(m) = changes.next().await {
-                    let owner = m.subject.as_str().rsplit('.').next().unwrap_or_default();
-                    if let Ok(owner) = Name::parse(owner) {
-                        if tx.send(owner).is_err() {
-                            break;
+            tokio::spawn({
+                let changed = inner.changed.clone();
+                async move {
+                    while let Some(m) = changes.next().await {
+                        let owner = m.subject.as_str().rsplit('.').next().unwrap_or_default();
+                        if let Ok(owner) = Name::parse(owner) {
+                            // No receiver is waiting for its turn: nothing to tell.
+                            let _ = changed.send(owner.clone());
+                            if tx.send(owner).is_err() {
+                                break;
+                            }
                         }
                     }
                 }
@@ -1016,5 +1027,14 @@ impl Store for NatsStore {
             .stream_bytes(&Inner::log_stream(function))
             .await?;
         Ok((last > 0).then_some(last))
+    }
+
+    // ---- container order across nodes ----
+    async fn await_turn(&self, call: &Call) -> Result<()> {
+        self.inner.await_turn(call).await
+    }
+
+    async fn created(&self, id: &CallId) {
+        self.inner.created(id).await
     }
 }
