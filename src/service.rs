@@ -54,7 +54,7 @@ impl From<StoreError> for ServiceError {
             e @ (StoreError::Full(_) | StoreError::Failed(_)) => {
                 ServiceError::InsufficientStorage(e.to_string())
             }
-            StoreError::Corrupt(m) => ServiceError::Internal(m),
+            StoreError::Corrupt(m) | StoreError::Config(m) => ServiceError::Internal(m),
             StoreError::Unavailable(m) => ServiceError::Unavailable(m),
         }
     }

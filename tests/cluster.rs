@@ -1134,8 +1134,23 @@ fn a_node_reaches_a_tls_nats_server_with_a_creds_file_and_is_refused_clearly_wit
             )),
         "{wrong}"
     );
+    // Payloads larger than the servers' max_payload (8 MB) could never be
+    // stored: refused at start, naming the server setting.
+    let too_big = refused(
+        "too-big",
+        &format!(
+            "{ca_line}{}[limits]\nmax_stdin_bytes = 16777216\n",
+            creds_line(&good)
+        ),
+    );
+    assert!(
+        too_big.contains("max_payload is 8388608 bytes")
+            && too_big.contains("set max_payload to at least")
+            && !too_big.contains("cannot write"),
+        "{too_big}"
+    );
     // Refused at once: a config error is not retried as an unreachable server.
-    for err in [&no_ca, &no_creds, &wrong] {
+    for err in [&no_ca, &no_creds, &wrong, &too_big] {
         assert!(!err.contains("retrying"), "{err}");
     }
     drop(server);

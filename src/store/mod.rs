@@ -40,6 +40,10 @@ pub enum StoreError {
     /// and the same request may be retried.
     #[error("{0}")]
     Unavailable(String),
+    /// The store's settings cannot work (found when it opens): the message
+    /// names the setting to change.
+    #[error("{0}")]
+    Config(String),
 }
 
 /// `update_function`'s refusal when the record is no longer the one read.

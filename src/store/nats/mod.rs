@@ -145,7 +145,7 @@ impl NatsStore {
             .iter()
             .map(|s| {
                 s.parse()
-                    .map_err(|e| StoreError::Failed(format!("[store.nats] servers: {s}: {e}")))
+                    .map_err(|e| StoreError::Config(format!("[store.nats] servers: {s}: {e}")))
             })
             .collect::<Result<_>>()?;
         // A cluster starting beside us may take a moment to answer.
@@ -156,8 +156,7 @@ impl NatsStore {
                 .connection_timeout(Duration::from_secs(5));
             if let Some(creds) = &nats.credentials {
                 options = options.credentials_file(creds).await.map_err(|e| {
-                    // Not `Failed` ("the store cannot write"): a config error.
-                    StoreError::Unavailable(format!(
+                    StoreError::Config(format!(
                         "[store.nats] credentials: {}: {e}",
                         creds.display()
                     ))
@@ -183,7 +182,7 @@ impl NatsStore {
         };
         let max_payload = client.server_info().max_payload as u64;
         if max_payload < nats.max_message_bytes + HEADROOM {
-            return Err(StoreError::Failed(format!(
+            return Err(StoreError::Config(format!(
                 "the NATS servers' max_payload is {max_payload} bytes, but hyperfuncd must store payloads and outputs of up to {} bytes: set max_payload to at least {} in every server's config",
                 nats.max_message_bytes,
                 nats.max_message_bytes + HEADROOM
