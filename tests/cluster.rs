@@ -831,6 +831,26 @@ fn a_5_mib_payload_accepted_on_one_node_is_fetched_byte_exact_from_the_other() {
         out.stdout.len()
     );
     assert_eq!(b.status("big")["Total"], 1, "one call stored");
+
+    // Three at once through both nodes: before its container is made, each
+    // later call reads the earlier calls' 5 MiB queue messages (their turn
+    // across nodes); that works, and costs no retry.
+    let url = a.create("bigslow", &[IMAGE, "sh", "-c", "sleep 1; cat"]);
+    let mut ids = Vec::new();
+    for d in [&a, &b, &a] {
+        let url = url.replace(&a.addr(), &d.addr());
+        let (code, body) = d.curl(&["--data-binary", &format!("@{}", big.display()), &url]);
+        assert_eq!(code, 202, "{}", String::from_utf8_lossy(&body));
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON answer");
+        ids.push(v["CallId"].as_str().expect("a call id").to_string());
+    }
+    let ended = wait_ended(&b, &ids, 30);
+    assert!(ended.iter().all(|c| c["State"] == "FINISHED"), "{ended:?}");
+    for id in &ids {
+        let out = b.cli(&["func", "get", &id]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(out.stdout == exact, "call {id}: byte-exact output");
+    }
     a.finish();
     b.finish();
 }
