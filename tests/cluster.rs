@@ -847,7 +847,7 @@ fn a_5_mib_payload_accepted_on_one_node_is_fetched_byte_exact_from_the_other() {
     let ended = wait_ended(&b, &ids, 30);
     assert!(ended.iter().all(|c| c["State"] == "FINISHED"), "{ended:?}");
     for id in &ids {
-        let out = b.cli(&["func", "get", &id]);
+        let out = b.cli(&["func", "get", id]);
         assert!(out.status.success(), "{}", stderr(&out));
         assert!(out.stdout == exact, "call {id}: byte-exact output");
     }
