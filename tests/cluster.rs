@@ -788,6 +788,71 @@ fn logs_follow_on_one_node_streams_a_call_that_runs_on_the_other() {
     b.finish();
 }
 
+/// A call handed out again comes after later ones: here node A dies right
+/// after storing call 1 RUNNING (before its container), comes back at once
+/// (its recovery requeues call 1) with its one slot taken by another
+/// user's long call, and node B has meanwhile taken call 2, which waits for
+/// call 1. When call 1's message is redelivered to B, B must create call
+/// 1's container first and not make it wait behind call 2 (which waits for
+/// it: a cycle only the 30 s limit broke, creating call 2 first).
+#[test]
+fn a_call_handed_out_again_is_created_before_the_later_call_waiting_for_it() {
+    let _one = one_at_a_time();
+    let nats = NatsCluster::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut a = Daemon::start_on(&data_dir(&tmp, "a"), &nats.config(""));
+    let erin = a.add_user("erin", 2);
+    let olga = a.add_user("olga", 1);
+    for (key, name, cmd) in [
+        (&erin, "ord", &["sh", "-c", "sleep 1; echo ok"][..]),
+        (&olga, "long", &["sleep", "40"][..]),
+    ] {
+        let mut args = vec!["func", "create", "--name", name, IMAGE];
+        args.extend_from_slice(cmd);
+        let out = a.cli_as(key, &args, None);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let events = FunctionEvents::start("ord");
+    let call = |d: &Daemon, key: &str, f: &str| {
+        let out = d.cli_as(key, &["func", "call", f], Some(b""));
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+            .trim()
+            .trim_start_matches("CallId: ")
+            .to_string()
+    };
+    // Call 1: RUNNING on A, which dies before its container exists.
+    a.restart_with_env(&[("FAILPOINTS", "start-durable=return")]);
+    let t0 = Instant::now();
+    let first = call(&a, &erin, "ord");
+    a.wait_dead(30);
+    a.set_env(&[]);
+    // The same node, back within the heartbeat TTL: recovery requeues call
+    // 1. One slot on A, held by olga's long call, so A takes no erin call.
+    a.restart_with(&nats.config("[scheduler]\nhost_max_running = 1\n"));
+    let long = call(&a, &olga, "long");
+    a.wait_until(20, "olga's call to run", || {
+        call_state(&a, &long)["State"] == "RUNNING"
+    });
+    let b = join(&a, &data_dir(&tmp, "b"), &nats.config(""));
+    let second = call(&b, &erin, "ord");
+    let ended = wait_ended(&b, &[first.clone(), second.clone()], 90);
+    let took = t0.elapsed();
+    assert!(ended.iter().all(|c| c["State"] == "FINISHED"), "{ended:?}");
+    let created: Vec<String> = events
+        .all()
+        .into_iter()
+        .filter(|(act, _, _)| act == "create")
+        .map(|(_, c, _)| c)
+        .collect();
+    assert_eq!(created, [first, second], "call 1's container first");
+    // Call 1 comes back after the 15 s ack wait; 30 s would mean a stall.
+    assert!(took < Duration::from_secs(28), "both ended after {took:?}");
+    a.cli(&["func", "rm", "--force", "olga/long"]);
+    a.finish();
+    b.finish();
+}
+
 #[test]
 fn a_5_mib_payload_accepted_on_one_node_is_fetched_byte_exact_from_the_other() {
     let _one = one_at_a_time();

@@ -92,7 +92,9 @@ impl Scheduler {
         let (started_tx, started_rx) = oneshot::channel();
         let (previous, generation) = {
             let mut st = self.state();
-            let previous = st.start_chain.insert(owner.clone(), started_rx.shared());
+            let previous = st
+                .start_chain
+                .insert(owner.clone(), (call.seq, started_rx.shared()));
             *st.running.entry(owner.clone()).or_default() += 1;
             st.running_total += 1;
             st.generation += 1;
@@ -113,9 +115,14 @@ impl Scheduler {
                 id,
                 generation,
             };
-            if let Some(previous) = previous {
-                // Err only means that call ended before starting: fine.
-                let _ = previous.await;
+            if let Some((seq, previous)) = previous {
+                // A call handed out again (a redelivery, a requeue) may come
+                // after later ones; on a shared store `await_turn` orders
+                // it, and waiting here for a later call would be a cycle.
+                if !(this.store.shared() && seq > call.seq) {
+                    // Err only means that call ended before starting: fine.
+                    let _ = previous.await;
+                }
             }
             let started_tx = if this.store.shared() {
                 this.take_turn(&call, &token).await;

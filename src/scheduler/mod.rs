@@ -73,7 +73,10 @@ struct DispatchState {
     /// container (created, or a warm one framed). The next call waits for
     /// it, so an owner's containers are created in FIFO order even when
     /// dispatched together, while their starts overlap.
-    start_chain: HashMap<Name, StartSignal>,
+    /// With the call's queue sequence: on a shared store a call never
+    /// waits here for a later one (that one may be waiting for it in
+    /// `Store::await_turn`).
+    start_chain: HashMap<Name, (u64, StartSignal)>,
     /// Recovery done: the queue may be drained.
     recovered: bool,
     /// The Engine refused the last attempt; retry after a ping succeeds.

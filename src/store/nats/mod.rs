@@ -116,6 +116,8 @@ struct Inner {
     remote: Mutex<Option<mpsc::UnboundedReceiver<Name>>>,
     /// Owners named by change notices, for `await_turn` (`order.rs`).
     changed: tokio::sync::broadcast::Sender<Name>,
+    /// Calls that held others up, and since when (`order.rs`).
+    turns: order::Turns,
     /// Functions whose output and log streams this node has made sure of.
     streams: Mutex<HashSet<FnKey>>,
     /// Set when a call's state change could not be settled (see `give_up`).
@@ -215,6 +217,7 @@ impl NatsStore {
             heads: Mutex::new(HashMap::new()),
             remote: Mutex::new(Some(rx)),
             changed: tokio::sync::broadcast::channel(256).0,
+            turns: order::Turns::default(),
             streams: Mutex::new(HashSet::new()),
             fatal: tokio::sync::watch::channel(None).0,
         });

@@ -54,26 +54,69 @@ fn call_of(hdrs: Option<&str>) -> Option<CallId> {
     })
 }
 
+/// Per blocking call: when a call of this node first found it without a
+/// container. `TURN_WAIT` counts from then for every call behind it, so
+/// calls queued behind one stuck call do not each wait it out in turn.
+#[derive(Default)]
+pub(super) struct Turns {
+    blocked_since: Mutex<HashMap<CallId, Instant>>,
+}
+
+impl Turns {
+    /// True while `blocker` may still hold calls up.
+    fn still_waiting(&self, blocker: &CallId, waiter: &CallId) -> bool {
+        let mut since = lock(&self.blocked_since);
+        // Old entries: their calls have long gone one way or another.
+        since.retain(|_, t| t.elapsed() < 10 * TURN_WAIT);
+        let first = *since.entry(*blocker).or_insert_with(Instant::now);
+        if first.elapsed() < TURN_WAIT {
+            return true;
+        }
+        tracing::warn!(
+            call = %waiter,
+            waiting_for = %blocker,
+            "an earlier call of the owner still has no container after 30 s; creating this one anyway"
+        );
+        false
+    }
+}
+
 impl Inner {
     /// Returns once every call of `call.owner` queued before `call` has its
-    /// container or has ended (or after `TURN_WAIT`, with a warning).
+    /// container or has ended, or runs on a lost node, or has held calls up
+    /// for `TURN_WAIT` (then with a warning).
     pub(super) async fn await_turn(&self, call: &Call) -> Result<()> {
-        let deadline = Instant::now() + TURN_WAIT;
+        // The owner's consumer counts the calls out (delivered, or given
+        // back and due again): this one alone means none before it.
+        let consumer = self.consumer(&call.owner).await?;
+        let out = retry(|| async {
+            let mut c = consumer.clone();
+            c.info()
+                .await
+                .map(|i| i.num_ack_pending)
+                .map_err(|e| Refused::Error(unavailable("reading a queue", e)))
+        })
+        .await?;
+        if out <= 1 {
+            return Ok(());
+        }
         let mut notices = self.changed.subscribe();
+        let subject = format!("hfq.{}", call.owner);
+        // Earlier messages found ready stay ready (a container made, or an
+        // end, is not taken back): each look starts at the last blocker.
+        let mut from = 1;
         loop {
-            let Some(blocker) = self.earlier_without_container(call).await? else {
+            let Some((seq, blocker)) = self.blocker(call, &subject, from).await? else {
                 return Ok(());
             };
-            if Instant::now() >= deadline {
-                tracing::warn!(
-                    call = %call.id,
-                    waiting_for = %blocker,
-                    "an earlier call of the owner still has no container; creating this one anyway"
-                );
-                return Ok(());
+            if !self.turns.still_waiting(&blocker, &call.id) {
+                from = seq + 1;
+                continue;
             }
+            from = seq;
             // A notice for the owner (a call created, started or ended
-            // anywhere), or the poll, whichever comes first.
+            // anywhere), or the poll, whichever comes first; notices that
+            // piled up meanwhile make one look, not one each.
             let _ = tokio::time::timeout(TURN_POLL, async {
                 loop {
                     match notices.recv().await {
@@ -87,16 +130,22 @@ impl Inner {
                 }
             })
             .await;
+            while notices.try_recv().is_ok() {}
         }
     }
 
-    /// The first call of the owner queued before `call` whose container
-    /// does not exist yet, if any.
-    async fn earlier_without_container(&self, call: &Call) -> Result<Option<CallId>> {
-        let subject = format!("hfq.{}", call.owner);
-        let mut from = 1;
+    /// The first call of the owner queued before `call`, at or after queue
+    /// sequence `from`, whose container does not exist yet: its sequence
+    /// and id.
+    async fn blocker(
+        &self,
+        call: &Call,
+        subject: &str,
+        from: u64,
+    ) -> Result<Option<(u64, CallId)>> {
+        let mut from = from;
         for _ in 0..MAX_PREDECESSORS {
-            let Some((seq, id)) = self.next_queued(&subject, from).await? else {
+            let Some((seq, id)) = self.next_queued(subject, from).await? else {
                 return Ok(None);
             };
             if seq >= call.seq {
@@ -104,8 +153,12 @@ impl Inner {
             }
             from = seq + 1;
             match id {
-                Some(id) if id != call.id && !self.has_container(&id).await? => {
-                    return Ok(Some(id))
+                Some(id) if id != call.id => {
+                    if !self.has_container(&id).await? {
+                        return Ok(Some((seq, id)));
+                    }
+                    // It holds no one up any more (a requeue starts afresh).
+                    lock(&self.turns.blocked_since).remove(&id);
                 }
                 _ => {}
             }
@@ -140,25 +193,32 @@ impl Inner {
         .await
     }
 
-    /// True once `id` has its container, has ended, or runs on a lost node.
+    /// True once `id` has its container, has ended (or its record is
+    /// gone: pruned, purged), or runs on a lost node.
     async fn has_container(&self, id: &CallId) -> Result<bool> {
         if lock(&self.held).get(id).is_some_and(|h| h.created) {
             return Ok(true);
         }
-        let Some(call) = self.bucket.get::<Call>(&call_key(id)).await?.1 else {
-            // Its accept is still storing the record.
-            return Ok(false);
-        };
-        match call.state {
-            CallState::Pending => Ok(false),
-            CallState::Finished | CallState::Failed => Ok(true),
-            CallState::Running => match self.bucket.get::<String>(&running_key(id)).await?.1 {
-                // Ended between the two reads.
-                None => Ok(true),
-                Some(claim) if claim.ends_with(CREATED) => Ok(true),
-                Some(claim) => Ok(!self.node_alive(claim_node(&claim)).await?),
-            },
+        // Twice at most: a call RUNNING without a claim was either ended or
+        // requeued between the two reads; the record read again says which.
+        for _ in 0..2 {
+            let (rev, call) = self.bucket.get::<Call>(&call_key(id)).await?;
+            let Some(call) = call else {
+                // Never written: its accept is still storing the record.
+                // Deleted: the call is long over.
+                return Ok(rev != 0);
+            };
+            match call.state {
+                CallState::Pending => return Ok(false),
+                CallState::Finished | CallState::Failed => return Ok(true),
+                CallState::Running => match self.bucket.get::<String>(&running_key(id)).await?.1 {
+                    None => continue,
+                    Some(claim) if claim.ends_with(CREATED) => return Ok(true),
+                    Some(claim) => return Ok(!self.node_alive(claim_node(&claim)).await?),
+                },
+            }
         }
+        Ok(false)
     }
 
     /// Marks `id`'s container as made (its `r.CALL`, compare-and-set, so an
