@@ -5,8 +5,14 @@
 //!
 //! Keys (`BUCKET`):
 //! - `u.USER` → User, `k.HEX` → user name (the key-hash index)
-//! - `f.FUNCTION` → Function, `s.FUNCTION` → FunctionStats (counters; a
-//!   stats key without a function record means a removal not yet purged)
+//! - `f.FUNCTION` → Function
+//! - `s.FUNCTION`, `s.FUNCTION.1` … `s.FUNCTION.15` → FunctionStats: the
+//!   counters, in 16 shards so that concurrent calls of one function do
+//!   not all compare-and-set one key; a call counts in the shard its id
+//!   picks, every state it goes through (their sum is the function's
+//!   counters). Shard 0 (`s.FUNCTION`) exists from the function's creation
+//!   until the end of its purge: a stats key without a function record
+//!   means a removal not yet purged
 //! - `c.CALL` → Call
 //! - `l.FUNCTION.CALL` → () while the call is live (PENDING or RUNNING)
 //! - `r.CALL` → node id while the call is RUNNING on that node
