@@ -328,3 +328,32 @@ async fn a_shard_left_without_its_function_is_found_and_purged() {
     drop(store);
     drop(server);
 }
+
+/// A compare-and-set refused because another write to the key was still
+/// being replicated (10164, clustered streams only) is a lost race to
+/// retry at once, like a revision that moved on (10071); anything else is
+/// not.
+#[test]
+fn a_write_refused_for_one_in_flight_is_a_lost_race() {
+    use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+    let answer = |code: u64, text: &str| {
+        let e: async_nats::jetstream::Error = serde_json::from_value(serde_json::json!({
+            "code": 400,
+            "err_code": code,
+            "description": text
+        }))
+        .unwrap();
+        PublishError::with_source(PublishErrorKind::Other, e)
+    };
+    assert!(kv::lost_race(&answer(10164, "wrong last sequence")));
+    assert!(kv::lost_race(&PublishError::new(
+        PublishErrorKind::WrongLastSequence
+    )));
+    assert!(!kv::lost_race(&answer(
+        10060,
+        "expected stream does not match"
+    )));
+    assert!(!kv::lost_race(&PublishError::new(
+        PublishErrorKind::TimedOut
+    )));
+}
