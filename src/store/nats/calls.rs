@@ -43,6 +43,15 @@ pub(super) fn claim_node(claim: &str) -> &str {
     claim.split(' ').next().unwrap_or_default()
 }
 
+/// Adds one counter shard to a sum of them.
+pub(super) fn add(sum: &mut FunctionStats, shard: &FunctionStats) {
+    sum.total += shard.total;
+    sum.pending += shard.pending;
+    sum.running += shard.running;
+    sum.finished += shard.finished;
+    sum.failed += shard.failed;
+}
+
 fn count(stats: &mut FunctionStats, state: CallState, delta: i64) {
     let slot = match state {
         CallState::Pending => &mut stats.pending,
@@ -75,13 +84,12 @@ enum Head {
 
 impl Inner {
     pub(super) async fn accept(&self, mut call: Call, payload: Bytes) -> Result<Call> {
-        if self.function(&call.fn_key()).await?.is_none() {
-            return Err(StoreError::NotFound(format!("function {}", call.function)));
-        }
+        let function = call.fn_key();
+        let shard = shard_key(&function, shard_of(&call.id));
         // The owner's consumer exists before its first message.
         self.consumer(&call.owner).await?;
         // The call id as message id: a retried publish is stored once.
-        let ack = retry(|| async {
+        let publish = retry(|| async {
             let mut h = async_nats::HeaderMap::new();
             h.insert(CALL_HEADER, call.id.to_string().as_str());
             h.insert(FUNCTION_HEADER, call.function.as_str());
@@ -93,38 +101,75 @@ impl Inner {
                 .map_err(|e| unavailable("queueing the call", e))?
                 .await
                 .map_err(|e| Refused::Error(unavailable("queueing the call", e)))
-        })
-        .await?;
+        });
+        // The function's record and the call's counter shard are read while
+        // the message is stored: three round trips at once, not in a row.
+        // The function is still checked before the record is written, which
+        // is the point that decides (a removal after it is the same race as
+        // a removal just after the accept).
+        let (found, queued, first_read) = tokio::join!(
+            self.function(&function),
+            publish,
+            self.bucket.get::<FunctionStats>(&shard)
+        );
+        let ack = queued?;
         crate::crash_point!("nats-accept-queued");
         // The stream's sequence is the FIFO key, as sled's counter is.
         call.seq = ack.sequence;
+        let missing = match found {
+            Ok(Some(_)) => None,
+            Ok(None) => Some(StoreError::NotFound(format!("function {}", call.function))),
+            Err(e) => Some(e),
+        };
+        if let Some(e) = missing {
+            // No record follows this message: it must not wait for one
+            // (if this delete is lost, `examine` buries it as an orphan).
+            let _ = self.queue.delete_message(call.seq).await;
+            return Err(e);
+        }
         // The record and a tombstone (`bury`) race for the call's key with
         // expected revision 0: exactly one of them is stored, whatever the
         // timing, so a dropped message never leaves an accepted call behind.
+        // The first attempt writes without reading the key (a fresh id has
+        // none); only a refused or unanswered attempt makes the next one
+        // look at what is there.
+        let mut first_read = Some(first_read);
         let stored = tokio::time::timeout(
             ACCEPT_WITHIN,
-            retry(|| async {
-                if let (_, Some(existing)) = self.bucket.get::<Call>(&call_key(&call.id)).await? {
-                    if existing.state == CallState::Pending && existing.seq == call.seq {
-                        // An earlier attempt was stored; only its answer was lost.
-                        return Ok(());
-                    }
-                    return Err(Refused::Error(StoreError::Unavailable(NOT_ACCEPTED.into())));
+            retry(|| {
+                let first_read = first_read.take();
+                let (call, shard, function) = (&call, &shard, &function);
+                async move {
+                    let (srev, stats) = match first_read {
+                        Some(read) => read?,
+                        None => {
+                            if let (_, Some(existing)) =
+                                self.bucket.get::<Call>(&call_key(&call.id)).await?
+                            {
+                                if existing.state == CallState::Pending && existing.seq == call.seq
+                                {
+                                    // An earlier attempt was stored; only its
+                                    // answer was lost.
+                                    return Ok(());
+                                }
+                                return Err(Refused::Error(StoreError::Unavailable(
+                                    NOT_ACCEPTED.into(),
+                                )));
+                            }
+                            self.bucket.get::<FunctionStats>(shard).await?
+                        }
+                    };
+                    let mut stats = stats.unwrap_or_default();
+                    stats.total += 1;
+                    count(&mut stats, CallState::Pending, 1);
+                    self.bucket
+                        .commit(vec![
+                            Op::Put(call_key(&call.id), enc(call)?, Some(0)),
+                            Op::Put(live_key(function, &call.id), Vec::new(), None),
+                            Op::Put(shard.clone(), enc(&stats)?, Some(srev)),
+                        ])
+                        .await
                 }
-                let (srev, stats) = self
-                    .bucket
-                    .get::<FunctionStats>(&stats_key(&call.fn_key()))
-                    .await?;
-                let mut stats = stats.unwrap_or_default();
-                stats.total += 1;
-                count(&mut stats, CallState::Pending, 1);
-                self.bucket
-                    .commit(vec![
-                        Op::Put(call_key(&call.id), enc(&call)?, Some(0)),
-                        Op::Put(live_key(&call.fn_key(), &call.id), Vec::new(), None),
-                        Op::Put(stats_key(&call.fn_key()), enc(&stats)?, Some(srev)),
-                    ])
-                    .await
             }),
         )
         .await
@@ -367,10 +412,8 @@ impl Inner {
                     call.stdin_len
                 ))));
             }
-            let (srev, stats) = self
-                .bucket
-                .get::<FunctionStats>(&stats_key(&call.fn_key()))
-                .await?;
+            let shard = shard_key(&call.fn_key(), shard_of(id));
+            let (srev, stats) = self.bucket.get::<FunctionStats>(&shard).await?;
             let mut stats = stats.unwrap_or_default();
             call.transition(CallState::Running)
                 .map_err(|e| Refused::Error(e.into()))?;
@@ -379,7 +422,7 @@ impl Inner {
             self.bucket
                 .commit(vec![
                     Op::Put(call_key(id), enc(&call)?, Some(rev)),
-                    Op::Put(stats_key(&call.fn_key()), enc(&stats)?, Some(srev)),
+                    Op::Put(shard, enc(&stats)?, Some(srev)),
                     Op::Put(running_key(id), enc(&claim)?, None),
                 ])
                 .await?;
@@ -445,9 +488,10 @@ impl Inner {
             };
             call.transition(CallState::Pending)
                 .map_err(|e| Refused::Error(e.into()))?;
+            let shard = shard_key(&call.fn_key(), shard_of(id));
             let (srev, stats) = self
                 .bucket
-                .get::<FunctionStats>(&stats_key(&call.fn_key()))
+                .get::<FunctionStats>(&shard)
                 .await
                 .inspect_err(|e| self.give_up(id, e))?;
             let mut stats = stats.unwrap_or_default();
@@ -456,7 +500,7 @@ impl Inner {
             self.bucket
                 .commit(vec![
                     Op::Put(call_key(id), enc(&call)?, Some(rev)),
-                    Op::Put(stats_key(&call.fn_key()), enc(&stats)?, Some(srev)),
+                    Op::Put(shard, enc(&stats)?, Some(srev)),
                     Op::Del(running_key(id), None),
                 ])
                 .await?;
@@ -515,8 +559,14 @@ impl Inner {
             .await?;
             stored = true;
         }
+        // A call's function never changes: its shard can be read beside it.
+        let shard = shard_key(&call.fn_key(), shard_of(id));
         let ended = retry(|| async {
-            let (rev, call) = self.bucket.get::<Call>(&call_key(id)).await?;
+            let key = call_key(id);
+            let ((rev, call), (srev, stats)) = tokio::try_join!(
+                self.bucket.get::<Call>(&key),
+                self.bucket.get::<FunctionStats>(&shard)
+            )?;
             let Some(mut call) = call else {
                 return Err(Refused::Error(StoreError::NotFound(format!("call {id}"))));
             };
@@ -545,10 +595,6 @@ impl Inner {
             if call.state == CallState::Finished && !stored {
                 call.output = OutputState::Evicted;
             }
-            let (srev, stats) = self
-                .bucket
-                .get::<FunctionStats>(&stats_key(&call.fn_key()))
-                .await?;
             let mut stats = stats.unwrap_or_default();
             count(&mut stats, was, -1);
             count(&mut stats, call.state, 1);
@@ -556,7 +602,7 @@ impl Inner {
             self.bucket
                 .commit(vec![
                     Op::Put(call_key(id), enc(&call)?, Some(rev)),
-                    Op::Put(stats_key(&call.fn_key()), enc(&stats)?, Some(srev)),
+                    Op::Put(shard.clone(), enc(&stats)?, Some(srev)),
                     Op::Del(running_key(id), None),
                     Op::Del(live_key(&call.fn_key(), id), None),
                     Op::Put(done_key(id), enc(&done)?, None),
@@ -868,13 +914,28 @@ impl Inner {
                 Err(e) => return Err(unavailable("deleting a function's streams", e)),
             }
         }
-        self.bucket
-            .commit(vec![Op::Del(stats_key(name), None)])
-            .await
-            .map_err(|e| match e {
-                Refused::Error(e) => e,
-                Refused::Moved => StoreError::Conflict(format!("function {name} changed")),
-            })
+        // Every counter shard in one batch, shard 0 last: it is the sign of
+        // a removal not yet purged, so it goes with the last of them.
+        let ops = (1..SHARDS)
+            .chain([0])
+            .map(|k| Op::Del(shard_key(name, k), None))
+            .collect();
+        self.bucket.commit(ops).await.map_err(|e| match e {
+            Refused::Error(e) => e,
+            Refused::Moved => StoreError::Conflict(format!("function {name} changed")),
+        })
+    }
+
+    /// Every counter shard of `function` (revision, value), read at once,
+    /// in shard order.
+    pub(super) async fn stats_shards(
+        &self,
+        function: &FnKey,
+    ) -> Result<Vec<(u64, Option<FunctionStats>)>> {
+        futures_util::future::try_join_all(
+            (0..SHARDS).map(|k| async move { self.bucket.get(&shard_key(function, k)).await }),
+        )
+        .await
     }
 
     /// Appends the call's event to its function's log (a cache: a lost

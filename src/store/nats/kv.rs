@@ -5,8 +5,14 @@
 //!
 //! Keys (`BUCKET`):
 //! - `u.USER` → User, `k.HEX` → user name (the key-hash index)
-//! - `f.FUNCTION` → Function, `s.FUNCTION` → FunctionStats (counters; a
-//!   stats key without a function record means a removal not yet purged)
+//! - `f.FUNCTION` → Function
+//! - `s.FUNCTION`, `s.FUNCTION.1` … `s.FUNCTION.15` → FunctionStats: the
+//!   counters, in 16 shards so that concurrent calls of one function do
+//!   not all compare-and-set one key; a call counts in the shard its id
+//!   picks, every state it goes through (their sum is the function's
+//!   counters). Shard 0 (`s.FUNCTION`) exists from the function's creation
+//!   until the end of its purge: a stats key without a function record
+//!   means a removal not yet purged
 //! - `c.CALL` → Call
 //! - `l.FUNCTION.CALL` → () while the call is live (PENDING or RUNNING)
 //! - `r.CALL` → node id while the call is RUNNING on that node
@@ -184,9 +190,7 @@ impl Bucket {
                 .map_err(|e| unavailable("writing", e))?;
             return match ack.await {
                 Ok(_) => Ok(()),
-                Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
-                    Err(Refused::Moved)
-                }
+                Err(e) if lost_race(&e) => Err(Refused::Moved),
                 Err(e) => Err(Refused::Error(unavailable("writing", e))),
             };
         }
@@ -238,6 +242,23 @@ impl Bucket {
             })
             .collect())
     }
+}
+
+/// Whether a write was refused because an expected revision did not hold:
+/// the key has moved on (10071), or, on a replicated stream, another write
+/// to the same key was still being replicated (10164, "wrong last
+/// sequence" without a number), which the server cannot compare against
+/// and so refuses. Both are refused before anything of the batch is
+/// proposed: nothing was applied, and the caller re-reads and tries again.
+/// (10164 taken for an outage cost each such race a 250 ms wait: with
+/// every accept of a function writing one counters key, most of them.)
+pub(super) fn lost_race(e: &jetstream::context::PublishError) -> bool {
+    e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence
+        || std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<jetstream::Error>())
+            .is_some_and(|s| {
+                s.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT
+            })
 }
 
 /// Every message of `stream` on `filter` from `deliver`, read through a

@@ -438,21 +438,50 @@ fn hash_key(hash: &[u8; 32]) -> String {
 fn function_key(key: &FnKey) -> String {
     format!("f.{}.{}", key.owner, key.name)
 }
+/// How many keys a function's counters are spread over. Part of the stored
+/// layout: a call's shard follows from its id (`shard_of`), so changing
+/// this would move live calls' counts to other keys.
+const SHARDS: usize = 16;
+/// Shard 0 of a function's counters, also the sign that it has counters:
+/// it exists from `create_function` until the last step of its purge (a
+/// stats key without a function record is a removal not yet purged).
 fn stats_key(key: &FnKey) -> String {
     format!("s.{}.{}", key.owner, key.name)
+}
+/// Counter shard `shard` of a function: `s.OWNER.NAME` for 0,
+/// `s.OWNER.NAME.K` for the others.
+fn shard_key(key: &FnKey, shard: usize) -> String {
+    match shard {
+        0 => stats_key(key),
+        k => format!("s.{}.{}.{k}", key.owner, key.name),
+    }
+}
+/// The shard that counts every state of call `id`: fixed by the id, so
+/// each transition of one call moves counts within one key (and a shard
+/// never counts an end whose accept it did not count).
+fn shard_of(id: &CallId) -> usize {
+    usize::from(id.as_bytes()[15]) % SHARDS
+}
+/// The function of a `s.` key (without the `s.`), whichever its shard.
+fn parse_stats_key(rest: &str) -> Option<FnKey> {
+    let mut parts = rest.splitn(3, '.');
+    let key = FnKey::new(
+        Name::parse(parts.next()?).ok()?,
+        Name::parse(parts.next()?).ok()?,
+    );
+    match parts.next() {
+        None => Some(key),
+        Some(k) => k
+            .parse::<usize>()
+            .ok()
+            .filter(|k| (1..SHARDS).contains(k))
+            .map(|_| key),
+    }
 }
 /// The secret index: `x.SECRET` -> the function's key, written in the same
 /// batch as the record.
 fn secret_key(secret: &str) -> String {
     format!("x.{secret}")
-}
-/// `OWNER.NAME` at the end of a `f.`/`s.` key.
-fn parse_key(rest: &str) -> Option<FnKey> {
-    let (owner, name) = rest.split_once('.')?;
-    Some(FnKey::new(
-        Name::parse(owner).ok()?,
-        Name::parse(name).ok()?,
-    ))
 }
 /// Only a secret of the shape this store makes (a hyphenated v4 UUID) may
 /// become part of a key: anything else is no function's.
@@ -819,13 +848,17 @@ impl Store for NatsStore {
                     f.name
                 ))));
             }
-            let (srev, stats) = i.bucket.get::<FunctionStats>(&stats_key(&key)).await?;
-            if stats.is_some() {
+            // Any shard left (a purge not finished, or a late write after
+            // it) belongs to the removed function: its counts must not be
+            // added to the new one's.
+            let shards = i.stats_shards(&key).await?;
+            if shards.iter().any(|(_, s)| s.is_some()) {
                 return Err(Refused::Error(StoreError::Conflict(format!(
                     "function {} is still being removed; try again in a moment",
                     f.name
                 ))));
             }
+            let srev = shards.first().map_or(0, |(rev, _)| *rev);
             i.bucket
                 .commit(vec![
                     Op::Put(function_key(&key), enc(f)?, Some(rev)),
@@ -921,12 +954,19 @@ impl Store for NatsStore {
 
     async fn unpurged_functions(&self) -> Result<Vec<FnKey>> {
         let i = &self.inner;
+        // Every shard names its function: one left behind by an
+        // interrupted purge (or written after it) is found too.
+        let keys: std::collections::BTreeSet<FnKey> = i
+            .bucket
+            .scan("s.")
+            .await?
+            .iter()
+            .filter_map(|(k, _)| parse_stats_key(k.trim_start_matches("s.")))
+            .collect();
         let mut out = Vec::new();
-        for (k, _) in i.bucket.scan("s.").await? {
-            if let Some(key) = parse_key(k.trim_start_matches("s.")) {
-                if i.function(&key).await?.is_none() {
-                    out.push(key);
-                }
+        for key in keys {
+            if i.function(&key).await?.is_none() {
+                out.push(key);
             }
         }
         Ok(out)
@@ -934,14 +974,18 @@ impl Store for NatsStore {
 
     async fn stats(&self, function: &FnKey) -> Result<FunctionStats> {
         let i = &self.inner;
-        let mut stats: FunctionStats = i
-            .bucket
-            .get(&stats_key(function))
-            .await?
-            .1
-            .unwrap_or_default();
-        stats.output_bytes = i.stream_bytes(&Inner::output_stream(function)).await?.0;
-        stats.log_bytes = i.stream_bytes(&Inner::log_stream(function)).await?.0;
+        let (output, log) = (Inner::output_stream(function), Inner::log_stream(function));
+        let (shards, output, log) = tokio::join!(
+            i.stats_shards(function),
+            i.stream_bytes(&output),
+            i.stream_bytes(&log),
+        );
+        let mut stats = FunctionStats::default();
+        for (_, shard) in shards? {
+            calls::add(&mut stats, &shard.unwrap_or_default());
+        }
+        stats.output_bytes = output?.0;
+        stats.log_bytes = log?.0;
         Ok(stats)
     }
 
@@ -973,6 +1017,7 @@ impl Store for NatsStore {
     }
 
     async fn queue_len(&self) -> Result<u64> {
+        // Every counter shard of every function.
         let mut n = 0;
         for (k, v) in self.inner.bucket.scan("s.").await? {
             n += dec::<FunctionStats>(&k, &v)?.pending;

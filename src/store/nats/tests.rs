@@ -59,10 +59,8 @@ fn function() -> Function {
     }
 }
 
-/// Two updates from one read: the second is refused rather than writing
-/// back the secret the first (a `--refresh`) replaced.
-#[tokio::test]
-async fn an_update_from_a_stale_read_is_a_conflict() {
+/// A server and one node's store on it.
+async fn open() -> (Server, NatsStore) {
     let dir = tempfile::tempdir().unwrap();
     let node = dir.path().join("node");
     std::fs::create_dir(&node).unwrap();
@@ -85,6 +83,14 @@ async fn an_update_from_a_stale_read_is_a_conflict() {
     )
     .await
     .unwrap();
+    (server, store)
+}
+
+/// Two updates from one read: the second is refused rather than writing
+/// back the secret the first (a `--refresh`) replaced.
+#[tokio::test]
+async fn an_update_from_a_stale_read_is_a_conflict() {
+    let (server, store) = open().await;
     let f = function();
     store.create_function(&f).await.unwrap();
     let read = store.get_function(&f.key()).await.unwrap().unwrap();
@@ -112,4 +118,242 @@ async fn an_update_from_a_stale_read_is_a_conflict() {
     assert_eq!(store.get_function(&f.key()).await.unwrap(), Some(again));
     drop(store);
     drop(server);
+}
+
+fn finished() -> Outcome {
+    Outcome {
+        state: CallState::Finished,
+        exit_code: Some(0),
+        message: None,
+        stdout: Bytes::from_static(b"ok"),
+        stderr: Bytes::new(),
+    }
+}
+
+/// Every counter shard of `f` as stored, and what the call records say
+/// each one should hold.
+async fn shards_and_records(
+    store: &NatsStore,
+    f: &FnKey,
+) -> (Vec<FunctionStats>, Vec<FunctionStats>) {
+    let stored: Vec<FunctionStats> = store
+        .inner
+        .stats_shards(f)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, s)| s.unwrap_or_default())
+        .collect();
+    let mut want = vec![FunctionStats::default(); SHARDS];
+    for (k, v) in store.inner.bucket.scan("c.").await.unwrap() {
+        let call: Call = dec(&k, &v).unwrap();
+        let shard = &mut want[shard_of(&call.id)];
+        shard.total += 1;
+        match call.state {
+            CallState::Pending => shard.pending += 1,
+            CallState::Running => shard.running += 1,
+            CallState::Finished => shard.finished += 1,
+            CallState::Failed => shard.failed += 1,
+        }
+    }
+    (stored, want)
+}
+
+/// Accepts, starts, requeues and ends of one function's calls, all at
+/// once from many tasks, land in the calls' own counter shards: every
+/// shard ends equal to what its calls' records say (a shard that had gone
+/// below zero would have been clamped and differ), the sum is what
+/// `stats` reports, and a purge leaves no shard behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn counters_stay_exact_over_shards_under_concurrent_changes_and_a_purge_removes_them_all() {
+    const RUN: usize = 48;
+    const CANCELLED: usize = 12;
+    let (server, store) = open().await;
+    let store = Arc::new(store);
+    let f = function();
+    let key = f.key();
+    store
+        .create_user(&User {
+            name: f.owner.clone(),
+            key_hash: [7; 32],
+            max_concurrency: 8,
+            admin: false,
+            created_ms: 0,
+        })
+        .await
+        .unwrap();
+    store.create_function(&f).await.unwrap();
+
+    let accept = |store: Arc<NatsStore>, f: Function| async move {
+        let call = Call::new(f.name.clone(), f.owner.clone(), 0, b"x", Vec::new());
+        store
+            .accept(call, Bytes::from_static(b"x"))
+            .await
+            .unwrap()
+            .id
+    };
+    let accepts: Vec<_> = (0..RUN)
+        .map(|_| tokio::spawn(accept(Arc::clone(&store), f.clone())))
+        .collect();
+    // Starts as the calls come in; each started call ends (or, once for
+    // every fifth, goes back to the queue) on a task of its own.
+    let ended = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut requeued = HashSet::new();
+    let mut enders = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while ended.load(std::sync::atomic::Ordering::SeqCst) < RUN {
+        assert!(Instant::now() < deadline, "the calls did not all end");
+        let Some(id) = store.queue_head(&f.owner).await.unwrap() else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let Started::Running(call, _) = store.start(&id).await.unwrap() else {
+            panic!("call {id} was not started");
+        };
+        let again = requeued.len() < RUN / 5 && requeued.insert(call.id);
+        let (store, ended) = (Arc::clone(&store), Arc::clone(&ended));
+        enders.push(tokio::spawn(async move {
+            if again {
+                store.requeue(&call.id).await.unwrap();
+                return;
+            }
+            let outcome = if call.id.as_bytes()[0] % 2 == 0 {
+                finished()
+            } else {
+                Outcome::failed("exit 1")
+            };
+            store.finish(&call.id, outcome).await.unwrap();
+            ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+    }
+    for t in accepts {
+        t.await.unwrap();
+    }
+    for t in enders {
+        t.await.unwrap();
+    }
+    let (stored, want) = shards_and_records(&store, &key).await;
+    assert_eq!(stored, want);
+    assert!(
+        want.iter().filter(|s| s.total > 0).count() > 1,
+        "the calls fell in one shard"
+    );
+
+    // Calls left queued are counted, by `stats` and `queue_len`, until
+    // they are cancelled.
+    let queued = futures_util::future::join_all(
+        (0..CANCELLED).map(|_| accept(Arc::clone(&store), f.clone())),
+    )
+    .await;
+    let stats = store.stats(&key).await.unwrap();
+    assert_eq!(
+        (stats.total, stats.pending, stats.running),
+        ((RUN + CANCELLED) as u64, CANCELLED as u64, 0)
+    );
+    assert_eq!(store.queue_len().await.unwrap(), CANCELLED as u64);
+    assert_eq!(
+        store.cancel_queued(&key, "cancelled").await.unwrap(),
+        queued.len()
+    );
+    let (stored, want) = shards_and_records(&store, &key).await;
+    assert_eq!(stored, want);
+    let stats = store.stats(&key).await.unwrap();
+    let mut sum = FunctionStats::default();
+    for s in &want {
+        calls::add(&mut sum, s);
+    }
+    assert_eq!(
+        (
+            stats.total,
+            stats.pending,
+            stats.running,
+            stats.finished,
+            stats.failed
+        ),
+        (sum.total, 0, 0, sum.finished, sum.failed)
+    );
+    assert_eq!(sum.finished + sum.failed, (RUN + CANCELLED) as u64);
+    assert_eq!(store.queue_len().await.unwrap(), 0);
+
+    // The purge removes every shard; until then the function counts as
+    // not purged, and its name cannot be taken again.
+    store.remove_function(&key).await.unwrap();
+    assert_eq!(store.unpurged_functions().await.unwrap(), vec![key.clone()]);
+    match store.create_function(&f).await {
+        Err(StoreError::Conflict(m)) => assert!(m.contains("still being removed"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    store.purge_function(&key).await.unwrap();
+    assert_eq!(store.inner.bucket.scan("s.").await.unwrap(), Vec::new());
+    assert_eq!(store.unpurged_functions().await.unwrap(), Vec::new());
+    store.create_function(&f).await.unwrap();
+    assert_eq!(store.stats(&key).await.unwrap(), FunctionStats::default());
+    drop(store);
+    drop(server);
+}
+
+/// A shard written after its function's purge (a late write) is found by
+/// `unpurged_functions`, keeps the name from being taken again with its
+/// counts, and goes with the next purge.
+#[tokio::test]
+async fn a_shard_left_without_its_function_is_found_and_purged() {
+    let (server, store) = open().await;
+    let f = function();
+    let key = f.key();
+    let stray = FunctionStats {
+        total: 1,
+        pending: 1,
+        ..FunctionStats::default()
+    };
+    let shard = shard_key(&key, 3);
+    assert_eq!(shard, "s.alice.f.3");
+    if store
+        .inner
+        .bucket
+        .commit(vec![Op::Put(shard, enc(&stray).unwrap(), None)])
+        .await
+        .is_err()
+    {
+        panic!("writing a shard failed");
+    }
+    assert_eq!(store.unpurged_functions().await.unwrap(), vec![key.clone()]);
+    assert!(matches!(
+        store.create_function(&f).await,
+        Err(StoreError::Conflict(_))
+    ));
+    store.purge_function(&key).await.unwrap();
+    assert_eq!(store.unpurged_functions().await.unwrap(), Vec::new());
+    store.create_function(&f).await.unwrap();
+    assert_eq!(store.stats(&key).await.unwrap(), FunctionStats::default());
+    drop(store);
+    drop(server);
+}
+
+/// A compare-and-set refused because another write to the key was still
+/// being replicated (10164, clustered streams only) is a lost race to
+/// retry at once, like a revision that moved on (10071); anything else is
+/// not.
+#[test]
+fn a_write_refused_for_one_in_flight_is_a_lost_race() {
+    use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+    let answer = |code: u64, text: &str| {
+        let e: async_nats::jetstream::Error = serde_json::from_value(serde_json::json!({
+            "code": 400,
+            "err_code": code,
+            "description": text
+        }))
+        .unwrap();
+        PublishError::with_source(PublishErrorKind::Other, e)
+    };
+    assert!(kv::lost_race(&answer(10164, "wrong last sequence")));
+    assert!(kv::lost_race(&PublishError::new(
+        PublishErrorKind::WrongLastSequence
+    )));
+    assert!(!kv::lost_race(&answer(
+        10060,
+        "expected stream does not match"
+    )));
+    assert!(!kv::lost_race(&PublishError::new(
+        PublishErrorKind::TimedOut
+    )));
 }
