@@ -5,7 +5,8 @@
 //!
 //! Keys (`BUCKET`):
 //! - `u.USER` → User, `k.HEX` → user name (the key-hash index)
-//! - `f.FUNCTION` → Function
+//! - `f.FUNCTION` → Function, `x.SECRET` → the same Function (the call
+//!   URL index: a copy written and removed in the record's batches)
 //! - `s.FUNCTION`, `s.FUNCTION.1` … `s.FUNCTION.15` → FunctionStats: the
 //!   counters, in 16 shards so that concurrent calls of one function do
 //!   not all compare-and-set one key; a call counts in the shard its id
@@ -15,7 +16,8 @@
 //!   means a removal not yet purged
 //! - `c.CALL` → Call
 //! - `l.FUNCTION.CALL` → () while the call is live (PENDING or RUNNING)
-//! - `r.CALL` → node id while the call is RUNNING on that node
+//! - `r.CALL` → "NODE ATTEMPT" while the call is RUNNING on that node,
+//!   "NODE ATTEMPT +" once its container exists (`order.rs`)
 //! - `d.CALL` → (finished_ms, function) once the call has ended, for retention
 
 use super::super::{Result, StoreError};
@@ -88,10 +90,17 @@ impl Bucket {
     /// acknowledged write, so each read sees at least what was written
     /// before it began (issue 12: a finished call's output answered 410).
     pub async fn read(&self, key: &str) -> Result<Option<Read>> {
+        self.read_in(BUCKET_STREAM, &format!("$KV.{BUCKET}.{key}"))
+            .await
+    }
+
+    /// As `read`, for the key whose subject is `subject` in the KV stream
+    /// `stream` (another bucket's).
+    pub async fn read_in(&self, stream: &str, subject: &str) -> Result<Option<Read>> {
         // While a leader is being elected reads find no responder: wait.
         let deadline = std::time::Instant::now() + UNAVAILABLE_FOR;
         loop {
-            match self.read_once(key).await {
+            match self.read_once(stream, subject).await {
                 Ok(r) => return Ok(r),
                 Err(e) if std::time::Instant::now() < deadline => {
                     tracing::debug!(error = %e, "NATS read failed; retrying");
@@ -102,17 +111,18 @@ impl Bucket {
         }
     }
 
-    async fn read_once(&self, key: &str) -> std::result::Result<Option<Read>, String> {
+    async fn read_once(
+        &self,
+        stream: &str,
+        subject: &str,
+    ) -> std::result::Result<Option<Read>, String> {
         let stream = self
             .js
-            .get_stream_no_info(BUCKET_STREAM)
+            .get_stream_no_info(stream)
             .await
             .map_err(|e| e.to_string())?;
         // A message get (not a direct get) is answered by the leader only.
-        let message = match stream
-            .get_last_raw_message_by_subject(&format!("$KV.{BUCKET}.{key}"))
-            .await
-        {
+        let message = match stream.get_last_raw_message_by_subject(subject).await {
             Ok(m) => m,
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
                 return Ok(None)

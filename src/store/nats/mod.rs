@@ -478,8 +478,9 @@ fn parse_stats_key(rest: &str) -> Option<FnKey> {
             .map(|_| key),
     }
 }
-/// The secret index: `x.SECRET` -> the function's key, written in the same
-/// batch as the record.
+/// The secret index: `x.SECRET` -> a copy of the function's record,
+/// written (and removed) in the same batch as the record, so the data
+/// plane finds a function in one read and the copy is never behind.
 fn secret_key(secret: &str) -> String {
     format!("x.{secret}")
 }
@@ -515,12 +516,17 @@ impl Inner {
         if node == self.node {
             return Ok(true);
         }
-        let entry = self
-            .nodes
-            .entry(node)
-            .await
-            .map_err(|e| unavailable("reading a node's heartbeat", e))?;
-        Ok(entry.is_some_and(|e| e.operation == jetstream::kv::Operation::Put))
+        // From the stream's leader, as every record read (kv.rs): a lagging
+        // replica must not declare a live node lost. An expired heartbeat
+        // is gone from the stream (the bucket's max age).
+        let heartbeat = self
+            .bucket
+            .read_in(
+                &format!("KV_{NODES_BUCKET}"),
+                &format!("$KV.{NODES_BUCKET}.{node}"),
+            )
+            .await?;
+        Ok(heartbeat.is_some_and(|r| r.value.is_some()))
     }
 
     /// Tells every node that `owner`'s calls changed (queued, started, ended).
@@ -863,7 +869,7 @@ impl Store for NatsStore {
                 .commit(vec![
                     Op::Put(function_key(&key), enc(f)?, Some(rev)),
                     Op::Put(stats_key(&key), enc(&FunctionStats::default())?, Some(srev)),
-                    Op::Put(secret_key(f.secret.as_str()), enc(&key)?, None),
+                    Op::Put(secret_key(f.secret.as_str()), enc(f)?, None),
                 ])
                 .await
         })
@@ -890,8 +896,8 @@ impl Store for NatsStore {
             let mut ops = vec![Op::Put(function_key(&key), enc(f)?, Some(rev))];
             if old.secret != f.secret {
                 ops.push(Op::Del(secret_key(old.secret.as_str()), None));
-                ops.push(Op::Put(secret_key(f.secret.as_str()), enc(&key)?, None));
             }
+            ops.push(Op::Put(secret_key(f.secret.as_str()), enc(f)?, None));
             i.bucket.commit(ops).await
         })
         .await
@@ -906,13 +912,11 @@ impl Store for NatsStore {
             return Ok(None);
         }
         let i = &self.inner;
-        let Some(key) = i.bucket.get::<FnKey>(&secret_key(secret)).await?.1 else {
-            return Ok(None);
-        };
-        // The record is the truth: an index entry a refresh left behind in
-        // a lost race names a function with another secret now.
-        Ok(i.function(&key)
+        // The copy is written in the record's batches, so it is the record.
+        Ok(i.bucket
+            .get::<Function>(&secret_key(secret))
             .await?
+            .1
             .filter(|f| f.secret.as_str() == secret))
     }
 

@@ -112,10 +112,29 @@ async fn an_update_from_a_stale_read_is_a_conflict() {
         .await
         .unwrap();
     assert_eq!(old, None);
+    let by_secret = |secret: String| {
+        let store = &store;
+        async move { store.function_by_secret(&secret).await.unwrap() }
+    };
+    assert_eq!(
+        by_secret(refreshed.secret.as_str().to_string()).await,
+        Some(refreshed.clone())
+    );
+    // The call URL's copy follows every update, not only a new secret.
     let mut again = now.clone();
     again.spec.image = "img2".into();
     store.update_function(&now, &again).await.unwrap();
-    assert_eq!(store.get_function(&f.key()).await.unwrap(), Some(again));
+    assert_eq!(
+        store.get_function(&f.key()).await.unwrap(),
+        Some(again.clone())
+    );
+    assert_eq!(
+        by_secret(again.secret.as_str().to_string()).await,
+        Some(again.clone())
+    );
+    // And goes with the record.
+    store.remove_function(&f.key()).await.unwrap();
+    assert_eq!(by_secret(again.secret.as_str().to_string()).await, None);
     drop(store);
     drop(server);
 }
