@@ -180,6 +180,29 @@ fn created_on(events: &[EngineEvents], function: &str) -> HashMap<String, Vec<us
     out
 }
 
+/// `n` async calls of `function` with `key` and an empty body, through
+/// `nodes` in turn (the first call through the first node): their ids, in
+/// acceptance order.
+fn calls_through(nodes: &[&Daemon], key: &str, function: &str, n: usize) -> Vec<String> {
+    calls_with(nodes, key, function, &vec![&b""[..]; n])
+}
+
+/// One async call of `function` per body, through `nodes` in turn.
+fn calls_with(nodes: &[&Daemon], key: &str, function: &str, bodies: &[&[u8]]) -> Vec<String> {
+    bodies
+        .iter()
+        .enumerate()
+        .map(|(i, body)| {
+            let out = nodes[i % nodes.len()].cli_as(key, &["func", "call", function], Some(body));
+            assert!(out.status.success(), "{}", stderr(&out));
+            stdout(&out)
+                .trim()
+                .trim_start_matches("CallId: ")
+                .to_string()
+        })
+        .collect()
+}
+
 fn call_state(d: &Daemon, id: &str) -> serde_json::Value {
     let (code, v) = d.api(&format!("/v1/calls/{id}"));
     assert_eq!(code, 200, "call {id}: {v}");
@@ -242,6 +265,15 @@ impl FunctionEvents {
 
     fn all(&self) -> Vec<(String, String, String)> {
         self.lines.lock().expect("events").clone()
+    }
+
+    /// The calls of every `action` event ("create", "start"), in order.
+    fn calls(&self, action: &str) -> Vec<String> {
+        self.all()
+            .into_iter()
+            .filter(|(a, _, _)| a == action)
+            .map(|(_, c, _)| c)
+            .collect()
     }
 
     /// Starts per call id.
@@ -367,18 +399,7 @@ fn a_users_quota_holds_across_nodes_and_no_call_starts_twice() {
     assert!(out.status.success(), "{}", stderr(&out));
     let events = FunctionEvents::start("q2");
     // Eight calls, half through each node.
-    let mut ids = Vec::new();
-    for i in 0..8 {
-        let node = if i % 2 == 0 { &a } else { &b };
-        let out = node.cli_as(&alice, &["func", "call", "q2"], Some(b""));
-        assert!(out.status.success(), "{}", stderr(&out));
-        ids.push(
-            stdout(&out)
-                .trim()
-                .trim_start_matches("CallId: ")
-                .to_string(),
-        );
-    }
+    let ids = calls_through(&[&a, &b], &alice, "q2", 8);
     let ended = wait_ended(&b, &ids, 60);
     assert!(ended.iter().all(|c| c["State"] == "FINISHED"), "{ended:?}");
     let starts = events.starts();
@@ -408,26 +429,13 @@ fn a_users_quota_holds_across_nodes_and_no_call_starts_twice() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let fifo = FunctionEvents::start("fifo1");
-    let mut order = Vec::new();
-    for i in 0..6 {
-        let node = if i % 2 == 0 { &b } else { &a };
-        let out = node.cli_as(&carol, &["func", "call", "fifo1"], Some(b""));
-        assert!(out.status.success(), "{}", stderr(&out));
-        order.push(
-            stdout(&out)
-                .trim()
-                .trim_start_matches("CallId: ")
-                .to_string(),
-        );
-    }
+    let order = calls_through(&[&b, &a], &carol, "fifo1", 6);
     wait_ended(&a, &order, 60);
-    let started: Vec<String> = fifo
-        .all()
-        .into_iter()
-        .filter(|(act, _, _)| act == "start")
-        .map(|(_, c, _)| c)
-        .collect();
-    assert_eq!(started, order, "carol's calls started in acceptance order");
+    assert_eq!(
+        fifo.calls("start"),
+        order,
+        "carol's calls started in acceptance order"
+    );
     a.finish();
     b.finish();
 }
@@ -463,26 +471,11 @@ fn containers_are_created_in_acceptance_order_across_nodes_with_a_quota_above_1(
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let events = FunctionEvents::start("order3");
-    let mut order = Vec::new();
-    for i in 0..12 {
-        let node = if i % 2 == 0 { &a } else { &b };
-        let out = node.cli_as(&dave, &["func", "call", "order3"], Some(b""));
-        assert!(out.status.success(), "{}", stderr(&out));
-        order.push(
-            stdout(&out)
-                .trim()
-                .trim_start_matches("CallId: ")
-                .to_string(),
-        );
-    }
+    let order = calls_through(&[&a, &b], &dave, "order3", 12);
     let ended = wait_ended(&a, &order, 120);
     assert!(ended.iter().all(|c| c["State"] == "FINISHED"), "{ended:?}");
     let all = events.all();
-    let created: Vec<String> = all
-        .iter()
-        .filter(|(act, _, _)| act == "create")
-        .map(|(_, c, _)| c.clone())
-        .collect();
+    let created = events.calls("create");
     let nodes: std::collections::HashSet<&String> = all.iter().map(|(_, _, i)| i).collect();
     assert_eq!(
         nodes.len(),
@@ -515,16 +508,7 @@ fn a_node_killed_mid_run_fails_its_running_calls_and_its_queue_runs_elsewhere() 
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let events = FunctionEvents::start("slow");
-    let ids: Vec<String> = (0..8)
-        .map(|_| {
-            let out = a.cli_as(&bob, &["func", "call", "slow"], Some(b""));
-            assert!(out.status.success(), "{}", stderr(&out));
-            stdout(&out)
-                .trim()
-                .trim_start_matches("CallId: ")
-                .to_string()
-        })
-        .collect();
+    let ids = calls_through(&[&a], &bob, "slow", 8);
     let a_instance = a.instance.clone();
     let on_a = |ev: &FunctionEvents| -> Vec<String> {
         ev.all()
@@ -671,14 +655,7 @@ fn kill_9_between_a_stored_end_and_its_ack_runs_nothing_twice() {
     // message is acknowledged (the failpoint kills it with SIGKILL).
     a.set_env(&[("FAILPOINTS", "nats-end-committed=return")]);
     a.restart();
-    let call = |d: &Daemon, body: &[u8]| {
-        let out = d.cli_as(&dana, &["func", "call", "once"], Some(body));
-        assert!(out.status.success(), "{}", stderr(&out));
-        stdout(&out)
-            .trim()
-            .trim_start_matches("CallId: ")
-            .to_string()
-    };
+    let call = |d: &Daemon, body: &[u8]| calls_with(&[d], &dana, "once", &[body]).remove(0);
     let first = call(&a, b"first payload");
     a.wait_dead(30);
     a.set_env(&[]);
@@ -813,14 +790,7 @@ fn a_call_handed_out_again_is_created_before_the_later_call_waiting_for_it() {
         assert!(out.status.success(), "{}", stderr(&out));
     }
     let events = FunctionEvents::start("ord");
-    let call = |d: &Daemon, key: &str, f: &str| {
-        let out = d.cli_as(key, &["func", "call", f], Some(b""));
-        assert!(out.status.success(), "{}", stderr(&out));
-        stdout(&out)
-            .trim()
-            .trim_start_matches("CallId: ")
-            .to_string()
-    };
+    let call = |d: &Daemon, key: &str, f: &str| calls_through(&[d], key, f, 1).remove(0);
     // Call 1: RUNNING on A, which dies before its container exists.
     a.restart_with_env(&[("FAILPOINTS", "start-durable=return")]);
     let t0 = Instant::now();
@@ -839,13 +809,11 @@ fn a_call_handed_out_again_is_created_before_the_later_call_waiting_for_it() {
     let ended = wait_ended(&b, &[first.clone(), second.clone()], 90);
     let took = t0.elapsed();
     assert!(ended.iter().all(|c| c["State"] == "FINISHED"), "{ended:?}");
-    let created: Vec<String> = events
-        .all()
-        .into_iter()
-        .filter(|(act, _, _)| act == "create")
-        .map(|(_, c, _)| c)
-        .collect();
-    assert_eq!(created, [first, second], "call 1's container first");
+    assert_eq!(
+        events.calls("create"),
+        [first, second],
+        "call 1's container first"
+    );
     // Call 1 comes back after the 15 s ack wait; 30 s would mean a stall.
     assert!(took < Duration::from_secs(28), "both ended after {took:?}");
     a.cli(&["func", "rm", "--force", "olga/long"]);
