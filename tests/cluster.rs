@@ -821,6 +821,51 @@ fn a_call_handed_out_again_is_created_before_the_later_call_waiting_for_it() {
     b.finish();
 }
 
+/// A node stopped (SIGTERM) while a call waits for its turn: the call has
+/// no container, so it goes back to the queue and runs later, rather than
+/// end FAILED "cancelled: hyperfuncd was stopped" (a rolling restart must
+/// not fail calls that never ran).
+#[test]
+fn a_call_waiting_for_its_turn_at_shutdown_goes_back_to_the_queue() {
+    let _one = one_at_a_time();
+    let nats = NatsCluster::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut a = Daemon::start_on(&data_dir(&tmp, "a"), &nats.config(""));
+    let erin = a.add_user("erin", 2);
+    let out = a.cli_as(
+        &erin,
+        &["func", "create", "--name", "turn", IMAGE, "echo", "ok"],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let events = FunctionEvents::start("turn");
+    // Call 1: RUNNING on A, which dies before its container exists; its
+    // heartbeat stays for 20 s, so call 2 waits for call 1.
+    a.restart_with_env(&[("FAILPOINTS", "start-durable=return")]);
+    let first = calls_through(&[&a], &erin, "turn", 1).remove(0);
+    a.wait_dead(30);
+    a.set_env(&[]);
+    // B only now, so that call 1 could only go to A.
+    let mut b = join(
+        &a,
+        &data_dir(&tmp, "b"),
+        &nats.config("[scheduler]\nshutdown_grace_secs = 1\n"),
+    );
+    let second = calls_through(&[&b], &erin, "turn", 1).remove(0);
+    b.wait_until(10, "call 2 to be taken", || {
+        call_state(&b, &second)["State"] == "RUNNING"
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    b.stop();
+    // A back: its recovery requeues call 1; both run, in order.
+    a.restart();
+    let ended = wait_ended(&a, &[first.clone(), second.clone()], 60);
+    assert!(ended.iter().all(|c| c["State"] == "FINISHED"), "{ended:?}");
+    assert_eq!(events.calls("create"), [first, second]);
+    a.finish();
+    drop(b);
+}
+
 #[test]
 fn a_5_mib_payload_accepted_on_one_node_is_fetched_byte_exact_from_the_other() {
     let _one = one_at_a_time();

@@ -244,6 +244,13 @@ impl Scheduler {
                 .await;
         };
         if token.is_cancelled() {
+            if self.state().stopping {
+                // Stopped before its container was made (it was waiting
+                // for the owner's earlier calls): it never ran, so it goes
+                // back to its place in the queue, as after a crash.
+                tracing::info!(call = %call.id, "stopping: requeued before its container was made");
+                return self.store.requeue(&call.id).await;
+            }
             return self.fail(&call.id, self.cancel_reason()).await;
         }
         let warm = self.warm_spec(&function);
