@@ -139,7 +139,8 @@ impl Scheduler {
 
     /// On a shared store: waits until the owner's earlier calls on other
     /// nodes have their containers (`Store::await_turn`), or the call is
-    /// cancelled meanwhile (`execute` then fails it).
+    /// cancelled meanwhile (`execute` then fails it, or requeues it when
+    /// the daemon is stopping).
     async fn take_turn(&self, call: &Call, token: &CancellationToken) {
         tokio::select! {
             waited = self.store.await_turn(call) => {
