@@ -362,9 +362,33 @@ pub struct HttpConfig {
     pub body_timeout: std::time::Duration,
     /// Average rate, in bytes per second, a body must keep after `body_timeout`.
     pub body_min_rate: u64,
-    /// Open connections at most; more wait in the kernel's backlog. 0: the
-    /// process's file descriptor limit (RLIMIT_NOFILE) minus `fd_reserve`.
+    /// Open connections at most. At the cap the connection idle longest
+    /// (no request in flight) is closed to make room; when every connection
+    /// has a request in flight, newcomers wait in the kernel's backlog. 0:
+    /// the process's file descriptor limit (RLIMIT_NOFILE) minus `fd_reserve`.
     pub max_connections: u64,
+    /// Open connections at most from one client address (an IPv6 client
+    /// counts by its /64); more are closed at once.
+    pub max_connections_per_address: u64,
+    /// Connections that long requests (a log follow, `/sync`, an output
+    /// `/wait`) may never take, so that short requests (the admin's
+    /// management requests, `/healthz`) always find one: at most
+    /// `max_connections - reserved_connections` long requests run at once
+    /// (the reserve is at most half the cap); more are answered 503.
+    pub reserved_connections: u64,
+    /// Longest a single long request holds: a log follow ends (the CLI
+    /// reconnects), `/sync` answers 201/202 with the call id as an output
+    /// `/wait` does.
+    #[serde(with = "humantime_secs")]
+    pub max_wait: std::time::Duration,
+    /// Request bodies being received are kept in memory up to
+    /// `body_memory_bytes` in all; what would go beyond is written to an
+    /// unnamed temporary file in the data dir until the body is complete,
+    /// so slow uploads cost disk, not memory.
+    pub body_memory_bytes: u64,
+    /// Failed authentications one client address may make per minute;
+    /// past it, requests with a key from that address answer 429.
+    pub auth_failures_per_minute: u32,
     /// File descriptors kept for everything but client connections (the
     /// database, blob files, the Engine's socket) when `max_connections` is 0.
     pub fd_reserve: u64,
@@ -378,6 +402,11 @@ impl Default for HttpConfig {
             body_timeout: std::time::Duration::from_secs(30),
             body_min_rate: 16 * 1024,
             max_connections: 0,
+            max_connections_per_address: 64,
+            reserved_connections: 32,
+            max_wait: std::time::Duration::from_secs(15 * 60),
+            body_memory_bytes: 64 * 1024 * 1024,
+            auth_failures_per_minute: 60,
             fd_reserve: 128,
         }
     }
@@ -394,6 +423,16 @@ impl HttpConfig {
         // daemon's own files and Engine connections.
         let cap = limit.saturating_sub(self.fd_reserve).max(limit / 2).max(1);
         usize::try_from(cap).unwrap_or(usize::MAX)
+    }
+
+    /// How many long requests may run at once: the cap less the reserve,
+    /// which is at most half the cap.
+    pub fn long_request_cap(&self) -> usize {
+        let cap = self.connection_cap();
+        let reserve = usize::try_from(self.reserved_connections)
+            .unwrap_or(usize::MAX)
+            .min(cap / 2);
+        (cap - reserve).max(1)
     }
 }
 
@@ -511,6 +550,14 @@ impl Config {
         if h.handshake_timeout.is_zero() || h.header_timeout.is_zero() || h.body_min_rate == 0 {
             return Err(ConfigError::Invalid(
                 "http timeouts and body_min_rate must be above zero".into(),
+            ));
+        }
+        if h.max_wait.is_zero()
+            || h.max_connections_per_address == 0
+            || h.auth_failures_per_minute == 0
+        {
+            return Err(ConfigError::Invalid(
+                "http.max_wait, max_connections_per_address and auth_failures_per_minute must be above zero".into(),
             ));
         }
         let l = &self.limits;

@@ -19,6 +19,8 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+mod conns;
+
 const ADMIN: &str = "admin";
 /// The longest pause between two accepts that keep failing (out of file
 /// descriptors, say): long enough not to spin, short enough to recover fast.
@@ -308,11 +310,11 @@ async fn ensure_admin(
 }
 
 /// Serves HTTP(S) on `listener` until `shutdown`. Every connection is bounded
-/// in time (TLS handshake, request head, which also bounds keep-alive idleness;
-/// bodies are timed by the API as they are read) and in number: at the cap
-/// the server stops accepting, so new clients wait in the listen backlog for
-/// at most about the timeouts instead of being refused or starving the
-/// daemon of file descriptors.
+/// in time (TLS handshake; a first request head within `header_timeout` of
+/// the handshake; later heads, which also bounds keep-alive idleness; bodies
+/// are timed by the API as they are read) and in number (`conns.rs`: a cap
+/// in all, at which the longest-idle connection gives way, and a cap per
+/// client address).
 async fn serve_http<F>(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -328,18 +330,20 @@ async fn serve_http<F>(
 {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let cap = http.connection_cap();
-    tracing::info!(max_connections = cap, "accepting connections");
-    let slots = Arc::new(tokio::sync::Semaphore::new(cap));
+    let per_address = usize::try_from(http.max_connections_per_address).unwrap_or(usize::MAX);
+    tracing::info!(
+        max_connections = cap,
+        max_connections_per_address = per_address,
+        "accepting connections"
+    );
+    let conns = conns::Conns::new(cap, per_address);
     let (handshake_timeout, header_timeout) = (http.handshake_timeout, http.header_timeout);
     let mut backoff = AcceptBackoff::default();
     loop {
-        let slot = tokio::select! {
+        tokio::select! {
             _ = shutdown.cancelled() => break,
-            slot = Arc::clone(&slots).acquire_owned() => match slot {
-                Ok(s) => s,
-                Err(_) => break,
-            },
-        };
+            () = conns.room() => {}
+        }
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -353,13 +357,19 @@ async fn serve_http<F>(
                 }
             },
         };
+        // Dropping the socket closes it at once.
+        let Ok(conn) = conns.admit(peer.ip()) else {
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
-        let svc = hyper_util::service::TowerToHyperService::new(warp::service(routes.clone()));
+        let svc = Tracked {
+            inner: hyper_util::service::TowerToHyperService::new(warp::service(routes.clone())),
+            conn: conn.clone(),
+            client: api::ClientAddr(peer.ip()),
+        };
         let tls = tls.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            // Held for the connection's lifetime: its file descriptor.
-            let _slot = slot;
             // HTTP/1.1 only (the TLS config offers no h2 either), so the
             // head timeout below covers every request.
             let mut builder =
@@ -372,27 +382,48 @@ async fn serve_http<F>(
                 // is refused by the API, with a JSON body (hyper's own 431
                 // has none).
                 .max_headers(2 * api::MAX_HEADERS);
-            let result = match tls {
-                Some(acceptor) => {
-                    let stream =
-                        match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                            Ok(Ok(s)) => s,
-                            Ok(Err(e)) => {
-                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!(%peer, "TLS handshake timed out");
-                                return;
-                            }
-                        };
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    watcher.watch(conn.into_owned()).await
+            let evicted = conn.evicted().clone();
+            let served = async {
+                match tls {
+                    Some(acceptor) => {
+                        let stream =
+                            match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp))
+                                .await
+                            {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                    return Ok(());
+                                }
+                                Err(_) => {
+                                    tracing::debug!(%peer, "TLS handshake timed out");
+                                    return Ok(());
+                                }
+                            };
+                        let conn_fut =
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                        first_head_within(
+                            header_timeout,
+                            &conn,
+                            watcher.watch(conn_fut.into_owned()),
+                        )
+                        .await
+                    }
+                    None => {
+                        let conn_fut =
+                            builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
+                        first_head_within(
+                            header_timeout,
+                            &conn,
+                            watcher.watch(conn_fut.into_owned()),
+                        )
+                        .await
+                    }
                 }
-                None => {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
-                    watcher.watch(conn.into_owned()).await
-                }
+            };
+            let result = tokio::select! {
+                r = served => r,
+                () = evicted.cancelled() => Ok(()),
             };
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -402,6 +433,65 @@ async fn serve_http<F>(
     drop(listener);
     // Give open requests a moment; long-polls and log follows are cut after it.
     let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
+}
+
+type ConnResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// Serves `served` (one connection), but closes it if no request head has
+/// been read within `header_timeout`: hyper times a head only once its first
+/// byte has arrived, so a client that sends nothing after the handshake
+/// would otherwise hold its connection forever. After the first request,
+/// hyper's own head timeout covers the wait for the next.
+async fn first_head_within(
+    header_timeout: Duration,
+    conn: &conns::Conn,
+    served: impl std::future::Future<Output = ConnResult>,
+) -> ConnResult {
+    tokio::pin!(served);
+    tokio::select! {
+        r = &mut served => return r,
+        () = tokio::time::sleep(header_timeout) => {}
+    }
+    if conn.requests() == 0 {
+        return Ok(());
+    }
+    served.await
+}
+
+/// The API's service for one connection: tells the API the client's
+/// address, and marks the connection busy from a request's head to the end
+/// of its answer's body, so only connections without a request in flight
+/// are ever closed to make room.
+#[derive(Clone)]
+struct Tracked<S> {
+    inner: S,
+    conn: conns::Conn,
+    client: api::ClientAddr,
+}
+
+impl<S, B> hyper::service::Service<hyper::Request<hyper::body::Incoming>> for Tracked<S>
+where
+    S: hyper::service::Service<
+        hyper::Request<hyper::body::Incoming>,
+        Response = hyper::Response<B>,
+    >,
+    S::Future: Send + 'static,
+{
+    type Response = hyper::Response<conns::TrackedBody<B>>;
+    type Error = S::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn call(&self, mut req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        let busy = self.conn.busy();
+        req.extensions_mut().insert(self.client);
+        let answer = self.inner.call(req);
+        Box::pin(async move {
+            let r = answer.await?;
+            Ok(r.map(|body| conns::TrackedBody::new(body, busy)))
+        })
+    }
 }
 
 /// Pauses after a failed accept (EMFILE, ENFILE, ENOBUFS...), doubling up to

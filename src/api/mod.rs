@@ -7,6 +7,7 @@
 //! methods (405 with `Allow`) and bad input get the same JSON error shape as
 //! everything else instead of warp's default rejections.
 
+mod front;
 mod pull;
 mod table;
 pub mod types;
@@ -15,6 +16,8 @@ pub mod ui;
 use crate::model::{CallId, EnvVar, FunctionSpec, Name};
 use crate::service::{FunctionUpdate, OutputAnswer, Scope, Service, ServiceError};
 use bytes::{Buf, Bytes, BytesMut};
+pub use front::{AddressKey, ClientAddr};
+use front::{BodyError, Front, LongPermit};
 use futures_util::{Stream, StreamExt};
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -30,7 +33,8 @@ use warp::{Filter, Reply};
 /// The spec served at `/openapi.yaml`.
 pub const OPENAPI: &str = include_str!("../../assets/openapi.yaml");
 
-/// Longest a single `/wait` long-poll holds before answering 201/202; clients loop.
+/// Longest a single `/wait` long-poll holds before answering 201/202
+/// (also bounded by `[http] max_wait`); clients loop.
 const MAX_WAIT: Duration = Duration::from_secs(60);
 /// An oversized body up to this many times the STDIN limit is drained
 /// before the 413, so the client can read the answer.
@@ -42,8 +46,6 @@ const MAX_URI_BYTES: usize = 8 * 1024;
 pub const MAX_HEADERS: usize = 100;
 /// Most bytes of header fields (names, values, separators) a request may carry.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// "Forever" for `/sync`, without overflowing an Instant.
-const SYNC_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, warp::Error>> + Send>>;
 
@@ -55,6 +57,8 @@ pub struct ApiError {
     pub message: String,
     /// The `Allow` header of a 405: the methods the path does take.
     pub allow: Option<String>,
+    /// The `Retry-After` header (seconds) of a 429 or 503.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -64,10 +68,15 @@ impl ApiError {
             code,
             message: message.into(),
             allow: None,
+            retry_after: None,
         }
     }
     fn with_allow(mut self, allow: String) -> ApiError {
         self.allow = Some(allow);
+        self
+    }
+    fn with_retry_after(mut self, seconds: u64) -> ApiError {
+        self.retry_after = Some(seconds);
         self
     }
     fn bad_request(message: impl Into<String>) -> ApiError {
@@ -113,6 +122,7 @@ impl ApiError {
     fn into_response(self) -> Response {
         let status = self.status;
         let allow = self.allow;
+        let retry_after = self.retry_after;
         let mut r = json_response(
             status,
             &ErrorBody {
@@ -124,6 +134,12 @@ impl ApiError {
         );
         if let Some(v) = allow.and_then(|a| warp::http::HeaderValue::from_str(&a).ok()) {
             r.headers_mut().insert(warp::http::header::ALLOW, v);
+        }
+        if let Some(secs) = retry_after {
+            r.headers_mut().insert(
+                warp::http::header::RETRY_AFTER,
+                warp::http::HeaderValue::from(secs),
+            );
         }
         if status == StatusCode::REQUEST_TIMEOUT {
             // The rest of a late body is not worth waiting for.
@@ -146,6 +162,10 @@ struct Req {
     raw_query: String,
     headers: HeaderMap,
     body: BodyStream,
+    /// The client's address (absent only when the API is served without
+    /// `serve.rs`, as in warp's test harness).
+    client: Option<ClientAddr>,
+    front: Arc<Front>,
 }
 
 /// The whole API as one warp filter.
@@ -153,14 +173,21 @@ pub fn routes(
     svc: Arc<Service>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let raw_query = warp::query::raw().or(warp::any().map(String::new)).unify();
+    let front = Arc::new(Front::new(
+        &svc.config.http,
+        svc.config.limits.max_stdin_bytes,
+        svc.config.data_dir(),
+    ));
     warp::method()
         .and(warp::path::full())
         .and(raw_query)
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())
+        .and(warp::ext::optional::<ClientAddr>())
         .then(
-            move |method, path: warp::path::FullPath, raw_query: String, headers, body| {
+            move |method, path: warp::path::FullPath, raw_query: String, headers, body, client| {
                 let svc = Arc::clone(&svc);
+                let front = Arc::clone(&front);
                 let body: BodyStream = boxed_body(body);
                 async move {
                     if let Err(e) = check_head(path.as_str(), &raw_query, &headers) {
@@ -175,6 +202,8 @@ pub fn routes(
                         raw_query,
                         headers,
                         body,
+                        client,
+                        front,
                     };
                     let r = match route(&svc, req).await {
                         Ok(r) => r,
@@ -229,7 +258,7 @@ async fn route(svc: &Arc<Service>, mut req: Req) -> ApiResult {
     // without one the API reveals nothing, not even which paths exist.
     let caller = match s.first() {
         Some(&"v1") => {
-            let caller = authenticate(svc, &req.headers).await?;
+            let caller = authenticate(svc, &req.front, req.client, &req.headers).await?;
             // The key has done its work: nothing past this point (a call's
             // environment, its record) may see it.
             req.headers.remove(warp::http::header::AUTHORIZATION);
@@ -268,13 +297,14 @@ async fn route(svc: &Arc<Service>, mut req: Req) -> ApiResult {
                 Op::OutputWait => Some(wait_param(&req)?),
                 _ => None,
             };
+            let _long = long_if_waiting(&req, wait)?;
             output(svc, &Scope::Function(&f), p.get("callId"), wait).await
         }
         Op::Logs => {
             let f = svc
                 .function_by_secret(p.get("name"), p.get("secret"))
                 .await?;
-            logs(svc, f, &req.query).await
+            logs(svc, f, &req.query, &req.front).await
         }
         Op::Status => {
             let f = svc
@@ -308,7 +338,7 @@ async fn route(svc: &Arc<Service>, mut req: Req) -> ApiResult {
         Op::Metrics => {
             // Any valid key: queue sizes are not for the whole network. A
             // user sees their own series only; the admin, everyone's.
-            let caller = authenticate(svc, &req.headers).await?;
+            let caller = authenticate(svc, &req.front, req.client, &req.headers).await?;
             let mut text = crate::metrics::render(svc).await;
             if !caller.admin {
                 text = crate::metrics::for_user(&text, caller.name.as_str());
@@ -424,7 +454,7 @@ async fn v1(
         }
         Op::FunctionLogs => {
             let f = addressed(svc, caller, p.get("name"), &req.query).await?;
-            logs(svc, f, &req.query).await
+            logs(svc, f, &req.query, &req.front).await
         }
         Op::FunctionStatus => {
             let f = addressed(svc, caller, p.get("name"), &req.query).await?;
@@ -446,6 +476,7 @@ async fn v1(
             } else {
                 None
             };
+            let _long = long_if_waiting(&req, wait)?;
             output(svc, &Scope::User(caller), p.get("callId"), wait).await
         }
         Op::ListUsers => {
@@ -511,7 +542,23 @@ async fn view(svc: &Service, f: &crate::model::Function) -> Result<FunctionView,
     ))
 }
 
-async fn authenticate(svc: &Service, headers: &HeaderMap) -> Result<crate::model::User, ApiError> {
+/// The caller a request's bearer key names. Failures count against the
+/// client's address; an address past its budget gets 429 without its key
+/// being looked at.
+async fn authenticate(
+    svc: &Service,
+    front: &Front,
+    client: Option<ClientAddr>,
+    headers: &HeaderMap,
+) -> Result<crate::model::User, ApiError> {
+    front.check_blocked(client)?;
+    match bearer_user(svc, headers).await {
+        Err(e) if e.status == StatusCode::UNAUTHORIZED => Err(front.auth_failed(client, e)),
+        r => r,
+    }
+}
+
+async fn bearer_user(svc: &Service, headers: &HeaderMap) -> Result<crate::model::User, ApiError> {
     // RFC 9110: the scheme is case-insensitive (`bearer`, `BEARER`).
     let key = headers
         .get(warp::http::header::AUTHORIZATION)
@@ -526,8 +573,11 @@ async fn authenticate(svc: &Service, headers: &HeaderMap) -> Result<crate::model
 /// Reads the body (bounded), accepts the call, and for `sync` waits for it.
 async fn accept(svc: &Arc<Service>, f: crate::model::Function, sync: bool, req: Req) -> ApiResult {
     let env = request_env(&req);
-    let payload = read_body(svc, &req.headers, req.body).await?;
-    let id = svc.accept(&f, payload, env).await?;
+    // Before the body: a sync call that could not wait is not accepted.
+    let long = sync.then(|| req.front.long()).transpose()?;
+    let payload = read_body(svc, &req.front, &req.headers, req.body).await?;
+    let id = svc.accept(&f, payload.bytes.clone(), env).await?;
+    drop(payload);
     if !sync {
         return Ok(json_response(
             StatusCode::ACCEPTED,
@@ -536,7 +586,25 @@ async fn accept(svc: &Arc<Service>, f: crate::model::Function, sync: bool, req: 
             },
         ));
     }
-    output(svc, &Scope::Function(&f), &id.to_string(), Some(SYNC_WAIT)).await
+    // Past `max_wait`, answered as an output `/wait` whose wait ran out:
+    // 201/202 with the call id, and the client waits on there.
+    let answer = output(
+        svc,
+        &Scope::Function(&f),
+        &id.to_string(),
+        Some(req.front.max_wait),
+    )
+    .await;
+    drop(long);
+    answer
+}
+
+/// A place among the long requests for an output request that waits.
+fn long_if_waiting(req: &Req, wait: Option<Duration>) -> Result<Option<LongPermit>, ApiError> {
+    match wait {
+        Some(w) if !w.is_zero() => req.front.long().map(Some),
+        _ => Ok(None),
+    }
 }
 
 async fn output(
@@ -589,6 +657,7 @@ async fn logs(
     svc: &Arc<Service>,
     f: crate::model::Function,
     query: &HashMap<String, String>,
+    front: &Front,
 ) -> ApiResult {
     let tail = match query.get("tail") {
         Some(t) => Some(
@@ -601,18 +670,29 @@ async fn logs(
         Some(c) => Some(CallId::parse(c)?),
         None => None,
     };
+    let after = match query.get("after") {
+        Some(a) => Some(
+            a.parse::<u64>()
+                .map_err(|_| ApiError::bad_request(format!("invalid after {a:?}")))?,
+        ),
+        None => None,
+    };
     let follow = flag(query, "follow");
+    let long = follow.then(|| front.long()).transpose()?;
+    let max_wait = front.max_wait;
     // Subscribe before reading, so no event falls between the read and the
     // follow; `last` covers everything scanned, matching the filter or not.
     let mut changes = svc.scheduler.subscribe();
     let top = svc.last_event_seq(&f).await?;
-    let first = svc.events(&f, None, call.as_ref(), tail).await?;
-    let mut last = first.last().map(|(seq, _)| *seq).max(top);
+    let first = svc.events(&f, after, call.as_ref(), tail).await?;
+    let mut last = first.last().map(|(seq, _)| *seq).max(top).max(after);
     let lines = |events: Vec<(u64, crate::model::Event)>| -> Bytes {
         let mut out = Vec::new();
-        for (_, e) in events {
+        for (seq, e) in events {
+            let mut view = EventView::from(&e);
+            view.seq = seq;
             // Serializing a struct of strings cannot fail.
-            if let Ok(mut line) = serde_json::to_vec(&EventView::from(&e)) {
+            if let Ok(mut line) = serde_json::to_vec(&view) {
                 line.push(b'\n');
                 out.extend(line);
             }
@@ -631,9 +711,14 @@ async fn logs(
     // and created again): a follower must not outlive the URL it came by and
     // watch the calls of whoever holds the new one. A refresh wakes no
     // follower (nor does a change made on another node), hence the recheck.
+    // It also ends after `max_wait`; the client goes on with `after=` the
+    // last `Seq` it saw (or the `Hyperfuncd-Log-Seq` header's if none).
     let svc = Arc::clone(svc);
     let head = lines(first);
+    let start_seq = last.unwrap_or(0);
+    let deadline = tokio::time::Instant::now() + max_wait;
     let stream = async_stream(move |tx| async move {
+        let _long = long;
         if tx.send(head).await.is_err() {
             return;
         }
@@ -643,6 +728,7 @@ async fn logs(
                     return;
                 },
                 () = tokio::time::sleep(FOLLOW_RECHECK) => {}
+                () = tokio::time::sleep_until(deadline) => return,
             }
             let now = svc.store.get_function(&f.key()).await.ok().flatten();
             if now.as_ref().is_some_and(|now| now.secret != f.secret) {
@@ -663,11 +749,18 @@ async fn logs(
             }
         }
     });
-    Ok(with_type(
+    let mut r = with_type(
         warp::reply::stream(stream).into_response(),
         "application/x-ndjson",
-    ))
+    );
+    r.headers_mut()
+        .insert(LOG_SEQ_HEADER, warp::http::HeaderValue::from(start_seq));
+    Ok(r)
 }
+
+/// On a log follow: the sequence the follow starts after, for a client that
+/// resumes (`after=`) before any line came.
+pub const LOG_SEQ_HEADER: &str = "hyperfuncd-log-seq";
 
 /// A byte stream fed by a task; the task stops when the client goes away.
 fn async_stream<F, Fut>(
@@ -723,12 +816,14 @@ fn request_env(req: &Req) -> Vec<(String, String)> {
     env
 }
 
-/// Reads a call body without ever holding more than the STDIN limit.
+/// Reads a call body within the STDIN limit (`front.rs` bounds the memory
+/// it holds while it arrives).
 async fn read_body(
     svc: &Service,
+    front: &Front,
     headers: &HeaderMap,
     mut body: BodyStream,
-) -> Result<Bytes, ApiError> {
+) -> Result<front::Body, ApiError> {
     let limit = svc.config.limits.max_stdin_bytes;
     let declared = headers
         .get(warp::http::header::CONTENT_LENGTH)
@@ -740,24 +835,19 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit.saturating_mul(DRAIN_FACTOR)) {
         return Err(svc.too_large().into());
     }
-    let mut buf = BytesMut::new();
-    let mut seen: u64 = 0;
     let clock = BodyClock::new(&svc.config.http);
-    while let Some(chunk) = clock.next(&mut body, seen).await? {
-        seen += chunk.len() as u64;
-        if seen > limit {
-            buf = BytesMut::new();
-            if seen > limit.saturating_mul(DRAIN_FACTOR) {
-                break;
-            }
-            continue;
+    let mut seen = match front.read_body(limit, &mut body, &clock).await {
+        Ok(b) => return Ok(b),
+        Err(BodyError::Api(e)) => return Err(e),
+        Err(BodyError::TooLarge { seen }) => seen,
+    };
+    while seen <= limit.saturating_mul(DRAIN_FACTOR) {
+        match clock.next(&mut body, seen).await? {
+            Some(chunk) => seen += chunk.len() as u64,
+            None => break,
         }
-        buf.extend_from_slice(&chunk);
     }
-    if seen > limit {
-        return Err(svc.too_large().into());
-    }
-    Ok(buf.freeze())
+    Err(svc.too_large().into())
 }
 
 /// How long a request body may take: `[http] body_timeout`, plus one second

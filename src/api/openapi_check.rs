@@ -612,6 +612,7 @@ fn schemas_match_the_api_types() {
             short_stdout: String::new(),
             short_stderr: String::new(),
             message: String::new(),
+            seq: 1,
         },
         &[],
     );

@@ -178,6 +178,10 @@ pub struct EventView {
     pub short_stdout: String,
     pub short_stderr: String,
     pub message: String,
+    /// The event's place in its function's log: a follow resumes with
+    /// `after=` the last one seen. 0 from a server that predates it.
+    #[serde(default)]
+    pub seq: u64,
 }
 
 impl From<&Event> for EventView {
@@ -190,6 +194,7 @@ impl From<&Event> for EventView {
             short_stdout: e.short_stdout.clone(),
             short_stderr: e.short_stderr.clone(),
             message: e.message.clone(),
+            seq: 0,
         }
     }
 }

@@ -184,13 +184,15 @@ impl Client {
         bail!("the server ended its answer before the function was saved")
     }
 
-    /// Reads a line-oriented body as it arrives.
+    /// Reads a line-oriented body as it arrives; returns the answer's
+    /// headers once it has ended.
     pub async fn stream_lines(
         &self,
         path: &str,
         mut on_line: impl FnMut(&str) -> anyhow::Result<()>,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<reqwest::header::HeaderMap> {
         let resp = self.send(self.request(reqwest::Method::GET, path)).await?;
+        let headers = resp.headers().clone();
         let mut stream = resp.bytes_stream();
         let mut buf: Vec<u8> = Vec::new();
         while let Some(chunk) = stream.next().await {
@@ -201,7 +203,7 @@ impl Client {
                 on_line(String::from_utf8_lossy(&line[..line.len() - 1]).trim_end())?;
             }
         }
-        Ok(())
+        Ok(headers)
     }
 }
 

@@ -612,23 +612,53 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
             if follow {
                 q.push("follow=1".into());
             }
-            if let Some(c) = callid {
-                q.push(format!("callid={}", url_call_id(&c)?));
+            if let Some(c) = &callid {
+                q.push(format!("callid={}", url_call_id(c)?));
             }
-            let path = fn_path(&fn_arg(&name)?, "/logs", &q);
-            client
-                .stream_lines(&path, |line| {
-                    if output == Format::Json {
-                        writeln!(out, "{line}")?;
-                    } else {
+            let target = fn_arg(&name)?;
+            let mut path = fn_path(&target, "/logs", &q);
+            // The server ends a follow after its `[http] max_wait`; go on
+            // from the last event seen, so nothing is shown twice or missed.
+            loop {
+                let mut last_seq = None;
+                let headers = client
+                    .stream_lines(&path, |line| {
                         let ev: EventView =
                             serde_json::from_str(line).context("invalid log line from server")?;
-                        writeln!(out, "{}", ev.line())?;
-                    }
-                    out.flush()?;
-                    Ok(())
-                })
-                .await?;
+                        last_seq = Some(ev.seq);
+                        if output == Format::Json {
+                            writeln!(out, "{line}")?;
+                        } else {
+                            writeln!(out, "{}", ev.line())?;
+                        }
+                        out.flush()?;
+                        Ok(())
+                    })
+                    .await?;
+                if !follow {
+                    break;
+                }
+                // Ended because the function went away: so does the follow.
+                let status = fn_path(&target, "/status", &[]);
+                if client.get_json::<StatusView>(&status).await.is_err() {
+                    break;
+                }
+                let Some(after) = last_seq.or_else(|| {
+                    headers
+                        .get(crate::api::LOG_SEQ_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok())
+                }) else {
+                    // A server that does not end follows by itself ended
+                    // this one for good (the function went away).
+                    break;
+                };
+                let mut q = vec!["follow=1".to_string(), format!("after={after}")];
+                if let Some(c) = &callid {
+                    q.push(format!("callid={}", url_call_id(c)?));
+                }
+                path = fn_path(&target, "/logs", &q);
+            }
         }
         FuncCmd::Status { output, name } => {
             let s: StatusView = client

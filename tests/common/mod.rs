@@ -233,6 +233,30 @@ impl Daemon {
     pub fn tls_connect(
         &self,
     ) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+        self.tls_connect_from(None)
+            .expect("TLS handshake with the daemon")
+    }
+
+    /// A TCP connection to the daemon from `source` (a loopback address such
+    /// as `127.0.0.7`, so a test can be several clients), or the default.
+    pub fn tcp_connect_from(&self, source: Option<&str>) -> std::io::Result<std::net::TcpStream> {
+        let target: std::net::SocketAddr = self.addr().parse().expect("daemon address");
+        let Some(source) = source else {
+            return std::net::TcpStream::connect_timeout(&target, Duration::from_secs(10));
+        };
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        let src: std::net::SocketAddr = format!("{source}:0").parse().expect("source address");
+        sock.bind(&src.into())?;
+        sock.connect_timeout(&target.into(), Duration::from_secs(10))?;
+        Ok(sock.into())
+    }
+
+    /// `tls_connect` from `source` (see `tcp_connect_from`); an error if the
+    /// connection or the handshake fails (within 10 s).
+    pub fn tls_connect_from(
+        &self,
+        source: Option<&str>,
+    ) -> std::io::Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
         let pem = std::fs::read(self.ca()).expect("CA");
         let mut roots = rustls::RootCertStore::empty();
         for cert in rustls_pemfile::certs(&mut &pem[..]) {
@@ -247,14 +271,14 @@ impl Daemon {
         let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("server name");
         let conn =
             rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("TLS client");
-        let tcp = std::net::TcpStream::connect(self.addr()).expect("connect");
+        let tcp = self.tcp_connect_from(source)?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
         let mut tls = rustls::StreamOwned::new(conn, tcp);
         while tls.conn.is_handshaking() {
-            tls.conn
-                .complete_io(&mut tls.sock)
-                .expect("TLS handshake with the daemon");
+            tls.conn.complete_io(&mut tls.sock)?;
         }
-        tls
+        tls.sock.set_read_timeout(None)?;
+        Ok(tls)
     }
 
     /// `127.0.0.1:PORT` of the daemon.
