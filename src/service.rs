@@ -240,7 +240,7 @@ impl Service {
         progress: Option<&PullProgress>,
     ) -> Result<Function> {
         self.check_limits(&mut spec).await?;
-        self.check_image(caller, &spec.image)?;
+        self.check_image(caller, &spec.image).await?;
         // Only the caller's own names conflict: another user's function of
         // the same name is theirs, and its existence is not told.
         let key = FnKey::new(caller.name.clone(), name.clone());
@@ -272,18 +272,49 @@ impl Service {
         Ok(f)
     }
 
-    /// Refuses an image whose registry the operator has not allowed
-    /// (`[images]`), before the Engine is asked anything about it: a
-    /// reference makes the Engine connect to its host.
-    fn check_image(&self, caller: &User, image: &str) -> Result<()> {
+    /// Refuses, before the Engine is asked anything about it (a reference
+    /// makes the Engine connect to its host), an image the caller may not
+    /// use. The rule (README "Behaviour"): a reference must name a
+    /// repository, since the Engine resolves an ID or a digest alone to
+    /// whatever local image has it, whoever put it there; its registry is
+    /// the host its name says, whether the image is local or pulled; and
+    /// it must be in `[images] registries`, or be the image of one of the
+    /// caller's own functions (so a function keeps working, and can be
+    /// updated and copied, after its registry leaves the list, while
+    /// nobody else gains it). Admins may use anything with `admin_any`.
+    async fn check_image(&self, caller: &User, image: &str) -> Result<()> {
         let r = crate::model::ImageRef::parse(image).map_err(ServiceError::BadRequest)?;
         let images = &self.config.images;
-        if images.allows(&r.registry) || (caller.admin && images.admin_any) {
+        if caller.admin && images.admin_any {
+            return Ok(());
+        }
+        let (registry, canonical) = match &r {
+            crate::model::ImageRef::Named {
+                registry,
+                canonical,
+            } => (registry, canonical),
+            crate::model::ImageRef::IdOnly => {
+                return Err(ServiceError::ImageNotAllowed(format!(
+                    "image reference {image:?} names no repository: an image ID or a digest \
+                     alone is not accepted, since it would reach any image on the Docker \
+                     Engine; use the image's name (NAME[:TAG] or NAME@DIGEST)"
+                )))
+            }
+        };
+        if images.allows(registry) {
+            return Ok(());
+        }
+        let own = self.store.list_functions(Some(&caller.name)).await?;
+        let used_before = own.iter().any(|f| {
+            crate::model::ImageRef::parse(&f.spec.image)
+                .ok()
+                .is_some_and(|o| o.canonical() == Some(canonical.as_str()))
+        });
+        if used_before {
             return Ok(());
         }
         Err(ServiceError::ImageNotAllowed(format!(
-            "images from {} are not allowed on this server",
-            r.registry
+            "images from {registry} are not allowed on this server"
         )))
     }
 
@@ -455,7 +486,7 @@ impl Service {
             s.runtime = r;
         }
         self.check_limits(s).await?;
-        self.check_image(caller, &s.image)?;
+        self.check_image(caller, &s.image).await?;
         self.check_runtime(s).await?;
         self.runtime
             .ensure_image(
