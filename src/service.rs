@@ -26,6 +26,10 @@ pub enum ServiceError {
     /// lists the ones it has.
     #[error("{0}")]
     UnknownRuntime(String),
+    /// An OCI runtime a non-admin may not choose (`[container]
+    /// allowed_runtimes`); the message lists the ones they may.
+    #[error("{0}")]
+    RuntimeNotAllowed(String),
     #[error("missing or unknown API key")]
     Unauthorized,
     #[error("{0}")]
@@ -249,7 +253,7 @@ impl Service {
                 "function {name} already exists"
             )));
         }
-        self.check_runtime(&spec).await?;
+        self.check_runtime(caller, &spec).await?;
         self.runtime
             .ensure_image(
                 &spec.image,
@@ -319,11 +323,35 @@ impl Service {
     }
 
     /// The OCI runtime `spec`'s containers would run under (its own, else
-    /// `[container] runtime`) must be registered with the Engine now: an
+    /// `[container] runtime`) must be one a non-admin may choose (the
+    /// default, or one of `[container] allowed_runtimes`: isolation is the
+    /// operator's choice) and be registered with the Engine now: an
     /// unknown one would fail every call. Asked at each create and update,
     /// since an operator may change the Engine's runtimes and reload it.
-    async fn check_runtime(&self, spec: &FunctionSpec) -> Result<()> {
-        match spec.runtime_or(self.config.container.runtime.as_deref()) {
+    async fn check_runtime(&self, caller: &User, spec: &FunctionSpec) -> Result<()> {
+        let c = &self.config.container;
+        if let Some(wanted) = spec.runtime.as_deref().filter(|_| !caller.admin) {
+            let allowed = c.runtime.as_deref() == Some(wanted)
+                || c.allowed_runtimes.iter().any(|a| a == wanted)
+                || (c.runtime.is_none() && self.is_engine_default(wanted).await);
+            if !allowed {
+                let default = self
+                    .runtime
+                    .effective_runtime(c.runtime.as_deref())
+                    .unwrap_or_else(|| "the Docker Engine's default".into());
+                let mut may = vec![default];
+                for a in &c.allowed_runtimes {
+                    if !may.contains(a) {
+                        may.push(a.clone());
+                    }
+                }
+                return Err(ServiceError::RuntimeNotAllowed(format!(
+                    "OCI runtime {wanted:?} is not allowed on this server (functions may use: {})",
+                    may.join(", ")
+                )));
+            }
+        }
+        match spec.runtime_or(c.runtime.as_deref()) {
             Some(r) => Ok(self.runtime.check_runtime(r).await?),
             None => {
                 // The Engine's default, for `func inspect`, if the Engine
@@ -336,6 +364,13 @@ impl Service {
         }
     }
 
+    /// Whether `runtime` is the Engine's default runtime, asked now (the
+    /// default of a server whose config names none).
+    async fn is_engine_default(&self, runtime: &str) -> bool {
+        let _ = self.runtime.runtimes().await;
+        self.runtime.effective_runtime(None).as_deref() == Some(runtime)
+    }
+
     /// The OCI runtime `f`'s calls run under: its own, `[container] runtime`,
     /// or the Engine's default (`None` until the Engine has answered).
     pub fn runtime_of(&self, f: &Function) -> Option<String> {
@@ -344,8 +379,10 @@ impl Service {
     }
 
     /// Refuses, before anything is stored, a spec that could never run or
-    /// that asks for more than the operator's ceilings (`[limits] max_*`)
-    /// or the Engine host has. A missing timeout becomes the ceiling's.
+    /// that asks for more than the operator's ceilings (`[limits] max_*`;
+    /// unset memory and CPU ceilings are half of the Engine host's, see
+    /// `LimitsConfig::memory_ceiling`). A missing timeout becomes the
+    /// ceiling's.
     async fn check_limits(&self, spec: &mut FunctionSpec) -> Result<()> {
         use crate::runtime::human_bytes;
         spec.validate().map_err(ServiceError::BadRequest)?;
@@ -354,16 +391,6 @@ impl Service {
         let memory = spec
             .memory_bytes
             .unwrap_or(self.config.container.memory_bytes);
-        if let Some(max) = l.max_memory_bytes.filter(|max| memory > *max) {
-            return bad(format!(
-                "memory {} is above this server's ceiling of {}",
-                human_bytes(memory),
-                human_bytes(max)
-            ));
-        }
-        if let Some((c, max)) = spec.cpus.zip(l.max_cpus).filter(|(c, max)| c > max) {
-            return bad(format!("cpus {c} is above this server's ceiling of {max}"));
-        }
         if let Some(max) = l.max_timeout {
             let max_ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
             match spec.timeout_ms {
@@ -378,8 +405,37 @@ impl Service {
                 None => spec.timeout_ms = Some(max_ms),
             }
         }
-        // The Engine would refuse these at every call.
-        if let Some(host) = self.runtime.host_resources().await {
+        // Unknown while the Engine does not answer: then only configured
+        // ceilings apply here, and the Engine is needed for the image next.
+        let host = self.runtime.host_resources().await;
+        let memory_max = l.memory_ceiling(
+            host.map(|h| h.memory_bytes),
+            self.config.container.memory_bytes,
+        );
+        if let Some(max) = memory_max.filter(|max| memory > *max) {
+            let whose = if l.max_memory_bytes.is_some() {
+                "this server's ceiling"
+            } else {
+                "this server's default ceiling (half of the host's memory)"
+            };
+            return bad(format!(
+                "memory {} is above {whose} of {}",
+                human_bytes(memory),
+                human_bytes(max)
+            ));
+        }
+        let cpus_max = l.cpus_ceiling(host.map(|h| h.cpus));
+        if let Some((c, max)) = spec.cpus.zip(cpus_max).filter(|(c, max)| c > max) {
+            let whose = if l.max_cpus.is_some() {
+                "this server's ceiling"
+            } else {
+                "this server's default ceiling (half of the host's CPUs)"
+            };
+            return bad(format!("cpus {c} is above {whose} of {max}"));
+        }
+        // The Engine would refuse these at every call (a configured
+        // ceiling may be above the host).
+        if let Some(host) = host {
             if let Some(c) = spec.cpus.filter(|c| *c > host.cpus) {
                 return bad(format!("cpus {c} is more than the host's {}", host.cpus));
             }
@@ -487,7 +543,7 @@ impl Service {
         }
         self.check_limits(s).await?;
         self.check_image(caller, &s.image).await?;
-        self.check_runtime(s).await?;
+        self.check_runtime(caller, s).await?;
         self.runtime
             .ensure_image(
                 &s.image,
