@@ -16,6 +16,10 @@ pub const MIB: u64 = 1024 * 1024;
 pub const DEFAULT_NETWORK: &str = "hyperfuncd";
 pub const DEFAULT_CALL_RETENTION: std::time::Duration =
     std::time::Duration::from_secs(7 * 24 * 3600);
+/// The timeout ceiling unless configured, and so the timeout of a function
+/// that sets none: nothing runs forever by default, while an hour covers
+/// batch work that a request-sized limit (Lambda's 15 minutes) would not.
+pub const DEFAULT_MAX_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -84,12 +88,16 @@ pub struct LimitsConfig {
     #[serde(with = "humantime_secs")]
     pub call_retention: std::time::Duration,
     /// Ceiling on a function's memory limit, in bytes; also bounds
-    /// `container.memory_bytes`. `None`: the Engine host's memory.
+    /// `container.memory_bytes`. `None`: half of the Engine host's memory
+    /// (but not below `container.memory_bytes`), so calls leave the host
+    /// room (`memory_ceiling`).
     pub max_memory_bytes: Option<u64>,
-    /// Ceiling on a function's CPUs. `None`: the Engine host's CPUs.
+    /// Ceiling on a function's CPUs. `None`: half of the Engine host's
+    /// CPUs (`cpus_ceiling`).
     pub max_cpus: Option<f64>,
     /// Ceiling on a function's timeout (humantime); a function without one
-    /// gets this one. `None`: calls may run as long as they like.
+    /// gets this one. `"none"` lifts it: calls may then run as long as
+    /// they like unless their function sets a timeout.
     #[serde(with = "humantime_opt")]
     pub max_timeout: Option<std::time::Duration>,
 }
@@ -105,8 +113,26 @@ impl Default for LimitsConfig {
             call_retention: DEFAULT_CALL_RETENTION,
             max_memory_bytes: None,
             max_cpus: None,
-            max_timeout: None,
+            max_timeout: Some(DEFAULT_MAX_TIMEOUT),
         }
+    }
+}
+
+impl LimitsConfig {
+    /// The memory ceiling in force: `max_memory_bytes`, else half of the
+    /// Engine host's `host_memory` (`None` while unknown), but never below
+    /// `default_memory` (`container.memory_bytes`), which a function that
+    /// sets none gets and must always be allowed.
+    pub fn memory_ceiling(&self, host_memory: Option<u64>, default_memory: u64) -> Option<u64> {
+        self.max_memory_bytes
+            .or_else(|| host_memory.map(|m| (m / 2).max(default_memory)))
+    }
+
+    /// The CPU ceiling in force: `max_cpus`, else half of the Engine
+    /// host's `host_cpus` (`None` while unknown).
+    pub fn cpus_ceiling(&self, host_cpus: Option<f64>) -> Option<f64> {
+        self.max_cpus
+            .or_else(|| host_cpus.map(|c| (c / 2.0).max(crate::model::MIN_CPUS)))
     }
 }
 
@@ -145,6 +171,12 @@ pub struct ContainerConfig {
     /// `kata-runtime`); must be one the Engine has registered, checked at
     /// start. `None`: the Engine's default (usually `runc`).
     pub runtime: Option<String>,
+    /// OCI runtimes a non-admin may choose for a function (`func create
+    /// --runtime`) besides the default (`runtime`, else the Engine's),
+    /// which is always allowed: the isolation is the operator's choice,
+    /// so by default a tenant cannot leave gVisor for `runc`. Admins may
+    /// choose any runtime the Engine has.
+    pub allowed_runtimes: Vec<String>,
     /// Memory limit of a call container unless the function sets one, in bytes.
     pub memory_bytes: u64,
     /// Process limit of a call container.
@@ -169,6 +201,7 @@ impl Default for ContainerConfig {
         Self {
             network_mode: DEFAULT_NETWORK.into(),
             runtime: None,
+            allowed_runtimes: Vec::new(),
             memory_bytes: 512 * MIB,
             pids_limit: 256,
             cpu_shares: 512,
@@ -317,10 +350,13 @@ pub enum LogFormat {
 #[serde(deny_unknown_fields, default)]
 pub struct ImagesConfig {
     /// Registry hosts (`host[:port]`, as written in image references)
-    /// functions may use images from, local or pulled. `docker.io` is Docker
-    /// Hub, which a reference without a host names.
+    /// functions may use images from, local or pulled (a local image counts
+    /// as from the host its name says). `docker.io` is Docker Hub, which a
+    /// reference without a host names. A user may also keep using the image
+    /// of a function of their own (`Service::check_image`).
     pub registries: Vec<String>,
-    /// Admins may use images from any registry.
+    /// Admins may use any reference: any registry, and image IDs or
+    /// digests alone, which are refused otherwise.
     pub admin_any: bool,
 }
 
@@ -466,7 +502,8 @@ mod humantime_secs {
     }
 }
 
-/// An optional `Duration` written as a humantime string; absent is `None`.
+/// An optional `Duration` written as a humantime string; `"none"` is `None`
+/// (so a field whose default is a duration can be turned off).
 mod humantime_opt {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
@@ -474,12 +511,16 @@ mod humantime_opt {
     pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
         match d {
             Some(d) => s.serialize_some(&humantime::format_duration(*d).to_string()),
-            None => s.serialize_none(),
+            // Not `serialize_none`: TOML would omit the key, which reads back as the default.
+            None => s.serialize_str("none"),
         }
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         let text = String::deserialize(d)?;
+        if text == "none" {
+            return Ok(None);
+        }
         humantime::parse_duration(&text)
             .map(Some)
             .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
@@ -581,6 +622,10 @@ impl Config {
         if let Some(r) = &self.container.runtime {
             crate::model::validate_runtime_name(r)
                 .map_err(|e| ConfigError::Invalid(format!("container.runtime: {e}")))?;
+        }
+        for r in &self.container.allowed_runtimes {
+            crate::model::validate_runtime_name(r)
+                .map_err(|e| ConfigError::Invalid(format!("container.allowed_runtimes: {e}")))?;
         }
         let c = &self.container;
         if !(2..=262_144).contains(&c.cpu_shares) {
@@ -758,6 +803,46 @@ mod tests {
         let c: Config =
             toml::from_str("[container]\nread_only_root = true\n[pool]\nper_function = 0").unwrap();
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn default_ceilings_leave_the_host_room() {
+        let l = LimitsConfig::default();
+        assert_eq!(l.max_timeout, Some(DEFAULT_MAX_TIMEOUT));
+        // Half of the host, never below the default a function gets.
+        assert_eq!(
+            l.memory_ceiling(Some(25_276_194_816), 512 * MIB),
+            Some(12_638_097_408)
+        );
+        assert_eq!(
+            l.memory_ceiling(Some(512 * MIB), 512 * MIB),
+            Some(512 * MIB)
+        );
+        assert_eq!(l.memory_ceiling(None, 512 * MIB), None);
+        assert_eq!(l.cpus_ceiling(Some(2.0)), Some(1.0));
+        assert_eq!(l.cpus_ceiling(None), None);
+        // Configured ceilings win, whatever the host.
+        let c: Config = toml::from_str(
+            "[limits]\nmax_memory_bytes = 1073741824\nmax_cpus = 3.0\nmax_timeout = \"none\"",
+        )
+        .unwrap();
+        assert_eq!(c.limits.memory_ceiling(Some(100), 0), Some(1 << 30));
+        assert_eq!(c.limits.cpus_ceiling(Some(2.0)), Some(3.0));
+        assert_eq!(c.limits.max_timeout, None);
+        // "none" survives a round trip through TOML.
+        let text = toml::to_string(&c).unwrap();
+        let again: Config = toml::from_str(&text).unwrap();
+        assert_eq!(again.limits.max_timeout, None, "{text}");
+    }
+
+    #[test]
+    fn allowed_runtimes_are_runtime_names() {
+        assert!(ContainerConfig::default().allowed_runtimes.is_empty());
+        let c: Config =
+            toml::from_str("[container]\nallowed_runtimes = [\"runc\", \"runsc\"]").unwrap();
+        assert!(c.validate().is_ok());
+        let c: Config = toml::from_str("[container]\nallowed_runtimes = [\"../x\"]").unwrap();
+        assert!(c.validate().is_err());
     }
 
     #[test]

@@ -26,6 +26,10 @@ pub enum ServiceError {
     /// lists the ones it has.
     #[error("{0}")]
     UnknownRuntime(String),
+    /// An OCI runtime a non-admin may not choose (`[container]
+    /// allowed_runtimes`); the message lists the ones they may.
+    #[error("{0}")]
+    RuntimeNotAllowed(String),
     #[error("missing or unknown API key")]
     Unauthorized,
     #[error("{0}")]
@@ -240,7 +244,7 @@ impl Service {
         progress: Option<&PullProgress>,
     ) -> Result<Function> {
         self.check_limits(&mut spec).await?;
-        self.check_image(caller, &spec.image)?;
+        self.check_image(caller, &spec.image).await?;
         // Only the caller's own names conflict: another user's function of
         // the same name is theirs, and its existence is not told.
         let key = FnKey::new(caller.name.clone(), name.clone());
@@ -249,7 +253,7 @@ impl Service {
                 "function {name} already exists"
             )));
         }
-        self.check_runtime(&spec).await?;
+        self.check_runtime(caller, &spec).await?;
         self.runtime
             .ensure_image(
                 &spec.image,
@@ -272,27 +276,82 @@ impl Service {
         Ok(f)
     }
 
-    /// Refuses an image whose registry the operator has not allowed
-    /// (`[images]`), before the Engine is asked anything about it: a
-    /// reference makes the Engine connect to its host.
-    fn check_image(&self, caller: &User, image: &str) -> Result<()> {
+    /// Refuses, before the Engine is asked anything about it (a reference
+    /// makes the Engine connect to its host), an image the caller may not
+    /// use. The rule (README "Behaviour"): a reference must name a
+    /// repository, since the Engine resolves an ID or a digest alone to
+    /// whatever local image has it, whoever put it there; its registry is
+    /// the host its name says, whether the image is local or pulled; and
+    /// it must be in `[images] registries`, or be the image of one of the
+    /// caller's own functions (so a function keeps working, and can be
+    /// updated and copied, after its registry leaves the list, while
+    /// nobody else gains it). Admins may use anything with `admin_any`.
+    async fn check_image(&self, caller: &User, image: &str) -> Result<()> {
         let r = crate::model::ImageRef::parse(image).map_err(ServiceError::BadRequest)?;
         let images = &self.config.images;
-        if images.allows(&r.registry) || (caller.admin && images.admin_any) {
+        if caller.admin && images.admin_any {
+            return Ok(());
+        }
+        let (registry, canonical) = match &r {
+            crate::model::ImageRef::Named {
+                registry,
+                canonical,
+            } => (registry, canonical),
+            crate::model::ImageRef::IdOnly => {
+                return Err(ServiceError::ImageNotAllowed(format!(
+                    "image reference {image:?} names no repository: an image ID or a digest \
+                     alone is not accepted, since it would reach any image on the Docker \
+                     Engine; use the image's name (NAME[:TAG] or NAME@DIGEST)"
+                )))
+            }
+        };
+        if images.allows(registry) {
+            return Ok(());
+        }
+        let own = self.store.list_functions(Some(&caller.name)).await?;
+        let used_before = own.iter().any(|f| {
+            crate::model::ImageRef::parse(&f.spec.image)
+                .ok()
+                .is_some_and(|o| o.canonical() == Some(canonical.as_str()))
+        });
+        if used_before {
             return Ok(());
         }
         Err(ServiceError::ImageNotAllowed(format!(
-            "images from {} are not allowed on this server",
-            r.registry
+            "images from {registry} are not allowed on this server"
         )))
     }
 
     /// The OCI runtime `spec`'s containers would run under (its own, else
-    /// `[container] runtime`) must be registered with the Engine now: an
+    /// `[container] runtime`) must be one a non-admin may choose (the
+    /// default, or one of `[container] allowed_runtimes`: isolation is the
+    /// operator's choice) and be registered with the Engine now: an
     /// unknown one would fail every call. Asked at each create and update,
     /// since an operator may change the Engine's runtimes and reload it.
-    async fn check_runtime(&self, spec: &FunctionSpec) -> Result<()> {
-        match spec.runtime_or(self.config.container.runtime.as_deref()) {
+    async fn check_runtime(&self, caller: &User, spec: &FunctionSpec) -> Result<()> {
+        let c = &self.config.container;
+        if let Some(wanted) = spec.runtime.as_deref().filter(|_| !caller.admin) {
+            let allowed = c.runtime.as_deref() == Some(wanted)
+                || c.allowed_runtimes.iter().any(|a| a == wanted)
+                || (c.runtime.is_none() && self.is_engine_default(wanted).await);
+            if !allowed {
+                let default = self
+                    .runtime
+                    .effective_runtime(c.runtime.as_deref())
+                    .unwrap_or_else(|| "the Docker Engine's default".into());
+                let mut may = vec![default];
+                for a in &c.allowed_runtimes {
+                    if !may.contains(a) {
+                        may.push(a.clone());
+                    }
+                }
+                return Err(ServiceError::RuntimeNotAllowed(format!(
+                    "OCI runtime {wanted:?} is not allowed on this server (functions may use: {})",
+                    may.join(", ")
+                )));
+            }
+        }
+        match spec.runtime_or(c.runtime.as_deref()) {
             Some(r) => Ok(self.runtime.check_runtime(r).await?),
             None => {
                 // The Engine's default, for `func inspect`, if the Engine
@@ -305,6 +364,13 @@ impl Service {
         }
     }
 
+    /// Whether `runtime` is the Engine's default runtime, asked now (the
+    /// default of a server whose config names none).
+    async fn is_engine_default(&self, runtime: &str) -> bool {
+        let _ = self.runtime.runtimes().await;
+        self.runtime.effective_runtime(None).as_deref() == Some(runtime)
+    }
+
     /// The OCI runtime `f`'s calls run under: its own, `[container] runtime`,
     /// or the Engine's default (`None` until the Engine has answered).
     pub fn runtime_of(&self, f: &Function) -> Option<String> {
@@ -313,8 +379,10 @@ impl Service {
     }
 
     /// Refuses, before anything is stored, a spec that could never run or
-    /// that asks for more than the operator's ceilings (`[limits] max_*`)
-    /// or the Engine host has. A missing timeout becomes the ceiling's.
+    /// that asks for more than the operator's ceilings (`[limits] max_*`;
+    /// unset memory and CPU ceilings are half of the Engine host's, see
+    /// `LimitsConfig::memory_ceiling`). A missing timeout becomes the
+    /// ceiling's.
     async fn check_limits(&self, spec: &mut FunctionSpec) -> Result<()> {
         use crate::runtime::human_bytes;
         spec.validate().map_err(ServiceError::BadRequest)?;
@@ -323,16 +391,6 @@ impl Service {
         let memory = spec
             .memory_bytes
             .unwrap_or(self.config.container.memory_bytes);
-        if let Some(max) = l.max_memory_bytes.filter(|max| memory > *max) {
-            return bad(format!(
-                "memory {} is above this server's ceiling of {}",
-                human_bytes(memory),
-                human_bytes(max)
-            ));
-        }
-        if let Some((c, max)) = spec.cpus.zip(l.max_cpus).filter(|(c, max)| c > max) {
-            return bad(format!("cpus {c} is above this server's ceiling of {max}"));
-        }
         if let Some(max) = l.max_timeout {
             let max_ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
             match spec.timeout_ms {
@@ -347,8 +405,37 @@ impl Service {
                 None => spec.timeout_ms = Some(max_ms),
             }
         }
-        // The Engine would refuse these at every call.
-        if let Some(host) = self.runtime.host_resources().await {
+        // Unknown while the Engine does not answer: then only configured
+        // ceilings apply here, and the Engine is needed for the image next.
+        let host = self.runtime.host_resources().await;
+        let memory_max = l.memory_ceiling(
+            host.map(|h| h.memory_bytes),
+            self.config.container.memory_bytes,
+        );
+        if let Some(max) = memory_max.filter(|max| memory > *max) {
+            let whose = if l.max_memory_bytes.is_some() {
+                "this server's ceiling"
+            } else {
+                "this server's default ceiling (half of the host's memory)"
+            };
+            return bad(format!(
+                "memory {} is above {whose} of {}",
+                human_bytes(memory),
+                human_bytes(max)
+            ));
+        }
+        let cpus_max = l.cpus_ceiling(host.map(|h| h.cpus));
+        if let Some((c, max)) = spec.cpus.zip(cpus_max).filter(|(c, max)| c > max) {
+            let whose = if l.max_cpus.is_some() {
+                "this server's ceiling"
+            } else {
+                "this server's default ceiling (half of the host's CPUs)"
+            };
+            return bad(format!("cpus {c} is above {whose} of {max}"));
+        }
+        // The Engine would refuse these at every call (a configured
+        // ceiling may be above the host).
+        if let Some(host) = host {
             if let Some(c) = spec.cpus.filter(|c| *c > host.cpus) {
                 return bad(format!("cpus {c} is more than the host's {}", host.cpus));
             }
@@ -455,8 +542,8 @@ impl Service {
             s.runtime = r;
         }
         self.check_limits(s).await?;
-        self.check_image(caller, &s.image)?;
-        self.check_runtime(s).await?;
+        self.check_image(caller, &s.image).await?;
+        self.check_runtime(caller, s).await?;
         self.runtime
             .ensure_image(
                 &s.image,

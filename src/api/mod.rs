@@ -94,6 +94,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ServiceError::ImageNotAllowed(_) => (StatusCode::BAD_REQUEST, "image_not_allowed"),
             ServiceError::UnknownRuntime(_) => (StatusCode::BAD_REQUEST, "unknown_runtime"),
+            ServiceError::RuntimeNotAllowed(_) => (StatusCode::BAD_REQUEST, "runtime_not_allowed"),
             ServiceError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ServiceError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ServiceError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),

@@ -227,7 +227,8 @@ pub enum FuncCmd {
         /// File of K=V lines (# comments and blank lines ignored)
         #[arg(long)]
         env_file: Vec<PathBuf>,
-        /// Kill a call after this long, e.g. 30s, 5m (default: no limit)
+        /// Kill a call after this long, e.g. 30s, 5m (default and most: the server's
+        /// limits.max_timeout, 1h unless configured)
         #[arg(long)]
         timeout: Option<String>,
         /// Memory limit, e.g. 268435456, 256m, 1g
@@ -236,10 +237,12 @@ pub enum FuncCmd {
         /// CPUs, e.g. 0.5
         #[arg(long)]
         cpus: Option<f64>,
-        /// OCI runtime of its containers, e.g. runsc (gVisor); default: the server's
+        /// OCI runtime of its containers, e.g. runsc (gVisor); default: the server's.
+        /// Non-admins may choose only the server's default or its allowed_runtimes
         #[arg(long)]
         runtime: Option<String>,
-        /// Docker image; present locally or pulled from an allowed registry
+        /// Docker image by name (NAME[:TAG] or NAME@DIGEST; not an image ID),
+        /// from an allowed registry; present locally or pulled
         image: String,
         /// Command and arguments to run (default: the image's CMD)
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -261,7 +264,7 @@ pub enum FuncCmd {
         /// Remove an environment variable (repeatable)
         #[arg(long)]
         unset_env: Vec<String>,
-        /// New timeout, or "none" to remove it
+        /// New timeout, or "none" to remove it (the server's limits.max_timeout then applies)
         #[arg(long)]
         timeout: Option<String>,
         /// New memory limit, e.g. 268435456, 256m, 1g

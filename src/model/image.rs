@@ -1,15 +1,32 @@
 //! Image references as the Engine reads them (`[host[:port]/]path[:tag][@digest]`),
 //! so the registry a reference would make the Engine contact is known
-//! before the Engine is asked.
+//! before the Engine is asked, and a reference the Engine would resolve as
+//! an image ID instead of a name is told apart.
 
 /// Docker Hub, the registry of a reference without a host.
 pub const DOCKER_HUB: &str = "docker.io";
 
+/// The algorithms of the Engine's image IDs and digests (go-digest's):
+/// `ALG:HEX` alone is a digest, which the Engine looks up as an image ID.
+const DIGEST_ALGORITHMS: [&str; 3] = ["sha256", "sha384", "sha512"];
+
 /// A parsed image reference: only what the checks need.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageRef {
-    /// `host[:port]` in lower case, `docker.io` for Docker Hub (also when absent).
-    pub registry: String,
+pub enum ImageRef {
+    /// A reference that names a repository.
+    Named {
+        /// `host[:port]` in lower case, `docker.io` for Docker Hub (also when absent).
+        registry: String,
+        /// `registry/path[:tag][@digest]`, with Docker Hub's `library/` and
+        /// the default `:latest` filled in: one spelling for every way of
+        /// writing the same name (`busybox` is `docker.io/library/busybox:latest`).
+        canonical: String,
+    },
+    /// A reference that names no repository, which the Engine resolves as
+    /// a local image's ID: all hex (a full ID or any prefix of one, e.g.
+    /// `08f4fb868a41`), or a digest alone (`sha256:08f4...`, any length).
+    /// Its registry is unknowable: it reaches whatever image the Engine has.
+    IdOnly,
 }
 
 impl ImageRef {
@@ -17,7 +34,10 @@ impl ImageRef {
     /// first component is a registry host when it holds a `.` or a `:`, is
     /// `localhost`, or has upper case letters; path components are lower
     /// case; a tag is at most 128 of `[A-Za-z0-9_.-]`; a digest is
-    /// `algorithm:hex`.
+    /// `algorithm:hex`. A reference the grammar accepts but the Engine
+    /// would read as an image ID (verified on Engine 20.10: it looks a
+    /// string up as a name first, then as an ID prefix, so `0fb` finds
+    /// image `sha256:0fba...` when no image is named `0fb`) is `IdOnly`.
     pub fn parse(s: &str) -> Result<ImageRef, String> {
         let bad = |why: &str| format!("invalid image reference {:?}: {why}", truncate(s));
         if s.is_empty() || s.len() > 255 {
@@ -77,7 +97,51 @@ impl ImageRef {
                 normalize_registry(h)
             }
         };
-        Ok(ImageRef { registry })
+        // Only a string without '/', tag-less and all hex, or `ALG:HEX`,
+        // reaches the Engine's ID lookup (`docker.io/library/0fb` and
+        // `0fb:latest` do not): such a string names no repository here.
+        let all_hex = |x: &str| !x.is_empty() && x.bytes().all(|b| b.is_ascii_hexdigit());
+        if host.is_none() && digest.is_none() && !path.contains('/') {
+            let id_prefix = tag.is_none() && all_hex(path);
+            let digest_alone = DIGEST_ALGORITHMS.contains(&path) && tag.is_some_and(all_hex);
+            if id_prefix || digest_alone {
+                return Ok(ImageRef::IdOnly);
+            }
+        }
+        let path = if registry == DOCKER_HUB && !path.contains('/') {
+            format!("library/{path}")
+        } else {
+            path.to_string()
+        };
+        let mut canonical = format!("{registry}/{path}");
+        match (tag, digest) {
+            (Some(t), _) => canonical = format!("{canonical}:{t}"),
+            (None, None) => canonical.push_str(":latest"),
+            (None, Some(_)) => {}
+        }
+        if let Some(d) = digest {
+            canonical = format!("{canonical}@{d}");
+        }
+        Ok(ImageRef::Named {
+            registry,
+            canonical,
+        })
+    }
+
+    /// The registry host a named reference makes the Engine contact.
+    pub fn registry(&self) -> Option<&str> {
+        match self {
+            ImageRef::Named { registry, .. } => Some(registry),
+            ImageRef::IdOnly => None,
+        }
+    }
+
+    /// The canonical spelling of a named reference (see `Named::canonical`).
+    pub fn canonical(&self) -> Option<&str> {
+        match self {
+            ImageRef::Named { canonical, .. } => Some(canonical),
+            ImageRef::IdOnly => None,
+        }
     }
 }
 
@@ -163,7 +227,7 @@ mod tests {
 
     #[test]
     fn registries_of_references() {
-        let reg = |s: &str| ImageRef::parse(s).map(|r| r.registry);
+        let reg = |s: &str| ImageRef::parse(s).map(|r| r.registry().map(str::to_string));
         for (s, r) in [
             ("busybox", "docker.io"),
             ("busybox:1.36", "docker.io"),
@@ -182,7 +246,7 @@ mod tests {
             ),
             ("a__b/c-d.e_f/g---h:t_1.2-x", "docker.io"),
         ] {
-            assert_eq!(reg(s).as_deref(), Ok(r), "{s}");
+            assert_eq!(reg(s), Ok(Some(r.to_string())), "{s}");
         }
         for bad in [
             "",
@@ -202,5 +266,88 @@ mod tests {
         ] {
             assert!(ImageRef::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    /// What the Engine would resolve as an image ID, from `docker image
+    /// inspect` of an imported image on Engine 20.10: every hex prefix of
+    /// the ID, and `sha256:` with any hex prefix, found the image; the
+    /// same hex with a tag, a namespace or a host did not.
+    #[test]
+    fn ids_and_digests_alone_name_no_repository() {
+        let full = "0fba263722f0b1f2d55d0fe38d40264e1a9569e5266e51b8b7bef1db37e89ecc";
+        for s in [
+            "08f4fb868a41",
+            "0fb",
+            "a",
+            "cafe",
+            full,
+            &format!("sha256:{full}"),
+            "sha256:08f4fb868a41",
+            "sha256:0",
+            "sha512:abcdef",
+            "sha256:ABCDEF",
+        ] {
+            assert_eq!(ImageRef::parse(s), Ok(ImageRef::IdOnly), "{s}");
+        }
+        // Names that only look like one.
+        for (s, canonical) in [
+            ("cafe:latest", "docker.io/library/cafe:latest"),
+            ("08f4fb868a41:1", "docker.io/library/08f4fb868a41:1"),
+            ("docker.io/library/0fb", "docker.io/library/0fb:latest"),
+            ("deadbeef/app", "docker.io/deadbeef/app:latest"),
+            ("sha256", "docker.io/library/sha256:latest"),
+            ("sha256:v1", "docker.io/library/sha256:v1"),
+            ("busybox:123", "docker.io/library/busybox:123"),
+            ("localhost/0fb", "localhost/0fb:latest"),
+            (
+                "cafe@sha256:0123456789abcdef0123456789abcdef",
+                "docker.io/library/cafe@sha256:0123456789abcdef0123456789abcdef",
+            ),
+        ] {
+            assert_eq!(
+                ImageRef::parse(s)
+                    .ok()
+                    .as_ref()
+                    .and_then(ImageRef::canonical),
+                Some(canonical),
+                "{s}"
+            );
+        }
+    }
+
+    #[test]
+    fn one_canonical_spelling_per_name() {
+        let canon = |s: &str| {
+            ImageRef::parse(s)
+                .ok()
+                .and_then(|r| r.canonical().map(str::to_string))
+        };
+        for same in [
+            ["busybox", "busybox:latest", "docker.io/library/busybox"],
+            [
+                "index.docker.io/library/busybox:latest",
+                "library/busybox",
+                "docker.io/busybox",
+            ],
+        ] {
+            for s in same {
+                assert_eq!(
+                    canon(s).as_deref(),
+                    Some("docker.io/library/busybox:latest"),
+                    "{s}"
+                );
+            }
+        }
+        assert_eq!(
+            canon("127.0.0.1:5000/Other/x").as_deref(),
+            None,
+            "path components are lower case"
+        );
+        assert_eq!(
+            canon("LOCALHOST:5000/other/private:1").as_deref(),
+            Some("localhost:5000/other/private:1")
+        );
+        assert_ne!(canon("127.0.0.1:5000/a/x:1"), canon("127.0.0.1:5000/a/x:2"));
+        assert_ne!(canon("127.0.0.1:5000/a/x"), canon("localhost:5000/a/x"));
     }
 }

@@ -23,6 +23,33 @@ pub fn api_as(d: &Daemon, key: &str, method: &str, path: &str) -> (u16, serde_js
     )
 }
 
+/// A management API request with a JSON `body` as the user holding `key`:
+/// (status, JSON or null).
+pub fn send_as(
+    d: &Daemon,
+    key: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let auth = format!("Authorization: Bearer {key}");
+    let (code, out) = d.curl(&[
+        "-X",
+        method,
+        "-H",
+        &auth,
+        "-H",
+        "Content-Type: application/json",
+        "--data-binary",
+        body,
+        &format!("{}{path}", d.endpoint),
+    ]);
+    (
+        code,
+        serde_json::from_slice(&out).unwrap_or(serde_json::Value::Null),
+    )
+}
+
 /// A call URL's sibling on the data plane: `/call/N/S` -> `/{kind}/N/S{rest}`.
 fn plane(url: &str, kind: &str, rest: &str) -> String {
     format!("{}{rest}", url.replacen("/call/", &format!("/{kind}/"), 1))
