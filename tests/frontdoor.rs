@@ -221,6 +221,13 @@ fn the_admin_key_never_reaches_a_container_or_the_database() {
         !text.contains(&key) && !text.contains("HTTP_AUTHORIZATION"),
         "{text}"
     );
+    // ... in any spelling: as a Basic password or user name (base64).
+    for user in [format!("someone:{key}"), format!("{key}:")] {
+        let (code, body) = d.curl(&["-u", &user, "--data-binary", "", &format!("{url}/sync")]);
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(code, 200, "{text}");
+        assert!(!text.contains("HTTP_AUTHORIZATION"), "{user}: {text}");
+    }
     let basic = "Basic aHlwZXJmdW5jZDpjYW5hcnk=";
     // The payload's first bytes stay in the call record, so the search
     // below can show that it finds what is there.
