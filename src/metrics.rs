@@ -128,7 +128,9 @@ pub fn engine_error(e: &RuntimeError) {
         RuntimeError::Unavailable { .. } => "unreachable",
         RuntimeError::Engine(_) => "error",
         RuntimeError::Pull { .. } => "pull",
-        RuntimeError::BadImage(_) | RuntimeError::UnknownRuntime { .. } => return,
+        RuntimeError::BadImage(_)
+        | RuntimeError::UnknownRuntime { .. }
+        | RuntimeError::Firewall(_) => return,
     };
     counter!("hyperfuncd_engine_errors_total", "kind" => kind).increment(1);
 }
