@@ -664,7 +664,11 @@ fn calls_run_on_a_network_hyperfuncd_makes_where_they_cannot_reach_other_contain
         .output()
         .expect("docker CLI");
     assert!(!absent.status.success(), "{net} exists before the test");
-    let d = Daemon::start_with(&format!("[container]\nnetwork_mode = \"{net}\"\n"));
+    // No firewall: its rules would go into this machine's own iptables
+    // (tests/firewall.rs checks it in a namespace of its own).
+    let d = Daemon::start_with(&format!(
+        "[container]\nnetwork_mode = \"{net}\"\nfirewall = false\n"
+    ));
     leftovers.networks.push(net.clone());
     let made: serde_json::Value =
         serde_json::from_str(&docker_ok(&["network", "inspect", &net])).expect("inspect JSON");
