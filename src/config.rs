@@ -194,6 +194,85 @@ pub struct ContainerConfig {
     pub tmp_bytes: u64,
     /// Capabilities added back after dropping all of them.
     pub cap_add: Vec<String>,
+    /// Keep call containers on a named bridge network (`network_mode`, not
+    /// `bridge`, `host` or `none`) away from the host: iptables rules the
+    /// daemon installs at start and removes at stop drop their traffic to
+    /// any address of the host (the bridge gateway, the daemon's port) and
+    /// to link-local addresses (169.254.0.0/16, fe80::/10, the metadata
+    /// service's fd00:ec2::254), and to ports the host publishes for other
+    /// containers. Needs root (CAP_NET_ADMIN) and `iptables`; without them
+    /// the start fails. README "Network".
+    pub firewall: bool,
+    /// Destinations the firewall lets calls reach after all: `ADDR`,
+    /// `ADDR/PREFIX`, `ADDR:PORT`, `ADDR/PREFIX:PORT`, `[V6ADDR]:PORT`
+    /// (a port: TCP and UDP), e.g. a database on the host's private network.
+    pub allow_host: Vec<HostAllow>,
+}
+
+/// A destination `[container] allow_host` lets calls reach: an address or
+/// network, and optionally one port (TCP and UDP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct HostAllow {
+    pub addr: std::net::IpAddr,
+    /// Prefix length: 32 (v4) or 128 (v6) for one address.
+    pub prefix: u8,
+    pub port: Option<u16>,
+}
+
+impl std::str::FromStr for HostAllow {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<HostAllow, String> {
+        let bad = || format!("{s:?}: expected ADDR, ADDR/PREFIX, ADDR:PORT or [V6ADDR]:PORT");
+        let (net, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (net, port) = rest.split_once("]:").ok_or_else(bad)?;
+            (net, Some(port))
+        } else if s.matches(':').count() == 1 {
+            let (net, port) = s.split_once(':').ok_or_else(bad)?;
+            (net, Some(port))
+        } else {
+            (s, None)
+        };
+        let port = match port {
+            Some(p) => Some(p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(bad)?),
+            None => None,
+        };
+        let (addr, prefix) = match net.split_once('/') {
+            Some((a, p)) => (a, Some(p.parse::<u8>().map_err(|_| bad())?)),
+            None => (net, None),
+        };
+        let addr: std::net::IpAddr = addr.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(HostAllow { addr, prefix, port })
+    }
+}
+
+impl TryFrom<String> for HostAllow {
+    type Error = String;
+    fn try_from(s: String) -> Result<HostAllow, String> {
+        s.parse()
+    }
+}
+
+impl From<HostAllow> for String {
+    fn from(a: HostAllow) -> String {
+        a.to_string()
+    }
+}
+
+impl std::fmt::Display for HostAllow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.addr, self.port) {
+            (std::net::IpAddr::V6(a), Some(p)) => write!(f, "[{a}/{}]:{p}", self.prefix),
+            (a, Some(p)) => write!(f, "{a}/{}:{p}", self.prefix),
+            (a, None) => write!(f, "{a}/{}", self.prefix),
+        }
+    }
 }
 
 impl Default for ContainerConfig {
@@ -208,6 +287,8 @@ impl Default for ContainerConfig {
             read_only_root: false,
             tmp_bytes: 64 * MIB,
             cap_add: Vec::new(),
+            firewall: true,
+            allow_host: Vec::new(),
         }
     }
 }
@@ -729,6 +810,41 @@ pub fn is_root() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allow_host_entries_parse_and_print_back() {
+        for (text, shown) in [
+            ("10.0.0.5:5432", "10.0.0.5/32:5432"),
+            ("10.0.0.0/8", "10.0.0.0/8"),
+            ("192.168.1.0/24:53", "192.168.1.0/24:53"),
+            ("169.254.169.254", "169.254.169.254/32"),
+            ("fd00::1", "fd00::1/128"),
+            ("[fd00::1]:443", "[fd00::1/128]:443"),
+            ("[fd00::/64]:443", "[fd00::/64]:443"),
+        ] {
+            let a: HostAllow = text.parse().unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(a.to_string(), shown);
+            assert_eq!(shown.parse::<HostAllow>(), Ok(a));
+        }
+        for bad in [
+            "",
+            "host:5432",
+            "10.0.0.5:0",
+            "10.0.0.5:99999",
+            "10.0.0.5/33",
+            "fd00::1:443x",
+            "[fd00::1]",
+            "[fd00::1]:",
+            "10.0.0.5:80:81",
+            "::1/129",
+        ] {
+            assert!(bad.parse::<HostAllow>().is_err(), "{bad}");
+        }
+        let c: Config = toml::from_str("[container]\nallow_host = [\"10.0.0.5:5432\"]").unwrap();
+        assert_eq!(c.container.allow_host[0].port, Some(5432));
+        assert!(c.container.firewall);
+        assert!(toml::from_str::<Config>("[container]\nallow_host = [\"x\"]").is_err());
+    }
 
     #[test]
     fn default_listen_parses() {

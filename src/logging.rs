@@ -39,19 +39,80 @@ pub fn init(default_level: &str, format: LogFormat) -> Result<(), String> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     let result = match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .with_ansi(false)
-            .try_init(),
+        LogFormat::Json => tracing::subscriber::set_global_default(
+            builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false)
+                .with_ansi(false)
+                .finish(),
+        ),
         // Colour codes in a file or the journal are noise.
-        LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
-            .try_init(),
+        LogFormat::Text => tracing::subscriber::set_global_default(
+            builder
+                .with_ansi(
+                    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+                )
+                .finish(),
+        ),
     };
-    result.map_err(|e| format!("cannot set up logging: {e}"))
+    result.map_err(|e| format!("cannot set up logging: {e}"))?;
+    // `log` records (rustls writes through `log`) go to the same subscriber,
+    // after it is set, so that its level hint is known.
+    use tracing_log::AsLog;
+    log::set_boxed_logger(Box::new(LogBridge(tracing_log::LogTracer::new())))
+        .map_err(|e| format!("cannot set up logging: {e}"))?;
+    log::set_max_level(tracing::level_filters::LevelFilter::current().as_log());
+    Ok(())
+}
+
+/// Hands `log` records to tracing, as `tracing_log::LogTracer` does, except
+/// that what a TLS peer alone causes is logged at debug (`peer_caused`).
+struct LogBridge(tracing_log::LogTracer);
+
+impl log::Log for LogBridge {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        self.0.enabled(
+            &log::Metadata::builder()
+                .level(demoted(metadata))
+                .target(metadata.target())
+                .build(),
+        )
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let level = demoted(record.metadata());
+        if level == record.level() {
+            return self.0.log(record);
+        }
+        self.0.log(
+            &log::Record::builder()
+                .args(*record.args())
+                .level(level)
+                .target(record.target())
+                .module_path(record.module_path())
+                .file(record.file())
+                .line(record.line())
+                .build(),
+        );
+    }
+
+    fn flush(&self) {}
+}
+
+/// The level a `log` record is logged at. rustls warns of what a peer sent
+/// (an IP address as SNI, a duplicate SNI, a warning alert, a message out of
+/// order): any client can make as many as it likes, one line per handshake,
+/// which would flood the journal and push the audit trail out of its rate
+/// limit. The daemon logs a failed handshake at debug itself (`serve.rs`),
+/// so these are debug too; anything else keeps its level.
+fn demoted(metadata: &log::Metadata<'_>) -> log::Level {
+    let rustls = metadata.target() == "rustls" || metadata.target().starts_with("rustls::");
+    match metadata.level() {
+        log::Level::Warn if rustls => log::Level::Debug,
+        level => level,
+    }
 }
 
 // ---- the audit trail ----
@@ -108,4 +169,26 @@ pub fn call_ended(call: &Call) {
 pub fn calls_cancelled(function: &FnKey, count: usize) {
     tracing::info!(target: AUDIT, function = %function.name, owner = %function.owner, count,
         reason = "cancelled: the function was removed", "queued calls failed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn level_of(target: &str, level: log::Level) -> log::Level {
+        demoted(&log::Metadata::builder().target(target).level(level).build())
+    }
+
+    #[test]
+    fn what_a_tls_peer_causes_is_debug() {
+        use log::Level::*;
+        assert_eq!(level_of("rustls::msgs::handshake", Warn), Debug);
+        assert_eq!(level_of("rustls::common_state", Warn), Debug);
+        assert_eq!(level_of("rustls", Warn), Debug);
+        // Not a warning, or not rustls: unchanged.
+        assert_eq!(level_of("rustls::common_state", Error), Error);
+        assert_eq!(level_of("rustls::server::hs", Trace), Trace);
+        assert_eq!(level_of("rustlsx", Warn), Warn);
+        assert_eq!(level_of("sled::pagecache", Warn), Warn);
+    }
 }

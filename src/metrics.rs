@@ -128,7 +128,9 @@ pub fn engine_error(e: &RuntimeError) {
         RuntimeError::Unavailable { .. } => "unreachable",
         RuntimeError::Engine(_) => "error",
         RuntimeError::Pull { .. } => "pull",
-        RuntimeError::BadImage(_) | RuntimeError::UnknownRuntime { .. } => return,
+        RuntimeError::BadImage(_)
+        | RuntimeError::UnknownRuntime { .. }
+        | RuntimeError::Firewall(_) => return,
     };
     counter!("hyperfuncd_engine_errors_total", "kind" => kind).increment(1);
 }
@@ -220,13 +222,25 @@ pub async fn render(svc: &Service) -> String {
     handle.render()
 }
 
-/// `text` (an exposition from `render`) as `user` may see it: every
-/// series whose `owner` or `user` label names someone else is dropped, so a
-/// tenant's scrape says nothing of other users or their function names
-/// (ARCHITECTURE: lookups say nothing of other users' names). Series
-/// without such a label (process-wide figures) stay. A family left without
-/// samples loses its `# HELP`/`# TYPE` lines too. A sample line that does
-/// not parse is dropped: when in doubt, show less.
+/// The series without an `owner` or `user` label a tenant may see: they
+/// describe the daemon, not anyone's traffic. The others without such a
+/// label (HTTP answers, Engine errors, the database's size) add up every
+/// user's activity, so only the admin sees them.
+const PUBLIC: &[&str] = &[
+    "hyperfuncd_build_info",
+    "hyperfuncd_engine_up",
+    "hyperfuncd_output_cache_budget_bytes",
+    "hyperfuncd_log_cache_budget_bytes",
+];
+
+/// `text` (an exposition from `render`) as `user` may see it: only the
+/// series whose `owner` or `user` label names them, and the `PUBLIC` ones,
+/// so a tenant's scrape says nothing of other users, their function names
+/// (ARCHITECTURE: lookups say nothing of other users' names) or their
+/// traffic. A family left without samples loses its `# HELP`/`# TYPE`
+/// lines too. A sample line that does not parse is dropped: when in doubt,
+/// show less (a series added later is the admin's until it is labelled or
+/// listed).
 pub fn for_user(text: &str, user: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for block in text.split_terminator("\n\n") {
@@ -240,9 +254,14 @@ pub fn for_user(text: &str, user: &str) -> String {
             }
             had_samples = true;
             let visible = series_labels(line).is_some_and(|labels| {
-                labels
+                let mut named = labels
                     .iter()
-                    .all(|(k, v)| !matches!(k.as_str(), "owner" | "user") || v == user)
+                    .filter(|(k, _)| matches!(k.as_str(), "owner" | "user"))
+                    .peekable();
+                match named.peek() {
+                    Some(_) => named.all(|(_, v)| v == user),
+                    None => PUBLIC.contains(&series_name(line)),
+                }
             });
             if visible {
                 samples.push(line);
@@ -258,6 +277,12 @@ pub fn for_user(text: &str, user: &str) -> String {
         out.push('\n');
     }
     out
+}
+
+/// The metric name of a sample line `name{...} value` or `name value`.
+fn series_name(line: &str) -> &str {
+    let end = line.find(['{', ' ']).unwrap_or(line.len());
+    &line[..end]
 }
 
 /// The labels of a sample line `name{k="v",...} value`, values unescaped;
@@ -409,6 +434,9 @@ hyperfuncd_call_run_seconds_bucket{function=\"ok\",owner=\"bob\",le=\"+Inf\"} 2
 hyperfuncd_call_run_seconds_sum{function=\"ok\",owner=\"bob\"} 0.1
 hyperfuncd_call_run_seconds_count{function=\"ok\",owner=\"bob\"} 2
 
+# TYPE hyperfuncd_db_bytes gauge
+hyperfuncd_db_bytes 4096
+
 # TYPE hyperfuncd_http_requests_total counter
 hyperfuncd_http_requests_total{route=\"call\",status=\"202\"} 5
 hyperfuncd_odd{owner=\"alice\\\"x\"} 1
@@ -429,9 +457,14 @@ hyperfuncd_broken{owner=\"alice 1
             "hyperfuncd_queued_calls{user=\"alice\"} 1",
             "hyperfuncd_engine_up 1",
             "hyperfuncd_call_run_seconds_count{function=\"ok\",owner=\"alice\"} 3",
-            "hyperfuncd_http_requests_total{route=\"call\",status=\"202\"} 5",
         ] {
             assert!(alice.lines().any(|l| l == line), "{line} missing: {alice}");
+        }
+        // Every tenant's traffic adds up in the unlabelled series: the
+        // admin's only.
+        for series in ["hyperfuncd_http_requests_total", "hyperfuncd_db_bytes"] {
+            assert!(SCRAPE.contains(series));
+            assert!(!alice.contains(series), "{series}: {alice}");
         }
         // An escaped quote is part of the value, not its end; a line that
         // does not parse is left out.

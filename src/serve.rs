@@ -99,9 +99,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Ok(()) => check_function_runtimes(store.as_ref(), &runtime).await?,
     }
     match runtime.ensure_network().await {
-        Err(e @ crate::runtime::RuntimeError::Engine(_)) => {
-            return Err(anyhow::Error::new(e).context("[container] network_mode"))
-        }
+        Err(
+            e @ (crate::runtime::RuntimeError::Engine(_)
+            | crate::runtime::RuntimeError::Firewall(_)),
+        ) => return Err(anyhow::Error::new(e).context("[container] network_mode")),
         // Made at the first call's create instead.
         Err(e) => tracing::warn!(error = %e, "cannot make the call network yet"),
         Ok(()) => {}
@@ -120,6 +121,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Some(tls_acceptor(&config, &data_dir, &public_host, local)?)
     };
 
+    let firewall = Arc::clone(&runtime);
     let scheduler = Scheduler::new(
         Arc::clone(&store),
         Arc::clone(&runtime),
@@ -178,6 +180,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     )
     .await;
     let _ = dispatcher.await;
+    // No call runs any more: the rules that kept them from the host go.
+    firewall.close_firewall().await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -73,6 +73,7 @@ impl From<RuntimeError> for ServiceError {
             RuntimeError::BadImage(m) => ServiceError::BadRequest(m),
             RuntimeError::Engine(m) => ServiceError::Internal(format!("Docker Engine: {m}")),
             RuntimeError::UnknownRuntime { .. } => ServiceError::UnknownRuntime(e.to_string()),
+            RuntimeError::Firewall(_) => ServiceError::Internal(e.to_string()),
         }
     }
 }

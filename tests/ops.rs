@@ -201,7 +201,9 @@ fn metrics_count_the_calls_made_and_promtool_accepts_them() {
         "{own}"
     );
     assert_eq!(sample(&own, "hyperfuncd_engine_up", &[]), Some(1.0));
-    assert!(own.contains("hyperfuncd_http_requests_total{"), "{own}");
+    // The HTTP answers add up every user's traffic: the admin's only.
+    assert!(text.contains("hyperfuncd_http_requests_total{"), "{text}");
+    assert!(!own.contains("hyperfuncd_http_requests_total"), "{own}");
     for other in ["\"admin\"", "\"ok\"", "\"bad\""] {
         assert!(!own.contains(other), "{other} in a user's scrape:\n{own}");
     }
@@ -547,5 +549,49 @@ fn create_and_update_say_what_they_wait_for_on_a_terminal_only() {
         "{screen:?}"
     );
     assert!(screen.contains("already exists"), "{screen:?}");
+    d.finish();
+}
+
+/// A TLS client that names an IP address as SNI (which RFC 6066 forbids,
+/// and rustls warns of) costs the journal nothing at the default level:
+/// the warning is debug, so a flood of such handshakes cannot push the
+/// audit trail out of the journal's rate limit.
+#[test]
+fn a_tls_peer_cannot_flood_the_log_with_warnings() {
+    // rustls at debug, the rest at the default level: the line is there,
+    // at debug, not at warn.
+    let d = Daemon::start_with_env("", &[("HYPERFUNCD_LOG", "info,rustls=debug")]);
+    const N: usize = 5;
+    for _ in 0..N {
+        let out = Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &d.addr(),
+                "-servername",
+                "127.0.0.1",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .expect("openssl is missing: run scripts/deps");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("BEGIN CERTIFICATE"),
+            "no handshake: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let log = d.log();
+    let sni: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("IP address presented as hostname"))
+        .collect();
+    assert_eq!(sni.len(), N, "one line per handshake, at debug:\n{log}");
+    for line in &sni {
+        assert!(line.contains("DEBUG") && !line.contains("WARN"), "{line}");
+    }
+    assert!(
+        !log.lines().any(|l| l.contains(" WARN ")),
+        "a warning at start or from a handshake:\n{log}"
+    );
     d.finish();
 }

@@ -326,6 +326,24 @@ fn packages_build_lint_install_call_and_purge() {
         .port();
     // Its own port instead of the config's 0.0.0.0:8443.
     exec.extend(["--listen".to_string(), format!("127.0.0.1:{port}")]);
+    // The unit lets it install the call firewall (README "Network"); here,
+    // on the shared Engine, its rules would go into this machine's own
+    // iptables, so the installed config turns it off (tests/firewall.rs
+    // checks the firewall in a namespace of its own).
+    let unit_text = std::fs::read_to_string("/lib/systemd/system/hyperfuncd.service")
+        .expect("the installed unit");
+    assert!(
+        unit_text.contains("AmbientCapabilities=CAP_NET_ADMIN"),
+        "{unit_text}"
+    );
+    let installed_config = "/etc/hyperfuncd/config.toml";
+    let text = std::fs::read_to_string(installed_config).expect("the installed config");
+    assert!(text.contains("\nfirewall = true\n"), "{text}");
+    std::fs::write(
+        installed_config,
+        text.replace("\nfirewall = true\n", "\nfirewall = false\n"),
+    )
+    .expect("turn the firewall off");
     let log_path = logs.path().join("daemon.log");
     let mut daemon = Command::new("setpriv")
         .args([

@@ -777,23 +777,31 @@ where
 }
 
 /// The CGI-style environment of a call: `X-Foo-Bar: v` → `HTTP_X_FOO_BAR=v`,
-/// plus REQUEST_METHOD and QUERY_STRING. The management API's own
-/// Authorization header never gets here (`route` removes it once the caller
-/// is authenticated), and one carrying a hyperfuncd key sent to a capability
-/// URL by mistake is dropped too.
+/// plus REQUEST_METHOD and QUERY_STRING.
 fn request_env(req: &Req) -> Vec<(String, String)> {
+    let mut env = header_env(&req.headers);
+    env.push(("REQUEST_METHOD".into(), req.method.to_string()));
+    env.push(("QUERY_STRING".into(), req.raw_query.clone()));
+    env
+}
+
+/// The `HTTP_*` variables of `headers`. A name holding `_` is dropped, as
+/// nginx drops it: `X_User` and `X-User` would both become `HTTP_X_USER`, so
+/// a client could pass for a header a proxy in front sets. The management
+/// API's own Authorization header never gets here (`route` removes it once
+/// the caller is authenticated), and one carrying a hyperfuncd key in any
+/// spelling (`carries_key`) sent to a capability URL is dropped too.
+fn header_env(headers: &HeaderMap) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = Vec::new();
-    for (name, value) in &req.headers {
+    for (name, value) in headers {
         if name == warp::http::header::AUTHORIZATION
-            && value
-                .to_str()
-                .map_or(true, |v| v.contains(crate::model::API_KEY_PREFIX))
+            && value.to_str().map_or(true, |v| carries_key(v, 0))
         {
             continue;
         }
         // httpoxy: `Proxy:` would become HTTP_PROXY and redirect the
         // function's own outgoing HTTP through the caller's proxy.
-        if name.as_str() == "proxy" {
+        if name.as_str() == "proxy" || name.as_str().contains('_') {
             continue;
         }
         let Ok(value) = value.to_str() else { continue };
@@ -812,9 +820,39 @@ fn request_env(req: &Req) -> Vec<(String, String)> {
             None => env.push((key, value.to_string())),
         }
     }
-    env.push(("REQUEST_METHOD".into(), req.method.to_string()));
-    env.push(("QUERY_STRING".into(), req.raw_query.clone()));
     env
+}
+
+/// Whether an Authorization value holds a hyperfuncd key: in clear
+/// (`Bearer hfk_...`, a Digest `username="hfk_..."`) or base64-encoded, in
+/// either alphabet, with or without padding, however the key is placed in
+/// the encoded text (`Basic base64(user:hfk_...)`, `base64(hfk_...:)`), and
+/// encoded again up to `MAX_DEPTH` times.
+fn carries_key(text: &str, depth: u32) -> bool {
+    use base64::Engine as _;
+    const MAX_DEPTH: u32 = 3;
+    const LENIENT: base64::engine::GeneralPurposeConfig =
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent)
+            .with_decode_allow_trailing_bits(true);
+    const STANDARD: base64::engine::GeneralPurpose =
+        base64::engine::GeneralPurpose::new(&base64::alphabet::STANDARD, LENIENT);
+    if text.contains(crate::model::API_KEY_PREFIX) {
+        return true;
+    }
+    if depth >= MAX_DEPTH {
+        return false;
+    }
+    text.split(|c: char| c.is_ascii_whitespace() || matches!(c, ',' | '=' | '"' | '\''))
+        .filter(|token| token.len() >= 4)
+        .any(|token| {
+            // One alphabet: the URL-safe one's two letters mapped onto the
+            // standard one's.
+            let token = token.replace('-', "+").replace('_', "/");
+            STANDARD
+                .decode(token)
+                .is_ok_and(|bytes| carries_key(&String::from_utf8_lossy(&bytes), depth + 1))
+        })
 }
 
 /// Reads a call body within the STDIN limit (`front.rs` bounds the memory
@@ -1070,6 +1108,55 @@ mod tests {
         ] {
             assert!(segs(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn header_env_drops_underscored_names_and_keys() {
+        use base64::Engine as _;
+        use warp::http::HeaderValue;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let key = "hfk_Zm9vYmFyYmF6cXV4LV9hYmM";
+        let env_of = |pairs: &[(&str, String)]| {
+            let mut h = HeaderMap::new();
+            for (name, value) in pairs {
+                h.append(
+                    warp::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    HeaderValue::from_str(value).unwrap(),
+                );
+            }
+            header_env(&h)
+        };
+        let env = env_of(&[
+            ("x-user", "proxy-said".into()),
+            ("x_user", "client-said".into()),
+            ("x-foo-bar", "v".into()),
+        ]);
+        assert_eq!(
+            env,
+            [
+                ("HTTP_X_USER".to_string(), "proxy-said".to_string()),
+                ("HTTP_X_FOO_BAR".to_string(), "v".to_string()),
+            ]
+        );
+        for auth in [
+            format!("Bearer {key}"),
+            format!("Basic {}", b64(&format!("user:{key}"))),
+            format!("Basic {}", b64(&format!("{key}:"))),
+            format!("Basic {}", b64(&format!("x{key}:")).trim_end_matches('=')),
+            format!("basic   {}", b64(&format!("ab:{key}")).replace('+', "-")),
+            format!("Token token={}", b64(key)),
+            format!("Digest username=\"{key}\", realm=\"r\""),
+            format!("Basic {}", b64(&b64(&format!("u:{key}")))),
+        ] {
+            let env = env_of(&[("authorization", auth.clone())]);
+            assert!(env.is_empty(), "{auth} reached the call: {env:?}");
+        }
+        // Other credentials are the function's business.
+        let basic = format!("Basic {}", b64("alice:s3cret"));
+        assert_eq!(
+            env_of(&[("authorization", basic.clone())]),
+            [("HTTP_AUTHORIZATION".to_string(), basic)]
+        );
     }
 
     #[test]

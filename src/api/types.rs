@@ -215,9 +215,27 @@ impl EventView {
             )),
             _ => {}
         }
-        // One event, one line, whatever the payload held.
-        s.replace(['\n', '\r'], " ")
+        terminal_safe(&s)
     }
+}
+
+/// `text` as it may be written to a terminal: one line (a newline becomes a
+/// space), tabs kept, and every other control character (C0, DEL, C1: ESC,
+/// BEL, CR, CSI...) shown as `\xNN` or `\u{NN}`, so bytes a function printed
+/// or any URL holder sent cannot move the reader's cursor, retitle their
+/// window or rewrite what was shown before. JSON output keeps the bytes.
+fn terminal_safe(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' => out.push(' '),
+            '\t' => out.push('\t'),
+            c if c.is_ascii_control() => out.push_str(&format!("\\x{:02x}", u32::from(c))),
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -349,4 +367,38 @@ pub struct PullProgressView {
     pub current: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: &str, stdout: &str) -> EventView {
+        EventView {
+            time: "2026-01-01T00:00:00Z".into(),
+            event: kind.into(),
+            call_id: "c".into(),
+            short_stdin: "in\u{7}".into(),
+            short_stdout: stdout.into(),
+            short_stderr: "err\r\n".into(),
+            message: "exit\u{1b}]0;owned\u{7}".into(),
+        }
+    }
+
+    #[test]
+    fn log_lines_escape_control_characters() {
+        let line = event("FAILED", "\u{1b}[2Jcleared\ta\nb\u{7f}\u{9b}x").line();
+        assert_eq!(
+            line,
+            "2026-01-01T00:00:00Z [FAILED] CallId: c, \
+             ShortStdout: \\x1b[2Jcleared\ta b\\x7f\\u{9b}x, ShortStderr: err\\x0d , \
+             Message: exit\\x1b]0;owned\\x07"
+        );
+        assert_eq!(
+            event("CALL", "").line(),
+            "2026-01-01T00:00:00Z [CALL] CallId: c, ShortStdin: in\\x07"
+        );
+        // Plain text, including non-ASCII, is left as it is.
+        assert_eq!(terminal_safe("héllo wörld ✓"), "héllo wörld ✓");
+    }
 }

@@ -5,6 +5,8 @@
 //! after its call, never stops reading a held attach (the Engine hangs if we
 //! do), and never lets a container write to the Engine's disk (log driver `none`).
 
+mod firewall;
+
 use crate::config::ContainerConfig;
 use crate::model::{CallId, CallState, Outcome};
 use bollard::container::{AttachContainerResults, LogOutput};
@@ -69,6 +71,10 @@ pub enum RuntimeError {
     /// it has, so the message says what would work.
     #[error("OCI runtime {wanted:?} is not registered with the Docker Engine (it has: {})", known.join(", "))]
     UnknownRuntime { wanted: String, known: Vec<String> },
+    /// The rules that keep calls from the host (`[container] firewall`)
+    /// cannot be installed; no call container is made without them.
+    #[error("call firewall ([container] firewall): {0}")]
+    Firewall(String),
 }
 
 /// Everything needed to run one call.
@@ -113,6 +119,10 @@ pub struct Runtime {
     /// Held while the call network is checked or made, so one daemon never
     /// races itself into two networks of one name.
     network: tokio::sync::Mutex<()>,
+    /// With `[container] firewall` on a named network: the rules that keep
+    /// calls from the host, installed by `ensure_network` for the bridge it
+    /// finds, before any call container is made.
+    firewall: Option<firewall::Firewall>,
 }
 
 /// What the Engine's host has to give a container.
@@ -124,6 +134,15 @@ pub struct HostResources {
 
 impl Runtime {
     pub fn new(socket: String, instance: String, container: ContainerConfig) -> Runtime {
+        let named = named_network(&container.network_mode).is_some();
+        if container.firewall && !named && container.network_mode != "none" {
+            tracing::warn!(
+                network_mode = container.network_mode,
+                "calls can reach the host: [container] firewall applies to a named network only (README \"Network\")"
+            );
+        }
+        let firewall = (container.firewall && named)
+            .then(|| firewall::Firewall::new(&instance, container.allow_host.clone()));
         Runtime {
             socket,
             instance,
@@ -132,6 +151,24 @@ impl Runtime {
             host: std::sync::OnceLock::new(),
             default_runtime: std::sync::Mutex::new(None),
             network: tokio::sync::Mutex::new(()),
+            firewall,
+        }
+    }
+
+    /// Removes the call firewall's rules (at stop, once no call runs).
+    pub async fn close_firewall(&self) {
+        if let Some(fw) = &self.firewall {
+            fw.remove().await;
+        }
+    }
+
+    /// With the firewall on, a container is made only once its rules are in
+    /// place: if the Engine could not be asked at start, the network (and
+    /// with it the firewall) is seen to now.
+    async fn firewall_ready(&self) -> Result<(), RuntimeError> {
+        match &self.firewall {
+            Some(fw) if !fw.is_ready() => self.ensure_network().await,
+            _ => Ok(()),
         }
     }
 
@@ -220,11 +257,16 @@ impl Runtime {
     /// it is created as a bridge with inter-container traffic disabled, so a
     /// call reaches neither another call nor any container on it. Called at
     /// start and again when a create or start finds it gone (`docker network prune`
-    /// removes it while no container uses it).
+    /// removes it while no container uses it). With `[container] firewall`,
+    /// it then installs the rules for the network's bridge (again, if the
+    /// network was made anew), and says first what installing would lack.
     pub async fn ensure_network(&self) -> Result<(), RuntimeError> {
         let Some(name) = named_network(&self.container.network_mode) else {
             return Ok(());
         };
+        if let Some(fw) = &self.firewall {
+            fw.check().map_err(RuntimeError::Firewall)?;
+        }
         let _held = self.network.lock().await;
         let docker = self.docker().await?;
         let mut found = self.networks_named(&docker, name).await?;
@@ -281,6 +323,14 @@ impl Runtime {
                     network = name,
                     "the call network lets containers reach each other (it was not made by hyperfuncd with {ICC_OPTION}=false)"
                 );
+            }
+            if let Some(fw) = &self.firewall {
+                let bridge = bridge_of(kept).ok_or_else(|| {
+                    RuntimeError::Firewall(format!("the network {name} is not a Linux bridge"))
+                })?;
+                fw.apply(&bridge, kept.enable_ipv6.unwrap_or(false))
+                    .await
+                    .map_err(RuntimeError::Firewall)?;
             }
         }
         Ok(())
@@ -486,6 +536,7 @@ impl Runtime {
         cancel: CancellationToken,
     ) -> Result<Ran, RuntimeError> {
         let docker = self.docker().await?;
+        self.firewall_ready().await?;
         let body = self.container_body(&spec);
         let name = format!("hyperfuncd-{}", spec.call_id);
         let options = CreateContainerOptions {
@@ -507,7 +558,9 @@ impl Runtime {
                 .await;
         }
         if matches!(&created, Err(e) if network_missing(e)) {
-            if let Err(e @ RuntimeError::Unavailable { .. }) = self.ensure_network().await {
+            if let Err(e @ (RuntimeError::Unavailable { .. } | RuntimeError::Firewall(_))) =
+                self.ensure_network().await
+            {
                 return Err(e);
             }
             created = docker.create_container(Some(options), body).await;
@@ -613,6 +666,7 @@ impl Runtime {
         name: &str,
     ) -> Result<(String, String), RuntimeError> {
         let docker = self.docker().await?;
+        self.firewall_ready().await?;
         let image = match docker.inspect_image(&spec.image).await {
             Ok(i) => i,
             Err(e) => return Err(self.classify(e).await),
@@ -1157,6 +1211,22 @@ pub fn named_network(mode: &str) -> Option<&str> {
     let builtin = matches!(mode, "" | "bridge" | "host" | "none" | "default")
         || mode.starts_with("container:");
     (!builtin).then_some(mode)
+}
+
+/// The Linux bridge of a bridge network: the name it was given, else the
+/// Engine's `br-` and the first 12 characters of its id.
+fn bridge_of(n: &bollard::models::Network) -> Option<String> {
+    if n.driver.as_deref() != Some("bridge") {
+        return None;
+    }
+    if let Some(name) = n
+        .options
+        .as_ref()
+        .and_then(|o| o.get("com.docker.network.bridge.name"))
+    {
+        return Some(name.clone());
+    }
+    Some(format!("br-{}", n.id.as_deref()?.get(..12)?))
 }
 
 fn is_ours(n: &bollard::models::Network) -> bool {

@@ -57,6 +57,9 @@ pub struct Daemon {
     data: PathBuf,
     /// RLIMIT_NOFILE (soft and hard) of the `serve` process, if set.
     nofile: Option<u64>,
+    /// The address it listens on (port 0 at first): 127.0.0.1 unless a
+    /// test needs it reachable from elsewhere.
+    listen_host: String,
 }
 
 impl Daemon {
@@ -87,6 +90,12 @@ impl Daemon {
         Daemon::launch_with(extra_config, &[], None, Some(nofile))
     }
 
+    /// Starts listening on every address (`0.0.0.0`), so the daemon's port
+    /// is on the host's other addresses too (the firewall test's namespace).
+    pub fn start_on_all_addresses(extra_config: &str) -> Daemon {
+        Daemon::launch_full(extra_config, &[], None, None, "0.0.0.0")
+    }
+
     fn launch(extra_config: &str, env: &[(&str, &str)], data: Option<PathBuf>) -> Daemon {
         Daemon::launch_with(extra_config, env, data, None)
     }
@@ -96,6 +105,16 @@ impl Daemon {
         env: &[(&str, &str)],
         data: Option<PathBuf>,
         nofile: Option<u64>,
+    ) -> Daemon {
+        Daemon::launch_full(extra_config, env, data, nofile, "127.0.0.1")
+    }
+
+    fn launch_full(
+        extra_config: &str,
+        env: &[(&str, &str)],
+        data: Option<PathBuf>,
+        nofile: Option<u64>,
+        listen_host: &str,
     ) -> Daemon {
         test_image();
         let dir = tempfile::tempdir().expect("tempdir");
@@ -108,6 +127,7 @@ impl Daemon {
             extra_config: extra_config.to_string(),
             env: Vec::new(),
             nofile,
+            listen_host: listen_host.to_string(),
         };
         d.set_env(env);
         d.spawn();
@@ -146,8 +166,8 @@ impl Daemon {
         let config = self.dir.path().join("config.toml");
         // Keep the port across restarts so call URLs stay valid.
         let listen = match self.endpoint.rsplit(':').next() {
-            Some(port) if !self.endpoint.is_empty() => format!("127.0.0.1:{port}"),
-            _ => "127.0.0.1:0".to_string(),
+            Some(port) if !self.endpoint.is_empty() => format!("{}:{port}", self.listen_host),
+            _ => format!("{}:0", self.listen_host),
         };
         let (top, sections) = split_top(&self.extra_config);
         let has_container = sections.contains("[container]");
@@ -680,6 +700,10 @@ pub struct PrivateEngine {
     pub dir: PathBuf,
     pub host: String,
     child: Option<Child>,
+    /// Runs in the caller's network namespace (one the test made, `NetNs`)
+    /// with its iptables rules and a bridge, instead of an empty namespace
+    /// of its own without them.
+    here: bool,
 }
 
 impl PrivateEngine {
@@ -689,6 +713,18 @@ impl PrivateEngine {
 
     /// Starts one with `daemon_json` as its daemon.json (e.g. `runtimes`).
     pub fn start_with_config(daemon_json: &str) -> PrivateEngine {
+        PrivateEngine::launch(daemon_json, false)
+    }
+
+    /// Starts one in the calling thread's network namespace, which must be
+    /// one the test made (`NetNs::enter`), with the Engine's iptables rules
+    /// and bridges there, as an Engine on a host has them.
+    pub fn start_in(ns: &NetNs) -> PrivateEngine {
+        assert!(ns.is_current(), "not in the test's network namespace");
+        PrivateEngine::launch("{}", true)
+    }
+
+    fn launch(daemon_json: &str, here: bool) -> PrivateEngine {
         test_image();
         let dir = PathBuf::from(format!("/tmp/hyperfuncd-engine-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -698,6 +734,7 @@ impl PrivateEngine {
             host: format!("unix://{}/docker.sock", dir.display()),
             dir,
             child: None,
+            here,
         };
         e.up();
         let save = Command::new("sh")
@@ -726,8 +763,17 @@ impl PrivateEngine {
             .expect("dockerd log");
         // Its own network namespace: a dockerd started with --bridge=none
         // deletes the host's docker0, which would break the shared Engine.
-        let child = Command::new("unshare")
-            .args(["--net", "--", "dockerd"])
+        // `here`: the test's namespace, where its iptables rules are the
+        // test's too.
+        let mut dockerd = if self.here {
+            Command::new("dockerd")
+        } else {
+            let mut c = Command::new("unshare");
+            c.args(["--net", "--", "dockerd"]);
+            c
+        };
+        let iptables = if self.here { "true" } else { "false" };
+        let child = dockerd
             .arg("--config-file")
             .arg(d.join("daemon.json"))
             .arg("--data-root")
@@ -740,7 +786,7 @@ impl PrivateEngine {
                 "-H",
                 &self.host,
                 "--bridge=none",
-                "--iptables=false",
+                &format!("--iptables={iptables}"),
                 "--ip6tables=false",
             ])
             .args(["--storage-driver", "vfs"])
@@ -1429,6 +1475,84 @@ impl Checker<'_> {
             other => panic!("call {id} of {f} is {other:?} after every call ended: {call}"),
         }
         state
+    }
+}
+
+/// A network namespace of the test's own, entered by the calling thread
+/// only (`unshare(CLONE_NEWNET)` acts on one thread): every process it
+/// starts, every socket it opens lives there, with a loopback of its own;
+/// the thread returns to the namespace it came from on drop, and the
+/// namespace goes with the last process in it. Nothing done in it (routes,
+/// iptables rules, listeners) reaches this machine's own network.
+pub struct NetNs {
+    /// The thread's namespace before, to return to.
+    before: std::fs::File,
+}
+
+impl NetNs {
+    pub fn enter() -> NetNs {
+        require_root("a network namespace");
+        let before = std::fs::File::open("/proc/thread-self/ns/net").expect("own netns");
+        // SAFETY: unshare(2) with CLONE_NEWNET changes only this thread's
+        // network namespace.
+        let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            r,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
+        let ns = NetNs { before };
+        assert!(ns.is_current());
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Whether the calling thread is in this namespace (not the one it left).
+    pub fn is_current(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let here = std::fs::metadata("/proc/thread-self/ns/net").expect("netns");
+        let before = self.before.metadata().expect("netns");
+        (here.dev(), here.ino()) != (before.dev(), before.ino())
+    }
+
+    /// `ip ARGS` in this namespace; panics unless it succeeds.
+    pub fn ip(&self, args: &[&str]) -> String {
+        self.run("ip", args)
+    }
+
+    /// `iptables -S [CHAIN]` (the filter table's rules) in this namespace.
+    pub fn iptables_rules(&self) -> String {
+        self.run("iptables", &["-w", "-S"])
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> String {
+        assert!(self.is_current(), "not in the test's network namespace");
+        let out = Command::new(program).args(args).output().expect(program);
+        assert!(out.status.success(), "{program} {args:?}: {}", stderr(&out));
+        stdout(&out)
+    }
+
+    /// Puts `addr` (CIDR) on a new interface `name` of this namespace: one
+    /// end of a veth pair (this kernel may lack the dummy driver; an
+    /// address of either is the host's own all the same).
+    pub fn add_address(&self, name: &str, addr: &str) {
+        let peer = format!("{name}p");
+        self.ip(&["link", "add", name, "type", "veth", "peer", "name", &peer]);
+        self.ip(&["addr", "add", addr, "dev", name]);
+        self.ip(&["link", "set", name, "up"]);
+        self.ip(&["link", "set", &peer, "up"]);
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: setns(2) on a namespace descriptor this struct owns,
+        // for this thread only.
+        unsafe {
+            libc::setns(self.before.as_raw_fd(), libc::CLONE_NEWNET);
+        }
     }
 }
 
