@@ -8,6 +8,7 @@
 //! everything else instead of warp's default rejections.
 
 mod pull;
+mod rate;
 mod table;
 pub mod types;
 pub mod ui;
@@ -55,6 +56,8 @@ pub struct ApiError {
     pub message: String,
     /// The `Allow` header of a 405: the methods the path does take.
     pub allow: Option<String>,
+    /// The `Retry-After` header of a 429, in seconds.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -64,6 +67,7 @@ impl ApiError {
             code,
             message: message.into(),
             allow: None,
+            retry_after: None,
         }
     }
     fn with_allow(mut self, allow: String) -> ApiError {
@@ -81,6 +85,12 @@ impl ApiError {
 impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> ApiError {
         let message = e.to_string();
+        let retry_after = match &e {
+            ServiceError::TooManyRequests {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            _ => None,
+        };
         let (status, code) = match e {
             ServiceError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ServiceError::ImageNotAllowed(_) => (StatusCode::BAD_REQUEST, "image_not_allowed"),
@@ -95,11 +105,17 @@ impl From<ServiceError> for ApiError {
                 (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
             }
             ServiceError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            ServiceError::TooManyRequests { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "too_many_requests")
+            }
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(error = %message, "internal error");
         }
-        ApiError::new(status, code, message)
+        ApiError {
+            retry_after,
+            ..ApiError::new(status, code, message)
+        }
     }
 }
 
@@ -113,6 +129,7 @@ impl ApiError {
     fn into_response(self) -> Response {
         let status = self.status;
         let allow = self.allow;
+        let retry_after = self.retry_after;
         let mut r = json_response(
             status,
             &ErrorBody {
@@ -124,6 +141,10 @@ impl ApiError {
         );
         if let Some(v) = allow.and_then(|a| warp::http::HeaderValue::from_str(&a).ok()) {
             r.headers_mut().insert(warp::http::header::ALLOW, v);
+        }
+        if let Some(secs) = retry_after {
+            r.headers_mut()
+                .insert(warp::http::header::RETRY_AFTER, secs.into());
         }
         if status == StatusCode::REQUEST_TIMEOUT {
             // The rest of a late body is not worth waiting for.
@@ -153,6 +174,7 @@ pub fn routes(
     svc: Arc<Service>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let raw_query = warp::query::raw().or(warp::any().map(String::new)).unify();
+    let rates = Arc::new(rate::RateLimits::new());
     warp::method()
         .and(warp::path::full())
         .and(raw_query)
@@ -160,7 +182,7 @@ pub fn routes(
         .and(warp::body::stream())
         .then(
             move |method, path: warp::path::FullPath, raw_query: String, headers, body| {
-                let svc = Arc::clone(&svc);
+                let (svc, rates) = (Arc::clone(&svc), Arc::clone(&rates));
                 let body: BodyStream = boxed_body(body);
                 async move {
                     if let Err(e) = check_head(path.as_str(), &raw_query, &headers) {
@@ -176,7 +198,7 @@ pub fn routes(
                         headers,
                         body,
                     };
-                    let r = match route(&svc, req).await {
+                    let r = match route(&svc, &rates, req).await {
                         Ok(r) => r,
                         Err(e) => e.into_response(),
                     };
@@ -222,7 +244,7 @@ where
     Box::pin(body.map(|r| r.map(|mut b| b.copy_to_bytes(b.remaining()))))
 }
 
-async fn route(svc: &Arc<Service>, mut req: Req) -> ApiResult {
+async fn route(svc: &Arc<Service>, rates: &rate::RateLimits, mut req: Req) -> ApiResult {
     let segs = canonical_segments(&req.path)?;
     let s: Vec<&str> = segs.iter().map(String::as_str).collect();
     // A `/v1` path needs a key whether or not it names a route, so that
@@ -233,6 +255,10 @@ async fn route(svc: &Arc<Service>, mut req: Req) -> ApiResult {
             // The key has done its work: nothing past this point (a call's
             // environment, its record) may see it.
             req.headers.remove(warp::http::header::AUTHORIZATION);
+            let rate = svc.budget(&caller).rate;
+            rates
+                .check(rate::Bucket::Key(caller.key_hash), rate)
+                .map_err(|wait| svc.rate_limited("this API key", rate, wait))?;
             Some(caller)
         }
         _ => None,
@@ -255,15 +281,11 @@ async fn route(svc: &Arc<Service>, mut req: Req) -> ApiResult {
     match op {
         // ---- data plane: capability URLs ----
         Op::CallAsync | Op::CallSync => {
-            let f = svc
-                .function_by_secret(p.get("name"), p.get("secret"))
-                .await?;
+            let f = url_function(svc, rates, &p).await?;
             accept(svc, f, op == Op::CallSync, req).await
         }
         Op::Output | Op::OutputWait => {
-            let f = svc
-                .function_by_secret(p.get("name"), p.get("secret"))
-                .await?;
+            let f = url_function(svc, rates, &p).await?;
             let wait = match op {
                 Op::OutputWait => Some(wait_param(&req)?),
                 _ => None,
@@ -271,15 +293,11 @@ async fn route(svc: &Arc<Service>, mut req: Req) -> ApiResult {
             output(svc, &Scope::Function(&f), p.get("callId"), wait).await
         }
         Op::Logs => {
-            let f = svc
-                .function_by_secret(p.get("name"), p.get("secret"))
-                .await?;
+            let f = url_function(svc, rates, &p).await?;
             logs(svc, f, &req.query).await
         }
         Op::Status => {
-            let f = svc
-                .function_by_secret(p.get("name"), p.get("secret"))
-                .await?;
+            let f = url_function(svc, rates, &p).await?;
             Ok(json_response(
                 StatusCode::OK,
                 &StatusView::from(svc.stats(&f).await?),
@@ -321,6 +339,22 @@ async fn route(svc: &Arc<Service>, mut req: Req) -> ApiResult {
         // `/v1` templates all start with `v1`, so they were answered above.
         _ => Err(no_route(&req)),
     }
+}
+
+/// The function of a call URL, once the URL's request rate allows.
+async fn url_function(
+    svc: &Service,
+    rates: &rate::RateLimits,
+    p: &table::Params<'_>,
+) -> Result<crate::model::Function, ApiError> {
+    let f = svc
+        .function_by_secret(p.get("name"), p.get("secret"))
+        .await?;
+    let rate = svc.budget_of(&f.owner).await?.rate;
+    rates
+        .check(rate::Bucket::Url(f.key()), rate)
+        .map_err(|wait| svc.rate_limited("this function's URL", rate, wait))?;
+    Ok(f)
 }
 
 /// The router's answer for a path no template matches.
@@ -453,7 +487,7 @@ async fn v1(
                 .list_users(caller)
                 .await?
                 .iter()
-                .map(|u| UserView::new(u, None))
+                .map(|u| UserView::new(u, &svc.budget(u), None))
                 .collect();
             Ok(json_response(StatusCode::OK, &users))
         }
@@ -464,12 +498,13 @@ async fn v1(
                     caller,
                     Name::parse(&body.name)?,
                     body.max_concurrency,
+                    body.limits(),
                     body.admin,
                 )
                 .await?;
             Ok(json_response(
                 StatusCode::CREATED,
-                &UserView::new(&user, Some(key.as_str().to_string())),
+                &UserView::new(&user, &svc.budget(&user), Some(key.as_str().to_string())),
             ))
         }
         Op::UpdateUser => {
@@ -479,12 +514,17 @@ async fn v1(
                     caller,
                     &Name::parse(p.get("name"))?,
                     body.max_concurrency,
+                    body.limits(),
                     body.rotate_key,
                 )
                 .await?;
             Ok(json_response(
                 StatusCode::OK,
-                &UserView::new(&user, key.map(|k| k.as_str().to_string())),
+                &UserView::new(
+                    &user,
+                    &svc.budget(&user),
+                    key.map(|k| k.as_str().to_string()),
+                ),
             ))
         }
         Op::DeleteUser => {

@@ -4,6 +4,10 @@
 
 use super::*;
 
+/// Requests per second of a bench user (per key and per call URL): far
+/// above what one host accepts, so the bench measures intake, not the limit.
+const BENCH_RATE: u32 = 1_000_000;
+
 /// A function as the data plane sees it: its capability URLs.
 pub(super) struct Function {
     pub(super) name: String,
@@ -186,7 +190,7 @@ impl Daemon {
         create_function_as(&self.admin, name, image, command, runtime).await
     }
 
-    /// A user with quota `max_concurrency` (`None`: `[scheduler]
+    /// A user with quota `max_concurrency`, budgets no bench run reaches (`None`: `[scheduler]
     /// default_max_concurrency`): a client with its key.
     pub(super) async fn add_user(
         &self,
@@ -200,6 +204,12 @@ impl Daemon {
                 &UserCreate {
                     name: name.into(),
                     max_concurrency,
+                    // The bench measures intake and a long queue: no budget
+                    // may refuse what it sends.
+                    max_queued: Some(u64::MAX),
+                    max_queued_bytes: Some(u64::MAX),
+                    max_functions: None,
+                    rate: Some(BENCH_RATE),
                     admin: false,
                 },
             )
