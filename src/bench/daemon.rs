@@ -4,9 +4,10 @@
 
 use super::*;
 
-/// Requests per second of a bench user (per key and per call URL): far
-/// above what one host accepts, so the bench measures intake, not the limit.
-const BENCH_RATE: u32 = 1_000_000;
+/// The bench daemons' budgets (`[scheduler]`), far above what one host
+/// accepts or a run queues (100k calls), so the bench measures the daemon,
+/// not its limits.
+const BENCH_BUDGETS: &str = "default_rate = 1000000\ndefault_max_queued = 100000000\ndefault_max_queued_bytes = 1099511627776\n";
 
 /// A function as the data plane sees it: its capability URLs.
 pub(super) struct Function {
@@ -104,6 +105,11 @@ impl Daemon {
         let data = dir.join("data");
         // Port 0: the daemon picks a free port and writes it into its admin
         // profile, so no other process can take it between choice and bind.
+        let extra = if extra.contains("[scheduler]\n") {
+            extra.replacen("[scheduler]\n", &format!("[scheduler]\n{BENCH_BUDGETS}"), 1)
+        } else {
+            format!("{extra}\n[scheduler]\n{BENCH_BUDGETS}")
+        };
         let config = format!(
             "listen = \"127.0.0.1:0\"\ndata_dir = {}\n\n[container]\nnetwork_mode = {}\n\n[pool]\nper_function = {pool}\nhost_max = {}\n{extra}",
             toml::Value::String(data.to_string_lossy().into_owned()),
@@ -190,7 +196,7 @@ impl Daemon {
         create_function_as(&self.admin, name, image, command, runtime).await
     }
 
-    /// A user with quota `max_concurrency`, budgets no bench run reaches (`None`: `[scheduler]
+    /// A user with quota `max_concurrency` (`None`: `[scheduler]
     /// default_max_concurrency`): a client with its key.
     pub(super) async fn add_user(
         &self,
@@ -204,12 +210,10 @@ impl Daemon {
                 &UserCreate {
                     name: name.into(),
                     max_concurrency,
-                    // The bench measures intake and a long queue: no budget
-                    // may refuse what it sends.
-                    max_queued: Some(u64::MAX),
-                    max_queued_bytes: Some(u64::MAX),
+                    max_queued: None,
+                    max_queued_bytes: None,
                     max_functions: None,
-                    rate: Some(BENCH_RATE),
+                    rate: None,
                     admin: false,
                 },
             )
