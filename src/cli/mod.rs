@@ -399,7 +399,7 @@ pub enum UserCmd {
     },
     /// Change a user's quota, budgets or key
     #[command(
-        after_help = "Examples:\n  hyperfuncd user update bob --rotate-key | tail -1\n  hyperfuncd user update bob --max-queued 500 --max-queued-bytes 100m --rate 20"
+        after_help = "Example:\n  hyperfuncd user update bob --rotate-key | tail -1\n  hyperfuncd user update bob --max-queued 500 --max-queued-bytes 100m --rate 20"
     )]
     Update {
         /// The user to change
