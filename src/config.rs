@@ -146,7 +146,20 @@ pub struct SchedulerConfig {
     /// On SIGTERM, seconds running calls may take to finish; the rest are
     /// then killed and FAILED, so a stopped daemon leaves no container.
     pub shutdown_grace_secs: u64,
+    /// Per user unless `user add/update --max-queued` says otherwise: calls
+    /// accepted and not yet started; past it, a call is answered 429.
+    pub default_max_queued: u64,
+    /// Per user (`--max-queued-bytes`): STDIN bytes of those calls.
+    pub default_max_queued_bytes: u64,
+    /// Per user (`--max-functions`): functions they may own.
+    pub default_max_functions: u32,
+    /// Per user (`--rate`): requests per second per API key and per call
+    /// URL, a token bucket that holds one second's worth (the burst).
+    pub default_rate: u32,
 }
+
+/// 1 GiB: a full queue of the default 10,000 calls at 100 KiB each.
+pub const DEFAULT_MAX_QUEUED_BYTES: u64 = 1 << 30;
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
@@ -154,6 +167,10 @@ impl Default for SchedulerConfig {
             default_max_concurrency: 10,
             host_max_running: 64,
             shutdown_grace_secs: 10,
+            default_max_queued: 10_000,
+            default_max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
+            default_max_functions: 100,
+            default_rate: 100,
         }
     }
 }
@@ -728,7 +745,14 @@ impl Config {
                     .into(),
             ));
         }
-        if self.scheduler.default_max_concurrency == 0 || self.scheduler.host_max_running == 0 {
+        let s = &self.scheduler;
+        if s.default_max_concurrency == 0
+            || s.host_max_running == 0
+            || s.default_max_queued == 0
+            || s.default_max_queued_bytes == 0
+            || s.default_max_functions == 0
+            || s.default_rate == 0
+        {
             return Err(ConfigError::Invalid(
                 "scheduler limits must be at least 1".into(),
             ));

@@ -5,8 +5,8 @@
 
 use crate::config::Config;
 use crate::model::{
-    now_ms, ApiKey, Call, CallId, CallState, EnvVar, Event, FnKey, Function, FunctionSpec, Name,
-    OutputState, Secret, User,
+    now_ms, ApiKey, Budget, Call, CallId, CallState, EnvVar, Event, FnKey, Function, FunctionSpec,
+    Name, OutputState, Secret, User, UserLimits,
 };
 use crate::runtime::{PullProgress, Runtime, RuntimeError};
 use crate::scheduler::{EndWaiter, Ended, Scheduler};
@@ -42,6 +42,13 @@ pub enum ServiceError {
     TooLarge(String),
     #[error("{0}")]
     Unavailable(String),
+    /// Over one of the caller's budgets; nothing was stored. The client may
+    /// try again after `retry_after_secs`.
+    #[error("{message}")]
+    TooManyRequests {
+        message: String,
+        retry_after_secs: u64,
+    },
     /// No space to store the request, or the store cannot write.
     #[error("{0}")]
     InsufficientStorage(String),
@@ -60,6 +67,10 @@ impl From<StoreError> for ServiceError {
             }
             StoreError::Corrupt(m) | StoreError::Config(m) => ServiceError::Internal(m),
             StoreError::Unavailable(m) => ServiceError::Unavailable(m),
+            StoreError::OverBudget(message) => ServiceError::TooManyRequests {
+                message,
+                retry_after_secs: QUEUE_RETRY_AFTER_SECS,
+            },
         }
     }
 }
@@ -79,6 +90,14 @@ impl From<RuntimeError> for ServiceError {
 }
 
 pub type Result<T> = std::result::Result<T, ServiceError>;
+
+/// `Retry-After` of a call refused for a full queue: the queue drains at
+/// the user's pace, which nothing here can foresee; a few seconds spares
+/// the daemon a client that retries at once.
+pub const QUEUE_RETRY_AFTER_SECS: u64 = 5;
+/// `Retry-After` of a create refused at `max_functions`: only a removal
+/// makes room, so this is a pause, not a promise.
+const FUNCTIONS_RETRY_AFTER_SECS: u64 = 60;
 
 /// Changes asked by `func update`; `None` leaves a field as it is.
 #[derive(Debug, Default, Clone)]
@@ -154,10 +173,14 @@ impl Service {
         caller: &User,
         name: Name,
         max_concurrency: Option<u32>,
+        limits: UserLimits,
         admin: bool,
     ) -> Result<(User, ApiKey)> {
         Self::require_admin(caller)?;
-        let (user, key) = self.create_user(name, max_concurrency, admin).await?;
+        check_user_limits(&limits)?;
+        let (user, key) = self
+            .create_user_with(name, max_concurrency, limits, admin)
+            .await?;
         crate::logging::user_added(caller, &user);
         Ok((user, key))
     }
@@ -167,6 +190,17 @@ impl Service {
         &self,
         name: Name,
         max_concurrency: Option<u32>,
+        admin: bool,
+    ) -> Result<(User, ApiKey)> {
+        self.create_user_with(name, max_concurrency, UserLimits::default(), admin)
+            .await
+    }
+
+    async fn create_user_with(
+        &self,
+        name: Name,
+        max_concurrency: Option<u32>,
+        limits: UserLimits,
         admin: bool,
     ) -> Result<(User, ApiKey)> {
         let max_concurrency =
@@ -183,6 +217,7 @@ impl Service {
             max_concurrency,
             admin,
             created_ms: now_ms(),
+            limits,
         };
         self.store.create_user(&user).await?;
         Ok((user, key))
@@ -198,9 +233,11 @@ impl Service {
         caller: &User,
         name: &Name,
         max_concurrency: Option<u32>,
+        limits: UserLimits,
         rotate_key: bool,
     ) -> Result<(User, Option<ApiKey>)> {
         Self::require_admin(caller)?;
+        check_user_limits(&limits)?;
         let mut user = self
             .store
             .get_user(name)
@@ -214,6 +251,11 @@ impl Service {
             }
             user.max_concurrency = m;
         }
+        let l = &mut user.limits;
+        l.max_queued = limits.max_queued.or(l.max_queued);
+        l.max_queued_bytes = limits.max_queued_bytes.or(l.max_queued_bytes);
+        l.max_functions = limits.max_functions.or(l.max_functions);
+        l.rate = limits.rate.or(l.rate);
         let key = rotate_key.then(ApiKey::generate);
         if let Some(k) = &key {
             user.key_hash = k.hash();
@@ -223,6 +265,33 @@ impl Service {
         // A raised quota may let queued calls start now.
         self.scheduler.queued(name);
         Ok((user, key))
+    }
+
+    /// The budgets in force for `user`: their own, else `[scheduler]`'s.
+    pub fn budget(&self, user: &User) -> Budget {
+        let d = &self.config.scheduler;
+        let l = &user.limits;
+        Budget {
+            max_queued: l.max_queued.unwrap_or(d.default_max_queued),
+            max_queued_bytes: l.max_queued_bytes.unwrap_or(d.default_max_queued_bytes),
+            max_functions: l.max_functions.unwrap_or(d.default_max_functions),
+            rate: l.rate.unwrap_or(d.default_rate),
+        }
+    }
+
+    /// The budgets of `owner` (a function's): a user removed meanwhile has
+    /// no functions left to call, so the defaults are as good as any.
+    pub async fn budget_of(&self, owner: &Name) -> Result<Budget> {
+        Ok(match self.store.get_user(owner).await? {
+            Some(u) => self.budget(&u),
+            None => self.budget(&User::from(crate::model::UserV1 {
+                name: owner.clone(),
+                key_hash: [0; 32],
+                max_concurrency: 1,
+                admin: false,
+                created_ms: 0,
+            })),
+        })
     }
 
     pub async fn delete_user(&self, caller: &User, name: &Name) -> Result<()> {
@@ -246,6 +315,13 @@ impl Service {
     ) -> Result<Function> {
         self.check_limits(&mut spec).await?;
         self.check_image(caller, &spec.image).await?;
+        // Before the pull, so a refused create costs nothing; the store
+        // checks again in the write that creates it.
+        let max_functions = self.budget(caller).max_functions;
+        let owned = self.store.list_functions(Some(&caller.name)).await?.len();
+        if owned >= max_functions as usize {
+            return Err(too_many_functions(&caller.name, max_functions));
+        }
         // Only the caller's own names conflict: another user's function of
         // the same name is theirs, and its existence is not told.
         let key = FnKey::new(caller.name.clone(), name.clone());
@@ -271,7 +347,12 @@ impl Service {
             created_ms: now,
             updated_ms: now,
         };
-        self.store.create_function(&f).await?;
+        match self.store.create_function_within(&f, max_functions).await {
+            Err(StoreError::OverBudget(_)) => {
+                return Err(too_many_functions(&caller.name, max_functions))
+            }
+            r => r?,
+        }
         crate::logging::function_created(caller, &f);
         self.scheduler.function_changed(&f);
         Ok(f)
@@ -619,11 +700,20 @@ impl Service {
         }
         // The store assigns the FIFO sequence.
         let call = Call::new(f.name.clone(), f.owner.clone(), 0, &payload, request_env);
-        let call = self.store.accept(call, payload).await?;
+        let budget = self.budget_of(&f.owner).await?.queue();
+        let call = self.store.accept_within(call, payload, budget).await?;
         crate::metrics::call_accepted(&call);
         crate::logging::call_accepted(&call);
         self.scheduler.queued(&f.owner);
         Ok(call.id)
+    }
+
+    /// A request refused by the rate limit of an API key or call URL.
+    pub fn rate_limited(&self, what: &str, rate: u32, retry_after_secs: u64) -> ServiceError {
+        ServiceError::TooManyRequests {
+            message: format!("{what} is over its rate of {rate} requests per second"),
+            retry_after_secs,
+        }
     }
 
     pub fn too_large(&self) -> ServiceError {
@@ -769,5 +859,30 @@ impl Service {
             ),
             _ => format!("call {} has no output", call.id),
         }
+    }
+}
+
+/// Budgets set on a user must leave room for something: 0 is refused.
+fn check_user_limits(l: &UserLimits) -> Result<()> {
+    let zero = [
+        ("max-queued", l.max_queued == Some(0)),
+        ("max-queued-bytes", l.max_queued_bytes == Some(0)),
+        ("max-functions", l.max_functions == Some(0)),
+        ("rate", l.rate == Some(0)),
+    ];
+    match zero.iter().find(|(_, z)| *z) {
+        Some((name, _)) => Err(ServiceError::BadRequest(format!(
+            "{name} must be at least 1"
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn too_many_functions(owner: &Name, max: u32) -> ServiceError {
+    ServiceError::TooManyRequests {
+        message: format!(
+            "user {owner} owns {max} functions, their limit (user update --max-functions); remove one first"
+        ),
+        retry_after_secs: FUNCTIONS_RETRY_AFTER_SECS,
     }
 }

@@ -145,9 +145,10 @@ fn log_cache_budget_and_follow() {
     let mut d = Daemon::start_with("[limits]\nlog_cache_bytes = 65536");
     let url = d.create("burst", &[IMAGE, "true"]);
     // With no Engine reachable, accepted calls stay queued: CALL + PENDING
-    // events at HTTP speed, without running thousands of containers.
+    // events at HTTP speed (a rate above the default's 100/s), without
+    // running thousands of containers.
     d.restart_with(
-        "[limits]\nlog_cache_bytes = 65536\n[docker]\nsocket = \"/nonexistent/docker.sock\"",
+        "[limits]\nlog_cache_bytes = 65536\n[docker]\nsocket = \"/nonexistent/docker.sock\"\n[scheduler]\ndefault_rate = 100000",
     );
     // The function itself survived the kill -9.
     let (code, body) = d.curl(&["-X", "POST", &url]);

@@ -440,6 +440,61 @@ fn a_users_quota_holds_across_nodes_and_no_call_starts_twice() {
     b.finish();
 }
 
+/// `max_queued` holds across nodes (issue 20): calls accepted through
+/// either node count against one budget, the call past it is refused with
+/// 429 on whichever node it reaches and nothing is stored, and another
+/// user's calls run as ever.
+#[test]
+fn a_users_queued_calls_budget_holds_across_nodes() {
+    let _one = one_at_a_time();
+    let nats = NatsCluster::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = Daemon::start_on(&data_dir(&tmp, "a"), &nats.config(""));
+    let b = join(&a, &data_dir(&tmp, "b"), &nats.config(""));
+    let greedy = a
+        .ok(&[
+            "user",
+            "add",
+            "greedy",
+            "--max-concurrency",
+            "1",
+            "--max-queued",
+            "2",
+        ])
+        .lines()
+        .last()
+        .expect("key")
+        .trim()
+        .to_string();
+    let calm = a.add_user("calm", 2);
+    a.create_as(&greedy, "hog", &[IMAGE, "sleep", "600"]);
+    calls_through(&[&a], &greedy, "hog", 1);
+    a.wait_until(60, "the first call runs", || {
+        a.status("hog")["Running"] == 1
+    });
+    // Two queued, one through each node: the budget.
+    calls_through(&[&a, &b], &greedy, "hog", 2);
+    for node in [&a, &b] {
+        let out = node.cli_as(&greedy, &["func", "call", "hog"], Some(b"x"));
+        assert_cli_error(&out, "max_queued 2");
+    }
+    let s = b.status("hog");
+    assert_eq!(
+        (&s["Total"], &s["Pending"], &s["Running"]),
+        (&3.into(), &2.into(), &1.into()),
+        "refused calls are not stored: {s}"
+    );
+    // Another user is not held up by greedy's full queue.
+    b.create_as(&calm, "echo", &[IMAGE, "cat"]);
+    let out = b.cli_as(&calm, &["func", "call", "--sync", "echo"], Some(b"calm"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.stdout, b"calm");
+    let out = a.cli_as(&greedy, &["func", "rm", "--force", "hog"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    a.finish();
+    b.finish();
+}
+
 /// With a quota above 1 an owner has calls out on both nodes at once; their
 /// containers must still be created in the order the calls were accepted,
 /// as on one host. Every call ends just after the second boundary 1-2 s

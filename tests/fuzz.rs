@@ -60,7 +60,7 @@ fn schemathesis_finds_no_server_error_and_no_answer_outside_the_spec() {
     let sync_url = d.create_as(&syncer, "hello-sync", &[IMAGE, "cat"]);
     let sync_secret = sync_url.rsplit('/').next().expect("secret").to_string();
     let fuzz_key = d
-        .ok(&["user", "add", "fuzzer", "--admin"])
+        .ok(&["user", "add", "fuzzer", "--admin", "--rate", "100000"])
         .lines()
         .last()
         .expect("key")

@@ -9,6 +9,7 @@
 
 mod front;
 mod pull;
+mod rate;
 mod table;
 pub mod types;
 pub mod ui;
@@ -90,6 +91,12 @@ impl ApiError {
 impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> ApiError {
         let message = e.to_string();
+        let retry_after = match &e {
+            ServiceError::TooManyRequests {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            _ => None,
+        };
         let (status, code) = match e {
             ServiceError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ServiceError::ImageNotAllowed(_) => (StatusCode::BAD_REQUEST, "image_not_allowed"),
@@ -105,11 +112,17 @@ impl From<ServiceError> for ApiError {
                 (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
             }
             ServiceError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            ServiceError::TooManyRequests { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "too_many_requests")
+            }
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(error = %message, "internal error");
         }
-        ApiError::new(status, code, message)
+        ApiError {
+            retry_after,
+            ..ApiError::new(status, code, message)
+        }
     }
 }
 
@@ -179,6 +192,7 @@ pub fn routes(
         svc.config.limits.max_stdin_bytes,
         svc.config.data_dir(),
     ));
+    let rates = Arc::new(rate::RateLimits::new());
     warp::method()
         .and(warp::path::full())
         .and(raw_query)
@@ -187,7 +201,7 @@ pub fn routes(
         .and(warp::ext::optional::<ClientAddr>())
         .then(
             move |method, path: warp::path::FullPath, raw_query: String, headers, body, client| {
-                let svc = Arc::clone(&svc);
+                let (svc, rates) = (Arc::clone(&svc), Arc::clone(&rates));
                 let front = Arc::clone(&front);
                 let body: BodyStream = boxed_body(body);
                 async move {
@@ -206,7 +220,7 @@ pub fn routes(
                         client,
                         front,
                     };
-                    let r = match route(&svc, req).await {
+                    let r = match route(&svc, &rates, req).await {
                         Ok(r) => r,
                         Err(e) => e.into_response(),
                     };
@@ -252,7 +266,7 @@ where
     Box::pin(body.map(|r| r.map(|mut b| b.copy_to_bytes(b.remaining()))))
 }
 
-async fn route(svc: &Arc<Service>, mut req: Req) -> ApiResult {
+async fn route(svc: &Arc<Service>, rates: &rate::RateLimits, mut req: Req) -> ApiResult {
     let segs = canonical_segments(&req.path)?;
     let s: Vec<&str> = segs.iter().map(String::as_str).collect();
     // A `/v1` path needs a key whether or not it names a route, so that
@@ -263,6 +277,10 @@ async fn route(svc: &Arc<Service>, mut req: Req) -> ApiResult {
             // The key has done its work: nothing past this point (a call's
             // environment, its record) may see it.
             req.headers.remove(warp::http::header::AUTHORIZATION);
+            let rate = svc.budget(&caller).rate;
+            rates
+                .check(rate::Bucket::Key(caller.key_hash), rate)
+                .map_err(|wait| svc.rate_limited("this API key", rate, wait))?;
             Some(caller)
         }
         _ => None,
@@ -285,15 +303,11 @@ async fn route(svc: &Arc<Service>, mut req: Req) -> ApiResult {
     match op {
         // ---- data plane: capability URLs ----
         Op::CallAsync | Op::CallSync => {
-            let f = svc
-                .function_by_secret(p.get("name"), p.get("secret"))
-                .await?;
+            let f = url_function(svc, rates, &p).await?;
             accept(svc, f, op == Op::CallSync, req).await
         }
         Op::Output | Op::OutputWait => {
-            let f = svc
-                .function_by_secret(p.get("name"), p.get("secret"))
-                .await?;
+            let f = url_function(svc, rates, &p).await?;
             let wait = match op {
                 Op::OutputWait => Some(wait_param(&req)?),
                 _ => None,
@@ -302,15 +316,11 @@ async fn route(svc: &Arc<Service>, mut req: Req) -> ApiResult {
             output(svc, &Scope::Function(&f), p.get("callId"), wait).await
         }
         Op::Logs => {
-            let f = svc
-                .function_by_secret(p.get("name"), p.get("secret"))
-                .await?;
+            let f = url_function(svc, rates, &p).await?;
             logs(svc, f, &req.query, &req.front).await
         }
         Op::Status => {
-            let f = svc
-                .function_by_secret(p.get("name"), p.get("secret"))
-                .await?;
+            let f = url_function(svc, rates, &p).await?;
             Ok(json_response(
                 StatusCode::OK,
                 &StatusView::from(svc.stats(&f).await?),
@@ -352,6 +362,22 @@ async fn route(svc: &Arc<Service>, mut req: Req) -> ApiResult {
         // `/v1` templates all start with `v1`, so they were answered above.
         _ => Err(no_route(&req)),
     }
+}
+
+/// The function of a call URL, once the URL's request rate allows.
+async fn url_function(
+    svc: &Service,
+    rates: &rate::RateLimits,
+    p: &table::Params<'_>,
+) -> Result<crate::model::Function, ApiError> {
+    let f = svc
+        .function_by_secret(p.get("name"), p.get("secret"))
+        .await?;
+    let rate = svc.budget_of(&f.owner).await?.rate;
+    rates
+        .check(rate::Bucket::Url(f.key()), rate)
+        .map_err(|wait| svc.rate_limited("this function's URL", rate, wait))?;
+    Ok(f)
 }
 
 /// The router's answer for a path no template matches.
@@ -485,7 +511,7 @@ async fn v1(
                 .list_users(caller)
                 .await?
                 .iter()
-                .map(|u| UserView::new(u, None))
+                .map(|u| UserView::new(u, &svc.budget(u), None))
                 .collect();
             Ok(json_response(StatusCode::OK, &users))
         }
@@ -496,12 +522,13 @@ async fn v1(
                     caller,
                     Name::parse(&body.name)?,
                     body.max_concurrency,
+                    body.limits(),
                     body.admin,
                 )
                 .await?;
             Ok(json_response(
                 StatusCode::CREATED,
-                &UserView::new(&user, Some(key.as_str().to_string())),
+                &UserView::new(&user, &svc.budget(&user), Some(key.as_str().to_string())),
             ))
         }
         Op::UpdateUser => {
@@ -511,12 +538,17 @@ async fn v1(
                     caller,
                     &Name::parse(p.get("name"))?,
                     body.max_concurrency,
+                    body.limits(),
                     body.rotate_key,
                 )
                 .await?;
             Ok(json_response(
                 StatusCode::OK,
-                &UserView::new(&user, key.map(|k| k.as_str().to_string())),
+                &UserView::new(
+                    &user,
+                    &svc.budget(&user),
+                    key.map(|k| k.as_str().to_string()),
+                ),
             ))
         }
         Op::DeleteUser => {

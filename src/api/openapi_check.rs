@@ -546,6 +546,10 @@ fn schemas_match_the_api_types() {
         &UserCreate {
             name: "bob".into(),
             max_concurrency: None,
+            max_queued: None,
+            max_queued_bytes: None,
+            max_functions: None,
+            rate: None,
             admin: false,
         },
     );
@@ -634,6 +638,10 @@ fn schemas_match_the_api_types() {
         &UserView {
             name: "bob".into(),
             max_concurrency: 1,
+            max_queued: 1,
+            max_queued_bytes: 1,
+            max_functions: 1,
+            rate: 1,
             admin: false,
             created: String::new(),
             key: Some("hfk_x".into()),

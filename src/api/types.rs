@@ -1,7 +1,7 @@
 //! The JSON bodies of the API. The CLI sends and reads these same types, so
 //! the two cannot drift apart. Field names are PascalCase, as in Docker's API.
 
-use crate::model::{format_time, Call, Event, Function, User};
+use crate::model::{format_time, Budget, Call, Event, Function, User, UserLimits};
 use crate::store::FunctionStats;
 use serde::{Deserialize, Serialize};
 
@@ -267,7 +267,32 @@ pub struct UserCreate {
     #[serde(default)]
     pub max_concurrency: Option<u32>,
     #[serde(default)]
+    pub max_queued: Option<u64>,
+    #[serde(default)]
+    pub max_queued_bytes: Option<u64>,
+    #[serde(default)]
+    pub max_functions: Option<u32>,
+    /// Requests per second per API key and per call URL.
+    #[serde(default)]
+    pub rate: Option<u32>,
+    #[serde(default)]
     pub admin: bool,
+}
+
+/// A user's budgets as a create or patch carries them: an absent one is
+/// left as it is (on create: the `[scheduler]` default).
+pub fn user_limits(
+    max_queued: Option<u64>,
+    max_queued_bytes: Option<u64>,
+    max_functions: Option<u32>,
+    rate: Option<u32>,
+) -> UserLimits {
+    UserLimits {
+        max_queued,
+        max_queued_bytes,
+        max_functions,
+        rate,
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -275,6 +300,15 @@ pub struct UserCreate {
 pub struct UserPatch {
     #[serde(default)]
     pub max_concurrency: Option<u32>,
+    #[serde(default)]
+    pub max_queued: Option<u64>,
+    #[serde(default)]
+    pub max_queued_bytes: Option<u64>,
+    #[serde(default)]
+    pub max_functions: Option<u32>,
+    /// Requests per second per API key and per call URL.
+    #[serde(default)]
+    pub rate: Option<u32>,
     /// Issue a new key; the old one stops working.
     #[serde(default)]
     pub rotate_key: bool,
@@ -285,6 +319,12 @@ pub struct UserPatch {
 pub struct UserView {
     pub name: String,
     pub max_concurrency: u32,
+    /// The budgets in force: the user's own, else the `[scheduler]` defaults.
+    pub max_queued: u64,
+    pub max_queued_bytes: u64,
+    pub max_functions: u32,
+    /// Requests per second per API key and per call URL.
+    pub rate: u32,
     pub admin: bool,
     pub created: String,
     /// Only in the answer that created (or rotated) the key.
@@ -292,11 +332,37 @@ pub struct UserView {
     pub key: Option<String>,
 }
 
+impl UserCreate {
+    pub fn limits(&self) -> UserLimits {
+        user_limits(
+            self.max_queued,
+            self.max_queued_bytes,
+            self.max_functions,
+            self.rate,
+        )
+    }
+}
+
+impl UserPatch {
+    pub fn limits(&self) -> UserLimits {
+        user_limits(
+            self.max_queued,
+            self.max_queued_bytes,
+            self.max_functions,
+            self.rate,
+        )
+    }
+}
+
 impl UserView {
-    pub fn new(u: &User, key: Option<String>) -> UserView {
+    pub fn new(u: &User, budget: &Budget, key: Option<String>) -> UserView {
         UserView {
             name: u.name.to_string(),
             max_concurrency: u.max_concurrency,
+            max_queued: budget.max_queued,
+            max_queued_bytes: budget.max_queued_bytes,
+            max_functions: budget.max_functions,
+            rate: budget.rate,
             admin: u.admin,
             created: format_time(u.created_ms),
             key,
@@ -382,6 +448,7 @@ mod tests {
             short_stdout: stdout.into(),
             short_stderr: "err\r\n".into(),
             message: "exit\u{1b}]0;owned\u{7}".into(),
+            seq: 1,
         }
     }
 

@@ -4,6 +4,11 @@
 
 use super::*;
 
+/// The bench daemons' budgets (`[scheduler]`), far above what one host
+/// accepts or a run queues (100k calls), so the bench measures the daemon,
+/// not its limits.
+const BENCH_BUDGETS: &str = "default_rate = 1000000\ndefault_max_queued = 100000000\ndefault_max_queued_bytes = 1099511627776\n";
+
 /// A function as the data plane sees it: its capability URLs.
 pub(super) struct Function {
     pub(super) name: String,
@@ -100,6 +105,11 @@ impl Daemon {
         let data = dir.join("data");
         // Port 0: the daemon picks a free port and writes it into its admin
         // profile, so no other process can take it between choice and bind.
+        let extra = if extra.contains("[scheduler]\n") {
+            extra.replacen("[scheduler]\n", &format!("[scheduler]\n{BENCH_BUDGETS}"), 1)
+        } else {
+            format!("{extra}\n[scheduler]\n{BENCH_BUDGETS}")
+        };
         let config = format!(
             "listen = \"127.0.0.1:0\"\ndata_dir = {}\n\n[container]\nnetwork_mode = {}\n\n[pool]\nper_function = {pool}\nhost_max = {}\n{extra}",
             toml::Value::String(data.to_string_lossy().into_owned()),
@@ -200,6 +210,10 @@ impl Daemon {
                 &UserCreate {
                     name: name.into(),
                     max_concurrency,
+                    max_queued: None,
+                    max_queued_bytes: None,
+                    max_functions: None,
+                    rate: None,
                     admin: false,
                 },
             )

@@ -371,6 +371,18 @@ pub enum UserCmd {
         /// Calls of the user that may run at once; more wait in its queue (default: scheduler.default_max_concurrency)
         #[arg(long)]
         max_concurrency: Option<u32>,
+        /// Calls accepted and not yet started; past it calls get 429 (default: scheduler.default_max_queued)
+        #[arg(long)]
+        max_queued: Option<u64>,
+        /// Payload bytes of those calls, e.g. 1g (default: scheduler.default_max_queued_bytes)
+        #[arg(long, value_parser = parse_bytes)]
+        max_queued_bytes: Option<u64>,
+        /// Functions the user may own (default: scheduler.default_max_functions)
+        #[arg(long)]
+        max_functions: Option<u32>,
+        /// Requests per second per API key and per call URL (default: scheduler.default_rate)
+        #[arg(long)]
+        rate: Option<u32>,
         /// Make the user an administrator
         #[arg(long)]
         admin: bool,
@@ -388,14 +400,28 @@ pub enum UserCmd {
         /// The user to remove
         name: String,
     },
-    /// Change a user's quota or key
-    #[command(after_help = "Example:\n  hyperfuncd user update bob --rotate-key | tail -1")]
+    /// Change a user's quota, budgets or key
+    #[command(
+        after_help = "Example:\n  hyperfuncd user update bob --rotate-key | tail -1\n  hyperfuncd user update bob --max-queued 500 --max-queued-bytes 100m --rate 20"
+    )]
     Update {
         /// The user to change
         name: String,
         /// New quota of calls running at once
         #[arg(long)]
         max_concurrency: Option<u32>,
+        /// Calls accepted and not yet started; past it calls get 429 (default: scheduler.default_max_queued)
+        #[arg(long)]
+        max_queued: Option<u64>,
+        /// Payload bytes of those calls, e.g. 1g (default: scheduler.default_max_queued_bytes)
+        #[arg(long, value_parser = parse_bytes)]
+        max_queued_bytes: Option<u64>,
+        /// Functions the user may own (default: scheduler.default_max_functions)
+        #[arg(long)]
+        max_functions: Option<u32>,
+        /// Requests per second per API key and per call URL (default: scheduler.default_rate)
+        #[arg(long)]
+        rate: Option<u32>,
         /// Issue a new key (printed alone on the last line); the old one stops working
         #[arg(long)]
         rotate_key: bool,
@@ -688,6 +714,10 @@ async fn user(client: &Client, cmd: UserCmd, out: &mut impl Write) -> anyhow::Re
         UserCmd::Add {
             name,
             max_concurrency,
+            max_queued,
+            max_queued_bytes,
+            max_functions,
+            rate,
             admin,
         } => {
             let u: UserView = client
@@ -696,6 +726,10 @@ async fn user(client: &Client, cmd: UserCmd, out: &mut impl Write) -> anyhow::Re
                     &UserCreate {
                         name,
                         max_concurrency,
+                        max_queued,
+                        max_queued_bytes,
+                        max_functions,
+                        rate,
                         admin,
                     },
                 )
@@ -718,12 +752,29 @@ async fn user(client: &Client, cmd: UserCmd, out: &mut impl Write) -> anyhow::Re
                         vec![
                             u.name.clone(),
                             u.max_concurrency.to_string(),
+                            u.max_queued.to_string(),
+                            u.max_queued_bytes.to_string(),
+                            u.max_functions.to_string(),
+                            u.rate.to_string(),
                             u.admin.to_string(),
                             u.created.clone(),
                         ]
                     })
                     .collect();
-                table(out, &["NAME", "MAX_CONCURRENCY", "ADMIN", "CREATED"], rows)?;
+                table(
+                    out,
+                    &[
+                        "NAME",
+                        "MAX_CONCURRENCY",
+                        "MAX_QUEUED",
+                        "MAX_QUEUED_BYTES",
+                        "MAX_FUNCTIONS",
+                        "RATE",
+                        "ADMIN",
+                        "CREATED",
+                    ],
+                    rows,
+                )?;
             }
         }
         UserCmd::Rm { name } => {
@@ -735,6 +786,10 @@ async fn user(client: &Client, cmd: UserCmd, out: &mut impl Write) -> anyhow::Re
         UserCmd::Update {
             name,
             max_concurrency,
+            max_queued,
+            max_queued_bytes,
+            max_functions,
+            rate,
             rotate_key,
         } => {
             let u: UserView = client
@@ -742,6 +797,10 @@ async fn user(client: &Client, cmd: UserCmd, out: &mut impl Write) -> anyhow::Re
                     &format!("/v1/users/{}", url_name(&name)?),
                     &UserPatch {
                         max_concurrency,
+                        max_queued,
+                        max_queued_bytes,
+                        max_functions,
+                        rate,
                         rotate_key,
                     },
                 )

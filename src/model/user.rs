@@ -1,5 +1,6 @@
-//! Users own functions and calls and carry a concurrency quota. Their API keys
-//! are stored only as SHA-256 hashes.
+//! Users own functions and calls and carry a concurrency quota and budgets
+//! (queued calls and bytes, functions, request rate). Their API keys are
+//! stored only as SHA-256 hashes.
 
 use super::ids::Name;
 use base64::Engine as _;
@@ -14,6 +15,80 @@ pub struct User {
     pub max_concurrency: u32,
     pub admin: bool,
     pub created_ms: u64,
+    /// What the user may consume; an unset budget follows `[scheduler]`'s
+    /// default, so changing the default reaches every user who set none.
+    pub limits: UserLimits,
+}
+
+/// A user's budgets as stored: `None` follows the config's default.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UserLimits {
+    /// Calls accepted and not yet started (PENDING).
+    pub max_queued: Option<u64>,
+    /// STDIN bytes of those calls.
+    pub max_queued_bytes: Option<u64>,
+    pub max_functions: Option<u32>,
+    /// Requests per second per API key and per call URL (token bucket).
+    pub rate: Option<u32>,
+}
+
+/// The budgets in force for a user: their own, else the defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub max_queued: u64,
+    pub max_queued_bytes: u64,
+    pub max_functions: u32,
+    pub rate: u32,
+}
+
+impl Budget {
+    /// What the store checks when it accepts a call of this user.
+    pub fn queue(&self) -> QueueBudget {
+        QueueBudget {
+            max_calls: self.max_queued,
+            max_bytes: self.max_queued_bytes,
+        }
+    }
+}
+
+/// The owner's queue budget, checked by `Store::accept` in the write that
+/// queues the call, so that concurrent accepts cannot pass it together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueBudget {
+    pub max_calls: u64,
+    pub max_bytes: u64,
+}
+
+impl QueueBudget {
+    /// No budget (tests, migrations).
+    pub const UNLIMITED: QueueBudget = QueueBudget {
+        max_calls: u64::MAX,
+        max_bytes: u64::MAX,
+    };
+}
+
+/// A user record as written before budgets existed (sled schema 4 and
+/// earlier, and NATS records of those releases): read, then upgraded.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UserV1 {
+    pub name: Name,
+    pub key_hash: [u8; 32],
+    pub max_concurrency: u32,
+    pub admin: bool,
+    pub created_ms: u64,
+}
+
+impl From<UserV1> for User {
+    fn from(u: UserV1) -> User {
+        User {
+            name: u.name,
+            key_hash: u.key_hash,
+            max_concurrency: u.max_concurrency,
+            admin: u.admin,
+            created_ms: u.created_ms,
+            limits: UserLimits::default(),
+        }
+    }
 }
 
 /// How every API key begins, so a key can be recognised where it must not

@@ -13,7 +13,7 @@ mod nats;
 pub use embedded::SledStore;
 pub use nats::{NatsConfig, NatsStore, NODE_LOST};
 
-use crate::model::{Call, CallId, Event, FnKey, Function, Name, Outcome, User};
+use crate::model::{Call, CallId, Event, FnKey, Function, Name, Outcome, QueueBudget, User};
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -33,6 +33,10 @@ pub enum StoreError {
     /// The store cannot write (an I/O error); the daemon must restart to recover.
     #[error("the store cannot write: {0}")]
     Failed(String),
+    /// Over the owner's budget (queued calls or bytes, functions); nothing
+    /// was stored.
+    #[error("{0}")]
+    OverBudget(String),
     /// A record or data file is missing or damaged.
     #[error("{0}")]
     Corrupt(String),
@@ -141,6 +145,17 @@ pub trait Store: Send + Sync {
     /// an earlier one of that owner and name is still being purged. Other
     /// owners' functions of the same name do not matter.
     async fn create_function(&self, f: &Function) -> Result<()>;
+    /// `create_function`, refused with `OverBudget` when the owner already
+    /// owns `max_functions`. A store only this process writes counts in the
+    /// step that creates; a shared one may let concurrent creates on
+    /// several nodes pass together (by at most one per node).
+    async fn create_function_within(&self, f: &Function, max_functions: u32) -> Result<()> {
+        let owned = self.list_functions(Some(&f.owner)).await?.len();
+        if owned >= max_functions as usize {
+            return Err(over_functions(&f.owner, max_functions));
+        }
+        self.create_function(f).await
+    }
     /// Replaces the record `read` (as the caller read it) by `f`, or is
     /// `Conflict` if the stored record is no longer `read`: two updates
     /// from one read cannot both land, so a slow one cannot write back a
@@ -169,7 +184,16 @@ pub trait Store: Send + Sync {
     // ---- calls ----
     /// Persists an accepted call (its `seq` is assigned here) with its
     /// payload and queues it at the back of its owner's FIFO. Durable on return.
-    async fn accept(&self, call: Call, payload: Bytes) -> Result<Call>;
+    async fn accept(&self, call: Call, payload: Bytes) -> Result<Call> {
+        self.accept_within(call, payload, QueueBudget::UNLIMITED)
+            .await
+    }
+    /// `accept`, refused with `OverBudget` (nothing stored) when the owner's
+    /// queued calls (PENDING) would exceed `budget.max_calls` or their
+    /// payload bytes `budget.max_bytes`. The embedded store checks in the
+    /// write that queues the call, so concurrent accepts never pass it
+    /// together; the NATS store's bound is documented there.
+    async fn accept_within(&self, call: Call, payload: Bytes, budget: QueueBudget) -> Result<Call>;
     async fn get_call(&self, id: &CallId) -> Result<Option<Call>>;
     /// The oldest queued call of `owner`, if any.
     async fn queue_head(&self, owner: &Name) -> Result<Option<CallId>>;
@@ -226,6 +250,39 @@ pub trait Store: Send + Sync {
     /// The RUNNING call `id`'s container exists (created cold, or a warm
     /// one framed): the owner's later calls on other nodes may have theirs.
     async fn created(&self, _id: &CallId) {}
+}
+
+/// The refusal of a call that would take its owner's queue past `budget`,
+/// where `calls` and `bytes` are queued now and the call brings `len`.
+pub(crate) fn over_queue(
+    owner: &Name,
+    budget: &QueueBudget,
+    calls: u64,
+    bytes: u64,
+    len: u64,
+) -> Option<StoreError> {
+    let what = if calls.saturating_add(1) > budget.max_calls {
+        format!(
+            "{calls} calls queued, their limit (max_queued {})",
+            budget.max_calls
+        )
+    } else if bytes.saturating_add(len) > budget.max_bytes {
+        format!(
+            "{} of payloads queued and this call brings {}, over their limit (max_queued_bytes {})",
+            crate::runtime::human_bytes(bytes),
+            crate::runtime::human_bytes(len),
+            crate::runtime::human_bytes(budget.max_bytes)
+        )
+    } else {
+        return None;
+    };
+    Some(StoreError::OverBudget(format!(
+        "user {owner} has {what}: try again once some have started"
+    )))
+}
+
+pub(crate) fn over_functions(owner: &Name, max: u32) -> StoreError {
+    StoreError::OverBudget(format!("user {owner} owns {max} functions, their limit"))
 }
 
 /// Connects to the shared JetStream store; `dir` keeps this node's id.

@@ -926,8 +926,9 @@ fn unmount_below(dir: &std::path::Path) {
 }
 
 /// Posts `payloads` to a call URL over one keep-alive connection per worker;
-/// returns (payload index, call id) for every 202. Stops at the first
-/// connection error (e.g. the daemon was killed) or when `stop` is set.
+/// returns (payload index, call id) for every 202. A 429 is sent again
+/// after its `Retry-After` (at most 5 s). Stops at the first connection
+/// error (e.g. the daemon was killed) or when `stop` is set.
 pub fn submit_all(
     ca: &Path,
     url: &str,
@@ -966,9 +967,24 @@ pub fn submit_all(
                     if i >= payloads.len() || stop.load(Ordering::SeqCst) {
                         return acked;
                     }
-                    let Ok(resp) = client.post(&url).body(payloads[i].clone()).send().await else {
-                        stop.store(true, Ordering::SeqCst);
-                        return acked;
+                    let resp = loop {
+                        let Ok(resp) = client.post(&url).body(payloads[i].clone()).send().await
+                        else {
+                            stop.store(true, Ordering::SeqCst);
+                            return acked;
+                        };
+                        // Over the URL's rate (or the owner's queue budget):
+                        // a well-behaved client waits as told and sends again.
+                        if resp.status().as_u16() != 429 || stop.load(Ordering::SeqCst) {
+                            break resp;
+                        }
+                        let wait = resp
+                            .headers()
+                            .get("retry-after")
+                            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                            .unwrap_or(1)
+                            .min(5);
+                        tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
                     };
                     if resp.status().as_u16() != 202 {
                         continue;

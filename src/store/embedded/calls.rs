@@ -8,6 +8,7 @@ use super::codec::{key_prefix, seq_prefix};
 use super::directory::done_key;
 use super::*;
 use crate::model::OutputState;
+use crate::store::over_queue;
 
 impl Inner {
     /// Indexes a call by its state (migration from schema 1).
@@ -27,19 +28,37 @@ impl Inner {
     /// Accepts a call. An inline payload is a staged write on the commit
     /// thread; a file is written and fsynced here, on a blocking thread,
     /// before its own transaction.
-    pub(super) fn accept(&self, mut call: Call, payload: &[u8], fx: &mut Effects) -> Result<Call> {
+    pub(super) fn accept(
+        &self,
+        mut call: Call,
+        payload: &[u8],
+        budget: QueueBudget,
+        fx: &mut Effects,
+    ) -> Result<Call> {
         let seqs = self.accept_ids(&mut call, payload.len())?;
         if payload.len() as u64 <= self.config.inline_max_bytes {
             let marker = Marker::Inline(payload.to_vec());
-            let over = self.staged(|t| self.accept_tx(t, &call, &marker, seqs))?;
+            let over = self.staged(|t| self.accept_tx(t, &call, &marker, seqs, &budget))?;
             return Ok(self.accepted(call, over, fx));
+        }
+        // Before the file is written, so a refusal costs no disk; the
+        // transaction below checks again, and that check decides.
+        let used: QueueUse = get(self.tree(QUEUED), call.owner.as_str())?.unwrap_or_default();
+        if let Some(e) = over_queue(
+            &call.owner,
+            &budget,
+            used.calls,
+            used.bytes,
+            payload.len() as u64,
+        ) {
+            return Err(e);
         }
         self.blobs
             .write(Kind::Payload, &call.id, payload)
             .map_err(|e| io_full(e, "the payload"))?;
         crate::crash_point!("accept-payload-written");
         let marker = Marker::File(payload.len() as u64);
-        let over = match self.tx(|t| self.accept_tx(t, &call, &marker, seqs)) {
+        let over = match self.tx(|t| self.accept_tx(t, &call, &marker, seqs, &budget)) {
             Ok(over) => over,
             Err(e) => {
                 self.blobs.remove_uncommitted(Kind::Payload, &call.id);
@@ -68,15 +87,22 @@ impl Inner {
 
     /// Stores an accepted call: its record, payload marker, queue and index
     /// entries, counters and events. True when the log went over budget.
+    /// Aborts, storing nothing, when the owner's queue is at `budget`: every
+    /// write of `queued` holds `Inner::writing`, so this read is exact.
     pub(super) fn accept_tx(
         &self,
         t: &[impl Kv],
         call: &Call,
         marker: &Marker,
         (call_seq, pending_seq): (u64, u64),
+        budget: &QueueBudget,
     ) -> TxResult<bool> {
         if t[FUNCTIONS].get(fk(call).as_str())?.is_none() {
             return abort(StoreError::NotFound(format!("function {}", call.function)));
+        }
+        let used = queue_add(&t[QUEUED], &call.owner, 1, payload_len(call))?;
+        if let Some(e) = over_queue(&call.owner, budget, used.calls, used.bytes, call.stdin_len) {
+            return abort(e);
         }
         let id = call.id.as_bytes();
         t[CALLS].insert(id, enc(call)?)?;
@@ -131,6 +157,23 @@ impl Inner {
                 break;
             }
         }
+        // The call is gone, and its length with it: count the owner's
+        // queue again (a rare repair, not a hot path).
+        self.recount_queue(owner)
+    }
+
+    /// Sets `owner`'s `queued` entry from their queue entries.
+    pub(super) fn recount_queue(&self, owner: &Name) -> Result<()> {
+        let _one = lock(&self.writing);
+        let mut used = QueueUse::default();
+        for kv in self.tree(QUEUE).scan_prefix(seq_prefix(owner.as_str())) {
+            let (_, id) = kv?;
+            if let Some(call) = get::<Call>(self.tree(CALLS), &id)? {
+                used.calls += 1;
+                used.bytes += call.stdin_len;
+            }
+        }
+        self.tree(QUEUED).insert(owner.as_str(), encode(&used)?)?;
         Ok(())
     }
 
@@ -175,6 +218,7 @@ impl Inner {
                 return abort(e);
             }
             t[QUEUE].remove(seq_key(call.owner.as_str(), call.seq))?;
+            queue_add(&t[QUEUED], &call.owner, -1, -payload_len(&call))?;
             t[CALLS].insert(id.as_bytes(), enc(&call)?)?;
             let mut stats = tx_stats(&t[STATS], &call.fn_key())?;
             stats.count(CallState::Pending, -1);
@@ -201,6 +245,7 @@ impl Inner {
                 return abort(e);
             }
             t[QUEUE].insert(seq_key(call.owner.as_str(), call.seq), id.as_bytes())?;
+            queue_add(&t[QUEUED], &call.owner, 1, payload_len(&call))?;
             t[CALLS].insert(id.as_bytes(), enc(&call)?)?;
             let mut stats = tx_stats(&t[STATS], &call.fn_key())?;
             stats.count(CallState::Running, -1);
@@ -283,6 +328,7 @@ impl Inner {
             let key = seq_key(fk(&call).as_str(), call.seq);
             if was == CallState::Pending {
                 t[QUEUE].remove(seq_key(call.owner.as_str(), call.seq))?;
+                queue_add(&t[QUEUED], &call.owner, -1, -payload_len(&call))?;
             }
             let payload = t[PAYLOADS].remove(id.as_bytes())?;
             t[LIVE].remove(key.clone())?;

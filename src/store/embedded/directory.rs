@@ -151,11 +151,14 @@ impl Inner {
             }
         }
         fx.committed = true;
+        let mut dequeued = false;
         for kv in self.tree(FN_CALLS).scan_prefix(&prefix) {
             let (k, id) = kv?;
             if let Some(call) = get::<Call>(self.tree(CALLS), &id)? {
-                self.tree(QUEUE)
-                    .remove(seq_key(call.owner.as_str(), call.seq))?;
+                dequeued |= self
+                    .tree(QUEUE)
+                    .remove(seq_key(call.owner.as_str(), call.seq))?
+                    .is_some();
                 if let Some(done) = call.finished_ms {
                     self.tree(DONE).remove(done_key(done, &call.id))?;
                 }
@@ -177,6 +180,10 @@ impl Inner {
             }
         }
         self.tree(STATS).remove(key.store_key().as_str())?;
+        if dequeued {
+            // Calls still queued (a cancel that failed): their owner's count.
+            self.recount_queue(&key.owner)?;
+        }
         Ok(())
     }
 

@@ -78,6 +78,58 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// Schema 5 appended `limits` to a user's record and counts each
+    /// owner's queue in `queued`. Users are rewritten, and `queued` is
+    /// rebuilt from the queue, in one batch with the schema number, so a
+    /// crash leaves either layout whole. A record that already reads as
+    /// today's is kept (the layouts cannot be confused: an old one is too
+    /// short for today's shape, and today's is too long for the old one).
+    pub(super) fn migrate_to_5(&self) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        let mut users = 0;
+        for kv in self.tree(USERS).iter() {
+            let (k, v) = kv?;
+            if decode::<User>(&v).is_ok() {
+                continue;
+            }
+            let u: User = decode::<crate::model::UserV1>(&v)?.into();
+            batch.insert(k, encode(&u)?);
+            users += 1;
+        }
+        let mut queued: HashMap<Vec<u8>, QueueUse> = HashMap::new();
+        for kv in self.tree(QUEUE).iter() {
+            let (k, id) = kv?;
+            if let Some(call) = get::<Call>(self.tree(CALLS), &id)? {
+                let used = queued.entry(key_prefix(&k).to_vec()).or_default();
+                used.calls += 1;
+                used.bytes += call.stdin_len;
+            }
+        }
+        tracing::info!(
+            users,
+            owners = queued.len(),
+            "migrating the database to schema 5 (user budgets)"
+        );
+        let mut counts = sled::Batch::default();
+        for kv in self.tree(QUEUED).iter() {
+            counts.remove(kv?.0);
+        }
+        for (owner, used) in &queued {
+            counts.insert(owner.as_slice(), encode(used)?);
+        }
+        let schema = encode(&5u64)?;
+        let _one = lock(&self.writing);
+        (self.tree(USERS), self.tree(QUEUED), self.tree(META)).transaction(|(u, q, m)| {
+            u.apply_batch(&batch)?;
+            q.apply_batch(&counts)?;
+            m.insert("schema", schema.as_slice())?;
+            Ok::<_, ConflictableTransactionError<StoreError>>(())
+        })?;
+        Ok(())
+    }
+}
+
 /// Entries re-keyed per atomic batch by `migrate_keys_to_4`.
 const REKEY_BATCH: usize = 1000;
 

@@ -24,7 +24,7 @@ use super::{
     changed_meanwhile, FunctionStats, OutputLookup, Result, Started, Store, StoreConfig, StoreError,
 };
 use crate::model::{
-    Call, CallId, CallState, Event, EventKind, FnKey, Function, Name, Outcome, User,
+    Call, CallId, CallState, Event, EventKind, FnKey, Function, Name, Outcome, QueueBudget, User,
 };
 use async_trait::async_trait;
 use blobs::{Blobs, Kind, Marker};
@@ -82,7 +82,9 @@ const PAGE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// Layout version in `meta`; `migrate` brings older databases up to it.
 /// 3: a function's spec ends with its OCI runtime (`legacy.rs`).
 /// 4: everything kept per function is keyed by owner and name (`legacy.rs`).
-const SCHEMA: u64 = 4;
+/// 5: users carry budgets (`UserLimits`), and `queued` counts each owner's
+/// queue (`migrate_to_5`).
+const SCHEMA: u64 = 5;
 
 // Tree indices of `Inner::trees`, so one transaction can span any of them.
 const USERS: usize = 0; // user name -> User
@@ -99,7 +101,8 @@ const FN_CALLS: usize = 10; // owner\0name\0seq -> call id: every call of a func
 const META: usize = 11; // small singletons
 const LIVE: usize = 12; // owner\0name\0seq -> call id: calls not yet ended
 const DONE: usize = 13; // finished_ms\0id -> (): ended calls, oldest first, for retention
-const TREE_NAMES: [&str; 14] = [
+const QUEUED: usize = 14; // owner -> QueueUse: the owner's PENDING calls and their payload bytes
+const TREE_NAMES: [&str; 15] = [
     "users",
     "keys",
     "functions",
@@ -114,7 +117,16 @@ const TREE_NAMES: [&str; 14] = [
     "meta",
     "live",
     "done",
+    "queued",
 ];
+
+/// An owner's queue as `accept` checks it against their budget: kept in
+/// the same writes as the `queue` entries it counts, so it is exact.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+struct QueueUse {
+    calls: u64,
+    bytes: u64,
+}
 
 /// What a write did besides its transactions, for `SledStore::write` to
 /// finish once the transactions are durable.
@@ -459,6 +471,9 @@ impl Inner {
         if schema < 4 {
             self.migrate_keys_to_4()?;
         }
+        if schema < 5 {
+            self.migrate_to_5()?;
+        }
         meta.insert("schema", encode(&SCHEMA)?)?;
         Ok(())
     }
@@ -537,6 +552,25 @@ fn log(
 /// The store key of a call's function (`owner NUL name`).
 fn fk(call: &Call) -> String {
     call.fn_key().store_key()
+}
+
+/// Adds `calls` and `bytes` to `owner`'s queue count; returns it as it was.
+fn queue_add(queued: &impl Kv, owner: &Name, calls: i64, bytes: i64) -> TxResult<QueueUse> {
+    let was: QueueUse = match queued.get(owner.as_str())? {
+        Some(v) => dec(&v)?,
+        None => QueueUse::default(),
+    };
+    let now = QueueUse {
+        calls: was.calls.saturating_add_signed(calls),
+        bytes: was.bytes.saturating_add_signed(bytes),
+    };
+    queued.insert(owner.as_str(), enc(&now)?)?;
+    Ok(was)
+}
+
+/// A call's payload length as a signed count.
+fn payload_len(call: &Call) -> i64 {
+    i64::try_from(call.stdin_len).unwrap_or(i64::MAX)
 }
 
 fn tx_stats(stats: &impl Kv, function: &FnKey) -> TxResult<FunctionStats> {
@@ -685,6 +719,26 @@ impl Store for SledStore {
         Ok(())
     }
 
+    async fn create_function_within(&self, f: &Function, max_functions: u32) -> Result<()> {
+        // Directory writes are one at a time: the count cannot change
+        // between this look and the create.
+        let _one = self.directory.lock().await;
+        let owned = self
+            .cached_functions()
+            .by_key
+            .keys()
+            .filter(|k| k.owner == f.owner)
+            .count();
+        if owned >= max_functions as usize {
+            return Err(super::over_functions(&f.owner, max_functions));
+        }
+        let made = f.clone();
+        self.write(move |i, fx| i.create_function(&made, fx))
+            .await?;
+        self.cache_function(&f.key(), Some(f.clone()));
+        Ok(())
+    }
+
     async fn update_function(&self, read: &Function, f: &Function) -> Result<()> {
         let _one = self.directory.lock().await;
         let (read, changed) = (read.clone(), f.clone());
@@ -756,12 +810,14 @@ impl Store for SledStore {
         self.read(move |i| i.stats(&name)).await
     }
 
-    async fn accept(&self, call: Call, payload: Bytes) -> Result<Call> {
+    async fn accept_within(&self, call: Call, payload: Bytes, budget: QueueBudget) -> Result<Call> {
         if payload.len() as u64 > self.inner.config.inline_max_bytes {
             // Its own file, written and fsynced off the commit thread.
-            self.write(move |i, fx| i.accept(call, &payload, fx)).await
+            self.write(move |i, fx| i.accept(call, &payload, budget, fx))
+                .await
         } else {
-            self.commit(move |i, fx| i.accept(call, &payload, fx)).await
+            self.commit(move |i, fx| i.accept(call, &payload, budget, fx))
+                .await
         }
     }
 

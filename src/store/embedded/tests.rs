@@ -404,6 +404,7 @@ async fn users_and_their_keys_follow_each_change() {
         max_concurrency: quota,
         admin: false,
         created_ms: 0,
+        limits: Default::default(),
     };
     store.create_user(&user([1; 32], 2)).await.unwrap();
     assert!(matches!(
@@ -486,7 +487,8 @@ async fn an_interrupted_staged_write_is_finished_on_open() {
     let inner = &store.inner;
     let seqs = inner.accept_ids(&mut call, 1).unwrap();
     let marker = Marker::Inline(b"2".to_vec());
-    let writes = inner.record(|t| inner.accept_tx(t, &call, &marker, seqs));
+    let writes =
+        inner.record(|t| inner.accept_tx(t, &call, &marker, seqs, &QueueBudget::UNLIMITED));
     let (_, writes) = writes.unwrap();
     assert!(writes.len() > 2);
     inner.apply_partly(&writes, 2).unwrap();
@@ -506,4 +508,140 @@ async fn an_interrupted_staged_write_is_finished_on_open() {
         (2, 1, 1),
         "replayed once only"
     );
+}
+
+/// The queue budget is checked in the write that queues: of many accepts at
+/// once, exactly the budget's worth pass, and the ones refused store
+/// nothing. A start, an end and a requeue move the count with the queue,
+/// and a reopen finds it as it was.
+#[tokio::test]
+async fn queue_budgets_hold_exactly_under_concurrent_accepts() {
+    let (dir, store) = setup(config()).await;
+    let store = Arc::new(store);
+    let budget = QueueBudget {
+        max_calls: 5,
+        max_bytes: 1000,
+    };
+    let mut tasks = Vec::new();
+    for i in 0..40u8 {
+        let store = Arc::clone(&store);
+        // Inline (≤ 4 bytes) and file payloads both.
+        let payload = vec![i; if i % 2 == 0 { 3 } else { 9 }];
+        tasks.push(tokio::spawn(async move {
+            let call = Call::new(name("f"), name("alice"), 0, &payload, vec![]);
+            store
+                .accept_within(call, Bytes::from(payload), budget)
+                .await
+        }));
+    }
+    let mut accepted = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(c) => accepted.push(c),
+            Err(StoreError::OverBudget(m)) => assert!(m.contains("max_queued 5"), "{m}"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(accepted.len(), 5);
+    let stats = store.stats(&key("f")).await.unwrap();
+    assert_eq!((stats.total, stats.pending), (5, 5));
+    let queued = |s: &SledStore| get::<QueueUse>(s.inner.tree(QUEUED), "alice").unwrap();
+    let bytes: u64 = accepted.iter().map(|c| c.stdin_len).sum();
+    assert_eq!(queued(&store), Some(QueueUse { calls: 5, bytes }));
+
+    // Bytes: 1000 allowed, so a call that would pass them is refused.
+    let big = vec![1u8; 1000];
+    let call = Call::new(name("f"), name("alice"), 0, &big, vec![]);
+    let budget = QueueBudget {
+        max_calls: 100,
+        max_bytes: 1000,
+    };
+    match store.accept_within(call, Bytes::from(big), budget).await {
+        Err(StoreError::OverBudget(m)) => assert!(m.contains("max_queued_bytes"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+
+    // A start frees a place; a requeue takes it back; an end frees it.
+    run(&store, &accepted[0]).await;
+    store.requeue(&accepted[0].id).await.unwrap();
+    assert_eq!(queued(&store).unwrap().calls, 5);
+    run(&store, &accepted[0]).await;
+    let outcome = Outcome {
+        state: CallState::Finished,
+        exit_code: Some(0),
+        message: None,
+        stdout: Bytes::new(),
+        stderr: Bytes::new(),
+    };
+    store.finish(&accepted[0].id, outcome).await.unwrap();
+    assert_eq!(
+        queued(&store).unwrap(),
+        QueueUse {
+            calls: 4,
+            bytes: bytes - accepted[0].stdin_len
+        }
+    );
+    store
+        .cancel_queued(&key("f"), "cancelled: test")
+        .await
+        .unwrap();
+    assert_eq!(queued(&store).unwrap(), QueueUse::default());
+    drop(store);
+    let store = reopen(dir.path(), config());
+    assert_eq!(queued(&store).unwrap(), QueueUse::default());
+}
+
+/// A database of schema 4 (users without budgets, no `queued` tree) opens
+/// with its users following the defaults and its queue counted.
+#[tokio::test]
+async fn schema_4_users_and_queues_migrate_to_5() {
+    let (dir, store) = setup(config()).await;
+    let calls = [
+        accept(&store, b"ab").await,
+        accept(&store, b"abcdefgh").await,
+    ];
+    drop(store);
+    {
+        let db = reopen_db(dir.path());
+        let old = crate::model::UserV1 {
+            name: name("bob"),
+            key_hash: [9; 32],
+            max_concurrency: 3,
+            admin: false,
+            created_ms: 5,
+        };
+        #[derive(Serialize)]
+        struct Shape<'a>(&'a Name, [u8; 32], u32, bool, u64);
+        let bytes = encode(&Shape(&old.name, old.key_hash, 3, false, 5)).unwrap();
+        db.open_tree("users").unwrap().insert("bob", bytes).unwrap();
+        db.open_tree("queued").unwrap().clear().unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .insert("schema", encode(&4u64).unwrap())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let store = reopen(dir.path(), config());
+    let bob = store.get_user(&name("bob")).await.unwrap().unwrap();
+    assert_eq!(bob.max_concurrency, 3);
+    assert_eq!(bob.limits, crate::model::UserLimits::default());
+    assert_eq!(
+        get::<QueueUse>(store.inner.tree(QUEUED), "alice").unwrap(),
+        Some(QueueUse {
+            calls: 2,
+            bytes: calls.iter().map(|c| c.stdin_len).sum()
+        })
+    );
+    let schema: u64 = get(store.inner.tree(META), "schema").unwrap().unwrap();
+    assert_eq!(schema, SCHEMA);
+}
+
+fn reopen_db(dir: &Path) -> sled::Db {
+    for _ in 0..50 {
+        if let Ok(db) = sled::open(dir) {
+            return db;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    sled::open(dir).unwrap()
 }

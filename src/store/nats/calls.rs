@@ -83,11 +83,32 @@ enum Head {
 }
 
 impl Inner {
-    pub(super) async fn accept(&self, mut call: Call, payload: Bytes) -> Result<Call> {
+    pub(super) async fn accept(
+        &self,
+        mut call: Call,
+        payload: Bytes,
+        budget: QueueBudget,
+    ) -> Result<Call> {
         let function = call.fn_key();
         let shard = shard_key(&function, shard_of(&call.id));
         // The owner's consumer exists before its first message.
-        self.consumer(&call.owner).await?;
+        let consumer = self.consumer(&call.owner).await?;
+        if budget.max_calls < u64::MAX {
+            // The owner's queued calls, from their consumer: the messages
+            // not yet handed to any node. It leaves out the heads nodes hold
+            // before starting them (at most the quota), and accepts on other
+            // nodes between this look and the publish: the bound overshoots
+            // by at most those (README "Budgets").
+            let mut c = consumer.clone();
+            let info = c
+                .info()
+                .await
+                .map_err(|e| unavailable("reading a queue", e))?;
+            if let Some(e) = crate::store::over_queue(&call.owner, &budget, info.num_pending, 0, 0)
+            {
+                return Err(e);
+            }
+        }
         // The call id as message id: a retried publish is stored once.
         let publish = retry(|| async {
             let mut h = async_nats::HeaderMap::new();

@@ -36,7 +36,9 @@ mod tests;
 use super::{
     changed_meanwhile, FunctionStats, OutputLookup, Result, Started, Store, StoreConfig, StoreError,
 };
-use crate::model::{Call, CallId, CallState, Event, FnKey, Function, Name, Outcome, User};
+use crate::model::{
+    Call, CallId, CallState, Event, FnKey, Function, Name, Outcome, QueueBudget, User,
+};
 use async_nats::jetstream::{self, consumer, stream, AckKind};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -429,6 +431,32 @@ async fn open_bucket(js: &jetstream::Context, replicas: usize) -> Result<jetstre
     Ok(kv)
 }
 
+/// A user's record and its revision, in today's shape whichever release
+/// wrote it (`dec_user`).
+async fn get_user_record(bucket: &kv::Bucket, name: &Name) -> Result<(u64, Option<User>)> {
+    let key = user_key(name);
+    match bucket.read(&key).await? {
+        None => Ok((0, None)),
+        Some(kv::Read {
+            revision,
+            value: None,
+        }) => Ok((revision, None)),
+        Some(kv::Read {
+            revision,
+            value: Some(v),
+        }) => Ok((revision, Some(dec_user(&key, &v)?))),
+    }
+}
+
+/// A user record; one written before users had budgets (`UserV1`: too
+/// short for today's shape) follows the defaults until it is next written.
+fn dec_user(key: &str, v: &[u8]) -> Result<User> {
+    dec::<User>(key, v).or_else(|e| match dec::<crate::model::UserV1>(key, v) {
+        Ok(old) => Ok(old.into()),
+        Err(_) => Err(e),
+    })
+}
+
 fn user_key(name: &Name) -> String {
     format!("u.{name}")
 }
@@ -570,7 +598,7 @@ impl Inner {
         if let Some(c) = lock(&self.consumers).get(owner) {
             return Ok(c.clone());
         }
-        let quota = match self.bucket.get::<User>(&user_key(owner)).await?.1 {
+        let quota = match get_user_record(&self.bucket, owner).await?.1 {
             Some(u) => u.max_concurrency,
             None => 1,
         };
@@ -746,7 +774,7 @@ impl Store for NatsStore {
     async fn create_user(&self, user: &User) -> Result<()> {
         let i = &self.inner;
         retry(|| async {
-            let (rev, old) = i.bucket.get::<User>(&user_key(&user.name)).await?;
+            let (rev, old) = get_user_record(&i.bucket, &user.name).await?;
             if old.is_some() {
                 return Err(Refused::Error(StoreError::Conflict(format!(
                     "user {} already exists",
@@ -769,7 +797,7 @@ impl Store for NatsStore {
     async fn update_user(&self, user: &User) -> Result<()> {
         let i = &self.inner;
         retry(|| async {
-            let (rev, old) = i.bucket.get::<User>(&user_key(&user.name)).await?;
+            let (rev, old) = get_user_record(&i.bucket, &user.name).await?;
             let Some(old) = old else {
                 return Err(Refused::Error(StoreError::NotFound(format!(
                     "user {}",
@@ -790,7 +818,7 @@ impl Store for NatsStore {
     }
 
     async fn get_user(&self, name: &Name) -> Result<Option<User>> {
-        Ok(self.inner.bucket.get(&user_key(name)).await?.1)
+        Ok(get_user_record(&self.inner.bucket, name).await?.1)
     }
 
     async fn user_by_key_hash(&self, hash: &[u8; 32]) -> Result<Option<User>> {
@@ -808,7 +836,7 @@ impl Store for NatsStore {
             .scan("u.")
             .await?
             .iter()
-            .map(|(k, v)| dec(k, v))
+            .map(|(k, v)| dec_user(k, v))
             .collect::<Result<_>>()?;
         users.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(users)
@@ -825,7 +853,7 @@ impl Store for NatsStore {
         }
         let i = &self.inner;
         retry(|| async {
-            let (rev, old) = i.bucket.get::<User>(&user_key(name)).await?;
+            let (rev, old) = get_user_record(&i.bucket, name).await?;
             let Some(old) = old else {
                 return Err(Refused::Error(StoreError::NotFound(format!("user {name}"))));
             };
@@ -994,8 +1022,8 @@ impl Store for NatsStore {
     }
 
     // ---- calls ----
-    async fn accept(&self, call: Call, payload: Bytes) -> Result<Call> {
-        self.inner.accept(call, payload).await
+    async fn accept_within(&self, call: Call, payload: Bytes, budget: QueueBudget) -> Result<Call> {
+        self.inner.accept(call, payload, budget).await
     }
 
     async fn get_call(&self, id: &CallId) -> Result<Option<Call>> {

@@ -198,6 +198,7 @@ async fn counters_stay_exact_over_shards_under_concurrent_changes_and_a_purge_re
             max_concurrency: 8,
             admin: false,
             created_ms: 0,
+            limits: Default::default(),
         })
         .await
         .unwrap();
