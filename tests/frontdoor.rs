@@ -268,31 +268,6 @@ fn the_admin_key_never_reaches_a_container_or_the_database() {
     d.finish();
 }
 
-/// POSTs or PATCHes a JSON body to the management API with `key`.
-fn send_json(
-    d: &Daemon,
-    key: &str,
-    method: &str,
-    path: &str,
-    body: &str,
-) -> (u16, serde_json::Value) {
-    let (code, out) = d.curl(&[
-        "-X",
-        method,
-        "-H",
-        &format!("Authorization: Bearer {key}"),
-        "-H",
-        "Content-Type: application/json",
-        "--data-binary",
-        body,
-        &format!("{}{path}", d.endpoint),
-    ]);
-    (
-        code,
-        serde_json::from_slice(&out).unwrap_or(serde_json::Value::Null),
-    )
-}
-
 #[test]
 fn limits_outside_the_ceilings_or_nonsensical_are_refused_at_create_and_update() {
     let d = Daemon::start_with(
@@ -301,7 +276,7 @@ fn limits_outside_the_ceilings_or_nonsensical_are_refused_at_create_and_update()
     );
     let key = d.add_user("tenant", 2);
     let create = |extra: &str| {
-        send_json(
+        common::scope::send_as(
             &d,
             &key,
             "POST",
@@ -336,7 +311,7 @@ fn limits_outside_the_ceilings_or_nonsensical_are_refused_at_create_and_update()
         "{\"Memory\":18446744073709551615}",
         "{\"Timeout\":\"1h\"}",
     ] {
-        let (code, v) = send_json(&d, &key, "PATCH", "/v1/functions/lim", patch);
+        let (code, v) = common::scope::send_as(&d, &key, "PATCH", "/v1/functions/lim", patch);
         assert_eq!(code, 400, "{patch}: {v}");
         assert_eq!(v["error"]["code"], "bad_request", "{patch}: {v}");
     }
@@ -431,7 +406,7 @@ fn images_from_registries_not_allowed_are_refused_before_the_engine_is_asked() {
             "10.0.0.1/x",
             "ghcr.io/o/x",
         ] {
-            let (code, v) = send_json(
+            let (code, v) = common::scope::send_as(
                 &d,
                 key,
                 "POST",
@@ -443,7 +418,7 @@ fn images_from_registries_not_allowed_are_refused_before_the_engine_is_asked() {
         }
     }
     // An invalid reference is a 400 too, not a 500 from the Engine.
-    let (code, v) = send_json(
+    let (code, v) = common::scope::send_as(
         &d,
         &tenant,
         "POST",
@@ -457,7 +432,7 @@ fn images_from_registries_not_allowed_are_refused_before_the_engine_is_asked() {
     );
     // Updates are checked the same way.
     d.create_as(&tenant, "img", &[IMAGE, "true"]);
-    let (code, v) = send_json(
+    let (code, v) = common::scope::send_as(
         &d,
         &tenant,
         "PATCH",
@@ -477,7 +452,7 @@ fn images_from_registries_not_allowed_are_refused_before_the_engine_is_asked() {
 
     // A listed registry is asked; its answer is summarised, never echoed.
     let image = format!("127.0.0.1:{listed_port}/probe/x:latest");
-    let (code, v) = send_json(
+    let (code, v) = common::scope::send_as(
         &d,
         &tenant,
         "POST",
