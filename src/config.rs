@@ -156,6 +156,14 @@ pub struct SchedulerConfig {
     /// Per user (`--rate`): requests per second per API key and per call
     /// URL, a token bucket that holds one second's worth (the burst).
     pub default_rate: u32,
+    /// Slots of `host_max_running` kept for each admin who sets none of
+    /// their own (`user update --reserved`): no other user's call takes
+    /// them while unused, so the admin's calls start at once on a full host.
+    pub admin_reserved: u32,
+    /// Likewise for every other user who sets none. All users' reservations
+    /// together must leave at least one slot unreserved (README "Sharing
+    /// the host").
+    pub default_reserved: u32,
 }
 
 /// 1 GiB: a full queue of the default 10,000 calls at 100 KiB each.
@@ -171,6 +179,8 @@ impl Default for SchedulerConfig {
             default_max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
             default_max_functions: 100,
             default_rate: 100,
+            admin_reserved: 1,
+            default_reserved: 0,
         }
     }
 }

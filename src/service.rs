@@ -179,7 +179,7 @@ impl Service {
         Self::require_admin(caller)?;
         check_user_limits(&limits)?;
         let (user, key) = self
-            .create_user_with(name, max_concurrency, limits, admin)
+            .create_user_with(name, max_concurrency, limits, admin, true)
             .await?;
         crate::logging::user_added(caller, &user);
         Ok((user, key))
@@ -192,16 +192,20 @@ impl Service {
         max_concurrency: Option<u32>,
         admin: bool,
     ) -> Result<(User, ApiKey)> {
-        self.create_user_with(name, max_concurrency, UserLimits::default(), admin)
+        self.create_user_with(name, max_concurrency, UserLimits::default(), admin, false)
             .await
     }
 
+    /// `check_share`: refuse a reservation the host has no room for (the
+    /// first start's admin is not checked: at start, reservations that do
+    /// not fit are cut instead, see `scheduler/share.rs`).
     async fn create_user_with(
         &self,
         name: Name,
         max_concurrency: Option<u32>,
         limits: UserLimits,
         admin: bool,
+        check_share: bool,
     ) -> Result<(User, ApiKey)> {
         let max_concurrency =
             max_concurrency.unwrap_or(self.config.scheduler.default_max_concurrency);
@@ -219,7 +223,11 @@ impl Service {
             created_ms: now_ms(),
             limits,
         };
+        if check_share {
+            self.check_reserved(&user, 0).await?;
+        }
         self.store.create_user(&user).await?;
+        self.scheduler.users_changed();
         Ok((user, key))
     }
 
@@ -243,6 +251,7 @@ impl Service {
             .get_user(name)
             .await?
             .ok_or_else(|| ServiceError::NotFound(format!("user {name} not found")))?;
+        let before = self.budget(&user).reserved;
         if let Some(m) = max_concurrency {
             if m == 0 {
                 return Err(ServiceError::BadRequest(
@@ -256,15 +265,75 @@ impl Service {
         l.max_queued_bytes = limits.max_queued_bytes.or(l.max_queued_bytes);
         l.max_functions = limits.max_functions.or(l.max_functions);
         l.rate = limits.rate.or(l.rate);
+        l.reserved = limits.reserved.or(l.reserved);
+        self.check_reserved(&user, before).await?;
         let key = rotate_key.then(ApiKey::generate);
         if let Some(k) = &key {
             user.key_hash = k.hash();
         }
         self.store.update_user(&user).await?;
         crate::logging::user_updated(caller, &user, key.is_some());
+        self.scheduler.users_changed();
         // A raised quota may let queued calls start now.
         self.scheduler.queued(name);
         Ok((user, key))
+    }
+
+    /// Refuses to raise `user`'s reserved host slots above `before` when
+    /// all users' reservations would then leave no slot of
+    /// `host_max_running` unreserved (README "Sharing the host"). Lowering
+    /// one, or changing anything else, is never refused, even on a host
+    /// whose reservations no longer fit (they are cut at start).
+    async fn check_reserved(&self, user: &User, before: u32) -> Result<()> {
+        let s = &self.config.scheduler;
+        let wanted = user.reserved(s.admin_reserved, s.default_reserved);
+        if wanted <= before {
+            return Ok(());
+        }
+        let mut others: Vec<(Name, u32)> = self
+            .store
+            .list_users()
+            .await?
+            .iter()
+            .filter(|u| u.name != user.name)
+            .map(|u| {
+                (
+                    u.name.clone(),
+                    u.reserved(s.admin_reserved, s.default_reserved),
+                )
+            })
+            .filter(|(_, r)| *r > 0)
+            .collect();
+        others.sort();
+        let taken: u64 = others.iter().map(|(_, r)| u64::from(*r)).sum();
+        let room = u64::from(s.host_max_running.saturating_sub(1));
+        if taken + u64::from(wanted) <= room {
+            return Ok(());
+        }
+        let who = if others.is_empty() {
+            "no other user reserves any".to_string()
+        } else {
+            let list: Vec<String> = others.iter().map(|(n, r)| format!("{n} {r}")).collect();
+            format!("other users reserve {taken} ({})", list.join(", "))
+        };
+        let from = if user.limits.reserved.is_none() {
+            let key = if user.admin {
+                "admin_reserved"
+            } else {
+                "default_reserved"
+            };
+            format!(" (from [scheduler] {key}; --reserved sets another)")
+        } else {
+            String::new()
+        };
+        let slots = if wanted == 1 { "slot" } else { "slots" };
+        Err(ServiceError::Conflict(format!(
+            "cannot reserve {wanted} host {slots} for {}{from}: host_max_running is {}, \
+             one slot must stay unreserved, and {who}, so at most {} can be reserved for them",
+            user.name,
+            s.host_max_running,
+            room.saturating_sub(taken)
+        )))
     }
 
     /// The budgets in force for `user`: their own, else `[scheduler]`'s.
@@ -276,6 +345,7 @@ impl Service {
             max_queued_bytes: l.max_queued_bytes.unwrap_or(d.default_max_queued_bytes),
             max_functions: l.max_functions.unwrap_or(d.default_max_functions),
             rate: l.rate.unwrap_or(d.default_rate),
+            reserved: user.reserved(d.admin_reserved, d.default_reserved),
         }
     }
 
@@ -300,6 +370,7 @@ impl Service {
             return Err(ServiceError::Conflict("you cannot remove yourself".into()));
         }
         self.store.delete_user(name).await?;
+        self.scheduler.users_changed();
         crate::logging::user_removed(caller, name);
         Ok(())
     }

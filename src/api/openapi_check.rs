@@ -550,6 +550,7 @@ fn schemas_match_the_api_types() {
             max_queued_bytes: None,
             max_functions: None,
             rate: None,
+            reserved: None,
             admin: false,
         },
     );
@@ -642,6 +643,7 @@ fn schemas_match_the_api_types() {
             max_queued_bytes: 1,
             max_functions: 1,
             rate: 1,
+            reserved: 0,
             admin: false,
             created: String::new(),
             key: Some("hfk_x".into()),

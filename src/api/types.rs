@@ -275,6 +275,9 @@ pub struct UserCreate {
     /// Requests per second per API key and per call URL.
     #[serde(default)]
     pub rate: Option<u32>,
+    /// Slots of `host_max_running` kept for the user's calls.
+    #[serde(default)]
+    pub reserved: Option<u32>,
     #[serde(default)]
     pub admin: bool,
 }
@@ -286,12 +289,14 @@ pub fn user_limits(
     max_queued_bytes: Option<u64>,
     max_functions: Option<u32>,
     rate: Option<u32>,
+    reserved: Option<u32>,
 ) -> UserLimits {
     UserLimits {
         max_queued,
         max_queued_bytes,
         max_functions,
         rate,
+        reserved,
     }
 }
 
@@ -309,6 +314,9 @@ pub struct UserPatch {
     /// Requests per second per API key and per call URL.
     #[serde(default)]
     pub rate: Option<u32>,
+    /// Slots of `host_max_running` kept for the user's calls.
+    #[serde(default)]
+    pub reserved: Option<u32>,
     /// Issue a new key; the old one stops working.
     #[serde(default)]
     pub rotate_key: bool,
@@ -325,6 +333,9 @@ pub struct UserView {
     pub max_functions: u32,
     /// Requests per second per API key and per call URL.
     pub rate: u32,
+    /// Slots of `host_max_running` kept for the user's calls (their own
+    /// reservation, else the default for their role, at most their quota).
+    pub reserved: u32,
     pub admin: bool,
     pub created: String,
     /// Only in the answer that created (or rotated) the key.
@@ -339,6 +350,7 @@ impl UserCreate {
             self.max_queued_bytes,
             self.max_functions,
             self.rate,
+            self.reserved,
         )
     }
 }
@@ -350,6 +362,7 @@ impl UserPatch {
             self.max_queued_bytes,
             self.max_functions,
             self.rate,
+            self.reserved,
         )
     }
 }
@@ -363,6 +376,7 @@ impl UserView {
             max_queued_bytes: budget.max_queued_bytes,
             max_functions: budget.max_functions,
             rate: budget.rate,
+            reserved: budget.reserved,
             admin: u.admin,
             created: format_time(u.created_ms),
             key,

@@ -214,6 +214,7 @@ impl Daemon {
                     max_queued_bytes: None,
                     max_functions: None,
                     rate: None,
+                    reserved: None,
                     admin: false,
                 },
             )

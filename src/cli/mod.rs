@@ -383,6 +383,9 @@ pub enum UserCmd {
         /// Requests per second per API key and per call URL (default: scheduler.default_rate)
         #[arg(long)]
         rate: Option<u32>,
+        /// Host slots kept for the user's calls, which no other user's call takes (default: scheduler.admin_reserved for an admin, else scheduler.default_reserved)
+        #[arg(long)]
+        reserved: Option<u32>,
         /// Make the user an administrator
         #[arg(long)]
         admin: bool,
@@ -402,7 +405,7 @@ pub enum UserCmd {
     },
     /// Change a user's quota, budgets or key
     #[command(
-        after_help = "Example:\n  hyperfuncd user update bob --rotate-key | tail -1\n  hyperfuncd user update bob --max-queued 500 --max-queued-bytes 100m --rate 20"
+        after_help = "Example:\n  hyperfuncd user update bob --rotate-key | tail -1\n  hyperfuncd user update bob --max-queued 500 --max-queued-bytes 100m --rate 20\n  hyperfuncd user update bob --reserved 2"
     )]
     Update {
         /// The user to change
@@ -422,6 +425,9 @@ pub enum UserCmd {
         /// Requests per second per API key and per call URL (default: scheduler.default_rate)
         #[arg(long)]
         rate: Option<u32>,
+        /// Host slots kept for the user's calls, which no other user's call takes (default: scheduler.admin_reserved for an admin, else scheduler.default_reserved)
+        #[arg(long)]
+        reserved: Option<u32>,
         /// Issue a new key (printed alone on the last line); the old one stops working
         #[arg(long)]
         rotate_key: bool,
@@ -718,6 +724,7 @@ async fn user(client: &Client, cmd: UserCmd, out: &mut impl Write) -> anyhow::Re
             max_queued_bytes,
             max_functions,
             rate,
+            reserved,
             admin,
         } => {
             let u: UserView = client
@@ -730,6 +737,7 @@ async fn user(client: &Client, cmd: UserCmd, out: &mut impl Write) -> anyhow::Re
                         max_queued_bytes,
                         max_functions,
                         rate,
+                        reserved,
                         admin,
                     },
                 )
@@ -756,6 +764,7 @@ async fn user(client: &Client, cmd: UserCmd, out: &mut impl Write) -> anyhow::Re
                             u.max_queued_bytes.to_string(),
                             u.max_functions.to_string(),
                             u.rate.to_string(),
+                            u.reserved.to_string(),
                             u.admin.to_string(),
                             u.created.clone(),
                         ]
@@ -770,6 +779,7 @@ async fn user(client: &Client, cmd: UserCmd, out: &mut impl Write) -> anyhow::Re
                         "MAX_QUEUED_BYTES",
                         "MAX_FUNCTIONS",
                         "RATE",
+                        "RESERVED",
                         "ADMIN",
                         "CREATED",
                     ],
@@ -790,6 +800,7 @@ async fn user(client: &Client, cmd: UserCmd, out: &mut impl Write) -> anyhow::Re
             max_queued_bytes,
             max_functions,
             rate,
+            reserved,
             rotate_key,
         } => {
             let u: UserView = client
@@ -801,6 +812,7 @@ async fn user(client: &Client, cmd: UserCmd, out: &mut impl Write) -> anyhow::Re
                         max_queued_bytes,
                         max_functions,
                         rate,
+                        reserved,
                         rotate_key,
                     },
                 )

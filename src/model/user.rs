@@ -1,6 +1,7 @@
-//! Users own functions and calls and carry a concurrency quota and budgets
-//! (queued calls and bytes, functions, request rate). Their API keys are
-//! stored only as SHA-256 hashes.
+//! Users own functions and calls and carry a concurrency quota, budgets
+//! (queued calls and bytes, functions, request rate) and a share of the
+//! host's slots kept for them (`reserved`). Their API keys are stored only
+//! as SHA-256 hashes.
 
 use super::ids::Name;
 use base64::Engine as _;
@@ -20,6 +21,17 @@ pub struct User {
     pub limits: UserLimits,
 }
 
+impl User {
+    /// Host slots kept for this user: their own reservation, else the
+    /// default for their role, never more than their quota (they could not
+    /// use more).
+    pub fn reserved(&self, admin_default: u32, default: u32) -> u32 {
+        let own = self.limits.reserved;
+        own.unwrap_or(if self.admin { admin_default } else { default })
+            .min(self.max_concurrency)
+    }
+}
+
 /// A user's budgets as stored: `None` follows the config's default.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct UserLimits {
@@ -30,6 +42,10 @@ pub struct UserLimits {
     pub max_functions: Option<u32>,
     /// Requests per second per API key and per call URL (token bucket).
     pub rate: Option<u32>,
+    /// Slots of `host_max_running` kept for the user's calls: no other
+    /// user's call takes one while it is unused (`None`: `[scheduler]
+    /// admin_reserved` for an admin, `default_reserved` for anyone else).
+    pub reserved: Option<u32>,
 }
 
 /// The budgets in force for a user: their own, else the defaults.
@@ -39,6 +55,9 @@ pub struct Budget {
     pub max_queued_bytes: u64,
     pub max_functions: u32,
     pub rate: u32,
+    /// Host slots kept for the user, at most their `max_concurrency` (they
+    /// could never use more).
+    pub reserved: u32,
 }
 
 impl Budget {
@@ -65,6 +84,47 @@ impl QueueBudget {
         max_calls: u64::MAX,
         max_bytes: u64::MAX,
     };
+}
+
+/// A user record as written before reservations existed (sled schema 5,
+/// and NATS records of that release): read, then upgraded.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UserV2 {
+    pub name: Name,
+    pub key_hash: [u8; 32],
+    pub max_concurrency: u32,
+    pub admin: bool,
+    pub created_ms: u64,
+    pub limits: UserLimitsV1,
+}
+
+/// `UserLimits` before `reserved`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UserLimitsV1 {
+    pub max_queued: Option<u64>,
+    pub max_queued_bytes: Option<u64>,
+    pub max_functions: Option<u32>,
+    pub rate: Option<u32>,
+}
+
+impl From<UserV2> for User {
+    fn from(u: UserV2) -> User {
+        let l = u.limits;
+        User {
+            name: u.name,
+            key_hash: u.key_hash,
+            max_concurrency: u.max_concurrency,
+            admin: u.admin,
+            created_ms: u.created_ms,
+            limits: UserLimits {
+                max_queued: l.max_queued,
+                max_queued_bytes: l.max_queued_bytes,
+                max_functions: l.max_functions,
+                rate: l.rate,
+                reserved: None,
+            },
+        }
+    }
 }
 
 /// A user record as written before budgets existed (sled schema 4 and
@@ -124,6 +184,24 @@ pub fn hash_key(key: &str) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reservation_follows_the_role_default_and_stops_at_the_quota() {
+        let mut u = User::from(UserV1 {
+            name: Name::parse("bob").unwrap(),
+            key_hash: [0; 32],
+            max_concurrency: 2,
+            admin: false,
+            created_ms: 0,
+        });
+        assert_eq!(u.reserved(1, 0), 0);
+        u.admin = true;
+        assert_eq!(u.reserved(1, 0), 1);
+        u.limits.reserved = Some(0);
+        assert_eq!(u.reserved(1, 0), 0, "their own, even 0");
+        u.limits.reserved = Some(5);
+        assert_eq!(u.reserved(1, 0), 2, "never above the quota");
+    }
 
     #[test]
     fn keys_are_random_and_hash_stably() {

@@ -1,13 +1,16 @@
-//! The dispatch loop: owners served round-robin within their quota and the
-//! host cap, an owner's calls taken in FIFO order with their containers
-//! created in that order (`start_chain`), each call run cold or warm, and
-//! its outcome made durable before its container is removed.
+//! The dispatch loop: owners served within their quota and the host cap as
+//! shared by the reserved slots (`share.rs`: the owner holding fewest
+//! first, round-robin among equals), an owner's calls taken in FIFO order
+//! with their containers created in that order (`start_chain`), each call
+//! run cold or warm, and its outcome made durable before its container is
+//! removed.
 
 use super::{call_env, Scheduler};
 use crate::model::{Call, CallId, FnKey, Name};
 use crate::runtime::{RunSpec, RuntimeError, Warm, WarmSpec};
 use crate::store::{Started, StoreError};
 use futures_util::future::FutureExt;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -188,29 +191,39 @@ impl Scheduler {
             self.sweep().await;
             self.prefill().await?;
         }
+        self.refresh_shares().await;
         let host_cap = self.config.scheduler.host_max_running;
-        // Each turn gives one owner one slot, then moves on: round-robin.
-        let mut idle_turns = 0;
+        // Each turn gives one owner one slot, then moves on: whoever holds
+        // fewest first, round-robin among equals (`Shares::pick`). Owners at
+        // their quota sit out the rest of this pass; a call that ends wakes
+        // the next one.
+        let mut at_quota: HashSet<Name> = HashSet::new();
         loop {
             let owner = {
                 let mut st = self.state();
-                if st.running_total >= host_cap || st.engine_down || idle_turns >= st.ready.len() {
+                if st.engine_down {
                     break;
                 }
-                match st.ready.pop_front() {
+                let picked = st.shares.pick(
+                    &st.ready,
+                    &at_quota,
+                    &st.running,
+                    st.running_total,
+                    host_cap,
+                );
+                match picked.and_then(|i| st.ready.remove(i)) {
                     Some(o) => o,
                     None => break,
                 }
             };
             match self.dispatch_one(&owner).await {
-                Ok(Turn::Started) => idle_turns = 0,
+                Ok(Turn::Started) => {}
                 Ok(Turn::Stale) => {
                     self.state().ready.push_front(owner);
-                    idle_turns = 0;
                 }
                 Ok(Turn::AtQuota) => {
+                    at_quota.insert(owner.clone());
                     self.state().ready.push_back(owner);
-                    idle_turns += 1;
                 }
                 Ok(Turn::Empty) => {
                     // Leave the ready set, then look once more: a call

@@ -1,6 +1,8 @@
 //! Drains the per-user FIFO queues into containers: at most `max_concurrency`
-//! running calls per user, at most `host_max_running` on the host, users
-//! served round-robin so one user's backlog never delays another's calls.
+//! running calls per user, at most `host_max_running` on the host, shared
+//! so that users' reserved slots stay free for them (`share.rs`), a freed
+//! slot going to the waiting user who holds fewest, round-robin among
+//! equals, so one user's backlog never delays another's calls.
 //! Also recovery after a crash, Engine outages, timeouts and cancellation.
 //!
 //! It never runs a call whose RUNNING state is not yet on disk, so a crash can
@@ -9,12 +11,13 @@
 //! This file holds the type, its state and the public face; the work is in
 //! `dispatch.rs` (the loop, one call's run and its conclusion),
 //! `recovery.rs` (recovery, the sweep, pruning, a removed function's
-//! calls), `shutdown.rs` (stopping running calls) and `pool.rs` (the warm
-//! pool).
+//! calls), `shutdown.rs` (stopping running calls), `pool.rs` (the warm
+//! pool) and `share.rs` (the reserved slots and who gets a freed one).
 
 mod dispatch;
 mod pool;
 mod recovery;
+mod share;
 mod shutdown;
 
 use crate::config::Config;
@@ -23,9 +26,10 @@ use crate::runtime::{Runtime, WarmSpec};
 use crate::store::{Store, StoreError};
 use futures_util::future::Shared;
 use pool::Pool;
+use share::{Shares, Want};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -42,6 +46,9 @@ const PRUNE_EVERY: Duration = Duration::from_secs(600);
 /// How often a node of a shared store looks at every queue, in case a
 /// change notice from another node was lost.
 const REMOTE_POLL: Duration = Duration::from_secs(2);
+/// How often a node of a shared store reads the users' reservations again:
+/// another node's `user update` reaches it within this.
+const SHARES_REFRESH: Duration = Duration::from_secs(10);
 
 pub struct Scheduler {
     store: Arc<dyn Store>,
@@ -62,6 +69,17 @@ struct DispatchState {
     ready_set: HashSet<Name>,
     running: HashMap<Name, u32>,
     running_total: u32,
+    /// The users' reserved slots, as last read (`refresh_shares`): the
+    /// dispatcher consults them on every turn, so they are read from the
+    /// store only when users change, never per turn.
+    shares: Shares,
+    /// Bumped by `users_changed`; `shares` are stale while the generation
+    /// they were read at is older.
+    users_generation: u64,
+    /// The generation `shares` were read at, and when.
+    shares_read: Option<(u64, Instant)>,
+    /// Reservations last cut to fit the host, so a cut is logged once.
+    shares_cut: Vec<share::Cut>,
     /// One token per running call, to cancel it.
     cancels: HashMap<CallId, (u64, CancellationToken)>,
     /// The function of each running call, for a shared store: another
@@ -172,6 +190,66 @@ impl Scheduler {
             tag,
             ended,
         })
+    }
+
+    /// A user was added, changed or removed: their reservation may have
+    /// changed, so `shares` are read again before the next turn.
+    pub fn users_changed(&self) {
+        self.state().users_generation += 1;
+        self.wake.notify_one();
+    }
+
+    /// Reads the users' reservations again if a user changed since the last
+    /// read (or, on a shared store, where other nodes change users too, if
+    /// it is older than `SHARES_REFRESH`). Reservations that do not fit the
+    /// host are cut (`Shares::new`) and the cut is logged once. If the
+    /// users cannot be read, the last reservations stay in force.
+    async fn refresh_shares(&self) {
+        let generation = {
+            let st = self.state();
+            let fresh = st.shares_read.is_some_and(|(g, at)| {
+                g == st.users_generation && (!self.store.shared() || at.elapsed() < SHARES_REFRESH)
+            });
+            if fresh {
+                return;
+            }
+            st.users_generation
+        };
+        let users = match self.store.list_users().await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the users' reservations failed; the last ones stay");
+                return;
+            }
+        };
+        let s = &self.config.scheduler;
+        let host_cap = s.host_max_running;
+        let wants = users
+            .iter()
+            .map(|u| Want {
+                user: u.name.clone(),
+                admin: u.admin,
+                reserved: u.reserved(s.admin_reserved, s.default_reserved),
+            })
+            .collect();
+        let (shares, cuts) = Shares::new(wants, host_cap);
+        let mut st = self.state();
+        if !cuts.is_empty() && cuts != st.shares_cut {
+            let cut: Vec<String> = cuts
+                .iter()
+                .map(|c| format!("{} {} of {}", c.user, c.granted, c.wanted))
+                .collect();
+            tracing::warn!(
+                host_max_running = host_cap,
+                cut = %cut.join(", "),
+                "reserved slots add up to more than host_max_running - 1 leaves; \
+                 admins are served first, then users by name (user update --reserved, or \
+                 [scheduler] admin_reserved/default_reserved)"
+            );
+        }
+        st.shares_cut = cuts;
+        st.shares = shares;
+        st.shares_read = Some((generation, Instant::now()));
     }
 
     /// A call of `owner` was queued.

@@ -80,23 +80,11 @@ impl Inner {
 
 impl Inner {
     /// Schema 5 appended `limits` to a user's record and counts each
-    /// owner's queue in `queued`. Users are rewritten, and `queued` is
-    /// rebuilt from the queue, in one batch with the schema number, so a
-    /// crash leaves either layout whole. A record that already reads as
-    /// today's is kept (the layouts cannot be confused: an old one is too
-    /// short for today's shape, and today's is too long for the old one).
+    /// owner's queue in `queued`. Users are rewritten (in today's shape),
+    /// and `queued` is rebuilt from the queue, in one batch with the schema
+    /// number, so a crash leaves either layout whole.
     pub(super) fn migrate_to_5(&self) -> Result<()> {
-        let mut batch = sled::Batch::default();
-        let mut users = 0;
-        for kv in self.tree(USERS).iter() {
-            let (k, v) = kv?;
-            if decode::<User>(&v).is_ok() {
-                continue;
-            }
-            let u: User = decode::<crate::model::UserV1>(&v)?.into();
-            batch.insert(k, encode(&u)?);
-            users += 1;
-        }
+        let (batch, users) = self.upgraded_users()?;
         let mut queued: HashMap<Vec<u8>, QueueUse> = HashMap::new();
         for kv in self.tree(QUEUE).iter() {
             let (k, id) = kv?;
@@ -127,6 +115,48 @@ impl Inner {
             Ok::<_, ConflictableTransactionError<StoreError>>(())
         })?;
         Ok(())
+    }
+
+    /// Schema 6 appended `reserved` to a user's `limits`: every user of an
+    /// older shape is rewritten in today's, in one transaction with the
+    /// schema number.
+    pub(super) fn migrate_users_to_6(&self) -> Result<()> {
+        let (batch, users) = self.upgraded_users()?;
+        tracing::info!(
+            users,
+            "migrating the database to schema 6 (reserved host slots)"
+        );
+        let schema = encode(&6u64)?;
+        let _one = lock(&self.writing);
+        (self.tree(USERS), self.tree(META)).transaction(|(u, m)| {
+            u.apply_batch(&batch)?;
+            m.insert("schema", schema.as_slice())?;
+            Ok::<_, ConflictableTransactionError<StoreError>>(())
+        })?;
+        Ok(())
+    }
+
+    /// The users whose records are of an older shape, in today's, and how
+    /// many. A record that already reads as today's is kept. The shapes
+    /// cannot be confused: each one appended fields to the one before, so
+    /// an older record is too short for a newer shape, and the codec
+    /// refuses trailing bytes, so a newer one is too long for an older.
+    fn upgraded_users(&self) -> Result<(sled::Batch, usize)> {
+        let mut batch = sled::Batch::default();
+        let mut users = 0;
+        for kv in self.tree(USERS).iter() {
+            let (k, v) = kv?;
+            if decode::<User>(&v).is_ok() {
+                continue;
+            }
+            let u: User = match decode::<crate::model::UserV2>(&v) {
+                Ok(old) => old.into(),
+                Err(_) => decode::<crate::model::UserV1>(&v)?.into(),
+            };
+            batch.insert(k, encode(&u)?);
+            users += 1;
+        }
+        Ok((batch, users))
     }
 }
 

@@ -84,7 +84,8 @@ const PAGE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// 4: everything kept per function is keyed by owner and name (`legacy.rs`).
 /// 5: users carry budgets (`UserLimits`), and `queued` counts each owner's
 /// queue (`migrate_to_5`).
-const SCHEMA: u64 = 5;
+/// 6: a user's `UserLimits` ends with `reserved` (`migrate_users_to_6`).
+const SCHEMA: u64 = 6;
 
 // Tree indices of `Inner::trees`, so one transaction can span any of them.
 const USERS: usize = 0; // user name -> User
@@ -473,6 +474,9 @@ impl Inner {
         }
         if schema < 5 {
             self.migrate_to_5()?;
+        }
+        if schema < 6 {
+            self.migrate_users_to_6()?;
         }
         meta.insert("schema", encode(&SCHEMA)?)?;
         Ok(())

@@ -636,6 +636,59 @@ async fn schema_4_users_and_queues_migrate_to_5() {
     assert_eq!(schema, SCHEMA);
 }
 
+/// A database of schema 5 (users without `reserved`) opens with its users'
+/// budgets kept and their reservations following the defaults.
+#[tokio::test]
+async fn schema_5_users_migrate_to_6() {
+    let (dir, store) = setup(config()).await;
+    drop(store);
+    {
+        let db = reopen_db(dir.path());
+        #[derive(Serialize)]
+        struct Shape<'a>(
+            &'a Name,
+            [u8; 32],
+            u32,
+            bool,
+            u64,
+            (Option<u64>, Option<u64>, Option<u32>, Option<u32>),
+        );
+        let bytes = encode(&Shape(
+            &name("bob"),
+            [9; 32],
+            3,
+            true,
+            5,
+            (Some(7), None, Some(2), None),
+        ))
+        .unwrap();
+        db.open_tree("users").unwrap().insert("bob", bytes).unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .insert("schema", encode(&5u64).unwrap())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let store = reopen(dir.path(), config());
+    let bob = store.get_user(&name("bob")).await.unwrap().unwrap();
+    assert_eq!(
+        (bob.max_concurrency, bob.admin, bob.created_ms),
+        (3, true, 5)
+    );
+    assert_eq!(
+        bob.limits,
+        crate::model::UserLimits {
+            max_queued: Some(7),
+            max_functions: Some(2),
+            ..Default::default()
+        }
+    );
+    let stored: User = get(store.inner.tree(USERS), "bob").unwrap().unwrap();
+    assert_eq!(stored, bob, "rewritten in today's shape");
+    let schema: u64 = get(store.inner.tree(META), "schema").unwrap().unwrap();
+    assert_eq!(schema, SCHEMA);
+}
+
 fn reopen_db(dir: &Path) -> sled::Db {
     for _ in 0..50 {
         if let Ok(db) = sled::open(dir) {

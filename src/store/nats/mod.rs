@@ -448,12 +448,18 @@ async fn get_user_record(bucket: &kv::Bucket, name: &Name) -> Result<(u64, Optio
     }
 }
 
-/// A user record; one written before users had budgets (`UserV1`: too
-/// short for today's shape) follows the defaults until it is next written.
+/// A user record; one written before users had budgets (`UserV1`) or
+/// reservations (`UserV2`), each too short for the shapes after it,
+/// follows the defaults for what it lacks until it is next written.
 fn dec_user(key: &str, v: &[u8]) -> Result<User> {
-    dec::<User>(key, v).or_else(|e| match dec::<crate::model::UserV1>(key, v) {
-        Ok(old) => Ok(old.into()),
-        Err(_) => Err(e),
+    dec::<User>(key, v).or_else(|e| {
+        if let Ok(old) = dec::<crate::model::UserV2>(key, v) {
+            return Ok(old.into());
+        }
+        match dec::<crate::model::UserV1>(key, v) {
+            Ok(old) => Ok(old.into()),
+            Err(_) => Err(e),
+        }
     })
 }
 
