@@ -495,6 +495,57 @@ fn a_users_queued_calls_budget_holds_across_nodes() {
     b.finish();
 }
 
+/// `max_queued_bytes` holds across nodes as well: the payload bytes of
+/// calls queued through either node count against one budget (the
+/// owner's queued counts in the shared store), the call past it is
+/// refused with 429 on whichever node it reaches and nothing is stored,
+/// and a running call's bytes no longer count.
+#[test]
+fn a_users_queued_bytes_budget_holds_across_nodes() {
+    let _one = one_at_a_time();
+    let nats = NatsCluster::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = Daemon::start_on(&data_dir(&tmp, "a"), &nats.config(""));
+    let b = join(&a, &data_dir(&tmp, "b"), &nats.config(""));
+    let heavy = a
+        .ok(&[
+            "user",
+            "add",
+            "heavy",
+            "--max-concurrency",
+            "1",
+            "--max-queued-bytes",
+            "10",
+        ])
+        .lines()
+        .last()
+        .expect("key")
+        .trim()
+        .to_string();
+    a.create_as(&heavy, "hog", &[IMAGE, "sleep", "600"]);
+    // Running, its 9 bytes are no longer queued.
+    calls_with(&[&a], &heavy, "hog", &[b"123456789"]);
+    a.wait_until(60, "the first call runs", || {
+        a.status("hog")["Running"] == 1
+    });
+    // 4 + 6 bytes queued, one call through each node: the budget.
+    calls_with(&[&a, &b], &heavy, "hog", &[b"1234", b"123456"]);
+    for node in [&a, &b] {
+        let out = node.cli_as(&heavy, &["func", "call", "hog"], Some(b"x"));
+        assert_cli_error(&out, "max_queued_bytes 10 bytes");
+    }
+    let s = b.status("hog");
+    assert_eq!(
+        (&s["Total"], &s["Pending"], &s["Running"]),
+        (&3.into(), &2.into(), &1.into()),
+        "refused calls are not stored: {s}"
+    );
+    let out = a.cli_as(&heavy, &["func", "rm", "--force", "hog"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    a.finish();
+    b.finish();
+}
+
 /// With a quota above 1 an owner has calls out on both nodes at once; their
 /// containers must still be created in the order the calls were accepted,
 /// as on one host. Every call ends just after the second boundary 1-2 s

@@ -5,6 +5,7 @@
 
 use super::*;
 use crate::model::{EventKind, OutputState};
+use serde::{Deserialize, Serialize};
 
 /// How often, and how long apart, a node taking a queue message looks again
 /// for a record its accept is still storing (see `examine`).
@@ -36,6 +37,45 @@ pub(super) fn running_key(id: &CallId) -> String {
 }
 fn done_key(id: &CallId) -> String {
     format!("d.{id}")
+}
+/// Shard `shard` of an owner's queued counts.
+pub(super) fn queued_key(owner: &Name, shard: usize) -> String {
+    format!("q.{owner}.{shard}")
+}
+/// The shard of `call`'s owner's queued counts that counts it.
+fn queued_key_of(call: &Call) -> String {
+    queued_key(&call.owner, shard_of(&call.id))
+}
+
+/// An owner's PENDING calls and their payload bytes, what
+/// `max_queued_bytes` is checked against, kept in `SHARDS` keys
+/// (`q.OWNER.K`) like a function's counters: a call counts in the shard its
+/// id picks, changed in the same atomic batches that move the call into
+/// PENDING (accept, requeue) and out of it (start, an end from PENDING, a
+/// purge), so the counts never drift from the records, and concurrent
+/// accepts of one owner mostly write different keys.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Queued {
+    pub calls: u64,
+    pub bytes: u64,
+}
+
+impl Queued {
+    /// These counts with a call of `len` bytes queued (`sign` 1) or not
+    /// any more (-1).
+    fn moved(read: Option<Queued>, len: u64, sign: i64) -> Queued {
+        let mut q = read.unwrap_or_default();
+        if sign > 0 {
+            q.calls = q.calls.saturating_add(1);
+            q.bytes = q.bytes.saturating_add(len);
+        } else {
+            // Saturating: a call queued before these counts existed (an
+            // older release) was never added.
+            q.calls = q.calls.saturating_sub(1);
+            q.bytes = q.bytes.saturating_sub(len);
+        }
+        q
+    }
 }
 
 /// The node of a `r.CALL` value ("NODE ATTEMPT").
@@ -91,20 +131,45 @@ impl Inner {
     ) -> Result<Call> {
         let function = call.fn_key();
         let shard = shard_key(&function, shard_of(&call.id));
+        let qshard = queued_key_of(&call);
         // The owner's consumer exists before its first message.
         let consumer = self.consumer(&call.owner).await?;
-        if budget.max_calls < u64::MAX {
+        // The owner's shard of queued counts, if the budget check read it.
+        let mut queued_read = None;
+        if budget.max_calls < u64::MAX || budget.max_bytes < u64::MAX {
             // The owner's queued calls, from their consumer: the messages
             // not yet handed to any node. It leaves out the heads nodes hold
-            // before starting them (at most the quota), and accepts on other
-            // nodes between this look and the publish: the bound overshoots
-            // by at most those (README "Budgets").
-            let mut c = consumer.clone();
-            let info = c
-                .info()
-                .await
-                .map_err(|e| unavailable("reading a queue", e))?;
-            if let Some(e) = crate::store::over_queue(&call.owner, &budget, info.num_pending, 0, 0)
+            // before starting them (at most the quota). Their bytes, from
+            // the queued counts, read at the same time. Both leave out what
+            // other nodes accept between this look and the publish: the
+            // bound overshoots by at most those (README "Budgets").
+            let calls = async {
+                if budget.max_calls == u64::MAX {
+                    return Ok(0);
+                }
+                let mut c = consumer.clone();
+                c.info()
+                    .await
+                    .map(|info| info.num_pending)
+                    .map_err(|e| unavailable("reading a queue", e))
+            };
+            let bytes = async {
+                if budget.max_bytes == u64::MAX {
+                    return Ok(None);
+                }
+                self.queued_shards(&call.owner).await.map(Some)
+            };
+            let (calls, shards) = tokio::try_join!(calls, bytes)?;
+            let mut bytes = 0;
+            if let Some(shards) = shards {
+                bytes = shards
+                    .iter()
+                    .map(|(_, q)| q.map_or(0, |q| q.bytes))
+                    .fold(0u64, u64::saturating_add);
+                queued_read = shards.get(shard_of(&call.id)).copied();
+            }
+            if let Some(e) =
+                crate::store::over_queue(&call.owner, &budget, calls, bytes, call.stdin_len)
             {
                 return Err(e);
             }
@@ -123,16 +188,20 @@ impl Inner {
                 .await
                 .map_err(|e| Refused::Error(unavailable("queueing the call", e)))
         });
-        // The function's record and the call's counter shard are read while
-        // the message is stored: three round trips at once, not in a row.
+        // The function's record and the call's counter shards are read
+        // while the message is stored: round trips at once, not in a row.
         // The function is still checked before the record is written, which
         // is the point that decides (a removal after it is the same race as
         // a removal just after the accept).
-        let (found, queued, first_read) = tokio::join!(
-            self.function(&function),
-            publish,
-            self.bucket.get::<FunctionStats>(&shard)
-        );
+        let owner_shard = async {
+            match queued_read {
+                Some(read) => Ok(read),
+                None => self.bucket.get::<Queued>(&qshard).await,
+            }
+        };
+        let (found, queued, first_read) = tokio::join!(self.function(&function), publish, async {
+            tokio::try_join!(self.bucket.get::<FunctionStats>(&shard), owner_shard)
+        });
         let ack = queued?;
         crate::crash_point!("nats-accept-queued");
         // The stream's sequence is the FIFO key, as sled's counter is.
@@ -159,9 +228,9 @@ impl Inner {
             ACCEPT_WITHIN,
             retry(|| {
                 let first_read = first_read.take();
-                let (call, shard, function) = (&call, &shard, &function);
+                let (call, shard, function, qshard) = (&call, &shard, &function, &qshard);
                 async move {
-                    let (srev, stats) = match first_read {
+                    let ((srev, stats), (qrev, queued)) = match first_read {
                         Some(read) => read?,
                         None => {
                             if let (_, Some(existing)) =
@@ -177,17 +246,22 @@ impl Inner {
                                     NOT_ACCEPTED.into(),
                                 )));
                             }
-                            self.bucket.get::<FunctionStats>(shard).await?
+                            tokio::try_join!(
+                                self.bucket.get::<FunctionStats>(shard),
+                                self.bucket.get::<Queued>(qshard)
+                            )?
                         }
                     };
                     let mut stats = stats.unwrap_or_default();
                     stats.total += 1;
                     count(&mut stats, CallState::Pending, 1);
+                    let queued = Queued::moved(queued, call.stdin_len, 1);
                     self.bucket
                         .commit(vec![
                             Op::Put(call_key(&call.id), enc(call)?, Some(0)),
                             Op::Put(live_key(function, &call.id), Vec::new(), None),
                             Op::Put(shard.clone(), enc(&stats)?, Some(srev)),
+                            Op::Put(qshard.clone(), enc(&queued)?, Some(qrev)),
                         ])
                         .await
                 }
@@ -434,16 +508,22 @@ impl Inner {
                 ))));
             }
             let shard = shard_key(&call.fn_key(), shard_of(id));
-            let (srev, stats) = self.bucket.get::<FunctionStats>(&shard).await?;
+            let qshard = queued_key_of(&call);
+            let ((srev, stats), (qrev, queued)) = tokio::try_join!(
+                self.bucket.get::<FunctionStats>(&shard),
+                self.bucket.get::<Queued>(&qshard)
+            )?;
             let mut stats = stats.unwrap_or_default();
             call.transition(CallState::Running)
                 .map_err(|e| Refused::Error(e.into()))?;
             count(&mut stats, CallState::Pending, -1);
             count(&mut stats, CallState::Running, 1);
+            let queued = Queued::moved(queued, call.stdin_len, -1);
             self.bucket
                 .commit(vec![
                     Op::Put(call_key(id), enc(&call)?, Some(rev)),
                     Op::Put(shard, enc(&stats)?, Some(srev)),
+                    Op::Put(qshard, enc(&queued)?, Some(qrev)),
                     Op::Put(running_key(id), enc(&claim)?, None),
                 ])
                 .await?;
@@ -510,18 +590,21 @@ impl Inner {
             call.transition(CallState::Pending)
                 .map_err(|e| Refused::Error(e.into()))?;
             let shard = shard_key(&call.fn_key(), shard_of(id));
-            let (srev, stats) = self
-                .bucket
-                .get::<FunctionStats>(&shard)
-                .await
-                .inspect_err(|e| self.give_up(id, e))?;
+            let qshard = queued_key_of(&call);
+            let ((srev, stats), (qrev, queued)) = tokio::try_join!(
+                self.bucket.get::<FunctionStats>(&shard),
+                self.bucket.get::<Queued>(&qshard)
+            )
+            .inspect_err(|e| self.give_up(id, e))?;
             let mut stats = stats.unwrap_or_default();
             count(&mut stats, CallState::Running, -1);
             count(&mut stats, CallState::Pending, 1);
+            let queued = Queued::moved(queued, call.stdin_len, 1);
             self.bucket
                 .commit(vec![
                     Op::Put(call_key(id), enc(&call)?, Some(rev)),
                     Op::Put(shard, enc(&stats)?, Some(srev)),
+                    Op::Put(qshard, enc(&queued)?, Some(qrev)),
                     Op::Del(running_key(id), None),
                 ])
                 .await?;
@@ -620,15 +703,21 @@ impl Inner {
             count(&mut stats, was, -1);
             count(&mut stats, call.state, 1);
             let done = (call.finished_ms.unwrap_or_default(), call.fn_key());
-            self.bucket
-                .commit(vec![
-                    Op::Put(call_key(id), enc(&call)?, Some(rev)),
-                    Op::Put(shard.clone(), enc(&stats)?, Some(srev)),
-                    Op::Del(running_key(id), None),
-                    Op::Del(live_key(&call.fn_key(), id), None),
-                    Op::Put(done_key(id), enc(&done)?, None),
-                ])
-                .await?;
+            let mut ops = vec![
+                Op::Put(call_key(id), enc(&call)?, Some(rev)),
+                Op::Put(shard.clone(), enc(&stats)?, Some(srev)),
+                Op::Del(running_key(id), None),
+                Op::Del(live_key(&call.fn_key(), id), None),
+                Op::Put(done_key(id), enc(&done)?, None),
+            ];
+            if was == CallState::Pending {
+                // Rare (a cancelled or unstartable queued call): read only then.
+                let qshard = queued_key_of(&call);
+                let (qrev, queued) = self.bucket.get::<Queued>(&qshard).await?;
+                let queued = Queued::moved(queued, call.stdin_len, -1);
+                ops.push(Op::Put(qshard, enc(&queued)?, Some(qrev)));
+            }
+            self.bucket.commit(ops).await?;
             Ok(call)
         })
         .await;
@@ -908,16 +997,23 @@ impl Inner {
         }
         for c in live {
             let _ = self.queue.delete_message(c.seq).await;
-            self.bucket
-                .commit(vec![
-                    Op::Del(call_key(&c.id), None),
+            // A PENDING call left by an interrupted removal leaves its
+            // owner's queued counts with its record.
+            retry(|| async {
+                let (crev, call) = self.bucket.get::<Call>(&call_key(&c.id)).await?;
+                let mut ops = vec![
+                    Op::Del(call_key(&c.id), Some(crev)),
                     Op::Del(live_key(name, &c.id), None),
-                ])
-                .await
-                .map_err(|e| match e {
-                    Refused::Error(e) => e,
-                    Refused::Moved => StoreError::Conflict(format!("call {} changed", c.id)),
-                })?;
+                ];
+                if let Some(call) = call.filter(|call| call.state == CallState::Pending) {
+                    let qshard = queued_key_of(&call);
+                    let (qrev, queued) = self.bucket.get::<Queued>(&qshard).await?;
+                    let queued = Queued::moved(queued, call.stdin_len, -1);
+                    ops.push(Op::Put(qshard, enc(&queued)?, Some(qrev)));
+                }
+                self.bucket.commit(ops).await
+            })
+            .await?;
         }
         for (k, v) in self.bucket.scan("d.").await? {
             let (_, function): (u64, FnKey) = dec(&k, &v)?;
@@ -945,6 +1041,15 @@ impl Inner {
             Refused::Error(e) => e,
             Refused::Moved => StoreError::Conflict(format!("function {name} changed")),
         })
+    }
+
+    /// Every shard of `owner`'s queued counts (revision, value), read at
+    /// once, in shard order.
+    pub(super) async fn queued_shards(&self, owner: &Name) -> Result<Vec<(u64, Option<Queued>)>> {
+        futures_util::future::try_join_all(
+            (0..SHARDS).map(|k| async move { self.bucket.get(&queued_key(owner, k)).await }),
+        )
+        .await
     }
 
     /// Every counter shard of `function` (revision, value), read at once,

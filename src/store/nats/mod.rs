@@ -863,12 +863,14 @@ impl Store for NatsStore {
             let Some(old) = old else {
                 return Err(Refused::Error(StoreError::NotFound(format!("user {name}"))));
             };
-            i.bucket
-                .commit(vec![
-                    Op::Del(user_key(name), Some(rev)),
-                    Op::Del(hash_key(&old.key_hash), None),
-                ])
-                .await
+            // Their queued counts go too (zero: they own no function, so
+            // no call), so a later user of the name starts afresh.
+            let mut ops = vec![
+                Op::Del(user_key(name), Some(rev)),
+                Op::Del(hash_key(&old.key_hash), None),
+            ];
+            ops.extend((0..SHARDS).map(|k| Op::Del(calls::queued_key(name, k), None)));
+            i.bucket.commit(ops).await
         })
         .await?;
         lock(&i.consumers).remove(name);

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::model::{FunctionSpec, Secret};
+use calls::Queued;
 use std::process::{Child, Command, Stdio};
 
 /// A `nats-server -js` on a free loopback port, killed on drop.
@@ -178,6 +179,29 @@ async fn shards_and_records(
     (stored, want)
 }
 
+/// Every shard of `owner`'s queued counts as stored, and what the call
+/// records say each one should hold (their PENDING calls and bytes).
+async fn queued_and_records(store: &NatsStore, owner: &Name) -> (Vec<Queued>, Vec<Queued>) {
+    let stored: Vec<Queued> = store
+        .inner
+        .queued_shards(owner)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, q)| q.unwrap_or_default())
+        .collect();
+    let mut want = vec![Queued::default(); SHARDS];
+    for (k, v) in store.inner.bucket.scan("c.").await.unwrap() {
+        let call: Call = dec(&k, &v).unwrap();
+        if &call.owner == owner && call.state == CallState::Pending {
+            let shard = &mut want[shard_of(&call.id)];
+            shard.calls += 1;
+            shard.bytes += call.stdin_len;
+        }
+    }
+    (stored, want)
+}
+
 /// Accepts, starts, requeues and ends of one function's calls, all at
 /// once from many tasks, land in the calls' own counter shards: every
 /// shard ends equal to what its calls' records say (a shard that had gone
@@ -258,6 +282,11 @@ async fn counters_stay_exact_over_shards_under_concurrent_changes_and_a_purge_re
         want.iter().filter(|s| s.total > 0).count() > 1,
         "the calls fell in one shard"
     );
+    assert_eq!(
+        queued_and_records(&store, &f.owner).await.0,
+        vec![Queued::default(); SHARDS],
+        "the owner's queued counts are back to nothing"
+    );
 
     // Calls left queued are counted, by `stats` and `queue_len`, until
     // they are cancelled.
@@ -271,12 +300,19 @@ async fn counters_stay_exact_over_shards_under_concurrent_changes_and_a_purge_re
         ((RUN + CANCELLED) as u64, CANCELLED as u64, 0)
     );
     assert_eq!(store.queue_len().await.unwrap(), CANCELLED as u64);
+    let (stored, want) = queued_and_records(&store, &f.owner).await;
+    assert_eq!(stored, want);
+    assert_eq!(want.iter().map(|q| q.bytes).sum::<u64>(), CANCELLED as u64);
     assert_eq!(
         store.cancel_queued(&key, "cancelled").await.unwrap(),
         queued.len()
     );
     let (stored, want) = shards_and_records(&store, &key).await;
     assert_eq!(stored, want);
+    assert_eq!(
+        queued_and_records(&store, &f.owner).await.0,
+        vec![Queued::default(); SHARDS]
+    );
     let stats = store.stats(&key).await.unwrap();
     let mut sum = FunctionStats::default();
     for s in &want {
@@ -308,6 +344,83 @@ async fn counters_stay_exact_over_shards_under_concurrent_changes_and_a_purge_re
     assert_eq!(store.unpurged_functions().await.unwrap(), Vec::new());
     store.create_function(&f).await.unwrap();
     assert_eq!(store.stats(&key).await.unwrap(), FunctionStats::default());
+    drop(store);
+    drop(server);
+}
+
+/// `max_queued_bytes` on NATS: a call whose payload would take its owner's
+/// queued bytes past the budget is refused and nothing is stored; the
+/// bytes come back as calls start, return as they are requeued, and go
+/// with a cancel or a purge; removing the user removes their counts.
+#[tokio::test]
+async fn a_users_queued_bytes_are_counted_and_their_budget_holds() {
+    let (server, store) = open().await;
+    let f = function();
+    let key = f.key();
+    let owner = f.owner.clone();
+    store
+        .create_user(&User {
+            name: owner.clone(),
+            key_hash: [7; 32],
+            max_concurrency: 4,
+            admin: false,
+            created_ms: 0,
+            limits: Default::default(),
+        })
+        .await
+        .unwrap();
+    store.create_function(&f).await.unwrap();
+    let budget = QueueBudget {
+        max_calls: u64::MAX,
+        max_bytes: 10,
+    };
+    let accept = |payload: &'static [u8]| {
+        let call = Call::new(f.name.clone(), owner.clone(), 0, payload, Vec::new());
+        let store = &store;
+        async move {
+            store
+                .accept_within(call, Bytes::from_static(payload), budget)
+                .await
+        }
+    };
+    let queued_bytes = || async {
+        let (stored, want) = queued_and_records(&store, &owner).await;
+        assert_eq!(stored, want);
+        want.iter().map(|q| q.bytes).sum::<u64>()
+    };
+    let refused = |r: Result<Call>| match r {
+        Err(StoreError::OverBudget(m)) => assert!(m.contains("max_queued_bytes 10 bytes"), "{m}"),
+        other => panic!("{other:?}"),
+    };
+    let first = accept(b"1234").await.unwrap();
+    accept(b"5678").await.unwrap();
+    refused(accept(b"abc").await);
+    assert_eq!(store.stats(&key).await.unwrap().total, 2, "nothing stored");
+    accept(b"ab").await.unwrap();
+    assert_eq!(queued_bytes().await, 10);
+    // A start gives its bytes back, a requeue takes them again.
+    let head = store.queue_head(&owner).await.unwrap();
+    assert_eq!(head, Some(first.id));
+    assert!(matches!(
+        store.start(&first.id).await.unwrap(),
+        Started::Running(..)
+    ));
+    assert_eq!(queued_bytes().await, 6);
+    accept(b"wxyz").await.unwrap();
+    store.requeue(&first.id).await.unwrap();
+    assert_eq!(queued_bytes().await, 14);
+    refused(accept(b"a").await);
+    // A cancel empties it.
+    assert_eq!(store.cancel_queued(&key, "cancelled").await.unwrap(), 4);
+    assert_eq!(queued_bytes().await, 0);
+    accept(b"0123456789").await.unwrap();
+    refused(accept(b"a").await);
+    // A queued call left by an interrupted removal goes with the purge.
+    store.remove_function(&key).await.unwrap();
+    store.purge_function(&key).await.unwrap();
+    assert_eq!(queued_bytes().await, 0);
+    store.delete_user(&owner).await.unwrap();
+    assert_eq!(store.inner.bucket.scan("q.").await.unwrap(), Vec::new());
     drop(store);
     drop(server);
 }
