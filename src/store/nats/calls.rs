@@ -1043,13 +1043,28 @@ impl Inner {
         })
     }
 
-    /// Every shard of `owner`'s queued counts (revision, value), read at
-    /// once, in shard order.
+    /// Every shard of `owner`'s queued counts (revision, value), in shard
+    /// order, in one request (`Bucket::last_values`: any replica answers,
+    /// so the counts may miss the very latest writes).
     pub(super) async fn queued_shards(&self, owner: &Name) -> Result<Vec<(u64, Option<Queued>)>> {
-        futures_util::future::try_join_all(
-            (0..SHARDS).map(|k| async move { self.bucket.get(&queued_key(owner, k)).await }),
-        )
-        .await
+        let mut shards = vec![(0, None); SHARDS];
+        let prefix = format!("q.{owner}.");
+        for (key, revision, value) in self
+            .bucket
+            .last_values(&format!("{prefix}*"), SHARDS)
+            .await?
+        {
+            let Some(k) = key
+                .strip_prefix(&prefix)
+                .and_then(|k| k.parse::<usize>().ok())
+                .filter(|k| *k < SHARDS)
+            else {
+                continue;
+            };
+            let value = value.map(|v| dec::<Queued>(&key, &v)).transpose()?;
+            shards[k] = (revision, value);
+        }
+        Ok(shards)
     }
 
     /// Every counter shard of `function` (revision, value), read at once,

@@ -142,6 +142,97 @@ impl Bucket {
         }))
     }
 
+    /// The last revision and value (`None`: deleted) of every key matching
+    /// `pattern` (`*` stands for one token, as in `q.alice.*`), at most
+    /// `max` of them, in one request: a batch direct get (`multi_last`,
+    /// NATS 2.11+), where `read` would take one request per key. Any
+    /// replica of the bucket may answer, from what it has applied so far,
+    /// so this is for estimates (a budget check) only: a revision it gives
+    /// may be stale, which a compare-and-set then finds out.
+    pub async fn last_values(
+        &self,
+        pattern: &str,
+        max: usize,
+    ) -> Result<Vec<(String, u64, Option<Bytes>)>> {
+        let deadline = std::time::Instant::now() + UNAVAILABLE_FOR;
+        loop {
+            match self.last_values_once(pattern, max).await {
+                Ok(v) => return Ok(v),
+                Err(e) if std::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "NATS batch read failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(unavailable("reading records", e)),
+            }
+        }
+    }
+
+    async fn last_values_once(
+        &self,
+        pattern: &str,
+        max: usize,
+    ) -> std::result::Result<Vec<(String, u64, Option<Bytes>)>, String> {
+        let inbox = self.client.new_inbox();
+        let mut answers = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        let request = serde_json::json!({
+            "multi_last": [format!("$KV.{BUCKET}.{pattern}")],
+            "batch": max,
+        });
+        self.client
+            .publish_with_reply(
+                format!("$JS.API.DIRECT.GET.{BUCKET_STREAM}"),
+                inbox,
+                request.to_string().into(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let prefix = format!("$KV.{BUCKET}.");
+        let until = tokio::time::Instant::now() + BATCH_READ_WITHIN;
+        let mut out = Vec::new();
+        loop {
+            let m = match tokio::time::timeout_at(until, answers.next()).await {
+                Ok(Some(m)) => m,
+                Ok(None) => return Err("the answer ended early".into()),
+                Err(_) => return Err("no complete answer in time".into()),
+            };
+            match m.status.map(|s| s.as_u16()) {
+                None | Some(200) => {}
+                // The end of the batch; or no key matches.
+                Some(204) | Some(404) => break,
+                Some(code) => {
+                    return Err(format!(
+                        "status {code}: {}",
+                        m.description.unwrap_or_default()
+                    ))
+                }
+            }
+            let header = |name: &str| {
+                m.headers
+                    .as_ref()
+                    .and_then(|h| h.get(name))
+                    .map(|v| v.as_str().to_string())
+            };
+            let (Some(subject), Some(seq)) = (header("Nats-Subject"), header("Nats-Sequence"))
+            else {
+                return Err("an answer without its subject or sequence".into());
+            };
+            let key = subject.strip_prefix(&prefix).unwrap_or(&subject).to_string();
+            let revision = seq.parse().map_err(|_| format!("a sequence {seq:?}"))?;
+            let put = header("KV-Operation").is_none_or(|v| v == "PUT")
+                && header("Nats-Marker-Reason").is_none();
+            out.push((key, revision, put.then_some(m.payload)));
+            if out.len() > max {
+                return Err(format!("more than {max} keys match {pattern}"));
+            }
+        }
+        let _ = answers.unsubscribe().await;
+        Ok(out)
+    }
+
     /// The key's record and revision (0 if it never existed or was deleted
     /// and its marker is gone).
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<(u64, Option<T>)> {
@@ -319,6 +410,9 @@ pub async fn read_all(
     let _ = stream.delete_consumer(&name).await;
     Ok(out)
 }
+
+/// How long one batch read (`last_values`) may take to answer whole.
+const BATCH_READ_WITHIN: Duration = Duration::from_secs(5);
 
 /// How long a write keeps retrying while the cluster cannot answer (a
 /// server lost, leaders being elected) before the error reaches the caller.
