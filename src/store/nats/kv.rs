@@ -19,6 +19,9 @@
 //! - `r.CALL` → "NODE ATTEMPT" while the call is RUNNING on that node,
 //!   "NODE ATTEMPT +" once its container exists (`order.rs`)
 //! - `d.CALL` → (finished_ms, function) once the call has ended, for retention
+//! - `q.USER.K` (K in 0..16) → the user's PENDING calls and their payload
+//!   bytes (`calls::Queued`), in shards like the counters: what
+//!   `max_queued_bytes` is checked against
 
 use super::super::{Result, StoreError};
 use async_nats::jetstream::{self, consumer, stream};
