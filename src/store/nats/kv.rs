@@ -223,7 +223,10 @@ impl Bucket {
             else {
                 return Err("an answer without its subject or sequence".into());
             };
-            let key = subject.strip_prefix(&prefix).unwrap_or(&subject).to_string();
+            let key = subject
+                .strip_prefix(&prefix)
+                .unwrap_or(&subject)
+                .to_string();
             let revision = seq.parse().map_err(|_| format!("a sequence {seq:?}"))?;
             let put = header("KV-Operation").is_none_or(|v| v == "PUT")
                 && header("Nats-Marker-Reason").is_none();
