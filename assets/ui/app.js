@@ -81,6 +81,9 @@ function showError(e) {
   const text = e instanceof ApiError ? e.toString() : `error: ${e && e.message ? e.message : e}`;
   $('error-text').textContent = text;
   $('error').hidden = false;
+  // An error replaces a success or progress message still on screen.
+  clearTimeout(flashTimer);
+  $('flash').hidden = true;
   if (e instanceof ApiError && e.status === 401 && session.key) {
     // The key stopped working (removed or rotated): nothing else will.
     $('error-text').textContent = `${text} (sign in again)`;
@@ -375,22 +378,48 @@ function statusText(s) {
   return `${s.Total} total: ${s.Pending} pending, ${s.Running} running, ${s.Finished} finished, ${s.Failed} failed`;
 }
 
-async function openFunction(name, owner = null) {
-  const signal = state.view.signal;
+/** Forgets the function on screen: nothing of it may be acted on. */
+function clearFunction() {
+  current = null;
+  $('fn-body').hidden = true;
+  $('fn-missing').hidden = true;
+  $('fn-details').replaceChildren();
   $('edit-form').hidden = true;
+  $('call-form').reset();
+  payloadMode();
+  resetCallResult('');
   $('call-result').hidden = true;
   $('logs').replaceChildren();
+  $('logs-state').textContent = '';
   $('logs-callid').value = '';
   $('logs-follow').checked = true;
+}
+
+async function openFunction(name, owner = null) {
+  const signal = state.view.signal;
+  clearFunction();
+  $('fn-title').textContent = name;
+  $('fn-loading').hidden = false;
   try {
     const [f, s] = await Promise.all([
       api('GET', fnPath(name, '', owner), { signal }),
       api('GET', fnPath(name, '/status', owner), { signal }),
     ]);
     renderFunction(f, s);
+    $('fn-body').hidden = false;
     startLogs();
   } catch (e) {
-    showError(e);
+    if (e instanceof ApiError && e.status === 404) {
+      $('fn-title').textContent = 'Function not found';
+      $('fn-missing-text').textContent = `There is no function ${owner ? `${owner}/` : ''}${name} that this key can see.`;
+      $('fn-missing').hidden = false;
+    } else {
+      showError(e);
+    }
+  } finally {
+    if (!signal.aborted) {
+      $('fn-loading').hidden = true;
+    }
   }
 }
 
@@ -502,12 +531,14 @@ function showOutput(data) {
   $('call-download').href = url;
   $('call-download').download = `${$('call-id').textContent || current.Name}.out`;
   $('call-output-box').hidden = false;
+  // The server deleted it as it answered: there is nothing more to get.
+  $('call-wait').hidden = true;
 }
 
 function showFailure(e) {
   const b = e instanceof ApiError ? e.body : null;
   let text = e instanceof ApiError ? `${e.status} ${e.code}: ${e.message}` : String(e);
-  if (b && b.ExitCode !== undefined && b.ExitCode !== null) {
+  if (b && b.ExitCode !== undefined && b.ExitCode !== null && !text.includes(`exit code ${b.ExitCode}`)) {
     text += ` (exit code ${b.ExitCode})`;
   }
   if (b && b.ShortStderr) {
@@ -516,9 +547,13 @@ function showFailure(e) {
   $('call-failed').textContent = text;
   $('call-failed').hidden = false;
   $('call-state').textContent = 'FAILED';
+  $('call-wait').hidden = true;
 }
 
 function resetCallResult(id) {
+  watching.abort();
+  clearInterval(watchTimer);
+  $('call-timer').textContent = '';
   $('call-result').hidden = false;
   $('call-id').textContent = id;
   $('call-state').textContent = '';
@@ -545,7 +580,8 @@ async function callFunction(ev) {
       signal,
     });
     if (sync) {
-      resetCallResult('');
+      resetCallResult(r.headers.get('Hyperfuncd-Call-Id') ?? '');
+      $('call-wait').hidden = true;
       if (r.ok) {
         $('call-state').textContent = 'FINISHED';
         showOutput(new Uint8Array(await r.arrayBuffer()));
@@ -556,6 +592,7 @@ async function callFunction(ev) {
         }
         showFailure(e);
       }
+      $('call-result').focus();
       return;
     }
     if (!r.ok) {
@@ -564,11 +601,89 @@ async function callFunction(ev) {
     const { CallId } = await r.json();
     resetCallResult(CallId);
     $('call-state').textContent = 'ACCEPTED';
-    $('call-wait').focus();
+    $('call-result').focus();
+    watchCall(CallId);
   } catch (e) {
     showError(e);
   } finally {
     $('call-submit').disabled = false;
+  }
+}
+
+// The call on screen, watched until it ends: its state from
+// `GET /v1/calls/ID` (and sooner from the function's log stream), a
+// running timer, and its output fetched as soon as it is FINISHED.
+let watching = new AbortController();
+let watchTimer = null;
+const ENDED = new Set(['FINISHED', 'FAILED']);
+
+function callShown() {
+  return $('call-id').textContent;
+}
+
+/** Shows `st` for the watched call; on an end, fetches the outcome. */
+function callState(id, st, since) {
+  if (callShown() !== id || ENDED.has($('call-state').textContent)) {
+    return;
+  }
+  $('call-state').textContent = st;
+  if (st === 'RUNNING' && since.running === null) {
+    since.running = performance.now();
+  }
+  if (ENDED.has(st)) {
+    watching.abort();
+    clearInterval(watchTimer);
+    const ran = since.running === null ? null : (performance.now() - since.running) / 1000;
+    $('call-timer').textContent = ran === null ? '' : `ran about ${ran.toFixed(1)} s`;
+    getOutput();
+  }
+}
+
+async function watchCall(id) {
+  watching.abort();
+  watching = new AbortController();
+  const ctl = watching;
+  state.view.signal.addEventListener('abort', () => ctl.abort());
+  const since = { accepted: performance.now(), running: null };
+  watching.since = since;
+  clearInterval(watchTimer);
+  watchTimer = setInterval(() => {
+    const t0 = since.running ?? since.accepted;
+    const what = since.running === null ? 'waiting' : 'running';
+    $('call-timer').textContent = `${what} ${((performance.now() - t0) / 1000).toFixed(1)} s`;
+  }, 200);
+  $('call-wait').hidden = true;
+  // A poll as well as the log stream: the stream may be off or filtered.
+  for (let pause = 250; !ctl.signal.aborted; pause = Math.min(pause * 2, 2000)) {
+    try {
+      const c = await api('GET', `/v1/calls/${encodeURIComponent(id)}`, { signal: ctl.signal });
+      callState(id, c.State, since);
+    } catch (e) {
+      if (!isAbort(e)) {
+        showError(e);
+        clearInterval(watchTimer);
+        $('call-wait').hidden = false;
+      }
+      return;
+    }
+    await new Promise((res) => {
+      const t = setTimeout(res, pause);
+      ctl.signal.addEventListener('abort', () => {
+        clearTimeout(t);
+        res();
+      });
+    });
+  }
+}
+
+/** A log event of the function: moves the watched call's state on at once. */
+function callEvent(e) {
+  const id = callShown();
+  if (e.CallId === id && !watching.signal.aborted && watching.since) {
+    const st = { RUNNING: 'RUNNING', FINISHED: 'FINISHED', FAILED: 'FAILED' }[e.Event];
+    if (st) {
+      callState(id, st, watching.since);
+    }
   }
 }
 
@@ -585,6 +700,10 @@ async function getOutput() {
   } catch (e) {
     if (e instanceof ApiError && e.code === 'call_failed') {
       showFailure(e);
+    } else if (e instanceof ApiError && e.code === 'output_gone') {
+      $('call-failed').textContent = e.message;
+      $('call-failed').hidden = false;
+      $('call-wait').hidden = true;
     } else {
       showError(e);
     }
@@ -636,6 +755,7 @@ function startLogs() {
       while (list.childElementCount > 500) {
         list.lastElementChild.remove();
       }
+      callEvent(e);
       refreshSoon();
     },
     ctl.signal,
@@ -698,6 +818,7 @@ function userRow(u, l) {
     h('td', { 'data-label': 'Name' }, h('strong', { text: u.Name })),
     h('td', { 'data-label': 'Role', text: u.Admin ? 'admin' : 'user' }),
     h('td', { 'data-label': 'Quota' }, h('span', { class: 'inline' }, quota, save)),
+    h('td', { 'data-label': 'Budgets', class: 'num', text: budgets(u) }),
     h('td', { 'data-label': 'Running', class: 'num', text: String(l.running) }),
     h('td', { 'data-label': 'Queued', class: 'num', text: String(l.queued) }),
     h('td', { 'data-label': 'Created', text: u.Created }),
@@ -712,6 +833,11 @@ function userRow(u, l) {
       ),
     ),
   );
+}
+
+/** `10000 queued, 1.0 GiB, 100 fns, 100/s` */
+function budgets(u) {
+  return `${u.MaxQueued} queued, ${bytes(u.MaxQueuedBytes)}, ${u.MaxFunctions} fns, ${u.Rate}/s`;
 }
 
 function showKey(user, key) {
@@ -776,6 +902,11 @@ async function removeUser(name) {
 // ---- wiring ----
 
 function wire() {
+  // The router owns the hash: the skip link moves focus without changing it.
+  $('skip').addEventListener('click', (ev) => {
+    ev.preventDefault();
+    $('main').focus();
+  });
   $('signin-form').addEventListener('submit', signIn);
   $('signout').addEventListener('click', signOut);
   $('error-close').addEventListener('click', clearError);
@@ -804,6 +935,12 @@ function wire() {
   window.addEventListener('hashchange', () => {
     hideKey();
     route();
+    // Focus follows the route to the new view's heading, as a page load would.
+    const heading = document.querySelector('section:not([hidden]) h1');
+    if (heading && session.key) {
+      heading.tabIndex = -1;
+      heading.focus({ preventScroll: true });
+    }
   });
 }
 

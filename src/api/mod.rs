@@ -358,6 +358,7 @@ async fn route(svc: &Arc<Service>, rates: &rate::RateLimits, mut req: Req) -> Ap
         }
         Op::OpenApi => Ok(text_response(OPENAPI.to_string(), "application/yaml")),
         // The dashboard: static files only; it calls `/v1` like the CLI.
+        Op::Root => Ok(ui::to_dashboard()),
         Op::Ui => Ok(ui::serve(&p.rest())),
         // `/v1` templates all start with `v1`, so they were answered above.
         _ => Err(no_route(&req)),
@@ -653,7 +654,7 @@ async fn output(
             &serde_json::json!({"CallId": id.to_string(), "State": state}),
         )
     };
-    Ok(match svc.output(scope, &id, wait).await? {
+    let mut r = match svc.output(scope, &id, wait).await? {
         OutputAnswer::Output(bytes) => {
             let mut r = warp::http::Response::new(bytes).into_response();
             r.headers_mut().insert(
@@ -679,8 +680,17 @@ async fn output(
             Service::output_state_message(&call),
         )
         .into_response(),
-    })
+    };
+    // Every answer names its call, so a sync caller (whose 200 body is the
+    // bare output) can look the call up afterwards.
+    if let Ok(v) = warp::http::HeaderValue::from_str(&id.to_string()) {
+        r.headers_mut().insert(CALL_ID_HEADER, v);
+    }
+    Ok(r)
 }
+
+/// On every output answer, sync call answers included: the call's id.
+pub const CALL_ID_HEADER: &str = "hyperfuncd-call-id";
 
 /// How often a log follower that saw no call change checks that its
 /// function still has the secret it was opened with.

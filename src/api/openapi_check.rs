@@ -357,7 +357,6 @@ async fn wrong_methods_answer_405_with_allow_and_unknown_paths_the_fallback() {
         ("GET", "/v1/nothing"),
         ("GET", "/v1/functions/f/nothing"),
         ("GET", "/nothing"),
-        ("GET", "/"),
         ("GET", "/call/f"),
         ("GET", format!("/status/f/{SECRET}/x").as_str()),
     ] {

@@ -18,6 +18,7 @@ pub(crate) enum Op {
     Health,
     Metrics,
     OpenApi,
+    Root,
     Ui,
     ListFunctions,
     CreateFunction,
@@ -81,6 +82,12 @@ pub(crate) const ROUTES: &[Route] = &[
     r("GET", "/openapi.yaml", Op::OpenApi),
     Route {
         method: "GET",
+        path: "/",
+        op: Op::Root,
+        in_spec: false,
+    },
+    Route {
+        method: "GET",
         path: "/ui/*",
         op: Op::Ui,
         in_spec: false,
@@ -138,6 +145,9 @@ pub(crate) enum Miss {
 /// Whether `path` (canonical segments) matches `template`, and its params.
 fn matches<'a>(template: &'static str, path: &[&'a str]) -> Option<Params<'a>> {
     let mut params = Params::default();
+    if template == "/" {
+        return path.is_empty().then_some(params);
+    }
     let mut t = template.trim_start_matches('/').split('/').peekable();
     let mut p = path.iter();
     while let Some(ts) = t.next() {
@@ -190,6 +200,7 @@ mod tests {
         );
         let (op, _) = find(&Method::PUT, &["call", "f", "s"]).unwrap();
         assert_eq!(op, Op::CallAsync);
+        assert_eq!(find(&Method::GET, &[]).unwrap().0, Op::Root);
         let (op, p) = find(&Method::GET, &["ui"]).unwrap();
         assert_eq!((op, p.rest().len()), (Op::Ui, 0));
         let (_, p) = find(&Method::GET, &["ui", "a", "b"]).unwrap();
@@ -206,7 +217,6 @@ mod tests {
             find(&Method::GET, &["v1", "functions", "f", "x"]).unwrap_err(),
             Miss::NoRoute
         );
-        assert_eq!(find(&Method::GET, &[]).unwrap_err(), Miss::NoRoute);
         assert_eq!(
             find(&Method::GET, &["call", "f"]).unwrap_err(),
             Miss::NoRoute
