@@ -142,7 +142,7 @@ fn screenshot_dir() -> PathBuf {
 
 #[test]
 fn dashboard_in_headless_chromium() {
-    let d = Daemon::start();
+    let d = Daemon::start_with("[scheduler]\ndefault_rate = 100000\n");
 
     // The policy the browser enforces below, as the daemon sends it.
     let (code, head) = d.curl(&["-D", "-", "-o", "/dev/null", &format!("{}/ui/", d.endpoint)]);
@@ -341,9 +341,41 @@ async fn scenario(c: &Client, d: &Daemon) -> Result<()> {
     }
     shot(c, "desktop-not-found").await?;
 
-    // Update the command; a sync call that fails shows the reason.
+    // A hundred functions: the list comes from one request, in pages, and
+    // search narrows it.
+    create_functions(d, 98)?;
     c.goto(&format!("{}/ui/#/functions", d.endpoint)).await?;
-    text_of(c, "#functions-body", |t| t.contains("ui-slow")).await?;
+    text_of(c, "#functions-count", |t| t == "100 functions").await?;
+    js(c, "performance.clearResourceTimings()").await?;
+    click(c, "#functions-refresh").await?;
+    let requests = poll(c, "the list to be fetched again", || async move {
+        let v = js(
+            c,
+            "return performance.getEntriesByType('resource').map((e) => new URL(e.name).pathname).filter((p) => p.startsWith('/v1/'))",
+        )
+        .await?;
+        Ok(v.as_array().filter(|a| !a.is_empty()).cloned())
+    })
+    .await?;
+    if requests.iter().any(|p| p != "/v1/functions") {
+        bail!("the list asked more than the list: {requests:?}");
+    }
+    text_of(c, "#functions-page", |t| t == "1–25 of 100").await?;
+    if c.find_all(Locator::Css("#functions-body tr")).await?.len() != 25 {
+        bail!("a page of the list is not 25 rows");
+    }
+    shot(c, "desktop-functions-100").await?;
+    type_into(c, "#functions-search", "list-4").await?;
+    text_of(c, "#functions-count", |t| t == "10 of 100 functions match").await?;
+    if c.find_all(Locator::Css("#functions-body tr")).await?.len() != 10 {
+        bail!("search shows other rows than list-40..list-49");
+    }
+    let search = c.find(Locator::Id("functions-search")).await?;
+    search.clear().await?;
+    search.send_keys("ui-").await?;
+    text_of(c, "#functions-count", |t| t == "2 of 100 functions match").await?;
+
+    // Update the command; a sync call that fails shows the reason.
     click(c, "#functions-body a[href$='/ui-cat']").await?;
     text_of(c, "#fn-title", |t| t == "ui-cat").await?;
     if js(c, "return document.getElementById('payload-text').value").await? != json!("") {
@@ -469,6 +501,43 @@ async fn dark(c: &Client, on: bool) -> Result<()> {
         "params": {"features": features},
     })))
     .await?;
+    Ok(())
+}
+
+/// Creates `n` functions `list-00`... through the API, in one curl process.
+fn create_functions(d: &Daemon, n: usize) -> Result<()> {
+    let auth = format!("Authorization: Bearer {}", d.admin_key());
+    let url = format!("{}/v1/functions", d.endpoint);
+    let ca = d.ca();
+    let mut args: Vec<String> = Vec::new();
+    for i in 0..n {
+        if i > 0 {
+            args.push("--next".into());
+        }
+        let body =
+            json!({"Name": format!("list-{i:02}"), "Image": test_image(), "Command": ["cat"]});
+        args.extend([
+            "--cacert".into(),
+            ca.display().to_string(),
+            "-s".into(),
+            "-o".into(),
+            "/dev/null".into(),
+            "-w".into(),
+            "%{http_code}\n".into(),
+            "-H".into(),
+            auth.clone(),
+            "-H".into(),
+            "Content-Type: application/json".into(),
+            "--data".into(),
+            body.to_string(),
+            url.clone(),
+        ]);
+    }
+    let out = Command::new("curl").args(&args).output()?;
+    let codes = String::from_utf8_lossy(&out.stdout);
+    if codes.lines().count() != n || codes.lines().any(|c| !c.starts_with('2')) {
+        bail!("creating {n} functions answered {codes}");
+    }
     Ok(())
 }
 

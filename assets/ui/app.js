@@ -263,45 +263,53 @@ function fnLabel(f) {
   return ownerOf(f) ? `${f.Owner}/${f.Name}` : f.Name;
 }
 
-function counts(s) {
-  return `${s.Pending} / ${s.Running} / ${s.Finished} / ${s.Failed}`;
+/** Badges for the call counts that are not zero. */
+function badges(s) {
+  const kids = [];
+  for (const [n, what] of [
+    [s.Pending, 'pending'],
+    [s.Running, 'running'],
+    [s.Finished, 'finished'],
+    [s.Failed, 'failed'],
+  ]) {
+    if (n > 0) {
+      kids.push(h('span', { class: `badge ${what}`, text: `${n} ${what}` }));
+    }
+  }
+  return kids.length ? h('span', { class: 'badges' }, kids) : h('span', { class: 'hint', text: 'no calls' });
 }
 
-function cacheUse(f) {
-  return `out ${bytes(f.OutputCacheBytes)} / ${bytes(f.OutputCacheBudget)}, logs ${bytes(f.LogCacheBytes)} / ${bytes(f.LogCacheBudget)}`;
+/** `…/call/resize/1b4e28ba…` of a call URL: enough to tell URLs apart. */
+function shortAddress(a) {
+  const m = a.match(/^(.*\/call\/[^/]+\/)([0-9a-f]{8})[0-9a-f-]+$/i);
+  return m ? `${m[1]}${m[2]}…` : a;
 }
 
-/** Every function the key sees, each with its status counts. */
-async function functionsWithStatus(signal) {
-  const list = await api('GET', '/v1/functions', { signal });
-  return Promise.all(
-    list.map(async (f) => ({ f, s: await api('GET', fnPath(f.Name, '/status', ownerOf(f)), { signal }) })),
-  );
+function copyButton(text, what) {
+  return h('button', {
+    type: 'button',
+    class: 'quiet small',
+    text: 'Copy',
+    'aria-label': `Copy ${what}`,
+    onclick: () => navigator.clipboard.writeText(text).then(() => flash(`${what} copied`), showError),
+  });
 }
+
+/** The list view: every function the key sees, from one request. */
+const list = { rows: [], page: 0 };
+const PAGE = 25;
 
 async function loadFunctions(quiet = false) {
   const signal = state.view.signal;
   try {
-    const rows = await functionsWithStatus(signal);
+    const rows = await api('GET', '/v1/functions', { signal });
     if (signal.aborted) {
       return;
     }
-    rows.sort((a, b) => fnLabel(a.f).localeCompare(fnLabel(b.f)));
-    $('functions-body').replaceChildren(
-      ...rows.map(({ f, s }) =>
-        h(
-          'tr',
-          {},
-          h('td', { 'data-label': 'Name' }, h('a', { href: fnHash(f), text: fnLabel(f) })),
-          h('td', { 'data-label': 'Image' }, h('code', { text: f.Image })),
-          h('td', { 'data-label': 'Address', class: 'addr' }, h('code', { text: f.Address })),
-          h('td', { 'data-label': 'Calls P/R/F/X', class: 'num' }, counts(s)),
-          h('td', { 'data-label': 'Caches' }, cacheUse(f)),
-        ),
-      ),
-    );
-    $('functions-table').hidden = rows.length === 0;
+    list.rows = rows;
+    renderList();
     $('functions-empty').hidden = rows.length !== 0;
+    $('functions-tools').hidden = rows.length === 0;
     if (rows.length === 0) {
       $('create').open = true;
     }
@@ -310,6 +318,58 @@ async function loadFunctions(quiet = false) {
       showError(e);
     }
   }
+}
+
+function renderList() {
+  const q = $('functions-search').value.trim().toLowerCase();
+  const sort = $('functions-sort').value;
+  const shown = list.rows.filter(
+    (f) => !q || fnLabel(f).toLowerCase().includes(q) || f.Image.toLowerCase().includes(q),
+  );
+  const by = {
+    name: (a, b) => fnLabel(a).localeCompare(fnLabel(b)),
+    updated: (a, b) => b.Updated.localeCompare(a.Updated),
+    running: (a, b) => b.Calls.Running - a.Calls.Running,
+    failed: (a, b) => b.Calls.Failed - a.Calls.Failed,
+    total: (a, b) => b.Calls.Total - a.Calls.Total,
+  }[sort];
+  shown.sort((a, b) => by(a, b) || fnLabel(a).localeCompare(fnLabel(b)));
+  const pages = Math.max(1, Math.ceil(shown.length / PAGE));
+  list.page = Math.min(list.page, pages - 1);
+  const first = list.page * PAGE;
+  const page = shown.slice(first, first + PAGE);
+  $('functions-body').replaceChildren(
+    ...page.map((f) =>
+      h(
+        'tr',
+        { 'data-function': fnLabel(f) },
+        h('td', { 'data-label': 'Name' }, h('a', { href: fnHash(f), text: fnLabel(f) })),
+        h('td', { 'data-label': 'Image', class: 'img' }, h('code', { text: f.Image })),
+        h(
+          'td',
+          { 'data-label': 'Address', class: 'addr' },
+          h('code', { text: shortAddress(f.Address), title: f.Address }),
+          ' ',
+          copyButton(f.Address, `the address of ${f.Name}`),
+        ),
+        h('td', { 'data-label': 'Calls' }, badges(f.Calls)),
+        h('td', { 'data-label': 'Updated', text: f.Updated }),
+      ),
+    ),
+  );
+  $('functions-table').hidden = page.length === 0;
+  $('functions-count').textContent = q
+    ? `${shown.length} of ${list.rows.length} functions match`
+    : `${list.rows.length} function${list.rows.length === 1 ? '' : 's'}`;
+  $('functions-pager').hidden = pages === 1;
+  $('functions-page').textContent = `${first + 1}–${first + page.length} of ${shown.length}`;
+  $('functions-prev').disabled = list.page === 0;
+  $('functions-next').disabled = list.page >= pages - 1;
+}
+
+function turnPage(by) {
+  list.page = Math.max(0, list.page + by);
+  renderList();
 }
 
 async function createFunction(ev) {
@@ -368,9 +428,27 @@ function renderFunction(f, s) {
     ...detail('Runtime', f.Runtime ?? '(the Engine\'s default)'),
     ...detail('Owner', f.Owner),
     ...detail('Calls', h('span', { id: 'fn-status' }, statusText(s))),
+    ...detail('Updated', f.Updated),
     ...detail('Output cache', meter(f.OutputCacheBytes, f.OutputCacheBudget)),
     ...detail('Log cache', meter(f.LogCacheBytes, f.LogCacheBudget)),
-    ...detail('Updated', f.Updated),
+  );
+  renderExamples(f);
+}
+
+/** Ready-to-paste ways to call `f` from a shell, each with a copy button. */
+function renderExamples(f) {
+  // An admin names the owner (their own functions too: OWNER/NAME always works).
+  const cli = `hyperfuncd func call ${fnLabel(f)}`;
+  const examples = [
+    ['async call (prints the CallId)', `curl --data-binary @payload ${f.Address}`],
+    ['sync call (prints the output)', `curl --data-binary @payload ${f.Address}/sync`],
+    ['from the CLI', `${cli} < payload`],
+    ['from the CLI, waiting for the output', `${cli} --sync < payload`],
+  ];
+  $('fn-examples-body').replaceChildren(
+    ...examples.map(([what, cmd]) =>
+      h('div', { class: 'example' }, h('p', { class: 'hint', text: what }), h('code', { class: 'pre', text: cmd }), ' ', copyButton(cmd, `the ${what} command`)),
+    ),
   );
 }
 
@@ -781,11 +859,12 @@ async function loadUsers() {
   try {
     const [users, fns] = await Promise.all([
       api('GET', '/v1/users', { signal }),
-      functionsWithStatus(signal),
+      api('GET', '/v1/functions', { signal }),
     ]);
     // Running and queued per user: the sum over the functions they own.
     const load = new Map();
-    for (const { f, s } of fns) {
+    for (const f of fns) {
+      const s = f.Calls;
       const l = load.get(f.Owner) ?? { running: 0, queued: 0 };
       l.running += s.Running;
       l.queued += s.Pending;
@@ -911,6 +990,13 @@ function wire() {
   $('signout').addEventListener('click', signOut);
   $('error-close').addEventListener('click', clearError);
   $('functions-refresh').addEventListener('click', () => loadFunctions());
+  $('functions-search').addEventListener('input', () => {
+    list.page = 0;
+    renderList();
+  });
+  $('functions-sort').addEventListener('change', renderList);
+  $('functions-prev').addEventListener('click', () => turnPage(-1));
+  $('functions-next').addEventListener('click', () => turnPage(1));
   $('create-form').addEventListener('submit', createFunction);
   $('fn-edit').addEventListener('click', editFunction);
   $('edit-cancel').addEventListener('click', () => {

@@ -570,6 +570,7 @@ fn schemas_match_the_api_types() {
             address: "https://localhost:8443/call/f/x".into(),
             created: String::new(),
             updated: String::new(),
+            calls: crate::store::FunctionStats::default().into(),
             output_cache_bytes: 0,
             output_cache_budget: 1,
             log_cache_bytes: 0,

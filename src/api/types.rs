@@ -76,6 +76,9 @@ pub struct FunctionView {
     pub address: String,
     pub created: String,
     pub updated: String,
+    /// Its calls by state (the `/status` counts), so a list needs no
+    /// request per function.
+    pub calls: StatusView,
     pub output_cache_bytes: u64,
     pub output_cache_budget: u64,
     pub log_cache_bytes: u64,
@@ -117,6 +120,7 @@ impl FunctionView {
             address,
             created: format_time(f.created_ms),
             updated: format_time(f.updated_ms),
+            calls: StatusView::from(cache.stats),
             output_cache_bytes: cache.stats.output_bytes,
             output_cache_budget: cache.output_budget,
             log_cache_bytes: cache.stats.log_bytes,
