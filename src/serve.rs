@@ -84,6 +84,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 .context("cannot open the shared store ([store] backend = \"nats\")")?
         }
     };
+    crate::activity::install(&data_dir.join("activity.json"));
     let instance = store.instance_id().await?;
     let runtime = Arc::new(Runtime::new(
         config.docker_socket(),
@@ -180,6 +181,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     )
     .await;
     let _ = dispatcher.await;
+    crate::activity::save().await;
     // No call runs any more: the rules that kept them from the host go.
     firewall.close_firewall().await;
     tracing::info!("stopped");

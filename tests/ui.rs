@@ -281,6 +281,18 @@ async fn scenario(c: &Client, d: &Daemon) -> Result<()> {
         bail!("output {out} is not the payload {payload:?}");
     }
     text_of(c, "#call-state", |t| t == "FINISHED").await?;
+    // The call is on the charts, drawn by the page from `/activity`.
+    visible(c, "#fn-charts svg rect.bar-ok[data-count='1']").await?;
+    poll(c, "a p50 point on the run-time chart", || async move {
+        let n = js(
+            c,
+            "return document.querySelectorAll('#fn-charts circle.dot50').length",
+        )
+        .await?;
+        Ok((n.as_u64() > Some(0)).then_some(()))
+    })
+    .await?;
+    text_of(c, "#fn-charts figcaption", |t| t.starts_with("1 finished")).await?;
     shot(c, "desktop-function").await?;
     js(c, "document.getElementById('logs').scrollIntoView()").await?;
     shot(c, "desktop-logs").await?;
@@ -351,16 +363,18 @@ async fn scenario(c: &Client, d: &Daemon) -> Result<()> {
     let requests = poll(c, "the list to be fetched again", || async move {
         let v = js(
             c,
-            "return performance.getEntriesByType('resource').map((e) => new URL(e.name).pathname).filter((p) => p.startsWith('/v1/'))",
+            "return performance.getEntriesByType('resource').map((e) => new URL(e.name).pathname).filter((p) => p.startsWith('/v1/functions'))",
         )
         .await?;
         Ok(v.as_array().filter(|a| !a.is_empty()).cloned())
     })
     .await?;
+    // The list is one request (the host's chart is one more, /v1/activity).
     if requests.iter().any(|p| p != "/v1/functions") {
         bail!("the list asked more than the list: {requests:?}");
     }
     text_of(c, "#functions-page", |t| t == "1–25 of 100").await?;
+    visible(c, "#host-charts svg rect.bar-ok").await?;
     if c.find_all(Locator::Css("#functions-body tr")).await?.len() != 25 {
         bail!("a page of the list is not 25 rows");
     }

@@ -308,6 +308,9 @@ async function loadFunctions(quiet = false) {
     }
     list.rows = rows;
     renderList();
+    if (rows.length > 0) {
+      hostActivity();
+    }
     $('functions-empty').hidden = rows.length !== 0;
     $('functions-tools').hidden = rows.length === 0;
     if (rows.length === 0) {
@@ -395,6 +398,171 @@ async function createFunction(ev) {
     $('create').open = false;
     flash(`${f.Name} is created with the address of ${f.Address}`);
     location.hash = fnHash(f);
+  });
+}
+
+// ---- activity charts (SVG drawn here: no library, nothing from elsewhere) ----
+
+/** The SVG namespace: a name, never fetched. */
+const SVG = 'http://www.w3.org/2000/svg';
+
+/** An SVG element with attributes and children. */
+function svg(tag, attrs = {}, ...kids) {
+  const el = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === 'text') {
+      el.textContent = v;
+    } else {
+      el.setAttribute(k, String(v));
+    }
+  }
+  el.append(...kids.flat(Infinity).filter(Boolean));
+  return el;
+}
+
+function hhmm(time) {
+  return time.slice(11, 16);
+}
+
+function secs(v) {
+  if (v === null || v === undefined) {
+    return '—';
+  }
+  return v < 1 ? `${Math.round(v * 1000)} ms` : `${v.toFixed(v < 10 ? 2 : 0)} s`;
+}
+
+const CW = 600;
+const CH = 140;
+const PAD = { l: 56, r: 8, t: 10, b: 22 };
+
+function frame(points, max, unit) {
+  const y = (v) => PAD.t + (CH - PAD.t - PAD.b) * (1 - v / max);
+  return [
+    svg('line', { class: 'axis', x1: PAD.l, y1: y(0), x2: CW - PAD.r, y2: y(0) }),
+    svg('line', { class: 'axis', x1: PAD.l, y1: PAD.t, x2: PAD.l, y2: y(0) }),
+    svg('text', { class: 'label', x: PAD.l - 4, y: PAD.t + 8, 'text-anchor': 'end', text: unit(max) }),
+    svg('text', { class: 'label', x: PAD.l - 4, y: y(0), 'text-anchor': 'end', text: '0' }),
+    svg('text', { class: 'label', x: PAD.l, y: CH - 6, text: hhmm(points[0].Time) }),
+    svg('text', { class: 'label', x: CW - PAD.r, y: CH - 6, 'text-anchor': 'end', text: hhmm(points[points.length - 1].Time) }),
+  ];
+}
+
+/** Calls per point: finished and failed stacked. */
+function callsChart(a) {
+  const pts = a.Points;
+  const max = Math.max(1, ...pts.map((p) => p.Finished + p.Failed));
+  const w = (CW - PAD.l - PAD.r) / pts.length;
+  const hgt = (v) => ((CH - PAD.t - PAD.b) * v) / max;
+  const base = CH - PAD.b;
+  const bars = [];
+  pts.forEach((p, i) => {
+    const x = PAD.l + i * w + 0.5;
+    const ok = hgt(p.Finished);
+    const bad = hgt(p.Failed);
+    const tip = `${hhmm(p.Time)}: ${p.Finished} finished, ${p.Failed} failed, ${p.Accepted} accepted`;
+    if (p.Finished > 0) {
+      bars.push(svg('rect', { class: 'bar-ok', x, y: base - ok, width: Math.max(1, w - 1), height: ok, 'data-count': p.Finished }, svg('title', { text: tip })));
+    }
+    if (p.Failed > 0) {
+      bars.push(svg('rect', { class: 'bar-failed', x, y: base - ok - bad, width: Math.max(1, w - 1), height: bad, 'data-count': p.Failed }, svg('title', { text: tip })));
+    }
+  });
+  const per = a.Step === 60 ? 'minute' : 'quarter hour';
+  const t = a.Total;
+  return h(
+    'figure',
+    { class: 'chart' },
+    h('h3', { text: `Calls per ${per}` }),
+    svg(
+      'svg',
+      { viewBox: `0 0 ${CW} ${CH}`, role: 'img', 'aria-label': `Calls per ${per}: ${t.Finished} finished and ${t.Failed} failed in the last ${a.Window}` },
+      frame(pts, max, (v) => String(v)),
+      bars,
+    ),
+    h(
+      'figcaption',
+      { class: 'summary hint' },
+      h('span', { class: 'legend-ok', text: `${t.Finished} finished` }),
+      ' · ',
+      h('span', { class: 'legend-failed', text: `${t.Failed} failed` }),
+      ` · ${t.Accepted} accepted in the last ${a.Window}`,
+    ),
+  );
+}
+
+/** p50 and p95 run time per point, where calls ended. */
+function durationChart(a) {
+  const pts = a.Points;
+  const max = Math.max(0.001, ...pts.map((p) => p.P95 ?? 0));
+  const w = (CW - PAD.l - PAD.r) / pts.length;
+  const x = (i) => PAD.l + i * w + w / 2;
+  const y = (v) => PAD.t + (CH - PAD.t - PAD.b) * (1 - v / max);
+  const line = (key, cls, dot) => {
+    let d = '';
+    let open = false;
+    const dots = [];
+    pts.forEach((p, i) => {
+      const v = p[key];
+      if (v === null || v === undefined) {
+        open = false;
+        return;
+      }
+      d += `${open ? 'L' : 'M'}${x(i).toFixed(1)},${y(v).toFixed(1)} `;
+      open = true;
+      dots.push(svg('circle', { class: dot, cx: x(i).toFixed(1), cy: y(v).toFixed(1), r: 2.5 }, svg('title', { text: `${hhmm(p.Time)}: ${key.toLowerCase()} ${secs(v)}` })));
+    });
+    return [d ? svg('path', { class: cls, d: d.trim() }) : null, dots];
+  };
+  const t = a.Total;
+  return h(
+    'figure',
+    { class: 'chart' },
+    h('h3', { text: 'Run time' }),
+    svg(
+      'svg',
+      { viewBox: `0 0 ${CW} ${CH}`, role: 'img', 'aria-label': `Run time in the last ${a.Window}: p50 ${secs(t.P50)}, p95 ${secs(t.P95)}` },
+      frame(pts, max, secs),
+      line('P50', 'p50', 'dot50'),
+      line('P95', 'p95', 'dot95'),
+    ),
+    h(
+      'figcaption',
+      { class: 'summary hint' },
+      h('span', { class: 'legend-ok', text: `p50 ${secs(t.P50)}` }),
+      ' · ',
+      h('span', { class: 'legend-failed', text: `p95 ${secs(t.P95)}` }),
+      ` over the last ${a.Window}`,
+    ),
+  );
+}
+
+async function loadActivity(target, path, which) {
+  const select = document.querySelector(`.activity-window[data-for=${which}]`);
+  const q = `window=${select.value}`;
+  const a = await api('GET', `${path}${path.includes('?') ? '&' : '?'}${q}`, { signal: state.view.signal });
+  $(target).replaceChildren(callsChart(a), durationChart(a));
+}
+
+function hostActivity() {
+  return loadActivity('host-charts', '/v1/activity', 'host')
+    .then(() => {
+      $('host-activity').hidden = false;
+    })
+    .catch((e) => {
+      if (!isAbort(e)) {
+        showError(e);
+      }
+    });
+}
+
+function functionActivity() {
+  if (!current) {
+    return Promise.resolve();
+  }
+  return loadActivity('fn-charts', fnPath(current.Name, '/activity', ownerOf(current)), 'function').catch((e) => {
+    if (!isAbort(e) && !(e instanceof ApiError && e.status === 404)) {
+      showError(e);
+    }
   });
 }
 
@@ -486,6 +654,8 @@ async function openFunction(name, owner = null) {
     renderFunction(f, s);
     $('fn-body').hidden = false;
     startLogs();
+    functionActivity();
+    state.timers.push(setInterval(functionActivity, 10000));
   } catch (e) {
     if (e instanceof ApiError && e.status === 404) {
       $('fn-title').textContent = 'Function not found';
@@ -522,7 +692,10 @@ async function refreshFunction() {
 let statusSoon = null;
 function refreshSoon() {
   clearTimeout(statusSoon);
-  statusSoon = setTimeout(refreshFunction, 300);
+  statusSoon = setTimeout(() => {
+    refreshFunction();
+    functionActivity();
+  }, 300);
 }
 
 function editFunction() {
@@ -995,6 +1168,9 @@ function wire() {
     renderList();
   });
   $('functions-sort').addEventListener('change', renderList);
+  for (const sel of document.querySelectorAll('.activity-window')) {
+    sel.addEventListener('change', () => (sel.dataset.for === 'host' ? hostActivity() : functionActivity()));
+  }
   $('functions-prev').addEventListener('click', () => turnPage(-1));
   $('functions-next').addEventListener('click', () => turnPage(1));
   $('create-form').addEventListener('submit', createFunction);

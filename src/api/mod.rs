@@ -491,6 +491,25 @@ async fn v1(
                 &StatusView::from(svc.stats(&f).await?),
             ))
         }
+        Op::FunctionActivity => {
+            let f = addressed(svc, caller, p.get("name"), &req.query).await?;
+            let window = window_param(&req.query)?;
+            let key = f.key();
+            let report = crate::activity::report(window, |k| *k == key);
+            Ok(json_response(StatusCode::OK, &ActivityView::from(report)))
+        }
+        Op::Activity => {
+            let window = window_param(&req.query)?;
+            let owner = owner_param(&req.query)?;
+            let keys: std::collections::HashSet<_> = svc
+                .list_functions(caller, owner.as_ref())
+                .await?
+                .iter()
+                .map(|f| f.key())
+                .collect();
+            let report = crate::activity::report(window, |k| keys.contains(k));
+            Ok(json_response(StatusCode::OK, &ActivityView::from(report)))
+        }
         Op::GetCall => {
             let id = p.get("callId");
             let id = CallId::parse(id)
@@ -1042,6 +1061,15 @@ async fn addressed(
     Ok(svc
         .function(caller, &Name::parse(name)?, owner.as_ref())
         .await?)
+}
+
+/// `window=hour` (the default) or `window=day`.
+fn window_param(query: &HashMap<String, String>) -> Result<crate::activity::Window, ApiError> {
+    match query.get("window") {
+        None => Ok(crate::activity::Window::Hour),
+        Some(w) => crate::activity::Window::parse(w)
+            .ok_or_else(|| ApiError::bad_request(format!("invalid window {w:?}: hour or day"))),
+    }
 }
 
 fn owner_param(query: &HashMap<String, String>) -> Result<Option<Name>, ApiError> {

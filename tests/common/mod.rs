@@ -1007,6 +1007,12 @@ pub fn submit_all(
 }
 
 impl Daemon {
+    /// Stops with SIGTERM (a clean stop) and starts again on the same port.
+    pub fn restart_clean(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
     /// Restarts (kill -9) with different extra config.
     pub fn restart_with(&mut self, extra_config: &str) {
         self.extra_config = extra_config.to_string();
