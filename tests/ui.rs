@@ -469,6 +469,26 @@ async fn scenario(c: &Client, d: &Daemon) -> Result<()> {
         bail!("ui-cat answers {code} after removal");
     }
 
+    // Rotating one's own key: the tab carries on with the new one.
+    click(c, "#nav-users").await?;
+    click(c, "tr[data-user=admin] button[data-action=rotate]").await?;
+    text_of(c, "#confirm-text", |t| {
+        t.contains("If it is the key you signed in with")
+    })
+    .await?;
+    click(c, "#confirm-ok").await?;
+    text_of(c, "#flash", |t| t.starts_with("That was your own key")).await?;
+    let new_key = text_of(c, "#newkey-value", |t| t.starts_with("hfk_")).await?;
+    if js(c, "return sessionStorage.getItem('hyperfuncd.key')").await? != json!(new_key) {
+        bail!("the tab did not take the new key");
+    }
+    click(c, "#newkey-done").await?;
+    click(c, "#users-refresh").await?;
+    text_of(c, "tr[data-user=admin]", |t| t.contains("admin")).await?;
+    if c.find(Locator::Id("error")).await?.is_displayed().await? {
+        bail!("the users page failed after rotating the tab's own key");
+    }
+
     // Sign out: no key in storage or in the page.
     click(c, "#signout").await?;
     visible(c, "#signin-key").await?;
@@ -476,7 +496,7 @@ async fn scenario(c: &Client, d: &Daemon) -> Result<()> {
         bail!("sign-out left the session storage");
     }
     let page = c.source().await?;
-    if page.contains(&key) || page.contains(&address) {
+    if page.contains(&key) || page.contains(&address) || page.contains(&new_key) {
         bail!("a secret is in the page after sign-out");
     }
     Ok(())
@@ -666,7 +686,8 @@ where
 async fn visible(c: &Client, css: &str) -> Result<Element> {
     poll(c, &format!("{css} to be visible"), || async move {
         match c.find_all(Locator::Css(css)).await?.into_iter().next() {
-            Some(e) if e.is_displayed().await? => Ok(Some(e)),
+            // Stale: the page re-rendered it meanwhile; look again.
+            Some(e) if e.is_displayed().await.unwrap_or(false) => Ok(Some(e)),
             _ => Ok(None),
         }
     })
@@ -679,7 +700,10 @@ async fn text_of(c: &Client, css: &str, ok: impl Fn(&str) -> bool) -> Result<Str
     let (last_ref, ok) = (&last, &ok);
     poll(c, &format!("the text of {css}"), || async move {
         if let Some(e) = c.find_all(Locator::Css(css)).await?.into_iter().next() {
-            let t = e.text().await?;
+            // Stale: the page re-rendered it meanwhile; look again.
+            let Ok(t) = e.text().await else {
+                return Ok(None);
+            };
             if ok(&t) {
                 return Ok(Some(t));
             }
@@ -692,8 +716,19 @@ async fn text_of(c: &Client, css: &str, ok: impl Fn(&str) -> bool) -> Result<Str
 }
 
 async fn click(c: &Client, css: &str) -> Result<()> {
-    visible(c, css).await?.click().await?;
-    Ok(())
+    // A list the page re-renders may replace the element between the
+    // find and the click: find it again, a few times.
+    for _ in 0..5 {
+        match visible(c, css).await?.click().await {
+            Err(fantoccini::error::CmdError::Standard(e))
+                if e.error == fantoccini::error::ErrorStatus::StaleElementReference =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            r => return Ok(r?),
+        }
+    }
+    bail!("{css} kept going stale")
 }
 
 async fn type_into(c: &Client, css: &str, text: &str) -> Result<()> {

@@ -1080,7 +1080,7 @@ function userRow(u, l) {
       h(
         'span',
         { class: 'inline' },
-        h('button', { type: 'button', class: 'small', text: 'Rotate key', onclick: () => rotateKey(u.Name) }),
+        h('button', { type: 'button', class: 'small', 'data-action': 'rotate', text: 'Rotate key', onclick: () => rotateKey(u.Name) }),
         h('button', { type: 'button', class: 'small danger', text: 'Remove', onclick: () => removeUser(u.Name) }),
       ),
     ),
@@ -1131,12 +1131,24 @@ async function setQuota(name, value) {
 }
 
 async function rotateKey(name) {
-  if (!(await confirmDialog(`Give ${name} a new key? The current one stops working at once.`, 'Rotate key'))) {
+  const question = `Give ${name} a new key? The current one stops working at once, in every tab and script that uses it. If it is the key you signed in with, this tab switches to the new one.`;
+  if (!(await confirmDialog(question, 'Rotate key'))) {
     return;
   }
   await attempt(async () => {
     const u = await api('PATCH', `/v1/users/${encodeURIComponent(name)}`, { json: { RotateKey: true } });
     showKey(u.Name, u.Key);
+    // Was it this tab's own key? Then it no longer works: carry on with the new one.
+    try {
+      await api('GET', '/v1/users');
+    } catch (e) {
+      if (e instanceof ApiError && e.status === 401) {
+        session.set(u.Key);
+        flash(`That was your own key: this tab now uses ${name}'s new key. Save it before you sign out.`);
+      } else {
+        throw e;
+      }
+    }
   });
 }
 
