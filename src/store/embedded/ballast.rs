@@ -1,0 +1,136 @@
+//! The ballast: a file of `[store] ballast_bytes` that holds space on the
+//! data dir's filesystem for the day it fills up. sled cannot open a
+//! database on a full disk (it writes a snapshot and its log at open) and
+//! fails for good on a write it could not flush; a daemon that stops there
+//! cannot start again until someone frees space by hand. So the space is
+//! set aside while there is plenty, and given back when there is none:
+//!
+//! - released (deleted) when the filesystem has less free than the reserve
+//!   (`[store] min_free_bytes`, at least `FLOOR`), found by a check every
+//!   `EVERY`, by `check_space`, or before the database opens; intake is
+//!   refused below the reserve anyway, so what the ballast gives back goes
+//!   to the writes that settle calls (and to the next open);
+//! - made again (allocated, not written: `posix_fallocate`) once the
+//!   filesystem has the reserve *and* the ballast free, so making it never
+//!   takes the filesystem under the reserve.
+//!
+//! It never holds data: nothing reads it, and a crash at any point leaves
+//! either no ballast, a ballast, or a `.tmp` that the next check removes.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The ballast's file in the database directory.
+pub const FILE: &str = "hf-ballast";
+/// Free space under which the ballast goes even with no reserve configured.
+pub const FLOOR: u64 = 1024 * 1024;
+/// How often the watcher looks at the free space.
+const EVERY: Duration = Duration::from_secs(1);
+
+pub struct Ballast {
+    path: PathBuf,
+    bytes: u64,
+    /// Free space (without the ballast) under which it is released.
+    low: u64,
+}
+
+impl Ballast {
+    pub fn new(dir: &Path, bytes: u64, reserve: u64) -> Ballast {
+        Ballast {
+            path: dir.join(FILE),
+            bytes,
+            low: reserve.max(FLOOR),
+        }
+    }
+
+    pub fn present(&self) -> bool {
+        self.bytes > 0 && self.path.exists()
+    }
+
+    /// Deletes the ballast; whether there was one to give back.
+    pub fn release(&self) -> bool {
+        // One a crash left half made holds space too.
+        let _ = std::fs::remove_file(self.path.with_extension("tmp"));
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => {
+                tracing::warn!(
+                    ballast = %self.path.display(),
+                    bytes = self.bytes,
+                    "the data dir's filesystem is full: released the ballast so the database can still write ([store] ballast_bytes)"
+                );
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Releases or makes the ballast as `free` (the filesystem's free bytes,
+    /// the ballast not counted) says.
+    pub fn keep(&self, free: u64) {
+        if self.bytes == 0 {
+            return;
+        }
+        if free < self.low {
+            self.release();
+        } else if free >= self.low.saturating_add(self.bytes) && !self.path.exists() {
+            match self.make() {
+                Ok(()) => tracing::info!(
+                    ballast = %self.path.display(),
+                    bytes = self.bytes,
+                    "set aside the ballast for a full disk ([store] ballast_bytes)"
+                ),
+                Err(e) => {
+                    tracing::warn!(ballast = %self.path.display(), error = %e, "cannot make the ballast")
+                }
+            }
+        }
+    }
+
+    /// Allocates the ballast under a temporary name, then renames it: a
+    /// file that was not wholly allocated is never taken for the ballast.
+    fn make(&self) -> std::io::Result<()> {
+        use std::os::unix::io::AsRawFd;
+        let tmp = self.path.with_extension("tmp");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        let len = libc::off_t::try_from(self.bytes)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        // SAFETY: posix_fallocate on a descriptor we own, for its length.
+        let r = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, len) };
+        if r != 0 {
+            drop(f);
+            let _ = std::fs::remove_file(&tmp);
+            return Err(std::io::Error::from_raw_os_error(r));
+        }
+        std::fs::rename(&tmp, &self.path)
+    }
+
+    /// Checks the free space every `EVERY` until `stop` is set, on a thread
+    /// of its own (statvfs and file I/O stay off the async runtime).
+    pub fn watch(self: Arc<Self>, stop: Arc<AtomicBool>) -> std::io::Result<()> {
+        if self.bytes == 0 {
+            return Ok(());
+        }
+        let dir = self
+            .path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        std::thread::Builder::new()
+            .name("hyperfuncd-ballast".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(free) = super::free_bytes(&dir) {
+                        self.keep(free);
+                    }
+                    std::thread::sleep(EVERY);
+                }
+            })
+            .map(|_| ())
+    }
+}
