@@ -5,14 +5,24 @@
 //! cannot start again until someone frees space by hand. So the space is
 //! set aside while there is plenty, and given back when there is none:
 //!
-//! - released (deleted) when the filesystem has less free than the reserve
-//!   (`[store] min_free_bytes`, at least `FLOOR`), found by a check every
-//!   `EVERY`, by `check_space`, or before the database opens; intake is
-//!   refused below the reserve anyway, so what the ballast gives back goes
-//!   to the writes that settle calls (and to the next open);
+//! - held while the filesystem goes under the reserve (`[store]
+//!   min_free_bytes`), where intake is already refused: whatever else
+//!   writes there (images, other processes) cannot take the ballast's space;
+//! - released (deleted) when the filesystem is nearly full (under `low`:
+//!   the reserve, but at most `CRITICAL` and at least `FLOOR`), found by a
+//!   check every `EVERY`, by `check_space`, before the database opens, or
+//!   when it cannot open; from then on writes that bring bytes (intake,
+//!   records) also leave the ballast's size free (`owed`), so what it gave
+//!   back goes to the writes that settle calls and to the next open;
 //! - made again (allocated, not written: `posix_fallocate`) once the
 //!   filesystem has the reserve *and* the ballast free, so making it never
 //!   takes the filesystem under the reserve.
+//!
+//! What sled 0.34.7 writes at open, on a database of a few calls: it
+//! zeroes the rest of the last log segment after the recovered tip (a
+//! `pwrite` of up to a segment, 512 KiB, past the end of `db`: ENOSPC on a
+//! full disk, "cannot open the database"), then writes a snapshot
+//! (`snap.*.generating`, renamed). A ballast of a few MiB covers that.
 //!
 //! It never holds data: nothing reads it, and a crash at any point leaves
 //! either no ballast, a ballast, or a `.tmp` that the next check removes.
@@ -26,14 +36,22 @@ use std::time::Duration;
 pub const FILE: &str = "hf-ballast";
 /// Free space under which the ballast goes even with no reserve configured.
 pub const FLOOR: u64 = 1024 * 1024;
+/// Free space under which the ballast goes however large the reserve: it
+/// is kept for a disk that is nearly full, not merely under the reserve.
+pub const CRITICAL: u64 = 8 * 1024 * 1024;
 /// How often the watcher looks at the free space.
 const EVERY: Duration = Duration::from_secs(1);
 
 pub struct Ballast {
     path: PathBuf,
     bytes: u64,
+    /// `[store] min_free_bytes`.
+    reserve: u64,
     /// Free space (without the ballast) under which it is released.
     low: u64,
+    /// Released by this process and not made again: writes that bring
+    /// bytes leave its size free too.
+    owed: AtomicBool,
 }
 
 impl Ballast {
@@ -41,7 +59,24 @@ impl Ballast {
         Ballast {
             path: dir.join(FILE),
             bytes,
-            low: reserve.max(FLOOR),
+            reserve,
+            low: reserve.clamp(FLOOR, CRITICAL),
+            owed: AtomicBool::new(false),
+        }
+    }
+
+    /// Free space under which the ballast is released.
+    pub fn low(&self) -> u64 {
+        self.low
+    }
+
+    /// Bytes that writes must leave free besides the reserve: the
+    /// ballast's, while it is given back.
+    pub fn owed(&self) -> u64 {
+        if self.owed.load(Ordering::Relaxed) {
+            self.bytes
+        } else {
+            0
         }
     }
 
@@ -55,6 +90,7 @@ impl Ballast {
         let _ = std::fs::remove_file(self.path.with_extension("tmp"));
         match std::fs::remove_file(&self.path) {
             Ok(()) => {
+                self.owed.store(true, Ordering::Relaxed);
                 tracing::warn!(
                     ballast = %self.path.display(),
                     bytes = self.bytes,
@@ -74,13 +110,18 @@ impl Ballast {
         }
         if free < self.low {
             self.release();
-        } else if free >= self.low.saturating_add(self.bytes) && !self.path.exists() {
+        } else if free >= self.reserve.max(self.low).saturating_add(self.bytes)
+            && !self.path.exists()
+        {
             match self.make() {
-                Ok(()) => tracing::info!(
+                Ok(()) => {
+                    self.owed.store(false, Ordering::Relaxed);
+                    tracing::info!(
                     ballast = %self.path.display(),
                     bytes = self.bytes,
                     "set aside the ballast for a full disk ([store] ballast_bytes)"
-                ),
+                    )
+                }
                 Err(e) => {
                     tracing::warn!(ballast = %self.path.display(), error = %e, "cannot make the ballast")
                 }

@@ -244,10 +244,8 @@ impl SledStore {
             config.ballast_bytes,
             config.min_free_bytes,
         ));
-        if let Ok(free) = free_bytes(dir) {
-            if free < config.min_free_bytes.max(ballast::FLOOR) {
-                ballast.release();
-            }
+        if free_bytes(dir).is_ok_and(|free| free < ballast.low()) {
+            ballast.release();
         }
         let open = || {
             sled::Config::new()
@@ -484,24 +482,33 @@ impl Inner {
                 .map_err(|e| StoreError::Failed(format!("cannot read the free space: {e}")))
         };
         let mut free = read()?;
-        let reserve = self.config.min_free_bytes;
-        if free < reserve.max(ballast::FLOOR) && self.ballast.release() {
+        if free < self.ballast.low() && self.ballast.release() {
             free = read()?;
         }
+        // Given back for the writes that settle calls, not for new bytes.
+        let reserve = self
+            .config
+            .min_free_bytes
+            .saturating_add(self.ballast.owed());
         let need = reserve.saturating_add(extra);
         if free >= need {
             return Ok(None);
         }
         let short = approx_bytes(need - free);
+        let kept = if self.ballast.owed() > 0 {
+            "kept in reserve ([store] min_free_bytes, and ballast_bytes until the ballast is made again)"
+        } else {
+            "kept in reserve ([store] min_free_bytes)"
+        };
         Ok(Some(if extra == 0 {
             format!(
-                "the data dir's filesystem is full: {} free, {short} under the {} kept in reserve ([store] min_free_bytes)",
+                "the data dir's filesystem is full: {} free, {short} under the {} {kept}",
                 approx_bytes(free),
                 approx_bytes(reserve),
             )
         } else {
             format!(
-                "the data dir's filesystem is full: {} free, {short} short of the {} it needs and the {} kept in reserve ([store] min_free_bytes)",
+                "the data dir's filesystem is full: {} free, {short} short of the {} it needs and the {} {kept}",
                 approx_bytes(free),
                 approx_bytes(extra),
                 approx_bytes(reserve),
