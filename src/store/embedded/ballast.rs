@@ -114,14 +114,17 @@ impl Ballast {
             && !self.path.exists()
         {
             match self.make() {
-                Ok(()) => {
-                    self.owed.store(false, Ordering::Relaxed);
-                    tracing::info!(
+                // Routine on a first start; news after a release.
+                Ok(()) if self.owed.swap(false, Ordering::Relaxed) => tracing::info!(
+                    ballast = %self.path.display(),
+                    bytes = self.bytes,
+                    "there is room again: set the ballast aside again ([store] ballast_bytes)"
+                ),
+                Ok(()) => tracing::debug!(
                     ballast = %self.path.display(),
                     bytes = self.bytes,
                     "set aside the ballast for a full disk ([store] ballast_bytes)"
-                    )
-                }
+                ),
                 Err(e) => {
                     tracing::warn!(ballast = %self.path.display(), error = %e, "cannot make the ballast")
                 }
