@@ -325,3 +325,96 @@ fn call_after_space(d: &Daemon, disk: &Tmpfs, fill: &Path, url: &str) -> String 
     assert!(disk.free_bytes() > 0);
     id
 }
+
+/// What the function of the storage-opt test does: tries to write 256 MiB
+/// to its root, says it is done, waits until the test lets it go, and
+/// exits with the write's status.
+const ROOT_WRITER: &str = "cat >/dev/null; \
+    dd if=/dev/zero of=/fill bs=1048576 count=256; r=$?; \
+    echo root=$r size=$(wc -c </fill); touch /dev/shm/written; \
+    i=0; while [ ! -e /dev/shm/go ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done; \
+    exit $r";
+
+#[test]
+fn on_an_engine_whose_driver_has_quotas_auto_caps_the_writable_layer_cold_and_warm() {
+    let engine = PrivateEngine::start_on_btrfs();
+    let data_root = engine.dir.join("data");
+    let mut d = Daemon::start_with(&format!(
+        "\n[docker]\nsocket = \"{}\"\n[container]\nnetwork_mode = \"none\"\nfirewall = false\ndisk_bytes = {CAP}\n[pool]\nper_function = 1",
+        engine.host
+    ));
+    d.create("writer", &[IMAGE, "sh", "-c", ROOT_WRITER]);
+    let on_engine = |args: &[&str]| -> (bool, String) {
+        let out = Command::new("docker")
+            .args(["-H", &engine.host])
+            .args(args)
+            .output()
+            .expect("docker CLI");
+        (out.status.success(), stdout(&out).trim().to_string())
+    };
+    let run = |warm: Option<&str>| {
+        let before = free_bytes(&data_root);
+        let id = d.call("writer", b"");
+        let name = format!("hyperfuncd-{id}");
+        let mut cid = String::new();
+        d.wait_until(120, "the writer's container to have written", || {
+            let (_, c) = on_engine(&["ps", "-q", "--filter", &format!("name={name}")]);
+            cid = c;
+            !cid.is_empty() && on_engine(&["exec", &cid, "test", "-e", "/dev/shm/written"]).0
+        });
+        if let Some(w) = warm {
+            assert!(
+                w.starts_with(&cid) || cid.starts_with(w),
+                "{cid} is not the warm {w}"
+            );
+        }
+        let host = on_engine(&[
+            "inspect",
+            "-f",
+            "{{.HostConfig.ReadonlyRootfs}} {{json .HostConfig.StorageOpt}} {{json .HostConfig.Tmpfs}} {{len .Mounts}}",
+            &cid,
+        ])
+        .1;
+        assert_eq!(host, format!(r#"false {{"size":"{CAP}"}} null 0"#));
+        let _ = Command::new("sync").status();
+        let after = free_bytes(&data_root);
+        eprintln!("writer {id}: engine data root free {before} -> {after} bytes");
+        assert!(
+            before.saturating_sub(after) < CAP + 32 * MIB,
+            "the Engine's disk lost {} bytes to a call capped at {CAP}",
+            before.saturating_sub(after)
+        );
+        assert!(on_engine(&["exec", &cid, "touch", "/dev/shm/go"]).0);
+        d.wait_until(60, "the writer's call to end", || {
+            d.call_record(&id).1["State"] == "FAILED"
+        });
+        let (_, call) = d.call_record(&id);
+        let err = call["ShortStderr"].as_str().unwrap_or("");
+        assert!(err.contains("Disk quota exceeded"), "{call}");
+        let out = d.ok(&["func", "logs", "--callid", &id, "writer"]);
+        let size: u64 = out
+            .split("size=")
+            .nth(1)
+            .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no size in {out}"));
+        assert!(size <= CAP && size >= CAP / 2, "wrote {size} bytes: {out}");
+    };
+    run(None);
+    assert!(
+        d.log()
+            .contains("call containers get a writable layer of [container] disk_bytes"),
+        "{}",
+        d.log()
+    );
+    let mut warm = String::new();
+    d.wait_until(60, "a warm container", || {
+        let (_, w) = on_engine(&["ps", "-q", "--filter", "label=io.hyperfuncd.pool=writer"]);
+        warm = w;
+        !warm.is_empty()
+    });
+    run(Some(&warm));
+    d.ok(&["func", "rm", "writer"]);
+    d.stop();
+    assert_eq!(engine.containers(&d.instance), Vec::<String>::new());
+}

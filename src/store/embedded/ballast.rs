@@ -178,3 +178,43 @@ impl Ballast {
             .map(|_| ())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_under_the_reserve_released_near_full_made_again_with_room() {
+        const MIB: u64 = 1024 * 1024;
+        let dir = tempfile::tempdir().unwrap();
+        // Reserve 128 MiB: released under 8 MiB (CRITICAL), not under 128.
+        let b = Ballast::new(dir.path(), 4 * MIB, 128 * MIB);
+        assert_eq!(b.low(), CRITICAL);
+        b.keep(100 * MIB);
+        assert!(!b.present(), "made without the reserve and itself free");
+        b.keep(132 * MIB);
+        assert!(b.present());
+        assert_eq!(
+            std::fs::metadata(dir.path().join(FILE)).unwrap().len(),
+            4 * MIB
+        );
+        b.keep(9 * MIB);
+        assert!(b.present(), "under the reserve it is held");
+        assert_eq!(b.owed(), 0);
+        b.keep(CRITICAL - 1);
+        assert!(!b.present());
+        assert_eq!(b.owed(), 4 * MIB, "given back: writes leave its size free");
+        b.keep(131 * MIB);
+        assert!(!b.present());
+        b.keep(132 * MIB);
+        assert!(b.present());
+        assert_eq!(b.owed(), 0);
+        // A small reserve is the threshold; none at all, FLOOR.
+        assert_eq!(Ballast::new(dir.path(), MIB, 2 * MIB).low(), 2 * MIB);
+        assert_eq!(Ballast::new(dir.path(), MIB, 0).low(), FLOOR);
+        // No ballast configured: nothing is made, nothing owed.
+        let none = Ballast::new(dir.path(), 0, 0);
+        none.keep(u64::MAX);
+        assert_eq!(none.owed(), 0);
+    }
+}
