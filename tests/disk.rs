@@ -398,7 +398,7 @@ fn on_an_engine_whose_driver_has_quotas_auto_caps_the_writable_layer_cold_and_wa
             .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("no size in {out}"));
-        assert!(size <= CAP && size >= CAP / 2, "wrote {size} bytes: {out}");
+        assert!((CAP / 2..=CAP).contains(&size), "wrote {size} bytes: {out}");
     };
     run(None);
     assert!(
