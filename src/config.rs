@@ -815,7 +815,8 @@ impl Config {
         if matches!(c.disk_cap(), DiskCap::Auto | DiskCap::Tmpfs) && disk >= c.memory_bytes {
             return Err(ConfigError::Invalid(format!(
                 "container.disk_bytes ({disk}) must be below container.memory_bytes ({}): \
-                 a call's /tmp is a tmpfs, which counts against its memory limit",
+                 a call's /tmp is a tmpfs, which counts against its memory limit \
+                 (set disk_bytes lower, or disk = \"off\" for no cap)",
                 c.memory_bytes
             )));
         }

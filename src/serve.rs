@@ -88,16 +88,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
     };
     let instance = store.instance_id().await?;
-    let init = crate::runtime::write_init(&data_dir).with_context(|| {
-        format!(
-            "cannot write the warm pool's init to {}",
-            data_dir.display()
-        )
-    })?;
-    let runtime = Arc::new(
-        Runtime::new(config.docker_socket(), instance, config.container.clone())
-            .with_init_file(init),
-    );
+    let mut runtime = Runtime::new(config.docker_socket(), instance, config.container.clone());
+    // Not fatal (a full disk on the first start of a new version): only
+    // warm containers with a read-only root need it, and they say so.
+    match crate::runtime::write_init(&data_dir) {
+        Ok(init) => runtime = runtime.with_init_file(init),
+        Err(e) => tracing::error!(
+            data_dir = %data_dir.display(),
+            error = %e,
+            "cannot write the warm pool's init; warm containers with a read-only root cannot be made"
+        ),
+    }
+    let runtime = Arc::new(runtime);
     match runtime.check_oci_runtime().await {
         Err(
             e @ (crate::runtime::RuntimeError::Engine(_)

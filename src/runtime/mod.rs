@@ -230,11 +230,13 @@ impl Runtime {
         let auto = self.container.disk_cap() == DiskCap::Auto;
         match &created {
             Err(e) if auto && matches!(disk, Disk::StorageOpt(_)) && storage_opt_refused(e) => {
-                tracing::info!(
-                    engine = %engine_message(e),
-                    "the Docker Engine's storage driver has no per-container size: call containers get a read-only root and a tmpfs /tmp ([container] disk = \"auto\")"
-                );
-                *lock(&self.storage_opt) = Some(false);
+                // Creates racing on a new Engine all learn it; one says so.
+                if std::mem::replace(&mut *lock(&self.storage_opt), Some(false)) != Some(false) {
+                    tracing::info!(
+                        engine = %engine_message(e),
+                        "the Docker Engine's storage driver has no per-container size: call containers get a read-only root and a tmpfs /tmp ([container] disk = \"auto\")"
+                    );
+                }
                 let disk = self.disk();
                 (
                     docker.create_container(Some(options), make(disk)).await,
@@ -862,6 +864,14 @@ impl Runtime {
         if matches!(&created, Err(e) if network_missing(e)) {
             self.ensure_network().await?;
             (created, disk) = self.create(&docker, options, &make).await;
+        }
+        if disk.read_only() && self.init_file.is_none() {
+            if let Ok(r) = &created {
+                remove(&docker, &r.id).await;
+            }
+            return Err(RuntimeError::Engine(
+                "the warm pool's init could not be written to the data dir at start, and a read-only container cannot get it otherwise".into(),
+            ));
         }
         let id = match created {
             Ok(r) => r.id,
