@@ -256,7 +256,12 @@ impl SledStore {
         };
         let db = match open() {
             Ok(db) => db,
-            Err(e) if ballast.present() => {
+            // Only for want of space: another daemon holding the lock must
+            // not cost the first one its ballast.
+            Err(sled::Error::Io(e))
+                if ballast.present()
+                    && matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) =>
+            {
                 tracing::warn!(error = %e, "cannot open the database; trying again without the ballast");
                 ballast.release();
                 open()?
