@@ -231,7 +231,7 @@ impl Runtime {
         match &created {
             Err(e) if auto && matches!(disk, Disk::StorageOpt(_)) && storage_opt_refused(e) => {
                 // Creates racing on a new Engine all learn it; one says so.
-                if std::mem::replace(&mut *lock(&self.storage_opt), Some(false)) != Some(false) {
+                if lock(&self.storage_opt).replace(false) != Some(false) {
                     tracing::info!(
                         engine = %engine_message(e),
                         "the Docker Engine's storage driver has no per-container size: call containers get a read-only root and a tmpfs /tmp ([container] disk = \"auto\")"
