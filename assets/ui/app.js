@@ -1087,9 +1087,10 @@ function userRow(u, l) {
   );
 }
 
-/** `10000 queued, 1.0 GiB, 100 fns, 100/s` */
+/** `10000 queued, 1.0 GiB, 100 fns, 100/s, 1 reserved slot` */
 function budgets(u) {
-  return `${u.MaxQueued} queued, ${bytes(u.MaxQueuedBytes)}, ${u.MaxFunctions} fns, ${u.Rate}/s`;
+  const reserved = u.Reserved ? `, ${u.Reserved} reserved slot${u.Reserved === 1 ? '' : 's'}` : '';
+  return `${u.MaxQueued} queued, ${bytes(u.MaxQueuedBytes)}, ${u.MaxFunctions} fns, ${u.Rate}/s${reserved}`;
 }
 
 function showKey(user, key) {
