@@ -30,9 +30,16 @@ pub enum StoreError {
     /// Not enough free space to take the write; nothing was stored.
     #[error("{0}")]
     Full(String),
-    /// The store cannot write (an I/O error); the daemon must restart to recover.
+    /// The store cannot write (an I/O error other than a full disk):
+    /// nothing was stored; the daemon must restart to recover.
     #[error("the store cannot write: {0}")]
     Failed(String),
+    /// The write may or may not be on disk: it was applied, and then making
+    /// it durable failed (or the store stopped first). After the restart
+    /// it is either there or not; a client may look, or resubmit knowing
+    /// that the first attempt may have been stored.
+    #[error("the outcome of this write is unknown (it may have been stored): {0}")]
+    Unsure(String),
     /// Over the owner's budget (queued calls or bytes, functions); nothing
     /// was stored.
     #[error("{0}")]
