@@ -27,14 +27,14 @@ macro_rules! crash_point {
 /// it compiles to nothing.
 #[macro_export]
 macro_rules! io_fault {
-    ($name:literal) => {
+    ($name:literal) => {{
         #[cfg(feature = "failpoints")]
         {
             if let Some(e) = $crate::failpoint::io_error($name) {
                 return Err(::std::convert::From::from(e));
             }
         }
-    };
+    }};
 }
 
 /// The error `io_fault!` returns at `name`, if it is armed.

@@ -29,6 +29,9 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Exit status when the store fails for good (EX_IOERR); systemd restarts the daemon.
 pub const EXIT_STORE_FAILED: i32 = 74;
+/// How long a daemon whose store failed keeps answering before it exits:
+/// enough for the answers of the writes in flight to go out.
+const STORE_FAILED_GRACE: Duration = Duration::from_millis(500);
 
 /// Says which stored functions name an OCI runtime the Engine no longer
 /// has: their calls will fail until it is registered again or the function
@@ -169,6 +172,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             reason = %reason,
             "the store cannot write; stopping so that a restart recovers every accepted call"
         );
+        // The writes of the failed round are being answered (503, outcome
+        // unknown): let those answers out first. Later writes are refused.
+        tokio::time::sleep(STORE_FAILED_GRACE).await;
         std::process::exit(EXIT_STORE_FAILED);
     });
     serve_http(

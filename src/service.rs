@@ -73,7 +73,7 @@ impl From<StoreError> for ServiceError {
             e @ StoreError::Failed(_) => ServiceError::StoreUnavailable(e.to_string()),
             e @ StoreError::Unsure(_) => ServiceError::OutcomeUnknown(e.to_string()),
             StoreError::Corrupt(m) | StoreError::Config(m) => ServiceError::Internal(m),
-            StoreError::Unavailable(m) => ServiceError::Unavailable(m),
+            StoreError::Unavailable(m) => ServiceError::StoreUnavailable(m),
             StoreError::OverBudget(message) => ServiceError::TooManyRequests {
                 message,
                 retry_after_secs: QUEUE_RETRY_AFTER_SECS,

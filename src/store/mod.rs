@@ -47,8 +47,9 @@ pub enum StoreError {
     /// A record or data file is missing or damaged.
     #[error("{0}")]
     Corrupt(String),
-    /// A shared store's servers cannot be reached now; nothing was lost,
-    /// and the same request may be retried.
+    /// A shared store's servers cannot be reached now, or a data file
+    /// cannot be read now (after retries); nothing was lost, and the same
+    /// request may be retried.
     #[error("{0}")]
     Unavailable(String),
     /// The store's settings cannot work (found when it opens): the message
