@@ -280,5 +280,12 @@ mod tests {
         );
         let short = blobs.read(Kind::Payload, &id, Marker::File(6)).unwrap_err();
         assert!(short.to_string().contains("5 of 6 bytes"), "{short}");
+        // A read that fails otherwise is not a loss: the bytes may be there.
+        let other = CallId::new();
+        std::fs::create_dir(blobs.path(Kind::Output, &other)).unwrap();
+        let e = blobs
+            .read(Kind::Output, &other, Marker::File(3))
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
     }
 }
