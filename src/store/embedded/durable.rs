@@ -133,10 +133,7 @@ impl Syncer {
             }
             let path = self.blobs.join(name);
             if known.is_none() {
-                match std::fs::hard_link(&path, self.links.join(name)) {
-                    Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
-                    _ => {}
-                }
+                second_name(&path, &self.links.join(name))?;
                 renamed = true;
             }
             crate::io_fault!("blob-fdatasync");
@@ -153,16 +150,27 @@ impl Syncer {
             if self.revived.contains(&name) {
                 continue;
             }
-            match std::fs::hard_link(self.links.join(&name), self.blobs.join(&name)) {
-                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
-                _ => {}
-            }
+            second_name(&self.links.join(&name), &self.blobs.join(&name))?;
             self.revived.push(name);
         }
         if renamed {
             sync_dir(&self.blobs)?;
         }
         Ok(())
+    }
+}
+
+/// Gives the file `from` the name `to` too: a hard link, or a copy on a
+/// filesystem without them. A name already there is left as it is.
+fn second_name(from: &Path, to: &Path) -> io::Result<()> {
+    match std::fs::hard_link(from, to) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(e),
+        Err(_) => {
+            std::fs::copy(from, to)?;
+            sync_data(to)
+        }
     }
 }
 
