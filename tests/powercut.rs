@@ -31,6 +31,22 @@ const CUTS: usize = 20;
 /// What recovery says of a call that was running when the daemon died.
 const CRASHED: &str = "hyperfuncd stopped";
 
+/// A call's state (`FINISHED`, ...) as admin, over curl; empty if unknown.
+fn state(endpoint: &str, ca: &std::path::Path, key: &str, id: &str) -> String {
+    let out = std::process::Command::new("curl")
+        .arg("--cacert")
+        .arg(ca)
+        .args(["-s", "-m", "10", "-H"])
+        .arg(format!("Authorization: Bearer {key}"))
+        .arg(format!("{endpoint}/v1/calls/{id}"))
+        .output()
+        .expect("curl missing");
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v["State"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 /// `GET /v1/calls/ID/output` as admin, over curl: (status, body).
 fn fetch(endpoint: &str, ca: &std::path::Path, key: &str, id: &str) -> (u16, Vec<u8>) {
     let out = std::process::Command::new("curl")
@@ -108,20 +124,22 @@ fn power_cuts_under_mixed_load_lose_nothing_acknowledged() {
             let mut fetched = 0;
             while !stop.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(200));
-                let pick = {
-                    let mut l = ledger.lock().unwrap();
-                    let pick = l
-                        .acked
+                let candidates: Vec<(String, Vec<u8>)> = {
+                    let l = ledger.lock().unwrap();
+                    l.acked
                         .iter()
                         .filter(|(id, (f, _))| f == "cat" && !l.fetched.contains(*id))
                         .map(|(id, (_, p))| (id.clone(), p.clone()))
-                        .choose(&mut rand::thread_rng());
-                    if let Some((id, _)) = &pick {
-                        l.fetched.insert(id.clone());
-                    }
-                    pick
+                        .choose_multiple(&mut rand::thread_rng(), 5)
                 };
-                let Some((id, payload)) = pick else { continue };
+                // One that has finished, if any of these has.
+                let Some((id, payload)) = candidates
+                    .into_iter()
+                    .find(|(id, _)| state(&endpoint, &ca, &key, id) == "FINISHED")
+                else {
+                    continue;
+                };
+                ledger.lock().unwrap().fetched.insert(id.clone());
                 let (code, body) = fetch(&endpoint, &ca, &key, &id);
                 match code {
                     200 => {
