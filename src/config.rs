@@ -202,13 +202,26 @@ pub struct ContainerConfig {
     /// (`docker run --cpu-shares`; a container gets 1024 by default), so
     /// calls yield to the host's other containers. 2 to 262144.
     pub cpu_shares: i64,
-    /// Mount a call container's root filesystem read-only; the function can
-    /// then write only to `/tmp`, a tmpfs of `tmp_bytes`. Not with the warm
-    /// pool: the Engine refuses to copy the pool's init into such a container.
+    /// How a call's disk is capped at `disk_bytes` (README "Container
+    /// disk"): `auto` (the default) asks the Engine for a writable layer of
+    /// that size (`--storage-opt size`) where its storage driver supports
+    /// it, and otherwise (`fuse-overlayfs`, overlay2 without xfs project
+    /// quotas, vfs) does what `tmpfs` does; `tmpfs`: a read-only root with
+    /// `/tmp` a tmpfs of `disk_bytes`, which is memory, not disk; `storage-opt`:
+    /// only the Engine's size option (a driver without it fails every call's
+    /// create, so the daemon warns); `off`: a writable root without a cap.
+    pub disk: DiskCap,
+    /// What a call may write, in bytes: its writable layer (`storage-opt`)
+    /// or its `/tmp` (`tmpfs`). A tmpfs counts against the call's memory
+    /// limit, so this must leave room under `memory_bytes`; a function with
+    /// less memory than this gets a `/tmp` of its memory limit.
+    pub disk_bytes: u64,
+    /// Former switch of the read-only root: `true` is `disk = "tmpfs"`.
+    /// `false` changes nothing (the root is read-only by default now,
+    /// unless `disk` says otherwise).
     pub read_only_root: bool,
-    /// Size of the `/tmp` tmpfs of a read-only container (its pages count
-    /// against the container's memory limit).
-    pub tmp_bytes: u64,
+    /// Former name of `disk_bytes`; when set it is the cap.
+    pub tmp_bytes: Option<u64>,
     /// Capabilities added back after dropping all of them.
     pub cap_add: Vec<String>,
     /// Keep call containers on a named bridge network (`network_mode`, not
@@ -292,6 +305,42 @@ impl std::fmt::Display for HostAllow {
     }
 }
 
+/// What a call may write unless configured: as much as Lambda's smallest
+/// `/tmp` would be too much for a tmpfs counted against the default 512 MiB
+/// of memory, so an eighth of it.
+pub const DEFAULT_DISK_BYTES: u64 = 64 * MIB;
+
+/// How a call container's disk is capped (`[container] disk`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskCap {
+    /// `storage-opt` where the Engine's storage driver takes it, else `tmpfs`.
+    #[default]
+    Auto,
+    /// A read-only root; `/tmp` is a tmpfs of `disk_bytes`.
+    Tmpfs,
+    /// A writable layer of `disk_bytes` (`docker run --storage-opt size=`).
+    StorageOpt,
+    /// A writable root on the Engine's disk, without a cap.
+    Off,
+}
+
+impl ContainerConfig {
+    /// The cap: `disk_bytes`, or its former name `tmp_bytes` when set.
+    pub fn disk_cap_bytes(&self) -> u64 {
+        self.tmp_bytes.unwrap_or(self.disk_bytes)
+    }
+
+    /// How the disk is capped, with the former `read_only_root = true`
+    /// read as `tmpfs`.
+    pub fn disk_cap(&self) -> DiskCap {
+        match (self.disk, self.read_only_root) {
+            (DiskCap::Auto, true) => DiskCap::Tmpfs,
+            (d, _) => d,
+        }
+    }
+}
+
 impl Default for ContainerConfig {
     fn default() -> Self {
         Self {
@@ -301,8 +350,10 @@ impl Default for ContainerConfig {
             memory_bytes: 512 * MIB,
             pids_limit: 256,
             cpu_shares: 512,
+            disk: DiskCap::Auto,
+            disk_bytes: DEFAULT_DISK_BYTES,
             read_only_root: false,
-            tmp_bytes: 64 * MIB,
+            tmp_bytes: None,
             cap_add: Vec::new(),
             firewall: true,
             allow_host: Vec::new(),
@@ -372,6 +423,13 @@ pub struct StoreSection {
     /// rather than eat into it, and an output that does not fit ends its
     /// call FAILED, so state changes always have room.
     pub min_free_bytes: u64,
+    /// A file of this many bytes kept in the data dir (`db/hf-ballast`,
+    /// sled only) while the filesystem has room, and deleted when it has
+    /// less than `min_free_bytes` free: the space the database needs to
+    /// open and settle calls on a disk that something else filled. Made
+    /// again once the filesystem has `min_free_bytes` plus this free. 0:
+    /// none.
+    pub ballast_bytes: u64,
     /// `sled`: the embedded store in the data dir, for one node. `nats`:
     /// a NATS JetStream cluster (`[store.nats]`) shared by several nodes.
     pub backend: StoreBackend,
@@ -383,6 +441,7 @@ impl Default for StoreSection {
         Self {
             inline_max_bytes: 64 * 1024,
             min_free_bytes: 128 * MIB,
+            ballast_bytes: 64 * MIB,
             backend: StoreBackend::Sled,
             nats: NatsSection::default(),
         }
@@ -731,19 +790,35 @@ impl Config {
                 "container.cpu_shares must be between 2 and 262144".into(),
             ));
         }
-        if c.read_only_root && c.tmp_bytes == 0 {
+        if c.read_only_root && matches!(c.disk, DiskCap::StorageOpt | DiskCap::Off) {
             return Err(ConfigError::Invalid(
-                "container.tmp_bytes must be above zero with container.read_only_root".into(),
-            ));
-        }
-        if c.read_only_root && self.pool.per_function > 0 {
-            // Verified on Engine 20.10: PUT /containers/ID/archive answers
-            // "container rootfs is marked read-only", before start as after.
-            return Err(ConfigError::Invalid(
-                "container.read_only_root cannot be used with the warm pool (pool.per_function): \
-                 the Docker Engine refuses to copy the pool's init into a read-only container"
+                "container.read_only_root = true asks for a read-only root, which container.disk \
+                 does not give: set only container.disk"
                     .into(),
             ));
+        }
+        if c.tmp_bytes.is_some_and(|t| t != c.disk_bytes) && c.disk_bytes != DEFAULT_DISK_BYTES {
+            return Err(ConfigError::Invalid(
+                "container.tmp_bytes is the former name of container.disk_bytes: set only disk_bytes"
+                    .into(),
+            ));
+        }
+        let disk = c.disk_cap_bytes();
+        if c.disk_cap() != DiskCap::Off && disk == 0 {
+            return Err(ConfigError::Invalid(
+                "container.disk_bytes must be above zero (container.disk = \"off\" lifts the cap)"
+                    .into(),
+            ));
+        }
+        // A tmpfs is memory: a cap at or above the memory limit is never
+        // reached, the call is killed for its memory first.
+        if matches!(c.disk_cap(), DiskCap::Auto | DiskCap::Tmpfs) && disk >= c.memory_bytes {
+            return Err(ConfigError::Invalid(format!(
+                "container.disk_bytes ({disk}) must be below container.memory_bytes ({}): \
+                 a call's /tmp is a tmpfs, which counts against its memory limit \
+                 (set disk_bytes lower, or disk = \"off\" for no cap)",
+                c.memory_bytes
+            )));
         }
         let s = &self.scheduler;
         if s.default_max_concurrency == 0
@@ -765,6 +840,7 @@ impl Config {
         crate::store::StoreConfig {
             inline_max_bytes: self.store.inline_max_bytes,
             min_free_bytes: self.store.min_free_bytes,
+            ballast_bytes: self.store.ballast_bytes,
             output_budget: self.limits.output_cache_bytes,
             log_budget: self.limits.log_cache_bytes,
         }
@@ -927,22 +1003,55 @@ mod tests {
         let c = ContainerConfig::default();
         assert_eq!(c.network_mode, DEFAULT_NETWORK);
         assert_eq!(c.cpu_shares, 512);
-        assert!(!c.read_only_root);
-        assert_eq!(c.tmp_bytes, 64 * MIB);
+        assert_eq!(c.disk_cap(), DiskCap::Auto);
+        assert_eq!(c.disk_cap_bytes(), 64 * MIB);
         for bad in [
             "[container]\ncpu_shares = 1",
             "[container]\ncpu_shares = 262145",
+            "[container]\ndisk_bytes = 0",
             "[container]\nread_only_root = true\ntmp_bytes = 0",
-            "[container]\nread_only_root = true\n[pool]\nper_function = 1",
+            "[container]\ndisk = \"storage-opt\"\nread_only_root = true",
+            "[container]\ntmp_bytes = 1048576\ndisk_bytes = 2097152",
+            // A tmpfs is memory: the cap must be under the memory limit.
+            "[container]\ndisk_bytes = 536870912",
+            "[container]\ndisk = \"tmpfs\"\nmemory_bytes = 33554432",
+            "[container]\ndisk = \"bogus\"",
         ] {
-            let c: Config = toml::from_str(bad).unwrap();
-            assert!(c.validate().is_err(), "{bad}");
+            let c: Result<Config, _> = toml::from_str(bad);
+            assert!(c.map_or(true, |c| c.validate().is_err()), "{bad}");
         }
-        // The warm pool is on by default, and cannot copy its init into a
-        // read-only root: the operator turns it off with it.
-        let c: Config =
-            toml::from_str("[container]\nread_only_root = true\n[pool]\nper_function = 0").unwrap();
-        assert!(c.validate().is_ok());
+        // The warm pool works with a read-only root (its init is bind-mounted),
+        // and the former keys still read as they did.
+        for (good, cap, bytes) in [
+            (
+                "[container]\nread_only_root = true\n[pool]\nper_function = 1",
+                DiskCap::Tmpfs,
+                64 * MIB,
+            ),
+            (
+                "[container]\nread_only_root = true\ntmp_bytes = 8388608",
+                DiskCap::Tmpfs,
+                8 * MIB,
+            ),
+            (
+                "[container]\ndisk = \"storage-opt\"\ndisk_bytes = 1073741824",
+                DiskCap::StorageOpt,
+                1 << 30,
+            ),
+            (
+                "[container]\ndisk = \"off\"\ndisk_bytes = 0",
+                DiskCap::Off,
+                0,
+            ),
+        ] {
+            let c: Config = toml::from_str(good).unwrap();
+            assert!(c.validate().is_ok(), "{good}");
+            assert_eq!(
+                (c.container.disk_cap(), c.container.disk_cap_bytes()),
+                (cap, bytes),
+                "{good}"
+            );
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! - [`logging`]: log set-up (text or JSON) and the audit trail.
 //! - [`metrics`]: the Prometheus metrics; counted where things happen, levels read at scrape.
 
+pub mod activity;
 pub mod api;
 pub mod bench;
 pub mod cli;

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 /// Bucket bounds of every `*_seconds` histogram: from a warm call's queue
 /// wait (milliseconds) to a long batch job (an hour).
-const SECONDS_BUCKETS: &[f64] = &[
+pub(crate) const SECONDS_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
 ];
 /// Gauges are all set at scrape time; one not set for this long belongs to
@@ -73,6 +73,7 @@ pub fn install() -> Option<&'static PrometheusHandle> {
 
 /// A call was accepted (durable, answered 202).
 pub fn call_accepted(call: &Call) {
+    crate::activity::call_accepted(call);
     counter!("hyperfuncd_calls_accepted_total", "function" => call.function.to_string(), "owner" => call.owner.to_string())
         .increment(1);
 }
@@ -88,6 +89,7 @@ pub fn call_started(call: &Call) {
 /// A call ended; `call` is the record as stored, so a FINISHED outcome the
 /// store turned FAILED (no space for the output) counts as failed.
 pub fn call_ended(call: &Call) {
+    crate::activity::call_ended(call);
     let state = match call.state {
         CallState::Finished => "finished",
         CallState::Failed => "failed",
@@ -106,6 +108,7 @@ pub fn call_ended(call: &Call) {
 
 /// `count` queued calls of `function` were failed at once (`func rm --force`).
 pub fn calls_cancelled(function: &FnKey, count: usize) {
+    crate::activity::calls_cancelled(function, count);
     counter!("hyperfuncd_calls_total", "function" => function.name.to_string(), "owner" => function.owner.to_string(), "state" => "failed")
         .increment(count as u64);
 }

@@ -29,9 +29,12 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Exit status when the store fails for good (EX_IOERR); systemd restarts the daemon.
 pub const EXIT_STORE_FAILED: i32 = 74;
-/// How long a daemon whose store failed keeps answering before it exits:
-/// enough for the answers of the writes in flight to go out.
+/// How long a daemon whose store failed keeps answering before it exits
+/// (at least): enough for the answers of the writes in flight to go out.
 const STORE_FAILED_GRACE: Duration = Duration::from_millis(500);
+/// How long a daemon stopping on a store failure waits for the Engine to
+/// kill its containers.
+const KILL_ON_FAILURE: Duration = Duration::from_secs(10);
 
 /// Says which stored functions name an OCI runtime the Engine no longer
 /// has: their calls will fail until it is registered again or the function
@@ -87,12 +90,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 .context("cannot open the shared store ([store] backend = \"nats\")")?
         }
     };
+    crate::activity::install(&data_dir.join("activity.json"));
     let instance = store.instance_id().await?;
-    let runtime = Arc::new(Runtime::new(
-        config.docker_socket(),
-        instance,
-        config.container.clone(),
-    ));
+    let mut runtime = Runtime::new(config.docker_socket(), instance, config.container.clone());
+    // Not fatal (a full disk on the first start of a new version): only
+    // warm containers with a read-only root need it, and they say so.
+    match crate::runtime::write_init(&data_dir) {
+        Ok(init) => runtime = runtime.with_init_file(init),
+        Err(e) => tracing::error!(
+            data_dir = %data_dir.display(),
+            error = %e,
+            "cannot write the warm pool's init; warm containers with a read-only root cannot be made"
+        ),
+    }
+    let runtime = Arc::new(runtime);
     match runtime.check_oci_runtime().await {
         Err(
             e @ (crate::runtime::RuntimeError::Engine(_)
@@ -164,8 +175,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     let dispatcher = tokio::spawn(Arc::clone(&scheduler).run(shutdown.clone()));
     // sled refuses every write after a failed one: stop at once, as a
-    // kill -9 would, and let the restart's recovery settle every call.
+    // kill -9 would, and let the restart's recovery settle every call. No
+    // outcome can be stored any more, so the containers are killed first
+    // (not removed: recovery reads them), or they would run on without a
+    // daemon for as long as it stays down.
     let watched = Arc::clone(&store);
+    let killer = Arc::clone(&svc.runtime);
     tokio::spawn(async move {
         let reason = watched.failed().await;
         tracing::error!(
@@ -173,8 +188,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             "the store cannot write; stopping so that a restart recovers every accepted call"
         );
         // The writes of the failed round are being answered (503, outcome
-        // unknown): let those answers out first. Later writes are refused.
-        tokio::time::sleep(STORE_FAILED_GRACE).await;
+        // unknown): let those answers out before exiting. Later writes are
+        // refused.
+        let answered = tokio::time::sleep(STORE_FAILED_GRACE);
+        match tokio::time::timeout(KILL_ON_FAILURE, killer.kill_all()).await {
+            Ok(n) => tracing::info!(killed = n, "killed this daemon's containers"),
+            Err(_) => {
+                tracing::warn!("the Docker Engine did not kill this daemon's containers in time")
+            }
+        }
+        answered.await;
         std::process::exit(EXIT_STORE_FAILED);
     });
     serve_http(
@@ -186,6 +209,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     )
     .await;
     let _ = dispatcher.await;
+    crate::activity::save().await;
     // No call runs any more: the rules that kept them from the host go.
     firewall.close_firewall().await;
     tracing::info!("stopped");
@@ -315,6 +339,11 @@ async fn ensure_admin(
     };
     profile.key = Some(key);
     let text = toml::to_string(&profile)?;
+    // Written only when it changes: a start on a full disk must not fail
+    // for a file that already says the same.
+    if std::fs::read(&path).is_ok_and(|old| old == text.as_bytes()) {
+        return Ok(path);
+    }
     write_private(&path, text.as_bytes())?;
     Ok(path)
 }
@@ -702,7 +731,9 @@ fn restrict_tree(dir: &Path) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot read {}", path.display()))?;
             if meta.is_dir() {
                 dirs.push(path.clone());
-            } else if !meta.is_file() {
+            } else if !meta.is_file() || path == dir.join(crate::runtime::INIT_FILE) {
+                // The warm pool's init is public (it is in this binary) and
+                // must be runnable by any container user.
                 continue;
             }
             let mode = meta.permissions().mode();

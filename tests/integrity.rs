@@ -365,7 +365,8 @@ fn full_disk_on_a_small_tmpfs() {
     let events = EngineEvents::start(&d.instance, None);
     let cat = d.create("cat", &[IMAGE, "cat"]);
     // One user with a quota of 1: `gate` runs until the test releases it
-    // (by creating /go in its container), `later` queues behind it.
+    // (by creating /tmp/go in its container: the root is read-only), `later`
+    // queues behind it.
     let key = d.add_user("slow", 1);
     d.create_as(
         &key,
@@ -376,7 +377,7 @@ fn full_disk_on_a_small_tmpfs() {
             IMAGE,
             "sh",
             "-c",
-            "cat >/dev/null; i=0; while [ ! -e /go ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done; head -c 3000000 /dev/zero",
+            "cat >/dev/null; i=0; while [ ! -e /tmp/go ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done; head -c 3000000 /dev/zero",
         ],
     );
     let later = d.create_as(&key, "later", &[IMAGE, "cat"]);
@@ -432,7 +433,7 @@ fn full_disk_on_a_small_tmpfs() {
     // Release the gate: its 3 MB output cannot be stored in 1 MiB.
     let container = d.ps(&["--filter", &gate_label]);
     let exec = std::process::Command::new("docker")
-        .args(["exec", &container[0], "touch", "/go"])
+        .args(["exec", &container[0], "touch", "/tmp/go"])
         .output()
         .expect("docker exec");
     assert!(exec.status.success(), "docker exec: {}", stderr(&exec));

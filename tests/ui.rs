@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 /// The whole browser session, start to sign-out (the daemon and chromedriver
 /// start before it). The test fails rather than outlive it.
-const BROWSER_BUDGET: Duration = Duration::from_secs(55);
+const BROWSER_BUDGET: Duration = Duration::from_secs(90);
 /// Longest wait for one thing to appear on the page.
 const STEP: Duration = Duration::from_secs(20);
 
@@ -142,7 +142,7 @@ fn screenshot_dir() -> PathBuf {
 
 #[test]
 fn dashboard_in_headless_chromium() {
-    let d = Daemon::start();
+    let d = Daemon::start_with("[scheduler]\ndefault_rate = 100000\n");
 
     // The policy the browser enforces below, as the daemon sends it.
     let (code, head) = d.curl(&["-D", "-", "-o", "/dev/null", &format!("{}/ui/", d.endpoint)]);
@@ -195,7 +195,13 @@ async fn scenario(c: &Client, d: &Daemon) -> Result<()> {
     let key = d.admin_key();
     let payload = "hello from the browser, 1 2 3";
     viewport(c, 1280, 800).await?;
-    c.goto(&format!("{}/ui/", d.endpoint)).await?;
+    // The server's address leads to the dashboard.
+    c.goto(&format!("{}/", d.endpoint)).await?;
+    visible(c, "#signin-key").await?;
+    if !c.current_url().await?.as_str().ends_with("/ui/") {
+        bail!("/ leads to {}", c.current_url().await?);
+    }
+    contrast(c, "light sign-in").await?;
 
     // A wrong key: the API's own error, nothing kept.
     let input = visible(c, "#signin-key").await?;
@@ -257,8 +263,15 @@ async fn scenario(c: &Client, d: &Daemon) -> Result<()> {
     if !newest.contains(&format!("[FINISHED] CallId: {id}, ShortStdout: {payload}")) {
         bail!("newest log line is {newest:?}");
     }
-    click(c, "#call-wait").await?;
+    // Fetched by the page itself once the call ended: nothing left to get.
     visible(c, "#call-output-box").await?;
+    if c.find(Locator::Css("#call-wait"))
+        .await?
+        .is_displayed()
+        .await?
+    {
+        bail!("Get output is still offered for an output already fetched");
+    }
     let out = js(
         c,
         "return document.getElementById('call-output').textContent",
@@ -268,6 +281,18 @@ async fn scenario(c: &Client, d: &Daemon) -> Result<()> {
         bail!("output {out} is not the payload {payload:?}");
     }
     text_of(c, "#call-state", |t| t == "FINISHED").await?;
+    // The call is on the charts, drawn by the page from `/activity`.
+    visible(c, "#fn-charts svg rect.bar-ok[data-count='1']").await?;
+    poll(c, "a p50 point on the run-time chart", || async move {
+        let n = js(
+            c,
+            "return document.querySelectorAll('#fn-charts circle.dot50').length",
+        )
+        .await?;
+        Ok((n.as_u64() > Some(0)).then_some(()))
+    })
+    .await?;
+    text_of(c, "#fn-charts figcaption", |t| t.starts_with("1 finished")).await?;
     shot(c, "desktop-function").await?;
     js(c, "document.getElementById('logs').scrollIntoView()").await?;
     shot(c, "desktop-logs").await?;
@@ -283,9 +308,93 @@ async fn scenario(c: &Client, d: &Daemon) -> Result<()> {
     viewport(c, 1280, 800).await?;
     shot(c, "desktop-functions").await?;
 
+    contrast(c, "light function").await?;
+    dark(c, true).await?;
+    contrast(c, "dark function").await?;
+    dark(c, false).await?;
+
+    // A slow call seen live: PENDING or RUNNING, then FINISHED and its
+    // output, without a reload.
+    let slow = d.cli(&[
+        "func",
+        "create",
+        "--name",
+        "ui-slow",
+        test_image(),
+        "sh",
+        "-c",
+        "sleep 2; echo slept",
+    ]);
+    if !slow.status.success() {
+        bail!(
+            "func create ui-slow: {}",
+            String::from_utf8_lossy(&slow.stderr)
+        );
+    }
+    c.goto(&format!("{}/ui/#/functions/ui-slow", d.endpoint))
+        .await?;
+    text_of(c, "#fn-title", |t| t == "ui-slow").await?;
+    click(c, "#call-submit").await?;
+    text_of(c, "#call-state", |t| t == "RUNNING").await?;
+    text_of(c, "#call-timer", |t| t.starts_with("running")).await?;
+    text_of(c, "#call-state", |t| t == "FINISHED").await?;
+    text_of(c, "#call-output", |t| t == "slept").await?;
+
+    // A function that is not there: nothing of the last one stays, and
+    // nothing can be called or removed.
+    c.goto(&format!("{}/ui/#/functions/nothere", d.endpoint))
+        .await?;
+    text_of(c, "#fn-title", |t| t == "Function not found").await?;
+    visible(c, "#fn-missing").await?;
+    for id in ["fn-remove", "call-submit", "fn-details", "call-result"] {
+        if c.find(Locator::Id(id)).await?.is_displayed().await? {
+            bail!("#{id} is shown for a function that is not there");
+        }
+    }
+    shot(c, "desktop-not-found").await?;
+
+    // A hundred functions: the list comes from one request, in pages, and
+    // search narrows it.
+    create_functions(d, 98)?;
+    c.goto(&format!("{}/ui/#/functions", d.endpoint)).await?;
+    text_of(c, "#functions-count", |t| t == "100 functions").await?;
+    js(c, "performance.clearResourceTimings()").await?;
+    click(c, "#functions-refresh").await?;
+    let requests = poll(c, "the list to be fetched again", || async move {
+        let v = js(
+            c,
+            "return performance.getEntriesByType('resource').map((e) => new URL(e.name).pathname).filter((p) => p.startsWith('/v1/functions'))",
+        )
+        .await?;
+        Ok(v.as_array().filter(|a| !a.is_empty()).cloned())
+    })
+    .await?;
+    // The list is one request (the host's chart is one more, /v1/activity).
+    if requests.iter().any(|p| p != "/v1/functions") {
+        bail!("the list asked more than the list: {requests:?}");
+    }
+    text_of(c, "#functions-page", |t| t == "1–25 of 100").await?;
+    visible(c, "#host-charts svg rect.bar-ok").await?;
+    if c.find_all(Locator::Css("#functions-body tr")).await?.len() != 25 {
+        bail!("a page of the list is not 25 rows");
+    }
+    shot(c, "desktop-functions-100").await?;
+    type_into(c, "#functions-search", "list-4").await?;
+    text_of(c, "#functions-count", |t| t == "10 of 100 functions match").await?;
+    if c.find_all(Locator::Css("#functions-body tr")).await?.len() != 10 {
+        bail!("search shows other rows than list-40..list-49");
+    }
+    let search = c.find(Locator::Id("functions-search")).await?;
+    search.clear().await?;
+    search.send_keys("ui-").await?;
+    text_of(c, "#functions-count", |t| t == "2 of 100 functions match").await?;
+
     // Update the command; a sync call that fails shows the reason.
-    click(c, "#functions-body a").await?;
+    click(c, "#functions-body a[href$='/ui-cat']").await?;
     text_of(c, "#fn-title", |t| t == "ui-cat").await?;
+    if js(c, "return document.getElementById('payload-text').value").await? != json!("") {
+        bail!("the call form kept the payload typed for another function");
+    }
     click(c, "#fn-edit").await?;
     let command = visible(c, "#edit-form input[name=command]").await?;
     command.clear().await?;
@@ -297,10 +406,13 @@ async fn scenario(c: &Client, d: &Daemon) -> Result<()> {
     let failed = text_of(c, "#call-failed", |t| !t.is_empty()).await?;
     if !(failed.contains("500 call_failed")
         && failed.contains("exit code 3")
+        && failed.matches("exit code 3").count() == 1
         && failed.contains("oops"))
     {
         bail!("failed sync call shows {failed:?}");
     }
+    // The sync answer named its call.
+    text_of(c, "#call-id", |t| t.len() == 36).await?;
 
     // Admin: add a user (the key shown once), then remove it.
     click(c, "#nav-users").await?;
@@ -347,10 +459,34 @@ async fn scenario(c: &Client, d: &Daemon) -> Result<()> {
     text_of(c, "#confirm-text", |t| t.starts_with("Remove ui-cat?")).await?;
     click(c, "#confirm-ok").await?;
     visible(c, "#view-functions").await?;
-    visible(c, "#functions-empty").await?;
+    poll(c, "ui-cat to leave the list", || async move {
+        let t = c.find(Locator::Id("functions-body")).await?.text().await?;
+        Ok((!t.contains("ui-cat")).then_some(()))
+    })
+    .await?;
     let (code, _) = d.api("/v1/functions/ui-cat");
     if code != 404 {
         bail!("ui-cat answers {code} after removal");
+    }
+
+    // Rotating one's own key: the tab carries on with the new one.
+    click(c, "#nav-users").await?;
+    click(c, "tr[data-user=admin] button[data-action=rotate]").await?;
+    text_of(c, "#confirm-text", |t| {
+        t.contains("If it is the key you signed in with")
+    })
+    .await?;
+    click(c, "#confirm-ok").await?;
+    text_of(c, "#flash", |t| t.starts_with("That was your own key")).await?;
+    let new_key = text_of(c, "#newkey-value", |t| t.starts_with("hfk_")).await?;
+    if js(c, "return sessionStorage.getItem('hyperfuncd.key')").await? != json!(new_key) {
+        bail!("the tab did not take the new key");
+    }
+    click(c, "#newkey-done").await?;
+    click(c, "#users-refresh").await?;
+    text_of(c, "tr[data-user=admin]", |t| t.contains("admin")).await?;
+    if c.find(Locator::Id("error")).await?.is_displayed().await? {
+        bail!("the users page failed after rotating the tab's own key");
     }
 
     // Sign out: no key in storage or in the page.
@@ -360,7 +496,7 @@ async fn scenario(c: &Client, d: &Daemon) -> Result<()> {
         bail!("sign-out left the session storage");
     }
     let page = c.source().await?;
-    if page.contains(&key) || page.contains(&address) {
+    if page.contains(&key) || page.contains(&address) || page.contains(&new_key) {
         bail!("a secret is in the page after sign-out");
     }
     Ok(())
@@ -400,6 +536,97 @@ async fn dark(c: &Client, on: bool) -> Result<()> {
     })))
     .await?;
     Ok(())
+}
+
+/// Creates `n` functions `list-00`... through the API, in one curl process.
+fn create_functions(d: &Daemon, n: usize) -> Result<()> {
+    let auth = format!("Authorization: Bearer {}", d.admin_key());
+    let url = format!("{}/v1/functions", d.endpoint);
+    let ca = d.ca();
+    let mut args: Vec<String> = Vec::new();
+    for i in 0..n {
+        if i > 0 {
+            args.push("--next".into());
+        }
+        let body =
+            json!({"Name": format!("list-{i:02}"), "Image": test_image(), "Command": ["cat"]});
+        args.extend([
+            "--cacert".into(),
+            ca.display().to_string(),
+            "-s".into(),
+            "-o".into(),
+            "/dev/null".into(),
+            "-w".into(),
+            "%{http_code}\n".into(),
+            "-H".into(),
+            auth.clone(),
+            "-H".into(),
+            "Content-Type: application/json".into(),
+            "--data".into(),
+            body.to_string(),
+            url.clone(),
+        ]);
+    }
+    let out = Command::new("curl").args(&args).output()?;
+    let codes = String::from_utf8_lossy(&out.stdout);
+    if codes.lines().count() != n || codes.lines().any(|c| !c.starts_with('2')) {
+        bail!("creating {n} functions answered {codes}");
+    }
+    Ok(())
+}
+
+/// WCAG AA contrast of what is on screen, computed from the page's own
+/// styles: 4.5:1 for text (3:1 at 24px, or 18.66px bold) against the
+/// nearest opaque background, 3:1 for the borders of form fields and for the
+/// focus outline (WCAG 1.4.11). Returns the failures, worst first.
+const CONTRAST_JS: &str = r#"
+const rgb = (s) => { const m = s.match(/[\d.]+/g); return m ? m.map(Number) : null; };
+const lum = ([r, g, b]) => {
+  const f = (c) => { c /= 255; return c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4; };
+  return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+};
+const ratio = (a, b) => { const [x, y] = [lum(a), lum(b)].sort((p, q) => q - p); return (x + 0.05) / (y + 0.05); };
+const bg = (el) => {
+  for (let e = el; e; e = e.parentElement) {
+    const c = rgb(getComputedStyle(e).backgroundColor);
+    if (c && (c.length < 4 || c[3] === 1)) { return c.slice(0, 3); }
+  }
+  return rgb(getComputedStyle(document.documentElement).backgroundColor) ?? [255, 255, 255];
+};
+const shown = (el) => el.getClientRects().length > 0 && getComputedStyle(el).visibility !== 'hidden';
+const bad = [];
+for (const el of document.querySelectorAll('body *')) {
+  if (!shown(el) || ['SCRIPT', 'STYLE', 'OPTION', 'METER'].includes(el.tagName)) { continue; }
+  const cs = getComputedStyle(el);
+  const own = [...el.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim());
+  if (own && Number(cs.opacity) === 1 && !el.closest('button:disabled')) {
+    const size = parseFloat(cs.fontSize);
+    const large = size >= 24 || (size >= 18.66 && Number(cs.fontWeight) >= 700);
+    const r = ratio(rgb(cs.color).slice(0, 3), bg(el));
+    if (r < (large ? 3 : 4.5)) { bad.push([r, `text of <${el.tagName.toLowerCase()} id=${el.id} class=${el.className}>`]); }
+  }
+  if (['INPUT', 'TEXTAREA', 'SELECT'].includes(el.tagName) && !['checkbox', 'radio', 'file'].includes(el.type)) {
+    const r = ratio(rgb(cs.borderTopColor).slice(0, 3), bg(el.parentElement));
+    if (r < 3) { bad.push([r, `border of <${el.tagName.toLowerCase()} name=${el.name}>`]); }
+  }
+}
+// The focus ring is `--focus`, a #rrggbb colour of the stylesheet.
+const hex = getComputedStyle(document.body).getPropertyValue('--focus').trim();
+const fc = [1, 3, 5].map((i) => parseInt(hex.slice(i, i + 2), 16));
+for (const where of [document.body, document.querySelector('.card') ?? document.body]) {
+  const r = ratio(fc, bg(where));
+  if (r < 3) { bad.push([r, `focus outline on ${where.className || where.tagName}`]); }
+}
+return bad.sort((a, b) => a[0] - b[0]).map(([r, w]) => `${r.toFixed(2)}:1 ${w}`);
+"#;
+
+async fn contrast(c: &Client, what: &str) -> Result<()> {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let bad = js(c, CONTRAST_JS).await?;
+    match bad.as_array() {
+        Some(list) if list.is_empty() => Ok(()),
+        _ => bail!("contrast below WCAG AA on the {what} page: {bad}"),
+    }
 }
 
 /// Resizes the window so that the page's viewport is `w` x `h`.
@@ -459,7 +686,8 @@ where
 async fn visible(c: &Client, css: &str) -> Result<Element> {
     poll(c, &format!("{css} to be visible"), || async move {
         match c.find_all(Locator::Css(css)).await?.into_iter().next() {
-            Some(e) if e.is_displayed().await? => Ok(Some(e)),
+            // Stale: the page re-rendered it meanwhile; look again.
+            Some(e) if e.is_displayed().await.unwrap_or(false) => Ok(Some(e)),
             _ => Ok(None),
         }
     })
@@ -472,7 +700,10 @@ async fn text_of(c: &Client, css: &str, ok: impl Fn(&str) -> bool) -> Result<Str
     let (last_ref, ok) = (&last, &ok);
     poll(c, &format!("the text of {css}"), || async move {
         if let Some(e) = c.find_all(Locator::Css(css)).await?.into_iter().next() {
-            let t = e.text().await?;
+            // Stale: the page re-rendered it meanwhile; look again.
+            let Ok(t) = e.text().await else {
+                return Ok(None);
+            };
             if ok(&t) {
                 return Ok(Some(t));
             }
@@ -485,8 +716,19 @@ async fn text_of(c: &Client, css: &str, ok: impl Fn(&str) -> bool) -> Result<Str
 }
 
 async fn click(c: &Client, css: &str) -> Result<()> {
-    visible(c, css).await?.click().await?;
-    Ok(())
+    // A list the page re-renders may replace the element between the
+    // find and the click: find it again, a few times.
+    for _ in 0..5 {
+        match visible(c, css).await?.click().await {
+            Err(fantoccini::error::CmdError::Standard(e))
+                if e.error == fantoccini::error::ErrorStatus::StaleElementReference =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            r => return Ok(r?),
+        }
+    }
+    bail!("{css} kept going stale")
 }
 
 async fn type_into(c: &Client, css: &str, text: &str) -> Result<()> {

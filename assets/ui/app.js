@@ -81,6 +81,9 @@ function showError(e) {
   const text = e instanceof ApiError ? e.toString() : `error: ${e && e.message ? e.message : e}`;
   $('error-text').textContent = text;
   $('error').hidden = false;
+  // An error replaces a success or progress message still on screen.
+  clearTimeout(flashTimer);
+  $('flash').hidden = true;
   if (e instanceof ApiError && e.status === 401 && session.key) {
     // The key stopped working (removed or rotated): nothing else will.
     $('error-text').textContent = `${text} (sign in again)`;
@@ -260,45 +263,56 @@ function fnLabel(f) {
   return ownerOf(f) ? `${f.Owner}/${f.Name}` : f.Name;
 }
 
-function counts(s) {
-  return `${s.Pending} / ${s.Running} / ${s.Finished} / ${s.Failed}`;
+/** Badges for the call counts that are not zero. */
+function badges(s) {
+  const kids = [];
+  for (const [n, what] of [
+    [s.Pending, 'pending'],
+    [s.Running, 'running'],
+    [s.Finished, 'finished'],
+    [s.Failed, 'failed'],
+  ]) {
+    if (n > 0) {
+      kids.push(h('span', { class: `badge ${what}`, text: `${n} ${what}` }));
+    }
+  }
+  return kids.length ? h('span', { class: 'badges' }, kids) : h('span', { class: 'hint', text: 'no calls' });
 }
 
-function cacheUse(f) {
-  return `out ${bytes(f.OutputCacheBytes)} / ${bytes(f.OutputCacheBudget)}, logs ${bytes(f.LogCacheBytes)} / ${bytes(f.LogCacheBudget)}`;
+/** `…/call/resize/1b4e28ba…` of a call URL: enough to tell URLs apart. */
+function shortAddress(a) {
+  const m = a.match(/^(.*\/call\/[^/]+\/)([0-9a-f]{8})[0-9a-f-]+$/i);
+  return m ? `${m[1]}${m[2]}…` : a;
 }
 
-/** Every function the key sees, each with its status counts. */
-async function functionsWithStatus(signal) {
-  const list = await api('GET', '/v1/functions', { signal });
-  return Promise.all(
-    list.map(async (f) => ({ f, s: await api('GET', fnPath(f.Name, '/status', ownerOf(f)), { signal }) })),
-  );
+function copyButton(text, what) {
+  return h('button', {
+    type: 'button',
+    class: 'quiet small',
+    text: 'Copy',
+    'aria-label': `Copy ${what}`,
+    onclick: () => navigator.clipboard.writeText(text).then(() => flash(`${what} copied`), showError),
+  });
 }
+
+/** The list view: every function the key sees, from one request. */
+const list = { rows: [], page: 0 };
+const PAGE = 25;
 
 async function loadFunctions(quiet = false) {
   const signal = state.view.signal;
   try {
-    const rows = await functionsWithStatus(signal);
+    const rows = await api('GET', '/v1/functions', { signal });
     if (signal.aborted) {
       return;
     }
-    rows.sort((a, b) => fnLabel(a.f).localeCompare(fnLabel(b.f)));
-    $('functions-body').replaceChildren(
-      ...rows.map(({ f, s }) =>
-        h(
-          'tr',
-          {},
-          h('td', { 'data-label': 'Name' }, h('a', { href: fnHash(f), text: fnLabel(f) })),
-          h('td', { 'data-label': 'Image' }, h('code', { text: f.Image })),
-          h('td', { 'data-label': 'Address', class: 'addr' }, h('code', { text: f.Address })),
-          h('td', { 'data-label': 'Calls P/R/F/X', class: 'num' }, counts(s)),
-          h('td', { 'data-label': 'Caches' }, cacheUse(f)),
-        ),
-      ),
-    );
-    $('functions-table').hidden = rows.length === 0;
+    list.rows = rows;
+    renderList();
+    if (rows.length > 0) {
+      hostActivity();
+    }
     $('functions-empty').hidden = rows.length !== 0;
+    $('functions-tools').hidden = rows.length === 0;
     if (rows.length === 0) {
       $('create').open = true;
     }
@@ -307,6 +321,58 @@ async function loadFunctions(quiet = false) {
       showError(e);
     }
   }
+}
+
+function renderList() {
+  const q = $('functions-search').value.trim().toLowerCase();
+  const sort = $('functions-sort').value;
+  const shown = list.rows.filter(
+    (f) => !q || fnLabel(f).toLowerCase().includes(q) || f.Image.toLowerCase().includes(q),
+  );
+  const by = {
+    name: (a, b) => fnLabel(a).localeCompare(fnLabel(b)),
+    updated: (a, b) => b.Updated.localeCompare(a.Updated),
+    running: (a, b) => b.Calls.Running - a.Calls.Running,
+    failed: (a, b) => b.Calls.Failed - a.Calls.Failed,
+    total: (a, b) => b.Calls.Total - a.Calls.Total,
+  }[sort];
+  shown.sort((a, b) => by(a, b) || fnLabel(a).localeCompare(fnLabel(b)));
+  const pages = Math.max(1, Math.ceil(shown.length / PAGE));
+  list.page = Math.min(list.page, pages - 1);
+  const first = list.page * PAGE;
+  const page = shown.slice(first, first + PAGE);
+  $('functions-body').replaceChildren(
+    ...page.map((f) =>
+      h(
+        'tr',
+        { 'data-function': fnLabel(f) },
+        h('td', { 'data-label': 'Name' }, h('a', { href: fnHash(f), text: fnLabel(f) })),
+        h('td', { 'data-label': 'Image', class: 'img' }, h('code', { text: f.Image })),
+        h(
+          'td',
+          { 'data-label': 'Address', class: 'addr' },
+          h('code', { text: shortAddress(f.Address), title: f.Address }),
+          ' ',
+          copyButton(f.Address, `the address of ${f.Name}`),
+        ),
+        h('td', { 'data-label': 'Calls' }, badges(f.Calls)),
+        h('td', { 'data-label': 'Updated', text: f.Updated }),
+      ),
+    ),
+  );
+  $('functions-table').hidden = page.length === 0;
+  $('functions-count').textContent = q
+    ? `${shown.length} of ${list.rows.length} functions match`
+    : `${list.rows.length} function${list.rows.length === 1 ? '' : 's'}`;
+  $('functions-pager').hidden = pages === 1;
+  $('functions-page').textContent = `${first + 1}–${first + page.length} of ${shown.length}`;
+  $('functions-prev').disabled = list.page === 0;
+  $('functions-next').disabled = list.page >= pages - 1;
+}
+
+function turnPage(by) {
+  list.page = Math.max(0, list.page + by);
+  renderList();
 }
 
 async function createFunction(ev) {
@@ -332,6 +398,171 @@ async function createFunction(ev) {
     $('create').open = false;
     flash(`${f.Name} is created with the address of ${f.Address}`);
     location.hash = fnHash(f);
+  });
+}
+
+// ---- activity charts (SVG drawn here: no library, nothing from elsewhere) ----
+
+/** The SVG namespace: a name, never fetched. */
+const SVG = 'http://www.w3.org/2000/svg';
+
+/** An SVG element with attributes and children. */
+function svg(tag, attrs = {}, ...kids) {
+  const el = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === 'text') {
+      el.textContent = v;
+    } else {
+      el.setAttribute(k, String(v));
+    }
+  }
+  el.append(...kids.flat(Infinity).filter(Boolean));
+  return el;
+}
+
+function hhmm(time) {
+  return time.slice(11, 16);
+}
+
+function secs(v) {
+  if (v === null || v === undefined) {
+    return '—';
+  }
+  return v < 1 ? `${Math.round(v * 1000)} ms` : `${v.toFixed(v < 10 ? 2 : 0)} s`;
+}
+
+const CW = 600;
+const CH = 140;
+const PAD = { l: 56, r: 8, t: 10, b: 22 };
+
+function frame(points, max, unit) {
+  const y = (v) => PAD.t + (CH - PAD.t - PAD.b) * (1 - v / max);
+  return [
+    svg('line', { class: 'axis', x1: PAD.l, y1: y(0), x2: CW - PAD.r, y2: y(0) }),
+    svg('line', { class: 'axis', x1: PAD.l, y1: PAD.t, x2: PAD.l, y2: y(0) }),
+    svg('text', { class: 'label', x: PAD.l - 4, y: PAD.t + 8, 'text-anchor': 'end', text: unit(max) }),
+    svg('text', { class: 'label', x: PAD.l - 4, y: y(0), 'text-anchor': 'end', text: '0' }),
+    svg('text', { class: 'label', x: PAD.l, y: CH - 6, text: hhmm(points[0].Time) }),
+    svg('text', { class: 'label', x: CW - PAD.r, y: CH - 6, 'text-anchor': 'end', text: hhmm(points[points.length - 1].Time) }),
+  ];
+}
+
+/** Calls per point: finished and failed stacked. */
+function callsChart(a) {
+  const pts = a.Points;
+  const max = Math.max(1, ...pts.map((p) => p.Finished + p.Failed));
+  const w = (CW - PAD.l - PAD.r) / pts.length;
+  const hgt = (v) => ((CH - PAD.t - PAD.b) * v) / max;
+  const base = CH - PAD.b;
+  const bars = [];
+  pts.forEach((p, i) => {
+    const x = PAD.l + i * w + 0.5;
+    const ok = hgt(p.Finished);
+    const bad = hgt(p.Failed);
+    const tip = `${hhmm(p.Time)}: ${p.Finished} finished, ${p.Failed} failed, ${p.Accepted} accepted`;
+    if (p.Finished > 0) {
+      bars.push(svg('rect', { class: 'bar-ok', x, y: base - ok, width: Math.max(1, w - 1), height: ok, 'data-count': p.Finished }, svg('title', { text: tip })));
+    }
+    if (p.Failed > 0) {
+      bars.push(svg('rect', { class: 'bar-failed', x, y: base - ok - bad, width: Math.max(1, w - 1), height: bad, 'data-count': p.Failed }, svg('title', { text: tip })));
+    }
+  });
+  const per = a.Step === 60 ? 'minute' : 'quarter hour';
+  const t = a.Total;
+  return h(
+    'figure',
+    { class: 'chart' },
+    h('h3', { text: `Calls per ${per}` }),
+    svg(
+      'svg',
+      { viewBox: `0 0 ${CW} ${CH}`, role: 'img', 'aria-label': `Calls per ${per}: ${t.Finished} finished and ${t.Failed} failed in the last ${a.Window}` },
+      frame(pts, max, (v) => String(v)),
+      bars,
+    ),
+    h(
+      'figcaption',
+      { class: 'summary hint' },
+      h('span', { class: 'legend-ok', text: `${t.Finished} finished` }),
+      ' · ',
+      h('span', { class: 'legend-failed', text: `${t.Failed} failed` }),
+      ` · ${t.Accepted} accepted in the last ${a.Window}`,
+    ),
+  );
+}
+
+/** p50 and p95 run time per point, where calls ended. */
+function durationChart(a) {
+  const pts = a.Points;
+  const max = Math.max(0.001, ...pts.map((p) => p.P95 ?? 0));
+  const w = (CW - PAD.l - PAD.r) / pts.length;
+  const x = (i) => PAD.l + i * w + w / 2;
+  const y = (v) => PAD.t + (CH - PAD.t - PAD.b) * (1 - v / max);
+  const line = (key, cls, dot) => {
+    let d = '';
+    let open = false;
+    const dots = [];
+    pts.forEach((p, i) => {
+      const v = p[key];
+      if (v === null || v === undefined) {
+        open = false;
+        return;
+      }
+      d += `${open ? 'L' : 'M'}${x(i).toFixed(1)},${y(v).toFixed(1)} `;
+      open = true;
+      dots.push(svg('circle', { class: dot, cx: x(i).toFixed(1), cy: y(v).toFixed(1), r: 2.5 }, svg('title', { text: `${hhmm(p.Time)}: ${key.toLowerCase()} ${secs(v)}` })));
+    });
+    return [d ? svg('path', { class: cls, d: d.trim() }) : null, dots];
+  };
+  const t = a.Total;
+  return h(
+    'figure',
+    { class: 'chart' },
+    h('h3', { text: 'Run time' }),
+    svg(
+      'svg',
+      { viewBox: `0 0 ${CW} ${CH}`, role: 'img', 'aria-label': `Run time in the last ${a.Window}: p50 ${secs(t.P50)}, p95 ${secs(t.P95)}` },
+      frame(pts, max, secs),
+      line('P50', 'p50', 'dot50'),
+      line('P95', 'p95', 'dot95'),
+    ),
+    h(
+      'figcaption',
+      { class: 'summary hint' },
+      h('span', { class: 'legend-ok', text: `p50 ${secs(t.P50)}` }),
+      ' · ',
+      h('span', { class: 'legend-failed', text: `p95 ${secs(t.P95)}` }),
+      ` over the last ${a.Window}`,
+    ),
+  );
+}
+
+async function loadActivity(target, path, which) {
+  const select = document.querySelector(`.activity-window[data-for=${which}]`);
+  const q = `window=${select.value}`;
+  const a = await api('GET', `${path}${path.includes('?') ? '&' : '?'}${q}`, { signal: state.view.signal });
+  $(target).replaceChildren(callsChart(a), durationChart(a));
+}
+
+function hostActivity() {
+  return loadActivity('host-charts', '/v1/activity', 'host')
+    .then(() => {
+      $('host-activity').hidden = false;
+    })
+    .catch((e) => {
+      if (!isAbort(e)) {
+        showError(e);
+      }
+    });
+}
+
+function functionActivity() {
+  if (!current) {
+    return Promise.resolve();
+  }
+  return loadActivity('fn-charts', fnPath(current.Name, '/activity', ownerOf(current)), 'function').catch((e) => {
+    if (!isAbort(e) && !(e instanceof ApiError && e.status === 404)) {
+      showError(e);
+    }
   });
 }
 
@@ -365,9 +596,27 @@ function renderFunction(f, s) {
     ...detail('Runtime', f.Runtime ?? '(the Engine\'s default)'),
     ...detail('Owner', f.Owner),
     ...detail('Calls', h('span', { id: 'fn-status' }, statusText(s))),
+    ...detail('Updated', f.Updated),
     ...detail('Output cache', meter(f.OutputCacheBytes, f.OutputCacheBudget)),
     ...detail('Log cache', meter(f.LogCacheBytes, f.LogCacheBudget)),
-    ...detail('Updated', f.Updated),
+  );
+  renderExamples(f);
+}
+
+/** Ready-to-paste ways to call `f` from a shell, each with a copy button. */
+function renderExamples(f) {
+  // An admin names the owner (their own functions too: OWNER/NAME always works).
+  const cli = `hyperfuncd func call ${fnLabel(f)}`;
+  const examples = [
+    ['async call (prints the CallId)', `curl --data-binary @payload ${f.Address}`],
+    ['sync call (prints the output)', `curl --data-binary @payload ${f.Address}/sync`],
+    ['from the CLI', `${cli} < payload`],
+    ['from the CLI, waiting for the output', `${cli} --sync < payload`],
+  ];
+  $('fn-examples-body').replaceChildren(
+    ...examples.map(([what, cmd]) =>
+      h('div', { class: 'example' }, h('p', { class: 'hint', text: what }), h('code', { class: 'pre', text: cmd }), ' ', copyButton(cmd, `the ${what} command`)),
+    ),
   );
 }
 
@@ -375,22 +624,50 @@ function statusText(s) {
   return `${s.Total} total: ${s.Pending} pending, ${s.Running} running, ${s.Finished} finished, ${s.Failed} failed`;
 }
 
-async function openFunction(name, owner = null) {
-  const signal = state.view.signal;
+/** Forgets the function on screen: nothing of it may be acted on. */
+function clearFunction() {
+  current = null;
+  $('fn-body').hidden = true;
+  $('fn-missing').hidden = true;
+  $('fn-details').replaceChildren();
   $('edit-form').hidden = true;
+  $('call-form').reset();
+  payloadMode();
+  resetCallResult('');
   $('call-result').hidden = true;
   $('logs').replaceChildren();
+  $('logs-state').textContent = '';
   $('logs-callid').value = '';
   $('logs-follow').checked = true;
+}
+
+async function openFunction(name, owner = null) {
+  const signal = state.view.signal;
+  clearFunction();
+  $('fn-title').textContent = name;
+  $('fn-loading').hidden = false;
   try {
     const [f, s] = await Promise.all([
       api('GET', fnPath(name, '', owner), { signal }),
       api('GET', fnPath(name, '/status', owner), { signal }),
     ]);
     renderFunction(f, s);
+    $('fn-body').hidden = false;
     startLogs();
+    functionActivity();
+    state.timers.push(setInterval(functionActivity, 10000));
   } catch (e) {
-    showError(e);
+    if (e instanceof ApiError && e.status === 404) {
+      $('fn-title').textContent = 'Function not found';
+      $('fn-missing-text').textContent = `There is no function ${owner ? `${owner}/` : ''}${name} that this key can see.`;
+      $('fn-missing').hidden = false;
+    } else {
+      showError(e);
+    }
+  } finally {
+    if (!signal.aborted) {
+      $('fn-loading').hidden = true;
+    }
   }
 }
 
@@ -415,7 +692,10 @@ async function refreshFunction() {
 let statusSoon = null;
 function refreshSoon() {
   clearTimeout(statusSoon);
-  statusSoon = setTimeout(refreshFunction, 300);
+  statusSoon = setTimeout(() => {
+    refreshFunction();
+    functionActivity();
+  }, 300);
 }
 
 function editFunction() {
@@ -502,12 +782,14 @@ function showOutput(data) {
   $('call-download').href = url;
   $('call-download').download = `${$('call-id').textContent || current.Name}.out`;
   $('call-output-box').hidden = false;
+  // The server deleted it as it answered: there is nothing more to get.
+  $('call-wait').hidden = true;
 }
 
 function showFailure(e) {
   const b = e instanceof ApiError ? e.body : null;
   let text = e instanceof ApiError ? `${e.status} ${e.code}: ${e.message}` : String(e);
-  if (b && b.ExitCode !== undefined && b.ExitCode !== null) {
+  if (b && b.ExitCode !== undefined && b.ExitCode !== null && !text.includes(`exit code ${b.ExitCode}`)) {
     text += ` (exit code ${b.ExitCode})`;
   }
   if (b && b.ShortStderr) {
@@ -516,9 +798,13 @@ function showFailure(e) {
   $('call-failed').textContent = text;
   $('call-failed').hidden = false;
   $('call-state').textContent = 'FAILED';
+  $('call-wait').hidden = true;
 }
 
 function resetCallResult(id) {
+  watching.abort();
+  clearInterval(watchTimer);
+  $('call-timer').textContent = '';
   $('call-result').hidden = false;
   $('call-id').textContent = id;
   $('call-state').textContent = '';
@@ -545,7 +831,8 @@ async function callFunction(ev) {
       signal,
     });
     if (sync) {
-      resetCallResult('');
+      resetCallResult(r.headers.get('Hyperfuncd-Call-Id') ?? '');
+      $('call-wait').hidden = true;
       if (r.ok) {
         $('call-state').textContent = 'FINISHED';
         showOutput(new Uint8Array(await r.arrayBuffer()));
@@ -556,6 +843,7 @@ async function callFunction(ev) {
         }
         showFailure(e);
       }
+      $('call-result').focus();
       return;
     }
     if (!r.ok) {
@@ -564,11 +852,89 @@ async function callFunction(ev) {
     const { CallId } = await r.json();
     resetCallResult(CallId);
     $('call-state').textContent = 'ACCEPTED';
-    $('call-wait').focus();
+    $('call-result').focus();
+    watchCall(CallId);
   } catch (e) {
     showError(e);
   } finally {
     $('call-submit').disabled = false;
+  }
+}
+
+// The call on screen, watched until it ends: its state from
+// `GET /v1/calls/ID` (and sooner from the function's log stream), a
+// running timer, and its output fetched as soon as it is FINISHED.
+let watching = new AbortController();
+let watchTimer = null;
+const ENDED = new Set(['FINISHED', 'FAILED']);
+
+function callShown() {
+  return $('call-id').textContent;
+}
+
+/** Shows `st` for the watched call; on an end, fetches the outcome. */
+function callState(id, st, since) {
+  if (callShown() !== id || ENDED.has($('call-state').textContent)) {
+    return;
+  }
+  $('call-state').textContent = st;
+  if (st === 'RUNNING' && since.running === null) {
+    since.running = performance.now();
+  }
+  if (ENDED.has(st)) {
+    watching.abort();
+    clearInterval(watchTimer);
+    const ran = since.running === null ? null : (performance.now() - since.running) / 1000;
+    $('call-timer').textContent = ran === null ? '' : `ran about ${ran.toFixed(1)} s`;
+    getOutput();
+  }
+}
+
+async function watchCall(id) {
+  watching.abort();
+  watching = new AbortController();
+  const ctl = watching;
+  state.view.signal.addEventListener('abort', () => ctl.abort());
+  const since = { accepted: performance.now(), running: null };
+  watching.since = since;
+  clearInterval(watchTimer);
+  watchTimer = setInterval(() => {
+    const t0 = since.running ?? since.accepted;
+    const what = since.running === null ? 'waiting' : 'running';
+    $('call-timer').textContent = `${what} ${((performance.now() - t0) / 1000).toFixed(1)} s`;
+  }, 200);
+  $('call-wait').hidden = true;
+  // A poll as well as the log stream: the stream may be off or filtered.
+  for (let pause = 250; !ctl.signal.aborted; pause = Math.min(pause * 2, 2000)) {
+    try {
+      const c = await api('GET', `/v1/calls/${encodeURIComponent(id)}`, { signal: ctl.signal });
+      callState(id, c.State, since);
+    } catch (e) {
+      if (!isAbort(e)) {
+        showError(e);
+        clearInterval(watchTimer);
+        $('call-wait').hidden = false;
+      }
+      return;
+    }
+    await new Promise((res) => {
+      const t = setTimeout(res, pause);
+      ctl.signal.addEventListener('abort', () => {
+        clearTimeout(t);
+        res();
+      });
+    });
+  }
+}
+
+/** A log event of the function: moves the watched call's state on at once. */
+function callEvent(e) {
+  const id = callShown();
+  if (e.CallId === id && !watching.signal.aborted && watching.since) {
+    const st = { RUNNING: 'RUNNING', FINISHED: 'FINISHED', FAILED: 'FAILED' }[e.Event];
+    if (st) {
+      callState(id, st, watching.since);
+    }
   }
 }
 
@@ -585,6 +951,10 @@ async function getOutput() {
   } catch (e) {
     if (e instanceof ApiError && e.code === 'call_failed') {
       showFailure(e);
+    } else if (e instanceof ApiError && e.code === 'output_gone') {
+      $('call-failed').textContent = e.message;
+      $('call-failed').hidden = false;
+      $('call-wait').hidden = true;
     } else {
       showError(e);
     }
@@ -636,6 +1006,7 @@ function startLogs() {
       while (list.childElementCount > 500) {
         list.lastElementChild.remove();
       }
+      callEvent(e);
       refreshSoon();
     },
     ctl.signal,
@@ -661,11 +1032,12 @@ async function loadUsers() {
   try {
     const [users, fns] = await Promise.all([
       api('GET', '/v1/users', { signal }),
-      functionsWithStatus(signal),
+      api('GET', '/v1/functions', { signal }),
     ]);
     // Running and queued per user: the sum over the functions they own.
     const load = new Map();
-    for (const { f, s } of fns) {
+    for (const f of fns) {
+      const s = f.Calls;
       const l = load.get(f.Owner) ?? { running: 0, queued: 0 };
       l.running += s.Running;
       l.queued += s.Pending;
@@ -698,6 +1070,7 @@ function userRow(u, l) {
     h('td', { 'data-label': 'Name' }, h('strong', { text: u.Name })),
     h('td', { 'data-label': 'Role', text: u.Admin ? 'admin' : 'user' }),
     h('td', { 'data-label': 'Quota' }, h('span', { class: 'inline' }, quota, save)),
+    h('td', { 'data-label': 'Budgets', class: 'num', text: budgets(u) }),
     h('td', { 'data-label': 'Running', class: 'num', text: String(l.running) }),
     h('td', { 'data-label': 'Queued', class: 'num', text: String(l.queued) }),
     h('td', { 'data-label': 'Created', text: u.Created }),
@@ -707,11 +1080,16 @@ function userRow(u, l) {
       h(
         'span',
         { class: 'inline' },
-        h('button', { type: 'button', class: 'small', text: 'Rotate key', onclick: () => rotateKey(u.Name) }),
+        h('button', { type: 'button', class: 'small', 'data-action': 'rotate', text: 'Rotate key', onclick: () => rotateKey(u.Name) }),
         h('button', { type: 'button', class: 'small danger', text: 'Remove', onclick: () => removeUser(u.Name) }),
       ),
     ),
   );
+}
+
+/** `10000 queued, 1.0 GiB, 100 fns, 100/s` */
+function budgets(u) {
+  return `${u.MaxQueued} queued, ${bytes(u.MaxQueuedBytes)}, ${u.MaxFunctions} fns, ${u.Rate}/s`;
 }
 
 function showKey(user, key) {
@@ -753,12 +1131,24 @@ async function setQuota(name, value) {
 }
 
 async function rotateKey(name) {
-  if (!(await confirmDialog(`Give ${name} a new key? The current one stops working at once.`, 'Rotate key'))) {
+  const question = `Give ${name} a new key? The current one stops working at once, in every tab and script that uses it. If it is the key you signed in with, this tab switches to the new one.`;
+  if (!(await confirmDialog(question, 'Rotate key'))) {
     return;
   }
   await attempt(async () => {
     const u = await api('PATCH', `/v1/users/${encodeURIComponent(name)}`, { json: { RotateKey: true } });
     showKey(u.Name, u.Key);
+    // Was it this tab's own key? Then it no longer works: carry on with the new one.
+    try {
+      await api('GET', '/v1/users');
+    } catch (e) {
+      if (e instanceof ApiError && e.status === 401) {
+        session.set(u.Key);
+        flash(`That was your own key: this tab now uses ${name}'s new key. Save it before you sign out.`);
+      } else {
+        throw e;
+      }
+    }
   });
 }
 
@@ -776,10 +1166,25 @@ async function removeUser(name) {
 // ---- wiring ----
 
 function wire() {
+  // The router owns the hash: the skip link moves focus without changing it.
+  $('skip').addEventListener('click', (ev) => {
+    ev.preventDefault();
+    $('main').focus();
+  });
   $('signin-form').addEventListener('submit', signIn);
   $('signout').addEventListener('click', signOut);
   $('error-close').addEventListener('click', clearError);
   $('functions-refresh').addEventListener('click', () => loadFunctions());
+  $('functions-search').addEventListener('input', () => {
+    list.page = 0;
+    renderList();
+  });
+  $('functions-sort').addEventListener('change', renderList);
+  for (const sel of document.querySelectorAll('.activity-window')) {
+    sel.addEventListener('change', () => (sel.dataset.for === 'host' ? hostActivity() : functionActivity()));
+  }
+  $('functions-prev').addEventListener('click', () => turnPage(-1));
+  $('functions-next').addEventListener('click', () => turnPage(1));
   $('create-form').addEventListener('submit', createFunction);
   $('fn-edit').addEventListener('click', editFunction);
   $('edit-cancel').addEventListener('click', () => {
@@ -804,6 +1209,12 @@ function wire() {
   window.addEventListener('hashchange', () => {
     hideKey();
     route();
+    // Focus follows the route to the new view's heading, as a page load would.
+    const heading = document.querySelector('section:not([hidden]) h1');
+    if (heading && session.key) {
+      heading.tabIndex = -1;
+      heading.focus({ preventScroll: true });
+    }
   });
 }
 

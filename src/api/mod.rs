@@ -362,6 +362,7 @@ async fn route(svc: &Arc<Service>, rates: &rate::RateLimits, mut req: Req) -> Ap
         }
         Op::OpenApi => Ok(text_response(OPENAPI.to_string(), "application/yaml")),
         // The dashboard: static files only; it calls `/v1` like the CLI.
+        Op::Root => Ok(ui::to_dashboard()),
         Op::Ui => Ok(ui::serve(&p.rest())),
         // `/v1` templates all start with `v1`, so they were answered above.
         _ => Err(no_route(&req)),
@@ -493,6 +494,25 @@ async fn v1(
                 StatusCode::OK,
                 &StatusView::from(svc.stats(&f).await?),
             ))
+        }
+        Op::FunctionActivity => {
+            let f = addressed(svc, caller, p.get("name"), &req.query).await?;
+            let window = window_param(&req.query)?;
+            let key = f.key();
+            let report = crate::activity::report(window, |k| *k == key);
+            Ok(json_response(StatusCode::OK, &ActivityView::from(report)))
+        }
+        Op::Activity => {
+            let window = window_param(&req.query)?;
+            let owner = owner_param(&req.query)?;
+            let keys: std::collections::HashSet<_> = svc
+                .list_functions(caller, owner.as_ref())
+                .await?
+                .iter()
+                .map(|f| f.key())
+                .collect();
+            let report = crate::activity::report(window, |k| keys.contains(k));
+            Ok(json_response(StatusCode::OK, &ActivityView::from(report)))
         }
         Op::GetCall => {
             let id = p.get("callId");
@@ -657,7 +677,7 @@ async fn output(
             &serde_json::json!({"CallId": id.to_string(), "State": state}),
         )
     };
-    Ok(match svc.output(scope, &id, wait).await? {
+    let mut r = match svc.output(scope, &id, wait).await? {
         OutputAnswer::Output(bytes) => {
             let mut r = warp::http::Response::new(bytes).into_response();
             r.headers_mut().insert(
@@ -683,8 +703,17 @@ async fn output(
             Service::output_state_message(&call),
         )
         .into_response(),
-    })
+    };
+    // Every answer names its call, so a sync caller (whose 200 body is the
+    // bare output) can look the call up afterwards.
+    if let Ok(v) = warp::http::HeaderValue::from_str(&id.to_string()) {
+        r.headers_mut().insert(CALL_ID_HEADER, v);
+    }
+    Ok(r)
 }
+
+/// On every output answer, sync call answers included: the call's id.
+pub const CALL_ID_HEADER: &str = "hyperfuncd-call-id";
 
 /// How often a log follower that saw no call change checks that its
 /// function still has the secret it was opened with.
@@ -1036,6 +1065,15 @@ async fn addressed(
     Ok(svc
         .function(caller, &Name::parse(name)?, owner.as_ref())
         .await?)
+}
+
+/// `window=hour` (the default) or `window=day`.
+fn window_param(query: &HashMap<String, String>) -> Result<crate::activity::Window, ApiError> {
+    match query.get("window") {
+        None => Ok(crate::activity::Window::Hour),
+        Some(w) => crate::activity::Window::parse(w)
+            .ok_or_else(|| ApiError::bad_request(format!("invalid window {w:?}: hour or day"))),
+    }
 }
 
 fn owner_param(query: &HashMap<String, String>) -> Result<Option<Name>, ApiError> {

@@ -18,6 +18,7 @@ pub(crate) enum Op {
     Health,
     Metrics,
     OpenApi,
+    Root,
     Ui,
     ListFunctions,
     CreateFunction,
@@ -27,6 +28,8 @@ pub(crate) enum Op {
     CallFunction,
     FunctionLogs,
     FunctionStatus,
+    FunctionActivity,
+    Activity,
     GetCall,
     CallOutput,
     ListUsers,
@@ -81,6 +84,12 @@ pub(crate) const ROUTES: &[Route] = &[
     r("GET", "/openapi.yaml", Op::OpenApi),
     Route {
         method: "GET",
+        path: "/",
+        op: Op::Root,
+        in_spec: false,
+    },
+    Route {
+        method: "GET",
         path: "/ui/*",
         op: Op::Ui,
         in_spec: false,
@@ -94,6 +103,8 @@ pub(crate) const ROUTES: &[Route] = &[
     r("POST", "/v1/functions/{name}/call", Op::CallFunction),
     r("GET", "/v1/functions/{name}/logs", Op::FunctionLogs),
     r("GET", "/v1/functions/{name}/status", Op::FunctionStatus),
+    r("GET", "/v1/functions/{name}/activity", Op::FunctionActivity),
+    r("GET", "/v1/activity", Op::Activity),
     r("GET", "/v1/calls/{callId}", Op::GetCall),
     r("GET", "/v1/calls/{callId}/output", Op::CallOutput),
     r("GET", "/v1/users", Op::ListUsers),
@@ -138,6 +149,9 @@ pub(crate) enum Miss {
 /// Whether `path` (canonical segments) matches `template`, and its params.
 fn matches<'a>(template: &'static str, path: &[&'a str]) -> Option<Params<'a>> {
     let mut params = Params::default();
+    if template == "/" {
+        return path.is_empty().then_some(params);
+    }
     let mut t = template.trim_start_matches('/').split('/').peekable();
     let mut p = path.iter();
     while let Some(ts) = t.next() {
@@ -190,6 +204,7 @@ mod tests {
         );
         let (op, _) = find(&Method::PUT, &["call", "f", "s"]).unwrap();
         assert_eq!(op, Op::CallAsync);
+        assert_eq!(find(&Method::GET, &[]).unwrap().0, Op::Root);
         let (op, p) = find(&Method::GET, &["ui"]).unwrap();
         assert_eq!((op, p.rest().len()), (Op::Ui, 0));
         let (_, p) = find(&Method::GET, &["ui", "a", "b"]).unwrap();
@@ -206,7 +221,6 @@ mod tests {
             find(&Method::GET, &["v1", "functions", "f", "x"]).unwrap_err(),
             Miss::NoRoute
         );
-        assert_eq!(find(&Method::GET, &[]).unwrap_err(), Miss::NoRoute);
         assert_eq!(
             find(&Method::GET, &["call", "f"]).unwrap_err(),
             Miss::NoRoute

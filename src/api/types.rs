@@ -76,6 +76,10 @@ pub struct FunctionView {
     pub address: String,
     pub created: String,
     pub updated: String,
+    /// Its calls by state (the `/status` counts), so a list needs no
+    /// request per function. (Absent from a daemon older than the CLI.)
+    #[serde(default)]
+    pub calls: StatusView,
     pub output_cache_bytes: u64,
     pub output_cache_budget: u64,
     pub log_cache_bytes: u64,
@@ -117,6 +121,7 @@ impl FunctionView {
             address,
             created: format_time(f.created_ms),
             updated: format_time(f.updated_ms),
+            calls: StatusView::from(cache.stats),
             output_cache_bytes: cache.stats.output_bytes,
             output_cache_budget: cache.output_budget,
             log_cache_bytes: cache.stats.log_bytes,
@@ -238,7 +243,70 @@ fn terminal_safe(text: &str) -> String {
     out
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+/// Calls over a window (`GET /v1/activity`, `.../functions/NAME/activity`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ActivityView {
+    /// `hour` or `day`.
+    pub window: String,
+    /// Seconds per point: 60 for an hour, 900 for a day.
+    pub step: u64,
+    /// Oldest first; the last is the current minute or quarter hour.
+    pub points: Vec<ActivityPoint>,
+    pub total: ActivityCounts,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ActivityPoint {
+    /// The start of the point.
+    pub time: String,
+    #[serde(flatten)]
+    pub counts: ActivityCounts,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ActivityCounts {
+    pub accepted: u64,
+    pub finished: u64,
+    pub failed: u64,
+    /// Median run time in seconds of the calls that ended; null without one.
+    pub p50: Option<f64>,
+    pub p95: Option<f64>,
+}
+
+impl From<&crate::activity::Bucket> for ActivityCounts {
+    fn from(b: &crate::activity::Bucket) -> ActivityCounts {
+        ActivityCounts {
+            accepted: u64::from(b.accepted),
+            finished: u64::from(b.finished),
+            failed: u64::from(b.failed),
+            p50: b.quantile(0.5),
+            p95: b.quantile(0.95),
+        }
+    }
+}
+
+impl From<crate::activity::Report> for ActivityView {
+    fn from(r: crate::activity::Report) -> ActivityView {
+        ActivityView {
+            window: r.window.as_str().to_string(),
+            step: r.window.step(),
+            points: r
+                .points
+                .iter()
+                .map(|(t, b)| ActivityPoint {
+                    time: format_time(t * 1000),
+                    counts: b.into(),
+                })
+                .collect(),
+            total: (&r.total).into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct StatusView {
     pub total: u64,

@@ -40,7 +40,25 @@ const FILES: &[(&str, &str, &[u8])] = &[
         "text/css; charset=utf-8",
         include_bytes!("../../assets/ui/style.css"),
     ),
+    (
+        "favicon.svg",
+        "image/svg+xml",
+        include_bytes!("../../assets/ui/favicon.svg"),
+    ),
 ];
+
+/// The answer to `GET /`: a browser that opens the server's address lands
+/// on the dashboard (a permanent redirect, as the address never changes).
+pub fn to_dashboard() -> Response {
+    let mut r = warp::http::Response::new(Bytes::new()).into_response();
+    *r.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    let h = r.headers_mut();
+    h.insert(header::LOCATION, HeaderValue::from_static("/ui/"));
+    for (name, value) in security_headers() {
+        h.insert(name, HeaderValue::from_static(value));
+    }
+    r
+}
 
 /// The answer to `GET /ui/REST`: an embedded file, or a JSON 404.
 pub fn serve(rest: &[&str]) -> Response {
@@ -104,6 +122,9 @@ mod tests {
             assert_eq!(r.status(), StatusCode::NOT_FOUND);
             assert_eq!(r.headers()[header::CONTENT_SECURITY_POLICY], CSP);
         }
+        let r = to_dashboard();
+        assert_eq!(r.status(), StatusCode::PERMANENT_REDIRECT);
+        assert_eq!(r.headers()[header::LOCATION], "/ui/");
     }
 
     /// The policy forbids inline code; a page that used some would break
@@ -132,6 +153,8 @@ mod tests {
         }
         for (path, _, body) in FILES {
             let text = std::str::from_utf8(body).expect("utf-8");
+            // SVG elements name their namespace; a name, not a request.
+            let text = text.replace("http://www.w3.org/2000/svg", "");
             assert!(!text.contains("http://"), "{path} names another origin");
             assert!(!text.contains("https://"), "{path} names another origin");
             assert!(!text.contains("innerHTML"), "{path} builds HTML from text");

@@ -7,11 +7,14 @@
 
 mod firewall;
 
-use crate::config::ContainerConfig;
+use crate::config::{ContainerConfig, DiskCap};
 use crate::model::{CallId, CallState, Outcome};
 use bollard::container::{AttachContainerResults, LogOutput};
 use bollard::errors::Error as DockerError;
-use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, NetworkCreateRequest};
+use bollard::models::{
+    ContainerCreateBody, ContainerCreateResponse, HostConfig, HostConfigLogConfig, Mount,
+    MountType, NetworkCreateRequest,
+};
 use bollard::query_parameters::{
     AttachContainerOptions, CreateContainerOptions, CreateImageOptions, KillContainerOptions,
     ListContainersOptions, ListNetworksOptions, RemoveContainerOptions, RenameContainerOptions,
@@ -42,6 +45,9 @@ pub const LABEL_NETWORK: &str = "io.hyperfuncd.network";
 const ICC_OPTION: &str = "com.docker.network.bridge.enable_icc";
 /// Where the init program lives inside a warm container.
 const INIT_PATH: &str = "/.hyperfuncd-init";
+/// The init's file in the data dir, bind-mounted read-only at `INIT_PATH`
+/// into warm containers whose root is read-only (`write_init`).
+pub const INIT_FILE: &str = "hyperfuncd-init";
 /// How `init.c` begins the one line it prints when it cannot run the command.
 const INIT_FAILURE: &str = "hyperfuncd-init: ";
 /// The init program of warm containers, `init.c` built static by `build.rs`.
@@ -123,6 +129,32 @@ pub struct Runtime {
     /// calls from the host, installed by `ensure_network` for the bridge it
     /// finds, before any call container is made.
     firewall: Option<firewall::Firewall>,
+    /// The init program's file on the Engine's host (`write_init`), which a
+    /// warm container with a read-only root gets bind-mounted: the archive
+    /// upload that puts it into a writable root is refused there.
+    init_file: Option<std::path::PathBuf>,
+    /// With `[container] disk = "auto"`: whether the Engine takes
+    /// `--storage-opt size` (its storage driver has per-container quotas),
+    /// learnt from the first create that asks for it; `None` until then.
+    storage_opt: std::sync::Mutex<Option<bool>>,
+}
+
+/// How one container's disk is capped: `[container] disk` as it applies
+/// to this Engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Disk {
+    /// A writable layer of this many bytes (`--storage-opt size`).
+    StorageOpt(u64),
+    /// A read-only root; `/tmp` a tmpfs of at most this many bytes.
+    Tmpfs(u64),
+    /// A writable root without a cap.
+    Off,
+}
+
+impl Disk {
+    fn read_only(self) -> bool {
+        matches!(self, Disk::Tmpfs(_))
+    }
 }
 
 /// What the Engine's host has to give a container.
@@ -152,7 +184,99 @@ impl Runtime {
             default_runtime: std::sync::Mutex::new(None),
             network: tokio::sync::Mutex::new(()),
             firewall,
+            init_file: None,
+            storage_opt: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The init's file (`write_init`) for warm containers with a read-only
+    /// root; without one, such a container cannot be made.
+    pub fn with_init_file(mut self, path: std::path::PathBuf) -> Runtime {
+        self.init_file = Some(path);
+        self
+    }
+
+    /// How the next container's disk is capped.
+    fn disk(&self) -> Disk {
+        let c = &self.container;
+        let bytes = c.disk_cap_bytes();
+        match c.disk_cap() {
+            DiskCap::Off => Disk::Off,
+            DiskCap::Tmpfs => Disk::Tmpfs(bytes),
+            DiskCap::StorageOpt => Disk::StorageOpt(bytes),
+            DiskCap::Auto => match *lock(&self.storage_opt) {
+                Some(false) => Disk::Tmpfs(bytes),
+                _ => Disk::StorageOpt(bytes),
+            },
+        }
+    }
+
+    /// Creates a container whose body `make` builds for a disk plan. With
+    /// `disk = "auto"`, the first create asks for `--storage-opt size`; an
+    /// Engine whose storage driver refuses it (`fuse-overlayfs`, overlay2
+    /// without xfs project quotas, vfs) is remembered as such, and this and
+    /// every later container gets the read-only root instead. Returns the
+    /// plan the container was made with.
+    async fn create(
+        &self,
+        docker: &Docker,
+        options: CreateContainerOptions,
+        make: &(dyn Fn(Disk) -> ContainerCreateBody + Sync),
+    ) -> (Result<ContainerCreateResponse, DockerError>, Disk) {
+        let disk = self.disk();
+        let created = docker
+            .create_container(Some(options.clone()), make(disk))
+            .await;
+        let auto = self.container.disk_cap() == DiskCap::Auto;
+        match &created {
+            Err(e) if auto && matches!(disk, Disk::StorageOpt(_)) && storage_opt_refused(e) => {
+                // Creates racing on a new Engine all learn it; one says so.
+                if lock(&self.storage_opt).replace(false) != Some(false) {
+                    tracing::info!(
+                        engine = %engine_message(e),
+                        "the Docker Engine's storage driver has no per-container size: call containers get a read-only root and a tmpfs /tmp ([container] disk = \"auto\")"
+                    );
+                }
+                let disk = self.disk();
+                (
+                    docker.create_container(Some(options), make(disk)).await,
+                    disk,
+                )
+            }
+            Ok(_) if auto && matches!(disk, Disk::StorageOpt(_)) => {
+                let mut known = lock(&self.storage_opt);
+                if known.is_none() {
+                    tracing::info!("call containers get a writable layer of [container] disk_bytes (--storage-opt size)");
+                    *known = Some(true);
+                }
+                (created, disk)
+            }
+            _ => (created, disk),
+        }
+    }
+
+    /// Kills (SIGKILL) every running container of this instance, without
+    /// removing any: for a daemon that stops because its store cannot
+    /// write, so that no call or warm container runs on without it. The
+    /// containers stay as evidence that their calls ran: the next start's
+    /// recovery ends those FAILED and removes them.
+    pub async fn kill_all(&self) -> usize {
+        let Ok(containers) = self.containers().await else {
+            return 0;
+        };
+        let Ok(docker) = self.docker().await else {
+            return 0;
+        };
+        let mut killed = 0;
+        for c in containers {
+            let signal = KillContainerOptions {
+                signal: "KILL".into(),
+            };
+            if docker.kill_container(&c.id, Some(signal)).await.is_ok() {
+                killed += 1;
+            }
+        }
+        killed
     }
 
     /// Removes the call firewall's rules (at stop, once no call runs).
@@ -537,15 +661,13 @@ impl Runtime {
     ) -> Result<Ran, RuntimeError> {
         let docker = self.docker().await?;
         self.firewall_ready().await?;
-        let body = self.container_body(&spec);
+        let make = |disk| self.container_body(&spec, disk);
         let name = format!("hyperfuncd-{}", spec.call_id);
         let options = CreateContainerOptions {
             name: Some(name.clone()),
             ..Default::default()
         };
-        let mut created = docker
-            .create_container(Some(options.clone()), body.clone())
-            .await;
+        let (mut created, _) = self.create(&docker, options.clone(), &make).await;
         if let Err(DockerError::DockerResponseServerError {
             status_code: 409, ..
         }) = created
@@ -553,9 +675,7 @@ impl Runtime {
             // A create whose answer was lost (the call was then requeued): that
             // container was never started, so it is replaced.
             remove(&docker, &name).await;
-            created = docker
-                .create_container(Some(options.clone()), body.clone())
-                .await;
+            created = self.create(&docker, options.clone(), &make).await.0;
         }
         if matches!(&created, Err(e) if network_missing(e)) {
             if let Err(e @ (RuntimeError::Unavailable { .. } | RuntimeError::Firewall(_))) =
@@ -563,7 +683,7 @@ impl Runtime {
             {
                 return Err(e);
             }
-            created = docker.create_container(Some(options), body).await;
+            created = self.create(&docker, options, &make).await.0;
         }
         let id = match created {
             Ok(r) => r.id,
@@ -607,7 +727,7 @@ impl Runtime {
         }
     }
 
-    fn container_body(&self, spec: &RunSpec) -> ContainerCreateBody {
+    fn container_body(&self, spec: &RunSpec, disk: Disk) -> ContainerCreateBody {
         let labels = HashMap::from([
             (LABEL_CALL.to_string(), spec.call_id.to_string()),
             (LABEL_FUNCTION.to_string(), spec.function.clone()),
@@ -619,19 +739,32 @@ impl Runtime {
             cmd: (!spec.command.is_empty()).then(|| spec.command.clone()),
             env: Some(spec.env.clone()),
             labels: Some(labels),
-            host_config: Some(self.host_config(spec.memory_bytes, spec.cpus, spec.runtime.clone())),
+            host_config: Some(self.host_config(
+                spec.memory_bytes,
+                spec.cpus,
+                spec.runtime.clone(),
+                disk,
+            )),
             ..attachable()
         }
     }
 
-    /// The hardened host side of every container, warm or cold (DESIGN 4).
+    /// The hardened host side of every container, warm or cold (DESIGN 4),
+    /// its disk capped as `disk` says.
     fn host_config(
         &self,
         memory_bytes: u64,
         cpus: Option<f64>,
         runtime: Option<String>,
+        disk: Disk,
     ) -> HostConfig {
         let c = &self.container;
+        // A tmpfs is memory: one larger than the call's memory limit could
+        // never be filled, the call would be killed first.
+        let tmp = match disk {
+            Disk::Tmpfs(bytes) => Some(bytes.min(memory_bytes)),
+            _ => None,
+        };
         HostConfig {
             log_config: Some(HostConfigLogConfig {
                 typ: Some("none".into()),
@@ -644,11 +777,15 @@ impl Runtime {
             memory_swap: Some(i64::try_from(memory_bytes).unwrap_or(i64::MAX)),
             nano_cpus: cpus.map(|c| (c * 1e9) as i64),
             cpu_shares: Some(c.cpu_shares),
-            readonly_rootfs: Some(c.read_only_root),
+            readonly_rootfs: Some(disk.read_only()),
             // noexec, nosuid, nodev are the Engine's defaults for a tmpfs.
-            tmpfs: c
-                .read_only_root
-                .then(|| HashMap::from([("/tmp".to_string(), format!("size={}", c.tmp_bytes))])),
+            tmpfs: tmp.map(|bytes| HashMap::from([("/tmp".to_string(), format!("size={bytes}"))])),
+            storage_opt: match disk {
+                Disk::StorageOpt(bytes) => {
+                    Some(HashMap::from([("size".to_string(), bytes.to_string())]))
+                }
+                _ => None,
+            },
             pids_limit: Some(c.pids_limit),
             security_opt: Some(vec!["no-new-privileges".into()]),
             cap_drop: Some(vec!["ALL".into()]),
@@ -693,37 +830,79 @@ impl Runtime {
             (LABEL_OWNER.to_string(), spec.owner.clone()),
             (LABEL_INSTANCE.to_string(), self.instance.clone()),
         ]);
-        let body = ContainerCreateBody {
-            image: Some(image_id.clone()),
-            entrypoint: Some(vec![INIT_PATH.to_string()]),
-            cmd: Some(argv),
-            env: Some(spec.env.clone()),
-            labels: Some(labels),
-            host_config: Some(self.host_config(spec.memory_bytes, spec.cpus, spec.runtime.clone())),
-            ..attachable()
+        // A read-only root takes no upload: the init is bind-mounted there,
+        // read-only, the only host path a call container ever sees.
+        let make = |disk: Disk| {
+            let mut host =
+                self.host_config(spec.memory_bytes, spec.cpus, spec.runtime.clone(), disk);
+            if disk.read_only() {
+                host.mounts = self.init_file.as_ref().map(|f| {
+                    vec![Mount {
+                        target: Some(INIT_PATH.to_string()),
+                        source: Some(f.display().to_string()),
+                        typ: Some(MountType::BIND),
+                        read_only: Some(true),
+                        ..Default::default()
+                    }]
+                });
+            }
+            ContainerCreateBody {
+                image: Some(image_id.clone()),
+                entrypoint: Some(vec![INIT_PATH.to_string()]),
+                cmd: Some(argv.clone()),
+                env: Some(spec.env.clone()),
+                labels: Some(labels.clone()),
+                host_config: Some(host),
+                ..attachable()
+            }
         };
         let options = CreateContainerOptions {
             name: Some(name.to_string()),
             ..Default::default()
         };
-        let mut created = docker
-            .create_container(Some(options.clone()), body.clone())
-            .await;
+        let (mut created, mut disk) = self.create(&docker, options.clone(), &make).await;
         if matches!(&created, Err(e) if network_missing(e)) {
             self.ensure_network().await?;
-            created = docker.create_container(Some(options), body).await;
+            (created, disk) = self.create(&docker, options, &make).await;
+        }
+        if disk.read_only() && self.init_file.is_none() {
+            if let Ok(r) = &created {
+                remove(&docker, &r.id).await;
+            }
+            return Err(RuntimeError::Engine(
+                "the warm pool's init could not be written to the data dir at start, and a read-only container cannot get it otherwise".into(),
+            ));
         }
         let id = match created {
             Ok(r) => r.id,
+            Err(e) if disk.read_only() && bind_source_missing(&e) => {
+                // The Engine does not see this host's files: it runs
+                // elsewhere (a forwarded socket) or in another mount
+                // namespace.
+                return Err(RuntimeError::Engine(format!(
+                    "the warm pool's init {} cannot be bind-mounted into a read-only container: \
+                     the Docker Engine does not see that file (is it on another host?); \
+                     set [pool] per_function = 0, or [container] disk = \"off\": {}",
+                    self.init_file
+                        .as_ref()
+                        .map(|f| f.display().to_string())
+                        .unwrap_or_default(),
+                    engine_message(&e)
+                )));
+            }
             Err(e) => return Err(self.classify(e).await),
         };
-        let upload = UploadToContainerOptions {
-            path: "/".into(),
-            ..Default::default()
+        let mut ready = if disk.read_only() {
+            Ok(())
+        } else {
+            let upload = UploadToContainerOptions {
+                path: "/".into(),
+                ..Default::default()
+            };
+            docker
+                .upload_to_container(&id, Some(upload), bollard::body_full(INIT_ARCHIVE.clone()))
+                .await
         };
-        let mut ready = docker
-            .upload_to_container(&id, Some(upload), bollard::body_full(INIT_ARCHIVE.clone()))
-            .await;
         if ready.is_ok() {
             ready = docker.start_container(&id, None).await;
             if matches!(&ready, Err(e) if network_missing(e)) {
@@ -1202,6 +1381,56 @@ fn stage_failure(stage: &str, e: &DockerError) -> String {
     } else {
         format!("cannot {stage} the container: {}", engine_message(e))
     }
+}
+
+/// Whether a create failed because the Engine's storage driver has no
+/// per-container size: fuse-overlayfs says "--storage-opt is not supported",
+/// overlay2 "--storage-opt is supported only for overlay over xfs with
+/// 'pquota' mount option", vfs and others speak of quotas.
+fn storage_opt_refused(e: &DockerError) -> bool {
+    matches!(e, DockerError::DockerResponseServerError { message, .. } if {
+        let m = message.to_ascii_lowercase();
+        m.contains("storage-opt") || m.contains("storage opt") || m.contains("quota")
+    })
+}
+
+/// Whether a create failed because a bind mount's source is missing on the
+/// Engine's host.
+fn bind_source_missing(e: &DockerError) -> bool {
+    matches!(e, DockerError::DockerResponseServerError { message, .. }
+        if message.contains("bind source path does not exist"))
+}
+
+/// Writes the warm containers' init program to `dir/INIT_FILE` (mode
+/// 0555: any container user may run it, nobody may change it), unless it
+/// is there already with these bytes; returns its path. A file replaced
+/// here does not change a running container's: a bind mount holds the
+/// file it was made with.
+pub fn write_init(dir: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(INIT_FILE);
+    let mode = std::fs::Permissions::from_mode(0o555);
+    if std::fs::read(&path).is_ok_and(|b| b == INIT) {
+        std::fs::set_permissions(&path, mode)?;
+        return Ok(path);
+    }
+    let tmp = dir.join(format!("{INIT_FILE}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)?;
+    f.write_all(INIT)?;
+    f.sync_all()?;
+    std::fs::set_permissions(&tmp, mode)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; keep going if it did.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Whether an error means the Engine could not be reached at all.

@@ -72,6 +72,10 @@ pub struct StoreConfig {
     /// Free space kept on the data dir's filesystem: writes that would eat
     /// into it are refused, so state changes always have room.
     pub min_free_bytes: u64,
+    /// Space set aside in the data dir for a full disk (sled only): given
+    /// back when the filesystem has less than `min_free_bytes` free, made
+    /// again once it has that and this much more; 0 sets none aside.
+    pub ballast_bytes: u64,
     /// Per function: bytes of finished outputs kept.
     pub output_budget: u64,
     /// Per function: bytes of log events kept.

@@ -704,6 +704,9 @@ pub struct PrivateEngine {
     /// with its iptables rules and a bridge, instead of an empty namespace
     /// of its own without them.
     here: bool,
+    /// Its storage driver: `vfs`, or `btrfs` on a loop-mounted btrfs
+    /// (`start_on_btrfs`), whose per-container quotas take `--storage-opt size`.
+    driver: &'static str,
 }
 
 impl PrivateEngine {
@@ -724,9 +727,22 @@ impl PrivateEngine {
         PrivateEngine::launch("{}", true)
     }
 
+    /// Starts one whose data root is a 1 GiB btrfs loop-mounted for it (Debian's
+    /// `btrfs-progs`), with the `btrfs` storage driver: one that takes
+    /// `--storage-opt size` (overlay2 would need xfs project quotas, which
+    /// this kernel lacks). Unmounted on drop with the rest.
+    pub fn start_on_btrfs() -> PrivateEngine {
+        PrivateEngine::launch_full("{}", false, "btrfs")
+    }
+
     fn launch(daemon_json: &str, here: bool) -> PrivateEngine {
+        PrivateEngine::launch_full(daemon_json, here, "vfs")
+    }
+
+    fn launch_full(daemon_json: &str, here: bool, driver: &'static str) -> PrivateEngine {
         test_image();
         let dir = PathBuf::from(format!("/tmp/hyperfuncd-engine-{}", std::process::id()));
+        unmount_below(&dir);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("engine dir");
         std::fs::write(dir.join("daemon.json"), daemon_json).expect("daemon.json");
@@ -735,7 +751,23 @@ impl PrivateEngine {
             dir,
             child: None,
             here,
+            driver,
         };
+        if driver == "btrfs" {
+            require_root("a btrfs data root");
+            let (image, data) = (e.dir.join("btrfs.img"), e.dir.join("data"));
+            std::fs::create_dir_all(&data).expect("data root");
+            let run = |cmd: &mut Command| {
+                let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+                assert!(out.status.success(), "{cmd:?}: {}", stderr(&out));
+            };
+            run(Command::new("truncate").args(["-s", "1G"]).arg(&image));
+            run(Command::new("mkfs.btrfs").arg("-q").arg(&image));
+            run(Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&image)
+                .arg(&data));
+        }
         e.up();
         let save = Command::new("sh")
             .arg("-c")
@@ -789,7 +821,7 @@ impl PrivateEngine {
                 &format!("--iptables={iptables}"),
                 "--ip6tables=false",
             ])
-            .args(["--storage-driver", "vfs"])
+            .args(["--storage-driver", self.driver])
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .spawn()
@@ -1007,6 +1039,12 @@ pub fn submit_all(
 }
 
 impl Daemon {
+    /// Stops with SIGTERM (a clean stop) and starts again on the same port.
+    pub fn restart_clean(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
     /// Restarts (kill -9) with different extra config.
     pub fn restart_with(&mut self, extra_config: &str) {
         self.extra_config = extra_config.to_string();

@@ -329,6 +329,7 @@ mod tests {
         let config = StoreConfig {
             inline_max_bytes: 4,
             min_free_bytes: 0,
+            ballast_bytes: 0,
             output_budget: u64::MAX,
             log_budget: u64::MAX,
         };

@@ -9,6 +9,7 @@
 //! and keys). Every sled call runs on a blocking thread or the commit
 //! thread, never on the async runtime.
 
+mod ballast;
 mod blobs;
 mod caches;
 mod calls;
@@ -155,6 +156,8 @@ struct Inner {
     /// (`stage.rs`), and by the commit thread from its flush to its
     /// fdatasync (`durable.rs`).
     writing: Arc<Mutex<()>>,
+    /// Space set aside for a full disk (`ballast.rs`).
+    ballast: Arc<ballast::Ballast>,
 }
 
 pub struct SledStore {
@@ -172,6 +175,8 @@ pub struct SledStore {
     directory: tokio::sync::Mutex<()>,
     /// Functions whose log eviction is under way, so one runs per function.
     log_evicting: Arc<Mutex<HashSet<FnKey>>>,
+    /// Stops the ballast's watcher when the store goes.
+    stop_watch: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The in-memory copy of the function records, by key and by secret (the
@@ -230,16 +235,54 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl SledStore {
     /// Opens (or creates) the store in `dir`. sled's page cache is bounded
     /// by `PAGE_CACHE_BYTES` (its default is 1 GiB, which a long queue fills).
+    ///
+    /// On a full filesystem the ballast (`ballast.rs`) is released first,
+    /// and again if sled still cannot open: sled writes at open.
     pub fn open(dir: &Path, config: StoreConfig) -> Result<SledStore> {
-        let db = sled::Config::new()
-            .path(dir)
-            .mode(sled::Mode::LowSpace)
-            .cache_capacity(PAGE_CACHE_BYTES)
-            // The commit thread flushes and syncs (`durable.rs`); sled's
-            // own flusher would write between its blob listing and its
-            // fdatasync.
-            .flush_every_ms(None)
-            .open()?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Failed(format!("{}: {e}", dir.display())))?;
+        let ballast = Arc::new(ballast::Ballast::new(
+            dir,
+            config.ballast_bytes,
+            config.min_free_bytes,
+        ));
+        if free_bytes(dir).is_ok_and(|free| free < ballast.low()) {
+            ballast.release();
+        }
+        let open = || {
+            sled::Config::new()
+                .path(dir)
+                .mode(sled::Mode::LowSpace)
+                .cache_capacity(PAGE_CACHE_BYTES)
+                // The commit thread flushes and syncs (`durable.rs`);
+                // sled's own flusher would write between its blob listing
+                // and its fdatasync.
+                .flush_every_ms(None)
+                .open()
+        };
+        let db = match open() {
+            Ok(db) => db,
+            // Only for want of space: another daemon holding the lock must
+            // not cost the first one its ballast.
+            Err(sled::Error::Io(e))
+                if ballast.present()
+                    && matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) =>
+            {
+                tracing::warn!(error = %e, "cannot open the database; trying again without the ballast");
+                ballast.release();
+                open()?
+            }
+            Err(e) => {
+                return Err(match free_bytes(dir) {
+                    Ok(free) if free < ballast::FLOOR => StoreError::Full(format!(
+                        "the data dir's filesystem is full ({} free) and no ballast is left to release: \
+                         free some space on it, then start again ({e})",
+                        approx_bytes(free)
+                    )),
+                    _ => e.into(),
+                })
+            }
+        };
         let trees = TREE_NAMES
             .iter()
             .map(|n| db.open_tree(n))
@@ -253,6 +296,7 @@ impl SledStore {
             config,
             evict_locks: Mutex::new(HashMap::new()),
             writing: Arc::new(Mutex::new(())),
+            ballast: Arc::clone(&ballast),
         };
         if inner.replay_intent()? {
             tracing::info!("finished a write that a crash interrupted");
@@ -270,6 +314,10 @@ impl SledStore {
         for u in values::<User>(inner.tree(USERS).iter())? {
             users.put(u);
         }
+        let stop_watch = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        ballast
+            .watch(Arc::clone(&stop_watch))
+            .map_err(|e| StoreError::Failed(format!("cannot start the ballast's watcher: {e}")))?;
         Ok(SledStore {
             inner: Arc::new(inner),
             committer: Arc::new(committer),
@@ -277,6 +325,7 @@ impl SledStore {
             users: std::sync::RwLock::new(users),
             directory: tokio::sync::Mutex::new(()),
             log_evicting: Arc::new(Mutex::new(HashSet::new())),
+            stop_watch,
         })
     }
 
@@ -404,6 +453,8 @@ impl SledStore {
 
 impl Drop for SledStore {
     fn drop(&mut self) {
+        self.stop_watch
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.committer.close();
     }
 }
@@ -427,17 +478,55 @@ impl Inner {
     /// Refuses a write of `extra` bytes that would leave less than the
     /// reserve free on the data dir's filesystem.
     fn check_space(&self, extra: u64, what: &str) -> Result<()> {
-        let free = free_bytes(self.blobs.dir())
-            .map_err(|e| StoreError::Failed(format!("cannot read the free space: {e}")))?;
-        let reserve = self.config.min_free_bytes;
-        if free < reserve.saturating_add(extra) {
-            return Err(StoreError::Full(format!(
-                "no space left to store {what}: {} free on the data dir's filesystem, {} kept in reserve ([store] min_free_bytes)",
-                crate::runtime::human_bytes(free),
-                crate::runtime::human_bytes(reserve),
-            )));
+        match self.space_short(extra)? {
+            Some(why) => Err(StoreError::Full(format!(
+                "no space left to store {what}: {why}"
+            ))),
+            None => Ok(()),
         }
-        Ok(())
+    }
+
+    /// Why `extra` more bytes would take the data dir's filesystem under
+    /// the reserve, and by how much; `None` if they fit. Below the reserve
+    /// the ballast goes at once (its watcher would within a second).
+    fn space_short(&self, extra: u64) -> Result<Option<String>> {
+        let read = || {
+            free_bytes(self.blobs.dir())
+                .map_err(|e| StoreError::Failed(format!("cannot read the free space: {e}")))
+        };
+        let mut free = read()?;
+        if free < self.ballast.low() && self.ballast.release() {
+            free = read()?;
+        }
+        // Given back for the writes that settle calls, not for new bytes.
+        let reserve = self
+            .config
+            .min_free_bytes
+            .saturating_add(self.ballast.owed());
+        let need = reserve.saturating_add(extra);
+        if free >= need {
+            return Ok(None);
+        }
+        let short = approx_bytes(need - free);
+        let kept = if self.ballast.owed() > 0 {
+            "kept in reserve ([store] min_free_bytes, and ballast_bytes until the ballast is made again)"
+        } else {
+            "kept in reserve ([store] min_free_bytes)"
+        };
+        Ok(Some(if extra == 0 {
+            format!(
+                "the data dir's filesystem is full: {} free, {short} under the {} {kept}",
+                approx_bytes(free),
+                approx_bytes(reserve),
+            )
+        } else {
+            format!(
+                "the data dir's filesystem is full: {} free, {short} short of the {} it needs and the {} {kept}",
+                approx_bytes(free),
+                approx_bytes(extra),
+                approx_bytes(reserve),
+            )
+        }))
     }
 
     /// Brings a database of an earlier layout up to `SCHEMA`.
@@ -527,6 +616,16 @@ impl Inner {
 
     fn evict_lock(&self, function: &FnKey) -> Arc<Mutex<()>> {
         Arc::clone(lock(&self.evict_locks).entry(function.clone()).or_default())
+    }
+}
+
+/// A size for a message: exact below 1 MiB, else to a tenth of a MiB or GiB.
+fn approx_bytes(n: u64) -> String {
+    const MIB: u64 = 1024 * 1024;
+    match n {
+        n if n < MIB => crate::runtime::human_bytes(n),
+        n if n < 1024 * MIB => format!("{:.1} MiB", n as f64 / MIB as f64),
+        n => format!("{:.1} GiB", n as f64 / (1024 * MIB) as f64),
     }
 }
 
@@ -650,8 +749,9 @@ impl Store for SledStore {
         if let Some(reason) = self.committer.failure() {
             return Err(format!("the store cannot write: {reason}"));
         }
-        match self.read(|i| i.check_space(0, "anything")).await {
-            Ok(()) => Ok(()),
+        match self.read(|i| i.space_short(0)).await {
+            Ok(None) => Ok(()),
+            Ok(Some(why)) => Err(format!("writes refused: {why}")),
             Err(e) => Err(e.to_string()),
         }
     }
@@ -678,7 +778,11 @@ impl Store for SledStore {
     async fn create_user(&self, user: &User) -> Result<()> {
         let _one = self.directory.lock().await;
         let made = user.clone();
-        self.write(move |i, fx| i.create_user(&made, fx)).await?;
+        self.write(move |i, fx| {
+            i.check_space(0, "the user")?;
+            i.create_user(&made, fx)
+        })
+        .await?;
         self.cached_users_mut().put(user.clone());
         Ok(())
     }
@@ -686,7 +790,11 @@ impl Store for SledStore {
     async fn update_user(&self, user: &User) -> Result<()> {
         let _one = self.directory.lock().await;
         let changed = user.clone();
-        self.write(move |i, fx| i.update_user(&changed, fx)).await?;
+        self.write(move |i, fx| {
+            i.check_space(0, "the user")?;
+            i.update_user(&changed, fx)
+        })
+        .await?;
         self.cached_users_mut().put(user.clone());
         Ok(())
     }
@@ -721,8 +829,11 @@ impl Store for SledStore {
     async fn create_function(&self, f: &Function) -> Result<()> {
         let _one = self.directory.lock().await;
         let made = f.clone();
-        self.write(move |i, fx| i.create_function(&made, fx))
-            .await?;
+        self.write(move |i, fx| {
+            i.check_space(0, "the function")?;
+            i.create_function(&made, fx)
+        })
+        .await?;
         self.cache_function(&f.key(), Some(f.clone()));
         Ok(())
     }
@@ -741,8 +852,11 @@ impl Store for SledStore {
             return Err(super::over_functions(&f.owner, max_functions));
         }
         let made = f.clone();
-        self.write(move |i, fx| i.create_function(&made, fx))
-            .await?;
+        self.write(move |i, fx| {
+            i.check_space(0, "the function")?;
+            i.create_function(&made, fx)
+        })
+        .await?;
         self.cache_function(&f.key(), Some(f.clone()));
         Ok(())
     }
@@ -750,8 +864,11 @@ impl Store for SledStore {
     async fn update_function(&self, read: &Function, f: &Function) -> Result<()> {
         let _one = self.directory.lock().await;
         let (read, changed) = (read.clone(), f.clone());
-        self.write(move |i, fx| i.update_function(&read, &changed, fx))
-            .await?;
+        self.write(move |i, fx| {
+            i.check_space(0, "the function")?;
+            i.update_function(&read, &changed, fx)
+        })
+        .await?;
         self.cache_function(&f.key(), Some(f.clone()));
         Ok(())
     }

@@ -14,6 +14,7 @@ fn config() -> StoreConfig {
     StoreConfig {
         inline_max_bytes: 4,
         min_free_bytes: 0,
+        ballast_bytes: 0,
         output_budget: u64::MAX,
         log_budget: u64::MAX,
     }
@@ -377,11 +378,19 @@ async fn state_survives_reopen() {
 
 #[tokio::test]
 async fn a_full_disk_refuses_intake_and_stores_nothing() {
-    let (_d, store) = setup(StoreConfig {
-        min_free_bytes: u64::MAX / 2,
-        ..config()
-    })
-    .await;
+    // The function is made while there is room; the reserve then says the
+    // disk is full.
+    let (d, store) = setup(config()).await;
+    drop(store);
+    let store = reopen(
+        d.path(),
+        StoreConfig {
+            min_free_bytes: u64::MAX / 2,
+            ..config()
+        },
+    );
+    let refused = store.create_function(&function("g")).await;
+    assert!(matches!(refused, Err(StoreError::Full(_))), "{refused:?}");
     let refused = store
         .accept(
             Call::new(name("f"), name("alice"), 0, b"x", vec![]),

@@ -70,6 +70,7 @@ async fn open() -> (Server, NatsStore) {
         StoreConfig {
             inline_max_bytes: 4,
             min_free_bytes: 0,
+            ballast_bytes: 0,
             output_budget: 1 << 20,
             log_budget: 1 << 20,
         },
