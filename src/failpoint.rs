@@ -3,7 +3,8 @@
 //! crate (configured by the `FAILPOINTS` env of `serve`); if the point is
 //! set to `return`, the process kills itself with SIGKILL right there, as a
 //! kill -9 landing at exactly that step would. Without the feature it
-//! compiles to nothing.
+//! compiles to nothing. `io_fault!("name")` makes a file operation fail
+//! with a chosen errno instead (the disk-fault tests).
 
 /// Kills the process with SIGKILL if the named failpoint is set to `return`.
 #[macro_export]
@@ -16,6 +17,43 @@ macro_rules! crash_point {
             }
         }
     };
+}
+
+/// Returns an I/O error from the enclosing function if the named failpoint
+/// is set to `return(ERRNO)` (`ENOSPC`, `EIO`, `EMFILE`, `EINTR`, ...; `EIO`
+/// when none is given): the fault tests' way to make one file operation of
+/// the daemon fail as a sick disk would. The enclosing function returns a
+/// `Result` whose error converts from `std::io::Error`. Without the feature
+/// it compiles to nothing.
+#[macro_export]
+macro_rules! io_fault {
+    ($name:literal) => {{
+        #[cfg(feature = "failpoints")]
+        {
+            if let Some(e) = $crate::failpoint::io_error($name) {
+                return Err(::std::convert::From::from(e));
+            }
+        }
+    }};
+}
+
+/// The error `io_fault!` returns at `name`, if it is armed.
+#[cfg(feature = "failpoints")]
+pub fn io_error(name: &str) -> Option<std::io::Error> {
+    fail::eval(name, |arg| {
+        let errno = match arg.as_deref().map(str::trim) {
+            Some("ENOSPC") => libc::ENOSPC,
+            Some("EDQUOT") => libc::EDQUOT,
+            Some("EMFILE") => libc::EMFILE,
+            Some("ENFILE") => libc::ENFILE,
+            Some("EINTR") => libc::EINTR,
+            Some("EAGAIN") => libc::EAGAIN,
+            Some("ENOENT") => libc::ENOENT,
+            _ => libc::EIO,
+        };
+        eprintln!("failpoint {name} reached: errno {errno}");
+        std::io::Error::from_raw_os_error(errno)
+    })
 }
 
 /// Reads `FAILPOINTS`; keep the value alive while the daemon runs.

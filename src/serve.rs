@@ -29,6 +29,9 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Exit status when the store fails for good (EX_IOERR); systemd restarts the daemon.
 pub const EXIT_STORE_FAILED: i32 = 74;
+/// How long a daemon whose store failed keeps answering before it exits
+/// (at least): enough for the answers of the writes in flight to go out.
+const STORE_FAILED_GRACE: Duration = Duration::from_millis(500);
 /// How long a daemon stopping on a store failure waits for the Engine to
 /// kill its containers.
 const KILL_ON_FAILURE: Duration = Duration::from_secs(10);
@@ -184,12 +187,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             reason = %reason,
             "the store cannot write; stopping so that a restart recovers every accepted call"
         );
+        // The writes of the failed round are being answered (503, outcome
+        // unknown): let those answers out before exiting. Later writes are
+        // refused.
+        let answered = tokio::time::sleep(STORE_FAILED_GRACE);
         match tokio::time::timeout(KILL_ON_FAILURE, killer.kill_all()).await {
             Ok(n) => tracing::info!(killed = n, "killed this daemon's containers"),
             Err(_) => {
                 tracing::warn!("the Docker Engine did not kill this daemon's containers in time")
             }
         }
+        answered.await;
         std::process::exit(EXIT_STORE_FAILED);
     });
     serve_http(

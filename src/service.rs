@@ -49,9 +49,16 @@ pub enum ServiceError {
         message: String,
         retry_after_secs: u64,
     },
-    /// No space to store the request, or the store cannot write.
+    /// No space to store the request; nothing was stored.
     #[error("{0}")]
     InsufficientStorage(String),
+    /// The store cannot write (an I/O error): nothing was stored; the
+    /// daemon restarts to recover.
+    #[error("{0}")]
+    StoreUnavailable(String),
+    /// A write whose outcome is unknown: it may or may not have been stored.
+    #[error("{0}")]
+    OutcomeUnknown(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -62,11 +69,11 @@ impl From<StoreError> for ServiceError {
             StoreError::NotFound(what) => ServiceError::NotFound(format!("{what} not found")),
             StoreError::Conflict(m) => ServiceError::Conflict(m),
             StoreError::Transition(t) => ServiceError::Conflict(t.to_string()),
-            e @ (StoreError::Full(_) | StoreError::Failed(_)) => {
-                ServiceError::InsufficientStorage(e.to_string())
-            }
+            e @ StoreError::Full(_) => ServiceError::InsufficientStorage(e.to_string()),
+            e @ StoreError::Failed(_) => ServiceError::StoreUnavailable(e.to_string()),
+            e @ StoreError::Unsure(_) => ServiceError::OutcomeUnknown(e.to_string()),
             StoreError::Corrupt(m) | StoreError::Config(m) => ServiceError::Internal(m),
-            StoreError::Unavailable(m) => ServiceError::Unavailable(m),
+            StoreError::Unavailable(m) => ServiceError::StoreUnavailable(m),
             StoreError::OverBudget(message) => ServiceError::TooManyRequests {
                 message,
                 retry_after_secs: QUEUE_RETRY_AFTER_SECS,

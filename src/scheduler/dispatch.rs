@@ -6,7 +6,7 @@
 //! removed.
 
 use super::{call_env, Scheduler};
-use crate::model::{Call, CallId, FnKey, Name};
+use crate::model::{Call, CallId, FnKey, Name, Outcome};
 use crate::runtime::{RunSpec, RuntimeError, Warm, WarmSpec};
 use crate::store::{Started, StoreError};
 use futures_util::future::FutureExt;
@@ -85,6 +85,17 @@ impl Scheduler {
             Err(StoreError::NotFound(_)) => {
                 self.store.discard_queued(owner, &id).await?;
                 return Ok(Turn::Stale);
+            }
+            Err(e @ StoreError::Unavailable(_)) => {
+                // Its payload cannot be read now (after the store's own
+                // retries); it is not lost and stays at the head: look
+                // again soon, even if nothing else wakes the dispatcher.
+                let this = Arc::clone(self);
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    this.wake.notify_one();
+                });
+                return Err(e);
             }
             Err(e) => return Err(e),
         };
@@ -340,7 +351,7 @@ impl Scheduler {
                 // Durable before the container goes: if this fails, the call
                 // stays RUNNING on disk and its container is the evidence
                 // that makes the next recovery fail it, never re-run it.
-                self.finish(&call.id, ran.outcome).await?;
+                self.settle(&call.id, ran.outcome).await?;
                 crate::crash_point!("finish-durable");
                 if let Some(c) = ran.container {
                     self.runtime.remove(&c).await;
@@ -360,11 +371,54 @@ impl Scheduler {
                 }
             }
             Err(e) => {
-                self.fail(&call.id, &e.to_string()).await?;
+                self.settle(&call.id, Outcome::failed(e.to_string()))
+                    .await?;
                 // The function was called: it gets its pool all the same.
                 self.refill(warm).await;
             }
         }
         Ok(())
     }
+
+    /// Stores how a call ended, trying again with back-off while the store
+    /// refuses for a reason that may pass (`SETTLE_RETRIES`); if that end
+    /// still cannot be stored, the call ends FAILED saying why. So a call
+    /// never stays RUNNING while the daemon runs on: the error returned
+    /// means the store failed for good (the daemon stops, and the restart's
+    /// recovery settles the call, its container kept as evidence) or the
+    /// call has ended some other way meanwhile.
+    async fn settle(&self, id: &CallId, outcome: Outcome) -> Result<(), StoreError> {
+        let mut pauses = SETTLE_RETRIES.iter();
+        let why = loop {
+            match self.finish(id, outcome.clone()).await {
+                Ok(_) => return Ok(()),
+                Err(
+                    e @ (StoreError::Unsure(_)
+                    | StoreError::Transition(_)
+                    | StoreError::NotFound(_)),
+                ) => return Err(e),
+                Err(e) => match pauses.next() {
+                    Some(p) => {
+                        tracing::warn!(call = %id, error = %e, "storing the call's end failed; trying again");
+                        tokio::time::sleep(*p).await;
+                    }
+                    None => break e,
+                },
+            }
+        };
+        tracing::error!(call = %id, error = %why, "the call's end cannot be stored; it ends FAILED");
+        self.fail(
+            id,
+            &format!("hyperfuncd could not store how the call ended: {why}"),
+        )
+        .await
+    }
 }
+
+/// Pauses before each new try of storing a call's end.
+const SETTLE_RETRIES: [Duration; 4] = [
+    Duration::from_millis(100),
+    Duration::from_millis(500),
+    Duration::from_secs(2),
+    Duration::from_secs(5),
+];

@@ -30,9 +30,16 @@ pub enum StoreError {
     /// Not enough free space to take the write; nothing was stored.
     #[error("{0}")]
     Full(String),
-    /// The store cannot write (an I/O error); the daemon must restart to recover.
+    /// The store cannot write (an I/O error other than a full disk):
+    /// nothing was stored; the daemon must restart to recover.
     #[error("the store cannot write: {0}")]
     Failed(String),
+    /// The write may or may not be on disk: it was applied, and then making
+    /// it durable failed (or the store stopped first). After the restart
+    /// it is either there or not; a client may look, or resubmit knowing
+    /// that the first attempt may have been stored.
+    #[error("the outcome of this write is unknown (it may have been stored): {0}")]
+    Unsure(String),
     /// Over the owner's budget (queued calls or bytes, functions); nothing
     /// was stored.
     #[error("{0}")]
@@ -40,8 +47,9 @@ pub enum StoreError {
     /// A record or data file is missing or damaged.
     #[error("{0}")]
     Corrupt(String),
-    /// A shared store's servers cannot be reached now; nothing was lost,
-    /// and the same request may be retried.
+    /// A shared store's servers cannot be reached now, or a data file
+    /// cannot be read now (after retries); nothing was lost, and the same
+    /// request may be retried.
     #[error("{0}")]
     Unavailable(String),
     /// The store's settings cannot work (found when it opens): the message

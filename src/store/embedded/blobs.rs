@@ -9,9 +9,15 @@
 //! deleted only after the transaction that drops its marker is durable. A
 //! file without a marker is an orphan, removed on open. A marker whose file
 //! is missing or short is an error, never empty bytes.
+//!
+//! Only that is a loss. Any other error of a file operation (no file
+//! descriptor left, an interrupted call, an I/O error that may pass) is
+//! tried again with back-off (`RETRIES`) before it is returned, and then
+//! as what it is: a failure of the disk, not a lost payload.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use super::super::StoreError;
 use crate::model::CallId;
@@ -106,16 +112,25 @@ impl Blobs {
     }
 
     /// Writes a blob durably before its marker is committed: temp file,
-    /// fsync, rename, directory fsync.
+    /// fsync, rename, directory fsync. A transient error is tried again
+    /// (`RETRIES`); a full disk is not.
     pub fn write(&self, kind: Kind, id: &CallId, bytes: &[u8]) -> std::io::Result<()> {
+        retrying(|| self.write_once(kind, id, bytes))
+    }
+
+    fn write_once(&self, kind: Kind, id: &CallId, bytes: &[u8]) -> std::io::Result<()> {
         let path = self.path(kind, id);
         let tmp = path.with_extension("tmp");
         let written = (|| {
+            match kind {
+                Kind::Payload => crate::io_fault!("payload-write"),
+                Kind::Output => crate::io_fault!("output-write"),
+            }
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(bytes)?;
             f.sync_all()?;
             std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(&self.dir)?.sync_all()
+            super::durable::sync_dir(&self.dir)
         })();
         if written.is_err() {
             let _ = std::fs::remove_file(&tmp);
@@ -124,7 +139,10 @@ impl Blobs {
         written
     }
 
-    /// The bytes `marker` stands for; a missing or short file is an error.
+    /// The bytes `marker` stands for. A missing or short file is lost
+    /// (`Corrupt`); any other error is tried again (`RETRIES`) and then
+    /// `Unavailable`: the bytes are still there, the disk would not give
+    /// them now.
     pub fn read(&self, kind: Kind, id: &CallId, marker: Marker) -> Result<Vec<u8>, StoreError> {
         let len = match marker {
             Marker::Inline(b) => return Ok(b),
@@ -133,7 +151,24 @@ impl Blobs {
         let lost = |why: String| {
             StoreError::Corrupt(format!("the {} of call {id} is lost: {why}", kind.what()))
         };
-        let bytes = std::fs::read(self.path(kind, id)).map_err(|e| lost(e.to_string()))?;
+        let path = self.path(kind, id);
+        let read = retrying(|| {
+            match kind {
+                Kind::Payload => crate::io_fault!("payload-read"),
+                Kind::Output => crate::io_fault!("output-read"),
+            }
+            std::fs::read(&path)
+        });
+        let bytes = match read {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(lost(e.to_string())),
+            Err(e) => {
+                return Err(StoreError::Unavailable(format!(
+                    "cannot read the {} of call {id} now (it is not lost; try again): {e}",
+                    kind.what()
+                )))
+            }
+        };
         if bytes.len() as u64 != len {
             return Err(lost(format!(
                 "its file holds {} of {len} bytes",
@@ -172,6 +207,52 @@ impl Blobs {
     }
 }
 
+/// The pauses before each new try of a file operation that failed with a
+/// transient error: about 1.3 s in all, so a moment without file
+/// descriptors passes and a disk that keeps failing is reported soon.
+const RETRIES: [Duration; 4] = [
+    Duration::from_millis(10),
+    Duration::from_millis(50),
+    Duration::from_millis(250),
+    Duration::from_millis(1000),
+];
+
+/// Errors that may pass: out of file descriptors or memory, interrupted,
+/// busy, or an I/O error (a sick disk may answer the next time). Not a
+/// missing file, not a full disk.
+pub fn transient(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EMFILE
+                | libc::ENFILE
+                | libc::EINTR
+                | libc::EAGAIN
+                | libc::ENOMEM
+                | libc::EBUSY
+                | libc::EIO
+        )
+    ) || e.kind() == std::io::ErrorKind::Interrupted
+}
+
+/// Runs `op`, trying again after each of `RETRIES` while it fails with a
+/// transient error; returns its last result. Runs on a blocking thread.
+fn retrying<T>(mut op: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    let mut pauses = RETRIES.iter();
+    loop {
+        match op() {
+            Err(e) if transient(&e) => match pauses.next() {
+                Some(p) => {
+                    tracing::debug!(error = %e, "file operation failed; trying again");
+                    std::thread::sleep(*p);
+                }
+                None => return Err(e),
+            },
+            done => return done,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,5 +280,12 @@ mod tests {
         );
         let short = blobs.read(Kind::Payload, &id, Marker::File(6)).unwrap_err();
         assert!(short.to_string().contains("5 of 6 bytes"), "{short}");
+        // A read that fails otherwise is not a loss: the bytes may be there.
+        let other = CallId::new();
+        std::fs::create_dir(blobs.path(Kind::Output, &other)).unwrap();
+        let e = blobs
+            .read(Kind::Output, &other, Marker::File(3))
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
     }
 }

@@ -301,10 +301,26 @@ impl Inner {
         let marker = if keep {
             self.evict_outputs_to(&function, budget - len, fx)?;
             if len > self.config.inline_max_bytes {
-                self.blobs
-                    .write(Kind::Output, id, &outcome.stdout)
-                    .map_err(|e| io_full(e, "the output"))?;
-                Some(Marker::File(len))
+                // Transient errors were tried again (`blobs.rs`); what is
+                // left is this call's end, never a call left RUNNING.
+                match self.blobs.write(Kind::Output, id, &outcome.stdout) {
+                    Ok(()) => Some(Marker::File(len)),
+                    Err(e) => {
+                        let why = match io_full(e, "the output") {
+                            StoreError::Full(_) => {
+                                format!("no space left to store the output ({len} bytes)")
+                            }
+                            other => format!("cannot store the output ({len} bytes): {other}"),
+                        };
+                        tracing::warn!(call = %id, reason = %why, "output not stored");
+                        outcome = Outcome {
+                            state: CallState::Failed,
+                            message: Some(why),
+                            ..outcome
+                        };
+                        None
+                    }
+                }
             } else {
                 Some(Marker::Inline(outcome.stdout.to_vec()))
             }
@@ -460,11 +476,17 @@ impl Inner {
     }
 }
 
-/// A file write that failed for lack of space is `Full` (nothing was
-/// stored); any other I/O error is a failure of the store.
+/// A file write that failed for lack of space (bytes or inodes, or a
+/// quota) is `Full`; one that failed for a reason that may pass, after its
+/// retries, is `Unavailable`; any other I/O error is a failure of the
+/// store. In every case nothing was stored.
 fn io_full(e: std::io::Error, what: &str) -> StoreError {
     if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
         StoreError::Full(format!("no space left to store {what}: {e}"))
+    } else if super::blobs::transient(&e) && e.raw_os_error() != Some(libc::EIO) {
+        StoreError::Unavailable(format!(
+            "cannot write {what} now (nothing was stored; try again): {e}"
+        ))
     } else {
         StoreError::Failed(format!("cannot write {what}: {e}"))
     }

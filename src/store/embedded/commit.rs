@@ -1,14 +1,21 @@
 //! Group commit: one thread applies the writes queued since its last flush,
-//! flushes sled's log once for all of them, and only then answers each, so
-//! concurrent accepts share one fsync and a write is never acknowledged
-//! before it is durable. Files whose markers a write dropped are deleted
-//! here, only after the flush that made the drop durable succeeded.
+//! flushes sled's log once for all of them, makes what sled wrote reach
+//! stable storage (`durable.rs`: the blobs, then one fdatasync of the log),
+//! and only then answers each, so concurrent accepts share one fsync and a
+//! write is never acknowledged before it would survive a power cut. Files
+//! whose markers a write dropped are deleted here, only after the round
+//! that made the drop durable succeeded.
 //!
-//! A flush error is fatal: sled refuses every write after a failed log
-//! write, so the store reports itself failed and a restart recovers.
+//! A failed round is fatal: sled refuses every write after a failed log
+//! write, and after a failed fsync the kernel may have dropped the pages it
+//! could not write, so nothing can be retried. The writes of that round
+//! may or may not be on disk: they are answered "outcome unknown"
+//! (`StoreError::Unsure`), the store reports itself failed, and a restart
+//! recovers.
 
 use super::super::{Result, StoreError};
-use std::path::PathBuf;
+use super::durable::Syncer;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use tokio::sync::{oneshot, watch};
 
@@ -41,7 +48,11 @@ pub struct Committer {
 }
 
 impl Committer {
-    pub fn start(db: sled::Db) -> std::io::Result<Committer> {
+    /// Starts the commit thread of `db`, whose files are in `dir`. Every
+    /// write to the trees holds `writing`; the thread holds it from its
+    /// flush to its fdatasync, so sled writes nothing meanwhile.
+    pub fn start(db: sled::Db, dir: &Path, writing: Arc<Mutex<()>>) -> std::io::Result<Committer> {
+        let mut syncer = Syncer::open(dir)?;
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending::default()),
             wake: Condvar::new(),
@@ -51,7 +62,9 @@ impl Committer {
         let thread = std::thread::Builder::new()
             .name("hyperfuncd-commit".into())
             .spawn(move || {
-                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&db, &s)));
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run(&db, &mut syncer, &writing, &s)
+                }));
                 if ran.is_err() {
                     fail(&s, "the commit thread panicked".into());
                 }
@@ -82,16 +95,19 @@ impl Committer {
     /// then deletes `deletes`.
     pub async fn durable(&self, deletes: Vec<PathBuf>) -> Result<()> {
         let (tx, rx) = oneshot::channel();
+        // The write this covers is in sled already: refused now, it may
+        // still be on disk after a restart.
         self.submit(Box::new(move || Done {
             deletes,
             reply: Box::new(move |flushed| {
                 let _ = tx.send(flushed);
             }),
-        }))?;
+        }))
+        .map_err(|e| StoreError::Unsure(e.to_string()))?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(reason)) => Err(StoreError::Failed(reason)),
-            Err(_) => Err(StoreError::Failed("the commit thread stopped".into())),
+            Ok(Err(reason)) => Err(StoreError::Unsure(reason)),
+            Err(_) => Err(StoreError::Unsure("the commit thread stopped".into())),
         }
     }
 
@@ -135,7 +151,26 @@ fn fail(shared: &Shared, reason: String) {
     });
 }
 
-fn run(db: &sled::Db, shared: &Shared) {
+/// sled's flush, then what it wrote on stable storage (`durable.rs`), with
+/// the write lock held so that sled writes nothing in between.
+fn flush(
+    db: &sled::Db,
+    syncer: &mut Syncer,
+    writing: &Mutex<()>,
+) -> std::result::Result<(), String> {
+    let _quiet = lock(writing);
+    sled_flush(db).map_err(|e| format!("flushing the database: {e}"))?;
+    syncer
+        .round()
+        .map_err(|e| format!("syncing the database to disk: {e}"))
+}
+
+fn sled_flush(db: &sled::Db) -> std::io::Result<()> {
+    crate::io_fault!("sled-flush");
+    db.flush().map(drop).map_err(std::io::Error::from)
+}
+
+fn run(db: &sled::Db, syncer: &mut Syncer, writing: &Mutex<()>, shared: &Shared) {
     loop {
         let ops = {
             let mut p = lock(&shared.pending);
@@ -153,7 +188,7 @@ fn run(db: &sled::Db, shared: &Shared) {
         let done: Vec<Done> = ops.into_iter().map(|op| op()).collect();
         let flushed = match shared.failed.borrow().clone() {
             Some(reason) => Err(reason),
-            None => db.flush().map(drop).map_err(|e| e.to_string()),
+            None => flush(db, syncer, writing),
         };
         match &flushed {
             Ok(()) => {

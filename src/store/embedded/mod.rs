@@ -16,6 +16,7 @@ mod calls;
 mod codec;
 mod commit;
 mod directory;
+mod durable;
 mod legacy;
 mod stage;
 #[cfg(test)]
@@ -153,8 +154,9 @@ struct Inner {
     /// intake never wait for it.
     evict_locks: Mutex<HashMap<FnKey, Arc<Mutex<()>>>>,
     /// Held by every write to the trees: staged writes and transactions
-    /// (`stage.rs`).
-    writing: Mutex<()>,
+    /// (`stage.rs`), and by the commit thread from its flush to its
+    /// fdatasync (`durable.rs`).
+    writing: Arc<Mutex<()>>,
     /// Space set aside for a full disk (`ballast.rs`).
     ballast: Arc<ballast::Ballast>,
 }
@@ -253,6 +255,10 @@ impl SledStore {
                 .path(dir)
                 .mode(sled::Mode::LowSpace)
                 .cache_capacity(PAGE_CACHE_BYTES)
+                // The commit thread flushes and syncs (`durable.rs`);
+                // sled's own flusher would write between its blob listing
+                // and its fdatasync.
+                .flush_every_ms(None)
                 .open()
         };
         let db = match open() {
@@ -290,7 +296,7 @@ impl SledStore {
             blobs,
             config,
             evict_locks: Mutex::new(HashMap::new()),
-            writing: Mutex::new(()),
+            writing: Arc::new(Mutex::new(())),
             ballast: Arc::clone(&ballast),
         };
         if inner.replay_intent()? {
@@ -299,8 +305,8 @@ impl SledStore {
         inner.migrate()?;
         inner.collect_orphans()?;
         db.flush()?;
-        let committer = Committer::start(db)
-            .map_err(|e| StoreError::Failed(format!("cannot start the commit thread: {e}")))?;
+        let committer = Committer::start(db, dir, Arc::clone(&inner.writing))
+            .map_err(|e| StoreError::Failed(format!("cannot make the database durable: {e}")))?;
         let mut functions = Functions::default();
         for f in inner.list_functions(None)? {
             functions.put(f);
@@ -383,12 +389,14 @@ impl SledStore {
         }))?;
         let (value, flushed, evict) = rx
             .await
-            .map_err(|_| StoreError::Failed("the commit thread stopped".into()))?;
-        flushed.map_err(StoreError::Failed)?;
+            .map_err(|_| StoreError::Unsure("the commit thread stopped".into()))?;
+        // A write that refused wrote nothing, whatever became of the round.
+        let value = value?;
+        flushed.map_err(StoreError::Unsure)?;
         for name in evict {
             self.evict_logs_later(name);
         }
-        value
+        Ok(value)
     }
 
     fn cached_functions(&self) -> std::sync::RwLockReadGuard<'_, Functions> {
