@@ -16,6 +16,9 @@ fn dir_size(dir: &std::path::Path) -> u64 {
         .map(|entries| {
             entries
                 .filter_map(Result::ok)
+                // Not data: the space held back for a full disk, and second
+                // names (hard links) of blobs already counted.
+                .filter(|e| e.file_name() != "hf-ballast" && e.file_name() != "hf-blob-links")
                 .map(|e| match e.metadata() {
                     Ok(m) if m.is_dir() => dir_size(&e.path()),
                     Ok(m) => std::os::unix::fs::MetadataExt::blocks(&m) * 512,
