@@ -25,7 +25,8 @@ use super::{
     changed_meanwhile, FunctionStats, OutputLookup, Result, Started, Store, StoreConfig, StoreError,
 };
 use crate::model::{
-    Call, CallId, CallState, Event, EventKind, FnKey, Function, Name, Outcome, QueueBudget, User,
+    Call, CallId, CallState, Event, EventKind, FnKey, Function, Name, Outcome, QueueBudget,
+    RegistryLogin, User,
 };
 use async_trait::async_trait;
 use blobs::{Blobs, Kind, Marker};
@@ -103,7 +104,8 @@ const META: usize = 11; // small singletons
 const LIVE: usize = 12; // owner\0name\0seq -> call id: calls not yet ended
 const DONE: usize = 13; // finished_ms\0id -> (): ended calls, oldest first, for retention
 const QUEUED: usize = 14; // owner -> QueueUse: the owner's PENDING calls and their payload bytes
-const TREE_NAMES: [&str; 15] = [
+const REGISTRY_LOGINS: usize = 15; // owner\0host -> RegistryLogin (a tree of its own: no schema change)
+const TREE_NAMES: [&str; 16] = [
     "users",
     "keys",
     "functions",
@@ -119,6 +121,7 @@ const TREE_NAMES: [&str; 15] = [
     "live",
     "done",
     "queued",
+    "registry_logins",
 ];
 
 /// An owner's queue as `accept` checks it against their budget: kept in
@@ -816,6 +819,26 @@ impl Store for SledStore {
         self.write(move |i, fx| i.delete_user(&n, fx)).await?;
         self.cached_users_mut().remove(name);
         Ok(())
+    }
+
+    async fn put_registry_login(&self, owner: &Name, login: &RegistryLogin) -> Result<()> {
+        let (owner, login) = (owner.clone(), login.clone());
+        self.write(move |i, fx| {
+            i.check_space(0, "the registry login")?;
+            i.put_registry_login(&owner, &login, fx)
+        })
+        .await
+    }
+
+    async fn registry_logins(&self, owner: &Name) -> Result<Vec<RegistryLogin>> {
+        let owner = owner.clone();
+        self.read(move |i| i.registry_logins(&owner)).await
+    }
+
+    async fn delete_registry_login(&self, owner: &Name, host: &str) -> Result<bool> {
+        let (owner, host) = (owner.clone(), host.to_string());
+        self.write(move |i, fx| i.delete_registry_login(&owner, &host, fx))
+            .await
     }
 
     async fn create_function(&self, f: &Function) -> Result<()> {
