@@ -55,7 +55,10 @@ pub fn parse_config(text: &str, file: &Path) -> Result<Vec<RegistryLogin>, Strin
                 .decode(auth.trim())
                 .ok()
                 .and_then(|b| String::from_utf8(b).ok())
-                .and_then(|s| s.split_once(':').map(|(u, p)| (u.to_string(), p.to_string()))),
+                .and_then(|s| {
+                    s.split_once(':')
+                        .map(|(u, p)| (u.to_string(), p.to_string()))
+                }),
             _ => None,
         };
         match pair {
@@ -155,14 +158,20 @@ mod tests {
     #[test]
     fn bad_file_names_itself_not_its_contents() {
         let e = parse_config("{\"auths\": secret", Path::new("/etc/x.json")).unwrap_err();
-        assert!(e.starts_with("/etc/x.json: not a Docker config.json"), "{e}");
+        assert!(
+            e.starts_with("/etc/x.json: not a Docker config.json"),
+            "{e}"
+        );
         assert!(!e.contains("secret"));
     }
 
     #[test]
     fn login_input_checked() {
         assert!(new_login("https://r.example.com/", "u", "p").is_ok());
-        assert_eq!(new_login("R.example.com:5000", "u", "p").unwrap().host, "r.example.com:5000");
+        assert_eq!(
+            new_login("R.example.com:5000", "u", "p").unwrap().host,
+            "r.example.com:5000"
+        );
         assert!(new_login("r.example.com/path", "u", "p").is_err());
         assert!(new_login("r.example.com", "", "p").is_err());
         assert!(new_login("r.example.com", "u", "").is_err());

@@ -4,11 +4,11 @@
 //! knows about HTTP.
 
 use crate::config::Config;
+use crate::model::RegistryLogin;
 use crate::model::{
     now_ms, ApiKey, Budget, Call, CallId, CallState, EnvVar, Event, FnKey, Function, FunctionSpec,
     Name, OutputState, Secret, User, UserLimits,
 };
-use crate::model::RegistryLogin;
 use crate::runtime::{LoginError, PullAuth, PullProgress, Runtime, RuntimeError};
 use crate::scheduler::{EndWaiter, Ended, Scheduler};
 use crate::store::{FunctionStats, OutputLookup, Store, StoreError};
@@ -471,8 +471,8 @@ impl Service {
         username: &str,
         password: &str,
     ) -> Result<RegistryLogin> {
-        let login =
-            crate::registry::new_login(host, username, password).map_err(ServiceError::BadRequest)?;
+        let login = crate::registry::new_login(host, username, password)
+            .map_err(ServiceError::BadRequest)?;
         let images = &self.config.images;
         if !images.allows(&login.host) && !(caller.admin && images.admin_any) {
             return Err(ServiceError::ImageNotAllowed(format!(
@@ -501,7 +501,11 @@ impl Service {
 
     pub async fn registry_logout(&self, caller: &User, host: &str) -> Result<()> {
         let host = crate::model::parse_registry_host(host).map_err(ServiceError::BadRequest)?;
-        if !self.store.delete_registry_login(&caller.name, &host).await? {
+        if !self
+            .store
+            .delete_registry_login(&caller.name, &host)
+            .await?
+        {
             return Err(ServiceError::NotFound(format!(
                 "you have no registry login to {host}"
             )));
@@ -783,8 +787,7 @@ impl Service {
         self.check_limits(s).await?;
         self.check_image(caller, &s.image).await?;
         self.check_runtime(caller, s).await?;
-        self.ensure_image(&f.owner, &f.spec.image, progress)
-            .await?;
+        self.ensure_image(&f.owner, &f.spec.image, progress).await?;
         if u.refresh {
             f.secret = Secret::new();
         }

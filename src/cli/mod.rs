@@ -765,7 +765,7 @@ async fn registry(client: &Client, cmd: RegistryCmd, out: &mut impl Write) -> an
                 &mut std::io::BufReader::new(std::io::stdin().take(8192)),
                 &mut password,
             )
-                .context("reading the password from STDIN")?;
+            .context("reading the password from STDIN")?;
             let password = password.trim_end_matches(['\r', '\n']).to_string();
             if password.is_empty() {
                 anyhow::bail!("no password on STDIN (pipe it in: ... | hyperfuncd registry login HOST --username U --password-stdin)");

@@ -1640,9 +1640,14 @@ pub enum LoginError {
 fn login_summary(status: u16, raw: &str) -> LoginError {
     let r = raw.to_ascii_lowercase();
     if status == 401
-        || ["unauthorized", "incorrect username", "authentication required", "denied"]
-            .iter()
-            .any(|w| r.contains(w))
+        || [
+            "unauthorized",
+            "incorrect username",
+            "authentication required",
+            "denied",
+        ]
+        .iter()
+        .any(|w| r.contains(w))
     {
         return LoginError::Denied;
     }
@@ -1665,7 +1670,16 @@ fn pull_summary(raw: &str) -> &'static str {
         PULL_TIMED_OUT
     } else if any(&["toomanyrequests", "rate limit"]) {
         "the registry is rate limiting pulls"
-    } else if any(&["unauthorized", "authentication required", "denied"]) {
+    } else if any(&[
+        "unauthorized",
+        "authentication required",
+        "denied",
+        "no basic auth credentials",
+        // An insecure registry (127.0.0.0/8 by the Engine's default)
+        // answered over TLS with a refusal, the Engine fell back to plain
+        // HTTP, and reports only that: the TLS answer was a 401 or a 404.
+        "http request to an https server",
+    ]) {
         "not found, or access denied"
     } else if any(&["manifest unknown", "not found", "does not exist"]) {
         "not found in its registry"

@@ -874,7 +874,13 @@ impl Store for NatsStore {
 
     async fn delete_registry_login(&self, owner: &Name, host: &str) -> Result<bool> {
         let key = login_key(owner, host);
-        if self.inner.bucket.read(&key).await?.is_none_or(|r| r.value.is_none()) {
+        if self
+            .inner
+            .bucket
+            .read(&key)
+            .await?
+            .is_none_or(|r| r.value.is_none())
+        {
             return Ok(false);
         }
         retry(|| async {
