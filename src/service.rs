@@ -474,7 +474,8 @@ impl Service {
         let login = crate::registry::new_login(host, username, password)
             .map_err(ServiceError::BadRequest)?;
         let images = &self.config.images;
-        if !images.allows(&login.host) && !(caller.admin && images.admin_any) {
+        let allowed = images.allows(&login.host) || (caller.admin && images.admin_any);
+        if !allowed {
             return Err(ServiceError::ImageNotAllowed(format!(
                 "registry {} is not in [images] registries on this server",
                 login.host
