@@ -435,8 +435,9 @@ impl Service {
         }
     }
 
-    /// Whether pulls from `host` need a login: some user has one, or the
-    /// host's file has one. Such images are pulled at every create and
+    /// Whether pulls from `host` need a login: someone logged in to it
+    /// once (marked for good: a logout does not make the Engine's copy of
+    /// a private image public), or the host's file has one. Such images are pulled at every create and
     /// update (see `ensure_image`).
     async fn private_registry(&self, host: &str) -> Result<bool> {
         if let Some(file) = &self.config.images.credentials_file {
@@ -444,18 +445,7 @@ impl Service {
                 return Ok(true);
             }
         }
-        for u in self.store.list_users().await? {
-            if self
-                .store
-                .registry_logins(&u.name)
-                .await?
-                .iter()
-                .any(|l| l.host == host)
-            {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+        Ok(self.store.is_private_registry(host).await?)
     }
 
     // ---- registry logins ----
@@ -495,6 +485,9 @@ impl Service {
                 )),
                 LoginError::Engine(m) => ServiceError::Unavailable(m),
             })?;
+        // Marked first: from the moment the login can pull, the host's
+        // images are pulled at each create and update.
+        self.store.mark_private_registry(&login.host).await?;
         self.store.put_registry_login(&caller.name, &login).await?;
         crate::logging::registry_login(caller, &login.host, &login.username);
         Ok(login)

@@ -358,6 +358,9 @@ fn private_images_need_their_owners_login_which_never_leaves_the_daemon() {
     assert!(o.status.success(), "{}", stderr(&o));
     let o = d.cli_as(&bob, &["registry", "logout", &reg.host()], None);
     assert_cli_error(&o, "no registry login");
+    // The host stays private: the Engine's copy is not anyone's now.
+    let o = d.cli_as(&bob, &["func", "update", "app", "--image", &image], None);
+    assert_cli_error(&o, "registry login");
     let o = d.cli_as(&bob, &["func", "update", "app", "--image", &image2], None);
     assert_cli_error(&o, "registry login");
 

@@ -153,6 +153,10 @@ pub trait Store: Send + Sync {
     async fn registry_logins(&self, owner: &Name) -> Result<Vec<RegistryLogin>>;
     /// Removes `owner`'s login to `host`; false when there was none.
     async fn delete_registry_login(&self, owner: &Name, host: &str) -> Result<bool>;
+    /// Marks `host` as a registry whose images need a login, for good (a
+    /// logout does not make an image someone's login pulled public).
+    async fn mark_private_registry(&self, host: &str) -> Result<()>;
+    async fn is_private_registry(&self, host: &str) -> Result<bool>;
 
     // ---- functions ----
     /// Refused when its owner already has a function of that name, or while

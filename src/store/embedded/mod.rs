@@ -105,7 +105,8 @@ const LIVE: usize = 12; // owner\0name\0seq -> call id: calls not yet ended
 const DONE: usize = 13; // finished_ms\0id -> (): ended calls, oldest first, for retention
 const QUEUED: usize = 14; // owner -> QueueUse: the owner's PENDING calls and their payload bytes
 const REGISTRY_LOGINS: usize = 15; // owner\0host -> RegistryLogin (a tree of its own: no schema change)
-const TREE_NAMES: [&str; 16] = [
+const PRIVATE_REGISTRIES: usize = 16; // host -> (): hosts someone logged in to
+const TREE_NAMES: [&str; 17] = [
     "users",
     "keys",
     "functions",
@@ -122,6 +123,7 @@ const TREE_NAMES: [&str; 16] = [
     "done",
     "queued",
     "registry_logins",
+    "private_registries",
 ];
 
 /// An owner's queue as `accept` checks it against their budget: kept in
@@ -838,6 +840,23 @@ impl Store for SledStore {
     async fn delete_registry_login(&self, owner: &Name, host: &str) -> Result<bool> {
         let (owner, host) = (owner.clone(), host.to_string());
         self.write(move |i, fx| i.delete_registry_login(&owner, &host, fx))
+            .await
+    }
+
+    async fn mark_private_registry(&self, host: &str) -> Result<()> {
+        let host = host.to_string();
+        self.write(move |i, fx| {
+            let _one = lock(&i.writing);
+            i.tree(PRIVATE_REGISTRIES).insert(host.as_bytes(), &[])?;
+            fx.committed = true;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn is_private_registry(&self, host: &str) -> Result<bool> {
+        let host = host.to_string();
+        self.read(move |i| Ok(i.tree(PRIVATE_REGISTRIES).contains_key(host.as_bytes())?))
             .await
     }
 

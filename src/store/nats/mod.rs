@@ -872,6 +872,27 @@ impl Store for NatsStore {
         Ok(logins)
     }
 
+    async fn mark_private_registry(&self, host: &str) -> Result<()> {
+        let key = format!("p.{}", hex::encode(host));
+        retry(|| async {
+            self.inner
+                .bucket
+                .commit(vec![Op::Put(key.clone(), enc(&())?, None)])
+                .await
+        })
+        .await
+    }
+
+    async fn is_private_registry(&self, host: &str) -> Result<bool> {
+        let key = format!("p.{}", hex::encode(host));
+        Ok(self
+            .inner
+            .bucket
+            .read(&key)
+            .await?
+            .is_some_and(|r| r.value.is_some()))
+    }
+
     async fn delete_registry_login(&self, owner: &Name, host: &str) -> Result<bool> {
         let key = login_key(owner, host);
         if self

@@ -444,5 +444,22 @@ async fn registry_logins_per_user_and_host_go_with_their_user() {
     store.create_user(&user("bob", [3; 32])).await.unwrap();
     assert!(store.registry_logins(&bob).await.unwrap().is_empty());
     assert_eq!(store.registry_logins(&bo).await.unwrap().len(), 1);
+    assert!(!store
+        .is_private_registry("r.example.com:5000")
+        .await
+        .unwrap());
+    store
+        .mark_private_registry("r.example.com:5000")
+        .await
+        .unwrap();
+    store
+        .mark_private_registry("r.example.com:5000")
+        .await
+        .unwrap();
+    assert!(store
+        .is_private_registry("r.example.com:5000")
+        .await
+        .unwrap());
+    assert!(!store.is_private_registry("r.example.com").await.unwrap());
     drop(server);
 }
