@@ -525,6 +525,12 @@ pub struct ImagesConfig {
     /// Admins may use any reference: any registry, and image IDs or
     /// digests alone, which are refused otherwise.
     pub admin_any: bool,
+    /// Registry credentials for every user's pulls, in Docker's
+    /// `config.json` format (`{"auths": {"HOST": {"auth": "base64(user:pass)"}}}`,
+    /// so a file `docker login` wrote works). Read at each pull; a user's
+    /// own `registry login` to a host comes first. Keep it readable only by
+    /// the daemon's user.
+    pub credentials_file: Option<std::path::PathBuf>,
 }
 
 impl Default for ImagesConfig {
@@ -532,6 +538,7 @@ impl Default for ImagesConfig {
         Self {
             registries: vec![crate::model::DOCKER_HUB.to_string()],
             admin_any: false,
+            credentials_file: None,
         }
     }
 }

@@ -9,6 +9,7 @@
 //! - [`store`]: the only module that names sled.
 //! - [`runtime`]: the only module that names bollard.
 //! - [`model`]: ids, records, the call lifecycle.
+//! - [`registry`]: registry credentials: the host's Docker `config.json`, whose login a pull uses.
 //! - [`config`]: the one configuration schema.
 //! - [`serve`]: first start, TLS, and the server's main loop.
 //! - [`logging`]: log set-up (text or JSON) and the audit trail.
@@ -23,6 +24,7 @@ pub mod failpoint;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod registry;
 pub mod runtime;
 pub mod scheduler;
 pub mod serve;

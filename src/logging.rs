@@ -148,6 +148,16 @@ pub fn user_removed(actor: &User, name: &Name) {
     tracing::info!(target: AUDIT, actor = %actor.name, user = %name, "user removed");
 }
 
+/// A registry login was stored (checked with the registry first). The
+/// password is never a field.
+pub fn registry_login(actor: &User, host: &str, username: &str) {
+    tracing::info!(target: AUDIT, actor = %actor.name, host, username, "registry login");
+}
+
+pub fn registry_logout(actor: &User, host: &str) {
+    tracing::info!(target: AUDIT, actor = %actor.name, host, "registry logout");
+}
+
 /// A call was accepted (durable).
 pub fn call_accepted(call: &Call) {
     tracing::debug!(call = %call.id, function = %call.function, owner = %call.owner,

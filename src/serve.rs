@@ -72,6 +72,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     if let (false, Some(key)) = (config.tls.disable, &config.tls.key) {
         refuse_readable_key(key)?;
     }
+    if let Some(file) = &config.images.credentials_file {
+        crate::registry::check_file(file)
+            .map_err(|e| anyhow::anyhow!("[images] credentials_file: {e}"))?;
+    }
     // Everything the daemon creates from here on (sled's files, blobs, TLS
     // material) is its own: 0600 files, 0700 directories.
     // SAFETY: umask(2) cannot fail; it only sets this process's mask.

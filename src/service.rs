@@ -4,11 +4,12 @@
 //! knows about HTTP.
 
 use crate::config::Config;
+use crate::model::RegistryLogin;
 use crate::model::{
     now_ms, ApiKey, Budget, Call, CallId, CallState, EnvVar, Event, FnKey, Function, FunctionSpec,
     Name, OutputState, Secret, User, UserLimits,
 };
-use crate::runtime::{PullProgress, Runtime, RuntimeError};
+use crate::runtime::{LoginError, PullAuth, PullProgress, Runtime, RuntimeError};
 use crate::scheduler::{EndWaiter, Ended, Scheduler};
 use crate::store::{FunctionStats, OutputLookup, Store, StoreError};
 use bytes::Bytes;
@@ -97,6 +98,10 @@ impl From<RuntimeError> for ServiceError {
 }
 
 pub type Result<T> = std::result::Result<T, ServiceError>;
+
+/// `runtime::pull_summary`'s words for a registry that said no: the one
+/// pull failure a login can change, so its message says how.
+const DENIED: &str = "not found, or access denied";
 
 /// `Retry-After` of a call refused for a full queue: the queue drains at
 /// the user's pace, which nothing here can foresee; a few seconds spares
@@ -409,12 +414,7 @@ impl Service {
             )));
         }
         self.check_runtime(caller, &spec).await?;
-        self.runtime
-            .ensure_image(
-                &spec.image,
-                Duration::from_secs(self.config.docker.pull_timeout_secs),
-                progress,
-            )
+        self.ensure_image(&caller.name, &spec.image, progress)
             .await?;
         let now = now_ms();
         let f = Function {
@@ -434,6 +434,161 @@ impl Service {
         crate::logging::function_created(caller, &f);
         self.scheduler.function_changed(&f);
         Ok(f)
+    }
+
+    /// Makes sure the Engine has `image`, pulled with `owner`'s login to its
+    /// registry (else the host's `credentials_file` entry, else none). An
+    /// image of a registry someone has a login to is pulled even when the
+    /// Engine has it, so the registry decides whether `owner` may read it
+    /// (another user's login pulled the local copy, perhaps).
+    async fn ensure_image(
+        &self,
+        owner: &Name,
+        image: &str,
+        progress: Option<&PullProgress>,
+    ) -> Result<()> {
+        let registry = crate::model::ImageRef::parse(image)
+            .ok()
+            .and_then(|r| r.registry().map(str::to_string));
+        let (login, always) = match &registry {
+            Some(host) => (
+                self.login_for(owner, host).await?,
+                self.private_registry(host).await?,
+            ),
+            None => (None, false),
+        };
+        let auth = PullAuth {
+            login: login.as_ref(),
+            always,
+        };
+        let pulled = self
+            .runtime
+            .ensure_image(
+                image,
+                Duration::from_secs(self.config.docker.pull_timeout_secs),
+                progress,
+                &auth,
+            )
+            .await;
+        match pulled {
+            Ok(()) => Ok(()),
+            Err(RuntimeError::Pull { image, message }) if message == DENIED => {
+                crate::metrics::engine_error(&RuntimeError::Pull {
+                    image: image.clone(),
+                    message: message.clone(),
+                });
+                let host = registry.unwrap_or_default();
+                let hint = match &login {
+                    None => format!(
+                        "; if it is private, log in first: hyperfuncd registry login {host} --username USER --password-stdin"
+                    ),
+                    Some(l) => format!(
+                        " with the registry login of user {} to {host}",
+                        l.username
+                    ),
+                };
+                Err(ServiceError::BadRequest(format!(
+                    "image {image} is not present and could not be pulled: {message}{hint}"
+                )))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// `owner`'s own login to `host`, else the host's (`credentials_file`).
+    async fn login_for(&self, owner: &Name, host: &str) -> Result<Option<RegistryLogin>> {
+        let own = self.store.registry_logins(owner).await?;
+        if let Some(l) = own.into_iter().find(|l| l.host == host) {
+            return Ok(Some(l));
+        }
+        match &self.config.images.credentials_file {
+            None => Ok(None),
+            Some(file) => crate::registry::host_login(file, host).await.map_err(|e| {
+                tracing::warn!(error = %e, "[images] credentials_file unreadable");
+                ServiceError::Internal(
+                    "the server's registry credentials file cannot be read; the operator's log says why"
+                        .into(),
+                )
+            }),
+        }
+    }
+
+    /// Whether pulls from `host` need a login: someone logged in to it
+    /// once (marked for good: a logout does not make the Engine's copy of
+    /// a private image public), or the host's file has one. Such images are pulled at every create and
+    /// update (see `ensure_image`).
+    async fn private_registry(&self, host: &str) -> Result<bool> {
+        if let Some(file) = &self.config.images.credentials_file {
+            if matches!(crate::registry::host_login(file, host).await, Ok(Some(_))) {
+                return Ok(true);
+            }
+        }
+        Ok(self.store.is_private_registry(host).await?)
+    }
+
+    // ---- registry logins ----
+
+    /// Checks a login with the registry (through the Engine) and keeps it
+    /// for the caller's pulls from that host, replacing an earlier one.
+    /// Only hosts images may come from are asked: a login is a connection
+    /// the Engine makes, as a pull is.
+    pub async fn registry_login(
+        &self,
+        caller: &User,
+        host: &str,
+        username: &str,
+        password: &str,
+    ) -> Result<RegistryLogin> {
+        let login = crate::registry::new_login(host, username, password)
+            .map_err(ServiceError::BadRequest)?;
+        let images = &self.config.images;
+        let allowed = images.allows(&login.host) || (caller.admin && images.admin_any);
+        if !allowed {
+            return Err(ServiceError::ImageNotAllowed(format!(
+                "registry {} is not in [images] registries on this server",
+                login.host
+            )));
+        }
+        self.runtime
+            .check_login(&login)
+            .await
+            .map_err(|e| match e {
+                LoginError::Denied => ServiceError::BadRequest(format!(
+                    "{} refused the login of {}: wrong username or password",
+                    login.host, login.username
+                )),
+                LoginError::Unreachable(why) => ServiceError::BadRequest(format!(
+                    "registry {} could not be reached: {why}",
+                    login.host
+                )),
+                LoginError::Engine(m) => ServiceError::Unavailable(m),
+            })?;
+        // Marked first: from the moment the login can pull, the host's
+        // images are pulled at each create and update.
+        self.store.mark_private_registry(&login.host).await?;
+        self.store.put_registry_login(&caller.name, &login).await?;
+        crate::logging::registry_login(caller, &login.host, &login.username);
+        Ok(login)
+    }
+
+    pub async fn registry_logout(&self, caller: &User, host: &str) -> Result<()> {
+        let host = crate::model::parse_registry_host(host).map_err(ServiceError::BadRequest)?;
+        if !self
+            .store
+            .delete_registry_login(&caller.name, &host)
+            .await?
+        {
+            return Err(ServiceError::NotFound(format!(
+                "you have no registry login to {host}"
+            )));
+        }
+        crate::logging::registry_logout(caller, &host);
+        Ok(())
+    }
+
+    /// The caller's logins (the API shows their host and username only).
+    pub async fn registry_logins(&self, caller: &User) -> Result<Vec<RegistryLogin>> {
+        Ok(self.store.registry_logins(&caller.name).await?)
     }
 
     /// Refuses, before the Engine is asked anything about it (a reference
@@ -704,13 +859,7 @@ impl Service {
         self.check_limits(s).await?;
         self.check_image(caller, &s.image).await?;
         self.check_runtime(caller, s).await?;
-        self.runtime
-            .ensure_image(
-                &s.image,
-                Duration::from_secs(self.config.docker.pull_timeout_secs),
-                progress,
-            )
-            .await?;
+        self.ensure_image(&f.owner, &f.spec.image, progress).await?;
         if u.refresh {
             f.secret = Secret::new();
         }

@@ -489,6 +489,30 @@ async fn scenario(c: &Client, d: &Daemon) -> Result<()> {
         bail!("the users page failed after rotating the tab's own key");
     }
 
+    // Registry logins: a refused one shows the server's reason, and the
+    // password leaves the form and the page.
+    click(c, "#nav-registries").await?;
+    visible(c, "#view-registries").await?;
+    click(c, "#reglogin summary").await?;
+    type_into(c, "#reglogin-form input[name=host]", "127.0.0.1:1").await?;
+    type_into(c, "#reglogin-form input[name=username]", "ci").await?;
+    type_into(c, "#reglogin-form input[name=password]", "ui-registry-pw").await?;
+    click(c, "#reglogin-form button[type=submit]").await?;
+    text_of(c, "#error", |t| t.contains("not in [images] registries")).await?;
+    if js(
+        c,
+        "return document.querySelector('#reglogin-form input[name=password]').value",
+    )
+    .await?
+        != json!("")
+    {
+        bail!("the password stayed in the form");
+    }
+    if c.source().await?.contains("ui-registry-pw") {
+        bail!("the registry password is in the page");
+    }
+    shot(c, "registries").await?;
+
     // Sign out: no key in storage or in the page.
     click(c, "#signout").await?;
     visible(c, "#signin-key").await?;

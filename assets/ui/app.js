@@ -187,7 +187,7 @@ function signOut() {
   session.clear();
   // Drop everything the views showed (call URLs are secrets too), then
   // start over from a fresh document.
-  for (const id of ['functions-body', 'fn-details', 'logs', 'users-body', 'call-output']) {
+  for (const id of ['functions-body', 'fn-details', 'logs', 'users-body', 'registries-body', 'call-output']) {
     $(id).replaceChildren();
   }
   for (const f of document.forms) {
@@ -200,7 +200,7 @@ function signOut() {
 
 // ---- routing ----
 
-const VIEWS = ['view-signin', 'view-functions', 'view-function', 'view-users'];
+const VIEWS = ['view-signin', 'view-functions', 'view-function', 'view-users', 'view-registries'];
 
 function show(view) {
   for (const v of VIEWS) {
@@ -209,6 +209,7 @@ function show(view) {
   for (const [link, on] of [
     ['nav-functions', view === 'view-functions' || view === 'view-function'],
     ['nav-users', view === 'view-users'],
+    ['nav-registries', view === 'view-registries'],
   ]) {
     if (on) {
       $(link).setAttribute('aria-current', 'page');
@@ -231,6 +232,9 @@ function route() {
   if (section === 'users' && state.admin) {
     show('view-users');
     loadUsers();
+  } else if (section === 'registries') {
+    show('view-registries');
+    loadRegistries();
   } else if (section === 'functions' && name) {
     show('view-function');
     openFunction(decodeURIComponent(name), owner && decodeURIComponent(owner));
@@ -1164,6 +1168,69 @@ async function removeUser(name) {
   });
 }
 
+// ---- registry logins (the caller's own) ----
+
+async function loadRegistries() {
+  const signal = state.view.signal;
+  try {
+    const logins = await api('GET', '/v1/registries', { signal });
+    $('registries-body').replaceChildren(
+      ...logins.map((l) =>
+        h(
+          'tr',
+          {},
+          h('td', { text: l.Host }),
+          h('td', { text: l.Username }),
+          h('td', { text: l.Created }),
+          h(
+            'td',
+            {},
+            h('button', {
+              type: 'button',
+              class: 'danger',
+              text: 'Remove',
+              'aria-label': `Remove the login to ${l.Host}`,
+              onclick: () => registryLogout(l.Host),
+            }),
+          ),
+        ),
+      ),
+    );
+  } catch (e) {
+    showError(e);
+  }
+}
+
+async function registryLogin(ev) {
+  ev.preventDefault();
+  const form = ev.target;
+  const v = Object.fromEntries(new FormData(form));
+  const ok = await attempt(async () => {
+    const l = await api('PUT', `/v1/registries/${encodeURIComponent(v.host.trim())}`, {
+      json: { Username: v.username.trim(), Password: v.password },
+    });
+    $('reglogin').open = false;
+    flash(`logged in to ${l.Host} as ${l.Username}`);
+    await loadRegistries();
+  });
+  // The password leaves the page whatever the answer.
+  form.elements.password.value = '';
+  if (ok) {
+    form.reset();
+  }
+}
+
+async function registryLogout(host) {
+  if (!(await confirmDialog(`Remove your login to ${host}?`, 'Remove'))) {
+    return;
+  }
+  await attempt(async () => {
+    await api('DELETE', `/v1/registries/${encodeURIComponent(host)}`);
+    flash(`the login to ${host} is removed`);
+    await loadRegistries();
+  });
+}
+
 // ---- wiring ----
 
 function wire() {
@@ -1207,6 +1274,8 @@ function wire() {
   $('users-refresh').addEventListener('click', loadUsers);
   $('adduser-form').addEventListener('submit', addUser);
   $('newkey-done').addEventListener('click', hideKey);
+  $('registries-refresh').addEventListener('click', loadRegistries);
+  $('reglogin-form').addEventListener('submit', registryLogin);
   window.addEventListener('hashchange', () => {
     hideKey();
     route();

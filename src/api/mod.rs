@@ -580,6 +580,29 @@ async fn v1(
                 .await?;
             Ok(empty(StatusCode::NO_CONTENT))
         }
+        Op::ListRegistryLogins => {
+            let logins: Vec<RegistryLoginView> = svc
+                .registry_logins(caller)
+                .await?
+                .iter()
+                .map(RegistryLoginView::new)
+                .collect();
+            Ok(json_response(StatusCode::OK, &logins))
+        }
+        Op::RegistryLogin => {
+            let body: RegistryLoginBody = json_body(svc, req.body).await?;
+            let login = svc
+                .registry_login(caller, p.get("host"), &body.username, &body.password)
+                .await?;
+            Ok(json_response(
+                StatusCode::OK,
+                &RegistryLoginView::new(&login),
+            ))
+        }
+        Op::RegistryLogout => {
+            svc.registry_logout(caller, p.get("host")).await?;
+            Ok(empty(StatusCode::NO_CONTENT))
+        }
         // Templates outside `/v1` never reach here (see `route`).
         _ => Err(no_route(&req)),
     }

@@ -36,6 +36,9 @@ pub(crate) enum Op {
     CreateUser,
     UpdateUser,
     DeleteUser,
+    ListRegistryLogins,
+    RegistryLogin,
+    RegistryLogout,
 }
 
 /// One row of the table.
@@ -111,6 +114,9 @@ pub(crate) const ROUTES: &[Route] = &[
     r("POST", "/v1/users", Op::CreateUser),
     r("PATCH", "/v1/users/{name}", Op::UpdateUser),
     r("DELETE", "/v1/users/{name}", Op::DeleteUser),
+    r("GET", "/v1/registries", Op::ListRegistryLogins),
+    r("PUT", "/v1/registries/{host}", Op::RegistryLogin),
+    r("DELETE", "/v1/registries/{host}", Op::RegistryLogout),
 ];
 
 /// The `{name}` values of a matched path, by template name.

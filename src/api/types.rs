@@ -551,3 +551,30 @@ mod tests {
         assert_eq!(terminal_safe("héllo wörld ✓"), "héllo wörld ✓");
     }
 }
+
+/// `PUT /v1/registries/{host}`: a login to check and keep. Never echoed.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct RegistryLoginBody {
+    pub username: String,
+    pub password: String,
+}
+
+/// A registry login as the API shows it: host and username, never the password.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct RegistryLoginView {
+    pub host: String,
+    pub username: String,
+    pub created: String,
+}
+
+impl RegistryLoginView {
+    pub fn new(l: &crate::model::RegistryLogin) -> RegistryLoginView {
+        RegistryLoginView {
+            host: l.host.clone(),
+            username: l.username.clone(),
+            created: format_time(l.created_ms),
+        }
+    }
+}

@@ -83,6 +83,18 @@ impl Client {
         .await
     }
 
+    pub async fn put_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        json(
+            self.send(self.request(reqwest::Method::PUT, path).json(body))
+                .await?,
+        )
+        .await
+    }
+
     pub async fn patch_json<B: Serialize, T: DeserializeOwned>(
         &self,
         path: &str,

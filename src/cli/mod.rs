@@ -46,11 +46,14 @@ struct Parsed {
 
 impl Cli {
     fn checked(p: Parsed) -> Result<Cli, clap::Error> {
-        let client = matches!(p.command, Command::Func(_) | Command::User(_));
+        let client = matches!(
+            p.command,
+            Command::Func(_) | Command::User(_) | Command::Registry(_)
+        );
         if !client && !p.remote.is_empty() {
             return Err(clap::Error::raw(
                 clap::error::ErrorKind::ArgumentConflict,
-                "--endpoint, --key, --ca and --profile are client options: they apply to `func` and `user` only\n",
+                "--endpoint, --key, --ca and --profile are client options: they apply to `func`, `user` and `registry` only\n",
             ));
         }
         Ok(Cli {
@@ -169,6 +172,46 @@ pub struct UserArgs {
     pub cmd: UserCmd,
 }
 
+/// `registry` with the client options, then its subcommand.
+#[derive(Args, Debug)]
+pub struct RegistryArgs {
+    #[command(flatten)]
+    pub client: ClientFlags,
+    #[command(subcommand)]
+    pub cmd: RegistryCmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RegistryCmd {
+    /// Log in to a registry: checked with it, then used for your pulls from it
+    #[command(
+        after_help = "The password is read from STDIN (one line), never from the command line.\n\nExample:\n  echo \"$TOKEN\" | hyperfuncd registry login registry.example.com --username ci --password-stdin"
+    )]
+    Login {
+        /// The registry host, HOST[:PORT] as image references write it
+        host: String,
+        /// The registry username
+        #[arg(long, short)]
+        username: String,
+        /// Read the password from STDIN (the only way it is read; accepted as `docker login` spells it)
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Forget your login to a registry
+    #[command(after_help = "Example:\n  hyperfuncd registry logout registry.example.com")]
+    Logout {
+        /// The registry host
+        host: String,
+    },
+    /// List your registry logins (host and username)
+    #[command(after_help = "Example:\n  hyperfuncd registry ls -o json")]
+    Ls {
+        /// Output format: a table for people, or JSON for scripts
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+    },
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the daemon: HTTPS API, scheduler and container runtime
@@ -180,6 +223,8 @@ pub enum Command {
     Func(FuncArgs),
     /// Manage users (admin only)
     User(UserArgs),
+    /// Your logins to private image registries, used for your pulls
+    Registry(RegistryArgs),
     /// Measure hyperfuncd against raw `docker run` on this host (private daemons; prints one table)
     Bench(bench::BenchArgs),
     /// Print a shell completion script: bash, zsh, fish, elvish or powershell
@@ -439,6 +484,7 @@ pub async fn run_remote(before: RemoteFlags, command: Command) -> anyhow::Result
     let flags = match &command {
         Command::Func(a) => a.client.0.clone().or(before),
         Command::User(a) => a.client.0.clone().or(before),
+        Command::Registry(a) => a.client.0.clone().or(before),
         _ => before,
     };
     let given = Profile {
@@ -455,6 +501,7 @@ pub async fn run_remote(before: RemoteFlags, command: Command) -> anyhow::Result
         }
         Command::Func(a) => func(&client, a.cmd, &mut out).await,
         Command::User(a) => user(&client, a.cmd, &mut out).await,
+        Command::Registry(a) => registry(&client, a.cmd, &mut out).await,
     }
 }
 
@@ -713,6 +760,55 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
         }
     }
     Ok(())
+}
+
+async fn registry(client: &Client, cmd: RegistryCmd, out: &mut impl Write) -> anyhow::Result<()> {
+    match cmd {
+        RegistryCmd::Login { host, username, .. } => {
+            let host_path = registry_host(&host)?;
+            let mut password = String::new();
+            std::io::BufRead::read_line(
+                &mut std::io::BufReader::new(std::io::stdin().take(8192)),
+                &mut password,
+            )
+            .context("reading the password from STDIN")?;
+            let password = password.trim_end_matches(['\r', '\n']).to_string();
+            if password.is_empty() {
+                anyhow::bail!("no password on STDIN (pipe it in: ... | hyperfuncd registry login HOST --username U --password-stdin)");
+            }
+            let l: RegistryLoginView = client
+                .put_json(
+                    &format!("/v1/registries/{host_path}"),
+                    &RegistryLoginBody { username, password },
+                )
+                .await?;
+            writeln!(out, "logged in to {} as {}", l.host, l.username)?;
+        }
+        RegistryCmd::Logout { host } => {
+            client
+                .delete(&format!("/v1/registries/{}", registry_host(&host)?))
+                .await?;
+            writeln!(out, "{host}")?;
+        }
+        RegistryCmd::Ls { output } => {
+            let logins: Vec<RegistryLoginView> = client.get_json("/v1/registries").await?;
+            if output == Format::Json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&logins)?)?;
+            } else {
+                let rows = logins
+                    .iter()
+                    .map(|l| vec![l.host.clone(), l.username.clone(), l.created.clone()])
+                    .collect();
+                table(out, &["HOST", "USERNAME", "CREATED"], rows)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A registry host checked (and normalised) before it goes into a URL.
+fn registry_host(host: &str) -> anyhow::Result<String> {
+    crate::model::parse_registry_host(host).map_err(|e| anyhow::anyhow!(e))
 }
 
 async fn user(client: &Client, cmd: UserCmd, out: &mut impl Write) -> anyhow::Result<()> {

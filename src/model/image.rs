@@ -157,6 +157,46 @@ pub fn normalize_registry(host: &str) -> String {
     }
 }
 
+/// A user's login to one registry host (`registry login`): what the
+/// daemon sends the Engine (`X-Registry-Auth`) when it pulls that user's
+/// images from `host`. The password has to be recoverable in clear for
+/// that, so it is kept as given; it never leaves the daemon: `Debug` hides
+/// it, and nothing else prints this record.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RegistryLogin {
+    /// `host[:port]` as `normalize_registry` spells it, the key of the login.
+    pub host: String,
+    pub username: String,
+    pub password: String,
+    pub created_ms: u64,
+}
+
+impl std::fmt::Debug for RegistryLogin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryLogin")
+            .field("host", &self.host)
+            .field("username", &self.username)
+            .field("password", &"<hidden>")
+            .finish()
+    }
+}
+
+/// Checks a registry host as `registry login` takes it (`host[:port]`, no
+/// scheme, no path) and gives its normalised spelling.
+pub fn parse_registry_host(host: &str) -> Result<String, String> {
+    let h = host
+        .trim_start_matches("https://")
+        .trim_start_matches("http://")
+        .trim_end_matches('/');
+    if h.is_empty() || h.len() > 255 || !host_ok(h) {
+        return Err(format!(
+            "invalid registry host {:?}: expected HOST[:PORT]",
+            truncate(host)
+        ));
+    }
+    Ok(normalize_registry(h))
+}
+
 fn truncate(s: &str) -> String {
     s.chars().take(80).collect()
 }

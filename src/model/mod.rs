@@ -12,7 +12,7 @@ pub use call::{
 };
 pub use function::{validate_runtime_name, EnvVar, Function, FunctionSpec, MIN_CPUS, MIN_MEMORY};
 pub use ids::{CallId, FnKey, IdError, Name, Secret};
-pub use image::{normalize_registry, ImageRef, DOCKER_HUB};
+pub use image::{normalize_registry, parse_registry_host, ImageRef, RegistryLogin, DOCKER_HUB};
 pub use user::{
     hash_key, ApiKey, Budget, QueueBudget, User, UserLimits, UserLimitsV1, UserV1, UserV2,
     API_KEY_PREFIX,

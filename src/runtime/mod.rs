@@ -8,7 +8,7 @@
 mod firewall;
 
 use crate::config::{ContainerConfig, DiskCap};
-use crate::model::{CallId, CallState, Outcome};
+use crate::model::{CallId, CallState, Outcome, RegistryLogin};
 use bollard::container::{AttachContainerResults, LogOutput};
 use bollard::errors::Error as DockerError;
 use bollard::models::{
@@ -528,15 +528,22 @@ impl Runtime {
     /// `progress`, a pull is told there: `PullEvent::Started` once the image
     /// is known to be missing, then each layer's state as the Engine reports
     /// it (in our words; a full channel drops a line rather than slow the pull).
+    /// With `pull.always`, the image is pulled even when the Engine has it:
+    /// for images of a private registry, so that the Engine asks the
+    /// registry whether these credentials may read it (only the manifest is
+    /// fetched when the layers are local) instead of handing one user an
+    /// image another user's login pulled.
     pub async fn ensure_image(
         &self,
         image: &str,
         pull_timeout: Duration,
         progress: Option<&PullProgress>,
+        pull: &PullAuth<'_>,
     ) -> Result<(), RuntimeError> {
         let docker = self.docker().await?;
         match docker.inspect_image(image).await {
-            Ok(_) => return Ok(()),
+            Ok(_) if !pull.always => return Ok(()),
+            Ok(_) => {}
             Err(DockerError::DockerResponseServerError {
                 status_code: 404, ..
             }) => {}
@@ -564,8 +571,14 @@ impl Runtime {
             tag: Some(tag),
             ..Default::default()
         };
+        let credentials = pull.login.map(|l| bollard::auth::DockerCredentials {
+            username: Some(l.username.clone()),
+            password: Some(l.password.clone()),
+            serveraddress: Some(l.host.clone()),
+            ..Default::default()
+        });
         let pull = async {
-            let mut stream = docker.create_image(Some(options), None, None);
+            let mut stream = docker.create_image(Some(options), None, credentials);
             while let Some(item) = stream.next().await {
                 match item {
                     Ok(info) => {
@@ -602,6 +615,60 @@ impl Runtime {
             Ok(_) => Ok(()),
             Err(e) => Err(failed(engine_message(&e))),
         }
+    }
+
+    /// Asks the Engine to log in to `login.host` (`POST /auth`), as `docker
+    /// login` does, so the check trusts what the Engine's pulls trust
+    /// (its CAs, its insecure registries). bollard has no call for it, so
+    /// this is one HTTP/1.1 request on the Engine's socket. The Engine's
+    /// answer is logged for the operator (it holds no password) and
+    /// summed up for the caller.
+    pub async fn check_login(&self, login: &RegistryLogin) -> Result<(), LoginError> {
+        let body = serde_json::json!({
+            "username": login.username,
+            "password": login.password,
+            "serveraddress": login.host,
+        })
+        .to_string();
+        let ask = async {
+            use tokio::io::AsyncReadExt;
+            let mut conn = tokio::net::UnixStream::connect(&self.socket).await?;
+            let head = format!(
+                "POST /auth HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            conn.write_all(head.as_bytes()).await?;
+            conn.write_all(body.as_bytes()).await?;
+            let mut answer = Vec::new();
+            (&mut conn)
+                .take(LOGIN_ANSWER_MAX)
+                .read_to_end(&mut answer)
+                .await?;
+            Ok::<_, std::io::Error>(answer)
+        };
+        let answer = match tokio::time::timeout(LOGIN_TIMEOUT, ask).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
+                return Err(LoginError::Engine(format!(
+                    "Docker Engine unreachable at {}: {e}",
+                    self.socket
+                )))
+            }
+            Err(_) => return Err(LoginError::Unreachable("the login timed out")),
+        };
+        let text = String::from_utf8_lossy(&answer);
+        let status: u16 = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        if status == 200 {
+            return Ok(());
+        }
+        let raw = text.split("\r\n\r\n").nth(1).unwrap_or("").trim();
+        tracing::warn!(host = %login.host, status, error = %raw, "registry login refused");
+        Err(login_summary(status, raw))
     }
 
     /// This instance's containers. Used by recovery (a container is the
@@ -1544,6 +1611,55 @@ fn layer_event(info: &bollard::models::CreateImageInfo) -> Option<PullEvent> {
 /// Our own words for a pull that took longer than `docker.pull_timeout_secs`.
 const PULL_TIMED_OUT: &str = "the pull timed out";
 
+/// How long `check_login` waits for the Engine (which waits for the registry).
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most of the Engine's `/auth` answer read: a status and a short JSON.
+const LOGIN_ANSWER_MAX: u64 = 64 * 1024;
+
+/// How an image is pulled: whose login, and whether a local copy is enough.
+#[derive(Default)]
+pub struct PullAuth<'a> {
+    /// Sent as `X-Registry-Auth`; `None` pulls anonymously.
+    pub login: Option<&'a RegistryLogin>,
+    /// Pull even when the Engine has the image (see `ensure_image`).
+    pub always: bool,
+}
+
+/// Why `check_login` refused a login. The words are ours, never the
+/// registry's.
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    #[error("wrong username or password")]
+    Denied,
+    #[error("the registry could not be reached: {0}")]
+    Unreachable(&'static str),
+    #[error("{0}")]
+    Engine(String),
+}
+
+fn login_summary(status: u16, raw: &str) -> LoginError {
+    let r = raw.to_ascii_lowercase();
+    if status == 401
+        || [
+            "unauthorized",
+            "incorrect username",
+            "authentication required",
+            "denied",
+        ]
+        .iter()
+        .any(|w| r.contains(w))
+    {
+        return LoginError::Denied;
+    }
+    match pull_summary(raw) {
+        "its registry could not be reached" => {
+            LoginError::Unreachable("connection refused, no such host, or a TLS failure")
+        }
+        PULL_TIMED_OUT => LoginError::Unreachable("the login timed out"),
+        _ => LoginError::Unreachable("it did not answer as a registry"),
+    }
+}
+
 /// A few words on why a pull failed, chosen from the Engine's text but never
 /// quoting it: a registry's answer (or any service's on the host named in
 /// the reference) must not reach the caller.
@@ -1554,7 +1670,16 @@ fn pull_summary(raw: &str) -> &'static str {
         PULL_TIMED_OUT
     } else if any(&["toomanyrequests", "rate limit"]) {
         "the registry is rate limiting pulls"
-    } else if any(&["unauthorized", "authentication required", "denied"]) {
+    } else if any(&[
+        "unauthorized",
+        "authentication required",
+        "denied",
+        "no basic auth credentials",
+        // An insecure registry (127.0.0.0/8 by the Engine's default)
+        // answered over TLS with a refusal, the Engine fell back to plain
+        // HTTP, and reports only that: the TLS answer was a 401 or a 404.
+        "http request to an https server",
+    ]) {
         "not found, or access denied"
     } else if any(&["manifest unknown", "not found", "does not exist"]) {
         "not found in its registry"

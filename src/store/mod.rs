@@ -13,7 +13,9 @@ mod nats;
 pub use embedded::SledStore;
 pub use nats::{NatsConfig, NatsStore, NODE_LOST};
 
-use crate::model::{Call, CallId, Event, FnKey, Function, Name, Outcome, QueueBudget, User};
+use crate::model::{
+    Call, CallId, Event, FnKey, Function, Name, Outcome, QueueBudget, RegistryLogin, User,
+};
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -149,8 +151,20 @@ pub trait Store: Send + Sync {
     async fn get_user(&self, name: &Name) -> Result<Option<User>>;
     async fn user_by_key_hash(&self, hash: &[u8; 32]) -> Result<Option<User>>;
     async fn list_users(&self) -> Result<Vec<User>>;
-    /// Removes a user who owns no functions.
+    /// Removes a user who owns no functions, with their registry logins.
     async fn delete_user(&self, name: &Name) -> Result<()>;
+
+    // ---- registry logins (credentials: never logged or answered) ----
+    /// Stores `owner`'s login to `login.host`, replacing an earlier one.
+    async fn put_registry_login(&self, owner: &Name, login: &RegistryLogin) -> Result<()>;
+    /// `owner`'s logins, by host.
+    async fn registry_logins(&self, owner: &Name) -> Result<Vec<RegistryLogin>>;
+    /// Removes `owner`'s login to `host`; false when there was none.
+    async fn delete_registry_login(&self, owner: &Name, host: &str) -> Result<bool>;
+    /// Marks `host` as a registry whose images need a login, for good (a
+    /// logout does not make an image someone's login pulled public).
+    async fn mark_private_registry(&self, host: &str) -> Result<()>;
+    async fn is_private_registry(&self, host: &str) -> Result<bool>;
 
     // ---- functions ----
     /// Refused when its owner already has a function of that name, or while

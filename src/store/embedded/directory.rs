@@ -52,8 +52,43 @@ impl Inner {
             t[KEYS].remove(&user.key_hash[..])?;
             Ok(())
         })?;
+        // A new user of the same name must not inherit these logins.
+        let logins = self.tree(REGISTRY_LOGINS);
+        let _one = lock(&self.writing);
+        for kv in logins.scan_prefix(login_prefix(name)) {
+            logins.remove(kv?.0)?;
+        }
         fx.committed = true;
         Ok(())
+    }
+
+    pub(super) fn put_registry_login(
+        &self,
+        owner: &Name,
+        login: &RegistryLogin,
+        fx: &mut Effects,
+    ) -> Result<()> {
+        let _one = lock(&self.writing);
+        self.tree(REGISTRY_LOGINS)
+            .insert(login_key(owner, &login.host), encode(login)?)?;
+        fx.committed = true;
+        Ok(())
+    }
+
+    pub(super) fn registry_logins(&self, owner: &Name) -> Result<Vec<RegistryLogin>> {
+        values(self.tree(REGISTRY_LOGINS).scan_prefix(login_prefix(owner)))
+    }
+
+    pub(super) fn delete_registry_login(
+        &self,
+        owner: &Name,
+        host: &str,
+        fx: &mut Effects,
+    ) -> Result<bool> {
+        let _one = lock(&self.writing);
+        let removed = self.tree(REGISTRY_LOGINS).remove(login_key(owner, host))?;
+        fx.committed = removed.is_some();
+        Ok(removed.is_some())
     }
 
     pub(super) fn create_function(&self, f: &Function, fx: &mut Effects) -> Result<()> {
@@ -220,5 +255,18 @@ pub(super) fn done_key(finished_ms: u64, id: &CallId) -> Vec<u8> {
     let mut k = Vec::with_capacity(24);
     k.extend_from_slice(&finished_ms.to_be_bytes());
     k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// `owner\0`: names hold no NUL, so one owner's logins share exactly this prefix.
+fn login_prefix(owner: &Name) -> Vec<u8> {
+    let mut k = owner.as_str().as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+fn login_key(owner: &Name, host: &str) -> Vec<u8> {
+    let mut k = login_prefix(owner);
+    k.extend_from_slice(host.as_bytes());
     k
 }

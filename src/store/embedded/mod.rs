@@ -26,7 +26,8 @@ use super::{
     changed_meanwhile, FunctionStats, OutputLookup, Result, Started, Store, StoreConfig, StoreError,
 };
 use crate::model::{
-    Call, CallId, CallState, Event, EventKind, FnKey, Function, Name, Outcome, QueueBudget, User,
+    Call, CallId, CallState, Event, EventKind, FnKey, Function, Name, Outcome, QueueBudget,
+    RegistryLogin, User,
 };
 use async_trait::async_trait;
 use blobs::{Blobs, Kind, Marker};
@@ -105,7 +106,9 @@ const META: usize = 11; // small singletons
 const LIVE: usize = 12; // owner\0name\0seq -> call id: calls not yet ended
 const DONE: usize = 13; // finished_ms\0id -> (): ended calls, oldest first, for retention
 const QUEUED: usize = 14; // owner -> QueueUse: the owner's PENDING calls and their payload bytes
-const TREE_NAMES: [&str; 15] = [
+const REGISTRY_LOGINS: usize = 15; // owner\0host -> RegistryLogin (a tree of its own: no schema change)
+const PRIVATE_REGISTRIES: usize = 16; // host -> (): hosts someone logged in to
+const TREE_NAMES: [&str; 17] = [
     "users",
     "keys",
     "functions",
@@ -121,6 +124,8 @@ const TREE_NAMES: [&str; 15] = [
     "live",
     "done",
     "queued",
+    "registry_logins",
+    "private_registries",
 ];
 
 /// An owner's queue as `accept` checks it against their budget: kept in
@@ -828,6 +833,43 @@ impl Store for SledStore {
         self.write(move |i, fx| i.delete_user(&n, fx)).await?;
         self.cached_users_mut().remove(name);
         Ok(())
+    }
+
+    async fn put_registry_login(&self, owner: &Name, login: &RegistryLogin) -> Result<()> {
+        let (owner, login) = (owner.clone(), login.clone());
+        self.write(move |i, fx| {
+            i.check_space(0, "the registry login")?;
+            i.put_registry_login(&owner, &login, fx)
+        })
+        .await
+    }
+
+    async fn registry_logins(&self, owner: &Name) -> Result<Vec<RegistryLogin>> {
+        let owner = owner.clone();
+        self.read(move |i| i.registry_logins(&owner)).await
+    }
+
+    async fn delete_registry_login(&self, owner: &Name, host: &str) -> Result<bool> {
+        let (owner, host) = (owner.clone(), host.to_string());
+        self.write(move |i, fx| i.delete_registry_login(&owner, &host, fx))
+            .await
+    }
+
+    async fn mark_private_registry(&self, host: &str) -> Result<()> {
+        let host = host.to_string();
+        self.write(move |i, fx| {
+            let _one = lock(&i.writing);
+            i.tree(PRIVATE_REGISTRIES).insert(host.as_bytes(), &[])?;
+            fx.committed = true;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn is_private_registry(&self, host: &str) -> Result<bool> {
+        let host = host.to_string();
+        self.read(move |i| Ok(i.tree(PRIVATE_REGISTRIES).contains_key(host.as_bytes())?))
+            .await
     }
 
     async fn create_function(&self, f: &Function) -> Result<()> {

@@ -707,3 +707,89 @@ fn reopen_db(dir: &Path) -> sled::Db {
     }
     sled::open(dir).unwrap()
 }
+
+/// Registry logins are kept per user and host, replaced by a new login to
+/// the same host, survive a reopen, and go with their user: a new user of
+/// the same name starts with none. Names are prefixes of each other here
+/// (`bo`, `bob`), so the keys' NUL is what keeps them apart.
+#[tokio::test]
+async fn registry_logins_per_user_and_host_go_with_their_user() {
+    let (dir, store) = setup(config()).await;
+    let login = |host: &str, pw: &str| crate::model::RegistryLogin {
+        host: host.into(),
+        username: "ci".into(),
+        password: pw.into(),
+        created_ms: 0,
+    };
+    let user = |n: &str, key: [u8; 32]| User {
+        name: name(n),
+        key_hash: key,
+        max_concurrency: 1,
+        admin: false,
+        created_ms: 0,
+        limits: Default::default(),
+    };
+    store.create_user(&user("bob", [1; 32])).await.unwrap();
+    store.create_user(&user("bo", [2; 32])).await.unwrap();
+    let (bob, bo) = (name("bob"), name("bo"));
+    store
+        .put_registry_login(&bob, &login("r.example.com:5000", "one"))
+        .await
+        .unwrap();
+    store
+        .put_registry_login(&bob, &login("r.example.com:5000", "two"))
+        .await
+        .unwrap();
+    store
+        .put_registry_login(&bob, &login("a.example.com", "x"))
+        .await
+        .unwrap();
+    store
+        .put_registry_login(&bo, &login("b.example.com", "y"))
+        .await
+        .unwrap();
+    let hosts = |v: Vec<crate::model::RegistryLogin>| {
+        v.into_iter()
+            .map(|l| (l.host, l.password))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        hosts(store.registry_logins(&bob).await.unwrap()),
+        [
+            ("a.example.com".to_string(), "x".to_string()),
+            ("r.example.com:5000".to_string(), "two".to_string())
+        ]
+    );
+    drop(store);
+    let store = reopen(dir.path(), config());
+    assert_eq!(store.registry_logins(&bob).await.unwrap().len(), 2);
+    assert!(store
+        .delete_registry_login(&bob, "a.example.com")
+        .await
+        .unwrap());
+    assert!(!store
+        .delete_registry_login(&bob, "a.example.com")
+        .await
+        .unwrap());
+    store.delete_user(&bob).await.unwrap();
+    store.create_user(&user("bob", [3; 32])).await.unwrap();
+    assert!(store.registry_logins(&bob).await.unwrap().is_empty());
+    assert_eq!(store.registry_logins(&bo).await.unwrap().len(), 1);
+    assert!(!store
+        .is_private_registry("r.example.com:5000")
+        .await
+        .unwrap());
+    store
+        .mark_private_registry("r.example.com:5000")
+        .await
+        .unwrap();
+    store
+        .mark_private_registry("r.example.com:5000")
+        .await
+        .unwrap();
+    assert!(store
+        .is_private_registry("r.example.com:5000")
+        .await
+        .unwrap());
+    assert!(!store.is_private_registry("r.example.com").await.unwrap());
+}

@@ -37,7 +37,8 @@ use super::{
     changed_meanwhile, FunctionStats, OutputLookup, Result, Started, Store, StoreConfig, StoreError,
 };
 use crate::model::{
-    Call, CallId, CallState, Event, FnKey, Function, Name, Outcome, QueueBudget, User,
+    Call, CallId, CallState, Event, FnKey, Function, Name, Outcome, QueueBudget, RegistryLogin,
+    User,
 };
 use async_nats::jetstream::{self, consumer, stream, AckKind};
 use async_trait::async_trait;
@@ -466,6 +467,10 @@ fn dec_user(key: &str, v: &[u8]) -> Result<User> {
 fn user_key(name: &Name) -> String {
     format!("u.{name}")
 }
+/// `g.OWNER.HEXHOST`: a host holds `:`, which no KV key may, so it is hex.
+fn login_key(owner: &Name, host: &str) -> String {
+    format!("g.{owner}.{}", hex::encode(host))
+}
 fn hash_key(hash: &[u8; 32]) -> String {
     format!("k.{}", hex::encode(hash))
 }
@@ -848,6 +853,73 @@ impl Store for NatsStore {
         Ok(users)
     }
 
+    async fn put_registry_login(&self, owner: &Name, login: &RegistryLogin) -> Result<()> {
+        let key = login_key(owner, &login.host);
+        let value = enc(login)?;
+        retry(|| async {
+            self.inner
+                .bucket
+                .commit(vec![Op::Put(key.clone(), value.clone(), None)])
+                .await
+        })
+        .await
+    }
+
+    async fn registry_logins(&self, owner: &Name) -> Result<Vec<RegistryLogin>> {
+        let mut logins: Vec<RegistryLogin> = self
+            .inner
+            .bucket
+            .scan(&format!("g.{owner}."))
+            .await?
+            .iter()
+            .map(|(k, v)| dec(k, v))
+            .collect::<Result<_>>()?;
+        logins.sort_by(|a, b| a.host.cmp(&b.host));
+        Ok(logins)
+    }
+
+    async fn mark_private_registry(&self, host: &str) -> Result<()> {
+        let key = format!("p.{}", hex::encode(host));
+        retry(|| async {
+            self.inner
+                .bucket
+                .commit(vec![Op::Put(key.clone(), enc(&())?, None)])
+                .await
+        })
+        .await
+    }
+
+    async fn is_private_registry(&self, host: &str) -> Result<bool> {
+        let key = format!("p.{}", hex::encode(host));
+        Ok(self
+            .inner
+            .bucket
+            .read(&key)
+            .await?
+            .is_some_and(|r| r.value.is_some()))
+    }
+
+    async fn delete_registry_login(&self, owner: &Name, host: &str) -> Result<bool> {
+        let key = login_key(owner, host);
+        if self
+            .inner
+            .bucket
+            .read(&key)
+            .await?
+            .is_none_or(|r| r.value.is_none())
+        {
+            return Ok(false);
+        }
+        retry(|| async {
+            self.inner
+                .bucket
+                .commit(vec![Op::Del(key.clone(), None)])
+                .await
+        })
+        .await?;
+        Ok(true)
+    }
+
     async fn delete_user(&self, name: &Name) -> Result<()> {
         let owns = self.list_functions(Some(name)).await?;
         if let Some(f) = owns.first() {
@@ -873,6 +945,10 @@ impl Store for NatsStore {
             i.bucket.commit(ops).await
         })
         .await?;
+        // A new user of the same name must not inherit these logins.
+        for login in self.registry_logins(name).await? {
+            self.delete_registry_login(name, &login.host).await?;
+        }
         lock(&i.consumers).remove(name);
         let _ = i.queue.delete_consumer(&format!("q-{name}")).await;
         Ok(())

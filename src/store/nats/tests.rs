@@ -491,3 +491,88 @@ fn a_write_refused_for_one_in_flight_is_a_lost_race() {
         PublishErrorKind::TimedOut
     )));
 }
+
+/// Registry logins on NATS: per user and host (a host's `:` is hex in the
+/// key), replaced by a new login, removed one by one and with their user;
+/// prefix-named users (`bo`, `bob`) are kept apart by the key's dot.
+#[tokio::test]
+async fn registry_logins_per_user_and_host_go_with_their_user() {
+    let (server, store) = open().await;
+    let login = |host: &str, pw: &str| RegistryLogin {
+        host: host.into(),
+        username: "ci".into(),
+        password: pw.into(),
+        created_ms: 0,
+    };
+    let user = |n: &str, key: [u8; 32]| User {
+        name: Name::parse(n).unwrap(),
+        key_hash: key,
+        max_concurrency: 1,
+        admin: false,
+        created_ms: 0,
+        limits: Default::default(),
+    };
+    store.create_user(&user("bob", [1; 32])).await.unwrap();
+    store.create_user(&user("bo", [2; 32])).await.unwrap();
+    let (bob, bo) = (Name::parse("bob").unwrap(), Name::parse("bo").unwrap());
+    store
+        .put_registry_login(&bob, &login("r.example.com:5000", "one"))
+        .await
+        .unwrap();
+    store
+        .put_registry_login(&bob, &login("r.example.com:5000", "two"))
+        .await
+        .unwrap();
+    store
+        .put_registry_login(&bob, &login("a.example.com", "x"))
+        .await
+        .unwrap();
+    store
+        .put_registry_login(&bo, &login("b.example.com", "y"))
+        .await
+        .unwrap();
+    let got: Vec<(String, String)> = store
+        .registry_logins(&bob)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| (l.host, l.password))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("a.example.com".to_string(), "x".to_string()),
+            ("r.example.com:5000".to_string(), "two".to_string())
+        ]
+    );
+    assert!(store
+        .delete_registry_login(&bob, "a.example.com")
+        .await
+        .unwrap());
+    assert!(!store
+        .delete_registry_login(&bob, "a.example.com")
+        .await
+        .unwrap());
+    store.delete_user(&bob).await.unwrap();
+    store.create_user(&user("bob", [3; 32])).await.unwrap();
+    assert!(store.registry_logins(&bob).await.unwrap().is_empty());
+    assert_eq!(store.registry_logins(&bo).await.unwrap().len(), 1);
+    assert!(!store
+        .is_private_registry("r.example.com:5000")
+        .await
+        .unwrap());
+    store
+        .mark_private_registry("r.example.com:5000")
+        .await
+        .unwrap();
+    store
+        .mark_private_registry("r.example.com:5000")
+        .await
+        .unwrap();
+    assert!(store
+        .is_private_registry("r.example.com:5000")
+        .await
+        .unwrap());
+    assert!(!store.is_private_registry("r.example.com").await.unwrap());
+    drop(server);
+}
