@@ -417,7 +417,7 @@ impl Inner {
             CallState::Running => {
                 let claim = self.bucket.get::<String>(&running_key(&id)).await?.1;
                 match claim.as_deref().map(claim_node) {
-                    Some(n) if self.node_alive(n).await? => {
+                    Some(n) if !self.node_lost(n).await? => {
                         // Its node still runs it (a progress ack was late).
                         let _ = msg
                             .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
@@ -455,6 +455,10 @@ impl Inner {
     /// PENDING → RUNNING on this node: a compare-and-set on the call's
     /// revision, so of two nodes holding the same call only one starts it.
     pub(super) async fn start(&self, id: &CallId) -> Result<Started> {
+        if self.is_fenced() {
+            // Its message goes back at the ack wait: another node starts it.
+            return Err(unavailable("starting a call", "this node is fenced"));
+        }
         // From here the message is this node's until the start resolves:
         // `keep_alive` keeps it (progress acks) instead of giving it back.
         let payload = {
@@ -814,7 +818,7 @@ impl Inner {
             let ok = match alive.get(&node) {
                 Some(ok) => *ok,
                 None => {
-                    let ok = self.node_alive(&node).await?;
+                    let ok = !self.node_lost(&node).await?;
                     alive.insert(node.clone(), ok);
                     ok
                 }
