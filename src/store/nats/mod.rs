@@ -16,15 +16,18 @@
 //!   `HFL_OWNER_NAME` (subjects `hfo.OWNER.NAME.CALL`, `hfl.OWNER.NAME.CALL`;
 //!   `_` is in no name, so a stream name is unambiguous), bounded by the
 //!   budgets (`max_bytes`, discard old);
-//! - node liveness: the bucket `hyperfuncd-nodes`, one key per node,
-//!   refreshed every `HEARTBEAT` and gone `NODE_TTL` after the last.
+//! - node liveness: the bucket `hyperfuncd-nodes`, one key per node, the
+//!   node's lease: taken and renewed every `HEARTBEAT` by compare-and-set
+//!   (on a connection of its own), gone `NODE_TTL` after the last renewal.
 //!
 //! The rules of the single-host store hold cluster-wide: a call is
 //! accepted (202) once its message and its record are stored with the
 //! stream's replicas; RUNNING is a compare-and-set on the call's record,
-//! taken before any container exists, so no call starts twice; a call
-//! RUNNING on a node whose heartbeat expired ends FAILED "node lost while
-//! the call was running" (`reap`), and one that never reached RUNNING is
+//! taken before any container exists, so no call starts twice; a node
+//! whose lease lapses fences itself (kills its containers, exits) before
+//! any other may reap it; a call RUNNING on a node whose lease has been
+//! gone for `REAP_GRACE` ends FAILED "node lost while the call was
+//! running" (`reap`), and one that never reached RUNNING is
 //! handed to another node by the consumer's redelivery.
 
 mod calls;
