@@ -158,6 +158,9 @@ struct Inner {
     /// Per other node: since when this node has seen its lease gone
     /// (`node_lost`); cleared whenever this node's own renewal fails.
     absent: Mutex<HashMap<String, Instant>>,
+    /// The connection the lease is renewed on, reconnected when a renewal
+    /// times out (a server that stopped answering but keeps the socket).
+    lease_client: async_nats::Client,
     /// The lease lapsed: no call starts here any more.
     fenced: std::sync::atomic::AtomicBool,
 }
@@ -259,6 +262,7 @@ impl NatsStore {
                 renewed: Instant::now(),
             }),
             absent: Mutex::new(HashMap::new()),
+            lease_client,
             fenced: std::sync::atomic::AtomicBool::new(false),
             queue,
             node,
@@ -748,7 +752,12 @@ impl Inner {
             }
             Err(_) => {
                 lock(&self.absent).clear();
-                tracing::warn!("NATS heartbeat timed out");
+                tracing::warn!("NATS heartbeat timed out; reconnecting its connection");
+                // Not awaited here: the reconnect itself waits on a server.
+                let client = self.lease_client.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(RENEW_WITHIN * 5, client.force_reconnect()).await;
+                });
             }
         }
         self.check_lease();
