@@ -1510,3 +1510,46 @@ fn a_copy_of_a_nodes_data_dir_started_beside_it_is_refused() {
     assert_eq!(code, 200);
     a.finish();
 }
+
+#[test]
+fn a_store_error_on_each_call_path_write_leaves_no_call_running() {
+    let _one = one_at_a_time();
+    let nats = NatsCluster::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = nats.config("[pool]\nper_function = 0\n");
+    let mut a = Daemon::start_on(&data_dir(&tmp, "a"), &cfg);
+    let bob = a.add_user("bob", 2);
+    let out = a.cli_as(
+        &bob,
+        &["func", "create", "--name", "echo", IMAGE, "cat"],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    for point in ["nats-start-commit", "nats-end-output", "nats-end-commit"] {
+        // The fault stays set: every retry fails until the node gives up.
+        a.restart_with_env(&[
+            ("FAILPOINTS", &format!("{point}=return")),
+            ("HYPERFUNCD_TEST_RETRY_SECS", "3"),
+        ]);
+        let body = format!("through {point}");
+        let ids = calls_with(&[&a], &bob, "echo", &[body.as_bytes()]);
+        let status = a.wait_dead(90);
+        assert_eq!(status.code(), Some(74), "{point}: {}", a.log());
+        a.restart_with_env(&[]);
+        let ended = wait_ended(&a, &ids, 90);
+        let call = &ended[0];
+        match call["State"].as_str() {
+            Some("FINISHED") => {
+                let (code, out) = a.output(&ids[0]);
+                assert_eq!(code, 200, "{point}");
+                assert_eq!(out, body.as_bytes(), "{point}: its own bytes");
+            }
+            Some("FAILED") => assert!(
+                !call["Message"].as_str().unwrap_or_default().is_empty(),
+                "{point}: a reason: {call}"
+            ),
+            _ => panic!("{point}: {call}"),
+        }
+    }
+    a.finish();
+}

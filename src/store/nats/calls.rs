@@ -474,6 +474,7 @@ impl Inner {
         // Names this attempt in `r.CALL`, so a retry recognises its own write.
         let claim = format!("{} {}", self.node, uuid::Uuid::new_v4().simple());
         let outcome = retry(|| async {
+            crate::fault_point!("nats-start-commit");
             let (rev, call) = self.bucket.get::<Call>(&call_key(id)).await?;
             let Some(mut call) = call else {
                 return Err(Refused::Error(StoreError::NotFound(format!("call {id}"))));
@@ -598,8 +599,7 @@ impl Inner {
             let ((srev, stats), (qrev, queued)) = tokio::try_join!(
                 self.bucket.get::<FunctionStats>(&shard),
                 self.bucket.get::<Queued>(&qshard)
-            )
-            .inspect_err(|e| self.give_up(id, e))?;
+            )?;
             let mut stats = stats.unwrap_or_default();
             count(&mut stats, CallState::Running, -1);
             count(&mut stats, CallState::Pending, 1);
@@ -614,7 +614,8 @@ impl Inner {
                 .await?;
             Ok(call)
         })
-        .await?;
+        .await
+        .inspect_err(|e| self.give_up(id, e))?;
         let held = lock(&self.held).remove(id);
         if let Some(h) = held {
             let _ = h.msg.ack_with(AckKind::Nak(None)).await;
@@ -632,7 +633,11 @@ impl Inner {
         outcome: Outcome,
         from: Option<CallState>,
     ) -> Result<Call> {
-        let (_, call) = self.bucket.get::<Call>(&call_key(id)).await?;
+        // Every store error on the way is retried, then settled by a restart
+        // (`give_up`): a call never stays RUNNING on a live node.
+        let (_, call) = retry(|| async { Ok(self.bucket.get::<Call>(&call_key(id)).await?) })
+            .await
+            .inspect_err(|e| self.give_up(id, e))?;
         let Some(call) = call else {
             return Err(StoreError::NotFound(format!("call {id}")));
         };
@@ -643,6 +648,7 @@ impl Inner {
             && call.state == CallState::Running
         {
             retry(|| async {
+                crate::fault_point!("nats-end-output");
                 self.ensure_streams(&call.fn_key()).await?;
                 let mut h = async_nats::HeaderMap::new();
                 h.insert("Nats-Msg-Id", format!("out-{id}").as_str());
@@ -664,12 +670,14 @@ impl Inner {
                         Refused::Error(unavailable("storing the output", e))
                     })
             })
-            .await?;
+            .await
+            .inspect_err(|e| self.give_up(id, e))?;
             stored = true;
         }
         // A call's function never changes: its shard can be read beside it.
         let shard = shard_key(&call.fn_key(), shard_of(id));
         let ended = retry(|| async {
+            crate::fault_point!("nats-end-commit");
             let key = call_key(id);
             let ((rev, call), (srev, stats)) = tokio::try_join!(
                 self.bucket.get::<Call>(&key),

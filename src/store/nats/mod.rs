@@ -941,8 +941,9 @@ impl Inner {
         Ok(c)
     }
 
+    /// A function's record, retried while the cluster is unavailable.
     async fn function(&self, key: &FnKey) -> Result<Option<Function>> {
-        Ok(self.bucket.get(&function_key(key)).await?.1)
+        retry(|| async { Ok(self.bucket.get(&function_key(key)).await?.1) }).await
     }
 
     fn output_stream(key: &FnKey) -> String {
