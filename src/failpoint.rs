@@ -56,6 +56,25 @@ pub fn io_error(name: &str) -> Option<std::io::Error> {
     })
 }
 
+/// Fails the enclosing store step with `StoreError::Unavailable` (as a
+/// NATS outage would) each time it runs while the named failpoint is set
+/// to `return`: the fault tests' way to reach the give-up of a retried write.
+#[macro_export]
+macro_rules! fault_point {
+    ($name:literal) => {
+        #[cfg(feature = "failpoints")]
+        {
+            if fail::eval($name, |_| ()).is_some() {
+                return Err($crate::store::StoreError::Unavailable(format!(
+                    "failpoint {} injected a store error",
+                    $name
+                ))
+                .into());
+            }
+        }
+    };
+}
+
 /// Reads `FAILPOINTS`; keep the value alive while the daemon runs.
 #[cfg(feature = "failpoints")]
 pub fn setup() -> fail::FailScenario<'static> {

@@ -1359,3 +1359,197 @@ fn a_node_reaches_a_tls_nats_server_with_a_creds_file_and_is_refused_clearly_wit
     }
     drop(server);
 }
+
+/// Sends `signal` to `pid` (a process this test started).
+fn signal(pid: u32, signal: i32) {
+    // SAFETY: plain kill(2) on a child this test spawned.
+    unsafe {
+        libc::kill(pid as i32, signal);
+    }
+}
+
+#[test]
+fn a_node_paused_past_its_lease_kills_its_own_calls_and_quota_holds() {
+    let _one = one_at_a_time();
+    let nats = NatsCluster::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = nats.config("[pool]\nper_function = 0\n");
+    let a = Daemon::start_on(&data_dir(&tmp, "a"), &cfg);
+    let b = join(&a, &data_dir(&tmp, "b"), &cfg);
+    let bob = a.add_user("bob", 1);
+    let out = a.cli_as(
+        &bob,
+        &[
+            "func",
+            "create",
+            "--name",
+            "nap",
+            IMAGE,
+            "sh",
+            "-c",
+            "read t; sleep $t; echo ok $t",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let events = FunctionEvents::start("nap");
+    let first = calls_with(&[&a], &bob, "nap", &[b"50\n"]);
+    a.wait_until(60, "the first call's container started", || {
+        !events.calls("start").is_empty()
+    });
+    let on = events
+        .all()
+        .into_iter()
+        .find(|(act, _, _)| act == "start")
+        .map(|(_, _, i)| i)
+        .expect("a start");
+    let (mut paused, other) = if on == a.instance { (a, b) } else { (b, a) };
+    let rest = calls_with(&[&other], &bob, "nap", &[b"1\n", b"1\n", b"1\n"]);
+    let pid = paused.pid().expect("the paused node runs");
+    signal(pid, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(30));
+    signal(pid, libc::SIGCONT);
+    // Its lease lapsed: it kills its container and exits for its
+    // supervisor (here the test) to restart it into recovery.
+    let status = paused.wait_dead(60);
+    assert_eq!(status.code(), Some(74), "{}", paused.log());
+    let log = paused.log();
+    assert!(log.contains("fenced"), "{log}");
+    assert!(log.contains("killed this daemon's containers"), "{log}");
+    paused.restart();
+    let mut ids = first.clone();
+    ids.extend(rest.iter().cloned());
+    let ended = wait_ended(&other, &ids, 150);
+    assert_eq!(ended[0]["State"], "FAILED", "{}", ended[0]);
+    assert!(
+        !ended[0]["Message"].as_str().unwrap_or_default().is_empty(),
+        "a reason: {}",
+        ended[0]
+    );
+    for (id, call) in rest.iter().zip(&ended[1..]) {
+        assert_eq!(call["State"], "FINISHED", "{call}");
+        let (code, body) = other.output(id);
+        assert_eq!(code, 200);
+        assert_eq!(body, b"ok 1\n", "call {id}'s own bytes");
+    }
+    for (id, n) in events.starts() {
+        assert!(n <= 1, "call {id} started {n} times");
+    }
+    assert!(
+        events.max_running() <= 1,
+        "bob's quota of 1 held across the cluster: {:?}",
+        events.all()
+    );
+    paused.finish();
+    other.finish();
+}
+
+#[test]
+fn a_copy_of_a_nodes_data_dir_started_beside_it_is_refused() {
+    let _one = one_at_a_time();
+    let nats = NatsCluster::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = nats.config("[pool]\nper_function = 0\n");
+    let a = Daemon::start_on(&data_dir(&tmp, "a"), &cfg);
+    let copy = data_dir(&tmp, "copy");
+    let cp = Command::new("cp")
+        .arg("-a")
+        .arg(a.data_dir())
+        .arg(&copy)
+        .status()
+        .expect("cp");
+    assert!(cp.success());
+    let original = std::fs::read_to_string(a.dir.path().join("config.toml")).expect("config");
+    let text: String = original
+        .lines()
+        .map(|l| {
+            if l.starts_with("data_dir") {
+                format!("data_dir = \"{}\"", copy.display())
+            } else if l.starts_with("listen") {
+                "listen = \"127.0.0.1:0\"".to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let config = tmp.path().join("copy.toml");
+    std::fs::write(&config, text).expect("config");
+    let mut clone = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("serve");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = clone.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = clone.kill();
+            let _ = clone.wait();
+            panic!("the copy was not refused within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = clone.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains("another hyperfuncd process is running as node"),
+        "{err}"
+    );
+    // The original was not disturbed.
+    let (code, _) = a.health();
+    assert_eq!(code, 200);
+    a.finish();
+}
+
+#[test]
+fn a_store_error_on_each_call_path_write_leaves_no_call_running() {
+    let _one = one_at_a_time();
+    let nats = NatsCluster::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = nats.config("[pool]\nper_function = 0\n");
+    let mut a = Daemon::start_on(&data_dir(&tmp, "a"), &cfg);
+    let bob = a.add_user("bob", 2);
+    let out = a.cli_as(
+        &bob,
+        &["func", "create", "--name", "echo", IMAGE, "cat"],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    for point in ["nats-start-commit", "nats-end-output", "nats-end-commit"] {
+        // The fault stays set: every retry fails until the node gives up.
+        a.restart_with_env(&[
+            ("FAILPOINTS", &format!("{point}=return")),
+            ("HYPERFUNCD_TEST_RETRY_SECS", "3"),
+        ]);
+        let body = format!("through {point}");
+        let ids = calls_with(&[&a], &bob, "echo", &[body.as_bytes()]);
+        let status = a.wait_dead(90);
+        assert_eq!(status.code(), Some(74), "{point}: {}", a.log());
+        a.restart_with_env(&[]);
+        let ended = wait_ended(&a, &ids, 90);
+        let call = &ended[0];
+        match call["State"].as_str() {
+            Some("FINISHED") => {
+                let (code, out) = a.output(&ids[0]);
+                assert_eq!(code, 200, "{point}");
+                assert_eq!(out, body.as_bytes(), "{point}: its own bytes");
+            }
+            Some("FAILED") => assert!(
+                !call["Message"].as_str().unwrap_or_default().is_empty(),
+                "{point}: a reason: {call}"
+            ),
+            _ => panic!("{point}: {call}"),
+        }
+    }
+    a.finish();
+}

@@ -263,10 +263,19 @@ impl Scheduler {
         started: oneshot::Sender<()>,
     ) -> Result<(), StoreError> {
         let limits = &self.config.limits;
-        let Some(function) = self.store.get_function(&call.fn_key()).await? else {
-            return self
-                .fail(&call.id, "cancelled: the function was removed")
-                .await;
+        let function = match self.store.get_function(&call.fn_key()).await {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                return self
+                    .fail(&call.id, "cancelled: the function was removed")
+                    .await
+            }
+            // Nothing ran yet: back to the queue rather than RUNNING forever
+            // (a requeue that fails too stops the node into recovery).
+            Err(e) => {
+                tracing::warn!(call = %call.id, error = %e, "the call's function could not be read; requeued");
+                return self.store.requeue(&call.id).await;
+            }
         };
         if token.is_cancelled() {
             if self.state().stopping {

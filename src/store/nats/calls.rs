@@ -417,7 +417,7 @@ impl Inner {
             CallState::Running => {
                 let claim = self.bucket.get::<String>(&running_key(&id)).await?.1;
                 match claim.as_deref().map(claim_node) {
-                    Some(n) if self.node_alive(n).await? => {
+                    Some(n) if !self.node_lost(n).await? => {
                         // Its node still runs it (a progress ack was late).
                         let _ = msg
                             .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
@@ -455,6 +455,10 @@ impl Inner {
     /// PENDING → RUNNING on this node: a compare-and-set on the call's
     /// revision, so of two nodes holding the same call only one starts it.
     pub(super) async fn start(&self, id: &CallId) -> Result<Started> {
+        if self.is_fenced() {
+            // Its message goes back at the ack wait: another node starts it.
+            return Err(unavailable("starting a call", "this node is fenced"));
+        }
         // From here the message is this node's until the start resolves:
         // `keep_alive` keeps it (progress acks) instead of giving it back.
         let payload = {
@@ -470,6 +474,7 @@ impl Inner {
         // Names this attempt in `r.CALL`, so a retry recognises its own write.
         let claim = format!("{} {}", self.node, uuid::Uuid::new_v4().simple());
         let outcome = retry(|| async {
+            crate::fault_point!("nats-start-commit");
             let (rev, call) = self.bucket.get::<Call>(&call_key(id)).await?;
             let Some(mut call) = call else {
                 return Err(Refused::Error(StoreError::NotFound(format!("call {id}"))));
@@ -594,8 +599,7 @@ impl Inner {
             let ((srev, stats), (qrev, queued)) = tokio::try_join!(
                 self.bucket.get::<FunctionStats>(&shard),
                 self.bucket.get::<Queued>(&qshard)
-            )
-            .inspect_err(|e| self.give_up(id, e))?;
+            )?;
             let mut stats = stats.unwrap_or_default();
             count(&mut stats, CallState::Running, -1);
             count(&mut stats, CallState::Pending, 1);
@@ -610,7 +614,8 @@ impl Inner {
                 .await?;
             Ok(call)
         })
-        .await?;
+        .await
+        .inspect_err(|e| self.give_up(id, e))?;
         let held = lock(&self.held).remove(id);
         if let Some(h) = held {
             let _ = h.msg.ack_with(AckKind::Nak(None)).await;
@@ -628,7 +633,11 @@ impl Inner {
         outcome: Outcome,
         from: Option<CallState>,
     ) -> Result<Call> {
-        let (_, call) = self.bucket.get::<Call>(&call_key(id)).await?;
+        // Every store error on the way is retried, then settled by a restart
+        // (`give_up`): a call never stays RUNNING on a live node.
+        let (_, call) = retry(|| async { Ok(self.bucket.get::<Call>(&call_key(id)).await?) })
+            .await
+            .inspect_err(|e| self.give_up(id, e))?;
         let Some(call) = call else {
             return Err(StoreError::NotFound(format!("call {id}")));
         };
@@ -639,6 +648,7 @@ impl Inner {
             && call.state == CallState::Running
         {
             retry(|| async {
+                crate::fault_point!("nats-end-output");
                 self.ensure_streams(&call.fn_key()).await?;
                 let mut h = async_nats::HeaderMap::new();
                 h.insert("Nats-Msg-Id", format!("out-{id}").as_str());
@@ -660,12 +670,14 @@ impl Inner {
                         Refused::Error(unavailable("storing the output", e))
                     })
             })
-            .await?;
+            .await
+            .inspect_err(|e| self.give_up(id, e))?;
             stored = true;
         }
         // A call's function never changes: its shard can be read beside it.
         let shard = shard_key(&call.fn_key(), shard_of(id));
         let ended = retry(|| async {
+            crate::fault_point!("nats-end-commit");
             let key = call_key(id);
             let ((rev, call), (srev, stats)) = tokio::try_join!(
                 self.bucket.get::<Call>(&key),
@@ -814,7 +826,7 @@ impl Inner {
             let ok = match alive.get(&node) {
                 Some(ok) => *ok,
                 None => {
-                    let ok = self.node_alive(&node).await?;
+                    let ok = !self.node_lost(&node).await?;
                     alive.insert(node.clone(), ok);
                     ok
                 }

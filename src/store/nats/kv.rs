@@ -101,7 +101,7 @@ impl Bucket {
     /// `stream` (another bucket's).
     pub async fn read_in(&self, stream: &str, subject: &str) -> Result<Option<Read>> {
         // While a leader is being elected reads find no responder: wait.
-        let deadline = std::time::Instant::now() + UNAVAILABLE_FOR;
+        let deadline = std::time::Instant::now() + unavailable_for();
         loop {
             match self.read_once(stream, subject).await {
                 Ok(r) => return Ok(r),
@@ -157,7 +157,7 @@ impl Bucket {
         pattern: &str,
         max: usize,
     ) -> Result<Vec<(String, u64, Option<Bytes>)>> {
-        let deadline = std::time::Instant::now() + UNAVAILABLE_FOR;
+        let deadline = std::time::Instant::now() + unavailable_for();
         loop {
             match self.last_values_once(pattern, max).await {
                 Ok(v) => return Ok(v),
@@ -307,7 +307,7 @@ impl Bucket {
     /// Every live key under `prefix` (e.g. `l.FUNCTION.`) with its value,
     /// in the order they were last written.
     pub async fn scan(&self, prefix: &str) -> Result<Vec<(String, Bytes)>> {
-        let deadline = std::time::Instant::now() + UNAVAILABLE_FOR;
+        let deadline = std::time::Instant::now() + unavailable_for();
         loop {
             match self.scan_once(prefix).await {
                 Ok(v) => return Ok(v),
@@ -424,6 +424,19 @@ const BATCH_READ_WITHIN: Duration = Duration::from_secs(5);
 /// server lost, leaders being elected) before the error reaches the caller.
 const UNAVAILABLE_FOR: Duration = Duration::from_secs(60);
 
+/// `UNAVAILABLE_FOR`; the failpoint tests shorten it (`HYPERFUNCD_TEST_RETRY_SECS`)
+/// so that a fault injected for good reaches its give-up in seconds.
+fn unavailable_for() -> Duration {
+    #[cfg(feature = "failpoints")]
+    if let Some(s) = std::env::var("HYPERFUNCD_TEST_RETRY_SECS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        return Duration::from_secs(s);
+    }
+    UNAVAILABLE_FOR
+}
+
 /// Retries `attempt` while a compare-and-set finds the record moved, and
 /// while the cluster is unavailable (for up to `UNAVAILABLE_FOR`). A write
 /// whose answer was lost may have been applied: each attempt must
@@ -433,7 +446,7 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = std::result::Result<T, Refused>>,
 {
-    let deadline = std::time::Instant::now() + UNAVAILABLE_FOR;
+    let deadline = std::time::Instant::now() + unavailable_for();
     let mut backoff = Duration::from_millis(1);
     let mut moved = 0;
     loop {

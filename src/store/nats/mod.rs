@@ -16,15 +16,18 @@
 //!   `HFL_OWNER_NAME` (subjects `hfo.OWNER.NAME.CALL`, `hfl.OWNER.NAME.CALL`;
 //!   `_` is in no name, so a stream name is unambiguous), bounded by the
 //!   budgets (`max_bytes`, discard old);
-//! - node liveness: the bucket `hyperfuncd-nodes`, one key per node,
-//!   refreshed every `HEARTBEAT` and gone `NODE_TTL` after the last.
+//! - node liveness: the bucket `hyperfuncd-nodes`, one key per node, the
+//!   node's lease: taken and renewed every `HEARTBEAT` by compare-and-set
+//!   (on a connection of its own), gone `NODE_TTL` after the last renewal.
 //!
 //! The rules of the single-host store hold cluster-wide: a call is
 //! accepted (202) once its message and its record are stored with the
 //! stream's replicas; RUNNING is a compare-and-set on the call's record,
-//! taken before any container exists, so no call starts twice; a call
-//! RUNNING on a node whose heartbeat expired ends FAILED "node lost while
-//! the call was running" (`reap`), and one that never reached RUNNING is
+//! taken before any container exists, so no call starts twice; a node
+//! whose lease lapses fences itself (kills its containers, exits) before
+//! any other may reap it; a call RUNNING on a node whose lease has been
+//! gone for `REAP_GRACE` ends FAILED "node lost while the call was
+//! running" (`reap`), and one that never reached RUNNING is
 //! handed to another node by the consumer's redelivery.
 
 mod calls;
@@ -71,8 +74,33 @@ const QUEUE_STREAM: &str = "HFQ";
 const NODES_BUCKET: &str = "hyperfuncd-nodes";
 /// How often a node refreshes its liveness key.
 const HEARTBEAT: Duration = Duration::from_secs(2);
-/// How long after its last heartbeat a node counts as lost.
+/// How long a heartbeat key lives after its last renewal (the bucket's
+/// max age): the lease.
 const NODE_TTL: Duration = Duration::from_secs(20);
+/// A node whose lease has not been renewed for this long (measured from
+/// the sending of its last renewal that succeeded) fences itself: it stops
+/// taking work, kills its containers and exits for its supervisor to
+/// restart it into recovery. Below `NODE_TTL`, so it falls before the key
+/// can even expire.
+const FENCE_AFTER: Duration = Duration::from_secs(15);
+/// How often the fence is checked, apart from the heartbeat.
+const FENCE_CHECK: Duration = Duration::from_millis(500);
+/// A reaper fails another node's calls only once it has seen that node's
+/// lease gone for this long, its own lease renewed all along: after a
+/// store outage every node gets this long to renew before any reaping,
+/// and a node paused past its fence gets this long, beyond the key's
+/// expiry, to wake up and kill its own containers. The earliest reap is
+/// `NODE_TTL + REAP_GRACE` after the node's last renewal.
+const REAP_GRACE: Duration = Duration::from_secs(20);
+/// A renewal that takes longer than this counts as failed.
+const RENEW_WITHIN: Duration = Duration::from_secs(2);
+/// At start, a lease held by another process must go unrenewed this long
+/// before this process takes it over (a crashed predecessor's); renewed
+/// meanwhile, it is a live clone's, and this process is refused.
+const TAKEOVER_AFTER: Duration = Duration::from_secs(7);
+/// NATS pings this often; two unanswered pings close the connection and
+/// reconnect (async-nats's default is 60 s: minutes on a dead server).
+const PING_INTERVAL: Duration = Duration::from_secs(2);
 /// A queue message not acknowledged for this long is handed out again
 /// (to any node); progress acks keep a running call's message.
 const ACK_WAIT: Duration = Duration::from_secs(15);
@@ -123,8 +151,38 @@ struct Inner {
     turns: order::Turns,
     /// Functions whose output and log streams this node has made sure of.
     streams: Mutex<HashSet<FnKey>>,
-    /// Set when a call's state change could not be settled (see `give_up`).
+    /// Set when a call's state change could not be settled (see `give_up`)
+    /// or the lease lapsed (`fence`).
     fatal: tokio::sync::watch::Sender<Option<String>>,
+    /// This process's hold on the node's heartbeat key.
+    lease: Mutex<Lease>,
+    /// Per other node: since when this node has seen its lease gone
+    /// (`node_lost`); cleared whenever this node's own renewal fails.
+    absent: Mutex<HashMap<String, Instant>>,
+    /// The connection the lease is renewed on, reconnected when a renewal
+    /// times out (a server that stopped answering but keeps the socket).
+    lease_client: async_nats::Client,
+    /// The lease lapsed: no call starts here any more.
+    fenced: std::sync::atomic::AtomicBool,
+}
+
+/// The node's heartbeat key as this process holds it: written only by
+/// compare-and-set on `revision`, so a second process (a clone) or a
+/// renewal after the key expired fails instead of overwriting.
+struct Lease {
+    /// Names this process in the key's value.
+    nonce: String,
+    /// The key's revision after this process's last write.
+    revision: u64,
+    /// When the last renewal that succeeded was sent.
+    renewed: Instant,
+}
+
+/// A heartbeat key's value.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Beat {
+    ms: u64,
+    nonce: String,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -155,36 +213,7 @@ impl NatsStore {
             .collect::<Result<_>>()?;
         // A cluster starting beside us may take a moment to answer.
         let deadline = Instant::now() + Duration::from_secs(30);
-        let client = loop {
-            let mut options = async_nats::ConnectOptions::new()
-                .name(format!("hyperfuncd {node}"))
-                .connection_timeout(Duration::from_secs(5));
-            if let Some(creds) = &nats.credentials {
-                options = options.credentials_file(creds).await.map_err(|e| {
-                    StoreError::Config(format!(
-                        "[store.nats] credentials: {}: {e}",
-                        creds.display()
-                    ))
-                })?;
-            }
-            if let Some(ca) = &nats.ca {
-                options = options.add_root_certificates(ca.clone()).require_tls(true);
-            }
-            match options.connect(servers.clone()).await {
-                Ok(c) => break c,
-                Err(e) => {
-                    // Retrying cannot mend the config: say what to fix, now.
-                    if let Some(why) = refused(&e, &nats) {
-                        return Err(unavailable("connecting", why));
-                    }
-                    if Instant::now() > deadline {
-                        return Err(unavailable("connecting", e));
-                    }
-                    tracing::warn!(error = %e, "NATS not reachable yet; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        };
+        let client = connect(&node, "", &servers, &nats, deadline).await?;
         let max_payload = client.server_info().max_payload as u64;
         if max_payload < nats.max_message_bytes + HEADROOM {
             return Err(StoreError::Config(format!(
@@ -197,7 +226,7 @@ impl NatsStore {
         let replicas = nats.replicas.max(1);
         // A cluster that has just started may still be electing its leaders.
         // The records bucket is read and written through its stream (kv.rs).
-        let (_, nodes, queue) = loop {
+        let (_, _, queue) = loop {
             match open_streams(&js, replicas).await {
                 Ok(v) => break v,
                 Err(e) if Instant::now() > deadline => return Err(e),
@@ -207,10 +236,35 @@ impl NatsStore {
                 }
             }
         };
+        // Heartbeats on a connection of their own: a queue read or an output
+        // publish of several MiB must not delay the lease's renewal.
+        let lease_client = connect(&node, " lease", &servers, &nats, deadline).await?;
+        let nodes = loop {
+            match jetstream::new(lease_client.clone())
+                .get_key_value(NODES_BUCKET)
+                .await
+            {
+                Ok(b) => break b,
+                Err(e) if Instant::now() > deadline => {
+                    return Err(unavailable("opening the nodes bucket", e))
+                }
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             bucket: Bucket { client, js },
             nodes,
+            lease: Mutex::new(Lease {
+                nonce: uuid::Uuid::new_v4().simple().to_string(),
+                revision: 0,
+                renewed: Instant::now(),
+            }),
+            absent: Mutex::new(HashMap::new()),
+            lease_client,
+            fenced: std::sync::atomic::AtomicBool::new(false),
             queue,
             node,
             config,
@@ -224,18 +278,8 @@ impl NatsStore {
             streams: Mutex::new(HashSet::new()),
             fatal: tokio::sync::watch::channel(None).0,
         });
-        // The nodes bucket may have just been made: its stream can take a
-        // moment to answer, as the others can.
-        loop {
-            match inner.beat().await {
-                Ok(()) => break,
-                Err(e) if Instant::now() > deadline => return Err(e),
-                Err(e) => {
-                    tracing::warn!(error = %e, "JetStream not ready yet; retrying");
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-            }
-        }
+        // The lease, or a clear refusal if another process holds it.
+        inner.acquire(deadline).await?;
         let mut changes = inner
             .bucket
             .client
@@ -249,9 +293,19 @@ impl NatsStore {
                     let mut tick = tokio::time::interval(HEARTBEAT);
                     loop {
                         tick.tick().await;
-                        if let Err(e) = inner.beat().await {
-                            tracing::warn!(error = %e, "NATS heartbeat failed");
-                        }
+                        inner.beat().await;
+                    }
+                }
+            }),
+            // Apart from the heartbeat, which may hang on a dead connection:
+            // the fence must fall on time whatever the store does.
+            tokio::spawn({
+                let inner = Arc::clone(&inner);
+                async move {
+                    let mut tick = tokio::time::interval(FENCE_CHECK);
+                    loop {
+                        tick.tick().await;
+                        inner.check_lease();
                     }
                 }
             }),
@@ -297,6 +351,49 @@ impl NatsStore {
         ];
         tracing::info!(node = %inner.node, replicas, "connected to NATS JetStream");
         Ok(NatsStore { inner, tasks })
+    }
+}
+
+/// One connection to the cluster, retried until `deadline` unless the
+/// servers refuse it for good. Pings every `PING_INTERVAL`, so a frozen or
+/// unreachable server is left for another within seconds.
+async fn connect(
+    node: &str,
+    purpose: &str,
+    servers: &[async_nats::ServerAddr],
+    nats: &NatsConfig,
+    deadline: Instant,
+) -> Result<async_nats::Client> {
+    loop {
+        let mut options = async_nats::ConnectOptions::new()
+            .name(format!("hyperfuncd {node}{purpose}"))
+            .connection_timeout(Duration::from_secs(5))
+            .ping_interval(PING_INTERVAL);
+        if let Some(creds) = &nats.credentials {
+            options = options.credentials_file(creds).await.map_err(|e| {
+                StoreError::Config(format!(
+                    "[store.nats] credentials: {}: {e}",
+                    creds.display()
+                ))
+            })?;
+        }
+        if let Some(ca) = &nats.ca {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        match options.connect(servers.to_vec()).await {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                // Retrying cannot mend the config: say what to fix, now.
+                if let Some(why) = refused(&e, nats) {
+                    return Err(unavailable("connecting", why));
+                }
+                if Instant::now() > deadline {
+                    return Err(unavailable("connecting", e));
+                }
+                tracing::warn!(error = %e, "NATS not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
     }
 }
 
@@ -530,12 +627,173 @@ fn secret_shaped(s: &str) -> bool {
 }
 
 impl Inner {
-    async fn beat(&self) -> Result<()> {
-        self.nodes
-            .put(&self.node, crate::model::now_ms().to_string().into())
-            .await
-            .map_err(|e| unavailable("heartbeat", e))?;
-        Ok(())
+    fn beat_value(&self, nonce: &str) -> Result<Bytes> {
+        Ok(enc(&Beat {
+            ms: crate::model::now_ms(),
+            nonce: nonce.to_string(),
+        })?
+        .into())
+    }
+
+    /// Takes the node's lease at start. A key written by another process is
+    /// watched for `TAKEOVER_AFTER`: renewed meanwhile, a live process
+    /// (a copy of this data dir, or this daemon started twice) runs as
+    /// this node, and this one is refused; left alone, it was a crashed
+    /// predecessor's, taken over by compare-and-set on its revision.
+    async fn acquire(&self, deadline: Instant) -> Result<()> {
+        let nonce = lock(&self.lease).nonce.clone();
+        let clone = |why: &str| {
+            StoreError::Config(format!(
+                "another hyperfuncd process is running as node {} ({why}): a copy of this data directory (a cloned VM, a restored backup) must not run beside the original; give the copy its own node id by removing its node-id file",
+                self.node
+            ))
+        };
+        loop {
+            let seen = match self.nodes.entry(&self.node).await {
+                Ok(e) => e.filter(|e| e.operation == jetstream::kv::Operation::Put),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(unavailable("reading the node's lease", e))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "JetStream not ready yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    continue;
+                }
+            };
+            let sent = Instant::now();
+            let value = self.beat_value(&nonce)?;
+            let taken = match &seen {
+                None => self.nodes.create(&self.node, value).await.map_err(|e| {
+                    if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists {
+                        clone("it took the lease as this one started")
+                    } else {
+                        unavailable("taking the node's lease", e)
+                    }
+                }),
+                Some(held) => {
+                    tracing::warn!(
+                        node = %self.node,
+                        "this node's lease is held; waiting {}s to see whether its holder is alive",
+                        TAKEOVER_AFTER.as_secs()
+                    );
+                    let watch_until = Instant::now() + TAKEOVER_AFTER;
+                    while Instant::now() < watch_until {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        if let Ok(Some(now)) = self.nodes.entry(&self.node).await {
+                            if now.revision != held.revision
+                                && now.operation == jetstream::kv::Operation::Put
+                            {
+                                return Err(clone("its lease was renewed while this one waited"));
+                            }
+                        }
+                    }
+                    let sent = Instant::now();
+                    let value = self.beat_value(&nonce)?;
+                    match self.nodes.update(&self.node, value, held.revision).await {
+                        Ok(rev) => {
+                            let mut lease = lock(&self.lease);
+                            lease.revision = rev;
+                            lease.renewed = sent;
+                            return Ok(());
+                        }
+                        Err(e) if e.kind() == jetstream::kv::UpdateErrorKind::WrongLastRevision => {
+                            Err(clone("it took the lease as this one started"))
+                        }
+                        Err(e) => Err(unavailable("taking the node's lease", e)),
+                    }
+                }
+            };
+            match taken {
+                Ok(rev) => {
+                    let mut lease = lock(&self.lease);
+                    lease.revision = rev;
+                    lease.renewed = sent;
+                    return Ok(());
+                }
+                Err(e @ StoreError::Config(_)) => return Err(e),
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "JetStream not ready yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        }
+    }
+
+    /// Renews the lease by compare-and-set. A renewal refused for its
+    /// revision means the key expired or another process wrote it: this
+    /// process no longer holds the node, and fences itself.
+    async fn beat(&self) {
+        if self.fenced.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let (nonce, revision) = {
+            let lease = lock(&self.lease);
+            (lease.nonce.clone(), lease.revision)
+        };
+        let sent = Instant::now();
+        let value = match self.beat_value(&nonce) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "NATS heartbeat failed");
+                return;
+            }
+        };
+        let renewed =
+            tokio::time::timeout(RENEW_WITHIN, self.nodes.update(&self.node, value, revision))
+                .await;
+        match renewed {
+            Ok(Ok(rev)) => {
+                let mut lease = lock(&self.lease);
+                lease.revision = rev;
+                lease.renewed = sent;
+            }
+            Ok(Err(e)) if e.kind() == jetstream::kv::UpdateErrorKind::WrongLastRevision => {
+                self.fence("this node's lease expired or was taken by another process");
+            }
+            Ok(Err(e)) => {
+                lock(&self.absent).clear();
+                tracing::warn!(error = %e, "NATS heartbeat failed");
+            }
+            Err(_) => {
+                lock(&self.absent).clear();
+                tracing::warn!("NATS heartbeat timed out; reconnecting its connection");
+                // Not awaited here: the reconnect itself waits on a server.
+                let client = self.lease_client.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(RENEW_WITHIN * 5, client.force_reconnect()).await;
+                });
+            }
+        }
+        self.check_lease();
+    }
+
+    /// Fences this node once its lease has gone `FENCE_AFTER` without a
+    /// renewal: a reaper elsewhere may act `NODE_TTL + REAP_GRACE` after
+    /// the last one, and by then this node's containers must be dead.
+    fn check_lease(&self) {
+        let since = lock(&self.lease).renewed.elapsed();
+        if since > FENCE_AFTER {
+            self.fence(&format!(
+                "this node's lease was not renewed for {}s",
+                since.as_secs()
+            ));
+        }
+    }
+
+    /// Stops this node: no call starts here any more, and `failed`
+    /// resolves, so `serve` kills this node's containers and exits for
+    /// its supervisor to restart it into recovery.
+    fn fence(&self, why: &str) {
+        if self.fenced.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        tracing::error!(node = %self.node, reason = %why, "fenced: stopping this node's calls before another node may reap them");
+        self.fatal.send_replace(Some(format!("fenced: {why}")));
+    }
+
+    fn is_fenced(&self) -> bool {
+        self.fenced.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// A call's state change still failed after every retry: it may or may
@@ -551,9 +809,16 @@ impl Inner {
         }
     }
 
-    async fn node_alive(&self, node: &str) -> Result<bool> {
+    /// Whether `node`'s calls may be reaped: its lease has been gone for
+    /// `REAP_GRACE` by this node's watch, while this node's own lease was
+    /// renewed all along (a node cut off from the store reaps nothing).
+    async fn node_lost(&self, node: &str) -> Result<bool> {
         if node == self.node {
-            return Ok(true);
+            return Ok(false);
+        }
+        if lock(&self.lease).renewed.elapsed() > HEARTBEAT * 2 + RENEW_WITHIN {
+            lock(&self.absent).clear();
+            return Ok(false);
         }
         // From the stream's leader, as every record read (kv.rs): a lagging
         // replica must not declare a live node lost. An expired heartbeat
@@ -565,7 +830,13 @@ impl Inner {
                 &format!("$KV.{NODES_BUCKET}.{node}"),
             )
             .await?;
-        Ok(heartbeat.is_some_and(|r| r.value.is_some()))
+        let mut absent = lock(&self.absent);
+        if heartbeat.is_some_and(|r| r.value.is_some()) {
+            absent.remove(node);
+            return Ok(false);
+        }
+        let since = *absent.entry(node.to_string()).or_insert_with(Instant::now);
+        Ok(since.elapsed() > REAP_GRACE)
     }
 
     /// Tells every node that `owner`'s calls changed (queued, started, ended).
@@ -675,8 +946,9 @@ impl Inner {
         Ok(c)
     }
 
+    /// A function's record, retried while the cluster is unavailable.
     async fn function(&self, key: &FnKey) -> Result<Option<Function>> {
-        Ok(self.bucket.get(&function_key(key)).await?.1)
+        retry(|| async { Ok(self.bucket.get(&function_key(key)).await?.1) }).await
     }
 
     fn output_stream(key: &FnKey) -> String {

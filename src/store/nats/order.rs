@@ -214,7 +214,7 @@ impl Inner {
                 CallState::Running => match self.bucket.get::<String>(&running_key(id)).await?.1 {
                     None => continue,
                     Some(claim) if claim.ends_with(CREATED) => return Ok(true),
-                    Some(claim) => return Ok(!self.node_alive(claim_node(&claim)).await?),
+                    Some(claim) => return self.node_lost(claim_node(&claim)).await,
                 },
             }
         }

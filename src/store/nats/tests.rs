@@ -66,8 +66,14 @@ async fn open() -> (Server, NatsStore) {
     let node = dir.path().join("node");
     std::fs::create_dir(&node).unwrap();
     let server = Server::start(dir);
-    let store = NatsStore::open(
-        &node,
+    let store = open_on(&node, server.port).await.unwrap();
+    (server, store)
+}
+
+/// One node's store on the server at `port`, its id kept in `node`.
+async fn open_on(node: &std::path::Path, port: u16) -> Result<NatsStore> {
+    NatsStore::open(
+        node,
         StoreConfig {
             inline_max_bytes: 4,
             min_free_bytes: 0,
@@ -76,7 +82,7 @@ async fn open() -> (Server, NatsStore) {
             log_budget: 1 << 20,
         },
         NatsConfig {
-            servers: vec![format!("nats://127.0.0.1:{}", server.port)],
+            servers: vec![format!("nats://127.0.0.1:{port}")],
             credentials: None,
             ca: None,
             replicas: 1,
@@ -84,8 +90,38 @@ async fn open() -> (Server, NatsStore) {
         },
     )
     .await
-    .unwrap();
-    (server, store)
+}
+
+/// A second process on the same node id (a copied data dir) is refused
+/// while the first renews its lease; a renewal refused for its revision
+/// (the key taken meanwhile) fences the first.
+#[tokio::test]
+async fn a_node_id_held_by_a_live_process_is_refused_and_a_lost_lease_fences() {
+    let (server, store) = open().await;
+    let node = store.inner.node.clone();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("node-id"), &node).unwrap();
+    match open_on(dir.path(), server.port).await {
+        Err(StoreError::Config(m)) => {
+            assert!(m.contains("another hyperfuncd process"), "{m}")
+        }
+        Err(e) => panic!("refused for the wrong reason: {e}"),
+        Ok(_) => panic!("a second process took a live node's lease"),
+    }
+    assert!(!store.inner.is_fenced());
+    // Another writer moves the key: the next renewal is refused.
+    store
+        .inner
+        .nodes
+        .put(&node, bytes::Bytes::from_static(b"{}"))
+        .await
+        .unwrap();
+    store.inner.beat().await;
+    assert!(store.inner.is_fenced());
+    let reason = tokio::time::timeout(std::time::Duration::from_secs(5), store.failed())
+        .await
+        .unwrap();
+    assert!(reason.contains("fenced"), "{reason}");
 }
 
 /// Two updates from one read: the second is refused rather than writing
