@@ -23,9 +23,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-/// Upper bounds of the run-time buckets, in seconds: those of
-/// `hyperfuncd_call_run_seconds` (plus +Inf).
-pub const RUN_BOUNDS: &[f64] = crate::metrics::SECONDS_BUCKETS;
+/// Upper bounds of the run-time buckets, in seconds, from a warm call's
+/// queue wait (milliseconds) to a long batch job (an hour): also those of
+/// every `*_seconds` histogram in `/metrics` (plus +Inf), so p50/p95 here
+/// are what `histogram_quantile` gives there.
+pub const RUN_BOUNDS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
 const BINS: usize = 17;
 const _: () = assert!(RUN_BOUNDS.len() + 1 == BINS);
 

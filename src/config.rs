@@ -852,31 +852,6 @@ impl Config {
         Ok(())
     }
 
-    /// What the store needs to know.
-    pub fn store(&self) -> crate::store::StoreConfig {
-        crate::store::StoreConfig {
-            inline_max_bytes: self.store.inline_max_bytes,
-            min_free_bytes: self.store.min_free_bytes,
-            ballast_bytes: self.store.ballast_bytes,
-            output_budget: self.limits.output_cache_bytes,
-            log_budget: self.limits.log_cache_bytes,
-        }
-    }
-
-    /// What the shared store needs to know.
-    pub fn nats(&self) -> crate::store::NatsConfig {
-        crate::store::NatsConfig {
-            servers: self.store.nats.servers.clone(),
-            credentials: self.store.nats.credentials.clone(),
-            ca: self.store.nats.ca.clone(),
-            replicas: self.store.nats.replicas,
-            max_message_bytes: self
-                .limits
-                .max_stdin_bytes
-                .max(self.limits.max_stdout_bytes),
-        }
-    }
-
     /// The data directory actually used.
     pub fn data_dir(&self) -> PathBuf {
         if let Some(d) = &self.data_dir {

@@ -1,8 +1,8 @@
 //! hyperfuncd: a Docker-centric serverless platform in one binary.
 //!
 //! Module map (dependencies point one way, top to bottom):
-//! - [`cli`]: the command line; a remote client that speaks the same types as [`api`].
-//! - [`bench`]: `hyperfuncd bench`, private daemons against raw `docker run`.
+//! - [`cli`]: the command line; a remote client that speaks the same types as [`api`];
+//!   `cli::bench`: `hyperfuncd bench`, private daemons against raw `docker run`.
 //! - [`api`]: HTTP only — parse, authenticate, hand to [`service`], map errors.
 //! - [`service`]: the operations of the platform (create a function, accept a call, ...).
 //! - [`scheduler`]: per-user FIFO drain, quotas, recovery, timeouts.
@@ -17,7 +17,6 @@
 
 pub mod activity;
 pub mod api;
-pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod failpoint;

@@ -8,9 +8,7 @@
 //! It never changes state and never fails a request: without an installed
 //! recorder (unit tests, the CLI) every function here is a no-op.
 
-use crate::model::{Call, CallState, FnKey};
-use crate::runtime::RuntimeError;
-use crate::service::Service;
+use crate::model::{Call, CallState, FnKey, FunctionStats};
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use metrics_util::MetricKindMask;
@@ -18,11 +16,8 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-/// Bucket bounds of every `*_seconds` histogram: from a warm call's queue
-/// wait (milliseconds) to a long batch job (an hour).
-pub(crate) const SECONDS_BUCKETS: &[f64] = &[
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
-];
+/// Bucket bounds of every `*_seconds` histogram: the activity's.
+const SECONDS_BUCKETS: &[f64] = crate::activity::RUN_BOUNDS;
 /// Gauges are all set at scrape time; one not set for this long belongs to
 /// a function or user that is gone, and leaves the output.
 const GAUGE_IDLE: Duration = Duration::from_secs(30);
@@ -124,16 +119,23 @@ pub fn pool_take(owner: &str, function: &str, hit: bool) {
     counter!(name, "function" => function.to_string(), "owner" => owner.to_string()).increment(1);
 }
 
+/// How the Docker Engine failed a request (`RuntimeError::engine_fault`
+/// says which, if it was the Engine's fault at all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineFault {
+    Unreachable,
+    Error,
+    Pull,
+}
+
 /// The Docker Engine failed a request: it was unreachable, or answered
 /// with an error. A refused image or runtime is the user's, not the Engine's.
-pub fn engine_error(e: &RuntimeError) {
-    let kind = match e {
-        RuntimeError::Unavailable { .. } => "unreachable",
-        RuntimeError::Engine(_) => "error",
-        RuntimeError::Pull { .. } => "pull",
-        RuntimeError::BadImage(_)
-        | RuntimeError::UnknownRuntime { .. }
-        | RuntimeError::Firewall(_) => return,
+pub fn engine_error(fault: Option<EngineFault>) {
+    let kind = match fault {
+        Some(EngineFault::Unreachable) => "unreachable",
+        Some(EngineFault::Error) => "error",
+        Some(EngineFault::Pull) => "pull",
+        None => return,
     };
     counter!("hyperfuncd_engine_errors_total", "kind" => kind).increment(1);
 }
@@ -174,48 +176,59 @@ fn ms_to_secs(ms: u64) -> f64 {
 
 // ---- scrape ----
 
-/// The Prometheus text exposition: levels read now, then every series the
+/// The levels `/metrics` shows, read at scrape time by the service.
+#[derive(Debug, Default)]
+pub struct Levels {
+    pub engine_up: bool,
+    pub db_bytes: u64,
+    pub output_cache_budget: u64,
+    pub log_cache_budget: u64,
+    /// Every user with their quota, so an idle user shows with 0.
+    pub users: Vec<(String, u32)>,
+    pub functions: Vec<FunctionLevels>,
+}
+
+/// One function's levels.
+#[derive(Debug)]
+pub struct FunctionLevels {
+    pub owner: String,
+    pub name: String,
+    pub stats: FunctionStats,
+    /// Idle warm containers; `None` when the pool is off.
+    pub pool_idle: Option<usize>,
+}
+
+/// The Prometheus text exposition: `levels`, then every series the
 /// recorder holds.
-pub async fn render(svc: &Service) -> String {
+pub fn render(levels: Levels) -> String {
     let Some(handle) = install() else {
         return String::new();
     };
     gauge!("hyperfuncd_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-    gauge!("hyperfuncd_engine_up").set(if svc.engine_ok().await { 1.0 } else { 0.0 });
-    gauge!("hyperfuncd_db_bytes").set(svc.store.size_on_disk().await as f64);
-    let limits = &svc.config.limits;
-    gauge!("hyperfuncd_output_cache_budget_bytes").set(limits.output_cache_bytes as f64);
-    gauge!("hyperfuncd_log_cache_budget_bytes").set(limits.log_cache_bytes as f64);
+    gauge!("hyperfuncd_engine_up").set(if levels.engine_up { 1.0 } else { 0.0 });
+    gauge!("hyperfuncd_db_bytes").set(levels.db_bytes as f64);
+    gauge!("hyperfuncd_output_cache_budget_bytes").set(levels.output_cache_budget as f64);
+    gauge!("hyperfuncd_log_cache_budget_bytes").set(levels.log_cache_budget as f64);
 
     // Per user: every user shows, with 0 when idle.
     let mut per_user: HashMap<String, (u64, u64)> = HashMap::new();
-    if let Ok(users) = svc.store.list_users().await {
-        for u in users {
-            gauge!("hyperfuncd_user_max_concurrency", "user" => u.name.to_string())
-                .set(f64::from(u.max_concurrency));
-            per_user.entry(u.name.to_string()).or_default();
-        }
+    for (user, max_concurrency) in levels.users {
+        gauge!("hyperfuncd_user_max_concurrency", "user" => user.clone())
+            .set(f64::from(max_concurrency));
+        per_user.entry(user).or_default();
     }
-    let idle = svc.scheduler.pool_idle();
-    if let Ok(functions) = svc.store.list_functions(None).await {
-        for f in functions {
-            let Ok(s) = svc.store.stats(&f.key()).await else {
-                continue;
-            };
-            let name = f.name.to_string();
-            let owner = f.owner.to_string();
-            gauge!("hyperfuncd_output_cache_bytes", "function" => name.clone(), "owner" => owner.clone())
-                .set(s.output_bytes as f64);
-            gauge!("hyperfuncd_log_cache_bytes", "function" => name.clone(), "owner" => owner.clone())
-                .set(s.log_bytes as f64);
-            if svc.config.pool.per_function > 0 {
-                let n = idle.get(&f.key().to_string()).copied().unwrap_or(0);
-                gauge!("hyperfuncd_pool_idle_containers", "function" => name, "owner" => owner)
-                    .set(n as f64);
-            }
-            let u = per_user.entry(f.owner.to_string()).or_default();
-            u.0 += s.pending;
-            u.1 += s.running;
+    for f in levels.functions {
+        let s = f.stats;
+        let u = per_user.entry(f.owner.clone()).or_default();
+        u.0 += s.pending;
+        u.1 += s.running;
+        gauge!("hyperfuncd_output_cache_bytes", "function" => f.name.clone(), "owner" => f.owner.clone())
+            .set(s.output_bytes as f64);
+        gauge!("hyperfuncd_log_cache_bytes", "function" => f.name.clone(), "owner" => f.owner.clone())
+            .set(s.log_bytes as f64);
+        if let Some(n) = f.pool_idle {
+            gauge!("hyperfuncd_pool_idle_containers", "function" => f.name, "owner" => f.owner)
+                .set(n as f64);
         }
     }
     for (user, (queued, running)) in per_user {

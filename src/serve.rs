@@ -84,15 +84,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     create_private_dir(&data_dir)?;
     restrict_tree(&data_dir)?;
     let store = match config.store.backend {
-        crate::config::StoreBackend::Sled => {
-            crate::store::open(&data_dir.join("db"), config.store())
-                .with_context(|| format!("cannot open the database in {}", data_dir.display()))?
-        }
-        crate::config::StoreBackend::Nats => {
-            crate::store::open_nats(&data_dir, config.store(), config.nats())
-                .await
-                .context("cannot open the shared store ([store] backend = \"nats\")")?
-        }
+        crate::config::StoreBackend::Sled => crate::store::open(
+            &data_dir.join("db"),
+            crate::store::StoreConfig::from_config(&config),
+        )
+        .with_context(|| format!("cannot open the database in {}", data_dir.display()))?,
+        crate::config::StoreBackend::Nats => crate::store::open_nats(
+            &data_dir,
+            crate::store::StoreConfig::from_config(&config),
+            crate::store::NatsConfig::from_config(&config),
+        )
+        .await
+        .context("cannot open the shared store ([store] backend = \"nats\")")?,
     };
     crate::activity::install(&data_dir.join("activity.json"));
     let instance = store.instance_id().await?;
@@ -145,13 +148,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Arc::clone(&runtime),
         Arc::clone(&config),
     );
-    let svc = Arc::new(Service {
-        store: Arc::clone(&store),
-        scheduler: Arc::clone(&scheduler),
+    let killer = Arc::clone(&runtime);
+    let svc = Arc::new(Service::new(
+        Arc::clone(&store),
+        Arc::clone(&scheduler),
         runtime,
-        config: Arc::clone(&config),
+        Arc::clone(&config),
         base_url,
-    });
+    ));
     let local_ip = if local.ip().is_unspecified() {
         "127.0.0.1".to_string()
     } else if local.ip().is_ipv6() {
@@ -166,11 +170,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
     // An address clients can use: 0.0.0.0 is not one.
     let callable = profile.endpoint.clone().unwrap_or_default();
-    let profile_path = ensure_admin(&svc, &data_dir, profile).await?;
+    let profile_path = ensure_admin(&svc, store.as_ref(), &data_dir, profile).await?;
     println!(
         "hyperfuncd listening on {callable}{}; admin profile written to {}",
         if local.ip().is_unspecified() {
-            format!(" (all addresses; call URLs use {})", svc.base_url)
+            format!(" (all addresses; call URLs use {})", svc.base_url())
         } else {
             String::new()
         },
@@ -184,7 +188,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // (not removed: recovery reads them), or they would run on without a
     // daemon for as long as it stays down.
     let watched = Arc::clone(&store);
-    let killer = Arc::clone(&svc.runtime);
     tokio::spawn(async move {
         let reason = watched.failed().await;
         tracing::error!(
@@ -306,6 +309,7 @@ fn tls_acceptor(
 /// a working key for it. Keys are stored hashed, so a lost profile means a new key.
 async fn ensure_admin(
     svc: &Service,
+    store: &dyn crate::store::Store,
     data_dir: &Path,
     mut profile: Profile,
 ) -> anyhow::Result<PathBuf> {
@@ -316,7 +320,7 @@ async fn ensure_admin(
         Some(k) => svc.authenticate(k).await.is_ok_and(|u| u.admin),
         None => false,
     };
-    let key = match (svc.store.get_user(&admin).await?, old_key) {
+    let key = match (store.get_user(&admin).await?, old_key) {
         (None, _) => svc
             .create_user(admin, None, true)
             .await?
@@ -326,7 +330,7 @@ async fn ensure_admin(
         (Some(_), Some(k)) if old_ok => k,
         // Another node made the admin: rotating its key here would lock
         // out the others. The operator copies that node's profile instead.
-        (Some(_), _) if svc.store.shared() => {
+        (Some(_), _) if store.shared() => {
             tracing::warn!(
                 profile = %path.display(),
                 "the shared store already has an admin: copy admin-profile.toml from the node that made it to use this node's CLI as admin"
@@ -337,7 +341,7 @@ async fn ensure_admin(
             let key = crate::model::ApiKey::generate();
             user.key_hash = key.hash();
             user.admin = true;
-            svc.store.update_user(&user).await?;
+            store.update_user(&user).await?;
             key.as_str().to_string()
         }
     };

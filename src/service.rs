@@ -9,7 +9,9 @@ use crate::model::{
     now_ms, ApiKey, Budget, Call, CallId, CallState, EnvVar, Event, FnKey, Function, FunctionSpec,
     Name, OutputState, Secret, User, UserLimits,
 };
-use crate::runtime::{LoginError, PullAuth, PullProgress, Runtime, RuntimeError};
+use crate::runtime::{LoginError, PullAuth, Runtime, RuntimeError};
+/// How a create or update tells of its image pull: the API streams it.
+pub use crate::runtime::{PullEvent, PullProgress};
 use crate::scheduler::{EndWaiter, Ended, Scheduler};
 use crate::store::{FunctionStats, OutputLookup, Store, StoreError};
 use bytes::Bytes;
@@ -85,7 +87,7 @@ impl From<StoreError> for ServiceError {
 
 impl From<RuntimeError> for ServiceError {
     fn from(e: RuntimeError) -> Self {
-        crate::metrics::engine_error(&e);
+        crate::metrics::engine_error(e.engine_fault());
         match e {
             RuntimeError::Unavailable { .. } => ServiceError::Unavailable(e.to_string()),
             RuntimeError::Pull { .. } => ServiceError::BadRequest(e.to_string()),
@@ -149,16 +151,49 @@ pub enum Scope<'a> {
     Function(&'a Function),
 }
 
+/// The one way in for the API and the metrics: its parts are private, so
+/// every rule of who may see or change what is applied here.
 pub struct Service {
-    pub store: Arc<dyn Store>,
-    pub scheduler: Arc<Scheduler>,
-    pub runtime: Arc<Runtime>,
-    pub config: Arc<Config>,
+    store: Arc<dyn Store>,
+    scheduler: Arc<Scheduler>,
+    runtime: Arc<Runtime>,
+    config: Arc<Config>,
     /// `https://HOST:PORT`, the base of call URLs.
-    pub base_url: String,
+    base_url: String,
 }
 
 impl Service {
+    pub fn new(
+        store: Arc<dyn Store>,
+        scheduler: Arc<Scheduler>,
+        runtime: Arc<Runtime>,
+        config: Arc<Config>,
+        base_url: String,
+    ) -> Service {
+        Service {
+            store,
+            scheduler,
+            runtime,
+            config,
+            base_url,
+        }
+    }
+
+    /// The daemon's configuration (read only).
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// `https://HOST:PORT`, the base of call URLs.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// The Engine label value that marks this daemon's containers.
+    pub fn instance(&self) -> &str {
+        self.runtime.instance()
+    }
+
     pub fn address(&self, f: &Function) -> String {
         format!("{}/call/{}/{}", self.base_url, f.name, f.secret.as_str())
     }
@@ -473,10 +508,7 @@ impl Service {
         match pulled {
             Ok(()) => Ok(()),
             Err(RuntimeError::Pull { image, message }) if message == DENIED => {
-                crate::metrics::engine_error(&RuntimeError::Pull {
-                    image: image.clone(),
-                    message: message.clone(),
-                });
+                crate::metrics::engine_error(Some(crate::metrics::EngineFault::Pull));
                 let host = registry.unwrap_or_default();
                 let hint = match &login {
                     None => format!(
@@ -699,7 +731,7 @@ impl Service {
     /// `LimitsConfig::memory_ceiling`). A missing timeout becomes the
     /// ceiling's.
     async fn check_limits(&self, spec: &mut FunctionSpec) -> Result<()> {
-        use crate::runtime::human_bytes;
+        use crate::model::human_bytes;
         spec.validate().map_err(ServiceError::BadRequest)?;
         let l = &self.config.limits;
         let bad = |m: String| Err(ServiceError::BadRequest(m));
@@ -946,7 +978,7 @@ impl Service {
     pub fn too_large(&self) -> ServiceError {
         ServiceError::TooLarge(format!(
             "request body exceeds the STDIN limit of {}",
-            crate::runtime::human_bytes(self.config.limits.max_stdin_bytes)
+            crate::model::human_bytes(self.config.limits.max_stdin_bytes)
         ))
     }
 
@@ -1067,6 +1099,100 @@ impl Service {
         Ok(self.store.last_event_seq(&f.key()).await?)
     }
 
+    /// The log events of `f` after `after` (matching `call`), then, as
+    /// calls change state, every newer one, in batches; the stream ends
+    /// when the function is removed or its secret is no longer the one
+    /// `f` carries (a follower must not outlive the URL it came by and
+    /// watch the calls of whoever holds the new one), or at `deadline`.
+    /// A refresh wakes no follower (nor does a change made on another
+    /// node), hence the recheck every `recheck`. The first item is what is
+    /// there now (possibly empty), with the sequence the follow starts
+    /// after (`None`: the log is empty and `after` was not given).
+    pub async fn follow_logs(
+        self: &Arc<Self>,
+        f: Function,
+        after: Option<u64>,
+        call: Option<CallId>,
+        tail: Option<usize>,
+        recheck: Duration,
+        deadline: tokio::time::Instant,
+    ) -> Result<(Option<u64>, Vec<(u64, Event)>, LogFollow)> {
+        // Subscribe before reading, so no event falls between the read and
+        // the follow; `last` covers everything scanned, matching the
+        // filter or not.
+        let mut changes = self.scheduler.subscribe();
+        let top = self.last_event_seq(&f).await?;
+        let first = self.events(&f, after, call.as_ref(), tail).await?;
+        let start = first.last().map(|(seq, _)| *seq).max(top).max(after);
+        let svc = Arc::clone(self);
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut last = start;
+            loop {
+                tokio::select! {
+                    changed = changes.changed() => if changed.is_err() {
+                        return;
+                    },
+                    () = tokio::time::sleep(recheck) => {}
+                    () = tokio::time::sleep_until(deadline) => return,
+                    () = tx.closed() => return,
+                }
+                let now = svc.store.get_function(&f.key()).await.ok().flatten();
+                if now.as_ref().is_some_and(|now| now.secret != f.secret) {
+                    return;
+                }
+                let Ok(top) = svc.last_event_seq(&f).await else {
+                    return;
+                };
+                let Ok(events) = svc.events(&f, last, call.as_ref(), None).await else {
+                    return;
+                };
+                last = events.last().map(|(seq, _)| *seq).max(top).max(last);
+                if !events.is_empty() && tx.send(events).await.is_err() {
+                    return;
+                }
+                if now.is_none() {
+                    return;
+                }
+            }
+        });
+        Ok((start, first, LogFollow { rx }))
+    }
+
+    /// What `/metrics` shows as levels, read now (never mirrored).
+    pub async fn levels(&self) -> crate::metrics::Levels {
+        let mut levels = crate::metrics::Levels {
+            engine_up: self.engine_ok().await,
+            db_bytes: self.store.size_on_disk().await,
+            output_cache_budget: self.config.limits.output_cache_bytes,
+            log_cache_budget: self.config.limits.log_cache_bytes,
+            ..Default::default()
+        };
+        if let Ok(users) = self.store.list_users().await {
+            levels.users = users
+                .into_iter()
+                .map(|u| (u.name.to_string(), u.max_concurrency))
+                .collect();
+        }
+        let idle = self.scheduler.pool_idle();
+        if let Ok(functions) = self.store.list_functions(None).await {
+            for f in functions {
+                let Ok(stats) = self.store.stats(&f.key()).await else {
+                    continue;
+                };
+                let pool_idle = (self.config.pool.per_function > 0)
+                    .then(|| idle.get(&f.key().to_string()).copied().unwrap_or(0));
+                levels.functions.push(crate::metrics::FunctionLevels {
+                    owner: f.owner.to_string(),
+                    name: f.name.to_string(),
+                    stats,
+                    pool_idle,
+                });
+            }
+        }
+        levels
+    }
+
     /// `Err(reason)` while the store cannot take writes, for `/healthz`.
     pub async fn store_ok(&self) -> std::result::Result<(), String> {
         self.store.health().await
@@ -1111,5 +1237,18 @@ fn too_many_functions(owner: &Name, max: u32) -> ServiceError {
             "user {owner} owns {max} functions, their limit (user update --max-functions); remove one first"
         ),
         retry_after_secs: FUNCTIONS_RETRY_AFTER_SECS,
+    }
+}
+
+/// The batches of a log follow (`Service::follow_logs`); dropping it ends
+/// the follow's task.
+pub struct LogFollow {
+    rx: tokio::sync::mpsc::Receiver<Vec<(u64, Event)>>,
+}
+
+impl LogFollow {
+    /// The next batch of newer events; `None` once the follow has ended.
+    pub async fn next(&mut self) -> Option<Vec<(u64, Event)>> {
+        self.rx.recv().await
     }
 }

@@ -192,9 +192,9 @@ pub fn routes(
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let raw_query = warp::query::raw().or(warp::any().map(String::new)).unify();
     let front = Arc::new(Front::new(
-        &svc.config.http,
-        svc.config.limits.max_stdin_bytes,
-        svc.config.data_dir(),
+        &svc.config().http,
+        svc.config().limits.max_stdin_bytes,
+        svc.config().data_dir(),
     ));
     let rates = Arc::new(rate::RateLimits::new());
     warp::method()
@@ -346,7 +346,7 @@ async fn route(svc: &Arc<Service>, rates: &rate::RateLimits, mut req: Req) -> Ap
                 status: if store.is_ok() { "ok" } else { "unavailable" }.into(),
                 engine: if engine { "up" } else { "down" }.into(),
                 store: store.err().unwrap_or_else(|| "ok".into()),
-                instance: svc.runtime.instance().to_string(),
+                instance: svc.instance().to_string(),
             };
             Ok(json_response(status, &h))
         }
@@ -354,7 +354,7 @@ async fn route(svc: &Arc<Service>, rates: &rate::RateLimits, mut req: Req) -> Ap
             // Any valid key: queue sizes are not for the whole network. A
             // user sees their own series only; the admin, everyone's.
             let caller = authenticate(svc, &req.front, req.client, &req.headers).await?;
-            let mut text = crate::metrics::render(svc).await;
+            let mut text = crate::metrics::render(svc.levels().await);
             if !caller.admin {
                 text = crate::metrics::for_user(&text, caller.name.as_str());
             }
@@ -611,8 +611,8 @@ async fn v1(
 async fn view(svc: &Service, f: &crate::model::Function) -> Result<FunctionView, ApiError> {
     let cache = CacheUse {
         stats: svc.stats(f).await?,
-        output_budget: svc.config.limits.output_cache_bytes,
-        log_budget: svc.config.limits.log_cache_bytes,
+        output_budget: svc.config().limits.output_cache_bytes,
+        log_budget: svc.config().limits.log_cache_bytes,
     };
     Ok(FunctionView::new(
         f,
@@ -768,13 +768,6 @@ async fn logs(
     };
     let follow = flag(query, "follow");
     let long = follow.then(|| front.long()).transpose()?;
-    let max_wait = front.max_wait;
-    // Subscribe before reading, so no event falls between the read and the
-    // follow; `last` covers everything scanned, matching the filter or not.
-    let mut changes = svc.scheduler.subscribe();
-    let top = svc.last_event_seq(&f).await?;
-    let first = svc.events(&f, after, call.as_ref(), tail).await?;
-    let mut last = first.last().map(|(seq, _)| *seq).max(top).max(after);
     let lines = |events: Vec<(u64, crate::model::Event)>| -> Bytes {
         let mut out = Vec::new();
         for (seq, e) in events {
@@ -789,51 +782,29 @@ async fn logs(
         Bytes::from(out)
     };
     if !follow {
+        let events = svc.events(&f, after, call.as_ref(), tail).await?;
         return Ok(with_type(
-            warp::http::Response::new(lines(first)).into_response(),
+            warp::http::Response::new(lines(events)).into_response(),
             "application/x-ndjson",
         ));
     }
-    // Follow: send what is there, then new events as calls change state,
-    // until the client goes away, the function is removed, or its secret is
-    // no longer the one the stream was opened with (`--refresh`, or removed
-    // and created again): a follower must not outlive the URL it came by and
-    // watch the calls of whoever holds the new one. A refresh wakes no
-    // follower (nor does a change made on another node), hence the recheck.
-    // It also ends after `max_wait`; the client goes on with `after=` the
-    // last `Seq` it saw (or the `Hyperfuncd-Log-Seq` header's if none).
-    let svc = Arc::clone(svc);
+    // Follow: what is there, then new events as calls change state, until
+    // the client goes away or the service ends the follow (see
+    // `Service::follow_logs`). It also ends after `max_wait`; the client
+    // goes on with `after=` the last `Seq` it saw (or the
+    // `Hyperfuncd-Log-Seq` header's if none).
+    let deadline = tokio::time::Instant::now() + front.max_wait;
+    let (start, first, mut batches) = svc
+        .follow_logs(f, after, call, tail, FOLLOW_RECHECK, deadline)
+        .await?;
     let head = lines(first);
-    let start_seq = last.unwrap_or(0);
-    let deadline = tokio::time::Instant::now() + max_wait;
     let stream = async_stream(move |tx| async move {
         let _long = long;
         if tx.send(head).await.is_err() {
             return;
         }
-        loop {
-            tokio::select! {
-                changed = changes.changed() => if changed.is_err() {
-                    return;
-                },
-                () = tokio::time::sleep(FOLLOW_RECHECK) => {}
-                () = tokio::time::sleep_until(deadline) => return,
-            }
-            let now = svc.store.get_function(&f.key()).await.ok().flatten();
-            if now.as_ref().is_some_and(|now| now.secret != f.secret) {
-                return;
-            }
-            let Ok(top) = svc.last_event_seq(&f).await else {
-                return;
-            };
-            let Ok(events) = svc.events(&f, last, call.as_ref(), None).await else {
-                return;
-            };
-            last = events.last().map(|(seq, _)| *seq).max(top).max(last);
-            if !events.is_empty() && tx.send(lines(events)).await.is_err() {
-                return;
-            }
-            if now.is_none() {
+        while let Some(events) = batches.next().await {
+            if tx.send(lines(events)).await.is_err() {
                 return;
             }
         }
@@ -842,8 +813,10 @@ async fn logs(
         warp::reply::stream(stream).into_response(),
         "application/x-ndjson",
     );
-    r.headers_mut()
-        .insert(LOG_SEQ_HEADER, warp::http::HeaderValue::from(start_seq));
+    r.headers_mut().insert(
+        LOG_SEQ_HEADER,
+        warp::http::HeaderValue::from(start.unwrap_or(0)),
+    );
     Ok(r)
 }
 
@@ -951,7 +924,7 @@ async fn read_body(
     headers: &HeaderMap,
     mut body: BodyStream,
 ) -> Result<front::Body, ApiError> {
-    let limit = svc.config.limits.max_stdin_bytes;
+    let limit = svc.config().limits.max_stdin_bytes;
     let declared = headers
         .get(warp::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -962,7 +935,7 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit.saturating_mul(DRAIN_FACTOR)) {
         return Err(svc.too_large().into());
     }
-    let clock = BodyClock::new(&svc.config.http);
+    let clock = BodyClock::new(&svc.config().http);
     let mut seen = match front.read_body(limit, &mut body, &clock).await {
         Ok(b) => return Ok(b),
         Err(BodyError::Api(e)) => return Err(e),
@@ -1021,7 +994,7 @@ async fn json_body<T: serde::de::DeserializeOwned>(
 ) -> Result<T, ApiError> {
     const LIMIT: usize = 1024 * 1024;
     let mut buf = BytesMut::new();
-    let clock = BodyClock::new(&svc.config.http);
+    let clock = BodyClock::new(&svc.config().http);
     while let Some(chunk) = clock.next(&mut body, buf.len() as u64).await? {
         if buf.len() + chunk.len() > LIMIT {
             return Err(ApiError::new(

@@ -53,7 +53,11 @@ struct Fixture {
 async fn fixture() -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = Arc::new(Config::default());
-    let store = crate::store::open(&dir.path().join("db"), config.store()).expect("open store");
+    let store = crate::store::open(
+        &dir.path().join("db"),
+        crate::store::StoreConfig::from_config(&config),
+    )
+    .expect("open store");
     // Connects lazily: a socket that does not exist keeps Docker out of this test.
     let runtime = Arc::new(Runtime::new(
         "/nonexistent.sock".into(),
@@ -65,13 +69,13 @@ async fn fixture() -> Fixture {
         Arc::clone(&runtime),
         Arc::clone(&config),
     );
-    let svc = Arc::new(Service {
+    let svc = Arc::new(Service::new(
         store,
         scheduler,
         runtime,
         config,
-        base_url: "https://localhost:8443".into(),
-    });
+        "https://localhost:8443".into(),
+    ));
     let (_, key) = svc
         .create_user(Name::parse("admin").expect("name"), None, true)
         .await

@@ -13,7 +13,7 @@
 use super::types::{ErrorDetail, PullLine, PullProgressView, PullStart};
 use super::{async_stream, json_response, view, with_type, ApiError, ApiResult};
 use crate::model::Function;
-use crate::runtime::{PullEvent, PullProgress};
+use crate::service::{PullEvent, PullProgress};
 use crate::service::{Service, ServiceError};
 use bytes::Bytes;
 use std::future::Future;

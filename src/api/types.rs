@@ -1,8 +1,8 @@
 //! The JSON bodies of the API. The CLI sends and reads these same types, so
 //! the two cannot drift apart. Field names are PascalCase, as in Docker's API.
 
+use crate::model::FunctionStats;
 use crate::model::{format_time, Budget, Call, Event, Function, User, UserLimits};
-use crate::store::FunctionStats;
 use serde::{Deserialize, Serialize};
 
 /// `Runtime` naming no runtime: the function follows the server's default.

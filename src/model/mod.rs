@@ -5,6 +5,7 @@ mod call;
 mod function;
 mod ids;
 mod image;
+mod stats;
 mod user;
 
 pub use call::{
@@ -13,6 +14,7 @@ pub use call::{
 pub use function::{validate_runtime_name, EnvVar, Function, FunctionSpec, MIN_CPUS, MIN_MEMORY};
 pub use ids::{CallId, FnKey, IdError, Name, Secret};
 pub use image::{normalize_registry, parse_registry_host, ImageRef, RegistryLogin, DOCKER_HUB};
+pub use stats::FunctionStats;
 pub use user::{
     hash_key, ApiKey, Budget, QueueBudget, User, UserLimits, UserLimitsV1, UserV1, UserV2,
     API_KEY_PREFIX,
@@ -30,4 +32,29 @@ pub fn now_ms() -> u64 {
 pub fn format_time(ms: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
         .to_string()
+}
+
+/// A byte count as messages show it: whole MiB or KiB when exact, else bytes.
+pub fn human_bytes(n: u64) -> String {
+    const MIB: u64 = 1024 * 1024;
+    const KIB: u64 = 1024;
+    if n >= MIB && n % MIB == 0 {
+        format!("{} MiB", n / MIB)
+    } else if n >= KIB && n % KIB == 0 {
+        format!("{} KiB", n / KIB)
+    } else {
+        format!("{n} bytes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_bytes;
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(human_bytes(5 * 1024 * 1024), "5 MiB");
+        assert_eq!(human_bytes(2048), "2 KiB");
+        assert_eq!(human_bytes(1000), "1000 bytes");
+    }
 }

@@ -8,7 +8,7 @@
 mod firewall;
 
 use crate::config::{ContainerConfig, DiskCap};
-use crate::model::{CallId, CallState, Outcome, RegistryLogin};
+use crate::model::{human_bytes, CallId, CallState, Outcome, RegistryLogin};
 use bollard::container::{AttachContainerResults, LogOutput};
 use bollard::errors::Error as DockerError;
 use bollard::models::{
@@ -81,6 +81,23 @@ pub enum RuntimeError {
     /// cannot be installed; no call container is made without them.
     #[error("call firewall ([container] firewall): {0}")]
     Firewall(String),
+}
+
+impl RuntimeError {
+    /// Whose fault, for `hyperfuncd_engine_errors_total`: the Engine's
+    /// (unreachable, an error, a failed pull), or `None` for a refused
+    /// image or runtime, which is the user's.
+    pub fn engine_fault(&self) -> Option<crate::metrics::EngineFault> {
+        use crate::metrics::EngineFault;
+        match self {
+            RuntimeError::Unavailable { .. } => Some(EngineFault::Unreachable),
+            RuntimeError::Engine(_) => Some(EngineFault::Error),
+            RuntimeError::Pull { .. } => Some(EngineFault::Pull),
+            RuntimeError::BadImage(_)
+            | RuntimeError::UnknownRuntime { .. }
+            | RuntimeError::Firewall(_) => None,
+        }
+    }
 }
 
 /// Everything needed to run one call.
@@ -1718,18 +1735,6 @@ fn split_reference(image: &str) -> (String, String) {
     }
 }
 
-pub fn human_bytes(n: u64) -> String {
-    const MIB: u64 = 1024 * 1024;
-    const KIB: u64 = 1024;
-    if n >= MIB && n % MIB == 0 {
-        format!("{} MiB", n / MIB)
-    } else if n >= KIB && n % KIB == 0 {
-        format!("{} KiB", n / KIB)
-    } else {
-        format!("{n} bytes")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1849,12 +1854,5 @@ mod tests {
             "not found in its registry"
         );
         assert_eq!(pull_summary("something else"), "the registry refused it");
-    }
-
-    #[test]
-    fn byte_sizes() {
-        assert_eq!(human_bytes(5 * 1024 * 1024), "5 MiB");
-        assert_eq!(human_bytes(2048), "2 KiB");
-        assert_eq!(human_bytes(1000), "1000 bytes");
     }
 }

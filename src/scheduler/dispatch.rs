@@ -349,7 +349,7 @@ impl Scheduler {
         result: Result<crate::runtime::Ran, RuntimeError>,
     ) -> Result<(), StoreError> {
         if let Err(e) = &result {
-            crate::metrics::engine_error(e);
+            crate::metrics::engine_error(e.engine_fault());
         }
         match result {
             Ok(mut ran) => {

@@ -13,12 +13,13 @@ mod nats;
 pub use embedded::SledStore;
 pub use nats::{NatsConfig, NatsStore, NODE_LOST};
 
+pub use crate::model::FunctionStats;
 use crate::model::{
     Call, CallId, Event, FnKey, Function, Name, Outcome, QueueBudget, RegistryLogin, User,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+
 use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
@@ -84,18 +85,17 @@ pub struct StoreConfig {
     pub log_budget: u64,
 }
 
-/// Per-function counters, kept in the same transactions as the records they count.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FunctionStats {
-    pub total: u64,
-    pub pending: u64,
-    pub running: u64,
-    pub finished: u64,
-    pub failed: u64,
-    /// Bytes of STDOUT held in the function's output cache.
-    pub output_bytes: u64,
-    /// Bytes of events held in the function's log cache.
-    pub log_bytes: u64,
+impl StoreConfig {
+    /// What the store needs to know of the daemon's configuration.
+    pub fn from_config(config: &crate::config::Config) -> StoreConfig {
+        StoreConfig {
+            inline_max_bytes: config.store.inline_max_bytes,
+            min_free_bytes: config.store.min_free_bytes,
+            ballast_bytes: config.store.ballast_bytes,
+            output_budget: config.limits.output_cache_bytes,
+            log_budget: config.limits.log_cache_bytes,
+        }
+    }
 }
 
 /// What `take_output` found.
@@ -295,9 +295,9 @@ pub(crate) fn over_queue(
     } else if bytes.saturating_add(len) > budget.max_bytes {
         format!(
             "{} of payloads queued and this call brings {}, over their limit (max_queued_bytes {})",
-            crate::runtime::human_bytes(bytes),
-            crate::runtime::human_bytes(len),
-            crate::runtime::human_bytes(budget.max_bytes)
+            crate::model::human_bytes(bytes),
+            crate::model::human_bytes(len),
+            crate::model::human_bytes(budget.max_bytes)
         )
     } else {
         return None;

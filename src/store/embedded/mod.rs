@@ -632,7 +632,7 @@ impl Inner {
 fn approx_bytes(n: u64) -> String {
     const MIB: u64 = 1024 * 1024;
     match n {
-        n if n < MIB => crate::runtime::human_bytes(n),
+        n if n < MIB => crate::model::human_bytes(n),
         n if n < 1024 * MIB => format!("{:.1} MiB", n as f64 / MIB as f64),
         n => format!("{:.1} GiB", n as f64 / (1024 * MIB) as f64),
     }

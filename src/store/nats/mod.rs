@@ -70,6 +70,22 @@ pub struct NatsConfig {
     pub max_message_bytes: u64,
 }
 
+impl NatsConfig {
+    /// What the shared store needs to know of the daemon's configuration.
+    pub fn from_config(config: &crate::config::Config) -> NatsConfig {
+        NatsConfig {
+            servers: config.store.nats.servers.clone(),
+            credentials: config.store.nats.credentials.clone(),
+            ca: config.store.nats.ca.clone(),
+            replicas: config.store.nats.replicas,
+            max_message_bytes: config
+                .limits
+                .max_stdin_bytes
+                .max(config.limits.max_stdout_bytes),
+        }
+    }
+}
+
 const QUEUE_STREAM: &str = "HFQ";
 const NODES_BUCKET: &str = "hyperfuncd-nodes";
 /// How often a node refreshes its liveness key.

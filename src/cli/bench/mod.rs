@@ -19,10 +19,10 @@ mod daemon;
 mod raw;
 mod report;
 
+use super::client::Client;
 use crate::api::types::{
     CallAccepted, CallView, FunctionCreate, FunctionView, Health, StatusView, UserCreate, UserView,
 };
-use crate::cli::bench::Client;
 use crate::cli::Profile;
 use crate::runtime::{LABEL_CALL, LABEL_INSTANCE, LABEL_OWNER, LABEL_POOL};
 use anyhow::{anyhow, bail, Context};
