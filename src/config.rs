@@ -479,7 +479,16 @@ pub struct NatsSection {
     pub ca: Option<PathBuf>,
     /// Copies of every stream and bucket: 3 for a three-server cluster.
     pub replicas: usize,
+    /// The most bytes the shared queue stream holds (every user's queued
+    /// payloads, and the calls that run), per copy. A call that would go
+    /// past it is refused with 507 and nothing stored (the stream discards
+    /// new messages, never old ones), so the queue cannot fill the
+    /// servers' storage that state changes need. Default 1 GiB.
+    pub queue_max_bytes: u64,
 }
+
+/// Default `[store.nats] queue_max_bytes`: 1 GiB.
+pub const DEFAULT_QUEUE_MAX_BYTES: u64 = 1 << 30;
 
 impl Default for NatsSection {
     fn default() -> Self {
@@ -488,6 +497,7 @@ impl Default for NatsSection {
             credentials: None,
             ca: None,
             replicas: 3,
+            queue_max_bytes: DEFAULT_QUEUE_MAX_BYTES,
         }
     }
 }

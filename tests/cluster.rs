@@ -70,7 +70,7 @@ impl NatsCluster {
             format!(
                 "server_name: n{i}\nlisten: 127.0.0.1:{port}\nhttp: 127.0.0.1:{http}\n\
                  max_payload: 8MB\n\
-                 jetstream {{ store_dir: \"{}\" }}\n\
+                 jetstream {{ store_dir: \"{}\", sync_interval: always }}\n\
                  cluster {{ name: hf, listen: 127.0.0.1:{cluster}, routes: [{}] }}\n",
                 self.dir.path().join(format!("js{i}")).display(),
                 routes.join(", ")
@@ -1196,7 +1196,7 @@ fn a_node_reaches_a_tls_nats_server_with_a_creds_file_and_is_refused_clearly_wit
         "nats.conf",
         &format!(
             "listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{http}\nmax_payload: 8MB\n\
-             jetstream {{ store_dir: \"{}\" }}\n\
+             jetstream {{ store_dir: \"{}\", sync_interval: always }}\n\
              tls {{ cert_file: \"{}\", key_file: \"{}\" }}\n\
              operator: \"{}\"\nsystem_account: {}\nresolver: MEMORY\n\
              resolver_preload: {{ {}: \"{}\", {}: \"{}\" }}\n",
@@ -1551,5 +1551,80 @@ fn a_store_error_on_each_call_path_write_leaves_no_call_running() {
             _ => panic!("{point}: {call}"),
         }
     }
+    a.finish();
+}
+
+/// The shared queue stream is bounded (`queue_max_bytes`, discard new):
+/// full, it refuses a call at once with 507 and stores nothing of it,
+/// loses none of the calls it took, and takes calls again once calls have
+/// run and left it.
+#[test]
+fn a_full_queue_stream_refuses_at_once_loses_nothing_and_intake_resumes() {
+    let _one = one_at_a_time();
+    let nats = NatsCluster::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = Daemon::start_on(
+        &data_dir(&tmp, "a"),
+        &nats.config("queue_max_bytes = 1048576\n"),
+    );
+    let key = a.add_user("filler", 1);
+    a.create_as(&key, "count", &[IMAGE, "sh", "-c", "sleep 1; wc -c"]);
+    let body = vec![b'q'; 200 * 1024];
+    let mut accepted = Vec::new();
+    let mut refusal = None;
+    for _ in 0..12 {
+        let began = Instant::now();
+        let out = a.cli_as(&key, &["func", "call", "count"], Some(&body));
+        if out.status.success() {
+            accepted.push(
+                stdout(&out)
+                    .trim()
+                    .trim_start_matches("CallId: ")
+                    .to_string(),
+            );
+            continue;
+        }
+        refusal = Some((began.elapsed(), stderr(&out)));
+        break;
+    }
+    let (took, why) = refusal.expect("a 1 MiB queue refuses a sixth call of 200 KiB");
+    assert!(
+        why.contains("shared queue is full") && why.contains("1 MiB"),
+        "the refusal says why: {why}"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "refused at once, not after retries: {took:?}"
+    );
+    assert!(
+        (3..=5).contains(&accepted.len()),
+        "about 1 MiB of calls taken: {}",
+        accepted.len()
+    );
+    let s = a.status("count");
+    assert_eq!(
+        s["Total"],
+        accepted.len(),
+        "the refused call was not stored: {s}"
+    );
+    // Calls run (quota 1) and leave the stream: intake resumes.
+    a.wait_until(60, "the queue takes a call again", || {
+        a.cli_as(&key, &["func", "call", "count"], Some(&body))
+            .status
+            .success()
+    });
+    let ended = wait_ended(&a, &accepted, 90);
+    for (id, call) in accepted.iter().zip(&ended) {
+        assert_eq!(call["State"], "FINISHED", "{id}: {call}");
+        let (code, out) = a.output(id);
+        assert_eq!(code, 200, "{id}");
+        assert_eq!(
+            String::from_utf8_lossy(&out).trim(),
+            body.len().to_string(),
+            "{id} ran with its own bytes"
+        );
+    }
+    let out = a.cli_as(&key, &["func", "rm", "--force", "count"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
     a.finish();
 }

@@ -85,7 +85,7 @@ pub(super) async fn nats_version(bin: &Path) -> anyhow::Result<String> {
 }
 
 impl NatsCluster {
-    pub(super) async fn start(bin: &Path, root: &Path) -> anyhow::Result<NatsCluster> {
+    pub(super) async fn start(bin: &Path, root: &Path, sync: &str) -> anyhow::Result<NatsCluster> {
         let dir = root.join("nats");
         std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let p = free_ports(9)?;
@@ -102,7 +102,7 @@ impl NatsCluster {
             let conf = format!(
                 "server_name: n{i}\nlisten: 127.0.0.1:{client_port}\nhttp: 127.0.0.1:{http_port}\n\
                  max_payload: 8MB\n\
-                 jetstream {{ store_dir: {} }}\n\
+                 jetstream {{ store_dir: {}, sync_interval: {sync} }}\n\
                  cluster {{ name: bench, listen: 127.0.0.1:{route_port}, routes: [{}] }}\n",
                 serde_json::Value::String(store.to_string_lossy().into_owned()),
                 routes.join(", ")
@@ -219,7 +219,7 @@ pub(super) async fn bench_cluster(args: &BenchArgs) -> anyhow::Result<()> {
     progress("starting a three-server JetStream cluster (R3) on loopback");
     // Declared before the daemons, so dropped after them: a node stops
     // cleanly only while its store answers.
-    let servers = NatsCluster::start(&nats_bin, &tmp.0).await?;
+    let servers = NatsCluster::start(&nats_bin, &tmp.0, &args.nats_sync).await?;
     // No pool anywhere, so every call takes the same path on every daemon;
     // a short grace, so the accept runs' `sleep 600` does not hold up stop.
     let common = "\n[scheduler]\nshutdown_grace_secs = 1\n";
@@ -406,10 +406,10 @@ impl ClusterReport {
         };
         let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
         let mut out = format!(
-            "hyperfuncd bench --cluster — image {}, network {}, Docker Engine {}, {}, {cpus} CPUs\n\
+            "hyperfuncd bench --cluster — image {}, network {}, Docker Engine {}, {}, sync_interval {}, {cpus} CPUs\n\
              sled: one daemon; NATS: two nodes on a three-server JetStream cluster on loopback (R3),\n\
              requests alternating between them; no warm pool anywhere\n\n",
-            self.image, args.network, self.engine, self.nats
+            self.image, args.network, self.engine, self.nats, args.nats_sync
         );
 
         const SLED: &str = "hyperfuncd, sled, one node";

@@ -129,6 +129,16 @@ pub struct BenchArgs {
     /// Seconds each durable-accepts run of `--cluster` lasts
     #[arg(long, default_value_t = 10, requires = "cluster")]
     pub seconds: u64,
+    /// The servers' JetStream `sync_interval` for `--cluster`: `always`
+    /// (fsync before every acknowledgement: a 202 survives a power cut of
+    /// every server) or an interval such as `2m` (NATS's default)
+    #[arg(
+        long,
+        default_value = "always",
+        value_name = "always|DURATION",
+        requires = "cluster"
+    )]
+    pub nats_sync: String,
 }
 
 impl BenchArgs {
@@ -153,6 +163,15 @@ impl BenchArgs {
         }
         if self.cluster && self.runtime.is_some() {
             bail!("--runtime and --cluster measure different rows: give one of them");
+        }
+        if self.cluster
+            && self.nats_sync != "always"
+            && humantime::parse_duration(&self.nats_sync).is_err()
+        {
+            bail!(
+                "--nats-sync {:?}: give always or a duration such as 2m",
+                self.nats_sync
+            );
         }
         if self.cluster && self.seconds == 0 {
             bail!("--seconds must be at least 1");

@@ -122,6 +122,24 @@ enum Head {
     Next,
 }
 
+/// What a refused queue publish means. The queue stream at its bound
+/// (discard new) or the servers out of storage refuse the message, which is
+/// then not stored: `Full` (507, at once; the call is not retried). Anything
+/// else is an outage, retried.
+fn queue_refusal(e: &impl std::fmt::Display, queue_max_bytes: u64) -> StoreError {
+    let text = e.to_string();
+    if text.contains("maximum bytes exceeded") || text.contains("maximum messages exceeded") {
+        StoreError::Full(format!(
+            "the shared queue is full: its calls hold [store.nats] queue_max_bytes ({}); try again once calls have run",
+            crate::model::human_bytes(queue_max_bytes)
+        ))
+    } else if text.contains("insufficient resources") {
+        StoreError::Full("the NATS servers' JetStream storage is full".into())
+    } else {
+        unavailable("queueing the call", text)
+    }
+}
+
 impl Inner {
     pub(super) async fn accept(
         &self,
@@ -186,7 +204,7 @@ impl Inner {
                 .await
                 .map_err(|e| unavailable("queueing the call", e))?
                 .await
-                .map_err(|e| Refused::Error(unavailable("queueing the call", e)))
+                .map_err(|e| Refused::Error(queue_refusal(&e, self.queue_max_bytes)))
         });
         // The function's record and the call's counter shards are read
         // while the message is stored: round trips at once, not in a row.

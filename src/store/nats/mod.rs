@@ -68,6 +68,9 @@ pub struct NatsConfig {
     /// The largest message the store must carry (a payload or an output):
     /// the servers' `max_payload` must allow it.
     pub max_message_bytes: u64,
+    /// The queue stream's `max_bytes` (discard new): past it, accepts are
+    /// refused as `Full`.
+    pub queue_max_bytes: u64,
 }
 
 impl NatsConfig {
@@ -82,6 +85,7 @@ impl NatsConfig {
                 .limits
                 .max_stdin_bytes
                 .max(config.limits.max_stdout_bytes),
+            queue_max_bytes: config.store.nats.queue_max_bytes,
         }
     }
 }
@@ -156,6 +160,9 @@ struct Inner {
     node: String,
     config: StoreConfig,
     replicas: usize,
+    /// The queue stream's bound (`[store.nats] queue_max_bytes`), for the
+    /// message that refuses a call past it.
+    queue_max_bytes: u64,
     consumers: Mutex<HashMap<Name, consumer::PullConsumer>>,
     held: Mutex<HashMap<CallId, Held>>,
     /// Per owner: the held head not yet started.
@@ -243,7 +250,7 @@ impl NatsStore {
         // A cluster that has just started may still be electing its leaders.
         // The records bucket is read and written through its stream (kv.rs).
         let (_, _, queue) = loop {
-            match open_streams(&js, replicas).await {
+            match open_streams(&js, replicas, nats.queue_max_bytes).await {
                 Ok(v) => break v,
                 Err(e) if Instant::now() > deadline => return Err(e),
                 Err(e) => {
@@ -285,6 +292,7 @@ impl NatsStore {
             node,
             config,
             replicas,
+            queue_max_bytes: nats.queue_max_bytes,
             consumers: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
             heads: Mutex::new(HashMap::new()),
@@ -482,6 +490,7 @@ fn refused(e: &async_nats::ConnectError, nats: &NatsConfig) -> Option<String> {
 async fn open_streams(
     js: &jetstream::Context,
     replicas: usize,
+    queue_max_bytes: u64,
 ) -> Result<(jetstream::kv::Store, jetstream::kv::Store, stream::Stream)> {
     let kv = open_bucket(js, replicas).await?;
     let nodes = match js.get_key_value(NODES_BUCKET).await {
@@ -497,17 +506,39 @@ async fn open_streams(
             .await
             .map_err(|e| unavailable("creating the nodes bucket", e))?,
     };
-    let queue = js
+    // Bounded, and full means refused: discard-old would silently drop
+    // acknowledged calls. A stream made before the bound (or with another
+    // one) is brought to this node's setting.
+    let max_bytes = i64::try_from(queue_max_bytes).unwrap_or(i64::MAX);
+    let mut queue = js
         .get_or_create_stream(stream::Config {
             name: QUEUE_STREAM.into(),
             subjects: vec!["hfq.*".into()],
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
             num_replicas: replicas,
+            max_bytes,
+            discard: stream::DiscardPolicy::New,
             ..Default::default()
         })
         .await
         .map_err(|e| unavailable("creating the queue stream", e))?;
+    let info = queue
+        .info()
+        .await
+        .map_err(|e| unavailable("reading the queue stream", e))?;
+    if info.config.max_bytes != max_bytes || info.config.discard != stream::DiscardPolicy::New {
+        let mut config = info.config.clone();
+        config.max_bytes = max_bytes;
+        config.discard = stream::DiscardPolicy::New;
+        js.update_stream(config)
+            .await
+            .map_err(|e| unavailable("bounding the queue stream", e))?;
+        tracing::info!(
+            max_bytes = queue_max_bytes,
+            "the shared queue stream is bounded by [store.nats] queue_max_bytes"
+        );
+    }
     Ok((kv, nodes, queue))
 }
 

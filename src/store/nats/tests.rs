@@ -87,6 +87,7 @@ async fn open_on(node: &std::path::Path, port: u16) -> Result<NatsStore> {
             ca: None,
             replicas: 1,
             max_message_bytes: 1024,
+            queue_max_bytes: 1 << 20,
         },
     )
     .await
