@@ -1026,7 +1026,29 @@ impl Inner {
             )));
         }
         for c in live {
-            let _ = self.queue.delete_message(c.seq).await;
+            // The message goes before the record, for good: a record is
+            // deleted only once its call's message is gone, so nothing can
+            // later find a message without a record and bury one (the
+            // argument that lets delete markers expire, ARCHITECTURE.md).
+            retry(|| async {
+                match self.queue.delete_message(c.seq).await {
+                    Ok(_) => Ok(()),
+                    // Gone already (acknowledged, or an earlier attempt's).
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            jetstream::stream::DeleteMessageErrorKind::JetStream(_)
+                        ) && e.to_string().contains("no message found") =>
+                    {
+                        Ok(())
+                    }
+                    Err(e) => Err(Refused::Error(unavailable(
+                        "deleting a removed function's queued call",
+                        e,
+                    ))),
+                }
+            })
+            .await?;
             // A PENDING call left by an interrupted removal leaves its
             // owner's queued counts with its record.
             retry(|| async {

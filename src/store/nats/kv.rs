@@ -79,6 +79,9 @@ pub struct Read {
 pub struct Bucket {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
+    /// The TTL every delete marker carries (`Nats-TTL`): with one revision
+    /// per key, a deleted key then leaves no subject behind once it passes.
+    pub marker_ttl: Duration,
 }
 
 impl Bucket {
@@ -265,6 +268,8 @@ impl Bucket {
                 Op::Put(k, v, e) => (k, v, e),
                 Op::Del(k, e) => {
                     h.insert("KV-Operation", "DEL");
+                    let ttl = format!("{}s", self.marker_ttl.as_secs().max(1));
+                    h.insert("Nats-TTL", ttl.as_str());
                     (k, Vec::new(), e)
                 }
             };

@@ -71,7 +71,15 @@ pub struct NatsConfig {
     /// The queue stream's `max_bytes` (discard new): past it, accepts are
     /// refused as `Full`.
     pub queue_max_bytes: u64,
+    /// How long a delete marker of the records bucket lives
+    /// (`MARKER_TTL`; shorter only in tests).
+    pub marker_ttl: Duration,
 }
+
+/// How long a deleted record key keeps its delete marker: long after
+/// anything could still write the key expecting it absent
+/// (ARCHITECTURE.md, "delete markers expire").
+pub const MARKER_TTL: Duration = Duration::from_secs(24 * 3600);
 
 impl NatsConfig {
     /// What the shared store needs to know of the daemon's configuration.
@@ -86,6 +94,7 @@ impl NatsConfig {
                 .max_stdin_bytes
                 .max(config.limits.max_stdout_bytes),
             queue_max_bytes: config.store.nats.queue_max_bytes,
+            marker_ttl: MARKER_TTL,
         }
     }
 }
@@ -278,7 +287,11 @@ impl NatsStore {
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
-            bucket: Bucket { client, js },
+            bucket: Bucket {
+                client,
+                js,
+                marker_ttl: nats.marker_ttl,
+            },
             nodes,
             lease: Mutex::new(Lease {
                 nonce: uuid::Uuid::new_v4().simple().to_string(),
@@ -567,11 +580,17 @@ async fn open_bucket(js: &jetstream::Context, replicas: usize) -> Result<jetstre
         .map_err(|e| unavailable("opening the records bucket", e))?
         .config
         .clone();
-    if !config.allow_atomic_publish {
+    // Delete markers carry a TTL (`Bucket::commit`), which the stream must
+    // allow, so a deleted key leaves nothing behind for good.
+    if !config.allow_atomic_publish || !config.allow_message_ttl {
         config.allow_atomic_publish = true;
-        js.update_stream(config)
-            .await
-            .map_err(|e| unavailable("allowing atomic batches on the records bucket", e))?;
+        config.allow_message_ttl = true;
+        js.update_stream(config).await.map_err(|e| {
+            unavailable(
+                "allowing atomic batches and marker TTLs on the records bucket",
+                e,
+            )
+        })?;
     }
     Ok(kv)
 }

@@ -88,6 +88,7 @@ async fn open_on(node: &std::path::Path, port: u16) -> Result<NatsStore> {
             replicas: 1,
             max_message_bytes: 1024,
             queue_max_bytes: 1 << 20,
+            marker_ttl: Duration::from_secs(2),
         },
     )
     .await
@@ -611,5 +612,113 @@ async fn registry_logins_per_user_and_host_go_with_their_user() {
         .await
         .unwrap());
     assert!(!store.is_private_registry("r.example.com").await.unwrap());
+    drop(server);
+}
+
+/// The keys the records bucket holds a message for now: values, and
+/// delete markers not yet expired.
+async fn record_keys(store: &NatsStore) -> Vec<String> {
+    use futures_util::TryStreamExt;
+    let stream = store
+        .inner
+        .bucket
+        .js
+        .get_stream(kv::BUCKET_STREAM)
+        .await
+        .unwrap();
+    let prefix = format!("$KV.{}.", kv::BUCKET);
+    let subjects: Vec<(String, usize)> = stream
+        .info_with_subjects(format!("{prefix}>"))
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let mut keys: Vec<String> = subjects
+        .into_iter()
+        .map(|(s, _)| s.trim_start_matches(&prefix).to_string())
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// Delete markers expire: a function removed and purged with a queued
+/// call, and a finished call pruned, leave no key of theirs in the records
+/// bucket once the markers' TTL (2 s here) has passed, where their delete
+/// markers used to stay for good; the deleted keys read as absent. Only
+/// the owner's own keys (user, key hash, queued counts) stay.
+#[tokio::test]
+async fn deleted_keys_leave_no_subject_behind_once_their_markers_expire() {
+    let (server, store) = open().await;
+    let f = function();
+    let key = f.key();
+    store
+        .create_user(&User {
+            name: f.owner.clone(),
+            key_hash: [9; 32],
+            max_concurrency: 1,
+            admin: false,
+            created_ms: 0,
+            limits: Default::default(),
+        })
+        .await
+        .unwrap();
+    store.create_function(&f).await.unwrap();
+    let call =
+        |body: &'static [u8]| Call::new(f.name.clone(), f.owner.clone(), 0, body, Vec::new());
+    let ran = store
+        .accept(call(b"a"), Bytes::from_static(b"a"))
+        .await
+        .unwrap();
+    let queued = store
+        .accept(call(b"b"), Bytes::from_static(b"b"))
+        .await
+        .unwrap();
+    let head = store.queue_head(&f.owner).await.unwrap().expect("a head");
+    assert_eq!(head, ran.id);
+    assert!(matches!(
+        store.start(&head).await.unwrap(),
+        Started::Running(..)
+    ));
+    store.finish(&head, finished()).await.unwrap();
+    let owners = ["u.", "k.", "q."];
+    let theirs = |keys: &[String]| -> Vec<String> {
+        keys.iter()
+            .filter(|k| !owners.iter().any(|p| k.starts_with(p)))
+            .cloned()
+            .collect()
+    };
+    assert!(!theirs(&record_keys(&store).await).is_empty());
+    // Pruned (ended before now + 1 s), then the function and its queued call.
+    assert!(store.prune(crate::model::now_ms() + 1000).await.unwrap() >= 1);
+    store.remove_function(&key).await.unwrap();
+    store.cancel_queued(&key, "cancelled").await.unwrap();
+    store.purge_function(&key).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = theirs(&record_keys(&store).await);
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "keys left after their markers' TTL: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for id in [ran.id, queued.id] {
+        let (rev, record) = store
+            .inner
+            .bucket
+            .get::<Call>(&calls::call_key(&id))
+            .await
+            .unwrap();
+        assert_eq!(
+            (rev, record.map(|c| c.id)),
+            (0, None),
+            "call {id} is gone, not revived"
+        );
+    }
+    drop(store);
     drop(server);
 }
