@@ -394,3 +394,119 @@ fn uuid_like() -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+/// The local image IDs the Engine has for `reference` (empty if none).
+fn image_id(reference: &str) -> Option<String> {
+    let out = Command::new("docker")
+        .args(["image", "inspect", "-f", "{{.Id}}", reference])
+        .output()
+        .expect("docker image inspect");
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The FINISHED/FAILED events of `name`'s log, as `func logs -o json` gives them.
+fn end_events(d: &Daemon, key: &str, name: &str) -> Vec<serde_json::Value> {
+    let o = d.cli_as(key, &["func", "logs", name, "-o", "json"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    stdout(&o)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["Event"] == "FINISHED" || e["Event"] == "FAILED")
+        .collect()
+}
+
+/// Issue 24, pinned digests: a function runs the content its tag named at
+/// create, whatever is pushed under the tag later, until `update --pull`;
+/// every call record says which digest ran; an image removed from the
+/// Engine is pulled again by digest with the owner's login.
+#[test]
+fn calls_run_the_pinned_digest_whatever_the_tag_names_later() {
+    let password = format!("pw-{}", uuid_like());
+    let reg = Registry::start(&password);
+    let image = reg.push("1", "one", &password);
+    let d = Daemon::start_with(&format!("[images]\nregistries = [\"{}\"]\n", reg.host()));
+    let bob = d.add_user("bob", 2);
+    let o = login(&d, &bob, &reg.host(), USER, &password);
+    assert!(o.status.success(), "{}", stderr(&o));
+    d.create_as(&bob, "app", &[&image, "cat", "/marker"]);
+    let f = d.inspect("app");
+    assert_eq!(f["Image"], image.as_str());
+    let first = f["ImageDigest"].as_str().expect("ImageDigest").to_string();
+    let repo = format!("{}/team/app@sha256:", reg.host());
+    assert!(first.starts_with(&repo), "{first}");
+    let o = d.cli_as(&bob, &["func", "call", "--sync", "app"], Some(b""));
+    assert_eq!(stdout(&o), "one", "{}", stderr(&o));
+
+    // Someone pushes other content under the same tag: calls keep running
+    // the pinned digest, and their records say so.
+    reg.push("1", "moved", &password);
+    let o = d.cli_as(&bob, &["func", "call", "app"], Some(b""));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let id = stdout(&o)
+        .trim()
+        .strip_prefix("CallId: ")
+        .expect("call id")
+        .to_string();
+    d.wait_until(30, "the call ends", || {
+        d.call_record(&id).1["State"] == "FINISHED"
+    });
+    let (_, record) = d.call_record(&id);
+    assert_eq!(record["ImageDigest"], first.as_str(), "{record}");
+    let (_, out) = d.output(&id);
+    assert_eq!(out, b"one");
+    let ends = end_events(&d, &bob, "app");
+    assert!(!ends.is_empty());
+    assert!(
+        ends.iter().all(|e| e["ImageDigest"] == first.as_str()),
+        "{ends:?}"
+    );
+
+    // `update --pull` moves to what the tag names now, and says so.
+    let o = d.cli_as(&bob, &["func", "update", "app", "--pull"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let second = d.inspect("app")["ImageDigest"]
+        .as_str()
+        .expect("ImageDigest")
+        .to_string();
+    assert_ne!(second, first);
+    assert!(second.starts_with(&repo), "{second}");
+    assert!(
+        stdout(&o).contains(&format!("image digest: {first} -> {second}")),
+        "{}",
+        stdout(&o)
+    );
+    let o = d.cli_as(&bob, &["func", "call", "--sync", "app"], Some(b""));
+    assert_eq!(stdout(&o), "moved", "{}", stderr(&o));
+    // An update that names no image keeps the digest.
+    let o = d.cli_as(&bob, &["func", "update", "app", "-e", "X=1"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(d.inspect("app")["ImageDigest"], second.as_str());
+
+    // Someone removes the pinned image from the Engine: the next call
+    // pulls that digest again with bob's login and runs it.
+    let gone = image_id(&second).expect("the pinned image is local");
+    run(Command::new("docker").args(["rmi", "-f", &gone]));
+    assert!(image_id(&second).is_none());
+    let o = d.cli_as(&bob, &["func", "call", "--sync", "app"], Some(b""));
+    assert_eq!(stdout(&o), "moved", "{}", stderr(&o));
+    assert_eq!(image_id(&second).as_deref(), Some(gone.as_str()));
+    assert!(d.log().contains("pinned image pulled again"));
+
+    // Without a way to pull it (bob logged out, and the registry wants a
+    // login), a gone image fails the call with the reason, never runs
+    // anything else.
+    let o = d.cli_as(&bob, &["registry", "logout", &reg.host()], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    run(Command::new("docker").args(["rmi", "-f", &gone]));
+    let id = d.call("bob/app", b"");
+    d.wait_until(60, "the call fails", || {
+        d.call_record(&id).1["State"] == "FAILED"
+    });
+    let (_, record) = d.call_record(&id);
+    let message = record["Message"].as_str().unwrap_or_default();
+    assert!(message.contains("could not be pulled"), "{record}");
+    assert_eq!(record["ImageDigest"], second.as_str(), "{record}");
+    d.ok(&["func", "rm", "--force", "bob/app"]);
+}

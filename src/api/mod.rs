@@ -457,6 +457,7 @@ async fn v1(
                 cpus: body.cpus,
                 runtime: body.runtime.map(|r| (r != RUNTIME_DEFAULT).then_some(r)),
                 refresh: body.refresh,
+                pull: body.pull,
             };
             let name = Name::parse(p.get("name"))?;
             if pull::wanted(&req.headers) {

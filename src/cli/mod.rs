@@ -327,6 +327,10 @@ pub enum FuncCmd {
         /// Issue a new call URL; the old one stops working
         #[arg(long)]
         refresh: bool,
+        /// Pull the image's tag again and run what it names now (prints
+        /// the old and new digest); without it the pinned digest stays
+        #[arg(long)]
+        pull: bool,
         /// New command and arguments (after --)
         #[arg(last = true)]
         command: Vec<String>,
@@ -556,6 +560,7 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
             runtime,
             image,
             refresh,
+            pull,
             command,
         } => {
             let body = FunctionPatch {
@@ -568,8 +573,16 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
                 cpus,
                 runtime,
                 refresh,
+                pull,
             };
             let path = fn_path(&fn_arg(&name)?, "", &[]);
+            // The digest it ran before, to say what an image change did.
+            let before = if body.image.is_some() || pull {
+                let f: FunctionView = client.get_json(&path).await?;
+                Some(f.image_digest)
+            } else {
+                None
+            };
             // As at create: the server checks (and may pull) the image,
             // the new one or the function's own.
             let waits_for = match &body.image {
@@ -590,6 +603,19 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
                 "{} is updated with the address of {}",
                 f.name, f.address
             )?;
+            if let Some(before) = before {
+                let shown = |d: &Option<String>| d.clone().unwrap_or_else(|| "(not pinned)".into());
+                if before == f.image_digest {
+                    writeln!(out, "image digest unchanged: {}", shown(&f.image_digest))?;
+                } else {
+                    writeln!(
+                        out,
+                        "image digest: {} -> {}",
+                        shown(&before),
+                        shown(&f.image_digest)
+                    )?;
+                }
+            }
         }
         FuncCmd::Ls { output } => {
             let list: Vec<FunctionView> = client.get_json("/v1/functions").await?;
