@@ -246,6 +246,15 @@ impl Service {
         Ok((user, key))
     }
 
+    /// The images functions use on this daemon's Engine (admin).
+    pub async fn list_images(&self, caller: &User) -> Result<Vec<crate::scheduler::ImageUse>> {
+        Self::require_admin(caller)?;
+        self.scheduler
+            .image_uses()
+            .await
+            .map_err(ServiceError::Internal)
+    }
+
     pub async fn list_users(&self, caller: &User) -> Result<Vec<User>> {
         Self::require_admin(caller)?;
         Ok(self.store.list_users().await?)

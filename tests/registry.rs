@@ -510,3 +510,76 @@ fn calls_run_the_pinned_digest_whatever_the_tag_names_later() {
     assert_eq!(record["ImageDigest"], second.as_str(), "{record}");
     d.ok(&["func", "rm", "--force", "bob/app"]);
 }
+
+/// Issue 24, images do not pile up: an image hyperfuncd pulled goes from
+/// the Engine `gc_after` after the last function using its digest was
+/// removed or moved to another, also across a restart; one two functions
+/// share stays until both are gone; one it did not pull is never removed.
+#[test]
+fn pulled_images_go_once_no_function_uses_them() {
+    let password = format!("pw-{}", uuid_like());
+    let reg = Registry::start(&password);
+    let image1 = reg.push("1", "one", &password);
+    let image2 = reg.push("2", "two", &password);
+    let mut d = Daemon::start_with(&format!(
+        "[images]\nregistries = [\"{}\", \"docker.io\"]\ngc_after = \"2s\"\n",
+        reg.host()
+    ));
+    let bob = d.add_user("bob", 2);
+    let o = login(&d, &bob, &reg.host(), USER, &password);
+    assert!(o.status.success(), "{}", stderr(&o));
+    d.create_as(&bob, "a1", &[&image1, "cat", "/marker"]);
+    d.create_as(&bob, "a2", &[&image1, "cat", "/marker"]);
+    d.create_as(&bob, "b", &[&image2, "cat", "/marker"]);
+    // The test image was built here, not pulled by hyperfuncd.
+    d.create_as(&bob, "local", &[test_image(), "true"]);
+    let id1 = image_id(&image1).expect("image 1 pulled");
+    let id2 = image_id(&image2).expect("image 2 pulled");
+    let local = image_id(test_image()).expect("the test image");
+
+    // `image ls` lists what functions use, with sizes and users.
+    let o = d.cli(&["image", "ls", "-o", "json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let images: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("image ls json");
+    let row = |id: &str| {
+        images
+            .as_array()
+            .and_then(|a| a.iter().find(|i| i["Id"] == id))
+            .cloned()
+            .unwrap_or_else(|| panic!("{id} not in {images}"))
+    };
+    assert_eq!(
+        row(&id1)["Functions"],
+        serde_json::json!(["bob/a1", "bob/a2"])
+    );
+    assert_eq!(row(&id1)["Pulled"], true);
+    assert!(row(&id1)["SizeBytes"].as_u64().unwrap_or(0) > 0);
+    assert_eq!(row(&local)["Pulled"], false);
+    let o = d.cli_as(&bob, &["image", "ls"], None);
+    assert_cli_error(&o, "admin");
+
+    // Shared by two: the first removal leaves it.
+    d.ok(&["func", "rm", "bob/a1"]);
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    assert_eq!(image_id(&id1).as_deref(), Some(id1.as_str()));
+    // The last one goes: removed after the grace period, even with a
+    // restart in between.
+    d.ok(&["func", "rm", "bob/a2"]);
+    d.restart();
+    d.wait_until(30, "image 1 is removed", || image_id(&id1).is_none());
+    assert!(d.log().contains("unused image removed"), "no audit line");
+
+    // Moving to another digest frees the old one.
+    let o = d.cli_as(
+        &bob,
+        &["func", "update", "b", "--image", test_image()],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    d.wait_until(30, "image 2 is removed", || image_id(&id2).is_none());
+
+    // Never an image it did not pull.
+    d.ok(&["func", "rm", "bob/b", "bob/local"]);
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    assert_eq!(image_id(&local).as_deref(), Some(local.as_str()));
+}

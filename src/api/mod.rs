@@ -581,6 +581,15 @@ async fn v1(
                 .await?;
             Ok(empty(StatusCode::NO_CONTENT))
         }
+        Op::ListImages => {
+            let images: Vec<ImageView> = svc
+                .list_images(caller)
+                .await?
+                .iter()
+                .map(ImageView::from)
+                .collect();
+            Ok(json_response(StatusCode::OK, &images))
+        }
         Op::ListRegistryLogins => {
             let logins: Vec<RegistryLoginView> = svc
                 .registry_logins(caller)

@@ -601,3 +601,31 @@ impl RegistryLoginView {
         }
     }
 }
+
+/// One image of `GET /v1/images` (admin): what functions run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ImageView {
+    /// The pinned reference (or, for a function not pinned yet, its tag).
+    pub reference: String,
+    /// The image ID; null when the Engine does not have it now (the next
+    /// call pulls it again).
+    pub id: Option<String>,
+    pub size_bytes: Option<u64>,
+    /// hyperfuncd pulled it, so it removes it once no function uses it.
+    pub pulled: bool,
+    /// `OWNER/NAME` of each function that runs it.
+    pub functions: Vec<String>,
+}
+
+impl From<&crate::scheduler::ImageUse> for ImageView {
+    fn from(u: &crate::scheduler::ImageUse) -> ImageView {
+        ImageView {
+            reference: u.reference.clone(),
+            id: u.id.clone(),
+            size_bytes: u.size_bytes,
+            pulled: u.pulled,
+            functions: u.functions.iter().map(|f| f.to_string()).collect(),
+        }
+    }
+}

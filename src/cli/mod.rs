@@ -48,7 +48,7 @@ impl Cli {
     fn checked(p: Parsed) -> Result<Cli, clap::Error> {
         let client = matches!(
             p.command,
-            Command::Func(_) | Command::User(_) | Command::Registry(_)
+            Command::Func(_) | Command::User(_) | Command::Registry(_) | Command::Image(_)
         );
         if !client && !p.remote.is_empty() {
             return Err(clap::Error::raw(
@@ -174,6 +174,27 @@ pub struct UserArgs {
 
 /// `registry` with the client options, then its subcommand.
 #[derive(Args, Debug)]
+pub struct ImageArgs {
+    #[command(flatten)]
+    pub client: ClientFlags,
+    #[command(subcommand)]
+    pub cmd: ImageCmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCmd {
+    /// List the images functions use: their digest, size, whether
+    /// hyperfuncd pulled them (and so removes them once unused) and which
+    /// functions run them
+    #[command(after_help = "Example:\n  hyperfuncd image ls -o json")]
+    Ls {
+        /// Output format: a table for people, or JSON for scripts
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+    },
+}
+
+#[derive(Args, Debug)]
 pub struct RegistryArgs {
     #[command(flatten)]
     pub client: ClientFlags,
@@ -225,6 +246,8 @@ pub enum Command {
     User(UserArgs),
     /// Your logins to private image registries, used for your pulls
     Registry(RegistryArgs),
+    /// The images functions use (admin only)
+    Image(ImageArgs),
     /// Measure hyperfuncd against raw `docker run` on this host (private daemons; prints one table)
     Bench(bench::BenchArgs),
     /// Print a shell completion script: bash, zsh, fish, elvish or powershell
@@ -489,6 +512,7 @@ pub async fn run_remote(before: RemoteFlags, command: Command) -> anyhow::Result
         Command::Func(a) => a.client.0.clone().or(before),
         Command::User(a) => a.client.0.clone().or(before),
         Command::Registry(a) => a.client.0.clone().or(before),
+        Command::Image(a) => a.client.0.clone().or(before),
         _ => before,
     };
     let given = Profile {
@@ -506,6 +530,7 @@ pub async fn run_remote(before: RemoteFlags, command: Command) -> anyhow::Result
         Command::Func(a) => func(&client, a.cmd, &mut out).await,
         Command::User(a) => user(&client, a.cmd, &mut out).await,
         Command::Registry(a) => registry(&client, a.cmd, &mut out).await,
+        Command::Image(a) => image(&client, a.cmd, &mut out).await,
     }
 }
 
@@ -826,6 +851,33 @@ async fn registry(client: &Client, cmd: RegistryCmd, out: &mut impl Write) -> an
                     .map(|l| vec![l.host.clone(), l.username.clone(), l.created.clone()])
                     .collect();
                 table(out, &["HOST", "USERNAME", "CREATED"], rows)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn image(client: &Client, cmd: ImageCmd, out: &mut impl Write) -> anyhow::Result<()> {
+    match cmd {
+        ImageCmd::Ls { output } => {
+            let images: Vec<ImageView> = client.get_json("/v1/images").await?;
+            if output == Format::Json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&images)?)?;
+            } else {
+                let rows = images
+                    .iter()
+                    .map(|i| {
+                        vec![
+                            i.reference.clone(),
+                            i.id.clone().unwrap_or_else(|| "(missing)".into()),
+                            i.size_bytes
+                                .map_or_else(|| "-".into(), crate::runtime::human_bytes),
+                            if i.pulled { "yes" } else { "no" }.into(),
+                            i.functions.join(","),
+                        ]
+                    })
+                    .collect();
+                table(out, &["IMAGE", "ID", "SIZE", "PULLED", "FUNCTIONS"], rows)?;
             }
         }
     }
