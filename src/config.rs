@@ -541,7 +541,16 @@ pub struct ImagesConfig {
     /// own `registry login` to a host comes first. Keep it readable only by
     /// the daemon's user.
     pub credentials_file: Option<std::path::PathBuf>,
+    /// How long an image hyperfuncd pulled stays on the Engine once no
+    /// function uses it (humantime, e.g. "1h"); then it is removed, unless
+    /// a container uses it. Images it did not pull are never removed.
+    #[serde(with = "humantime_secs")]
+    pub gc_after: std::time::Duration,
 }
+
+/// `[images] gc_after`'s default: a function moved back to its previous
+/// image within the hour finds it still there.
+pub const DEFAULT_IMAGE_GC_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
 
 impl Default for ImagesConfig {
     fn default() -> Self {
@@ -549,6 +558,7 @@ impl Default for ImagesConfig {
             registries: vec![crate::model::DOCKER_HUB.to_string()],
             admin_any: false,
             credentials_file: None,
+            gc_after: DEFAULT_IMAGE_GC_AFTER,
         }
     }
 }

@@ -119,12 +119,28 @@ fn demoted(metadata: &log::Metadata<'_>) -> log::Level {
 
 pub fn function_created(actor: &User, f: &Function) {
     tracing::info!(target: AUDIT, actor = %actor.name, function = %f.name, owner = %f.owner,
-        image = %f.spec.image, "function created");
+        image = %f.spec.image, image_digest = f.image_digest.as_deref().unwrap_or(""),
+        "function created");
 }
 
 pub fn function_updated(actor: &User, f: &Function, url_refreshed: bool) {
     tracing::info!(target: AUDIT, actor = %actor.name, function = %f.name, owner = %f.owner,
-        image = %f.spec.image, url_refreshed, "function updated");
+        image = %f.spec.image, image_digest = f.image_digest.as_deref().unwrap_or(""),
+        url_refreshed, "function updated");
+}
+
+/// An image hyperfuncd pulled was removed from the Engine: no function had
+/// used it for `[images] gc_after` (`kept`: only its references of
+/// `repository` went, since another reference names it).
+pub fn image_removed(id: &str, repository: &str, unused_secs: u64, kept: bool) {
+    tracing::info!(target: AUDIT, image = id, repository, unused_secs, kept,
+        "unused image removed");
+}
+
+/// A function's pinned image was gone from the Engine and was pulled again.
+pub fn image_pulled_again(function: &FnKey, image: &str) {
+    tracing::info!(target: AUDIT, function = %function.name, owner = %function.owner, image,
+        "pinned image pulled again");
 }
 
 pub fn function_removed(actor: &User, key: &FnKey, force: bool) {

@@ -9,9 +9,11 @@ use crate::model::{
     now_ms, ApiKey, Budget, Call, CallId, CallState, EnvVar, Event, FnKey, Function, FunctionSpec,
     Name, OutputState, Secret, User, UserLimits,
 };
-use crate::runtime::{LoginError, PullAuth, Runtime, RuntimeError};
+use crate::runtime::{LoginError, PullAuth, Resolved, Runtime, RuntimeError};
 /// How a create or update tells of its image pull: the API streams it.
 pub use crate::runtime::{PullEvent, PullProgress};
+/// An image functions run, as `image ls` shows it.
+pub use crate::scheduler::ImageUse;
 use crate::scheduler::{EndWaiter, Ended, Scheduler};
 use crate::store::{FunctionStats, OutputLookup, Store, StoreError};
 use bytes::Bytes;
@@ -130,6 +132,9 @@ pub struct FunctionUpdate {
     pub runtime: Option<Option<String>>,
     /// Issue a new URL secret; the old URL stops working.
     pub refresh: bool,
+    /// Resolve the image again: pull its tag (a newer image, perhaps) and
+    /// pin what it names now.
+    pub pull: bool,
 }
 
 /// What a `get` of a call's output finds.
@@ -276,6 +281,15 @@ impl Service {
         self.store.create_user(&user).await?;
         self.scheduler.users_changed();
         Ok((user, key))
+    }
+
+    /// The images functions use on this daemon's Engine (admin).
+    pub async fn list_images(&self, caller: &User) -> Result<Vec<crate::scheduler::ImageUse>> {
+        Self::require_admin(caller)?;
+        self.scheduler
+            .image_uses()
+            .await
+            .map_err(ServiceError::Internal)
     }
 
     pub async fn list_users(&self, caller: &User) -> Result<Vec<User>> {
@@ -449,7 +463,8 @@ impl Service {
             )));
         }
         self.check_runtime(caller, &spec).await?;
-        self.ensure_image(&caller.name, &spec.image, progress)
+        let resolved = self
+            .ensure_image(&caller.name, &spec.image, false, progress)
             .await?;
         let now = now_ms();
         let f = Function {
@@ -459,6 +474,7 @@ impl Service {
             secret: Secret::new(),
             created_ms: now,
             updated_ms: now,
+            image_digest: Some(resolved.pinned),
         };
         match self.store.create_function_within(&f, max_functions).await {
             Err(StoreError::OverBudget(_)) => {
@@ -476,12 +492,18 @@ impl Service {
     /// image of a registry someone has a login to is pulled even when the
     /// Engine has it, so the registry decides whether `owner` may read it
     /// (another user's login pulled the local copy, perhaps).
+    ///
+    /// `pull` pulls even a public image the Engine has (`update --pull`).
+    /// Answers what `image` names now (what a function pins), having
+    /// recorded an image the pull brought (`Store::put_pulled_image`), so
+    /// that it is removed once no function uses it.
     async fn ensure_image(
         &self,
         owner: &Name,
         image: &str,
+        pull: bool,
         progress: Option<&PullProgress>,
-    ) -> Result<()> {
+    ) -> Result<Resolved> {
         let registry = crate::model::ImageRef::parse(image)
             .ok()
             .and_then(|r| r.registry().map(str::to_string));
@@ -494,7 +516,7 @@ impl Service {
         };
         let auth = PullAuth {
             login: login.as_ref(),
-            always,
+            always: always || pull,
         };
         let pulled = self
             .runtime
@@ -506,7 +528,13 @@ impl Service {
             )
             .await;
         match pulled {
-            Ok(()) => Ok(()),
+            Ok(r) => {
+                if r.fresh {
+                    crate::scheduler::note_pulled(&*self.store, self.runtime.instance(), image, &r)
+                        .await?;
+                }
+                Ok(r)
+            }
             Err(RuntimeError::Pull { image, message }) if message == DENIED => {
                 crate::metrics::engine_error(Some(crate::metrics::EngineFault::Pull));
                 let host = registry.unwrap_or_default();
@@ -863,6 +891,7 @@ impl Service {
         let mut f = self.function(caller, name, owner).await?;
         let read = f.clone();
         let s = &mut f.spec;
+        let image_given = u.image.is_some();
         if let Some(image) = u.image {
             s.image = image;
         }
@@ -891,7 +920,22 @@ impl Service {
         self.check_limits(s).await?;
         self.check_image(caller, &s.image).await?;
         self.check_runtime(caller, s).await?;
-        self.ensure_image(&f.owner, &f.spec.image, progress).await?;
+        // A new image, or `--pull`, is resolved afresh; otherwise the
+        // pinned digest stays and only it is checked (pulled by digest if
+        // it is private or gone), so an update never moves a function to
+        // whatever the tag names today. An unpinned function is pinned now.
+        let moved = image_given || u.pull || f.image_digest.is_none();
+        let check = if moved {
+            f.spec.image.clone()
+        } else {
+            f.run_image().to_string()
+        };
+        let resolved = self
+            .ensure_image(&f.owner, &check, u.pull, progress)
+            .await?;
+        if moved {
+            f.image_digest = Some(resolved.pinned);
+        }
         if u.refresh {
             f.secret = Secret::new();
         }

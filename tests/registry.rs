@@ -394,3 +394,192 @@ fn uuid_like() -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+/// The local image IDs the Engine has for `reference` (empty if none).
+fn image_id(reference: &str) -> Option<String> {
+    let out = Command::new("docker")
+        .args(["image", "inspect", "-f", "{{.Id}}", reference])
+        .output()
+        .expect("docker image inspect");
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The FINISHED/FAILED events of `name`'s log, as `func logs -o json` gives them.
+fn end_events(d: &Daemon, key: &str, name: &str) -> Vec<serde_json::Value> {
+    let o = d.cli_as(key, &["func", "logs", name, "-o", "json"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    stdout(&o)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["Event"] == "FINISHED" || e["Event"] == "FAILED")
+        .collect()
+}
+
+/// Issue 24, pinned digests: a function runs the content its tag named at
+/// create, whatever is pushed under the tag later, until `update --pull`;
+/// every call record says which digest ran; an image removed from the
+/// Engine is pulled again by digest with the owner's login.
+#[test]
+fn calls_run_the_pinned_digest_whatever_the_tag_names_later() {
+    let password = format!("pw-{}", uuid_like());
+    let reg = Registry::start(&password);
+    let image = reg.push("1", "one", &password);
+    let d = Daemon::start_with(&format!("[images]\nregistries = [\"{}\"]\n", reg.host()));
+    let bob = d.add_user("bob", 2);
+    let o = login(&d, &bob, &reg.host(), USER, &password);
+    assert!(o.status.success(), "{}", stderr(&o));
+    d.create_as(&bob, "app", &[&image, "cat", "/marker"]);
+    let f = d.inspect("app");
+    assert_eq!(f["Image"], image.as_str());
+    let first = f["ImageDigest"].as_str().expect("ImageDigest").to_string();
+    let repo = format!("{}/team/app@sha256:", reg.host());
+    assert!(first.starts_with(&repo), "{first}");
+    let o = d.cli_as(&bob, &["func", "call", "--sync", "app"], Some(b""));
+    assert_eq!(stdout(&o), "one", "{}", stderr(&o));
+
+    // Someone pushes other content under the same tag: calls keep running
+    // the pinned digest, and their records say so.
+    reg.push("1", "moved", &password);
+    let o = d.cli_as(&bob, &["func", "call", "app"], Some(b""));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let id = stdout(&o)
+        .trim()
+        .strip_prefix("CallId: ")
+        .expect("call id")
+        .to_string();
+    d.wait_until(30, "the call ends", || {
+        d.call_record(&id).1["State"] == "FINISHED"
+    });
+    let (_, record) = d.call_record(&id);
+    assert_eq!(record["ImageDigest"], first.as_str(), "{record}");
+    let (_, out) = d.output(&id);
+    assert_eq!(out, b"one");
+    let ends = end_events(&d, &bob, "app");
+    assert!(!ends.is_empty());
+    assert!(
+        ends.iter().all(|e| e["ImageDigest"] == first.as_str()),
+        "{ends:?}"
+    );
+
+    // `update --pull` moves to what the tag names now, and says so.
+    let o = d.cli_as(&bob, &["func", "update", "app", "--pull"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let second = d.inspect("app")["ImageDigest"]
+        .as_str()
+        .expect("ImageDigest")
+        .to_string();
+    assert_ne!(second, first);
+    assert!(second.starts_with(&repo), "{second}");
+    assert!(
+        stdout(&o).contains(&format!("image digest: {first} -> {second}")),
+        "{}",
+        stdout(&o)
+    );
+    let o = d.cli_as(&bob, &["func", "call", "--sync", "app"], Some(b""));
+    assert_eq!(stdout(&o), "moved", "{}", stderr(&o));
+    // An update that names no image keeps the digest.
+    let o = d.cli_as(&bob, &["func", "update", "app", "-e", "X=1"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(d.inspect("app")["ImageDigest"], second.as_str());
+
+    // Someone removes the pinned image from the Engine: the next call
+    // pulls that digest again with bob's login and runs it.
+    let gone = image_id(&second).expect("the pinned image is local");
+    run(Command::new("docker").args(["rmi", "-f", &gone]));
+    assert!(image_id(&second).is_none());
+    let o = d.cli_as(&bob, &["func", "call", "--sync", "app"], Some(b""));
+    assert_eq!(stdout(&o), "moved", "{}", stderr(&o));
+    assert_eq!(image_id(&second).as_deref(), Some(gone.as_str()));
+    assert!(d.log().contains("pinned image pulled again"));
+
+    // Without a way to pull it (bob logged out, and the registry wants a
+    // login), a gone image fails the call with the reason, never runs
+    // anything else.
+    let o = d.cli_as(&bob, &["registry", "logout", &reg.host()], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    run(Command::new("docker").args(["rmi", "-f", &gone]));
+    let id = d.call("bob/app", b"");
+    d.wait_until(60, "the call fails", || {
+        d.call_record(&id).1["State"] == "FAILED"
+    });
+    let (_, record) = d.call_record(&id);
+    let message = record["Message"].as_str().unwrap_or_default();
+    assert!(message.contains("could not be pulled"), "{record}");
+    assert_eq!(record["ImageDigest"], second.as_str(), "{record}");
+    d.ok(&["func", "rm", "--force", "bob/app"]);
+}
+
+/// Issue 24, images do not pile up: an image hyperfuncd pulled goes from
+/// the Engine `gc_after` after the last function using its digest was
+/// removed or moved to another, also across a restart; one two functions
+/// share stays until both are gone; one it did not pull is never removed.
+#[test]
+fn pulled_images_go_once_no_function_uses_them() {
+    let password = format!("pw-{}", uuid_like());
+    let reg = Registry::start(&password);
+    let image1 = reg.push("1", "one", &password);
+    let image2 = reg.push("2", "two", &password);
+    let mut d = Daemon::start_with(&format!(
+        "[images]\nregistries = [\"{}\", \"docker.io\"]\ngc_after = \"2s\"\n",
+        reg.host()
+    ));
+    let bob = d.add_user("bob", 2);
+    let o = login(&d, &bob, &reg.host(), USER, &password);
+    assert!(o.status.success(), "{}", stderr(&o));
+    d.create_as(&bob, "a1", &[&image1, "cat", "/marker"]);
+    d.create_as(&bob, "a2", &[&image1, "cat", "/marker"]);
+    d.create_as(&bob, "b", &[&image2, "cat", "/marker"]);
+    // The test image was built here, not pulled by hyperfuncd.
+    d.create_as(&bob, "local", &[test_image(), "true"]);
+    let id1 = image_id(&image1).expect("image 1 pulled");
+    let id2 = image_id(&image2).expect("image 2 pulled");
+    let local = image_id(test_image()).expect("the test image");
+
+    // `image ls` lists what functions use, with sizes and users.
+    let o = d.cli(&["image", "ls", "-o", "json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let images: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("image ls json");
+    let row = |id: &str| {
+        images
+            .as_array()
+            .and_then(|a| a.iter().find(|i| i["Id"] == id))
+            .cloned()
+            .unwrap_or_else(|| panic!("{id} not in {images}"))
+    };
+    assert_eq!(
+        row(&id1)["Functions"],
+        serde_json::json!(["bob/a1", "bob/a2"])
+    );
+    assert_eq!(row(&id1)["Pulled"], true);
+    assert!(row(&id1)["SizeBytes"].as_u64().unwrap_or(0) > 0);
+    assert_eq!(row(&local)["Pulled"], false);
+    let o = d.cli_as(&bob, &["image", "ls"], None);
+    assert_cli_error(&o, "admin");
+
+    // Shared by two: the first removal leaves it.
+    d.ok(&["func", "rm", "bob/a1"]);
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    assert_eq!(image_id(&id1).as_deref(), Some(id1.as_str()));
+    // The last one goes: removed after the grace period, even with a
+    // restart in between.
+    d.ok(&["func", "rm", "bob/a2"]);
+    d.restart();
+    d.wait_until(30, "image 1 is removed", || image_id(&id1).is_none());
+    assert!(d.log().contains("unused image removed"), "no audit line");
+
+    // Moving to another digest frees the old one.
+    let o = d.cli_as(
+        &bob,
+        &["func", "update", "b", "--image", test_image()],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    d.wait_until(30, "image 2 is removed", || image_id(&id2).is_none());
+
+    // Never an image it did not pull.
+    d.ok(&["func", "rm", "bob/b", "bob/local"]);
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    assert_eq!(image_id(&local).as_deref(), Some(local.as_str()));
+}

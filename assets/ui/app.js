@@ -594,6 +594,7 @@ function renderFunction(f, s) {
   $('fn-details').replaceChildren(
     ...detail('Address', [h('code', { id: 'fn-address', class: 'addr', text: f.Address }), ' ', copy]),
     ...detail('Image', h('code', { text: f.Image })),
+    ...detail('Image digest', f.ImageDigest ? h('code', { class: 'img', text: f.ImageDigest }) : '(not pinned yet: runs its tag)'),
     ...detail('Command', h('code', { text: f.Command.length ? joinCommand(f.Command) : '(image default)' })),
     ...detail('Environment', f.Env.length ? h('code', { class: 'pre', text: f.Env.join('\n') }) : '—'),
     ...detail('Timeout', f.Timeout ?? 'none'),
@@ -721,12 +722,16 @@ async function saveFunction(ev) {
     const env = envLines(v.env);
     const keep = new Set(env.map((e) => e.split('=')[0]));
     const body = {
-      Image: v.image.trim(),
       Command: splitCommand(v.command),
       Env: env,
       UnsetEnv: current.Env.map((e) => e.split('=')[0]).filter((k) => !keep.has(k)),
       Timeout: v.timeout.trim() || 'none',
     };
+    // An image sent is resolved again (a new digest if the tag moved):
+    // only when it was changed, so saving other fields keeps the digest.
+    if (v.image.trim() !== current.Image) {
+      body.Image = v.image.trim();
+    }
     // The field shows the effective runtime: send it only when changed,
     // so saving does not pin a default.
     if (v.runtime.trim() !== (current.Runtime ?? '')) {

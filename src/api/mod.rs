@@ -457,6 +457,7 @@ async fn v1(
                 cpus: body.cpus,
                 runtime: body.runtime.map(|r| (r != RUNTIME_DEFAULT).then_some(r)),
                 refresh: body.refresh,
+                pull: body.pull,
             };
             let name = Name::parse(p.get("name"))?;
             if pull::wanted(&req.headers) {
@@ -579,6 +580,15 @@ async fn v1(
             svc.delete_user(caller, &Name::parse(p.get("name"))?)
                 .await?;
             Ok(empty(StatusCode::NO_CONTENT))
+        }
+        Op::ListImages => {
+            let images: Vec<ImageView> = svc
+                .list_images(caller)
+                .await?
+                .iter()
+                .map(ImageView::from)
+                .collect();
+            Ok(json_response(StatusCode::OK, &images))
         }
         Op::ListRegistryLogins => {
             let logins: Vec<RegistryLoginView> = svc

@@ -563,6 +563,7 @@ fn schemas_match_the_api_types() {
         &spec,
         "FunctionView",
         &FunctionView {
+            image_digest: None,
             name: "f".into(),
             owner: "admin".into(),
             image: "i".into(),
@@ -595,6 +596,7 @@ fn schemas_match_the_api_types() {
         &spec,
         "CallView",
         &CallView {
+            image_digest: None,
             call_id: CALL_ID.into(),
             function: "f".into(),
             owner: "admin".into(),
@@ -614,8 +616,9 @@ fn schemas_match_the_api_types() {
         &spec,
         "EventView",
         &EventView {
+            image_digest: Some("sha256:ab".into()),
             time: String::new(),
-            event: "CALL".into(),
+            event: "FINISHED".into(),
             call_id: CALL_ID.into(),
             short_stdin: String::new(),
             short_stdout: String::new(),
@@ -623,7 +626,7 @@ fn schemas_match_the_api_types() {
             message: String::new(),
             seq: 1,
         },
-        &[],
+        &["ImageDigest"],
     );
     check_response(
         &spec,

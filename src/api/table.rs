@@ -39,6 +39,7 @@ pub(crate) enum Op {
     ListRegistryLogins,
     RegistryLogin,
     RegistryLogout,
+    ListImages,
 }
 
 /// One row of the table.
@@ -117,6 +118,7 @@ pub(crate) const ROUTES: &[Route] = &[
     r("GET", "/v1/registries", Op::ListRegistryLogins),
     r("PUT", "/v1/registries/{host}", Op::RegistryLogin),
     r("DELETE", "/v1/registries/{host}", Op::RegistryLogout),
+    r("GET", "/v1/images", Op::ListImages),
 ];
 
 /// The `{name}` values of a matched path, by template name.

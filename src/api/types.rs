@@ -56,6 +56,10 @@ pub struct FunctionPatch {
     /// Issue a new URL; the old one answers 404 from now on.
     #[serde(default)]
     pub refresh: bool,
+    /// Pull the image's tag again and pin what it names now (a newer
+    /// image, perhaps); without it an update keeps the pinned digest.
+    #[serde(default)]
+    pub pull: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -63,7 +67,14 @@ pub struct FunctionPatch {
 pub struct FunctionView {
     pub name: String,
     pub owner: String,
+    /// The image as given at create/update.
     pub image: String,
+    /// What every call runs: the content `image` named when it was
+    /// resolved (`repo@sha256:...`, or a local image's ID `sha256:...`);
+    /// null for a function stored before digests were pinned and not
+    /// pinned yet. (Absent from a daemon older than the CLI.)
+    #[serde(default)]
+    pub image_digest: Option<String>,
     pub command: Vec<String>,
     pub env: Vec<String>,
     pub timeout: Option<String>,
@@ -105,6 +116,7 @@ impl FunctionView {
             name: f.name.to_string(),
             owner: f.owner.to_string(),
             image: f.spec.image.clone(),
+            image_digest: f.image_digest.clone(),
             command: f.spec.command.clone(),
             env: f
                 .spec
@@ -151,6 +163,11 @@ pub struct CallView {
     pub stdin_bytes: u64,
     pub stdout_bytes: u64,
     pub short_stderr: String,
+    /// The image the call's container was made from (the function's
+    /// pinned digest then); null before it ran, or for a call stored
+    /// before this was recorded.
+    #[serde(default)]
+    pub image_digest: Option<String>,
 }
 
 impl From<&Call> for CallView {
@@ -168,6 +185,7 @@ impl From<&Call> for CallView {
             stdin_bytes: c.stdin_len,
             stdout_bytes: c.stdout_len,
             short_stderr: String::from_utf8_lossy(&c.short_stderr).into_owned(),
+            image_digest: c.image_digest.clone(),
         }
     }
 }
@@ -187,6 +205,9 @@ pub struct EventView {
     /// `after=` the last one seen. 0 from a server that predates it.
     #[serde(default)]
     pub seq: u64,
+    /// On FINISHED and FAILED: the image the call ran (`CallView`'s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
 }
 
 impl From<&Event> for EventView {
@@ -200,6 +221,7 @@ impl From<&Event> for EventView {
             short_stderr: e.short_stderr.clone(),
             message: e.message.clone(),
             seq: 0,
+            image_digest: e.image_digest.clone(),
         }
     }
 }
@@ -523,6 +545,7 @@ mod tests {
 
     fn event(kind: &str, stdout: &str) -> EventView {
         EventView {
+            image_digest: None,
             time: "2026-01-01T00:00:00Z".into(),
             event: kind.into(),
             call_id: "c".into(),
@@ -575,6 +598,34 @@ impl RegistryLoginView {
             host: l.host.clone(),
             username: l.username.clone(),
             created: format_time(l.created_ms),
+        }
+    }
+}
+
+/// One image of `GET /v1/images` (admin): what functions run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ImageView {
+    /// The pinned reference (or, for a function not pinned yet, its tag).
+    pub reference: String,
+    /// The image ID; null when the Engine does not have it now (the next
+    /// call pulls it again).
+    pub id: Option<String>,
+    pub size_bytes: Option<u64>,
+    /// hyperfuncd pulled it, so it removes it once no function uses it.
+    pub pulled: bool,
+    /// `OWNER/NAME` of each function that runs it.
+    pub functions: Vec<String>,
+}
+
+impl From<&crate::service::ImageUse> for ImageView {
+    fn from(u: &crate::service::ImageUse) -> ImageView {
+        ImageView {
+            reference: u.reference.clone(),
+            id: u.id.clone(),
+            size_bytes: u.size_bytes,
+            pulled: u.pulled,
+            functions: u.functions.iter().map(|f| f.to_string()).collect(),
         }
     }
 }

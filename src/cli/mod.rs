@@ -48,7 +48,7 @@ impl Cli {
     fn checked(p: Parsed) -> Result<Cli, clap::Error> {
         let client = matches!(
             p.command,
-            Command::Func(_) | Command::User(_) | Command::Registry(_)
+            Command::Func(_) | Command::User(_) | Command::Registry(_) | Command::Image(_)
         );
         if !client && !p.remote.is_empty() {
             return Err(clap::Error::raw(
@@ -174,6 +174,27 @@ pub struct UserArgs {
 
 /// `registry` with the client options, then its subcommand.
 #[derive(Args, Debug)]
+pub struct ImageArgs {
+    #[command(flatten)]
+    pub client: ClientFlags,
+    #[command(subcommand)]
+    pub cmd: ImageCmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCmd {
+    /// List the images functions use: their digest, size, whether
+    /// hyperfuncd pulled them (and so removes them once unused) and which
+    /// functions run them
+    #[command(after_help = "Example:\n  hyperfuncd image ls -o json")]
+    Ls {
+        /// Output format: a table for people, or JSON for scripts
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+    },
+}
+
+#[derive(Args, Debug)]
 pub struct RegistryArgs {
     #[command(flatten)]
     pub client: ClientFlags,
@@ -225,6 +246,8 @@ pub enum Command {
     User(UserArgs),
     /// Your logins to private image registries, used for your pulls
     Registry(RegistryArgs),
+    /// The images functions use (admin only)
+    Image(ImageArgs),
     /// Measure hyperfuncd against raw `docker run` on this host (private daemons; prints one table)
     Bench(bench::BenchArgs),
     /// Print a shell completion script: bash, zsh, fish, elvish or powershell
@@ -327,6 +350,10 @@ pub enum FuncCmd {
         /// Issue a new call URL; the old one stops working
         #[arg(long)]
         refresh: bool,
+        /// Pull the image's tag again and run what it names now (prints
+        /// the old and new digest); without it the pinned digest stays
+        #[arg(long)]
+        pull: bool,
         /// New command and arguments (after --)
         #[arg(last = true)]
         command: Vec<String>,
@@ -485,6 +512,7 @@ pub async fn run_remote(before: RemoteFlags, command: Command) -> anyhow::Result
         Command::Func(a) => a.client.0.clone().or(before),
         Command::User(a) => a.client.0.clone().or(before),
         Command::Registry(a) => a.client.0.clone().or(before),
+        Command::Image(a) => a.client.0.clone().or(before),
         _ => before,
     };
     let given = Profile {
@@ -502,6 +530,7 @@ pub async fn run_remote(before: RemoteFlags, command: Command) -> anyhow::Result
         Command::Func(a) => func(&client, a.cmd, &mut out).await,
         Command::User(a) => user(&client, a.cmd, &mut out).await,
         Command::Registry(a) => registry(&client, a.cmd, &mut out).await,
+        Command::Image(a) => image(&client, a.cmd, &mut out).await,
     }
 }
 
@@ -556,6 +585,7 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
             runtime,
             image,
             refresh,
+            pull,
             command,
         } => {
             let body = FunctionPatch {
@@ -568,8 +598,16 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
                 cpus,
                 runtime,
                 refresh,
+                pull,
             };
             let path = fn_path(&fn_arg(&name)?, "", &[]);
+            // The digest it ran before, to say what an image change did.
+            let before = if body.image.is_some() || pull {
+                let f: FunctionView = client.get_json(&path).await?;
+                Some(f.image_digest)
+            } else {
+                None
+            };
             // As at create: the server checks (and may pull) the image,
             // the new one or the function's own.
             let waits_for = match &body.image {
@@ -590,6 +628,19 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
                 "{} is updated with the address of {}",
                 f.name, f.address
             )?;
+            if let Some(before) = before {
+                let shown = |d: &Option<String>| d.clone().unwrap_or_else(|| "(not pinned)".into());
+                if before == f.image_digest {
+                    writeln!(out, "image digest unchanged: {}", shown(&f.image_digest))?;
+                } else {
+                    writeln!(
+                        out,
+                        "image digest: {} -> {}",
+                        shown(&before),
+                        shown(&f.image_digest)
+                    )?;
+                }
+            }
         }
         FuncCmd::Ls { output } => {
             let list: Vec<FunctionView> = client.get_json("/v1/functions").await?;
@@ -800,6 +851,33 @@ async fn registry(client: &Client, cmd: RegistryCmd, out: &mut impl Write) -> an
                     .map(|l| vec![l.host.clone(), l.username.clone(), l.created.clone()])
                     .collect();
                 table(out, &["HOST", "USERNAME", "CREATED"], rows)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn image(client: &Client, cmd: ImageCmd, out: &mut impl Write) -> anyhow::Result<()> {
+    match cmd {
+        ImageCmd::Ls { output } => {
+            let images: Vec<ImageView> = client.get_json("/v1/images").await?;
+            if output == Format::Json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&images)?)?;
+            } else {
+                let rows = images
+                    .iter()
+                    .map(|i| {
+                        vec![
+                            i.reference.clone(),
+                            i.id.clone().unwrap_or_else(|| "(missing)".into()),
+                            i.size_bytes
+                                .map_or_else(|| "-".into(), crate::model::human_bytes),
+                            if i.pulled { "yes" } else { "no" }.into(),
+                            i.functions.join(","),
+                        ]
+                    })
+                    .collect();
+                table(out, &["IMAGE", "ID", "SIZE", "PULLED", "FUNCTIONS"], rows)?;
             }
         }
     }

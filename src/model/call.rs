@@ -77,6 +77,13 @@ pub struct Call {
     pub short_stdout: Vec<u8>,
     pub short_stderr: Vec<u8>,
     pub output: OutputState,
+    /// The image its container was made from (the function's pinned
+    /// digest, `Function::image_digest`, or its tag if not pinned), set
+    /// when it ends; `None` for a call that never reached the Engine and
+    /// for calls stored before digests were recorded. Last, and read with
+    /// `trailing`, so those records read as they are.
+    #[serde(default, deserialize_with = "super::trailing")]
+    pub image_digest: Option<String>,
 }
 
 impl Call {
@@ -110,6 +117,7 @@ impl Call {
             short_stdout: Vec::new(),
             short_stderr: Vec::new(),
             output: OutputState::NotYet,
+            image_digest: None,
         }
     }
 
@@ -155,6 +163,9 @@ impl Call {
         self.stdout_len = outcome.stdout.len() as u64;
         self.short_stdout = short(&outcome.stdout);
         self.short_stderr = short(&outcome.stderr);
+        if outcome.image_digest.is_some() {
+            self.image_digest = outcome.image_digest.clone();
+        }
         // Only a FINISHED call has an output to fetch; a FAILED one has a reason.
         self.output = if outcome.state == CallState::Finished {
             OutputState::Stored
@@ -188,6 +199,11 @@ impl Call {
             } else {
                 String::new()
             },
+            image_digest: if kind.is_end() {
+                self.image_digest.clone()
+            } else {
+                None
+            },
         }
     }
 }
@@ -200,6 +216,8 @@ pub struct Outcome {
     pub message: Option<String>,
     pub stdout: bytes::Bytes,
     pub stderr: bytes::Bytes,
+    /// The image it ran (`Call::image_digest`); `None` leaves the call's as it is.
+    pub image_digest: Option<String>,
 }
 
 impl Outcome {
@@ -210,6 +228,7 @@ impl Outcome {
             message: Some(message.into()),
             stdout: bytes::Bytes::new(),
             stderr: bytes::Bytes::new(),
+            image_digest: None,
         }
     }
 }
@@ -224,6 +243,10 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// FINISHED or FAILED.
+    pub fn is_end(self) -> bool {
+        matches!(self, EventKind::Finished | EventKind::Failed)
+    }
     pub fn as_str(self) -> &'static str {
         match self {
             EventKind::Call => "CALL",
@@ -245,6 +268,11 @@ pub struct Event {
     pub short_stdout: String,
     pub short_stderr: String,
     pub message: String,
+    /// On a FINISHED or FAILED event: the image the call ran
+    /// (`Call::image_digest`). Last, and read with `trailing`, so events
+    /// stored before it read as they are.
+    #[serde(default, deserialize_with = "super::trailing")]
+    pub image_digest: Option<String>,
 }
 
 fn short(b: &[u8]) -> Vec<u8> {
@@ -262,6 +290,38 @@ mod tests {
     fn call() -> Call {
         let n = Name::parse("f").unwrap();
         Call::new(n.clone(), n, 1, &[b'x'; 300], vec![])
+    }
+
+    #[test]
+    fn records_written_before_the_digest_read_without_it() {
+        use bincode::Options;
+        let strict = || {
+            bincode::DefaultOptions::new()
+                .with_fixint_encoding()
+                .with_big_endian()
+        };
+        let mut c = call();
+        c.image_digest = Some("reg/app@sha256:ab".into());
+        let new = strict().serialize(&c).unwrap();
+        // An older record is this one minus its trailing field.
+        let mut old_call = c.clone();
+        old_call.image_digest = None;
+        let none = strict().serialize(&old_call).unwrap();
+        let old = &none[..none.len() - 1];
+        let read: Call = strict().deserialize(old).unwrap();
+        assert_eq!(read, old_call);
+        assert_eq!(strict().deserialize::<Call>(&new).unwrap(), c);
+        // Bytes after the field are still refused by sled's codec.
+        let mut longer = new.clone();
+        longer.push(0);
+        assert!(strict().deserialize::<Call>(&longer).is_err());
+        // The NATS store's plain bincode reads both too.
+        let plain: Call =
+            bincode::deserialize(&bincode::serialize(&old_call).unwrap()[..]).unwrap();
+        assert_eq!(plain, old_call);
+        let legacy = bincode::serialize(&old_call).unwrap();
+        let read: Call = bincode::deserialize(&legacy[..legacy.len() - 1]).unwrap();
+        assert_eq!(read, old_call);
     }
 
     #[test]

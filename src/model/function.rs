@@ -123,6 +123,16 @@ pub struct Function {
     pub secret: Secret,
     pub created_ms: u64,
     pub updated_ms: u64,
+    /// The content `spec.image` named when it was resolved (create, an
+    /// update of the image, `update --pull`): `repo@sha256:...` for an
+    /// image the Engine has from a registry, else the local image's ID
+    /// `sha256:...`. Every call runs this, whatever the tag names later.
+    /// `None` only for a function stored before digests were pinned (it
+    /// runs its tag until it is pinned: at the daemon's start, or its next
+    /// update). Last, and read with `trailing`, so such records read as
+    /// they are.
+    #[serde(default, deserialize_with = "super::trailing")]
+    pub image_digest: Option<String>,
 }
 
 impl Function {
@@ -130,6 +140,19 @@ impl Function {
     pub fn key(&self) -> FnKey {
         FnKey::new(self.owner.clone(), self.name.clone())
     }
+
+    /// The reference its containers are made from: the pinned digest,
+    /// else (not pinned yet) the image as given.
+    pub fn run_image(&self) -> &str {
+        self.image_digest.as_deref().unwrap_or(&self.spec.image)
+    }
+}
+
+/// The digest part of a pinned reference (`repo@sha256:...` or an image
+/// ID `sha256:...`): what the CLI and the dashboard show as `ImageDigest`'s
+/// short form and what images are keyed by.
+pub fn digest_of(pinned: &str) -> &str {
+    pinned.rsplit_once('@').map_or(pinned, |(_, d)| d)
 }
 
 #[cfg(test)]

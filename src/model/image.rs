@@ -145,6 +145,23 @@ impl ImageRef {
     }
 }
 
+/// An image hyperfuncd's pull brought onto one daemon's Engine: the only
+/// kind it ever removes (once no function uses it for `[images] gc_after`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PulledImage {
+    /// The daemon (its Engine) that pulled it: `Store::instance_id`.
+    pub instance: String,
+    /// The image ID, `sha256:...`.
+    pub id: String,
+    /// The canonical repository it was pulled from: only its references
+    /// of that repository are removed, never someone's own tag.
+    pub repository: String,
+    pub pulled_ms: u64,
+    /// Since when no function has used it, as the image sweep saw it;
+    /// `None` while one does. Stored, so a pending removal survives a restart.
+    pub unused_since_ms: Option<u64>,
+}
+
 /// `host[:port]` as the allow-list compares it: lower case, Docker Hub's
 /// aliases folded into `docker.io`.
 pub fn normalize_registry(host: &str) -> String {

@@ -8,12 +8,33 @@ mod image;
 mod stats;
 mod user;
 
+/// Reads a field appended to a stored record after records were written
+/// without it (`#[serde(default, deserialize_with = "trailing")]`): bincode
+/// is positional, so an older record simply ends where the field would
+/// begin, and reading it fails at the end of the input; that reads as
+/// `None`. Only for an `Option` that is a record's last field: sled's
+/// codec still refuses bytes left over after it, though a damaged tag
+/// byte there also reads as `None` (for a function: not pinned, which
+/// the next start pins again).
+pub(crate) fn trailing<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    use serde::Deserialize;
+    Ok(Option::<T>::deserialize(d).unwrap_or(None))
+}
+
 pub use call::{
     Call, CallState, Event, EventKind, Outcome, OutputState, TransitionError, SHORT_LEN,
 };
-pub use function::{validate_runtime_name, EnvVar, Function, FunctionSpec, MIN_CPUS, MIN_MEMORY};
+pub use function::{
+    digest_of, validate_runtime_name, EnvVar, Function, FunctionSpec, MIN_CPUS, MIN_MEMORY,
+};
 pub use ids::{CallId, FnKey, IdError, Name, Secret};
-pub use image::{normalize_registry, parse_registry_host, ImageRef, RegistryLogin, DOCKER_HUB};
+pub use image::{
+    normalize_registry, parse_registry_host, ImageRef, PulledImage, RegistryLogin, DOCKER_HUB,
+};
 pub use stats::FunctionStats;
 pub use user::{
     hash_key, ApiKey, Budget, QueueBudget, User, UserLimits, UserLimitsV1, UserV1, UserV2,

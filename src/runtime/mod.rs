@@ -17,8 +17,8 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     AttachContainerOptions, CreateContainerOptions, CreateImageOptions, KillContainerOptions,
-    ListContainersOptions, ListNetworksOptions, RemoveContainerOptions, RenameContainerOptions,
-    UploadToContainerOptions, WaitContainerOptions,
+    ListContainersOptions, ListNetworksOptions, RemoveContainerOptions, RemoveImageOptions,
+    RenameContainerOptions, UploadToContainerOptions, WaitContainerOptions,
 };
 use bollard::Docker;
 use bytes::{Bytes, BytesMut};
@@ -556,14 +556,14 @@ impl Runtime {
         pull_timeout: Duration,
         progress: Option<&PullProgress>,
         pull: &PullAuth<'_>,
-    ) -> Result<(), RuntimeError> {
+    ) -> Result<Resolved, RuntimeError> {
         let docker = self.docker().await?;
-        match docker.inspect_image(image).await {
-            Ok(_) if !pull.always => return Ok(()),
-            Ok(_) => {}
+        let before = match docker.inspect_image(image).await {
+            Ok(i) if !pull.always => return resolved(image, i, false),
+            Ok(i) => i.id,
             Err(DockerError::DockerResponseServerError {
                 status_code: 404, ..
-            }) => {}
+            }) => None,
             Err(DockerError::DockerResponseServerError {
                 status_code: 400, ..
             }) => {
@@ -572,7 +572,7 @@ impl Runtime {
                 )))
             }
             Err(e) => return Err(self.classify(e).await),
-        }
+        };
         let (from_image, tag) = split_reference(image);
         tracing::info!(image, "pulling image");
         let tell = |e: PullEvent| {
@@ -629,9 +629,109 @@ impl Runtime {
         result.map_err(failed)?;
         // A pull that "succeeds" without the image is still a failure.
         match docker.inspect_image(image).await {
-            Ok(_) => Ok(()),
+            Ok(i) => {
+                // Brought by this pull unless the reference named the same
+                // image before it (the tag did not move).
+                let fresh = i.id.is_some() && i.id != before;
+                resolved(image, i, fresh)
+            }
             Err(e) => Err(failed(engine_message(&e))),
         }
+    }
+
+    /// What the local image `image` is (`Resolved`), `None` if the Engine
+    /// does not have it. No pull.
+    pub async fn resolve(&self, image: &str) -> Result<Option<Resolved>, RuntimeError> {
+        let docker = self.docker().await?;
+        match docker.inspect_image(image).await {
+            Ok(i) => resolved(image, i, false).map(Some),
+            Err(DockerError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(e) => Err(self.classify(e).await),
+        }
+    }
+
+    /// The local image `id`'s size in bytes and the tags naming it; `None`
+    /// if the Engine does not have it.
+    pub async fn image_size(&self, id: &str) -> Result<Option<(u64, Vec<String>)>, RuntimeError> {
+        let docker = self.docker().await?;
+        match docker.inspect_image(id).await {
+            Ok(i) => Ok(Some((
+                i.size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+                i.repo_tags.unwrap_or_default(),
+            ))),
+            Err(DockerError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(e) => Err(self.classify(e).await),
+        }
+    }
+
+    /// Removes the image `id` that hyperfuncd pulled for `repository`: the
+    /// references to it of that repository (tags and digests), after which
+    /// the Engine deletes the image unless another reference (someone's own
+    /// tag) still names it. Never forced: a container made from it, of any
+    /// daemon, keeps it (`ImageRemoval::InUse`).
+    pub async fn remove_image(
+        &self,
+        id: &str,
+        repository: &str,
+    ) -> Result<ImageRemoval, RuntimeError> {
+        let docker = self.docker().await?;
+        let filters = HashMap::from([("ancestor".to_string(), vec![id.to_string()])]);
+        let users = docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await;
+        match users {
+            Ok(u) if !u.is_empty() => return Ok(ImageRemoval::InUse),
+            Ok(_) => {}
+            Err(e) => return Err(self.classify(e).await),
+        }
+        let image = match docker.inspect_image(id).await {
+            Ok(i) => i,
+            Err(DockerError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => return Ok(ImageRemoval::Gone),
+            Err(e) => return Err(self.classify(e).await),
+        };
+        let refs: Vec<String> = image
+            .repo_tags
+            .unwrap_or_default()
+            .into_iter()
+            .chain(image.repo_digests.unwrap_or_default())
+            .filter(|r| repository_of(r).as_deref() == Some(repository))
+            .collect();
+        let mut kept = false;
+        for r in refs.iter().map(String::as_str).chain(
+            // An image without references left (or never tagged) goes by id.
+            std::iter::once(id),
+        ) {
+            match docker
+                .remove_image(r, None::<RemoveImageOptions>, None)
+                .await
+            {
+                Ok(_) => {}
+                Err(DockerError::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => {}
+                // Another reference still names it, or a container was
+                // made from it meanwhile: it stays.
+                Err(DockerError::DockerResponseServerError {
+                    status_code: 409, ..
+                }) => kept = true,
+                Err(e) => return Err(self.classify(e).await),
+            }
+        }
+        Ok(if kept {
+            ImageRemoval::Kept
+        } else {
+            ImageRemoval::Removed
+        })
     }
 
     /// Asks the Engine to log in to `login.host` (`POST /auth`), as `docker
@@ -1244,6 +1344,8 @@ impl Runtime {
             message,
             stdout: output.stdout.freeze(),
             stderr: output.stderr.freeze(),
+            // The scheduler knows which image the container was made from.
+            image_digest: None,
         }
     }
 
@@ -1632,6 +1734,71 @@ const PULL_TIMED_OUT: &str = "the pull timed out";
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// The most of the Engine's `/auth` answer read: a status and a short JSON.
 const LOGIN_ANSWER_MAX: u64 = 64 * 1024;
+
+/// What a reference names on the Engine, resolved once (create, update).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// What a function pins (`Function::image_digest`): `repo@sha256:...`
+    /// when the Engine has the image from the reference's own repository
+    /// (a `RepoDigests` entry), so it can be pulled again by digest; else
+    /// the image ID `sha256:...` (an image built or loaded locally), which
+    /// names the same content but cannot be pulled again.
+    pub pinned: String,
+    /// The image ID.
+    pub id: String,
+    /// This pull brought the image onto the Engine (the reference named
+    /// no image, or another one, before): hyperfuncd may remove it later.
+    pub fresh: bool,
+}
+
+/// What `remove_image` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageRemoval {
+    Removed,
+    /// The Engine had no such image.
+    Gone,
+    /// A container uses it: it stays, and may go once that is removed.
+    InUse,
+    /// Its references of the repository are gone, but the image stays:
+    /// another reference (not hyperfuncd's) names it, or a container was
+    /// made from it meanwhile.
+    Kept,
+}
+
+/// `image`'s `Resolved` from its inspect.
+fn resolved(
+    image: &str,
+    i: bollard::models::ImageInspect,
+    fresh: bool,
+) -> Result<Resolved, RuntimeError> {
+    let id = i.id.ok_or_else(|| {
+        RuntimeError::Engine(format!("the Docker Engine gave image {image} no ID"))
+    })?;
+    let wanted = repository_of(image);
+    let pinned = i
+        .repo_digests
+        .unwrap_or_default()
+        .into_iter()
+        .find(|d| wanted.is_some() && repository_of(d) == wanted)
+        .unwrap_or_else(|| id.clone());
+    Ok(Resolved { pinned, id, fresh })
+}
+
+/// The canonical repository of a named reference, without tag or digest
+/// (`busybox:1` and `docker.io/library/busybox@sha256:..` are both
+/// `docker.io/library/busybox`); `None` for an image ID.
+pub fn repository_of(reference: &str) -> Option<String> {
+    let canonical = crate::model::ImageRef::parse(reference)
+        .ok()?
+        .canonical()?
+        .to_string();
+    let name = canonical.split('@').next().unwrap_or(&canonical);
+    let last = name.rsplit('/').next().unwrap_or(name);
+    Some(match last.rsplit_once(':') {
+        Some((_, tag)) => name[..name.len() - tag.len() - 1].to_string(),
+        None => name.to_string(),
+    })
+}
 
 /// How an image is pulled: whose login, and whether a local copy is enough.
 #[derive(Default)]

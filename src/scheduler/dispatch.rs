@@ -292,7 +292,7 @@ impl Scheduler {
             call_id: call.id,
             function: function.name.to_string(),
             owner: function.owner.to_string(),
-            image: function.spec.image.clone(),
+            image: warm.image.clone(),
             command: function.spec.command.clone(),
             env: call_env(&function.spec.env, &call.request_env),
             memory_bytes: function
@@ -331,7 +331,12 @@ impl Scheduler {
                     Err(e) => Err(e),
                 }
             }
-            None => self.runtime.run(spec, token).await,
+            // A cold call makes its container from the pinned image,
+            // pulled again first if it is gone.
+            None => match self.ensure_pinned(&function).await {
+                Ok(()) => self.runtime.run(spec, token).await,
+                Err(e) => Err(e),
+            },
         };
         let ended = self.conclude(&call, &warm, result).await;
         // Only now, with its container removed, may the sweep forget it.
@@ -353,6 +358,7 @@ impl Scheduler {
         }
         match result {
             Ok(mut ran) => {
+                ran.outcome.image_digest = Some(warm.image.clone());
                 if ran.outcome.message.as_deref() == Some("cancelled") {
                     ran.outcome.message = Some(self.cancel_reason().into());
                 }
@@ -380,8 +386,9 @@ impl Scheduler {
                 }
             }
             Err(e) => {
-                self.settle(&call.id, Outcome::failed(e.to_string()))
-                    .await?;
+                let mut failed = Outcome::failed(e.to_string());
+                failed.image_digest = Some(warm.image.clone());
+                self.settle(&call.id, failed).await?;
                 // The function was called: it gets its pool all the same.
                 self.refill(warm).await;
             }

@@ -15,6 +15,7 @@
 //! pool) and `share.rs` (the reserved slots and who gets a freed one).
 
 mod dispatch;
+mod images;
 mod pool;
 mod recovery;
 mod share;
@@ -33,6 +34,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
+
+pub use images::{note_pulled, ImageUse};
 
 type StartSignal = Shared<oneshot::Receiver<()>>;
 
@@ -321,6 +324,7 @@ impl Scheduler {
 
     /// Drains the queues until `shutdown` fires.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let images = tokio::spawn(Arc::clone(&self).images_loop(shutdown.clone()));
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut prune = tokio::time::interval(PRUNE_EVERY);
@@ -375,6 +379,7 @@ impl Scheduler {
         if let Some(task) = forward {
             task.abort();
         }
+        images.abort();
         self.stop_running().await;
         self.pool.close().await;
     }
@@ -384,7 +389,9 @@ impl Scheduler {
         WarmSpec {
             function: f.name.to_string(),
             owner: f.owner.to_string(),
-            image: f.spec.image.clone(),
+            // The pinned digest: a pool container of another digest is
+            // another spec, so it is never handed out for this one.
+            image: f.run_image().to_string(),
             command: f.spec.command.clone(),
             env: call_env(&f.spec.env, &[]),
             memory_bytes: f

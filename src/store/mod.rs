@@ -15,7 +15,8 @@ pub use nats::{NatsConfig, NatsStore, NODE_LOST};
 
 pub use crate::model::FunctionStats;
 use crate::model::{
-    Call, CallId, Event, FnKey, Function, Name, Outcome, QueueBudget, RegistryLogin, User,
+    Call, CallId, Event, FnKey, Function, Name, Outcome, PulledImage, QueueBudget, RegistryLogin,
+    User,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -165,6 +166,15 @@ pub trait Store: Send + Sync {
     /// logout does not make an image someone's login pulled public).
     async fn mark_private_registry(&self, host: &str) -> Result<()>;
     async fn is_private_registry(&self, host: &str) -> Result<bool>;
+
+    // ---- images hyperfuncd pulled ----
+    /// Records (or replaces) an image `image.instance`'s Engine got from a
+    /// pull of hyperfuncd's: only such images are ever removed by it.
+    async fn put_pulled_image(&self, image: &PulledImage) -> Result<()>;
+    /// The images recorded for `instance` (one daemon's Engine).
+    async fn pulled_images(&self, instance: &str) -> Result<Vec<PulledImage>>;
+    /// Forgets image `id` of `instance` (removed, or not ours to remove).
+    async fn delete_pulled_image(&self, instance: &str, id: &str) -> Result<()>;
 
     // ---- functions ----
     /// Refused when its owner already has a function of that name, or while

@@ -47,6 +47,7 @@ impl From<FunctionV2> for Function {
             secret: f.secret,
             created_ms: f.created_ms,
             updated_ms: f.updated_ms,
+            image_digest: None,
         }
     }
 }
@@ -375,6 +376,7 @@ mod tests {
 
     fn function_of(owner: &str, name: &str) -> Function {
         Function {
+            image_digest: None,
             name: Name::parse(name).unwrap(),
             owner: Name::parse(owner).unwrap(),
             spec: FunctionSpec {
@@ -406,6 +408,7 @@ mod tests {
             Started::Running(..)
         ));
         let outcome = Outcome {
+            image_digest: None,
             state: CallState::Finished,
             exit_code: Some(0),
             message: None,

@@ -26,8 +26,8 @@ use super::{
     changed_meanwhile, FunctionStats, OutputLookup, Result, Started, Store, StoreConfig, StoreError,
 };
 use crate::model::{
-    Call, CallId, CallState, Event, EventKind, FnKey, Function, Name, Outcome, QueueBudget,
-    RegistryLogin, User,
+    Call, CallId, CallState, Event, EventKind, FnKey, Function, Name, Outcome, PulledImage,
+    QueueBudget, RegistryLogin, User,
 };
 use async_trait::async_trait;
 use blobs::{Blobs, Kind, Marker};
@@ -88,7 +88,7 @@ const PAGE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// 5: users carry budgets (`UserLimits`), and `queued` counts each owner's
 /// queue (`migrate_to_5`).
 /// 6: a user's `UserLimits` ends with `reserved` (`migrate_users_to_6`).
-const SCHEMA: u64 = 6;
+const SCHEMA: u64 = 7;
 
 // Tree indices of `Inner::trees`, so one transaction can span any of them.
 const USERS: usize = 0; // user name -> User
@@ -108,7 +108,8 @@ const DONE: usize = 13; // finished_ms\0id -> (): ended calls, oldest first, for
 const QUEUED: usize = 14; // owner -> QueueUse: the owner's PENDING calls and their payload bytes
 const REGISTRY_LOGINS: usize = 15; // owner\0host -> RegistryLogin (a tree of its own: no schema change)
 const PRIVATE_REGISTRIES: usize = 16; // host -> (): hosts someone logged in to
-const TREE_NAMES: [&str; 17] = [
+const PULLED_IMAGES: usize = 17; // instance\0image id -> PulledImage (a tree of its own)
+const TREE_NAMES: [&str; 18] = [
     "users",
     "keys",
     "functions",
@@ -126,6 +127,7 @@ const TREE_NAMES: [&str; 17] = [
     "queued",
     "registry_logins",
     "private_registries",
+    "pulled_images",
 ];
 
 /// An owner's queue as `accept` checks it against their budget: kept in
@@ -580,6 +582,11 @@ impl Inner {
         if schema < 6 {
             self.migrate_users_to_6()?;
         }
+        // Schema 7: function, call and event records gained a trailing
+        // `image_digest`, which records of 6 lack and read as `None`
+        // (`model::trailing`), so nothing is rewritten: the number only
+        // stops an older release, which would refuse the longer records
+        // one by one, at open.
         meta.insert("schema", encode(&SCHEMA)?)?;
         Ok(())
     }
@@ -725,6 +732,14 @@ fn get<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// `instance\0id`: an instance id holds no NUL.
+fn pulled_key(instance: &str, id: &str) -> Vec<u8> {
+    let mut k = instance.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
 fn values<T: serde::de::DeserializeOwned>(iter: sled::Iter) -> Result<Vec<T>> {
     iter.map(|kv| Ok(decode(&kv?.1)?)).collect()
 }
@@ -861,6 +876,36 @@ impl Store for SledStore {
             let _one = lock(&i.writing);
             i.tree(PRIVATE_REGISTRIES).insert(host.as_bytes(), &[])?;
             fx.committed = true;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn put_pulled_image(&self, image: &PulledImage) -> Result<()> {
+        let image = image.clone();
+        self.write(move |i, fx| {
+            i.check_space(0, "the pulled image's record")?;
+            let _one = lock(&i.writing);
+            i.tree(PULLED_IMAGES)
+                .insert(pulled_key(&image.instance, &image.id), encode(&image)?)?;
+            fx.committed = true;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn pulled_images(&self, instance: &str) -> Result<Vec<PulledImage>> {
+        let mut prefix = instance.as_bytes().to_vec();
+        prefix.push(0);
+        self.read(move |i| values(i.tree(PULLED_IMAGES).scan_prefix(prefix)))
+            .await
+    }
+
+    async fn delete_pulled_image(&self, instance: &str, id: &str) -> Result<()> {
+        let key = pulled_key(instance, id);
+        self.write(move |i, fx| {
+            let _one = lock(&i.writing);
+            fx.committed = i.tree(PULLED_IMAGES).remove(key)?.is_some();
             Ok(())
         })
         .await

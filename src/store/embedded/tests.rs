@@ -33,6 +33,7 @@ fn reopen(dir: &Path, config: StoreConfig) -> SledStore {
 
 fn function(n: &str) -> Function {
     Function {
+        image_digest: None,
         name: name(n),
         owner: name("alice"),
         spec: FunctionSpec {
@@ -74,6 +75,7 @@ async fn run(store: &SledStore, call: &Call) -> Bytes {
 
 fn ok(stdout: &[u8]) -> Outcome {
     Outcome {
+        image_digest: None,
         state: CallState::Finished,
         exit_code: Some(0),
         message: None,
@@ -576,6 +578,7 @@ async fn queue_budgets_hold_exactly_under_concurrent_accepts() {
     assert_eq!(queued(&store).unwrap().calls, 5);
     run(&store, &accepted[0]).await;
     let outcome = Outcome {
+        image_digest: None,
         state: CallState::Finished,
         exit_code: Some(0),
         message: None,

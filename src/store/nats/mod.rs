@@ -40,8 +40,8 @@ use super::{
     changed_meanwhile, FunctionStats, OutputLookup, Result, Started, Store, StoreConfig, StoreError,
 };
 use crate::model::{
-    Call, CallId, CallState, Event, FnKey, Function, Name, Outcome, QueueBudget, RegistryLogin,
-    User,
+    Call, CallId, CallState, Event, FnKey, Function, Name, Outcome, PulledImage, QueueBudget,
+    RegistryLogin, User,
 };
 use async_nats::jetstream::{self, consumer, stream, AckKind};
 use async_trait::async_trait;
@@ -634,6 +634,10 @@ fn user_key(name: &Name) -> String {
 fn login_key(owner: &Name, host: &str) -> String {
     format!("g.{owner}.{}", hex::encode(host))
 }
+/// `i.HEXINSTANCE.HEXID`: an image id holds `:`, which no KV key may.
+fn pulled_key(instance: &str, id: &str) -> String {
+    format!("i.{}.{}", hex::encode(instance), hex::encode(id))
+}
 fn hash_key(hash: &[u8; 32]) -> String {
     format!("k.{}", hex::encode(hash))
 }
@@ -1222,6 +1226,38 @@ impl Store for NatsStore {
             self.inner
                 .bucket
                 .commit(vec![Op::Put(key.clone(), enc(&())?, None)])
+                .await
+        })
+        .await
+    }
+
+    async fn put_pulled_image(&self, image: &PulledImage) -> Result<()> {
+        let key = pulled_key(&image.instance, &image.id);
+        retry(|| async {
+            self.inner
+                .bucket
+                .commit(vec![Op::Put(key.clone(), enc(image)?, None)])
+                .await
+        })
+        .await
+    }
+
+    async fn pulled_images(&self, instance: &str) -> Result<Vec<PulledImage>> {
+        self.inner
+            .bucket
+            .scan(&format!("i.{}.", hex::encode(instance)))
+            .await?
+            .iter()
+            .map(|(k, v)| dec(k, v))
+            .collect()
+    }
+
+    async fn delete_pulled_image(&self, instance: &str, id: &str) -> Result<()> {
+        let key = pulled_key(instance, id);
+        retry(|| async {
+            self.inner
+                .bucket
+                .commit(vec![Op::Del(key.clone(), None)])
                 .await
         })
         .await

@@ -43,6 +43,7 @@ impl Drop for Server {
 
 fn function() -> Function {
     Function {
+        image_digest: None,
         name: Name::parse("f").unwrap(),
         owner: Name::parse("alice").unwrap(),
         spec: FunctionSpec {
@@ -181,6 +182,7 @@ async fn an_update_from_a_stale_read_is_a_conflict() {
 
 fn finished() -> Outcome {
     Outcome {
+        image_digest: None,
         state: CallState::Finished,
         exit_code: Some(0),
         message: None,
