@@ -913,6 +913,16 @@ impl Service {
         Ok(self.store.stats(&f.key()).await?)
     }
 
+    /// A page of `f`'s call history, newest first (`f` was found for the
+    /// caller by `function`, so another tenant's is already a 404).
+    pub async fn function_calls(
+        &self,
+        f: &Function,
+        query: &crate::store::CallQuery,
+    ) -> Result<crate::store::CallPage> {
+        Ok(self.store.function_calls(&f.key(), query).await?)
+    }
+
     // ---- calls ----
 
     /// Accepts a call; returns once it and its payload are on disk.

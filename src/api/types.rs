@@ -146,11 +146,29 @@ pub struct CallView {
     pub created: String,
     pub started: Option<String>,
     pub finished: Option<String>,
+    /// Milliseconds from start to end (ended calls that started).
+    #[serde(default)]
+    pub duration_ms: Option<u64>,
     pub exit_code: Option<i64>,
     pub message: Option<String>,
     pub stdin_bytes: u64,
     pub stdout_bytes: u64,
     pub short_stderr: String,
+    // The image digest a call ran (being added to the call record) goes
+    // here: the detail and the history show it alike, both being this view.
+}
+
+/// A page of `GET /v1/functions/{name}/calls`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CallPageView {
+    /// Newest first; the same view as `GET /v1/calls/{id}`.
+    pub calls: Vec<CallView>,
+    /// Passed back as `cursor=` for the next (older) page; absent once the
+    /// history is exhausted. A page may be short, even empty, and still
+    /// have one (its scan was bounded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
 }
 
 impl From<&Call> for CallView {
@@ -163,6 +181,10 @@ impl From<&Call> for CallView {
             created: format_time(c.created_ms),
             started: c.started_ms.map(format_time),
             finished: c.finished_ms.map(format_time),
+            duration_ms: c
+                .finished_ms
+                .zip(c.started_ms)
+                .map(|(f, s)| f.saturating_sub(s)),
             exit_code: c.exit_code,
             message: c.message.clone(),
             stdin_bytes: c.stdin_len,
