@@ -48,6 +48,8 @@ function h(tag, props = {}, ...kids) {
 
 const state = {
   admin: false,
+  /** The user this tab's key belongs to (`/v1/whoami`). */
+  me: null,
   /** Aborts the current view's requests and streams when it is left. */
   view: new AbortController(),
   timers: [],
@@ -144,18 +146,11 @@ function confirmDialog(text, ok = 'Confirm') {
 
 // ---- sign in / out ----
 
-/** Checks a key against the API and learns whether it is an admin's. */
+/** Checks a key against the API and learns whose it is and whether an admin's. */
 async function checkKey(key) {
-  await api('GET', '/v1/functions', { key });
-  try {
-    await api('GET', '/v1/users', { key });
-    return true;
-  } catch (e) {
-    if (e instanceof ApiError && e.status === 403) {
-      return false;
-    }
-    throw e;
-  }
+  const me = await api('GET', '/v1/whoami', { key });
+  state.me = me.Name;
+  return me.Admin;
 }
 
 async function signIn(ev) {
@@ -643,6 +638,12 @@ function clearFunction() {
   $('logs-state').textContent = '';
   $('logs-callid').value = '';
   $('logs-follow').checked = true;
+  $('history-state').value = '';
+  $('history-body').replaceChildren();
+  $('history-table').hidden = true;
+  $('history-pager').hidden = true;
+  $('history-empty').textContent = '';
+  resetHistory();
 }
 
 async function openFunction(name, owner = null) {
@@ -658,6 +659,7 @@ async function openFunction(name, owner = null) {
     renderFunction(f, s);
     $('fn-body').hidden = false;
     startLogs();
+    loadHistory();
     functionActivity();
     state.timers.push(setInterval(functionActivity, 10000));
   } catch (e) {
@@ -967,6 +969,180 @@ async function getOutput() {
   }
 }
 
+// ---- call history ----
+
+const HISTORY_PAGE = 20;
+/** The pages seen so far: the cursor each one started from (null: the newest). */
+const history = { starts: [null], page: 0, next: null, shownId: null };
+
+function historyPath(start) {
+  const q = new URLSearchParams({ limit: String(HISTORY_PAGE) });
+  const st = $('history-state').value;
+  if (st) {
+    q.set('state', st);
+  }
+  if (start) {
+    q.set('cursor', start);
+  }
+  const owner = ownerOf(current);
+  if (owner) {
+    q.set('owner', owner);
+  }
+  return `/v1/functions/${encodeURIComponent(current.Name)}/calls?${q}`;
+}
+
+function msText(ms) {
+  if (ms === null || ms === undefined) {
+    return '';
+  }
+  return ms < 1000 ? `${ms} ms` : `${(ms / 1000).toFixed(ms < 60000 ? 1 : 0)} s`;
+}
+
+function stateBadge(st) {
+  return h('span', { class: `badge ${st.toLowerCase()}`, text: st });
+}
+
+/** Shows the history page `history.page`, from the server. */
+async function loadHistory() {
+  if (!current) {
+    return;
+  }
+  const signal = state.view.signal;
+  const f = current;
+  try {
+    const p = await api('GET', historyPath(history.starts[history.page]), { signal });
+    if (current !== f) {
+      return;
+    }
+    history.next = p.Cursor ?? null;
+    $('history-body').replaceChildren(
+      ...p.Calls.map((c) =>
+        h(
+          'tr',
+          { 'data-call': c.CallId },
+          h(
+            'td',
+            { 'data-label': 'Call id' },
+            h('button', {
+              type: 'button',
+              class: 'quiet small mono',
+              text: c.CallId,
+              'aria-label': `Details of call ${c.CallId}`,
+              onclick: () => openCall(c.CallId),
+            }),
+          ),
+          h('td', { 'data-label': 'State' }, stateBadge(c.State)),
+          h('td', { 'data-label': 'Accepted', text: c.Created }),
+          h('td', { 'data-label': 'Duration', text: msText(c.DurationMs) }),
+          h('td', { 'data-label': 'Exit', text: c.ExitCode ?? '' }),
+          h('td', { 'data-label': 'Message', class: 'msg', text: c.Message ?? '' }),
+        ),
+      ),
+    );
+    $('history-table').hidden = p.Calls.length === 0;
+    const first = history.page * HISTORY_PAGE;
+    $('history-empty').textContent = p.Calls.length
+      ? `calls ${first + 1}–${first + p.Calls.length}${history.next ? '' : ' (the oldest kept)'}`
+      : history.page === 0 && !history.next
+        ? 'No calls.'
+        : 'No calls on this page.';
+    $('history-pager').hidden = history.page === 0 && !history.next;
+    $('history-page').textContent = `page ${history.page + 1}`;
+    $('history-newer').disabled = history.page === 0;
+    $('history-older').disabled = !history.next;
+  } catch (e) {
+    if (!isAbort(e)) {
+      showError(e);
+    }
+  }
+}
+
+function resetHistory() {
+  history.starts = [null];
+  history.page = 0;
+  history.next = null;
+  closeCall();
+}
+
+function turnHistory(by) {
+  if (by > 0 && history.next) {
+    history.starts[history.page + 1] = history.next;
+    history.page += 1;
+  } else if (by < 0 && history.page > 0) {
+    history.page -= 1;
+  }
+  loadHistory();
+}
+
+function closeCall() {
+  history.shownId = null;
+  $('call-detail').hidden = true;
+  $('cd-details').replaceChildren();
+  $('cd-failed').hidden = true;
+  $('cd-output-text').hidden = true;
+  $('cd-output-text').textContent = '';
+}
+
+/** Shows one call's record (`GET /v1/calls/ID`) under the history. */
+async function openCall(id) {
+  const signal = state.view.signal;
+  try {
+    const c = await api('GET', `/v1/calls/${encodeURIComponent(id)}`, { signal });
+    closeCall();
+    history.shownId = id;
+    $('cd-id').textContent = c.CallId;
+    $('cd-details').replaceChildren(
+      ...detail('State', stateBadge(c.State)),
+      ...detail('Accepted', c.Created),
+      ...detail('Started', c.Started ?? '—'),
+      ...detail('Ended', c.Finished ?? '—'),
+      ...detail('Duration', msText(c.DurationMs) || '—'),
+      ...detail('Exit code', c.ExitCode ?? '—'),
+      ...detail('Message', c.Message ?? '—'),
+      ...detail('STDIN', bytes(c.StdinBytes)),
+      ...detail('STDOUT', c.State === 'FINISHED' ? bytes(c.StdoutBytes) : '—'),
+      ...detail('STDERR (start)', c.ShortStderr ? h('code', { class: 'pre', text: c.ShortStderr }) : '—'),
+    );
+    $('cd-output').hidden = c.State !== 'FINISHED';
+    $('call-detail').hidden = false;
+    $('call-detail').focus();
+  } catch (e) {
+    if (!isAbort(e)) {
+      showError(e);
+    }
+  }
+}
+
+/** Fetches the shown call's output, which deletes it on the server. */
+async function callDetailOutput() {
+  const id = history.shownId;
+  if (!id) {
+    return;
+  }
+  const signal = state.view.signal;
+  $('cd-output').disabled = true;
+  try {
+    const r = await api('GET', `/v1/calls/${encodeURIComponent(id)}/output`, { raw: true, signal });
+    if (r.status !== 200) {
+      throw await errorOf(r);
+    }
+    const data = new Uint8Array(await r.arrayBuffer());
+    $('cd-output-text').textContent = new TextDecoder().decode(data);
+    $('cd-output-text').hidden = false;
+    $('cd-output').hidden = true;
+  } catch (e) {
+    if (e instanceof ApiError) {
+      $('cd-failed').textContent = `${e.status} ${e.code}: ${e.message}`;
+      $('cd-failed').hidden = false;
+      $('cd-output').hidden = true;
+    } else if (!isAbort(e)) {
+      showError(e);
+    }
+  } finally {
+    $('cd-output').disabled = false;
+  }
+}
+
 // ---- logs ----
 
 let logs = new AbortController();
@@ -1136,24 +1312,21 @@ async function setQuota(name, value) {
 }
 
 async function rotateKey(name) {
-  const question = `Give ${name} a new key? The current one stops working at once, in every tab and script that uses it. If it is the key you signed in with, this tab switches to the new one.`;
-  if (!(await confirmDialog(question, 'Rotate key'))) {
+  const own = name === state.me;
+  const question = own
+    ? `This is your own key: the one this tab is signed in with. Give ${name} a new key? The current one stops working at once, in every other tab and script that uses it; this tab switches to the new one, which is shown once — save it.`
+    : `Give ${name} a new key? The current one stops working at once, in every tab and script that uses it.`;
+  if (!(await confirmDialog(question, own ? 'Rotate my key' : 'Rotate key'))) {
     return;
   }
   await attempt(async () => {
     const u = await api('PATCH', `/v1/users/${encodeURIComponent(name)}`, { json: { RotateKey: true } });
-    showKey(u.Name, u.Key);
-    // Was it this tab's own key? Then it no longer works: carry on with the new one.
-    try {
-      await api('GET', '/v1/users');
-    } catch (e) {
-      if (e instanceof ApiError && e.status === 401) {
-        session.set(u.Key);
-        flash(`That was your own key: this tab now uses ${name}'s new key. Save it before you sign out.`);
-      } else {
-        throw e;
-      }
+    if (own) {
+      // The old key no longer works: carry on with the new one.
+      session.set(u.Key);
+      flash('Your key is rotated: this tab now uses the new one. Save it before you sign out.');
     }
+    showKey(u.Name, u.Key);
   });
 }
 
@@ -1271,6 +1444,18 @@ function wire() {
     startLogs();
   });
   $('logs-follow').addEventListener('change', startLogs);
+  $('history-state').addEventListener('change', () => {
+    resetHistory();
+    loadHistory();
+  });
+  $('history-refresh').addEventListener('click', () => {
+    resetHistory();
+    loadHistory();
+  });
+  $('history-newer').addEventListener('click', () => turnHistory(-1));
+  $('history-older').addEventListener('click', () => turnHistory(1));
+  $('cd-close').addEventListener('click', closeCall);
+  $('cd-output').addEventListener('click', callDetailOutput);
   $('users-refresh').addEventListener('click', loadUsers);
   $('adduser-form').addEventListener('submit', addUser);
   $('newkey-done').addEventListener('click', hideKey);
