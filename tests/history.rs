@@ -199,5 +199,21 @@ fn a_functions_calls_page_newest_first_with_filters_in_the_api_and_the_cli() {
     }
     let out = d.cli_as(&bob, &["func", "calls", "admin/hist"], None);
     assert_cli_error(&out, "not found");
+
+    // Whose key is it: the caller's own record, never a key.
+    let (code, me) = api_as(&d, &bob, "GET", "/v1/whoami");
+    assert_eq!(code, 200, "{me}");
+    assert_eq!(
+        (me["Name"].as_str(), me["Admin"].as_bool()),
+        (Some("bob"), Some(false))
+    );
+    assert!(me.get("Key").is_none(), "{me}");
+    let (code, me) = d.api("/v1/whoami");
+    assert_eq!(
+        (code, me["Name"].as_str(), me["Admin"].as_bool()),
+        (200, Some("admin"), Some(true))
+    );
+    let (code, _) = api_as(&d, "hfk_not-a-key", "GET", "/v1/whoami");
+    assert_eq!(code, 401);
     d.finish();
 }
