@@ -45,6 +45,63 @@ fn walk(d: &Daemon, query: &str, limit: usize) -> Vec<Value> {
 }
 
 #[test]
+fn a_calls_state_streams_as_server_sent_events_until_it_ends() {
+    let d = Daemon::start();
+    d.create("nap", &[test_image(), "sh", "-c", "sleep 2; echo slept"]);
+    let id = d.call("nap", b"");
+    let auth = format!("Authorization: Bearer {}", d.admin_key());
+    // Ends by itself once the call has ended.
+    let started = std::time::Instant::now();
+    let (code, body) = d.curl(&[
+        "-N",
+        "-H",
+        &auth,
+        &format!("{}/v1/calls/{id}/events", d.endpoint),
+    ]);
+    assert_eq!(code, 200);
+    let text = String::from_utf8_lossy(&body);
+    let states: Vec<String> = text
+        .split("\n\n")
+        .filter(|f| !f.trim().is_empty())
+        .map(|f| {
+            let mut lines = f.lines();
+            assert_eq!(lines.next(), Some("event: state"), "{text}");
+            let data = lines.next().and_then(|l| l.strip_prefix("data: "));
+            let v: Value = serde_json::from_str(data.unwrap_or("")).unwrap_or(Value::Null);
+            assert_eq!(v["CallId"], id.as_str(), "{text}");
+            v["State"].as_str().unwrap_or("?").to_string()
+        })
+        .collect();
+    // Each change once, in order: it was seen before it ran or while it ran.
+    assert!(
+        states == ["PENDING", "RUNNING", "FINISHED"] || states == ["RUNNING", "FINISHED"],
+        "{states:?} in {text}"
+    );
+    assert!(started.elapsed().as_secs() < 30);
+    // An ended call: one event, its end, and the stream is over.
+    let (_, again) = d.curl(&[
+        "-N",
+        "-H",
+        &auth,
+        &format!("{}/v1/calls/{id}/events", d.endpoint),
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&again)
+            .matches("event: state")
+            .count(),
+        1
+    );
+    assert!(String::from_utf8_lossy(&again).contains("\"State\":\"FINISHED\""));
+    // Another user's call, or no call at all: 404.
+    let bob = d.add_user("bob", 1);
+    let (code, _) = api_as(&d, &bob, "GET", &format!("/v1/calls/{id}/events"));
+    assert_eq!(code, 404);
+    let (code, _) = d.api("/v1/calls/not-a-call/events");
+    assert_eq!(code, 404);
+    d.finish();
+}
+
+#[test]
 fn a_functions_calls_page_newest_first_with_filters_in_the_api_and_the_cli() {
     let d = Daemon::start();
     let url = d.create(

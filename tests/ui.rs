@@ -374,6 +374,23 @@ async fn scenario(c: &Client, d: &Daemon) -> Result<()> {
     text_of(c, "#call-timer", |t| t.starts_with("running")).await?;
     text_of(c, "#call-state", |t| t == "FINISHED").await?;
     text_of(c, "#call-output", |t| t == "slept").await?;
+    // Watched through the call's event stream, not by polling its record.
+    let asked = js(
+        c,
+        "return performance.getEntriesByType('resource').map((e) => new URL(e.name).pathname).filter((p) => p.startsWith('/v1/calls/'))",
+    )
+    .await?;
+    let asked: Vec<&str> = asked
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if !asked.iter().any(|p| p.ends_with("/events"))
+        || asked.iter().any(|p| p.split('/').count() == 4)
+    {
+        bail!("the slow call was not watched through its event stream alone: {asked:?}");
+    }
 
     // The call history, 20 a page over 64 calls: older and newer pages, a
     // state filter, a call's detail and its output fetched once.

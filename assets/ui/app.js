@@ -13,6 +13,7 @@ import {
   joinCommand,
   session,
   splitCommand,
+  streamEvents,
   streamLines,
   waitOutput,
 } from './api.js';
@@ -910,11 +911,15 @@ async function watchCall(id) {
     $('call-timer').textContent = `${what} ${((performance.now() - t0) / 1000).toFixed(1)} s`;
   }, 200);
   $('call-wait').hidden = true;
-  // A poll as well as the log stream: the stream may be off or filtered.
-  for (let pause = 250; !ctl.signal.aborted; pause = Math.min(pause * 2, 2000)) {
+  // The call's own event stream (`/v1/calls/ID/events`), again after the
+  // server ends it early (its `max_wait`); the log stream helps too.
+  while (!ctl.signal.aborted && !ENDED.has($('call-state').textContent)) {
     try {
-      const c = await api('GET', `/v1/calls/${encodeURIComponent(id)}`, { signal: ctl.signal });
-      callState(id, c.State, since);
+      await streamEvents(`/v1/calls/${encodeURIComponent(id)}/events`, (name, c) => {
+        if (name === 'state') {
+          callState(id, c.State, since);
+        }
+      }, ctl.signal);
     } catch (e) {
       if (!isAbort(e)) {
         showError(e);
@@ -923,13 +928,6 @@ async function watchCall(id) {
       }
       return;
     }
-    await new Promise((res) => {
-      const t = setTimeout(res, pause);
-      ctl.signal.addEventListener('abort', () => {
-        clearTimeout(t);
-        res();
-      });
-    });
   }
 }
 

@@ -533,6 +533,7 @@ async fn v1(
             let call = svc.call(&Scope::User(caller), &id).await?;
             Ok(json_response(StatusCode::OK, &CallView::from(&call)))
         }
+        Op::CallEvents => call_events(svc, caller, p.get("callId"), &req.front).await,
         Op::CallOutput => {
             let wait = if req.query.contains_key("wait") {
                 Some(wait_param(&req)?)
@@ -860,6 +861,65 @@ async fn logs(
     );
     r.headers_mut()
         .insert(LOG_SEQ_HEADER, warp::http::HeaderValue::from(start_seq));
+    Ok(r)
+}
+
+/// `GET /v1/calls/ID/events`: the call's state as server-sent events, one
+/// `event: state` with the call's view (as `GET /v1/calls/ID`) now and at
+/// each change, ending after its end (FINISHED or FAILED) or `max_wait`
+/// (the client connects again: the first event is always the state now).
+/// Visibility is checked first, so another user's call is 404.
+async fn call_events(
+    svc: &Arc<Service>,
+    caller: &crate::model::User,
+    id: &str,
+    front: &Front,
+) -> ApiResult {
+    let id = CallId::parse(id).map_err(|_| ApiError::not_found(format!("call {id} not found")))?;
+    let mut changes = svc.scheduler.subscribe();
+    let first = svc.call(&Scope::User(caller), &id).await?;
+    let long = front.long()?;
+    let deadline = tokio::time::Instant::now() + front.max_wait;
+    let event = |c: &crate::model::Call| -> Bytes {
+        // Serializing a struct of strings and numbers cannot fail.
+        let data = serde_json::to_string(&CallView::from(c)).unwrap_or_default();
+        Bytes::from(format!("event: state\ndata: {data}\n\n"))
+    };
+    let (svc, caller) = (Arc::clone(svc), caller.clone());
+    let stream = async_stream(move |tx| async move {
+        let _long = long;
+        let mut last = first.state;
+        if tx.send(event(&first)).await.is_err() || last.is_done() {
+            return;
+        }
+        loop {
+            // A change on another node wakes nobody here: look every second.
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() {
+                    return;
+                },
+                () = tokio::time::sleep(FOLLOW_RECHECK) => {}
+                () = tokio::time::sleep_until(deadline) => return,
+            }
+            let Ok(call) = svc.call(&Scope::User(&caller), &id).await else {
+                return;
+            };
+            if call.state != last {
+                last = call.state;
+                if tx.send(event(&call)).await.is_err() || last.is_done() {
+                    return;
+                }
+            }
+        }
+    });
+    let mut r = with_type(
+        warp::reply::stream(stream).into_response(),
+        "text/event-stream",
+    );
+    r.headers_mut().insert(
+        warp::http::header::CACHE_CONTROL,
+        warp::http::HeaderValue::from_static("no-store"),
+    );
     Ok(r)
 }
 
