@@ -869,7 +869,7 @@ async function callFunction(ev) {
 }
 
 // The call on screen, watched until it ends: its state from
-// `GET /v1/calls/ID` (and sooner from the function's log stream), a
+// `GET /v1/calls/ID/events` (or sooner from the function's log stream), a
 // running timer, and its output fetched as soon as it is FINISHED.
 let watching = new AbortController();
 let watchTimer = null;
@@ -970,8 +970,9 @@ async function getOutput() {
 // ---- call history ----
 
 const HISTORY_PAGE = 20;
-/** The pages seen so far: the cursor each one started from (null: the newest). */
-const history = { starts: [null], page: 0, next: null, shownId: null };
+/** The history's pages seen so far: the cursor each one started from
+ * (null: the newest), the next one's, and the call whose detail is shown. */
+const calls = { starts: [null], page: 0, next: null, shownId: null };
 
 function historyPath(start) {
   const q = new URLSearchParams({ limit: String(HISTORY_PAGE) });
@@ -1000,7 +1001,7 @@ function stateBadge(st) {
   return h('span', { class: `badge ${st.toLowerCase()}`, text: st });
 }
 
-/** Shows the history page `history.page`, from the server. */
+/** Shows the history page `calls.page`, from the server. */
 async function loadHistory() {
   if (!current) {
     return;
@@ -1008,11 +1009,11 @@ async function loadHistory() {
   const signal = state.view.signal;
   const f = current;
   try {
-    const p = await api('GET', historyPath(history.starts[history.page]), { signal });
+    const p = await api('GET', historyPath(calls.starts[calls.page]), { signal });
     if (current !== f) {
       return;
     }
-    history.next = p.Cursor ?? null;
+    calls.next = p.Cursor ?? null;
     $('history-body').replaceChildren(
       ...p.Calls.map((c) =>
         h(
@@ -1038,16 +1039,16 @@ async function loadHistory() {
       ),
     );
     $('history-table').hidden = p.Calls.length === 0;
-    const first = history.page * HISTORY_PAGE;
+    const first = calls.page * HISTORY_PAGE;
     $('history-empty').textContent = p.Calls.length
-      ? `calls ${first + 1}–${first + p.Calls.length}${history.next ? '' : ' (the oldest kept)'}`
-      : history.page === 0 && !history.next
+      ? `calls ${first + 1}–${first + p.Calls.length}${calls.next ? '' : ' (the oldest kept)'}`
+      : calls.page === 0 && !calls.next
         ? 'No calls.'
         : 'No calls on this page.';
-    $('history-pager').hidden = history.page === 0 && !history.next;
-    $('history-page').textContent = `page ${history.page + 1}`;
-    $('history-newer').disabled = history.page === 0;
-    $('history-older').disabled = !history.next;
+    $('history-pager').hidden = calls.page === 0 && !calls.next;
+    $('history-page').textContent = `page ${calls.page + 1}`;
+    $('history-newer').disabled = calls.page === 0;
+    $('history-older').disabled = !calls.next;
   } catch (e) {
     if (!isAbort(e)) {
       showError(e);
@@ -1056,24 +1057,24 @@ async function loadHistory() {
 }
 
 function resetHistory() {
-  history.starts = [null];
-  history.page = 0;
-  history.next = null;
+  calls.starts = [null];
+  calls.page = 0;
+  calls.next = null;
   closeCall();
 }
 
 function turnHistory(by) {
-  if (by > 0 && history.next) {
-    history.starts[history.page + 1] = history.next;
-    history.page += 1;
-  } else if (by < 0 && history.page > 0) {
-    history.page -= 1;
+  if (by > 0 && calls.next) {
+    calls.starts[calls.page + 1] = calls.next;
+    calls.page += 1;
+  } else if (by < 0 && calls.page > 0) {
+    calls.page -= 1;
   }
   loadHistory();
 }
 
 function closeCall() {
-  history.shownId = null;
+  calls.shownId = null;
   $('call-detail').hidden = true;
   $('cd-details').replaceChildren();
   $('cd-failed').hidden = true;
@@ -1087,7 +1088,7 @@ async function openCall(id) {
   try {
     const c = await api('GET', `/v1/calls/${encodeURIComponent(id)}`, { signal });
     closeCall();
-    history.shownId = id;
+    calls.shownId = id;
     $('cd-id').textContent = c.CallId;
     $('cd-details').replaceChildren(
       ...detail('State', stateBadge(c.State)),
@@ -1113,7 +1114,7 @@ async function openCall(id) {
 
 /** Fetches the shown call's output, which deletes it on the server. */
 async function callDetailOutput() {
-  const id = history.shownId;
+  const id = calls.shownId;
   if (!id) {
     return;
   }
