@@ -989,6 +989,16 @@ impl Service {
         Ok(self.store.stats(&f.key()).await?)
     }
 
+    /// A page of `f`'s call history, newest first (`f` was found for the
+    /// caller by `function`, so another tenant's is already a 404).
+    pub async fn function_calls(
+        &self,
+        f: &Function,
+        query: &crate::store::CallQuery,
+    ) -> Result<crate::store::CallPage> {
+        Ok(self.store.function_calls(&f.key(), query).await?)
+    }
+
     // ---- calls ----
 
     /// Accepts a call; returns once it and its payload are on disk.
@@ -1201,6 +1211,12 @@ impl Service {
             }
         });
         Ok((start, first, LogFollow { rx }))
+    }
+
+    /// Wakes whenever a call changes state on this node (changes made on
+    /// other nodes wake nobody: a watcher also looks again on its own).
+    pub fn call_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.scheduler.subscribe()
     }
 
     /// What `/metrics` shows as levels, read now (never mirrored).

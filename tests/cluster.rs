@@ -1040,6 +1040,105 @@ fn a_5_mib_payload_accepted_on_one_node_is_fetched_byte_exact_from_the_other() {
 }
 
 #[test]
+fn a_functions_call_history_pages_alike_from_either_node() {
+    let _one = one_at_a_time();
+    let nats = NatsCluster::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = Daemon::start_on(&data_dir(&tmp, "a"), &nats.config(""));
+    let b = join(&a, &data_dir(&tmp, "b"), &nats.config(""));
+    a.create(
+        "hist",
+        &[
+            IMAGE,
+            "sh",
+            "-c",
+            "read x; [ \"$x\" = fail ] && exit 3; echo ok",
+        ],
+    );
+    // 61 calls through both nodes in turn, every fourth failing.
+    let bodies: Vec<&[u8]> = (0..61)
+        .map(|i| {
+            if i % 4 == 0 {
+                &b"fail\n"[..]
+            } else {
+                &b"x\n"[..]
+            }
+        })
+        .collect();
+    let ids = calls_with(&[&a, &b], &a.admin_key(), "hist", &bodies);
+    wait_ended(&a, &ids, 120);
+    let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+
+    // Pages of 25 from either node: the calls in the order they were
+    // accepted, newest first, and the same from both.
+    let walk = |d: &Daemon, query: &str| {
+        let mut all = Vec::new();
+        let mut cursor = String::new();
+        for _ in 0..100 {
+            let (code, page) = d.api(&format!("/v1/functions/hist/calls?limit=25{query}{cursor}"));
+            assert_eq!(code, 200, "{page}");
+            all.extend(
+                page["Calls"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| c["CallId"].as_str().map(String::from)),
+            );
+            match page["Cursor"].as_str() {
+                Some(c) => cursor = format!("&cursor={c}"),
+                None => return all,
+            }
+        }
+        panic!("more than 100 pages");
+    };
+    assert_eq!(walk(&a, ""), newest_first);
+    assert_eq!(walk(&b, ""), newest_first);
+    let failed: Vec<String> = newest_first
+        .iter()
+        .filter(|id| {
+            ids.iter()
+                .position(|x| x == *id)
+                .is_some_and(|i| i % 4 == 0)
+        })
+        .cloned()
+        .collect();
+    assert_eq!(walk(&b, "&state=FAILED"), failed);
+    assert_eq!(walk(&a, "&state=FINISHED,FAILED&since=1h").len(), 61);
+    assert!(walk(&a, "&until=1h").is_empty());
+    // The list's items are the calls' details.
+    let (_, first) = b.api("/v1/functions/hist/calls?limit=1");
+    assert_eq!(first["Calls"][0], call_state(&a, &newest_first[0]));
+
+    // The CLI on the other node.
+    let json = b.ok(&["func", "calls", "-o", "json", "--state", "FAILED", "hist"]);
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap_or_default();
+    assert_eq!(listed.len(), failed.len(), "{json}");
+    assert!(listed.iter().all(|c| c["ExitCode"] == 3), "{json}");
+    let table = b.ok(&["func", "calls", "--limit", "3", "hist"]);
+    assert_eq!(table.lines().count(), 4, "{table}");
+    assert!(
+        table
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with(newest_first[0].as_str())),
+        "{table}"
+    );
+
+    // Another tenant's function is not there.
+    let bob = a.add_user("bob", 1);
+    for d in [&a, &b] {
+        let (code, _) = scope::api_as(d, &bob, "GET", "/v1/functions/hist/calls?owner=admin");
+        assert_eq!(code, 404);
+    }
+    assert_cli_error(
+        &b.cli_as(&bob, &["func", "calls", "admin/hist"], None),
+        "not found",
+    );
+    b.finish();
+    a.finish();
+}
+
+#[test]
 fn two_users_own_one_function_name_across_nodes() {
     let _one = one_at_a_time();
     let nats = NatsCluster::start();

@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 /// The whole browser session, start to sign-out (the daemon and chromedriver
 /// start before it). The test fails rather than outlive it.
-const BROWSER_BUDGET: Duration = Duration::from_secs(90);
+const BROWSER_BUDGET: Duration = Duration::from_secs(120);
+/// Calls of `ui-hist`, whose history the page lists 20 at a time.
+const HISTORY_CALLS: usize = 64;
 /// Longest wait for one thing to appear on the page.
 const STEP: Duration = Duration::from_secs(20);
 
@@ -156,6 +158,37 @@ fn dashboard_in_headless_chromium() {
         assert!(head.contains(h), "missing {h:?} in:\n{head}");
     }
 
+    // 64 calls for the history, every fourth failing, ended before the
+    // browser starts (the session's budget is for the page).
+    let url = d.create(
+        "ui-hist",
+        &[
+            test_image(),
+            "sh",
+            "-c",
+            "read x; [ \"$x\" = fail ] && exit 3; echo ok",
+        ],
+    );
+    let payloads: Vec<Vec<u8>> = (0..HISTORY_CALLS)
+        .map(|i| {
+            if i % 4 == 0 {
+                b"fail\n".to_vec()
+            } else {
+                b"x\n".to_vec()
+            }
+        })
+        .collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    assert_eq!(
+        submit_all(&d.ca(), &url, payloads, 4, stop).len(),
+        HISTORY_CALLS
+    );
+    d.wait_until(180, "the history's calls to end", || {
+        let s = d.status("ui-hist");
+        s["Finished"].as_u64().unwrap_or(0) + s["Failed"].as_u64().unwrap_or(0)
+            == HISTORY_CALLS as u64
+    });
+
     let driver = Chromedriver::start();
     let rt = tokio::runtime::Runtime::new().expect("tokio");
     let outcome = rt.block_on(async {
@@ -225,7 +258,9 @@ async fn scenario(c: &Client, d: &Daemon) -> Result<()> {
         bail!("the key stayed in the sign-in field");
     }
 
-    // Create `cat` on the real Engine.
+    // Create `cat` on the real Engine (the form is closed: the list has
+    // ui-hist).
+    click(c, "#create summary").await?;
     visible(c, "#create-form input[name=name]")
         .await?
         .send_keys("ui-cat")
@@ -339,6 +374,110 @@ async fn scenario(c: &Client, d: &Daemon) -> Result<()> {
     text_of(c, "#call-timer", |t| t.starts_with("running")).await?;
     text_of(c, "#call-state", |t| t == "FINISHED").await?;
     text_of(c, "#call-output", |t| t == "slept").await?;
+    // Watched through the call's event stream, not by polling its record.
+    let asked = js(
+        c,
+        "return performance.getEntriesByType('resource').map((e) => new URL(e.name).pathname).filter((p) => p.startsWith('/v1/calls/'))",
+    )
+    .await?;
+    let asked: Vec<&str> = asked
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if !asked.iter().any(|p| p.ends_with("/events"))
+        || asked.iter().any(|p| p.split('/').count() == 4)
+    {
+        bail!("the slow call was not watched through its event stream alone: {asked:?}");
+    }
+
+    // The call history, 20 a page over 64 calls: older and newer pages, a
+    // state filter, a call's detail and its output fetched once.
+    let (_, newest) = d.api("/v1/functions/ui-hist/calls?limit=1");
+    let newest = newest["Calls"][0]["CallId"]
+        .as_str()
+        .unwrap_or("?")
+        .to_string();
+    c.goto(&format!("{}/ui/#/functions/ui-hist", d.endpoint))
+        .await?;
+    text_of(c, "#history-empty", |t| t == "calls 1–20").await?;
+    history_rows(c, 20).await?;
+    let first = js(
+        c,
+        "return document.querySelector('#history-body tr').dataset.call",
+    )
+    .await?;
+    if first != json!(newest) {
+        bail!("the history starts with {first}, not the newest call {newest}");
+    }
+    shot(c, "desktop-history").await?;
+    for want in [
+        "calls 21–40",
+        "calls 41–60",
+        "calls 61–64 (the oldest kept)",
+    ] {
+        click(c, "#history-older").await?;
+        text_of(c, "#history-empty", |t| t == want).await?;
+    }
+    history_rows(c, 4).await?;
+    if js(
+        c,
+        "return document.getElementById('history-older').disabled",
+    )
+    .await?
+        != json!(true)
+    {
+        bail!("Older is offered past the oldest call");
+    }
+    click(c, "#history-newer").await?;
+    text_of(c, "#history-empty", |t| t == "calls 41–60").await?;
+    pick_state(c, "FAILED").await?;
+    text_of(c, "#history-empty", |t| t == "calls 1–16 (the oldest kept)").await?;
+    history_rows(c, 16).await?;
+    let states = js(
+        c,
+        "return [...document.querySelectorAll('#history-body .badge')].map((b) => b.textContent)",
+    )
+    .await?;
+    if states
+        .as_array()
+        .is_none_or(|a| a.iter().any(|s| s != "FAILED"))
+    {
+        bail!("the FAILED filter shows {states}");
+    }
+    click(c, "#history-body tr:first-child button").await?;
+    text_of(c, "#cd-details", |t| {
+        t.contains("Exit code") && t.contains('3')
+    })
+    .await?;
+    if c.find(Locator::Id("cd-output"))
+        .await?
+        .is_displayed()
+        .await?
+    {
+        bail!("Get output is offered for a failed call");
+    }
+    shot(c, "desktop-history-failed").await?;
+    contrast(c, "light history").await?;
+    dark(c, true).await?;
+    contrast(c, "dark history").await?;
+    dark(c, false).await?;
+    viewport(c, 390, 844).await?;
+    js(c, "document.getElementById('fn-history').scrollIntoView()").await?;
+    shot(c, "phone-history").await?;
+    viewport(c, 1280, 800).await?;
+    pick_state(c, "FINISHED").await?;
+    text_of(c, "#history-empty", |t| t == "calls 1–20").await?;
+    click(c, "#history-body tr:first-child button").await?;
+    click(c, "#cd-output").await?;
+    text_of(c, "#cd-output-text", |t| t == "ok").await?;
+    // Fetched once: asked again, the server says it is gone.
+    click(c, "#history-body tr:first-child button").await?;
+    click(c, "#cd-output").await?;
+    text_of(c, "#cd-failed", |t| t.starts_with("410 output_gone")).await?;
+    shot(c, "desktop-history-detail").await?;
+    d.ok(&["func", "rm", "--force", "ui-hist"]);
 
     // A function that is not there: nothing of the last one stays, and
     // nothing can be called or removed.
@@ -436,6 +575,21 @@ async fn scenario(c: &Client, d: &Daemon) -> Result<()> {
     if c.source().await?.contains(&bob_key) {
         bail!("the new key stayed in the page after it was dismissed");
     }
+    // Another user's key: no own-key warning, and the tab keeps its key.
+    click(c, "tr[data-user=ui-bob] button[data-action=rotate]").await?;
+    text_of(c, "#confirm-text", |t| {
+        t.starts_with("Give ui-bob a new key?")
+    })
+    .await?;
+    click(c, "#confirm-ok").await?;
+    text_of(c, "#newkey-value", |t| {
+        t.starts_with("hfk_") && t != bob_key
+    })
+    .await?;
+    if js(c, "return sessionStorage.getItem('hyperfuncd.key')").await? != json!(key) {
+        bail!("rotating another user's key changed the tab's");
+    }
+    click(c, "#newkey-done").await?;
     click(c, "tr[data-user=ui-bob] button.danger").await?;
     click(c, "#confirm-ok").await?;
     poll(c, "ui-bob's row to go", || async move {
@@ -469,15 +623,25 @@ async fn scenario(c: &Client, d: &Daemon) -> Result<()> {
         bail!("ui-cat answers {code} after removal");
     }
 
-    // Rotating one's own key: the tab carries on with the new one.
+    // Rotating one's own key: the tab warns first (it knows whose key it
+    // holds, from /v1/whoami), then carries on with the new one.
     click(c, "#nav-users").await?;
     click(c, "tr[data-user=admin] button[data-action=rotate]").await?;
     text_of(c, "#confirm-text", |t| {
-        t.contains("If it is the key you signed in with")
+        t.starts_with("This is your own key: the one this tab is signed in with.")
     })
     .await?;
+    text_of(c, "#confirm-ok", |t| t == "Rotate my key").await?;
+    shot(c, "desktop-rotate-own-key").await?;
+    // Cancelled: the key still works.
+    click(c, "#confirm-cancel").await?;
+    let (code, _) = d.api("/v1/whoami");
+    if code != 200 {
+        bail!("the key changed though the rotation was cancelled: {code}");
+    }
+    click(c, "tr[data-user=admin] button[data-action=rotate]").await?;
     click(c, "#confirm-ok").await?;
-    text_of(c, "#flash", |t| t.starts_with("That was your own key")).await?;
+    text_of(c, "#flash", |t| t.starts_with("Your key is rotated")).await?;
     let new_key = text_of(c, "#newkey-value", |t| t.starts_with("hfk_")).await?;
     if js(c, "return sessionStorage.getItem('hyperfuncd.key')").await? != json!(new_key) {
         bail!("the tab did not take the new key");
@@ -523,6 +687,28 @@ async fn scenario(c: &Client, d: &Daemon) -> Result<()> {
     if page.contains(&key) || page.contains(&address) || page.contains(&new_key) {
         bail!("a secret is in the page after sign-out");
     }
+    Ok(())
+}
+
+/// Waits until the history table shows `n` rows.
+async fn history_rows(c: &Client, n: usize) -> Result<()> {
+    poll(c, &format!("{n} rows of history"), || async move {
+        let rows = c.find_all(Locator::Css("#history-body tr")).await?;
+        Ok((rows.len() == n).then_some(()))
+    })
+    .await
+}
+
+/// Picks `state` in the history's filter (what choosing it does: the
+/// value, then a change event; headless Chromium draws no popup to click).
+async fn pick_state(c: &Client, state: &str) -> Result<()> {
+    js(
+        c,
+        &format!(
+            "const s = document.getElementById('history-state'); s.value = '{state}'; s.dispatchEvent(new Event('change'))"
+        ),
+    )
+    .await?;
     Ok(())
 }
 

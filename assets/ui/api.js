@@ -117,6 +117,45 @@ export async function streamLines(path, onEvent, signal) {
 }
 
 /**
+ * Reads server-sent events (`event:`/`data:` lines, a blank line after
+ * each), calling `onEvent(name, JSON of data)`; resolves when the server
+ * ends the stream. fetch rather than EventSource, which cannot send the
+ * bearer key.
+ */
+export async function streamEvents(path, onEvent, signal) {
+  const r = await api('GET', path, { raw: true, signal });
+  if (!r.ok) {
+    throw await errorOf(r);
+  }
+  const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buf = '';
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) {
+      return;
+    }
+    buf += value;
+    let end;
+    while ((end = buf.indexOf('\n\n')) >= 0) {
+      const frame = buf.slice(0, end);
+      buf = buf.slice(end + 2);
+      let name = 'message';
+      const data = [];
+      for (const line of frame.split('\n')) {
+        if (line.startsWith('event:')) {
+          name = line.slice(6).trim();
+        } else if (line.startsWith('data:')) {
+          data.push(line.slice(5).trimStart());
+        }
+      }
+      if (data.length) {
+        onEvent(name, JSON.parse(data.join('\n')));
+      }
+    }
+  }
+}
+
+/**
  * Waits for a call's output: long-polls `/v1/calls/ID/output?wait` while
  * the call is pending (202) or running (201), reporting the state. Resolves
  * with the bytes; a failed call rejects with the API's reason.

@@ -13,6 +13,7 @@ import {
   joinCommand,
   session,
   splitCommand,
+  streamEvents,
   streamLines,
   waitOutput,
 } from './api.js';
@@ -48,6 +49,8 @@ function h(tag, props = {}, ...kids) {
 
 const state = {
   admin: false,
+  /** The user this tab's key belongs to (`/v1/whoami`). */
+  me: null,
   /** Aborts the current view's requests and streams when it is left. */
   view: new AbortController(),
   timers: [],
@@ -144,18 +147,11 @@ function confirmDialog(text, ok = 'Confirm') {
 
 // ---- sign in / out ----
 
-/** Checks a key against the API and learns whether it is an admin's. */
+/** Checks a key against the API and learns whose it is and whether an admin's. */
 async function checkKey(key) {
-  await api('GET', '/v1/functions', { key });
-  try {
-    await api('GET', '/v1/users', { key });
-    return true;
-  } catch (e) {
-    if (e instanceof ApiError && e.status === 403) {
-      return false;
-    }
-    throw e;
-  }
+  const me = await api('GET', '/v1/whoami', { key });
+  state.me = me.Name;
+  return me.Admin;
 }
 
 async function signIn(ev) {
@@ -644,6 +640,12 @@ function clearFunction() {
   $('logs-state').textContent = '';
   $('logs-callid').value = '';
   $('logs-follow').checked = true;
+  $('history-state').value = '';
+  $('history-body').replaceChildren();
+  $('history-table').hidden = true;
+  $('history-pager').hidden = true;
+  $('history-empty').textContent = '';
+  resetHistory();
 }
 
 async function openFunction(name, owner = null) {
@@ -659,6 +661,7 @@ async function openFunction(name, owner = null) {
     renderFunction(f, s);
     $('fn-body').hidden = false;
     startLogs();
+    loadHistory();
     functionActivity();
     state.timers.push(setInterval(functionActivity, 10000));
   } catch (e) {
@@ -871,7 +874,7 @@ async function callFunction(ev) {
 }
 
 // The call on screen, watched until it ends: its state from
-// `GET /v1/calls/ID` (and sooner from the function's log stream), a
+// `GET /v1/calls/ID/events` (or sooner from the function's log stream), a
 // running timer, and its output fetched as soon as it is FINISHED.
 let watching = new AbortController();
 let watchTimer = null;
@@ -913,11 +916,15 @@ async function watchCall(id) {
     $('call-timer').textContent = `${what} ${((performance.now() - t0) / 1000).toFixed(1)} s`;
   }, 200);
   $('call-wait').hidden = true;
-  // A poll as well as the log stream: the stream may be off or filtered.
-  for (let pause = 250; !ctl.signal.aborted; pause = Math.min(pause * 2, 2000)) {
+  // The call's own event stream (`/v1/calls/ID/events`), again after the
+  // server ends it early (its `max_wait`); the log stream helps too.
+  while (!ctl.signal.aborted && !ENDED.has($('call-state').textContent)) {
     try {
-      const c = await api('GET', `/v1/calls/${encodeURIComponent(id)}`, { signal: ctl.signal });
-      callState(id, c.State, since);
+      await streamEvents(`/v1/calls/${encodeURIComponent(id)}/events`, (name, c) => {
+        if (name === 'state') {
+          callState(id, c.State, since);
+        }
+      }, ctl.signal);
     } catch (e) {
       if (!isAbort(e)) {
         showError(e);
@@ -926,13 +933,6 @@ async function watchCall(id) {
       }
       return;
     }
-    await new Promise((res) => {
-      const t = setTimeout(res, pause);
-      ctl.signal.addEventListener('abort', () => {
-        clearTimeout(t);
-        res();
-      });
-    });
   }
 }
 
@@ -969,6 +969,181 @@ async function getOutput() {
     }
   } finally {
     $('call-wait').disabled = false;
+  }
+}
+
+// ---- call history ----
+
+const HISTORY_PAGE = 20;
+/** The history's pages seen so far: the cursor each one started from
+ * (null: the newest), the next one's, and the call whose detail is shown. */
+const calls = { starts: [null], page: 0, next: null, shownId: null };
+
+function historyPath(start) {
+  const q = new URLSearchParams({ limit: String(HISTORY_PAGE) });
+  const st = $('history-state').value;
+  if (st) {
+    q.set('state', st);
+  }
+  if (start) {
+    q.set('cursor', start);
+  }
+  const owner = ownerOf(current);
+  if (owner) {
+    q.set('owner', owner);
+  }
+  return `/v1/functions/${encodeURIComponent(current.Name)}/calls?${q}`;
+}
+
+function msText(ms) {
+  if (ms === null || ms === undefined) {
+    return '';
+  }
+  return ms < 1000 ? `${ms} ms` : `${(ms / 1000).toFixed(ms < 60000 ? 1 : 0)} s`;
+}
+
+function stateBadge(st) {
+  return h('span', { class: `badge ${st.toLowerCase()}`, text: st });
+}
+
+/** Shows the history page `calls.page`, from the server. */
+async function loadHistory() {
+  if (!current) {
+    return;
+  }
+  const signal = state.view.signal;
+  const f = current;
+  try {
+    const p = await api('GET', historyPath(calls.starts[calls.page]), { signal });
+    if (current !== f) {
+      return;
+    }
+    calls.next = p.Cursor ?? null;
+    $('history-body').replaceChildren(
+      ...p.Calls.map((c) =>
+        h(
+          'tr',
+          { 'data-call': c.CallId },
+          h(
+            'td',
+            { 'data-label': 'Call id' },
+            h('button', {
+              type: 'button',
+              class: 'quiet small mono',
+              text: c.CallId,
+              'aria-label': `Details of call ${c.CallId}`,
+              onclick: () => openCall(c.CallId),
+            }),
+          ),
+          h('td', { 'data-label': 'State' }, stateBadge(c.State)),
+          h('td', { 'data-label': 'Accepted', text: c.Created }),
+          h('td', { 'data-label': 'Duration', text: msText(c.DurationMs) }),
+          h('td', { 'data-label': 'Exit', text: c.ExitCode ?? '' }),
+          h('td', { 'data-label': 'Message', class: 'msg', text: c.Message ?? '' }),
+        ),
+      ),
+    );
+    $('history-table').hidden = p.Calls.length === 0;
+    const first = calls.page * HISTORY_PAGE;
+    $('history-empty').textContent = p.Calls.length
+      ? `calls ${first + 1}–${first + p.Calls.length}${calls.next ? '' : ' (the oldest kept)'}`
+      : calls.page === 0 && !calls.next
+        ? 'No calls.'
+        : 'No calls on this page.';
+    $('history-pager').hidden = calls.page === 0 && !calls.next;
+    $('history-page').textContent = `page ${calls.page + 1}`;
+    $('history-newer').disabled = calls.page === 0;
+    $('history-older').disabled = !calls.next;
+  } catch (e) {
+    if (!isAbort(e)) {
+      showError(e);
+    }
+  }
+}
+
+function resetHistory() {
+  calls.starts = [null];
+  calls.page = 0;
+  calls.next = null;
+  closeCall();
+}
+
+function turnHistory(by) {
+  if (by > 0 && calls.next) {
+    calls.starts[calls.page + 1] = calls.next;
+    calls.page += 1;
+  } else if (by < 0 && calls.page > 0) {
+    calls.page -= 1;
+  }
+  loadHistory();
+}
+
+function closeCall() {
+  calls.shownId = null;
+  $('call-detail').hidden = true;
+  $('cd-details').replaceChildren();
+  $('cd-failed').hidden = true;
+  $('cd-output-text').hidden = true;
+  $('cd-output-text').textContent = '';
+}
+
+/** Shows one call's record (`GET /v1/calls/ID`) under the history. */
+async function openCall(id) {
+  const signal = state.view.signal;
+  try {
+    const c = await api('GET', `/v1/calls/${encodeURIComponent(id)}`, { signal });
+    closeCall();
+    calls.shownId = id;
+    $('cd-id').textContent = c.CallId;
+    $('cd-details').replaceChildren(
+      ...detail('State', stateBadge(c.State)),
+      ...detail('Accepted', c.Created),
+      ...detail('Started', c.Started ?? '—'),
+      ...detail('Ended', c.Finished ?? '—'),
+      ...detail('Duration', msText(c.DurationMs) || '—'),
+      ...detail('Exit code', c.ExitCode ?? '—'),
+      ...detail('Message', c.Message ?? '—'),
+      ...detail('STDIN', bytes(c.StdinBytes)),
+      ...detail('STDOUT', c.State === 'FINISHED' ? bytes(c.StdoutBytes) : '—'),
+      ...detail('STDERR (start)', c.ShortStderr ? h('code', { class: 'pre', text: c.ShortStderr }) : '—'),
+    );
+    $('cd-output').hidden = c.State !== 'FINISHED';
+    $('call-detail').hidden = false;
+    $('call-detail').focus();
+  } catch (e) {
+    if (!isAbort(e)) {
+      showError(e);
+    }
+  }
+}
+
+/** Fetches the shown call's output, which deletes it on the server. */
+async function callDetailOutput() {
+  const id = calls.shownId;
+  if (!id) {
+    return;
+  }
+  const signal = state.view.signal;
+  $('cd-output').disabled = true;
+  try {
+    const r = await api('GET', `/v1/calls/${encodeURIComponent(id)}/output`, { raw: true, signal });
+    if (r.status !== 200) {
+      throw await errorOf(r);
+    }
+    const data = new Uint8Array(await r.arrayBuffer());
+    $('cd-output-text').textContent = new TextDecoder().decode(data);
+    $('cd-output-text').hidden = false;
+    $('cd-output').hidden = true;
+  } catch (e) {
+    if (e instanceof ApiError) {
+      $('cd-failed').textContent = `${e.status} ${e.code}: ${e.message}`;
+      $('cd-failed').hidden = false;
+      $('cd-output').hidden = true;
+    } else if (!isAbort(e)) {
+      showError(e);
+    }
+  } finally {
+    $('cd-output').disabled = false;
   }
 }
 
@@ -1141,24 +1316,21 @@ async function setQuota(name, value) {
 }
 
 async function rotateKey(name) {
-  const question = `Give ${name} a new key? The current one stops working at once, in every tab and script that uses it. If it is the key you signed in with, this tab switches to the new one.`;
-  if (!(await confirmDialog(question, 'Rotate key'))) {
+  const own = name === state.me;
+  const question = own
+    ? `This is your own key: the one this tab is signed in with. Give ${name} a new key? The current one stops working at once, in every other tab and script that uses it; this tab switches to the new one, which is shown once — save it.`
+    : `Give ${name} a new key? The current one stops working at once, in every tab and script that uses it.`;
+  if (!(await confirmDialog(question, own ? 'Rotate my key' : 'Rotate key'))) {
     return;
   }
   await attempt(async () => {
     const u = await api('PATCH', `/v1/users/${encodeURIComponent(name)}`, { json: { RotateKey: true } });
-    showKey(u.Name, u.Key);
-    // Was it this tab's own key? Then it no longer works: carry on with the new one.
-    try {
-      await api('GET', '/v1/users');
-    } catch (e) {
-      if (e instanceof ApiError && e.status === 401) {
-        session.set(u.Key);
-        flash(`That was your own key: this tab now uses ${name}'s new key. Save it before you sign out.`);
-      } else {
-        throw e;
-      }
+    if (own) {
+      // The old key no longer works: carry on with the new one.
+      session.set(u.Key);
+      flash('Your key is rotated: this tab now uses the new one. Save it before you sign out.');
     }
+    showKey(u.Name, u.Key);
   });
 }
 
@@ -1276,6 +1448,18 @@ function wire() {
     startLogs();
   });
   $('logs-follow').addEventListener('change', startLogs);
+  $('history-state').addEventListener('change', () => {
+    resetHistory();
+    loadHistory();
+  });
+  $('history-refresh').addEventListener('click', () => {
+    resetHistory();
+    loadHistory();
+  });
+  $('history-newer').addEventListener('click', () => turnHistory(-1));
+  $('history-older').addEventListener('click', () => turnHistory(1));
+  $('cd-close').addEventListener('click', closeCall);
+  $('cd-output').addEventListener('click', callDetailOutput);
   $('users-refresh').addEventListener('click', loadUsers);
   $('adduser-form').addEventListener('submit', addUser);
   $('newkey-done').addEventListener('click', hideKey);

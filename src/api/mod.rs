@@ -14,7 +14,7 @@ mod table;
 pub mod types;
 pub mod ui;
 
-use crate::model::{CallId, EnvVar, FunctionSpec, Name};
+use crate::model::{CallId, CallState, EnvVar, FunctionSpec, Name};
 use crate::service::{FunctionUpdate, OutputAnswer, Scope, Service, ServiceError};
 use bytes::{Buf, Bytes, BytesMut};
 pub use front::{AddressKey, ClientAddr};
@@ -503,6 +503,18 @@ async fn v1(
             let report = crate::activity::report(window, |k| *k == key);
             Ok(json_response(StatusCode::OK, &ActivityView::from(report)))
         }
+        Op::FunctionCalls => {
+            let f = addressed(svc, caller, p.get("name"), &req.query).await?;
+            let query = calls_query(&req.query)?;
+            let page = svc.function_calls(&f, &query).await?;
+            Ok(json_response(
+                StatusCode::OK,
+                &CallPageView {
+                    calls: page.calls.iter().map(CallView::from).collect(),
+                    cursor: page.next.map(|c| format!("{:x}-{:x}", c.at_ms, c.seq)),
+                },
+            ))
+        }
         Op::Activity => {
             let window = window_param(&req.query)?;
             let owner = owner_param(&req.query)?;
@@ -522,6 +534,7 @@ async fn v1(
             let call = svc.call(&Scope::User(caller), &id).await?;
             Ok(json_response(StatusCode::OK, &CallView::from(&call)))
         }
+        Op::CallEvents => call_events(svc, caller, p.get("callId"), &req.front).await,
         Op::CallOutput => {
             let wait = if req.query.contains_key("wait") {
                 Some(wait_param(&req)?)
@@ -531,6 +544,10 @@ async fn v1(
             let _long = long_if_waiting(&req, wait)?;
             output(svc, &Scope::User(caller), p.get("callId"), wait).await
         }
+        Op::Whoami => Ok(json_response(
+            StatusCode::OK,
+            &UserView::new(caller, &svc.budget(caller), None),
+        )),
         Op::ListUsers => {
             let users: Vec<UserView> = svc
                 .list_users(caller)
@@ -830,6 +847,65 @@ async fn logs(
     Ok(r)
 }
 
+/// `GET /v1/calls/ID/events`: the call's state as server-sent events, one
+/// `event: state` with the call's view (as `GET /v1/calls/ID`) now and at
+/// each change, ending after its end (FINISHED or FAILED) or `max_wait`
+/// (the client connects again: the first event is always the state now).
+/// Visibility is checked first, so another user's call is 404.
+async fn call_events(
+    svc: &Arc<Service>,
+    caller: &crate::model::User,
+    id: &str,
+    front: &Front,
+) -> ApiResult {
+    let id = CallId::parse(id).map_err(|_| ApiError::not_found(format!("call {id} not found")))?;
+    let mut changes = svc.call_changes();
+    let first = svc.call(&Scope::User(caller), &id).await?;
+    let long = front.long()?;
+    let deadline = tokio::time::Instant::now() + front.max_wait;
+    let event = |c: &crate::model::Call| -> Bytes {
+        // Serializing a struct of strings and numbers cannot fail.
+        let data = serde_json::to_string(&CallView::from(c)).unwrap_or_default();
+        Bytes::from(format!("event: state\ndata: {data}\n\n"))
+    };
+    let (svc, caller) = (Arc::clone(svc), caller.clone());
+    let stream = async_stream(move |tx| async move {
+        let _long = long;
+        let mut last = first.state;
+        if tx.send(event(&first)).await.is_err() || last.is_done() {
+            return;
+        }
+        loop {
+            // A change on another node wakes nobody here: look every second.
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() {
+                    return;
+                },
+                () = tokio::time::sleep(FOLLOW_RECHECK) => {}
+                () = tokio::time::sleep_until(deadline) => return,
+            }
+            let Ok(call) = svc.call(&Scope::User(&caller), &id).await else {
+                return;
+            };
+            if call.state != last {
+                last = call.state;
+                if tx.send(event(&call)).await.is_err() || last.is_done() {
+                    return;
+                }
+            }
+        }
+    });
+    let mut r = with_type(
+        warp::reply::stream(stream).into_response(),
+        "text/event-stream",
+    );
+    r.headers_mut().insert(
+        warp::http::header::CACHE_CONTROL,
+        warp::http::HeaderValue::from_static("no-store"),
+    );
+    Ok(r)
+}
+
 /// On a log follow: the sequence the follow starts after, for a client that
 /// resumes (`after=`) before any line came.
 pub const LOG_SEQ_HEADER: &str = "hyperfuncd-log-seq";
@@ -1080,6 +1156,89 @@ fn window_param(query: &HashMap<String, String>) -> Result<crate::activity::Wind
         Some(w) => crate::activity::Window::parse(w)
             .ok_or_else(|| ApiError::bad_request(format!("invalid window {w:?}: hour or day"))),
     }
+}
+
+/// Calls a history page holds by default, and at most.
+pub const CALLS_LIMIT_DEFAULT: usize = 50;
+pub const CALLS_LIMIT_MAX: usize = 500;
+
+/// The query of `GET /v1/functions/{name}/calls`: `state` (one or several,
+/// comma-separated), `since`/`until` (RFC 3339, or a duration meaning that
+/// long ago), `limit`, `cursor` (from the previous page).
+fn calls_query(query: &HashMap<String, String>) -> Result<crate::store::CallQuery, ApiError> {
+    let mut q = crate::store::CallQuery {
+        limit: CALLS_LIMIT_DEFAULT,
+        ..Default::default()
+    };
+    if let Some(states) = query.get("state") {
+        for s in states.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let state = match s.to_ascii_uppercase().as_str() {
+                "PENDING" => CallState::Pending,
+                "RUNNING" => CallState::Running,
+                "FINISHED" => CallState::Finished,
+                "FAILED" => CallState::Failed,
+                _ => {
+                    return Err(ApiError::bad_request(format!(
+                        "invalid state {:?}: PENDING, RUNNING, FINISHED or FAILED",
+                        s.chars().take(40).collect::<String>()
+                    )))
+                }
+            };
+            if !q.states.contains(&state) {
+                q.states.push(state);
+            }
+        }
+    }
+    q.since_ms = query
+        .get("since")
+        .map(|v| time_param("since", v))
+        .transpose()?;
+    q.until_ms = query
+        .get("until")
+        .map(|v| time_param("until", v))
+        .transpose()?;
+    if let Some(l) = query.get("limit") {
+        q.limit = match l.parse::<usize>() {
+            Ok(n) if (1..=CALLS_LIMIT_MAX).contains(&n) => n,
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "invalid limit {:?}: 1 to {CALLS_LIMIT_MAX}",
+                    l.chars().take(40).collect::<String>()
+                )))
+            }
+        }
+    }
+    if let Some(c) = query.get("cursor") {
+        let parsed = c.split_once('-').and_then(|(a, s)| {
+            Some(crate::store::CallCursor {
+                at_ms: u64::from_str_radix(a, 16).ok()?,
+                seq: u64::from_str_radix(s, 16).ok()?,
+            })
+        });
+        q.before = Some(parsed.ok_or_else(|| {
+            ApiError::bad_request("invalid cursor: pass back the Cursor of the previous page")
+        })?);
+    }
+    Ok(q)
+}
+
+/// A time as RFC 3339 (`2026-12-07T10:00:00Z`) or as a duration before now
+/// (`90s`, `15m`, `2h`, `1d`), in milliseconds since the epoch.
+fn time_param(name: &str, v: &str) -> Result<u64, ApiError> {
+    if let Ok(d) = humantime::parse_duration(v) {
+        let ago = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        return Ok(crate::model::now_ms().saturating_sub(ago));
+    }
+    humantime::parse_rfc3339_weak(v)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .and_then(|d| u64::try_from(d.as_millis()).ok())
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "invalid {name} {:?}: an RFC 3339 time or a duration such as 15m",
+                v.chars().take(40).collect::<String>()
+            ))
+        })
 }
 
 fn owner_param(query: &HashMap<String, String>) -> Result<Option<Name>, ApiError> {

@@ -604,6 +604,7 @@ fn schemas_match_the_api_types() {
             created: String::new(),
             started: None,
             finished: None,
+            duration_ms: Some(1),
             exit_code: None,
             message: None,
             stdin_bytes: 0,
@@ -611,6 +612,15 @@ fn schemas_match_the_api_types() {
             short_stderr: String::new(),
         },
         &[],
+    );
+    check_response(
+        &spec,
+        "CallPage",
+        &CallPageView {
+            calls: vec![],
+            cursor: Some("1-2".into()),
+        },
+        &["Cursor"],
     );
     check_response(
         &spec,

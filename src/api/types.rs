@@ -158,6 +158,9 @@ pub struct CallView {
     pub created: String,
     pub started: Option<String>,
     pub finished: Option<String>,
+    /// Milliseconds from start to end (ended calls that started).
+    #[serde(default)]
+    pub duration_ms: Option<u64>,
     pub exit_code: Option<i64>,
     pub message: Option<String>,
     pub stdin_bytes: u64,
@@ -170,6 +173,19 @@ pub struct CallView {
     pub image_digest: Option<String>,
 }
 
+/// A page of `GET /v1/functions/{name}/calls`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CallPageView {
+    /// Newest first; the same view as `GET /v1/calls/{id}`.
+    pub calls: Vec<CallView>,
+    /// Passed back as `cursor=` for the next (older) page; absent once the
+    /// history is exhausted. A page may be short, even empty, and still
+    /// have one (its scan was bounded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+}
+
 impl From<&Call> for CallView {
     fn from(c: &Call) -> CallView {
         CallView {
@@ -180,6 +196,10 @@ impl From<&Call> for CallView {
             created: format_time(c.created_ms),
             started: c.started_ms.map(format_time),
             finished: c.finished_ms.map(format_time),
+            duration_ms: c
+                .finished_ms
+                .zip(c.started_ms)
+                .map(|(f, s)| f.saturating_sub(s)),
             exit_code: c.exit_code,
             message: c.message.clone(),
             stdin_bytes: c.stdin_len,

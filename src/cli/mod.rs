@@ -420,6 +420,29 @@ pub enum FuncCmd {
         /// The function whose events to show (NAME, or OWNER/NAME for an admin)
         name: String,
     },
+    /// List a function's calls, newest first
+    #[command(
+        after_help = "Example:\n  hyperfuncd func calls --state FAILED --since 1h resize\n  hyperfuncd func calls --limit 500 -o json resize"
+    )]
+    Calls {
+        /// Only calls in this state (PENDING, RUNNING, FINISHED, FAILED); repeat or comma-separate for several
+        #[arg(long, short)]
+        state: Vec<String>,
+        /// Only calls accepted within this long (90s, 15m, 2h, 1d) or since this RFC 3339 time
+        #[arg(long)]
+        since: Option<String>,
+        /// Only calls accepted before this long ago, or this RFC 3339 time
+        #[arg(long)]
+        until: Option<String>,
+        /// Most calls to show (pages of up to 500 are fetched until then)
+        #[arg(long, short = 'n', default_value_t = 50)]
+        limit: usize,
+        /// Output format: a table for people, or JSON for scripts
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+        /// The function whose calls to list (NAME, or OWNER/NAME for an admin)
+        name: String,
+    },
     /// Count a function's calls by state
     #[command(after_help = "Example:\n  hyperfuncd func status -o json resize")]
     Status {
@@ -793,6 +816,42 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
                 path = fn_path(&target, "/logs", &q);
             }
         }
+        FuncCmd::Calls {
+            state,
+            since,
+            until,
+            limit,
+            output,
+            name,
+        } => {
+            let target = fn_arg(&name)?;
+            let calls = call_history(client, &target, &state, since, until, limit).await?;
+            if output == Format::Json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&calls)?)?;
+            } else {
+                let now = std::time::SystemTime::now();
+                let rows = calls
+                    .iter()
+                    .map(|c| {
+                        vec![
+                            c.call_id.clone(),
+                            c.state.clone(),
+                            ago(now, &c.created),
+                            c.duration_ms.map(duration_text).unwrap_or_default(),
+                            c.exit_code.map(|e| e.to_string()).unwrap_or_default(),
+                            c.message.as_deref().map(one_line).unwrap_or_default(),
+                        ]
+                    })
+                    .collect();
+                table(
+                    out,
+                    &[
+                        "CALL ID", "STATE", "ACCEPTED", "DURATION", "EXIT", "MESSAGE",
+                    ],
+                    rows,
+                )?;
+            }
+        }
         FuncCmd::Status { output, name } => {
             let s: StatusView = client
                 .get_json(&fn_path(&fn_arg(&name)?, "/status", &[]))
@@ -1104,6 +1163,83 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
         .ok()
         .and_then(|n| n.checked_mul(mult))
         .ok_or_else(|| format!("invalid size {s:?}: use bytes or a k/m/g suffix"))
+}
+
+/// Up to `limit` of a function's calls, newest first, following the
+/// server's cursor page by page.
+async fn call_history(
+    client: &Client,
+    target: &FnArg,
+    states: &[String],
+    since: Option<String>,
+    until: Option<String>,
+    limit: usize,
+) -> anyhow::Result<Vec<CallView>> {
+    let enc = |v: &str| form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
+    let mut q = vec![];
+    if !states.is_empty() {
+        q.push(format!("state={}", enc(&states.join(","))));
+    }
+    if let Some(s) = &since {
+        q.push(format!("since={}", enc(s)));
+    }
+    if let Some(u) = &until {
+        q.push(format!("until={}", enc(u)));
+    }
+    let mut calls = Vec::new();
+    let mut cursor: Option<String> = None;
+    while calls.len() < limit {
+        let mut page_q = q.clone();
+        let want = (limit - calls.len()).min(crate::api::CALLS_LIMIT_MAX);
+        page_q.push(format!("limit={want}"));
+        if let Some(c) = &cursor {
+            page_q.push(format!("cursor={}", enc(c)));
+        }
+        let page: CallPageView = client.get_json(&fn_path(target, "/calls", &page_q)).await?;
+        calls.extend(page.calls);
+        match page.cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    calls.truncate(limit);
+    Ok(calls)
+}
+
+/// "12s ago", "5m ago", "3h ago", "2d ago", as `docker ps` shows times.
+fn ago(now: std::time::SystemTime, rfc3339: &str) -> String {
+    let Ok(t) = humantime::parse_rfc3339(rfc3339) else {
+        return rfc3339.to_string();
+    };
+    let s = now.duration_since(t).map(|d| d.as_secs()).unwrap_or(0);
+    match s {
+        0..60 => format!("{s}s ago"),
+        60..3600 => format!("{}m ago", s / 60),
+        3600..86400 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86400),
+    }
+}
+
+/// "340ms", "2.5s", "3m12s".
+fn duration_text(ms: u64) -> String {
+    match ms {
+        0..1000 => format!("{ms}ms"),
+        1000..60_000 => format!("{:.1}s", ms as f64 / 1000.0),
+        _ => format!("{}m{}s", ms / 60_000, ms % 60_000 / 1000),
+    }
+}
+
+/// A message on one table line, at most 60 characters.
+fn one_line(m: &str) -> String {
+    let flat: String = m
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if flat.chars().count() > 60 {
+        format!("{}…", flat.chars().take(59).collect::<String>())
+    } else {
+        flat
+    }
 }
 
 fn table(out: &mut impl Write, header: &[&str], rows: Vec<Vec<String>>) -> std::io::Result<()> {

@@ -8,6 +8,8 @@
 //! hands out an output) that a crash could take back.
 
 mod embedded;
+#[cfg(test)]
+mod history_check;
 mod nats;
 
 pub use embedded::SledStore;
@@ -15,8 +17,8 @@ pub use nats::{NatsConfig, NatsStore, NODE_LOST};
 
 pub use crate::model::FunctionStats;
 use crate::model::{
-    Call, CallId, Event, FnKey, Function, Name, Outcome, PulledImage, QueueBudget, RegistryLogin,
-    User,
+    Call, CallId, CallState, Event, FnKey, Function, Name, Outcome, PulledImage, QueueBudget,
+    RegistryLogin, User,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -120,6 +122,60 @@ pub enum Started {
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Most index entries one `function_calls` request examines: a page
+/// stops there, with a cursor to go on, however few calls matched.
+pub const CALLS_SCAN_MAX: usize = 2000;
+
+/// What `Store::function_calls` lists: a function's calls newest first.
+#[derive(Debug, Clone, Default)]
+pub struct CallQuery {
+    /// The states to keep; empty keeps every state.
+    pub states: Vec<CallState>,
+    /// Only calls accepted at or after this time.
+    pub since_ms: Option<u64>,
+    /// Only calls accepted at or before this time.
+    pub until_ms: Option<u64>,
+    /// Most calls in the page (the API bounds it).
+    pub limit: usize,
+    /// Only calls older than this place (where the previous page stopped).
+    pub before: Option<CallCursor>,
+}
+
+/// A place in a function's history, newest first. Both backends order by
+/// the acceptance sequence (NATS within the hour of `at_ms`, see
+/// `store/nats/history.rs`), which later accepts only ever exceed, so a
+/// cursor stays valid while calls arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallCursor {
+    pub at_ms: u64,
+    pub seq: u64,
+}
+
+/// One page of `function_calls`.
+#[derive(Debug, Default)]
+pub struct CallPage {
+    pub calls: Vec<Call>,
+    /// Where to go on from; `None` once the history is exhausted.
+    pub next: Option<CallCursor>,
+}
+
+impl CallQuery {
+    /// Whether `call` passes the state and time filters.
+    pub(crate) fn keeps(&self, call: &Call) -> bool {
+        (self.states.is_empty() || self.states.contains(&call.state))
+            && self.since_ms.is_none_or(|s| call.created_ms >= s)
+            && self.until_ms.is_none_or(|u| call.created_ms <= u)
+    }
+
+    /// Whether a call accepted at `created_ms` and every older one are
+    /// before `since` (with a second's slack: sequence and acceptance time
+    /// are taken a moment apart), so the scan can stop.
+    pub(crate) fn past_since(&self, created_ms: u64) -> bool {
+        self.since_ms
+            .is_some_and(|s| created_ms.saturating_add(1000) < s)
+    }
+}
 
 #[async_trait]
 pub trait Store: Send + Sync {
@@ -257,6 +313,10 @@ pub trait Store: Send + Sync {
     async fn live_calls(&self, function: &FnKey) -> Result<Vec<Call>>;
     /// Every call left RUNNING, e.g. by a crash.
     async fn running_calls(&self) -> Result<Vec<Call>>;
+    /// A page of `function`'s calls (any state, kept until retention prunes
+    /// them), newest first, examining at most `CALLS_SCAN_MAX` index
+    /// entries, never the function's whole history.
+    async fn function_calls(&self, function: &FnKey, query: &CallQuery) -> Result<CallPage>;
     /// Deletes the records of calls that ended before `before_ms` (with any
     /// output they still hold). Returns how many.
     async fn prune(&self, before_ms: u64) -> Result<usize>;

@@ -152,6 +152,7 @@ pub fn two_users_own_one_name(a: &Daemon, b: &Daemon) {
         "/v1/functions/resize?owner=bob",
         "/v1/functions/resize/status?owner=bob",
         "/v1/functions/resize/logs?owner=bob",
+        "/v1/functions/resize/calls?owner=bob",
     ] {
         let (code, v) = api_as(a, &alice, "GET", path);
         assert_eq!(code, 404, "{path}: {v}");
@@ -201,6 +202,21 @@ pub fn two_users_own_one_name(a: &Daemon, b: &Daemon) {
         assert_eq!(code, 200, "{v}");
         v
     };
+    // So are their call histories, one name, two owners.
+    let history = |d: &Daemon, key: &str| -> Vec<serde_json::Value> {
+        let (code, v) = api_as(d, key, "GET", "/v1/functions/resize/calls");
+        assert_eq!(code, 200, "{v}");
+        v["Calls"].as_array().cloned().unwrap_or_default()
+    };
+    let (ha, hb) = (history(a, &alice), history(b, &bob));
+    assert_eq!((ha.len(), hb.len()), (1, 3), "{ha:?} {hb:?}");
+    assert!(ha.iter().all(|c| c["Owner"] == "alice"), "{ha:?}");
+    assert!(hb.iter().all(|c| c["Owner"] == "bob"), "{hb:?}");
+    assert_eq!(
+        hb[0]["CallId"],
+        id.as_str(),
+        "the admin's call is bob's newest"
+    );
     let (sa, sb) = (stats(a, &alice), stats(b, &bob));
     assert_eq!(
         (sa["Total"].as_u64(), sa["Finished"].as_u64()),

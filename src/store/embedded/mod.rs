@@ -17,6 +17,7 @@ mod codec;
 mod commit;
 mod directory;
 mod durable;
+mod history;
 mod legacy;
 mod stage;
 #[cfg(test)]
@@ -1090,6 +1091,16 @@ impl Store for SledStore {
     async fn live_calls(&self, function: &FnKey) -> Result<Vec<Call>> {
         let function = function.clone();
         self.read(move |i| i.live_calls(Some(&function))).await
+    }
+
+    async fn function_calls(
+        &self,
+        function: &FnKey,
+        query: &super::CallQuery,
+    ) -> Result<super::CallPage> {
+        let (function, query) = (function.clone(), query.clone());
+        self.read(move |i| i.function_calls(&function, &query))
+            .await
     }
 
     async fn running_calls(&self) -> Result<Vec<Call>> {

@@ -796,3 +796,18 @@ async fn registry_logins_per_user_and_host_go_with_their_user() {
         .unwrap());
     assert!(!store.is_private_registry("r.example.com").await.unwrap());
 }
+
+#[tokio::test]
+async fn a_functions_history_pages_newest_first_and_goes_with_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), config()).unwrap();
+    let mut f = function("f");
+    f.created_ms = crate::model::now_ms() - 5 * 3_600_000;
+    store.create_function(&f).await.unwrap();
+    crate::store::history_check::check(&store, &f).await;
+    // A purge takes the rest of the index.
+    store.remove_function(&f.key()).await.unwrap();
+    store.cancel_queued(&f.key(), "removed").await.unwrap();
+    store.purge_function(&f.key()).await.unwrap();
+    assert_eq!(store.inner.tree(FN_CALLS).len(), 0);
+}

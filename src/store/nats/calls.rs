@@ -278,6 +278,7 @@ impl Inner {
                         .commit(vec![
                             Op::Put(call_key(&call.id), enc(call)?, Some(0)),
                             Op::Put(live_key(function, &call.id), Vec::new(), None),
+                            super::history::history_put(call)?,
                             Op::Put(shard.clone(), enc(&stats)?, Some(srev)),
                             Op::Put(qshard.clone(), enc(&queued)?, Some(qrev)),
                         ])
@@ -989,8 +990,15 @@ impl Inner {
         Ok(pruned)
     }
 
-    /// Deletes an ended call's record, index entry and any output it holds.
+    /// Deletes an ended call's record, index entries and any output it holds.
     async fn forget(&self, id: &CallId, function: &FnKey) -> Result<()> {
+        // The history entry's key is the record's (its hour).
+        let history = self
+            .bucket
+            .get::<Call>(&call_key(id))
+            .await?
+            .1
+            .map(|c| super::history::history_key(&c));
         if let Ok(s) = self
             .bucket
             .js
@@ -1000,10 +1008,16 @@ impl Inner {
             let _ = s.purge().filter(output_subject(function, id)).await;
         }
         self.bucket
-            .commit(vec![
-                Op::Del(call_key(id), None),
-                Op::Del(done_key(id), None),
-            ])
+            .commit(
+                [
+                    Some(Op::Del(call_key(id), None)),
+                    Some(Op::Del(done_key(id), None)),
+                    history.map(|k| Op::Del(k, None)),
+                ]
+                .into_iter()
+                .flatten()
+                .collect(),
+            )
             .await
             .map_err(|e| match e {
                 Refused::Error(e) => e,
@@ -1056,6 +1070,7 @@ impl Inner {
                 let mut ops = vec![
                     Op::Del(call_key(&c.id), Some(crev)),
                     Op::Del(live_key(name, &c.id), None),
+                    Op::Del(super::history::history_key(&c), None),
                 ];
                 if let Some(call) = call.filter(|call| call.state == CallState::Pending) {
                     let qshard = queued_key_of(&call);
@@ -1075,6 +1090,7 @@ impl Inner {
                 }
             }
         }
+        self.forget_history(name).await?;
         lock(&self.streams).remove(name);
         for s in [Self::output_stream(name), Self::log_stream(name)] {
             match self.bucket.js.delete_stream(&s).await {

@@ -31,6 +31,7 @@
 //! handed to another node by the consumer's redelivery.
 
 mod calls;
+mod history;
 mod kv;
 mod order;
 #[cfg(test)]
@@ -1541,6 +1542,14 @@ impl Store for NatsStore {
 
     async fn running_calls(&self) -> Result<Vec<Call>> {
         self.inner.running_calls().await
+    }
+
+    async fn function_calls(
+        &self,
+        function: &FnKey,
+        query: &crate::store::CallQuery,
+    ) -> Result<crate::store::CallPage> {
+        self.inner.function_calls(function, query).await
     }
 
     async fn prune(&self, before_ms: u64) -> Result<usize> {

@@ -724,3 +724,30 @@ async fn deleted_keys_leave_no_subject_behind_once_their_markers_expire() {
     drop(store);
     drop(server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_functions_history_pages_newest_first_over_hours_and_goes_with_retention() {
+    let (server, store) = open().await;
+    let mut f = function();
+    f.created_ms = crate::model::now_ms() - 5 * 3_600_000;
+    store
+        .create_user(&User {
+            name: f.owner.clone(),
+            key_hash: [7; 32],
+            max_concurrency: 100,
+            admin: false,
+            created_ms: 0,
+            limits: Default::default(),
+        })
+        .await
+        .unwrap();
+    store.create_function(&f).await.unwrap();
+    crate::store::history_check::check(&store, &f).await;
+    // A purge takes the rest of the index.
+    store.remove_function(&f.key()).await.unwrap();
+    store.cancel_queued(&f.key(), "removed").await.unwrap();
+    store.purge_function(&f.key()).await.unwrap();
+    assert_eq!(store.inner.bucket.scan("h.").await.unwrap(), Vec::new());
+    drop(store);
+    drop(server);
+}
