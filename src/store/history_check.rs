@@ -80,6 +80,7 @@ pub(crate) async fn check(store: &dyn Store, f: &Function) {
                 message: None,
                 stdout: Bytes::from_static(b"ok"),
                 stderr: Bytes::new(),
+                image_digest: None,
             }
         };
         store.finish(&id, outcome).await.unwrap();
