@@ -15,6 +15,8 @@ pub use crate::runtime::{PullEvent, PullProgress};
 /// An image functions run, as `image ls` shows it.
 pub use crate::scheduler::ImageUse;
 use crate::scheduler::{EndWaiter, Ended, Scheduler};
+/// What a page of a function's call history asks for, and where it resumes.
+pub use crate::store::{CallCursor, CallQuery};
 use crate::store::{FunctionStats, OutputLookup, Store, StoreError};
 use bytes::Bytes;
 use std::sync::Arc;

@@ -1165,8 +1165,8 @@ pub const CALLS_LIMIT_MAX: usize = 500;
 /// The query of `GET /v1/functions/{name}/calls`: `state` (one or several,
 /// comma-separated), `since`/`until` (RFC 3339, or a duration meaning that
 /// long ago), `limit`, `cursor` (from the previous page).
-fn calls_query(query: &HashMap<String, String>) -> Result<crate::store::CallQuery, ApiError> {
-    let mut q = crate::store::CallQuery {
+fn calls_query(query: &HashMap<String, String>) -> Result<crate::service::CallQuery, ApiError> {
+    let mut q = crate::service::CallQuery {
         limit: CALLS_LIMIT_DEFAULT,
         ..Default::default()
     };
@@ -1210,7 +1210,7 @@ fn calls_query(query: &HashMap<String, String>) -> Result<crate::store::CallQuer
     }
     if let Some(c) = query.get("cursor") {
         let parsed = c.split_once('-').and_then(|(a, s)| {
-            Some(crate::store::CallCursor {
+            Some(crate::service::CallCursor {
                 at_ms: u64::from_str_radix(a, 16).ok()?,
                 seq: u64::from_str_radix(s, 16).ok()?,
             })
