@@ -511,6 +511,54 @@ fn calls_run_the_pinned_digest_whatever_the_tag_names_later() {
     d.ok(&["func", "rm", "--force", "bob/app"]);
 }
 
+/// A warm pool makes its containers from the pinned digest too: one made
+/// after the tag moved (the refill after a warm call) still runs the
+/// pinned image, and `update --pull` drops the old digest's containers.
+#[test]
+fn warm_containers_are_made_from_the_pinned_digest() {
+    let password = format!("pw-{}", uuid_like());
+    let reg = Registry::start(&password);
+    let image = reg.push("1", "one", &password);
+    let d = Daemon::start_with(&format!(
+        "[images]\nregistries = [\"{}\"]\n[pool]\nper_function = 1\n",
+        reg.host()
+    ));
+    let bob = d.add_user("bob", 2);
+    let o = login(&d, &bob, &reg.host(), USER, &password);
+    assert!(o.status.success(), "{}", stderr(&o));
+    d.create_as(&bob, "app", &[&image, "cat", "/marker"]);
+    let sync = || {
+        let o = d.cli_as(&bob, &["func", "call", "--sync", "app"], Some(b""));
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+    };
+    let warm = || d.ps(&["--filter", "label=io.hyperfuncd.pool"]).len();
+    assert_eq!(sync(), "one");
+    d.wait_until(60, "a warm container", || warm() == 1);
+    reg.push("1", "moved", &password);
+    // The warm container, made before the move, then its refill, made
+    // after it: both run the pinned image.
+    for round in 0..2 {
+        assert_eq!(sync(), "one", "round {round}");
+        d.wait_until(60, "the pool refilled", || warm() == 1);
+    }
+    let hits = d.curl(&[
+        "-H",
+        &format!("Authorization: Bearer {}", d.admin_key()),
+        &format!("{}/metrics", d.endpoint),
+    ]);
+    let text = String::from_utf8_lossy(&hits.1).to_string();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("hyperfuncd_pool_hits_total") && !l.ends_with(" 0")),
+        "the calls were warm: {text}"
+    );
+    let o = d.cli_as(&bob, &["func", "update", "app", "--pull"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(sync(), "moved");
+    d.ok(&["func", "rm", "--force", "bob/app"]);
+}
+
 /// Issue 24, images do not pile up: an image hyperfuncd pulled goes from
 /// the Engine `gc_after` after the last function using its digest was
 /// removed or moved to another, also across a restart; one two functions

@@ -7,6 +7,8 @@
 //! flushes, and never acts on a state (creates a container, answers 202,
 //! hands out an output) that a crash could take back.
 
+#[cfg(test)]
+mod contract;
 mod embedded;
 #[cfg(test)]
 mod history_check;

@@ -811,3 +811,22 @@ async fn a_functions_history_pages_newest_first_and_goes_with_retention() {
     store.purge_function(&f.key()).await.unwrap();
     assert_eq!(store.inner.tree(FN_CALLS).len(), 0);
 }
+
+#[tokio::test]
+async fn pulled_images_are_kept_per_instance_and_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), config()).unwrap();
+    crate::store::contract::pulled_images(&store).await;
+    drop(store);
+    let store = SledStore::open(dir.path(), config()).unwrap();
+    assert_eq!(
+        store
+            .pulled_images("node-1")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| i.id)
+            .collect::<Vec<_>>(),
+        ["sha256:2222"]
+    );
+}

@@ -751,3 +751,11 @@ async fn a_functions_history_pages_newest_first_over_hours_and_goes_with_retenti
     drop(store);
     drop(server);
 }
+
+#[tokio::test]
+async fn pulled_images_are_kept_per_instance() {
+    let (server, store) = open().await;
+    crate::store::contract::pulled_images(&store).await;
+    drop(store);
+    drop(server);
+}
