@@ -8,6 +8,13 @@
 //! has its container (`created` marked its `r.CALL`), has ended, or runs on
 //! a node that is gone (the reaper fails it): the single-host rule,
 //! cluster-wide.
+//!
+//! Finding the earlier calls reads their queue messages (a message get
+//! answers with the body), so each is read once per node, never per look:
+//! the owner's messages below a call's sequence can only go (a new message
+//! always gets a higher sequence), so what a walk of the owner's subject
+//! found below a sequence stays true, less what has left (`Seen`), and
+//! every later look reads only the earlier calls' small records.
 
 use super::calls::{call_key, claim_node, running_key};
 use super::*;
@@ -57,9 +64,22 @@ fn call_of(hdrs: Option<&str>) -> Option<CallId> {
 /// Per blocking call: when a call of this node first found it without a
 /// container. `TURN_WAIT` counts from then for every call behind it, so
 /// calls queued behind one stuck call do not each wait it out in turn.
+/// Per owner's queue subject: the messages seen there (`Seen`).
 #[derive(Default)]
 pub(super) struct Turns {
     blocked_since: Mutex<HashMap<CallId, Instant>>,
+    seen: Mutex<HashMap<String, Seen>>,
+    /// Queue messages read (message gets) for turns, for the tests.
+    pub(super) gets: std::sync::atomic::AtomicU64,
+}
+
+/// What this node knows of one owner's queue subject: every message with a
+/// sequence below `until` that was there when it looked is in `calls`
+/// (unless it has since stopped holding anyone up), with its call.
+struct Seen {
+    until: u64,
+    calls: std::collections::BTreeMap<u64, CallId>,
+    used: Instant,
 }
 
 impl Turns {
@@ -102,18 +122,31 @@ impl Inner {
         }
         let mut notices = self.changed.subscribe();
         let subject = format!("hfq.{}", call.owner);
-        // Earlier messages found ready stay ready (a container made, or an
-        // end, is not taken back): each look starts at the last blocker.
-        let mut from = 1;
+        // The earlier calls, found once; a look only reads their records.
+        // One found ready stays ready (a container made, or an end, is not
+        // taken back; a requeued call comes back with a later sequence).
+        let mut earlier: std::collections::VecDeque<(u64, CallId)> = self
+            .predecessors(&subject, call.seq)
+            .await?
+            .into_iter()
+            .filter(|(_, id)| *id != call.id)
+            .collect();
         loop {
-            let Some((seq, blocker)) = self.blocker(call, &subject, from).await? else {
-                return Ok(());
-            };
-            if !self.turns.still_waiting(&blocker, &call.id) {
-                from = seq + 1;
-                continue;
+            while let Some(&(seq, blocker)) = earlier.front() {
+                if self.has_container(&blocker).await? {
+                    // It holds no one up any more.
+                    lock(&self.turns.blocked_since).remove(&blocker);
+                    self.forget_seen(&subject, seq);
+                    earlier.pop_front();
+                } else if !self.turns.still_waiting(&blocker, &call.id) {
+                    earlier.pop_front();
+                } else {
+                    break;
+                }
             }
-            from = seq;
+            if earlier.is_empty() {
+                return Ok(());
+            }
             // A notice for the owner (a call created, started or ended
             // anywhere), or the poll, whichever comes first; notices that
             // piled up meanwhile make one look, not one each.
@@ -134,36 +167,62 @@ impl Inner {
         }
     }
 
-    /// The first call of the owner queued before `call`, at or after queue
-    /// sequence `from`, whose container does not exist yet: its sequence
-    /// and id.
-    async fn blocker(
-        &self,
-        call: &Call,
-        subject: &str,
-        from: u64,
-    ) -> Result<Option<(u64, CallId)>> {
-        let mut from = from;
+    /// The messages on `subject` below sequence `below`, oldest first, with
+    /// their calls: from what this node has seen, reading only the
+    /// messages it has not (the walk goes on from where the last one
+    /// stopped).
+    async fn predecessors(&self, subject: &str, below: u64) -> Result<Vec<(u64, CallId)>> {
+        let from = {
+            let mut seen = lock(&self.turns.seen);
+            // Subjects nobody waited on for a while: their calls are over.
+            seen.retain(|_, s| s.used.elapsed() < 10 * TURN_WAIT);
+            seen.get(subject).map_or(1, |s| s.until)
+        };
+        let mut learned = Vec::new();
+        let mut next = from;
         for _ in 0..MAX_PREDECESSORS {
-            let Some((seq, id)) = self.next_queued(subject, from).await? else {
-                return Ok(None);
-            };
-            if seq >= call.seq {
-                return Ok(None);
+            if next >= below {
+                break;
             }
-            from = seq + 1;
-            match id {
-                Some(id) if id != call.id => {
-                    if !self.has_container(&id).await? {
-                        return Ok(Some((seq, id)));
+            self.turns
+                .gets
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            match self.next_queued(subject, next).await? {
+                Some((seq, id)) if seq < below => {
+                    if let Some(id) = id {
+                        learned.push((seq, id));
                     }
-                    // It holds no one up any more (a requeue starts afresh).
-                    lock(&self.turns.blocked_since).remove(&id);
+                    next = seq + 1;
                 }
-                _ => {}
+                // Nothing more below `below`: none can come (new messages
+                // get higher sequences).
+                _ => {
+                    next = below;
+                    break;
+                }
             }
         }
-        Ok(None)
+        let mut seen = lock(&self.turns.seen);
+        let entry = seen.entry(subject.to_string()).or_insert_with(|| Seen {
+            until: 1,
+            calls: Default::default(),
+            used: Instant::now(),
+        });
+        entry.calls.extend(learned);
+        entry.until = entry.until.max(next);
+        entry.used = Instant::now();
+        Ok(entry
+            .calls
+            .range(..below)
+            .map(|(seq, id)| (*seq, *id))
+            .collect())
+    }
+
+    /// `seq` on `subject` holds no one up any more.
+    fn forget_seen(&self, subject: &str, seq: u64) {
+        if let Some(s) = lock(&self.turns.seen).get_mut(subject) {
+            s.calls.remove(&seq);
+        }
     }
 
     /// The first message on `subject` at or after `from`: its sequence and

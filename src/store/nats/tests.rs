@@ -759,3 +759,64 @@ async fn pulled_images_are_kept_per_instance() {
     drop(store);
     drop(server);
 }
+
+/// Waiting for one's turn reads each earlier call's queue message once
+/// (a message get answers with the body), then only their records: a call
+/// behind two calls without containers, waiting 2 s (eight polls), makes
+/// two message gets, and none more once they have their containers.
+#[tokio::test]
+async fn a_call_waiting_for_its_turn_reads_each_earlier_message_once() {
+    let (server, store) = open().await;
+    let f = function();
+    store
+        .create_user(&User {
+            name: f.owner.clone(),
+            key_hash: [5; 32],
+            max_concurrency: 3,
+            admin: false,
+            created_ms: 0,
+            limits: Default::default(),
+        })
+        .await
+        .unwrap();
+    store.create_function(&f).await.unwrap();
+    let body = Bytes::from(vec![b'p'; 512]);
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let call = Call::new(f.name.clone(), f.owner.clone(), 0, &body, Vec::new());
+        ids.push(store.accept(call, body.clone()).await.unwrap().id);
+    }
+    for want in &ids {
+        let head = store.queue_head(&f.owner).await.unwrap().expect("a head");
+        assert_eq!(&head, want);
+        assert!(matches!(
+            store.start(&head).await.unwrap(),
+            Started::Running(..)
+        ));
+    }
+    let last = store
+        .get_call(&ids[2])
+        .await
+        .unwrap()
+        .expect("the third call");
+    let gets = || {
+        store
+            .inner
+            .turns
+            .gets
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let before = gets();
+    let waited = tokio::time::timeout(Duration::from_secs(2), store.await_turn(&last)).await;
+    assert!(waited.is_err(), "two earlier calls have no container yet");
+    assert_eq!(gets() - before, 2, "one message get per earlier call");
+    store.created(&ids[0]).await;
+    store.created(&ids[1]).await;
+    tokio::time::timeout(Duration::from_secs(5), store.await_turn(&last))
+        .await
+        .expect("its turn, once the earlier calls have their containers")
+        .unwrap();
+    assert_eq!(gets() - before, 2, "what was seen is not read again");
+    drop(store);
+    drop(server);
+}
