@@ -1494,11 +1494,23 @@ impl Store for NatsStore {
     }
 
     async fn queued_owners(&self) -> Result<Vec<Name>> {
-        Ok(self
-            .list_users()
-            .await?
+        // The owners whose queue subject holds a message (queued, or out
+        // on a node and maybe due again), in one stream info: the cost of
+        // a poll grows with the owners that have work, not with the users.
+        use futures_util::TryStreamExt;
+        let subjects: Vec<(String, usize)> = self
+            .inner
+            .queue
+            .info_with_subjects("hfq.*")
+            .await
+            .map_err(|e| unavailable("listing the queues", e))?
+            .try_collect()
+            .await
+            .map_err(|e| unavailable("listing the queues", e))?;
+        Ok(subjects
             .into_iter()
-            .map(|u| u.name)
+            .filter(|(_, n)| *n > 0)
+            .filter_map(|(s, _)| Name::parse(s.strip_prefix("hfq.")?).ok())
             .collect())
     }
 

@@ -820,3 +820,52 @@ async fn a_call_waiting_for_its_turn_reads_each_earlier_message_once() {
     drop(store);
     drop(server);
 }
+
+/// The owners a poll looks at are those with a message in their queue
+/// (queued, or out on a node), not every user: an idle user costs nothing.
+#[tokio::test]
+async fn queued_owners_are_those_with_messages_not_every_user() {
+    let (server, store) = open().await;
+    let f = function();
+    for (name, hash) in [("alice", 1u8), ("idle", 2)] {
+        store
+            .create_user(&User {
+                name: Name::parse(name).unwrap(),
+                key_hash: [hash; 32],
+                max_concurrency: 1,
+                admin: false,
+                created_ms: 0,
+                limits: Default::default(),
+            })
+            .await
+            .unwrap();
+    }
+    store.create_function(&f).await.unwrap();
+    assert_eq!(store.queued_owners().await.unwrap(), Vec::<Name>::new());
+    let call = Call::new(f.name.clone(), f.owner.clone(), 0, b"x", Vec::new());
+    let id = store
+        .accept(call, Bytes::from_static(b"x"))
+        .await
+        .unwrap()
+        .id;
+    assert_eq!(store.queued_owners().await.unwrap(), vec![f.owner.clone()]);
+    assert_eq!(store.queue_head(&f.owner).await.unwrap(), Some(id));
+    assert!(matches!(
+        store.start(&id).await.unwrap(),
+        Started::Running(..)
+    ));
+    // Out on this node: still looked at (a redelivery may come due).
+    assert_eq!(store.queued_owners().await.unwrap(), vec![f.owner.clone()]);
+    store.finish(&id, finished()).await.unwrap();
+    // The end's acknowledgement reaches the server a moment later.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !store.queued_owners().await.unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ended call left its queue"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(store);
+    drop(server);
+}
