@@ -3,6 +3,7 @@
 
 mod call;
 mod function;
+mod idem;
 mod ids;
 mod image;
 mod user;
@@ -11,6 +12,9 @@ pub use call::{
     Call, CallState, Event, EventKind, Outcome, OutputState, TransitionError, SHORT_LEN,
 };
 pub use function::{validate_runtime_name, EnvVar, Function, FunctionSpec, MIN_CPUS, MIN_MEMORY};
+pub use idem::{
+    BadIdempotencyKey, Idempotency, IdempotencyKey, IdempotencyRecord, IDEMPOTENCY_KEY_MAX,
+};
 pub use ids::{CallId, FnKey, IdError, Name, Secret};
 pub use image::{normalize_registry, parse_registry_host, ImageRef, RegistryLogin, DOCKER_HUB};
 pub use user::{

@@ -199,6 +199,7 @@ impl Inner {
                 }
             }
             self.tree(CALLS).remove(&id)?;
+            self.tree(IDEM_CALLS).remove(&id)?;
             let cid = call_id(&id)?;
             for (tree, kind) in [(PAYLOADS, Kind::Payload), (OUTPUTS, Kind::Output)] {
                 if let Some(v) = self.tree(tree).remove(&id)? {
@@ -209,7 +210,7 @@ impl Inner {
             }
             self.tree(FN_CALLS).remove(k)?;
         }
-        for tree in [OUTPUT_INDEX, LOGS, LIVE] {
+        for tree in [OUTPUT_INDEX, LOGS, LIVE, IDEM] {
             for kv in self.tree(tree).scan_prefix(&prefix) {
                 self.tree(tree).remove(kv?.0)?;
             }

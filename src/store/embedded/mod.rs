@@ -17,17 +17,20 @@ mod codec;
 mod commit;
 mod directory;
 mod durable;
+#[cfg(test)]
+mod idem_tests;
 mod legacy;
 mod stage;
 #[cfg(test)]
 mod tests;
 
 use super::{
-    changed_meanwhile, FunctionStats, OutputLookup, Result, Started, Store, StoreConfig, StoreError,
+    changed_meanwhile, Accepted, FunctionStats, OutputLookup, Result, Started, Store, StoreConfig,
+    StoreError,
 };
 use crate::model::{
-    Call, CallId, CallState, Event, EventKind, FnKey, Function, Name, Outcome, QueueBudget,
-    RegistryLogin, User,
+    Call, CallId, CallState, Event, EventKind, FnKey, Function, Idempotency, Name, Outcome,
+    QueueBudget, RegistryLogin, User,
 };
 use async_trait::async_trait;
 use blobs::{Blobs, Kind, Marker};
@@ -108,7 +111,10 @@ const DONE: usize = 13; // finished_ms\0id -> (): ended calls, oldest first, for
 const QUEUED: usize = 14; // owner -> QueueUse: the owner's PENDING calls and their payload bytes
 const REGISTRY_LOGINS: usize = 15; // owner\0host -> RegistryLogin (a tree of its own: no schema change)
 const PRIVATE_REGISTRIES: usize = 16; // host -> (): hosts someone logged in to
-const TREE_NAMES: [&str; 17] = [
+                                      // Idempotency keys (new trees, no schema change: an older database has none).
+const IDEM: usize = 17; // owner\0name\0KEY -> IdempotencyRecord (the call, its body's digest)
+const IDEM_CALLS: usize = 18; // call id -> its IDEM key, so the call's removal takes the key along
+const TREE_NAMES: [&str; 19] = [
     "users",
     "keys",
     "functions",
@@ -126,6 +132,8 @@ const TREE_NAMES: [&str; 17] = [
     "queued",
     "registry_logins",
     "private_registries",
+    "idempotency",
+    "idempotency_calls",
 ];
 
 /// An owner's queue as `accept` checks it against their budget: kept in
@@ -402,6 +410,23 @@ impl SledStore {
             self.evict_logs_later(name);
         }
         Ok(value)
+    }
+
+    async fn accept_keyed(
+        &self,
+        call: Call,
+        payload: Bytes,
+        budget: QueueBudget,
+        idem: Option<Idempotency>,
+    ) -> Result<Accepted> {
+        if payload.len() as u64 > self.inner.config.inline_max_bytes {
+            // Its own file, written and fsynced off the commit thread.
+            self.write(move |i, fx| i.accept(call, &payload, budget, idem.as_ref(), fx))
+                .await
+        } else {
+            self.commit(move |i, fx| i.accept(call, &payload, budget, idem.as_ref(), fx))
+                .await
+        }
     }
 
     fn cached_functions(&self) -> std::sync::RwLockReadGuard<'_, Functions> {
@@ -982,14 +1007,21 @@ impl Store for SledStore {
     }
 
     async fn accept_within(&self, call: Call, payload: Bytes, budget: QueueBudget) -> Result<Call> {
-        if payload.len() as u64 > self.inner.config.inline_max_bytes {
-            // Its own file, written and fsynced off the commit thread.
-            self.write(move |i, fx| i.accept(call, &payload, budget, fx))
-                .await
-        } else {
-            self.commit(move |i, fx| i.accept(call, &payload, budget, fx))
-                .await
+        match self.accept_keyed(call, payload, budget, None).await? {
+            Accepted::New(call) => Ok(call),
+            // Without a key there is no earlier call to find.
+            Accepted::Earlier { call, .. } => Ok(call),
         }
+    }
+
+    async fn accept_idempotent(
+        &self,
+        call: Call,
+        payload: Bytes,
+        budget: QueueBudget,
+        idem: Idempotency,
+    ) -> Result<Accepted> {
+        self.accept_keyed(call, payload, budget, Some(idem)).await
     }
 
     async fn get_call(&self, id: &CallId) -> Result<Option<Call>> {

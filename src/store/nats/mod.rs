@@ -31,17 +31,20 @@
 //! handed to another node by the consumer's redelivery.
 
 mod calls;
+#[cfg(test)]
+mod idem_tests;
 mod kv;
 mod order;
 #[cfg(test)]
 mod tests;
 
 use super::{
-    changed_meanwhile, FunctionStats, OutputLookup, Result, Started, Store, StoreConfig, StoreError,
+    changed_meanwhile, Accepted, FunctionStats, OutputLookup, Result, Started, Store, StoreConfig,
+    StoreError,
 };
 use crate::model::{
-    Call, CallId, CallState, Event, FnKey, Function, Name, Outcome, QueueBudget, RegistryLogin,
-    User,
+    Call, CallId, CallState, Event, FnKey, Function, Idempotency, IdempotencyRecord, Name, Outcome,
+    QueueBudget, RegistryLogin, User,
 };
 use async_nats::jetstream::{self, consumer, stream, AckKind};
 use async_trait::async_trait;
@@ -1379,7 +1382,21 @@ impl Store for NatsStore {
 
     // ---- calls ----
     async fn accept_within(&self, call: Call, payload: Bytes, budget: QueueBudget) -> Result<Call> {
-        self.inner.accept(call, payload, budget).await
+        match self.inner.accept(call, payload, budget, None).await? {
+            Accepted::New(call) => Ok(call),
+            // Without a key there is no earlier call to find.
+            Accepted::Earlier { call, .. } => Ok(call),
+        }
+    }
+
+    async fn accept_idempotent(
+        &self,
+        call: Call,
+        payload: Bytes,
+        budget: QueueBudget,
+        idem: Idempotency,
+    ) -> Result<Accepted> {
+        self.inner.accept(call, payload, budget, Some(&idem)).await
     }
 
     async fn get_call(&self, id: &CallId) -> Result<Option<Call>> {

@@ -1,0 +1,124 @@
+//! Idempotency keys on the NATS store: one call per key across nodes (the
+//! key's compare-and-set in the record's batch decides), gone with the call.
+
+use super::tests::{function, open, open_on};
+use super::*;
+use crate::model::IdempotencyKey;
+
+fn name(s: &str) -> Name {
+    Name::parse(s).expect("test name")
+}
+
+async fn submit(store: &NatsStore, f: &str, key: &str, payload: &[u8]) -> Result<Accepted> {
+    let call = Call::new(name(f), name("alice"), 0, payload, vec![]);
+    let idem = Idempotency::new(IdempotencyKey::parse(key).expect("key"), payload);
+    store
+        .accept_idempotent(
+            call,
+            Bytes::copy_from_slice(payload),
+            QueueBudget::UNLIMITED,
+            idem,
+        )
+        .await
+}
+
+fn new_call(a: Result<Accepted>) -> Call {
+    match a {
+        Ok(Accepted::New(c)) => c,
+        other => panic!("expected a new call, got {other:?}"),
+    }
+}
+
+fn earlier(a: Result<Accepted>) -> (Call, bool) {
+    match a {
+        Ok(Accepted::Earlier { call, same_body }) => (call, same_body),
+        other => panic!("expected the earlier call, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_key_names_one_call_and_goes_with_it() {
+    let (_server, store) = open().await;
+    let f = function();
+    let mut g = function();
+    g.name = name("g");
+    g.secret = crate::model::Secret::new();
+    store.create_function(&f).await.expect("create f");
+    store.create_function(&g).await.expect("create g");
+    let first = new_call(submit(&store, "f", "k", b"abc").await);
+    let (again, same) = earlier(submit(&store, "f", "k", b"abc").await);
+    assert_eq!((again.id, same), (first.id, true));
+    let (other, same) = earlier(submit(&store, "f", "k", b"xyz").await);
+    assert_eq!((other.id, same), (first.id, false));
+    let in_g = new_call(submit(&store, "g", "k", b"abc").await);
+    assert!(in_g.id != first.id, "another function, another scope");
+    assert_eq!(store.stats(&f.key()).await.expect("stats").total, 1);
+    // Retention takes the key with the record.
+    assert_eq!(
+        store.cancel_queued(&f.key(), "ended").await.expect("end"),
+        1
+    );
+    let pruned = store
+        .prune(crate::model::now_ms() + 1)
+        .await
+        .expect("prune");
+    assert!(pruned >= 1);
+    let fresh = new_call(submit(&store, "f", "k", b"abc").await);
+    assert!(fresh.id != first.id);
+    // A purge takes the keys of the function's calls, queued ones too.
+    store.remove_function(&g.key()).await.expect("remove g");
+    store.purge_function(&g.key()).await.expect("purge g");
+    let mut left = Vec::new();
+    for prefix in ["i.", "ik."] {
+        for (k, _) in store.inner.bucket.scan(prefix).await.expect("scan") {
+            left.push(k);
+        }
+    }
+    left.sort();
+    assert_eq!(
+        left,
+        vec![
+            format!(
+                "i.alice.f.{}",
+                IdempotencyKey::parse("k").expect("key").hashed()
+            ),
+            format!("ik.{}", fresh.id),
+        ],
+        "only the key of f's live call is left"
+    );
+}
+
+#[tokio::test]
+async fn two_nodes_racing_under_one_key_store_one_call() {
+    let (server, a) = open().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let b = open_on(dir.path(), server.port).await.expect("second node");
+    a.create_function(&function()).await.expect("create");
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let store = Arc::clone(if i % 2 == 0 { &a } else { &b });
+        tasks.push(tokio::spawn(async move {
+            submit(&store, "f", "race", b"abc").await
+        }));
+    }
+    let mut ids = std::collections::HashSet::new();
+    let mut new = 0;
+    for t in tasks {
+        match t.await.expect("task") {
+            Ok(Accepted::New(c)) => {
+                new += 1;
+                ids.insert(c.id);
+            }
+            Ok(Accepted::Earlier { call, same_body }) => {
+                assert!(same_body);
+                ids.insert(call.id);
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!((new, ids.len()), (1, 1));
+    let stats = a.stats(&function().key()).await.expect("stats");
+    assert_eq!((stats.total, stats.pending), (1, 1));
+    assert_eq!(a.queue_len().await.expect("queue"), 1, "one message queued");
+}
