@@ -27,13 +27,13 @@ pub(super) fn idem_key(function: &FnKey, idem: &Idempotency) -> Vec<u8> {
 
 impl Inner {
     /// Indexes a call by its state (migration from schema 1).
-    pub(super) fn index_call(&self, call: &Call) -> Result<()> {
+    pub(super) fn index_call(&self, w: &WriteGuard, call: &Call) -> Result<()> {
         match call.finished_ms {
             Some(done) if call.state.is_done() => {
-                self.tree(DONE).insert(done_key(done, &call.id), &[])?;
+                w.tree(DONE).insert(done_key(done, &call.id), &[])?;
             }
             _ => {
-                self.tree(LIVE)
+                w.tree(LIVE)
                     .insert(seq_key(fk(call).as_str(), call.seq), call.id.as_bytes())?;
             }
         }
@@ -227,22 +227,22 @@ impl Inner {
     }
 
     pub(super) fn discard_queued(&self, owner: &Name, id: &CallId, fx: &mut Effects) -> Result<()> {
-        for kv in self.tree(QUEUE).scan_prefix(seq_prefix(owner.as_str())) {
+        let w = self.write_lock();
+        for kv in w.tree(QUEUE).scan_prefix(seq_prefix(owner.as_str())) {
             let (k, v) = kv?;
             if v.as_ref() == id.as_bytes() {
-                self.tree(QUEUE).remove(k)?;
+                w.tree(QUEUE).remove(k)?;
                 fx.committed = true;
                 break;
             }
         }
         // The call is gone, and its length with it: count the owner's
         // queue again (a rare repair, not a hot path).
-        self.recount_queue(owner)
+        self.recount_queue(&w, owner)
     }
 
     /// Sets `owner`'s `queued` entry from their queue entries.
-    pub(super) fn recount_queue(&self, owner: &Name) -> Result<()> {
-        let _one = lock(&self.writing);
+    pub(super) fn recount_queue(&self, w: &WriteGuard, owner: &Name) -> Result<()> {
         let mut used = QueueUse::default();
         for kv in self.tree(QUEUE).scan_prefix(seq_prefix(owner.as_str())) {
             let (_, id) = kv?;
@@ -251,7 +251,7 @@ impl Inner {
                 used.bytes += call.stdin_len;
             }
         }
-        self.tree(QUEUED).insert(owner.as_str(), encode(&used)?)?;
+        w.tree(QUEUED).insert(owner.as_str(), encode(&used)?)?;
         Ok(())
     }
 
@@ -526,7 +526,7 @@ impl Inner {
             let (k, _) = kv?;
             let id = call_id(&k[8..])?;
             let Some(call) = get::<Call>(self.tree(CALLS), id.as_bytes())? else {
-                self.tree(DONE).remove(&k)?;
+                self.write_lock().tree(DONE).remove(&k)?;
                 continue;
             };
             let output = self.tx(|t| {

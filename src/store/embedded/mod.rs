@@ -23,6 +23,7 @@ mod legacy;
 mod stage;
 #[cfg(test)]
 mod tests;
+mod trees;
 
 use super::{
     changed_meanwhile, Accepted, FunctionStats, OutputLookup, Result, Started, Store, StoreConfig,
@@ -39,10 +40,10 @@ use codec::{decode, encode, seq_key};
 use commit::Committer;
 use serde::Serialize;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
-use sled::Transactional;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use trees::WriteGuard;
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
@@ -158,7 +159,10 @@ struct Effects {
 
 /// The synchronous core; every method runs on a blocking thread.
 struct Inner {
-    trees: Vec<sled::Tree>,
+    /// The trees and their write lock (`trees.rs`): a write without the
+    /// lock does not compile.
+    trees: trees::Trees,
+    /// For flushes, ids and sizes: no tree is written through it.
     db: sled::Db,
     blobs: Blobs,
     config: StoreConfig,
@@ -166,10 +170,6 @@ struct Inner {
     /// one at a time, so the byte count stays exact; other functions and
     /// intake never wait for it.
     evict_locks: Mutex<HashMap<FnKey, Arc<Mutex<()>>>>,
-    /// Held by every write to the trees: staged writes and transactions
-    /// (`stage.rs`), and by the commit thread from its flush to its
-    /// fdatasync (`durable.rs`).
-    writing: Arc<Mutex<()>>,
     /// Space set aside for a full disk (`ballast.rs`).
     ballast: Arc<ballast::Ballast>,
 }
@@ -304,12 +304,11 @@ impl SledStore {
         let blobs = Blobs::open(dir.join("hf-blobs"))
             .map_err(|e| StoreError::Failed(format!("{}: {e}", dir.display())))?;
         let inner = Inner {
-            trees,
+            trees: trees::Trees::new(trees),
             db: db.clone(),
             blobs,
             config,
             evict_locks: Mutex::new(HashMap::new()),
-            writing: Arc::new(Mutex::new(())),
             ballast: Arc::clone(&ballast),
         };
         if inner.replay_intent()? {
@@ -318,7 +317,7 @@ impl SledStore {
         inner.migrate()?;
         inner.collect_orphans()?;
         db.flush()?;
-        let committer = Committer::start(db, dir, Arc::clone(&inner.writing))
+        let committer = Committer::start(db, dir, inner.trees.lock_for_commits())
             .map_err(|e| StoreError::Failed(format!("cannot make the database durable: {e}")))?;
         let mut functions = Functions::default();
         for f in inner.list_functions(None)? {
@@ -491,14 +490,20 @@ impl Drop for SledStore {
 }
 
 impl Inner {
-    fn tree(&self, i: usize) -> &sled::Tree {
-        &self.trees[i]
+    /// Tree `i`, for reading; writes go through `write_lock`.
+    fn tree(&self, i: usize) -> trees::Reader<'_> {
+        self.trees.read(i)
+    }
+
+    /// The write lock (`trees.rs`): the only way to write a tree.
+    fn write_lock(&self) -> trees::WriteGuard<'_> {
+        self.trees.write()
     }
 
     /// A sled transaction, one writer at a time (see `stage.rs` for why).
     fn tx<T>(&self, f: impl Fn(&[TransactionalTree]) -> TxResult<T>) -> Result<T> {
-        let _one = lock(&self.writing);
-        Ok(self.trees.as_slice().transaction(|t| f(t))?)
+        let w = self.write_lock();
+        Ok(w.transaction(f)?)
     }
 
     /// A monotonic number, unique across restarts.
@@ -571,22 +576,23 @@ impl Inner {
         };
         if schema == 1 {
             tracing::info!("migrating the database to schema 2");
+            let w = self.write_lock();
             // Blob markers were bare lengths of files.
             for tree in [PAYLOADS, OUTPUTS] {
-                for kv in self.tree(tree).iter() {
+                for kv in w.tree(tree).iter() {
                     let (k, v) = kv?;
                     let mut b = [0u8; 8];
                     if v.len() == 8 {
                         b.copy_from_slice(&v);
                     }
-                    self.tree(tree)
+                    w.tree(tree)
                         .insert(k, Marker::File(u64::from_be_bytes(b)).encode())?;
                 }
             }
             // The live and done indexes are new.
-            for kv in self.tree(CALLS).iter() {
+            for kv in w.tree(CALLS).iter() {
                 let call: Call = decode(&kv?.1)?;
-                self.index_call(&call)?;
+                self.index_call(&w, &call)?;
             }
         } else if schema > SCHEMA {
             return Err(StoreError::Corrupt(format!(
@@ -605,7 +611,9 @@ impl Inner {
         if schema < 6 {
             self.migrate_users_to_6()?;
         }
-        meta.insert("schema", encode(&SCHEMA)?)?;
+        self.write_lock()
+            .tree(META)
+            .insert("schema", encode(&SCHEMA)?)?;
         Ok(())
     }
 
@@ -639,8 +647,11 @@ impl Inner {
             return Ok(decode(&v)?);
         }
         let fresh = uuid::Uuid::new_v4().simple().to_string();
-        let _ =
-            meta.compare_and_swap("instance_id", None as Option<&[u8]>, Some(encode(&fresh)?))?;
+        let _ = self.write_lock().tree(META).compare_and_swap(
+            "instance_id",
+            None as Option<&[u8]>,
+            Some(encode(&fresh)?),
+        )?;
         fx.committed = true;
         match meta.get("instance_id")? {
             Some(v) => Ok(decode(&v)?),
@@ -741,7 +752,7 @@ fn dec<T: serde::de::DeserializeOwned>(v: &[u8]) -> TxResult<T> {
 }
 
 fn get<T: serde::de::DeserializeOwned>(
-    tree: &sled::Tree,
+    tree: trees::Reader<'_>,
     key: impl AsRef<[u8]>,
 ) -> Result<Option<T>> {
     match tree.get(key)? {
@@ -883,8 +894,9 @@ impl Store for SledStore {
     async fn mark_private_registry(&self, host: &str) -> Result<()> {
         let host = host.to_string();
         self.write(move |i, fx| {
-            let _one = lock(&i.writing);
-            i.tree(PRIVATE_REGISTRIES).insert(host.as_bytes(), &[])?;
+            i.write_lock()
+                .tree(PRIVATE_REGISTRIES)
+                .insert(host.as_bytes(), &[])?;
             fx.committed = true;
             Ok(())
         })
