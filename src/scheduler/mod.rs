@@ -43,6 +43,20 @@ const ENGINE_RETRY: Duration = Duration::from_secs(1);
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// How often ended calls past `limits.call_retention` are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
+/// `PRUNE_EVERY`; the race tests (failpoints builds only) set a shorter
+/// one with `HYPERFUNCD_TEST_PRUNE_MS`, so a prune falls inside the window
+/// they hold open.
+fn prune_every() -> Duration {
+    #[cfg(feature = "failpoints")]
+    if let Some(ms) = std::env::var("HYPERFUNCD_TEST_PRUNE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        return Duration::from_millis(ms.max(1));
+    }
+    PRUNE_EVERY
+}
 /// How often a node of a shared store looks at every queue, in case a
 /// change notice from another node was lost.
 const REMOTE_POLL: Duration = Duration::from_secs(2);
@@ -323,7 +337,7 @@ impl Scheduler {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut prune = tokio::time::interval(PRUNE_EVERY);
+        let mut prune = tokio::time::interval(prune_every());
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // A shared store: other nodes queue and end calls too. They say so
         // (best effort), and every REMOTE_POLL the queues are looked at anyway.

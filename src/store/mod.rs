@@ -266,6 +266,12 @@ pub trait Store: Send + Sync {
     /// PENDING → FAILED with `message`, for every queued call of `function`;
     /// a call that has started meanwhile is left alone. Returns how many.
     async fn cancel_queued(&self, function: &FnKey, message: &str) -> Result<usize>;
+    /// `cancel_queued` for a removed function (the removal's and the
+    /// prune's): nothing is cancelled if the name has a record again
+    /// (created after the purge: its calls are the new function's). The
+    /// record is read after the live calls, so a re-create after that read
+    /// came after every call it cancels.
+    async fn cancel_removed(&self, function: &FnKey, message: &str) -> Result<usize>;
     /// Returns a finished call's STDOUT once its deletion from the cache is durable.
     async fn take_output(&self, id: &CallId) -> Result<Option<OutputLookup>>;
     /// Calls of `function` that have not ended, oldest first.

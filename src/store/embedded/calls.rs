@@ -477,10 +477,23 @@ impl Inner {
         &self,
         function: &FnKey,
         message: &str,
+        removed_only: bool,
         fx: &mut Effects,
     ) -> Result<usize> {
         let mut cancelled = 0;
-        for call in self.live_calls(Some(function))? {
+        let live = self.live_calls(Some(function))?;
+        // After the live calls: a record here means the name was re-created
+        // (after a purge), and none of these is the removed function's to
+        // cancel; a re-create after this look came after every call above.
+        if removed_only
+            && self
+                .tree(FUNCTIONS)
+                .get(function.store_key().as_str())?
+                .is_some()
+        {
+            return Ok(0);
+        }
+        for call in live {
             if call.state != CallState::Pending {
                 continue;
             }

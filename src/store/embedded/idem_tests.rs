@@ -1,6 +1,7 @@
 //! Idempotency keys on the sled store: one call per key, in the accept's
 //! own write, whatever the payload's path (inline or file), and gone with
-//! the call.
+//! the call. And the re-create race: a stale cancel or purge leaves a
+//! function created again alone.
 
 use super::*;
 use crate::model::{FunctionSpec, IdempotencyKey, Secret};
@@ -241,4 +242,33 @@ async fn the_key_survives_a_reopen_and_goes_with_its_call() {
     );
     assert!(store.inner.tree(IDEM_CALLS).is_empty());
     let _ = file;
+}
+
+/// The re-create race: a cancel (or purge) from a stale list of removed
+/// functions finds the name created again and leaves its calls alone.
+#[tokio::test]
+async fn a_re_created_function_is_neither_cancelled_nor_purged() {
+    let (_d, store) = setup().await;
+    let f = FnKey::new(name("alice"), name("f"));
+    store.remove_function(&f).await.expect("remove");
+    store.purge_function(&f).await.expect("purge");
+    store
+        .create_function(&function("alice", "f"))
+        .await
+        .expect("create again");
+    let call = Call::new(name("f"), name("alice"), 0, b"new", vec![]);
+    let call = store
+        .accept(call, Bytes::from_static(b"new"))
+        .await
+        .expect("accept");
+    assert_eq!(
+        store.cancel_removed(&f, "cancelled").await.expect("cancel"),
+        0
+    );
+    assert!(matches!(
+        store.purge_function(&f).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let kept = store.get_call(&call.id).await.expect("get");
+    assert_eq!(kept.map(|c| c.state), Some(CallState::Pending));
 }

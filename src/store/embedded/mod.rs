@@ -1077,7 +1077,13 @@ impl Store for SledStore {
 
     async fn cancel_queued(&self, function: &FnKey, message: &str) -> Result<usize> {
         let (function, message) = (function.clone(), message.to_string());
-        self.write(move |i, fx| i.cancel_queued(&function, &message, fx))
+        self.write(move |i, fx| i.cancel_queued(&function, &message, false, fx))
+            .await
+    }
+
+    async fn cancel_removed(&self, function: &FnKey, message: &str) -> Result<usize> {
+        let (function, message) = (function.clone(), message.to_string());
+        self.write(move |i, fx| i.cancel_queued(&function, &message, true, fx))
             .await
     }
 

@@ -925,9 +925,21 @@ impl Inner {
         Ok(())
     }
 
-    pub(super) async fn cancel_queued(&self, function: &FnKey, message: &str) -> Result<usize> {
+    pub(super) async fn cancel_queued(
+        &self,
+        function: &FnKey,
+        message: &str,
+        removed_only: bool,
+    ) -> Result<usize> {
         let mut cancelled = 0;
-        for call in self.live_calls(function).await? {
+        let live = self.live_calls(function).await?;
+        // After the live calls: a record now means the name was re-created
+        // (after a purge), and none of these is the removed function's to
+        // cancel; a re-create after this read came after every call above.
+        if removed_only && self.function(function).await?.is_some() {
+            return Ok(0);
+        }
+        for call in live {
             if call.state != CallState::Pending {
                 continue;
             }
@@ -1107,6 +1119,10 @@ impl Inner {
             })
             .await?;
         }
+        // Again before each destructive step: a purge of this name that
+        // finished meanwhile lets the name be created again, and a
+        // re-created function's calls, streams and counters are its own.
+        self.still_removed(name).await?;
         for (k, v) in self.bucket.scan("d.").await? {
             let (_, function): (u64, FnKey) = dec(&k, &v)?;
             if &function == name {
@@ -1115,6 +1131,7 @@ impl Inner {
                 }
             }
         }
+        self.still_removed(name).await?;
         lock(&self.streams).remove(name);
         for s in [Self::output_stream(name), Self::log_stream(name)] {
             match self.bucket.js.delete_stream(&s).await {
@@ -1123,6 +1140,7 @@ impl Inner {
                 Err(e) => return Err(unavailable("deleting a function's streams", e)),
             }
         }
+        self.still_removed(name).await?;
         // Every counter shard in one batch, shard 0 last: it is the sign of
         // a removal not yet purged, so it goes with the last of them.
         let ops = (1..SHARDS)
@@ -1133,6 +1151,16 @@ impl Inner {
             Refused::Error(e) => e,
             Refused::Moved => StoreError::Conflict(format!("function {name} changed")),
         })
+    }
+
+    /// `Conflict` if `name` has a record (again): a purge must not go on.
+    async fn still_removed(&self, name: &FnKey) -> Result<()> {
+        match self.function(name).await? {
+            Some(_) => Err(StoreError::Conflict(format!(
+                "function {name} exists: remove it first"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Every shard of `owner`'s queued counts (revision, value), in shard

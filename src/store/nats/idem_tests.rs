@@ -1,5 +1,7 @@
 //! Idempotency keys on the NATS store: one call per key across nodes (the
 //! key's compare-and-set in the record's batch decides), gone with the call.
+//! And the re-create race: a stale cancel or purge leaves a function
+//! created again alone.
 
 use super::tests::{function, open, open_on};
 use super::*;
@@ -54,10 +56,15 @@ async fn a_key_names_one_call_and_goes_with_it() {
     assert!(in_g.id != first.id, "another function, another scope");
     assert_eq!(store.stats(&f.key()).await.expect("stats").total, 1);
     // Retention takes the key with the record.
-    assert_eq!(
-        store.cancel_queued(&f.key(), "ended").await.expect("end"),
-        1
-    );
+    store
+        .inner
+        .end(
+            &first.id,
+            Outcome::failed("ended"),
+            Some(CallState::Pending),
+        )
+        .await
+        .expect("end");
     let pruned = store
         .prune(crate::model::now_ms() + 1)
         .await
@@ -121,4 +128,36 @@ async fn two_nodes_racing_under_one_key_store_one_call() {
     let stats = a.stats(&function().key()).await.expect("stats");
     assert_eq!((stats.total, stats.pending), (1, 1));
     assert_eq!(a.queue_len().await.expect("queue"), 1, "one message queued");
+}
+
+/// The re-create race: a cancel (or purge) from a stale list of removed
+/// functions finds the name created again and leaves its calls alone.
+#[tokio::test]
+async fn a_re_created_function_is_neither_cancelled_nor_purged() {
+    let (_server, store) = open().await;
+    let f = function();
+    store.create_function(&f).await.expect("create");
+    store.remove_function(&f.key()).await.expect("remove");
+    store.purge_function(&f.key()).await.expect("purge");
+    let mut again = function();
+    again.secret = crate::model::Secret::new();
+    store.create_function(&again).await.expect("create again");
+    let call = Call::new(name("f"), name("alice"), 0, b"new", vec![]);
+    let call = store
+        .accept(call, Bytes::from_static(b"new"))
+        .await
+        .expect("accept");
+    assert_eq!(
+        store
+            .cancel_removed(&f.key(), "cancelled")
+            .await
+            .expect("cancel"),
+        0
+    );
+    assert!(matches!(
+        store.purge_function(&f.key()).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let kept = store.get_call(&call.id).await.expect("get");
+    assert_eq!(kept.map(|c| c.state), Some(CallState::Pending));
 }

@@ -1443,7 +1443,11 @@ impl Store for NatsStore {
     }
 
     async fn cancel_queued(&self, function: &FnKey, message: &str) -> Result<usize> {
-        self.inner.cancel_queued(function, message).await
+        self.inner.cancel_queued(function, message, false).await
+    }
+
+    async fn cancel_removed(&self, function: &FnKey, message: &str) -> Result<usize> {
+        self.inner.cancel_queued(function, message, true).await
     }
 
     async fn take_output(&self, id: &CallId) -> Result<Option<OutputLookup>> {
