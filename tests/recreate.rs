@@ -1,8 +1,10 @@
-//! A function removed and created again while a prune holds a stale list
-//! of removed functions: the prune must not cancel or kill the new
-//! function's calls. Failpoints hold the removal's purge (so the prune
-//! lists the function meanwhile) and then the prune itself, while the name
-//! is created again and called.
+//! The prune against the rest: a function removed and created again while
+//! a prune holds a stale list of removed functions (the prune must not
+//! cancel or kill the new function's calls; failpoints hold the removal's
+//! purge, so the prune lists the function meanwhile, and then the prune
+//! itself, while the name is created again and called); and a prune held
+//! on a removed function never delays another user's calls (it runs on a
+//! task of its own, not in the dispatch loop).
 //!
 //! Needs the `failpoints` feature (`FAILPOINTS` in the env of `serve`).
 
@@ -63,5 +65,57 @@ fn a_prune_held_across_a_remove_and_re_create_leaves_the_new_calls_alone() {
     });
     let (code, f) = d.api("/v1/functions/cat");
     assert_eq!(code, 200, "{f}");
+    d.finish();
+}
+
+#[test]
+fn a_held_prune_does_not_delay_another_users_calls() {
+    test_image();
+    let mut d = Daemon::start_with_env(CONFIG, &[("FAILPOINTS", "rm-cancelled=return")]);
+    let bob = d.add_user("bob", 2);
+    let out = d.cli_as(
+        &bob,
+        &["func", "create", "--name", "echo", IMAGE, "cat"],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    d.create("gone", &[IMAGE, "cat"]);
+    // The removal dies between its cancel and its purge: after the restart
+    // the prune finds `gone` removed and not purged, and holds there.
+    let _ = d.cli(&["func", "rm", "--force", "gone"]);
+    d.wait_failpoint("rm-cancelled", 60);
+    d.restart_with_env(&[("FAILPOINTS", "prune-function=1*sleep(12000)")]);
+    let started = std::time::Instant::now();
+    let out = d.cli_as(&bob, &["func", "call", "echo"], Some(b"not held up"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let id = text
+        .trim()
+        .strip_prefix("CallId: ")
+        .expect("call id")
+        .to_string();
+    d.wait_until(30, "bob's call to end", || {
+        let s = d.call_record(&id).1["State"].clone();
+        s == "FINISHED" || s == "FAILED"
+    });
+    let took = started.elapsed();
+    assert_eq!(d.call_record(&id).1["State"], "FINISHED");
+    assert!(
+        took < Duration::from_secs(8),
+        "bob's call waited for the prune: {took:?}"
+    );
+    // The prune was held meanwhile: `gone` is not purged yet.
+    let again = d.cli(&["func", "create", "--name", "gone", IMAGE, "cat"]);
+    assert_cli_error(&again, "still being removed");
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "too slow to tell the prune was held"
+    );
+    // And once it goes on, it finishes the removal.
+    d.wait_until(60, "the prune to purge gone", || {
+        d.cli(&["func", "create", "--name", "gone", IMAGE, "cat"])
+            .status
+            .success()
+    });
     d.finish();
 }
