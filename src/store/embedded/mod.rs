@@ -674,8 +674,29 @@ fn approx_bytes(n: u64) -> String {
     }
 }
 
+/// Below this many free inodes the data dir's filesystem is reported as
+/// refusing writes (`health`), whatever its free bytes: a payload or an
+/// output file, and its temporary name, each need one.
+const MIN_FREE_INODES: u64 = 8;
+
+/// Free inodes for an unprivileged writer on the filesystem holding
+/// `path`; `None` where the filesystem has no fixed count (btrfs and
+/// others report 0 files).
+fn free_inodes(path: &Path) -> std::io::Result<Option<u64>> {
+    let s = statvfs(path)?;
+    if s.f_files == 0 {
+        return Ok(None);
+    }
+    Ok(Some(s.f_favail as u64))
+}
+
 /// Free bytes for an unprivileged writer on the filesystem holding `path`.
 fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    let s = statvfs(path)?;
+    Ok((s.f_bavail as u64).saturating_mul(s.f_frsize as u64))
+}
+
+fn statvfs(path: &Path) -> std::io::Result<libc::statvfs> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
@@ -685,7 +706,7 @@ fn free_bytes(path: &Path) -> std::io::Result<u64> {
     if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok((s.f_bavail as u64).saturating_mul(s.f_frsize as u64))
+    Ok(s)
 }
 
 fn log(
@@ -794,9 +815,28 @@ impl Store for SledStore {
         if let Some(reason) = self.committer.failure() {
             return Err(format!("the store cannot write: {reason}"));
         }
-        match self.read(|i| i.space_short(0)).await {
+        let refused = self
+            .read(|i| {
+                if let Some(why) = i.space_short(0)? {
+                    return Ok(Some(format!("writes refused: {why}")));
+                }
+                // Free bytes are not enough: without inodes every file
+                // write fails.
+                let inodes = free_inodes(i.blobs.dir())
+                    .map_err(|e| StoreError::Failed(format!("cannot read the free inodes: {e}")))?;
+                Ok(match inodes {
+                    Some(n) if n < MIN_FREE_INODES => Some(format!(
+                        "writes refused: the data dir's filesystem has {n} free inodes (files) \
+                         left, fewer than the {MIN_FREE_INODES} its writes need, whatever its \
+                         free bytes: remove files on it or give it more inodes"
+                    )),
+                    _ => None,
+                })
+            })
+            .await;
+        match refused {
             Ok(None) => Ok(()),
-            Ok(Some(why)) => Err(format!("writes refused: {why}")),
+            Ok(Some(why)) => Err(why),
             Err(e) => Err(e.to_string()),
         }
     }
