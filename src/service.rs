@@ -114,7 +114,6 @@ pub const QUEUE_RETRY_AFTER_SECS: u64 = 5;
 /// makes room, so this is a pause, not a promise.
 const FUNCTIONS_RETRY_AFTER_SECS: u64 = 60;
 
-/// Changes asked by `func update`; `None` leaves a field as it is.
 /// A call `Service::accept` took, or found under its idempotency key.
 #[derive(Debug, Clone, Copy)]
 pub struct Submitted {
@@ -123,6 +122,7 @@ pub struct Submitted {
     pub replayed: bool,
 }
 
+/// Changes asked by `func update`; `None` leaves a field as it is.
 #[derive(Debug, Default, Clone)]
 pub struct FunctionUpdate {
     pub image: Option<String>,
