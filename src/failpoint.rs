@@ -75,6 +75,25 @@ macro_rules! fault_point {
     };
 }
 
+/// Holds the enclosing async step while the named failpoint's action runs
+/// (`sleep(MS)`, `1*sleep(MS)`): the race tests' way to keep one step
+/// waiting while others go on. It waits on a blocking thread, so no runtime
+/// worker is held. Without the feature it compiles to nothing.
+#[macro_export]
+macro_rules! hold_point {
+    ($name:literal) => {
+        #[cfg(feature = "failpoints")]
+        {
+            let _ = tokio::task::spawn_blocking(|| {
+                if fail::eval($name, |_| ()).is_some() {
+                    eprintln!("failpoint {} reached", $name);
+                }
+            })
+            .await;
+        }
+    };
+}
+
 /// Reads `FAILPOINTS`; keep the value alive while the daemon runs.
 #[cfg(feature = "failpoints")]
 pub fn setup() -> fail::FailScenario<'static> {

@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::model::RegistryLogin;
 use crate::model::{
     now_ms, ApiKey, Budget, Call, CallId, CallState, EnvVar, Event, FnKey, Function, FunctionSpec,
-    Name, OutputState, Secret, User, UserLimits,
+    Idempotency, IdempotencyKey, Name, OutputState, Secret, User, UserLimits,
 };
 use crate::runtime::{LoginError, PullAuth, Resolved, Runtime, RuntimeError};
 /// How a create or update tells of its image pull: the API streams it.
@@ -15,9 +15,9 @@ pub use crate::runtime::{PullEvent, PullProgress};
 /// An image functions run, as `image ls` shows it.
 pub use crate::scheduler::ImageUse;
 use crate::scheduler::{EndWaiter, Ended, Scheduler};
+use crate::store::{Accepted, FunctionStats, OutputLookup, Store, StoreError};
 /// What a page of a function's call history asks for, and where it resumes.
 pub use crate::store::{CallCursor, CallQuery};
-use crate::store::{FunctionStats, OutputLookup, Store, StoreError};
 use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,6 +66,9 @@ pub enum ServiceError {
     /// A write whose outcome is unknown: it may or may not have been stored.
     #[error("{0}")]
     OutcomeUnknown(String),
+    /// An idempotency key resubmitted with another body than its first call's.
+    #[error("{0}")]
+    IdempotencyKeyReused(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -116,6 +119,14 @@ pub const QUEUE_RETRY_AFTER_SECS: u64 = 5;
 /// `Retry-After` of a create refused at `max_functions`: only a removal
 /// makes room, so this is a pause, not a promise.
 const FUNCTIONS_RETRY_AFTER_SECS: u64 = 60;
+
+/// A call `Service::accept` took, or found under its idempotency key.
+#[derive(Debug, Clone, Copy)]
+pub struct Submitted {
+    pub id: CallId,
+    /// The key named an earlier call, which this is: nothing new was stored.
+    pub replayed: bool,
+}
 
 /// Changes asked by `func update`; `None` leaves a field as it is.
 #[derive(Debug, Default, Clone)]
@@ -1003,24 +1014,60 @@ impl Service {
 
     // ---- calls ----
 
-    /// Accepts a call; returns once it and its payload are on disk.
+    /// Accepts a call; returns once it and its payload are on disk. Under
+    /// an idempotency key (per owner and function), a key already used
+    /// answers its first call again and stores nothing, or, if that call
+    /// had another body, is refused.
     pub async fn accept(
         &self,
         f: &Function,
         payload: Bytes,
         request_env: Vec<(String, String)>,
-    ) -> Result<CallId> {
+        key: Option<IdempotencyKey>,
+    ) -> Result<Submitted> {
         if payload.len() as u64 > self.config.limits.max_stdin_bytes {
             return Err(self.too_large());
         }
         // The store assigns the FIFO sequence.
         let call = Call::new(f.name.clone(), f.owner.clone(), 0, &payload, request_env);
         let budget = self.budget_of(&f.owner).await?.queue();
-        let call = self.store.accept_within(call, payload, budget).await?;
+        let call = match key {
+            None => self.store.accept_within(call, payload, budget).await?,
+            Some(key) => {
+                let idem = Idempotency::new(key, &payload);
+                match self
+                    .store
+                    .accept_idempotent(call, payload, budget, idem.clone())
+                    .await?
+                {
+                    Accepted::New(call) => call,
+                    Accepted::Earlier {
+                        call,
+                        same_body: true,
+                    } => {
+                        return Ok(Submitted {
+                            id: call.id,
+                            replayed: true,
+                        });
+                    }
+                    Accepted::Earlier { call, .. } => {
+                        return Err(ServiceError::IdempotencyKeyReused(format!(
+                            "idempotency key {} was used for call {} with another body; \
+                             use a new key for a new call",
+                            idem.key, call.id
+                        )))
+                    }
+                }
+            }
+        };
+        crate::crash_point!("accept-durable");
         crate::metrics::call_accepted(&call);
         crate::logging::call_accepted(&call);
         self.scheduler.queued(&f.owner);
-        Ok(call.id)
+        Ok(Submitted {
+            id: call.id,
+            replayed: false,
+        })
     }
 
     /// A request refused by the rate limit of an API key or call URL.

@@ -14,7 +14,7 @@ mod table;
 pub mod types;
 pub mod ui;
 
-use crate::model::{CallId, CallState, EnvVar, FunctionSpec, Name};
+use crate::model::{CallId, CallState, EnvVar, FunctionSpec, IdempotencyKey, Name};
 use crate::service::{FunctionUpdate, OutputAnswer, Scope, Service, ServiceError};
 use bytes::{Buf, Bytes, BytesMut};
 pub use front::{AddressKey, ClientAddr};
@@ -115,6 +115,9 @@ impl From<ServiceError> for ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
             }
             ServiceError::OutcomeUnknown(_) => (StatusCode::SERVICE_UNAVAILABLE, "outcome_unknown"),
+            ServiceError::IdempotencyKeyReused(_) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
+            }
             ServiceError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             ServiceError::TooManyRequests { .. } => {
                 (StatusCode::TOO_MANY_REQUESTS, "too_many_requests")
@@ -680,30 +683,66 @@ async fn bearer_user(svc: &Service, headers: &HeaderMap) -> Result<crate::model:
 /// Reads the body (bounded), accepts the call, and for `sync` waits for it.
 async fn accept(svc: &Arc<Service>, f: crate::model::Function, sync: bool, req: Req) -> ApiResult {
     let env = request_env(&req);
+    let key = idempotency_key(&req.headers)?;
     // Before the body: a sync call that could not wait is not accepted.
     let long = sync.then(|| req.front.long()).transpose()?;
     let payload = read_body(svc, &req.front, &req.headers, req.body).await?;
-    let id = svc.accept(&f, payload.bytes.clone(), env).await?;
+    let submitted = svc.accept(&f, payload.bytes.clone(), env, key).await?;
     drop(payload);
-    if !sync {
-        return Ok(json_response(
+    let id = submitted.id;
+    let mut answer = if !sync {
+        json_response(
             StatusCode::ACCEPTED,
             &CallAccepted {
                 call_id: id.to_string(),
             },
+        )
+    } else {
+        // Past `max_wait`, answered as an output `/wait` whose wait ran out:
+        // 201/202 with the call id, and the client waits on there. A
+        // resubmission waits for (or gets) the first call's end.
+        let answer = output(
+            svc,
+            &Scope::Function(&f),
+            &id.to_string(),
+            Some(req.front.max_wait),
+        )
+        .await?;
+        drop(long);
+        answer
+    };
+    if submitted.replayed {
+        answer.headers_mut().insert(
+            IDEMPOTENT_REPLAYED_HEADER,
+            warp::http::HeaderValue::from_static("true"),
+        );
+    }
+    Ok(answer)
+}
+
+/// On a call answered under an `Idempotency-Key` already used: the call
+/// named is the first one; nothing new was stored.
+pub const IDEMPOTENT_REPLAYED_HEADER: &str = "idempotent-replayed";
+/// The request header of safe resubmission.
+pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+
+/// The `Idempotency-Key` of a call request, if it has one: one value,
+/// checked (`IdempotencyKey::parse`), else 400 before the body is read.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
+    let mut values = headers.get_all(IDEMPOTENCY_KEY_HEADER).iter();
+    let Some(v) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::bad_request(
+            "more than one Idempotency-Key header: send one",
         ));
     }
-    // Past `max_wait`, answered as an output `/wait` whose wait ran out:
-    // 201/202 with the call id, and the client waits on there.
-    let answer = output(
-        svc,
-        &Scope::Function(&f),
-        &id.to_string(),
-        Some(req.front.max_wait),
-    )
-    .await;
-    drop(long);
-    answer
+    let bad = |e: crate::model::BadIdempotencyKey| ApiError::bad_request(e.to_string());
+    let text = v
+        .to_str()
+        .map_err(|_| bad(crate::model::BadIdempotencyKey))?;
+    IdempotencyKey::parse(text.trim()).map(Some).map_err(bad)
 }
 
 /// A place among the long requests for an output request that waits.

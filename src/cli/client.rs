@@ -113,9 +113,18 @@ impl Client {
         Ok(())
     }
 
-    pub async fn post_bytes(&self, path: &str, body: Vec<u8>) -> anyhow::Result<Response> {
-        self.send(self.request(reqwest::Method::POST, path).body(body))
-            .await
+    /// A call request, under an idempotency key if one is given.
+    pub async fn post_call(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        key: Option<&crate::model::IdempotencyKey>,
+    ) -> anyhow::Result<Response> {
+        let mut req = self.request(reqwest::Method::POST, path).body(body);
+        if let Some(k) = key {
+            req = req.header(crate::api::IDEMPOTENCY_KEY_HEADER, k.as_str());
+        }
+        self.send(req).await
     }
 
     /// A call's STDOUT; with `wait`, long-polls until the call has ended.

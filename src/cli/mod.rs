@@ -388,6 +388,10 @@ pub enum FuncCmd {
         /// Wait and print the call's STDOUT instead of its id
         #[arg(long)]
         sync: bool,
+        /// Safe resubmission: a call already made with this key (same user,
+        /// function and payload) is answered again instead of run twice
+        #[arg(long, value_name = "KEY")]
+        idempotency_key: Option<String>,
         /// The function to call (NAME, or OWNER/NAME for an admin)
         name: String,
     },
@@ -723,7 +727,15 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
                 writeln!(out, "{n}")?;
             }
         }
-        FuncCmd::Call { sync, name } => {
+        FuncCmd::Call {
+            sync,
+            idempotency_key,
+            name,
+        } => {
+            let key = idempotency_key
+                .as_deref()
+                .map(crate::model::IdempotencyKey::parse)
+                .transpose()?;
             let payload = read_stdin_payload()?;
             // On a terminal, --sync is an accept and then `func get --wait`,
             // whose spinner shows the call's state; a single `?sync=true`
@@ -735,7 +747,7 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
                 vec![]
             };
             let path = fn_path(&fn_arg(&name)?, "/call", &q);
-            let resp = client.post_bytes(&path, payload).await?;
+            let resp = client.post_call(&path, payload, key.as_ref()).await?;
             if one_request {
                 let bytes = client::output_bytes(resp).await?;
                 out.write_all(&bytes)?;

@@ -3,6 +3,7 @@
 
 mod call;
 mod function;
+mod idem;
 mod ids;
 mod image;
 mod stats;
@@ -30,6 +31,9 @@ pub use call::{
 };
 pub use function::{
     digest_of, validate_runtime_name, EnvVar, Function, FunctionSpec, MIN_CPUS, MIN_MEMORY,
+};
+pub use idem::{
+    BadIdempotencyKey, Idempotency, IdempotencyKey, IdempotencyRecord, IDEMPOTENCY_KEY_MAX,
 };
 pub use ids::{CallId, FnKey, IdError, Name, Secret};
 pub use image::{

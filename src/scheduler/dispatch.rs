@@ -191,7 +191,8 @@ impl Scheduler {
             if !self.state().recovered {
                 return Ok(());
             }
-            self.prune().await;
+            // On the upkeep task, not here: a prune may wait on calls.
+            self.prune_now.notify_one();
         }
         if self.state().engine_down {
             if self.runtime.ping().await.is_err() {

@@ -46,6 +46,20 @@ const ENGINE_RETRY: Duration = Duration::from_secs(1);
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// How often ended calls past `limits.call_retention` are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
+/// `PRUNE_EVERY`; the race tests (failpoints builds only) set a shorter
+/// one with `HYPERFUNCD_TEST_PRUNE_MS`, so a prune falls inside the window
+/// they hold open.
+fn prune_every() -> Duration {
+    #[cfg(feature = "failpoints")]
+    if let Some(ms) = std::env::var("HYPERFUNCD_TEST_PRUNE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        return Duration::from_millis(ms.max(1));
+    }
+    PRUNE_EVERY
+}
 /// How often a node of a shared store looks at every queue, in case a
 /// change notice from another node was lost.
 const REMOTE_POLL: Duration = Duration::from_secs(2);
@@ -59,6 +73,8 @@ pub struct Scheduler {
     config: Arc<Config>,
     /// Wakes the dispatcher: a call was queued or a slot freed.
     wake: Notify,
+    /// Asks the upkeep task (sweep, prune) for a prune now: recovery is done.
+    prune_now: Notify,
     /// Bumped after every call state change; waiters re-read the store.
     changes: watch::Sender<u64>,
     state: Mutex<DispatchState>,
@@ -157,6 +173,7 @@ impl Scheduler {
             config,
             pool,
             wake: Notify::new(),
+            prune_now: Notify::new(),
             changes: watch::channel(0).0,
             state: Mutex::new(DispatchState::default()),
         })
@@ -322,13 +339,12 @@ impl Scheduler {
         }
     }
 
-    /// Drains the queues until `shutdown` fires.
+    /// Drains the queues until `shutdown` fires. The sweep and the prune
+    /// run on a task of their own (`upkeep`): a prune may wait up to 30 s on
+    /// a removed function's calls, and no dispatch waits with it.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let images = tokio::spawn(Arc::clone(&self).images_loop(shutdown.clone()));
-        let mut sweep = tokio::time::interval(SWEEP_EVERY);
-        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut prune = tokio::time::interval(PRUNE_EVERY);
-        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let upkeep = tokio::spawn(Arc::clone(&self).upkeep());
         // A shared store: other nodes queue and end calls too. They say so
         // (best effort), and every REMOTE_POLL the queues are looked at anyway.
         // Handled by a task of their own, not between dispatch turns: a turn
@@ -359,8 +375,6 @@ impl Scheduler {
                 _ = shutdown.cancelled() => break,
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(ENGINE_RETRY), if retry => {}
-                _ = sweep.tick() => self.sweep().await,
-                _ = prune.tick() => self.prune().await,
                 _ = poll.tick(), if shared => {
                     match self.store.queued_owners().await {
                         Ok(owners) => owners.iter().for_each(|o| self.queued(o)),
@@ -380,8 +394,27 @@ impl Scheduler {
             task.abort();
         }
         images.abort();
+        // A purge under way is a store write on a blocking thread: it
+        // finishes; a removal cut short here is the next start's prune's.
+        upkeep.abort();
         self.stop_running().await;
         self.pool.close().await;
+    }
+
+    /// The sweep and the prune, each on its tick (and a prune as soon as
+    /// recovery is done), off the dispatch loop. Both wait for recovery.
+    async fn upkeep(self: Arc<Self>) {
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut prune = tokio::time::interval(prune_every());
+        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = sweep.tick() => self.sweep().await,
+                _ = prune.tick() => self.prune().await,
+                _ = self.prune_now.notified() => self.prune().await,
+            }
+        }
     }
 
     /// What a warm container of `f` is made of.

@@ -102,6 +102,21 @@ impl Scheduler {
         match self.store.unpurged_functions().await {
             Ok(names) => {
                 for name in names {
+                    crate::hold_point!("prune-function");
+                    // The list may be stale: the removal was finished and
+                    // the name re-created meanwhile. A re-created function's
+                    // calls are not the removed one's to cancel.
+                    match self.store.get_function(&name).await {
+                        Ok(None) => {}
+                        Ok(Some(_)) => {
+                            tracing::debug!(function = %name, "re-created meanwhile; nothing to purge");
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::debug!(function = %name, error = %e, "purge deferred");
+                            continue;
+                        }
+                    }
                     if let Err(e) = self.remove_function_calls(&name).await {
                         tracing::debug!(function = %name, error = %e, "purge deferred");
                     }
@@ -125,7 +140,7 @@ impl Scheduler {
         let mut deadline = tokio::time::Instant::now();
         loop {
             changes.borrow_and_update();
-            let cancelled = self.store.cancel_queued(name, REMOVED).await?;
+            let cancelled = self.store.cancel_removed(name, REMOVED).await?;
             if cancelled > 0 {
                 crate::metrics::calls_cancelled(name, cancelled);
                 crate::logging::calls_cancelled(name, cancelled);
@@ -136,6 +151,12 @@ impl Scheduler {
             let live = self.store.live_calls(name).await?;
             if live.is_empty() {
                 break;
+            }
+            // Read after the live calls: if the name was re-created after
+            // this look, every call above is still the removed function's
+            // (a new one's calls need its record first).
+            if self.store.get_function(name).await?.is_some() {
+                return Err(recreated(name));
             }
             for call in &live {
                 self.cancel(&call.id);
@@ -153,6 +174,7 @@ impl Scheduler {
                 )));
             }
         }
+        crate::hold_point!("rm-before-purge");
         self.store.purge_function(name).await?;
         self.pool.drop_function(&name.to_string());
         self.changed();
@@ -202,4 +224,13 @@ impl Scheduler {
             tracing::info!(count = removed, "removed leftover containers");
         }
     }
+}
+
+/// A removal's cancelling found the name taken by a new function: the
+/// removed one's calls were purged meanwhile, and the new one's are not
+/// touched.
+fn recreated(name: &FnKey) -> StoreError {
+    StoreError::Conflict(format!(
+        "function {name} was created again meanwhile: its calls are not cancelled"
+    ))
 }

@@ -19,8 +19,8 @@ pub use nats::{NatsConfig, NatsStore, NODE_LOST};
 
 pub use crate::model::FunctionStats;
 use crate::model::{
-    Call, CallId, CallState, Event, FnKey, Function, Name, Outcome, PulledImage, QueueBudget,
-    RegistryLogin, User,
+    Call, CallId, CallState, Event, FnKey, Function, Idempotency, Name, Outcome, PulledImage,
+    QueueBudget, RegistryLogin, User,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -121,6 +121,17 @@ pub enum Started {
     /// (its function was removed, its payload is lost) and is now FAILED.
     /// Its queue entry is gone either way.
     Skipped,
+}
+
+/// What an accept under an idempotency key did.
+#[derive(Debug)]
+pub enum Accepted {
+    /// The key was new: this call is stored with it, durable.
+    New(Call),
+    /// The key names an earlier call of the same owner and function (as it
+    /// is now, durable): nothing was stored. `same_body` says whether that
+    /// call's body had the same digest.
+    Earlier { call: Call, same_body: bool },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -288,6 +299,19 @@ pub trait Store: Send + Sync {
     /// write that queues the call, so concurrent accepts never pass it
     /// together; the NATS store's bound is documented there.
     async fn accept_within(&self, call: Call, payload: Bytes, budget: QueueBudget) -> Result<Call>;
+    /// `accept_within` under an idempotency key, per owner and function:
+    /// the key → call mapping is stored in the same durable write as the
+    /// call (so neither exists without the other), and a key already there
+    /// stores nothing and answers its call (`Accepted::Earlier`), whatever
+    /// the budget. The mapping goes when its call's record goes (retention,
+    /// a function's purge).
+    async fn accept_idempotent(
+        &self,
+        call: Call,
+        payload: Bytes,
+        budget: QueueBudget,
+        idem: Idempotency,
+    ) -> Result<Accepted>;
     async fn get_call(&self, id: &CallId) -> Result<Option<Call>>;
     /// The oldest queued call of `owner`, if any.
     async fn queue_head(&self, owner: &Name) -> Result<Option<CallId>>;
@@ -309,6 +333,12 @@ pub trait Store: Send + Sync {
     /// PENDING → FAILED with `message`, for every queued call of `function`;
     /// a call that has started meanwhile is left alone. Returns how many.
     async fn cancel_queued(&self, function: &FnKey, message: &str) -> Result<usize>;
+    /// `cancel_queued` for a removed function (the removal's and the
+    /// prune's): nothing is cancelled if the name has a record again
+    /// (created after the purge: its calls are the new function's). The
+    /// record is read after the live calls, so a re-create after that read
+    /// came after every call it cancels.
+    async fn cancel_removed(&self, function: &FnKey, message: &str) -> Result<usize>;
     /// Returns a finished call's STDOUT once its deletion from the cache is durable.
     async fn take_output(&self, id: &CallId) -> Result<Option<OutputLookup>>;
     /// Calls of `function` that have not ended, oldest first.

@@ -1634,10 +1634,20 @@ pub struct Tmpfs {
 
 impl Tmpfs {
     pub fn mount(size_mib: u64) -> Tmpfs {
+        Tmpfs::mount_with(&format!("size={size_mib}m"))
+    }
+
+    /// A tmpfs of `size_mib` MiB that holds at most `inodes` files and
+    /// directories.
+    pub fn mount_with_inodes(size_mib: u64, inodes: u64) -> Tmpfs {
+        Tmpfs::mount_with(&format!("size={size_mib}m,nr_inodes={inodes}"))
+    }
+
+    fn mount_with(options: &str) -> Tmpfs {
         require_root("a tmpfs");
         let dir = tempfile::tempdir().expect("tempdir");
         let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"])
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
             .arg(dir.path())
             .output()
             .expect("mount missing");

@@ -7,18 +7,33 @@
 use super::codec::{key_prefix, seq_prefix};
 use super::directory::done_key;
 use super::*;
-use crate::model::OutputState;
+use crate::model::{IdempotencyRecord, OutputState};
 use crate::store::over_queue;
+
+/// What an accept's write did.
+pub(super) enum AcceptTx {
+    /// The call is stored; true when the log went over budget.
+    Stored(bool),
+    /// The key names an earlier call: nothing was stored.
+    Earlier(Box<Accepted>),
+}
+
+/// The `idempotency` key of `idem` for `function`: `owner\0name\0KEY`.
+pub(super) fn idem_key(function: &FnKey, idem: &Idempotency) -> Vec<u8> {
+    let mut k = seq_prefix(&function.store_key());
+    k.extend_from_slice(idem.key.as_str().as_bytes());
+    k
+}
 
 impl Inner {
     /// Indexes a call by its state (migration from schema 1).
-    pub(super) fn index_call(&self, call: &Call) -> Result<()> {
+    pub(super) fn index_call(&self, w: &WriteGuard, call: &Call) -> Result<()> {
         match call.finished_ms {
             Some(done) if call.state.is_done() => {
-                self.tree(DONE).insert(done_key(done, &call.id), &[])?;
+                w.tree(DONE).insert(done_key(done, &call.id), &[])?;
             }
             _ => {
-                self.tree(LIVE)
+                w.tree(LIVE)
                     .insert(seq_key(fk(call).as_str(), call.seq), call.id.as_bytes())?;
             }
         }
@@ -27,19 +42,29 @@ impl Inner {
 
     /// Accepts a call. An inline payload is a staged write on the commit
     /// thread; a file is written and fsynced here, on a blocking thread,
-    /// before its own transaction.
+    /// before its own transaction. Under an idempotency key, a key already
+    /// stored answers its call and nothing is written.
     pub(super) fn accept(
         &self,
         mut call: Call,
         payload: &[u8],
         budget: QueueBudget,
+        idem: Option<&Idempotency>,
         fx: &mut Effects,
-    ) -> Result<Call> {
+    ) -> Result<Accepted> {
+        // A look before the space check and the file: a resubmission costs
+        // no disk and is answered on a full one. The write below decides.
+        if let Some(idem) = idem {
+            let key = idem_key(&call.fn_key(), idem);
+            if let Some(earlier) = self.earlier(self.tree(IDEM).get(&key)?, idem)? {
+                return Ok(self.found_earlier(earlier, fx));
+            }
+        }
         let seqs = self.accept_ids(&mut call, payload.len())?;
         if payload.len() as u64 <= self.config.inline_max_bytes {
             let marker = Marker::Inline(payload.to_vec());
-            let over = self.staged(|t| self.accept_tx(t, &call, &marker, seqs, &budget))?;
-            return Ok(self.accepted(call, over, fx));
+            let done = self.staged(|t| self.accept_tx(t, &call, &marker, seqs, &budget, idem))?;
+            return Ok(self.accepted(call, done, fx));
         }
         // Before the file is written, so a refusal costs no disk; the
         // transaction below checks again, and that check decides.
@@ -58,23 +83,51 @@ impl Inner {
             .map_err(|e| io_full(e, "the payload"))?;
         crate::crash_point!("accept-payload-written");
         let marker = Marker::File(payload.len() as u64);
-        let over = match self.tx(|t| self.accept_tx(t, &call, &marker, seqs, &budget)) {
-            Ok(over) => over,
+        let done = match self.tx(|t| self.accept_tx(t, &call, &marker, seqs, &budget, idem)) {
+            Ok(AcceptTx::Stored(over)) => AcceptTx::Stored(over),
+            Ok(earlier) => {
+                self.blobs.remove_uncommitted(Kind::Payload, &call.id);
+                earlier
+            }
             Err(e) => {
                 self.blobs.remove_uncommitted(Kind::Payload, &call.id);
                 return Err(e);
             }
         };
-        Ok(self.accepted(call, over, fx))
+        Ok(self.accepted(call, done, fx))
     }
 
-    fn accepted(&self, call: Call, over: bool, fx: &mut Effects) -> Call {
+    fn accepted(&self, call: Call, done: AcceptTx, fx: &mut Effects) -> Accepted {
+        let over = match done {
+            AcceptTx::Stored(over) => over,
+            AcceptTx::Earlier(earlier) => return self.found_earlier(*earlier, fx),
+        };
         fx.committed = true;
         crate::crash_point!("accept-committed");
         if over {
             fx.evict_logs.push(call.fn_key());
         }
-        call
+        Accepted::New(call)
+    }
+
+    /// An earlier call under the key. It may be the write of an accept
+    /// still waiting for its flush: the answer waits for the next one too,
+    /// so no client hears of a call that is not durable.
+    fn found_earlier(&self, earlier: Accepted, fx: &mut Effects) -> Accepted {
+        fx.committed = true;
+        earlier
+    }
+
+    /// The earlier call a stored key names, if it is still there.
+    fn earlier(&self, stored: Option<sled::IVec>, idem: &Idempotency) -> Result<Option<Accepted>> {
+        let Some(v) = stored else { return Ok(None) };
+        let rec: IdempotencyRecord = decode(&v)?;
+        Ok(
+            get::<Call>(self.tree(CALLS), rec.call)?.map(|call| Accepted::Earlier {
+                call,
+                same_body: rec.digest == idem.digest,
+            }),
+        )
     }
 
     /// Checks the space for a payload of `len` bytes and numbers the call
@@ -86,9 +139,11 @@ impl Inner {
     }
 
     /// Stores an accepted call: its record, payload marker, queue and index
-    /// entries, counters and events. True when the log went over budget.
-    /// Aborts, storing nothing, when the owner's queue is at `budget`: every
-    /// write of `queued` holds `Inner::writing`, so this read is exact.
+    /// entries, counters, events and idempotency key. Aborts, storing
+    /// nothing, when the owner's queue is at `budget`: every write of
+    /// `queued` holds `Inner::writing`, so this read is exact. A key already
+    /// stored stores nothing (before the budget: a resubmission is not a
+    /// new call).
     pub(super) fn accept_tx(
         &self,
         t: &[impl Kv],
@@ -96,9 +151,24 @@ impl Inner {
         marker: &Marker,
         (call_seq, pending_seq): (u64, u64),
         budget: &QueueBudget,
-    ) -> TxResult<bool> {
+        idem: Option<&Idempotency>,
+    ) -> TxResult<AcceptTx> {
         if t[FUNCTIONS].get(fk(call).as_str())?.is_none() {
             return abort(StoreError::NotFound(format!("function {}", call.function)));
+        }
+        let idem_key = idem.map(|i| idem_key(&call.fn_key(), i));
+        if let (Some(key), Some(idem)) = (&idem_key, idem) {
+            if let Some(v) = t[IDEM].get(key)? {
+                let rec: IdempotencyRecord = dec(&v)?;
+                // A key outlives no call (both go in one write), so the
+                // record is there; were it not, the key is free again.
+                if let Some(c) = t[CALLS].get(rec.call)? {
+                    return Ok(AcceptTx::Earlier(Box::new(Accepted::Earlier {
+                        call: dec(&c)?,
+                        same_body: rec.digest == idem.digest,
+                    })));
+                }
+            }
         }
         let used = queue_add(&t[QUEUED], &call.owner, 1, payload_len(call))?;
         if let Some(e) = over_queue(&call.owner, budget, used.calls, used.bytes, call.stdin_len) {
@@ -116,7 +186,15 @@ impl Inner {
         log(&t[LOGS], &mut stats, call, EventKind::Call, call_seq)?;
         log(&t[LOGS], &mut stats, call, EventKind::Pending, pending_seq)?;
         t[STATS].insert(fk(call).as_str(), enc(&stats)?)?;
-        Ok(stats.log_bytes > self.config.log_budget)
+        if let (Some(key), Some(idem)) = (idem_key, idem) {
+            let rec = IdempotencyRecord {
+                call: *call.id.as_bytes(),
+                digest: idem.digest,
+            };
+            t[IDEM].insert(&key, enc(&rec)?)?;
+            t[IDEM_CALLS].insert(id, key)?;
+        }
+        Ok(AcceptTx::Stored(stats.log_bytes > self.config.log_budget))
     }
 
     pub(super) fn queue_head(&self, owner: &Name) -> Result<Option<CallId>> {
@@ -149,22 +227,22 @@ impl Inner {
     }
 
     pub(super) fn discard_queued(&self, owner: &Name, id: &CallId, fx: &mut Effects) -> Result<()> {
-        for kv in self.tree(QUEUE).scan_prefix(seq_prefix(owner.as_str())) {
+        let w = self.write_lock();
+        for kv in w.tree(QUEUE).scan_prefix(seq_prefix(owner.as_str())) {
             let (k, v) = kv?;
             if v.as_ref() == id.as_bytes() {
-                self.tree(QUEUE).remove(k)?;
+                w.tree(QUEUE).remove(k)?;
                 fx.committed = true;
                 break;
             }
         }
         // The call is gone, and its length with it: count the owner's
         // queue again (a rare repair, not a hot path).
-        self.recount_queue(owner)
+        self.recount_queue(&w, owner)
     }
 
     /// Sets `owner`'s `queued` entry from their queue entries.
-    pub(super) fn recount_queue(&self, owner: &Name) -> Result<()> {
-        let _one = lock(&self.writing);
+    pub(super) fn recount_queue(&self, w: &WriteGuard, owner: &Name) -> Result<()> {
         let mut used = QueueUse::default();
         for kv in self.tree(QUEUE).scan_prefix(seq_prefix(owner.as_str())) {
             let (_, id) = kv?;
@@ -173,7 +251,7 @@ impl Inner {
                 used.bytes += call.stdin_len;
             }
         }
-        self.tree(QUEUED).insert(owner.as_str(), encode(&used)?)?;
+        w.tree(QUEUED).insert(owner.as_str(), encode(&used)?)?;
         Ok(())
     }
 
@@ -399,10 +477,23 @@ impl Inner {
         &self,
         function: &FnKey,
         message: &str,
+        removed_only: bool,
         fx: &mut Effects,
     ) -> Result<usize> {
         let mut cancelled = 0;
-        for call in self.live_calls(Some(function))? {
+        let live = self.live_calls(Some(function))?;
+        // After the live calls: a record here means the name was re-created
+        // (after a purge), and none of these is the removed function's to
+        // cancel; a re-create after this look came after every call above.
+        if removed_only
+            && self
+                .tree(FUNCTIONS)
+                .get(function.store_key().as_str())?
+                .is_some()
+        {
+            return Ok(0);
+        }
+        for call in live {
             if call.state != CallState::Pending {
                 continue;
             }
@@ -448,7 +539,7 @@ impl Inner {
             let (k, _) = kv?;
             let id = call_id(&k[8..])?;
             let Some(call) = get::<Call>(self.tree(CALLS), id.as_bytes())? else {
-                self.tree(DONE).remove(&k)?;
+                self.write_lock().tree(DONE).remove(&k)?;
                 continue;
             };
             let output = self.tx(|t| {
@@ -456,6 +547,9 @@ impl Inner {
                 t[DONE].remove(&k)?;
                 t[CALLS].remove(id.as_bytes())?;
                 t[FN_CALLS].remove(key.clone())?;
+                if let Some(idem) = t[IDEM_CALLS].remove(id.as_bytes())? {
+                    t[IDEM].remove(idem)?;
+                }
                 let Some(v) = t[OUTPUTS].remove(id.as_bytes())? else {
                     return Ok(None);
                 };

@@ -53,8 +53,8 @@ impl Inner {
             Ok(())
         })?;
         // A new user of the same name must not inherit these logins.
-        let logins = self.tree(REGISTRY_LOGINS);
-        let _one = lock(&self.writing);
+        let w = self.write_lock();
+        let logins = w.tree(REGISTRY_LOGINS);
         for kv in logins.scan_prefix(login_prefix(name)) {
             logins.remove(kv?.0)?;
         }
@@ -68,8 +68,8 @@ impl Inner {
         login: &RegistryLogin,
         fx: &mut Effects,
     ) -> Result<()> {
-        let _one = lock(&self.writing);
-        self.tree(REGISTRY_LOGINS)
+        self.write_lock()
+            .tree(REGISTRY_LOGINS)
             .insert(login_key(owner, &login.host), encode(login)?)?;
         fx.committed = true;
         Ok(())
@@ -85,8 +85,10 @@ impl Inner {
         host: &str,
         fx: &mut Effects,
     ) -> Result<bool> {
-        let _one = lock(&self.writing);
-        let removed = self.tree(REGISTRY_LOGINS).remove(login_key(owner, host))?;
+        let removed = self
+            .write_lock()
+            .tree(REGISTRY_LOGINS)
+            .remove(login_key(owner, host))?;
         fx.committed = removed.is_some();
         Ok(removed.is_some())
     }
@@ -147,10 +149,10 @@ impl Inner {
     }
 
     pub(super) fn remove_function(&self, key: &FnKey, fx: &mut Effects) -> Result<()> {
-        let removed = {
-            let _one = lock(&self.writing);
-            self.tree(FUNCTIONS).remove(key.store_key().as_str())?
-        };
+        let removed = self
+            .write_lock()
+            .tree(FUNCTIONS)
+            .remove(key.store_key().as_str())?;
         if removed.is_none() {
             return Err(StoreError::NotFound(format!("function {}", key.name)));
         }
@@ -158,23 +160,25 @@ impl Inner {
         Ok(())
     }
 
-    /// Deletes a removed function's calls, outputs, events and counters.
-    /// Accept and start refuse calls of a function without a record, so
-    /// nothing is added behind the scan; a RUNNING call still has a
-    /// container and is waited for.
+    /// Deletes a removed function's calls, outputs, events and counters,
+    /// all under one hold of the write lock, after checking under it that
+    /// the function still has no record: nothing (an accept, a start, a
+    /// re-create of the name) runs between the check and the last delete,
+    /// so a purge never touches a re-created function's calls, and two
+    /// purges of one name run one after the other. A RUNNING call still has
+    /// a container and is waited for. A crash midway leaves the counters
+    /// (removed last), so the prune finishes the purge, and the name cannot
+    /// be taken again until it has.
     pub(super) fn purge_function(&self, key: &FnKey, fx: &mut Effects) -> Result<()> {
         let name = key;
-        if self
-            .tree(FUNCTIONS)
-            .get(key.store_key().as_str())?
-            .is_some()
-        {
+        let w = self.write_lock();
+        if w.tree(FUNCTIONS).get(key.store_key().as_str())?.is_some() {
             return Err(StoreError::Conflict(format!(
                 "function {name} exists: remove it first"
             )));
         }
         let prefix = seq_prefix(&key.store_key());
-        for kv in self.tree(LIVE).scan_prefix(&prefix) {
+        for kv in w.tree(LIVE).scan_prefix(&prefix) {
             let (_, id) = kv?;
             if let Some(call) = get::<Call>(self.tree(CALLS), &id)? {
                 if call.state == CallState::Running {
@@ -187,38 +191,40 @@ impl Inner {
         }
         fx.committed = true;
         let mut dequeued = false;
-        for kv in self.tree(FN_CALLS).scan_prefix(&prefix) {
+        for kv in w.tree(FN_CALLS).scan_prefix(&prefix) {
             let (k, id) = kv?;
             if let Some(call) = get::<Call>(self.tree(CALLS), &id)? {
-                dequeued |= self
+                dequeued |= w
                     .tree(QUEUE)
                     .remove(seq_key(call.owner.as_str(), call.seq))?
                     .is_some();
                 if let Some(done) = call.finished_ms {
-                    self.tree(DONE).remove(done_key(done, &call.id))?;
+                    w.tree(DONE).remove(done_key(done, &call.id))?;
                 }
             }
-            self.tree(CALLS).remove(&id)?;
+            w.tree(CALLS).remove(&id)?;
+            w.tree(IDEM_CALLS).remove(&id)?;
             let cid = call_id(&id)?;
             for (tree, kind) in [(PAYLOADS, Kind::Payload), (OUTPUTS, Kind::Output)] {
-                if let Some(v) = self.tree(tree).remove(&id)? {
+                if let Some(v) = w.tree(tree).remove(&id)? {
                     if let Marker::File(_) = Marker::decode(&v)? {
                         fx.deletes.push(self.blobs.path(kind, &cid));
                     }
                 }
             }
-            self.tree(FN_CALLS).remove(k)?;
+            w.tree(FN_CALLS).remove(k)?;
         }
-        for tree in [OUTPUT_INDEX, LOGS, LIVE] {
-            for kv in self.tree(tree).scan_prefix(&prefix) {
-                self.tree(tree).remove(kv?.0)?;
+        for tree in [OUTPUT_INDEX, LOGS, LIVE, IDEM] {
+            for kv in w.tree(tree).scan_prefix(&prefix) {
+                w.tree(tree).remove(kv?.0)?;
             }
         }
-        self.tree(STATS).remove(key.store_key().as_str())?;
         if dequeued {
             // Calls still queued (a cancel that failed): their owner's count.
-            self.recount_queue(&key.owner)?;
+            self.recount_queue(&w, &key.owner)?;
         }
+        // Last: counters without a record mark a purge not yet done.
+        w.tree(STATS).remove(key.store_key().as_str())?;
         Ok(())
     }
 

@@ -108,11 +108,10 @@ impl Inner {
             counts.insert(owner.as_slice(), encode(used)?);
         }
         let schema = encode(&5u64)?;
-        let _one = lock(&self.writing);
-        (self.tree(USERS), self.tree(QUEUED), self.tree(META)).transaction(|(u, q, m)| {
-            u.apply_batch(&batch)?;
-            q.apply_batch(&counts)?;
-            m.insert("schema", schema.as_slice())?;
+        self.write_lock().transaction(|t| {
+            t[USERS].apply_batch(&batch)?;
+            t[QUEUED].apply_batch(&counts)?;
+            t[META].insert("schema", schema.as_slice())?;
             Ok::<_, ConflictableTransactionError<StoreError>>(())
         })?;
         Ok(())
@@ -128,10 +127,9 @@ impl Inner {
             "migrating the database to schema 6 (reserved host slots)"
         );
         let schema = encode(&6u64)?;
-        let _one = lock(&self.writing);
-        (self.tree(USERS), self.tree(META)).transaction(|(u, m)| {
-            u.apply_batch(&batch)?;
-            m.insert("schema", schema.as_slice())?;
+        self.write_lock().transaction(|t| {
+            t[USERS].apply_batch(&batch)?;
+            t[META].insert("schema", schema.as_slice())?;
             Ok::<_, ConflictableTransactionError<StoreError>>(())
         })?;
         Ok(())
@@ -257,8 +255,9 @@ impl Inner {
             };
             Ok(Some(owner.map(|o| with_owner(&o, k))))
         })?;
-        let _one = lock(&self.writing);
-        self.tree(META).insert("schema", encode(&4u64)?)?;
+        self.write_lock()
+            .tree(META)
+            .insert("schema", encode(&4u64)?)?;
         Ok(())
     }
 
@@ -284,14 +283,14 @@ impl Inner {
             batch.remove(k);
             pending += 1;
             if pending == REKEY_BATCH {
-                let _one = lock(&self.writing);
-                self.tree(tree).apply_batch(std::mem::take(&mut batch))?;
+                self.write_lock()
+                    .tree(tree)
+                    .apply_batch(std::mem::take(&mut batch))?;
                 pending = 0;
             }
         }
         if pending > 0 {
-            let _one = lock(&self.writing);
-            self.tree(tree).apply_batch(batch)?;
+            self.write_lock().tree(tree).apply_batch(batch)?;
         }
         if dropped > 0 {
             tracing::warn!(
@@ -487,8 +486,13 @@ mod tests {
                 let purged = accept_call(&store, &h, b"h").await;
                 accept_call(&store, &h, b"h2").await;
                 store.remove_function(&h.key()).await.unwrap();
-                let calls = store.inner.tree(CALLS);
-                assert!(calls.remove(purged.id.as_bytes()).unwrap().is_some());
+                let w = store.inner.write_lock();
+                assert!(w
+                    .tree(CALLS)
+                    .remove(purged.id.as_bytes())
+                    .unwrap()
+                    .is_some());
+                drop(w);
                 let mut before = Vec::new();
                 for k in [f.key(), g.key(), h.key()] {
                     let events = store.events(&k, None, None, None).await.unwrap().len();

@@ -18,17 +18,21 @@ mod commit;
 mod directory;
 mod durable;
 mod history;
+#[cfg(test)]
+mod idem_tests;
 mod legacy;
 mod stage;
 #[cfg(test)]
 mod tests;
+mod trees;
 
 use super::{
-    changed_meanwhile, FunctionStats, OutputLookup, Result, Started, Store, StoreConfig, StoreError,
+    changed_meanwhile, Accepted, FunctionStats, OutputLookup, Result, Started, Store, StoreConfig,
+    StoreError,
 };
 use crate::model::{
-    Call, CallId, CallState, Event, EventKind, FnKey, Function, Name, Outcome, PulledImage,
-    QueueBudget, RegistryLogin, User,
+    Call, CallId, CallState, Event, EventKind, FnKey, Function, Idempotency, Name, Outcome,
+    PulledImage, QueueBudget, RegistryLogin, User,
 };
 use async_trait::async_trait;
 use blobs::{Blobs, Kind, Marker};
@@ -37,10 +41,10 @@ use codec::{decode, encode, seq_key};
 use commit::Committer;
 use serde::Serialize;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
-use sled::Transactional;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use trees::WriteGuard;
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
@@ -110,7 +114,10 @@ const QUEUED: usize = 14; // owner -> QueueUse: the owner's PENDING calls and th
 const REGISTRY_LOGINS: usize = 15; // owner\0host -> RegistryLogin (a tree of its own: no schema change)
 const PRIVATE_REGISTRIES: usize = 16; // host -> (): hosts someone logged in to
 const PULLED_IMAGES: usize = 17; // instance\0image id -> PulledImage (a tree of its own)
-const TREE_NAMES: [&str; 18] = [
+                                 // Idempotency keys (new trees, no schema change: an older database has none).
+const IDEM: usize = 18; // owner\0name\0KEY -> IdempotencyRecord (the call, its body's digest)
+const IDEM_CALLS: usize = 19; // call id -> its IDEM key, so the call's removal takes the key along
+const TREE_NAMES: [&str; 20] = [
     "users",
     "keys",
     "functions",
@@ -129,6 +136,8 @@ const TREE_NAMES: [&str; 18] = [
     "registry_logins",
     "private_registries",
     "pulled_images",
+    "idempotency",
+    "idempotency_calls",
 ];
 
 /// An owner's queue as `accept` checks it against their budget: kept in
@@ -153,7 +162,10 @@ struct Effects {
 
 /// The synchronous core; every method runs on a blocking thread.
 struct Inner {
-    trees: Vec<sled::Tree>,
+    /// The trees and their write lock (`trees.rs`): a write without the
+    /// lock does not compile.
+    trees: trees::Trees,
+    /// For flushes, ids and sizes: no tree is written through it.
     db: sled::Db,
     blobs: Blobs,
     config: StoreConfig,
@@ -161,10 +173,6 @@ struct Inner {
     /// one at a time, so the byte count stays exact; other functions and
     /// intake never wait for it.
     evict_locks: Mutex<HashMap<FnKey, Arc<Mutex<()>>>>,
-    /// Held by every write to the trees: staged writes and transactions
-    /// (`stage.rs`), and by the commit thread from its flush to its
-    /// fdatasync (`durable.rs`).
-    writing: Arc<Mutex<()>>,
     /// Space set aside for a full disk (`ballast.rs`).
     ballast: Arc<ballast::Ballast>,
 }
@@ -299,12 +307,11 @@ impl SledStore {
         let blobs = Blobs::open(dir.join("hf-blobs"))
             .map_err(|e| StoreError::Failed(format!("{}: {e}", dir.display())))?;
         let inner = Inner {
-            trees,
+            trees: trees::Trees::new(trees),
             db: db.clone(),
             blobs,
             config,
             evict_locks: Mutex::new(HashMap::new()),
-            writing: Arc::new(Mutex::new(())),
             ballast: Arc::clone(&ballast),
         };
         if inner.replay_intent()? {
@@ -313,7 +320,7 @@ impl SledStore {
         inner.migrate()?;
         inner.collect_orphans()?;
         db.flush()?;
-        let committer = Committer::start(db, dir, Arc::clone(&inner.writing))
+        let committer = Committer::start(db, dir, inner.trees.lock_for_commits())
             .map_err(|e| StoreError::Failed(format!("cannot make the database durable: {e}")))?;
         let mut functions = Functions::default();
         for f in inner.list_functions(None)? {
@@ -407,6 +414,23 @@ impl SledStore {
         Ok(value)
     }
 
+    async fn accept_keyed(
+        &self,
+        call: Call,
+        payload: Bytes,
+        budget: QueueBudget,
+        idem: Option<Idempotency>,
+    ) -> Result<Accepted> {
+        if payload.len() as u64 > self.inner.config.inline_max_bytes {
+            // Its own file, written and fsynced off the commit thread.
+            self.write(move |i, fx| i.accept(call, &payload, budget, idem.as_ref(), fx))
+                .await
+        } else {
+            self.commit(move |i, fx| i.accept(call, &payload, budget, idem.as_ref(), fx))
+                .await
+        }
+    }
+
     fn cached_functions(&self) -> std::sync::RwLockReadGuard<'_, Functions> {
         self.functions.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -469,14 +493,20 @@ impl Drop for SledStore {
 }
 
 impl Inner {
-    fn tree(&self, i: usize) -> &sled::Tree {
-        &self.trees[i]
+    /// Tree `i`, for reading; writes go through `write_lock`.
+    fn tree(&self, i: usize) -> trees::Reader<'_> {
+        self.trees.read(i)
+    }
+
+    /// The write lock (`trees.rs`): the only way to write a tree.
+    fn write_lock(&self) -> trees::WriteGuard<'_> {
+        self.trees.write()
     }
 
     /// A sled transaction, one writer at a time (see `stage.rs` for why).
     fn tx<T>(&self, f: impl Fn(&[TransactionalTree]) -> TxResult<T>) -> Result<T> {
-        let _one = lock(&self.writing);
-        Ok(self.trees.as_slice().transaction(|t| f(t))?)
+        let w = self.write_lock();
+        Ok(w.transaction(f)?)
     }
 
     /// A monotonic number, unique across restarts.
@@ -549,22 +579,23 @@ impl Inner {
         };
         if schema == 1 {
             tracing::info!("migrating the database to schema 2");
+            let w = self.write_lock();
             // Blob markers were bare lengths of files.
             for tree in [PAYLOADS, OUTPUTS] {
-                for kv in self.tree(tree).iter() {
+                for kv in w.tree(tree).iter() {
                     let (k, v) = kv?;
                     let mut b = [0u8; 8];
                     if v.len() == 8 {
                         b.copy_from_slice(&v);
                     }
-                    self.tree(tree)
+                    w.tree(tree)
                         .insert(k, Marker::File(u64::from_be_bytes(b)).encode())?;
                 }
             }
             // The live and done indexes are new.
-            for kv in self.tree(CALLS).iter() {
+            for kv in w.tree(CALLS).iter() {
                 let call: Call = decode(&kv?.1)?;
-                self.index_call(&call)?;
+                self.index_call(&w, &call)?;
             }
         } else if schema > SCHEMA {
             return Err(StoreError::Corrupt(format!(
@@ -588,7 +619,9 @@ impl Inner {
         // (`model::trailing`), so nothing is rewritten: the number only
         // stops an older release, which would refuse the longer records
         // one by one, at open.
-        meta.insert("schema", encode(&SCHEMA)?)?;
+        self.write_lock()
+            .tree(META)
+            .insert("schema", encode(&SCHEMA)?)?;
         Ok(())
     }
 
@@ -622,8 +655,11 @@ impl Inner {
             return Ok(decode(&v)?);
         }
         let fresh = uuid::Uuid::new_v4().simple().to_string();
-        let _ =
-            meta.compare_and_swap("instance_id", None as Option<&[u8]>, Some(encode(&fresh)?))?;
+        let _ = self.write_lock().tree(META).compare_and_swap(
+            "instance_id",
+            None as Option<&[u8]>,
+            Some(encode(&fresh)?),
+        )?;
         fx.committed = true;
         match meta.get("instance_id")? {
             Some(v) => Ok(decode(&v)?),
@@ -646,8 +682,29 @@ fn approx_bytes(n: u64) -> String {
     }
 }
 
+/// Below this many free inodes the data dir's filesystem is reported as
+/// refusing writes (`health`), whatever its free bytes: a payload or an
+/// output file, and its temporary name, each need one.
+const MIN_FREE_INODES: u64 = 8;
+
+/// Free inodes for an unprivileged writer on the filesystem holding
+/// `path`; `None` where the filesystem has no fixed count (btrfs and
+/// others report 0 files).
+fn free_inodes(path: &Path) -> std::io::Result<Option<u64>> {
+    let s = statvfs(path)?;
+    if s.f_files == 0 {
+        return Ok(None);
+    }
+    Ok(Some(s.f_favail as u64))
+}
+
 /// Free bytes for an unprivileged writer on the filesystem holding `path`.
 fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    let s = statvfs(path)?;
+    Ok((s.f_bavail as u64).saturating_mul(s.f_frsize as u64))
+}
+
+fn statvfs(path: &Path) -> std::io::Result<libc::statvfs> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
@@ -657,7 +714,7 @@ fn free_bytes(path: &Path) -> std::io::Result<u64> {
     if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok((s.f_bavail as u64).saturating_mul(s.f_frsize as u64))
+    Ok(s)
 }
 
 fn log(
@@ -724,7 +781,7 @@ fn dec<T: serde::de::DeserializeOwned>(v: &[u8]) -> TxResult<T> {
 }
 
 fn get<T: serde::de::DeserializeOwned>(
-    tree: &sled::Tree,
+    tree: trees::Reader<'_>,
     key: impl AsRef<[u8]>,
 ) -> Result<Option<T>> {
     match tree.get(key)? {
@@ -774,9 +831,28 @@ impl Store for SledStore {
         if let Some(reason) = self.committer.failure() {
             return Err(format!("the store cannot write: {reason}"));
         }
-        match self.read(|i| i.space_short(0)).await {
+        let refused = self
+            .read(|i| {
+                if let Some(why) = i.space_short(0)? {
+                    return Ok(Some(format!("writes refused: {why}")));
+                }
+                // Free bytes are not enough: without inodes every file
+                // write fails.
+                let inodes = free_inodes(i.blobs.dir())
+                    .map_err(|e| StoreError::Failed(format!("cannot read the free inodes: {e}")))?;
+                Ok(match inodes {
+                    Some(n) if n < MIN_FREE_INODES => Some(format!(
+                        "writes refused: the data dir's filesystem has {n} free inodes (files) \
+                         left, fewer than the {MIN_FREE_INODES} its writes need, whatever its \
+                         free bytes: remove files on it or give it more inodes"
+                    )),
+                    _ => None,
+                })
+            })
+            .await;
+        match refused {
             Ok(None) => Ok(()),
-            Ok(Some(why)) => Err(format!("writes refused: {why}")),
+            Ok(Some(why)) => Err(why),
             Err(e) => Err(e.to_string()),
         }
     }
@@ -874,8 +950,9 @@ impl Store for SledStore {
     async fn mark_private_registry(&self, host: &str) -> Result<()> {
         let host = host.to_string();
         self.write(move |i, fx| {
-            let _one = lock(&i.writing);
-            i.tree(PRIVATE_REGISTRIES).insert(host.as_bytes(), &[])?;
+            i.write_lock()
+                .tree(PRIVATE_REGISTRIES)
+                .insert(host.as_bytes(), &[])?;
             fx.committed = true;
             Ok(())
         })
@@ -886,8 +963,8 @@ impl Store for SledStore {
         let image = image.clone();
         self.write(move |i, fx| {
             i.check_space(0, "the pulled image's record")?;
-            let _one = lock(&i.writing);
-            i.tree(PULLED_IMAGES)
+            i.write_lock()
+                .tree(PULLED_IMAGES)
                 .insert(pulled_key(&image.instance, &image.id), encode(&image)?)?;
             fx.committed = true;
             Ok(())
@@ -905,8 +982,7 @@ impl Store for SledStore {
     async fn delete_pulled_image(&self, instance: &str, id: &str) -> Result<()> {
         let key = pulled_key(instance, id);
         self.write(move |i, fx| {
-            let _one = lock(&i.writing);
-            fx.committed = i.tree(PULLED_IMAGES).remove(key)?.is_some();
+            fx.committed = i.write_lock().tree(PULLED_IMAGES).remove(key)?.is_some();
             Ok(())
         })
         .await
@@ -1028,14 +1104,21 @@ impl Store for SledStore {
     }
 
     async fn accept_within(&self, call: Call, payload: Bytes, budget: QueueBudget) -> Result<Call> {
-        if payload.len() as u64 > self.inner.config.inline_max_bytes {
-            // Its own file, written and fsynced off the commit thread.
-            self.write(move |i, fx| i.accept(call, &payload, budget, fx))
-                .await
-        } else {
-            self.commit(move |i, fx| i.accept(call, &payload, budget, fx))
-                .await
+        match self.accept_keyed(call, payload, budget, None).await? {
+            Accepted::New(call) => Ok(call),
+            // Without a key there is no earlier call to find.
+            Accepted::Earlier { call, .. } => Ok(call),
         }
+    }
+
+    async fn accept_idempotent(
+        &self,
+        call: Call,
+        payload: Bytes,
+        budget: QueueBudget,
+        idem: Idempotency,
+    ) -> Result<Accepted> {
+        self.accept_keyed(call, payload, budget, Some(idem)).await
     }
 
     async fn get_call(&self, id: &CallId) -> Result<Option<Call>> {
@@ -1079,7 +1162,13 @@ impl Store for SledStore {
 
     async fn cancel_queued(&self, function: &FnKey, message: &str) -> Result<usize> {
         let (function, message) = (function.clone(), message.to_string());
-        self.write(move |i, fx| i.cancel_queued(&function, &message, fx))
+        self.write(move |i, fx| i.cancel_queued(&function, &message, false, fx))
+            .await
+    }
+
+    async fn cancel_removed(&self, function: &FnKey, message: &str) -> Result<usize> {
+        let (function, message) = (function.clone(), message.to_string());
+        self.write(move |i, fx| i.cancel_queued(&function, &message, true, fx))
             .await
     }
 

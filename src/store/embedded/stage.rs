@@ -16,7 +16,7 @@
 //! through `Inner::tx`) holds `Inner::writing`; replaying the intent can
 //! therefore never undo a newer value.
 
-use super::{Inner, Kv, Result, StoreError, TxResult, META};
+use super::{Inner, Kv, Result, StoreError, TxResult, WriteGuard, META};
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use sled::IVec;
@@ -42,7 +42,7 @@ impl Kv for TransactionalTree {
 /// A tree as a staged write's body sees it.
 pub(super) struct Staged<'a> {
     index: u8,
-    tree: &'a sled::Tree,
+    tree: super::trees::Reader<'a>,
     writes: &'a RefCell<Vec<Write>>,
 }
 
@@ -84,10 +84,10 @@ impl Inner {
     /// Runs `body` as a staged write (module doc): all of it or none of it
     /// is in the trees when this returns, durable at the next flush.
     pub(super) fn staged<T>(&self, body: impl FnOnce(&[Staged]) -> TxResult<T>) -> Result<T> {
-        let _one = super::lock(&self.writing);
+        let w = self.write_lock();
         let (value, writes) = self.record(body)?;
         if !writes.is_empty() {
-            self.apply(&writes)?;
+            self.apply(&w, &writes)?;
         }
         Ok(value)
     }
@@ -100,7 +100,7 @@ impl Inner {
         let writes = RefCell::new(Vec::new());
         let trees: Vec<Staged> = self
             .trees
-            .iter()
+            .readers()
             .enumerate()
             .map(|(i, tree)| Staged {
                 index: i as u8,
@@ -121,9 +121,10 @@ impl Inner {
     /// The intent and the first `n` writes: what a crash mid-apply leaves.
     #[cfg(test)]
     pub(super) fn apply_partly(&self, writes: &[Write], n: usize) -> Result<()> {
-        self.tree(META).insert(INTENT, super::encode(&writes)?)?;
+        let w = self.write_lock();
+        w.tree(META).insert(INTENT, super::encode(&writes)?)?;
         for Write(tree, key, value) in &writes[..n] {
-            let tree = &self.trees[usize::from(*tree)];
+            let tree = w.tree(usize::from(*tree));
             match value {
                 Some(v) => tree.insert(key, v.as_slice())?,
                 None => tree.remove(key)?,
@@ -132,17 +133,17 @@ impl Inner {
         Ok(())
     }
 
-    fn apply(&self, writes: &[Write]) -> Result<()> {
-        let meta = self.tree(META);
+    fn apply(&self, w: &WriteGuard, writes: &[Write]) -> Result<()> {
+        let meta = w.tree(META);
         meta.insert(INTENT, super::encode(&writes)?)?;
         for (i, Write(tree, key, value)) in writes.iter().enumerate() {
             if i == 1 {
                 crate::crash_point!("staged-write-applying");
             }
-            let tree = self
-                .trees
-                .get(usize::from(*tree))
-                .ok_or_else(|| StoreError::Corrupt(format!("intent names tree {tree}")))?;
+            if usize::from(*tree) >= self.trees.len() {
+                return Err(StoreError::Corrupt(format!("intent names tree {tree}")));
+            }
+            let tree = w.tree(usize::from(*tree));
             match value {
                 Some(v) => tree.insert(key, v.as_slice())?,
                 None => tree.remove(key)?,
@@ -154,12 +155,12 @@ impl Inner {
 
     /// Finishes a staged write that a crash interrupted (module doc).
     pub(super) fn replay_intent(&self) -> Result<bool> {
-        let _one = super::lock(&self.writing);
-        let Some(bytes) = self.tree(META).get(INTENT)? else {
+        let w = self.write_lock();
+        let Some(bytes) = w.tree(META).get(INTENT)? else {
             return Ok(false);
         };
         let writes: Vec<Write> = super::decode(&bytes)?;
-        self.apply(&writes)?;
+        self.apply(&w, &writes)?;
         Ok(true)
     }
 }

@@ -499,7 +499,7 @@ async fn an_interrupted_staged_write_is_finished_on_open() {
     let seqs = inner.accept_ids(&mut call, 1).unwrap();
     let marker = Marker::Inline(b"2".to_vec());
     let writes =
-        inner.record(|t| inner.accept_tx(t, &call, &marker, seqs, &QueueBudget::UNLIMITED));
+        inner.record(|t| inner.accept_tx(t, &call, &marker, seqs, &QueueBudget::UNLIMITED, None));
     let (_, writes) = writes.unwrap();
     assert!(writes.len() > 2);
     inner.apply_partly(&writes, 2).unwrap();

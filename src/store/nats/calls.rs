@@ -38,6 +38,20 @@ pub(super) fn running_key(id: &CallId) -> String {
 fn done_key(id: &CallId) -> String {
     format!("d.{id}")
 }
+/// A call's idempotency key: `i.OWNER.NAME.SHA256HEX` -> the call and the
+/// digest of its body (`IdempotencyRecord`).
+fn idem_key(function: &FnKey, idem: &Idempotency) -> String {
+    format!(
+        "i.{}.{}.{}",
+        function.owner,
+        function.name,
+        idem.key.hashed()
+    )
+}
+/// The idempotency key a call was accepted under, so its removal takes it.
+fn idem_of_key(id: &CallId) -> String {
+    format!("ik.{id}")
+}
 /// Shard `shard` of an owner's queued counts.
 pub(super) fn queued_key(owner: &Name, shard: usize) -> String {
     format!("q.{owner}.{shard}")
@@ -146,10 +160,25 @@ impl Inner {
         mut call: Call,
         payload: Bytes,
         budget: QueueBudget,
-    ) -> Result<Call> {
+        idem: Option<&Idempotency>,
+    ) -> Result<Accepted> {
         let function = call.fn_key();
         let shard = shard_key(&function, shard_of(&call.id));
         let qshard = queued_key_of(&call);
+        // A key already stored answers its call: nothing is published. The
+        // key's revision read here is what the record's batch expects, so
+        // of two accepts racing under one key only one batch lands.
+        let ikey = idem.map(|i| idem_key(&function, i));
+        let mut idem_rev = None;
+        if let (Some(key), Some(idem)) = (&ikey, idem) {
+            let (rev, rec) = self.bucket.get::<IdempotencyRecord>(key).await?;
+            if let Some(rec) = rec {
+                if let Some(earlier) = self.earlier(&rec, idem).await? {
+                    return Ok(earlier);
+                }
+            }
+            idem_rev = Some(rev);
+        }
         // The owner's consumer exists before its first message.
         let consumer = self.consumer(&call.owner).await?;
         // The owner's shard of queued counts, if the budget check read it.
@@ -246,7 +275,9 @@ impl Inner {
             ACCEPT_WITHIN,
             retry(|| {
                 let first_read = first_read.take();
+                let first_idem_rev = idem_rev.take();
                 let (call, shard, function, qshard) = (&call, &shard, &function, &qshard);
+                let ikey = &ikey;
                 async move {
                     let ((srev, stats), (qrev, queued)) = match first_read {
                         Some(read) => read?,
@@ -258,7 +289,7 @@ impl Inner {
                                 {
                                     // An earlier attempt was stored; only its
                                     // answer was lost.
-                                    return Ok(());
+                                    return Ok(None);
                                 }
                                 return Err(Refused::Error(StoreError::Unavailable(
                                     NOT_ACCEPTED.into(),
@@ -274,20 +305,49 @@ impl Inner {
                     stats.total += 1;
                     count(&mut stats, CallState::Pending, 1);
                     let queued = Queued::moved(queued, call.stdin_len, 1);
-                    self.bucket
-                        .commit(vec![
-                            Op::Put(call_key(&call.id), enc(call)?, Some(0)),
-                            Op::Put(live_key(function, &call.id), Vec::new(), None),
-                            super::history::history_put(call)?,
-                            Op::Put(shard.clone(), enc(&stats)?, Some(srev)),
-                            Op::Put(qshard.clone(), enc(&queued)?, Some(qrev)),
-                        ])
-                        .await
+                    let mut ops = vec![
+                        Op::Put(call_key(&call.id), enc(call)?, Some(0)),
+                        Op::Put(live_key(function, &call.id), Vec::new(), None),
+                        super::history::history_put(call)?,
+                        Op::Put(shard.clone(), enc(&stats)?, Some(srev)),
+                        Op::Put(qshard.clone(), enc(&queued)?, Some(qrev)),
+                    ];
+                    if let (Some(key), Some(idem)) = (ikey, idem) {
+                        let irev = match first_idem_rev {
+                            Some(rev) => rev,
+                            None => match self.bucket.get::<IdempotencyRecord>(key).await? {
+                                // Another accept under this key won.
+                                (_, Some(rec)) if rec.call != *call.id.as_bytes() => {
+                                    return Ok(Some(rec));
+                                }
+                                (rev, _) => rev,
+                            },
+                        };
+                        let rec = IdempotencyRecord {
+                            call: *call.id.as_bytes(),
+                            digest: idem.digest,
+                        };
+                        ops.push(Op::Put(key.clone(), enc(&rec)?, Some(irev)));
+                        ops.push(Op::Put(idem_of_key(&call.id), enc(key)?, None));
+                    }
+                    self.bucket.commit(ops).await.map(|()| None)
                 }
             }),
         )
         .await
         .unwrap_or_else(|_| Err(StoreError::Unavailable(NOT_ACCEPTED.into())));
+        if let (Ok(Some(rec)), Some(idem)) = (&stored, idem) {
+            // No record of this call was stored: its message must not run
+            // (if this delete is lost, `examine` buries it as an orphan).
+            let _ = self.queue.delete_message(call.seq).await;
+            return match self.earlier(rec, idem).await? {
+                Some(earlier) => Ok(earlier),
+                None => Err(StoreError::Unavailable(format!(
+                    "the call under idempotency key {} changed meanwhile; try again",
+                    idem.key
+                ))),
+            };
+        }
         if let Err(e) = stored {
             // Not accepted: its message must not run, and if its record was
             // stored after all (a write in flight), it must not wait forever.
@@ -309,7 +369,30 @@ impl Inner {
         self.log(&call, EventKind::Call).await;
         self.log(&call, EventKind::Pending).await;
         self.notify(&call.owner).await;
-        Ok(call)
+        Ok(Accepted::New(call))
+    }
+
+    /// The call a stored idempotency key names, if its record is still there.
+    async fn earlier(
+        &self,
+        rec: &IdempotencyRecord,
+        idem: &Idempotency,
+    ) -> Result<Option<Accepted>> {
+        let (_, call) = self.bucket.get::<Call>(&call_key(&rec.call_id())).await?;
+        Ok(call.map(|call| Accepted::Earlier {
+            call,
+            same_body: rec.digest == idem.digest,
+        }))
+    }
+
+    /// The deletes of the idempotency key `id` was accepted under, if any:
+    /// they go in the batch that deletes its record.
+    async fn idem_deletes(&self, id: &CallId) -> Result<Vec<Op>> {
+        let of = idem_of_key(id);
+        Ok(match self.bucket.get::<String>(&of).await? {
+            (_, Some(key)) => vec![Op::Del(key, None), Op::Del(of, None)],
+            (_, None) => Vec::new(),
+        })
     }
 
     /// The oldest queued call of `owner` that this node may start, held
@@ -861,9 +944,21 @@ impl Inner {
         Ok(())
     }
 
-    pub(super) async fn cancel_queued(&self, function: &FnKey, message: &str) -> Result<usize> {
+    pub(super) async fn cancel_queued(
+        &self,
+        function: &FnKey,
+        message: &str,
+        removed_only: bool,
+    ) -> Result<usize> {
         let mut cancelled = 0;
-        for call in self.live_calls(function).await? {
+        let live = self.live_calls(function).await?;
+        // After the live calls: a record now means the name was re-created
+        // (after a purge), and none of these is the removed function's to
+        // cancel; a re-create after this read came after every call above.
+        if removed_only && self.function(function).await?.is_some() {
+            return Ok(0);
+        }
+        for call in live {
             if call.state != CallState::Pending {
                 continue;
             }
@@ -1007,22 +1102,13 @@ impl Inner {
         {
             let _ = s.purge().filter(output_subject(function, id)).await;
         }
-        self.bucket
-            .commit(
-                [
-                    Some(Op::Del(call_key(id), None)),
-                    Some(Op::Del(done_key(id), None)),
-                    history.map(|k| Op::Del(k, None)),
-                ]
-                .into_iter()
-                .flatten()
-                .collect(),
-            )
-            .await
-            .map_err(|e| match e {
-                Refused::Error(e) => e,
-                Refused::Moved => StoreError::Conflict(format!("call {id} changed")),
-            })
+        let mut ops = vec![Op::Del(call_key(id), None), Op::Del(done_key(id), None)];
+        ops.extend(history.map(|k| Op::Del(k, None)));
+        ops.extend(self.idem_deletes(id).await?);
+        self.bucket.commit(ops).await.map_err(|e| match e {
+            Refused::Error(e) => e,
+            Refused::Moved => StoreError::Conflict(format!("call {id} changed")),
+        })
     }
 
     /// Deletes a removed function's calls, outputs, events and counters.
@@ -1072,6 +1158,7 @@ impl Inner {
                     Op::Del(live_key(name, &c.id), None),
                     Op::Del(super::history::history_key(&c), None),
                 ];
+                ops.extend(self.idem_deletes(&c.id).await?);
                 if let Some(call) = call.filter(|call| call.state == CallState::Pending) {
                     let qshard = queued_key_of(&call);
                     let (qrev, queued) = self.bucket.get::<Queued>(&qshard).await?;
@@ -1082,6 +1169,10 @@ impl Inner {
             })
             .await?;
         }
+        // Again before each destructive step: a purge of this name that
+        // finished meanwhile lets the name be created again, and a
+        // re-created function's calls, streams and counters are its own.
+        self.still_removed(name).await?;
         for (k, v) in self.bucket.scan("d.").await? {
             let (_, function): (u64, FnKey) = dec(&k, &v)?;
             if &function == name {
@@ -1091,6 +1182,7 @@ impl Inner {
             }
         }
         self.forget_history(name).await?;
+        self.still_removed(name).await?;
         lock(&self.streams).remove(name);
         for s in [Self::output_stream(name), Self::log_stream(name)] {
             match self.bucket.js.delete_stream(&s).await {
@@ -1099,6 +1191,7 @@ impl Inner {
                 Err(e) => return Err(unavailable("deleting a function's streams", e)),
             }
         }
+        self.still_removed(name).await?;
         // Every counter shard in one batch, shard 0 last: it is the sign of
         // a removal not yet purged, so it goes with the last of them.
         let ops = (1..SHARDS)
@@ -1109,6 +1202,16 @@ impl Inner {
             Refused::Error(e) => e,
             Refused::Moved => StoreError::Conflict(format!("function {name} changed")),
         })
+    }
+
+    /// `Conflict` if `name` has a record (again): a purge must not go on.
+    async fn still_removed(&self, name: &FnKey) -> Result<()> {
+        match self.function(name).await? {
+            Some(_) => Err(StoreError::Conflict(format!(
+                "function {name} exists: remove it first"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Every shard of `owner`'s queued counts (revision, value), in shard

@@ -32,17 +32,20 @@
 
 mod calls;
 mod history;
+#[cfg(test)]
+mod idem_tests;
 mod kv;
 mod order;
 #[cfg(test)]
 mod tests;
 
 use super::{
-    changed_meanwhile, FunctionStats, OutputLookup, Result, Started, Store, StoreConfig, StoreError,
+    changed_meanwhile, Accepted, FunctionStats, OutputLookup, Result, Started, Store, StoreConfig,
+    StoreError,
 };
 use crate::model::{
-    Call, CallId, CallState, Event, FnKey, Function, Name, Outcome, PulledImage, QueueBudget,
-    RegistryLogin, User,
+    Call, CallId, CallState, Event, FnKey, Function, Idempotency, IdempotencyRecord, Name, Outcome,
+    PulledImage, QueueBudget, RegistryLogin, User,
 };
 use async_nats::jetstream::{self, consumer, stream, AckKind};
 use async_trait::async_trait;
@@ -635,9 +638,9 @@ fn user_key(name: &Name) -> String {
 fn login_key(owner: &Name, host: &str) -> String {
     format!("g.{owner}.{}", hex::encode(host))
 }
-/// `i.HEXINSTANCE.HEXID`: an image id holds `:`, which no KV key may.
+/// `img.HEXINSTANCE.HEXID`: an image id holds `:`, which no KV key may.
 fn pulled_key(instance: &str, id: &str) -> String {
-    format!("i.{}.{}", hex::encode(instance), hex::encode(id))
+    format!("img.{}.{}", hex::encode(instance), hex::encode(id))
 }
 fn hash_key(hash: &[u8; 32]) -> String {
     format!("k.{}", hex::encode(hash))
@@ -1246,7 +1249,7 @@ impl Store for NatsStore {
     async fn pulled_images(&self, instance: &str) -> Result<Vec<PulledImage>> {
         self.inner
             .bucket
-            .scan(&format!("i.{}.", hex::encode(instance)))
+            .scan(&format!("img.{}.", hex::encode(instance)))
             .await?
             .iter()
             .map(|(k, v)| dec(k, v))
@@ -1482,7 +1485,21 @@ impl Store for NatsStore {
 
     // ---- calls ----
     async fn accept_within(&self, call: Call, payload: Bytes, budget: QueueBudget) -> Result<Call> {
-        self.inner.accept(call, payload, budget).await
+        match self.inner.accept(call, payload, budget, None).await? {
+            Accepted::New(call) => Ok(call),
+            // Without a key there is no earlier call to find.
+            Accepted::Earlier { call, .. } => Ok(call),
+        }
+    }
+
+    async fn accept_idempotent(
+        &self,
+        call: Call,
+        payload: Bytes,
+        budget: QueueBudget,
+        idem: Idempotency,
+    ) -> Result<Accepted> {
+        self.inner.accept(call, payload, budget, Some(&idem)).await
     }
 
     async fn get_call(&self, id: &CallId) -> Result<Option<Call>> {
@@ -1541,7 +1558,11 @@ impl Store for NatsStore {
     }
 
     async fn cancel_queued(&self, function: &FnKey, message: &str) -> Result<usize> {
-        self.inner.cancel_queued(function, message).await
+        self.inner.cancel_queued(function, message, false).await
+    }
+
+    async fn cancel_removed(&self, function: &FnKey, message: &str) -> Result<usize> {
+        self.inner.cancel_queued(function, message, true).await
     }
 
     async fn take_output(&self, id: &CallId) -> Result<Option<OutputLookup>> {

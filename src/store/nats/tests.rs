@@ -7,9 +7,9 @@ use calls::Queued;
 use std::process::{Child, Command, Stdio};
 
 /// A `nats-server -js` on a free loopback port, killed on drop.
-struct Server {
+pub(super) struct Server {
     child: Child,
-    port: u16,
+    pub(super) port: u16,
     _dir: tempfile::TempDir,
 }
 
@@ -41,7 +41,7 @@ impl Drop for Server {
     }
 }
 
-fn function() -> Function {
+pub(super) fn function() -> Function {
     Function {
         image_digest: None,
         name: Name::parse("f").unwrap(),
@@ -62,7 +62,7 @@ fn function() -> Function {
 }
 
 /// A server and one node's store on it.
-async fn open() -> (Server, NatsStore) {
+pub(super) async fn open() -> (Server, NatsStore) {
     let dir = tempfile::tempdir().unwrap();
     let node = dir.path().join("node");
     std::fs::create_dir(&node).unwrap();
@@ -72,7 +72,7 @@ async fn open() -> (Server, NatsStore) {
 }
 
 /// One node's store on the server at `port`, its id kept in `node`.
-async fn open_on(node: &std::path::Path, port: u16) -> Result<NatsStore> {
+pub(super) async fn open_on(node: &std::path::Path, port: u16) -> Result<NatsStore> {
     NatsStore::open(
         node,
         StoreConfig {
