@@ -8,7 +8,7 @@ use common::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -71,7 +71,7 @@ impl NatsCluster {
                 "server_name: n{i}\nlisten: 127.0.0.1:{port}\nhttp: 127.0.0.1:{http}\n\
                  max_payload: 8MB\n\
                  jetstream {{ store_dir: \"{}\", sync_interval: always }}\n\
-                 cluster {{ name: hf, listen: 127.0.0.1:{cluster}, routes: [{}] }}\n",
+                 cluster {{ name: hf, listen: 127.0.0.1:{cluster}, routes: [{}], no_advertise: true }}\n",
                 self.dir.path().join(format!("js{i}")).display(),
                 routes.join(", ")
             ),
@@ -1726,4 +1726,202 @@ fn a_full_queue_stream_refuses_at_once_loses_nothing_and_intake_resumes() {
     let out = a.cli_as(&key, &["func", "rm", "--force", "count"], None);
     assert!(out.status.success(), "{}", stderr(&out));
     a.finish();
+}
+
+/// TCP forwarders to the cluster's client ports that a test can cut, as a
+/// partition looks from the node behind them: while cut, open connections
+/// carry nothing (no reset: the node must notice by itself) and new ones
+/// are taken and carry nothing either. The servers do not advertise their
+/// addresses (`no_advertise`), so a node given these ports cannot go
+/// round them.
+struct Partition {
+    cut: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    ports: Vec<u16>,
+}
+
+impl Partition {
+    fn start(targets: &[u16]) -> Partition {
+        let cut = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut ports = Vec::new();
+        for &target in targets {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("proxy port");
+            listener.set_nonblocking(true).expect("nonblocking");
+            ports.push(listener.local_addr().expect("addr").port());
+            let (cut, stop) = (Arc::clone(&cut), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let Ok((client, _)) = listener.accept() else {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    };
+                    let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
+                        continue;
+                    };
+                    for (from, to) in [
+                        (client.try_clone(), server.try_clone()),
+                        (server.try_clone(), client.try_clone()),
+                    ] {
+                        let (Ok(from), Ok(to)) = (from, to) else {
+                            continue;
+                        };
+                        let (cut, stop) = (Arc::clone(&cut), Arc::clone(&stop));
+                        std::thread::spawn(move || pump(from, to, &cut, &stop));
+                    }
+                }
+            });
+        }
+        Partition { cut, stop, ports }
+    }
+
+    fn urls(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("\"nats://127.0.0.1:{p}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn set(&self, cut: bool) {
+        self.cut.store(cut, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` to `to` while not cut; while cut, reads nothing.
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    cut: &AtomicBool,
+    stop: &AtomicBool,
+) {
+    use std::io::{Read, Write};
+    let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
+    let mut buf = vec![0u8; 64 * 1024];
+    while !stop.load(Ordering::SeqCst) {
+        if cut.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+/// A node cut off from the whole cluster (a partition: its connections go
+/// silent) longer than its lease, while it runs a quota-1 user's call: it
+/// fences itself — kills its container and exits for its supervisor —
+/// before the other node may reap it, so the user never has two containers
+/// running; after the reap the user's next calls run on the other node;
+/// back on the network and restarted, the cut-off node settles nothing
+/// twice. Every call ends FINISHED with its own bytes or FAILED with a
+/// reason.
+#[test]
+fn a_node_cut_off_from_the_cluster_fences_before_it_is_reaped() {
+    let _one = one_at_a_time();
+    let nats = NatsCluster::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let client_ports: Vec<u16> = nats.ports.iter().map(|(p, _, _)| *p).collect();
+    let partition = Partition::start(&client_ports);
+    let cut_off_cfg = format!(
+        "[store]\nbackend = \"nats\"\n[store.nats]\nservers = [{}]\nreplicas = 3\n[pool]\nper_function = 0\n",
+        partition.urls()
+    );
+    let mut a = Daemon::start_on(&data_dir(&tmp, "a"), &cut_off_cfg);
+    let bob = a.add_user("bob", 1);
+    let out = a.cli_as(
+        &bob,
+        &[
+            "func",
+            "create",
+            "--name",
+            "nap",
+            IMAGE,
+            "sh",
+            "-c",
+            "read t; sleep $t; echo ok $t",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let events = FunctionEvents::start("nap");
+    // Only A runs: the first call's container is A's.
+    let first = calls_with(&[&a], &bob, "nap", &[b"120\n"]);
+    a.wait_until(60, "the first call's container started", || {
+        !events.calls("start").is_empty()
+    });
+    let b = join(
+        &a,
+        &data_dir(&tmp, "b"),
+        &nats.config("[pool]\nper_function = 0\n"),
+    );
+    let rest = calls_with(&[&b], &bob, "nap", &[b"1\n", b"1\n"]);
+    let cut_at = Instant::now();
+    partition.set(true);
+    let status = a.wait_dead(60);
+    let fenced_after = cut_at.elapsed();
+    assert_eq!(status.code(), Some(74), "{}", a.log());
+    assert!(
+        fenced_after < Duration::from_secs(40),
+        "fenced within its lease, before anyone may reap it: {fenced_after:?}"
+    );
+    let log = a.log();
+    assert!(log.contains("fenced"), "{log}");
+    assert!(log.contains("killed this daemon's containers"), "{log}");
+    // B reaps A's call and runs bob's next calls while A is still cut off.
+    let ended = wait_ended(&b, &first, 120);
+    assert_eq!(ended[0]["State"], "FAILED", "{}", ended[0]);
+    assert!(
+        !ended[0]["Message"].as_str().unwrap_or_default().is_empty(),
+        "a reason: {}",
+        ended[0]
+    );
+    let ended = wait_ended(&b, &rest, 120);
+    partition.set(false);
+    a.restart();
+    for (id, call) in rest.iter().zip(&ended) {
+        assert_eq!(call["State"], "FINISHED", "{call}");
+        let (code, body) = b.output(id);
+        assert_eq!(code, 200);
+        assert_eq!(body, b"ok 1\n", "call {id}'s own bytes");
+    }
+    a.wait_until(60, "the restarted node is healthy", || a.health().0 == 200);
+    assert_eq!(call_state(&a, &first[0])["State"], "FAILED");
+    // The first call's container died before any of bob's next ones
+    // started: quota 1 held across the cluster around the reap.
+    let all = events.all();
+    let died = all
+        .iter()
+        .position(|(act, c, _)| act == "die" && c == &first[0])
+        .expect("the cut-off node's container died");
+    let next = all
+        .iter()
+        .position(|(act, c, _)| act == "start" && rest.contains(c))
+        .expect("bob's next calls started");
+    assert!(died < next, "{all:?}");
+    for (id, n) in events.starts() {
+        assert!(n <= 1, "call {id} started {n} times");
+    }
+    assert!(events.max_running() <= 1, "{all:?}");
+    a.finish();
+    b.finish();
 }
