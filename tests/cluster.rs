@@ -1467,16 +1467,11 @@ fn signal(pid: u32, signal: i32) {
     }
 }
 
-#[test]
-fn a_node_paused_past_its_lease_kills_its_own_calls_and_quota_holds() {
-    let _one = one_at_a_time();
-    let nats = NatsCluster::start();
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let cfg = nats.config("[pool]\nper_function = 0\n");
-    let a = Daemon::start_on(&data_dir(&tmp, "a"), &cfg);
-    let b = join(&a, &data_dir(&tmp, "b"), &cfg);
-    let bob = a.add_user("bob", 1);
-    let out = a.cli_as(
+/// bob, whose quota is 1, and his function `nap`, which sleeps the seconds
+/// its payload names and says so: the user of the node-fault tests.
+fn nap_for_bob(d: &Daemon) -> String {
+    let bob = d.add_user("bob", 1);
+    let out = d.cli_as(
         &bob,
         &[
             "func",
@@ -1491,6 +1486,38 @@ fn a_node_paused_past_its_lease_kills_its_own_calls_and_quota_holds() {
         None,
     );
     assert!(out.status.success(), "{}", stderr(&out));
+    bob
+}
+
+/// The verdict on bob's naps after a node fault: the one-second naps
+/// (`rest`, ended as `ended`) FINISHED with their own bytes, read from
+/// `node`; no call started twice; never two of bob's containers at once.
+fn naps_held(events: &FunctionEvents, node: &Daemon, rest: &[String], ended: &[serde_json::Value]) {
+    for (id, call) in rest.iter().zip(ended) {
+        assert_eq!(call["State"], "FINISHED", "{call}");
+        let (code, body) = node.output(id);
+        assert_eq!(code, 200);
+        assert_eq!(body, b"ok 1\n", "call {id}'s own bytes");
+    }
+    for (id, n) in events.starts() {
+        assert!(n <= 1, "call {id} started {n} times");
+    }
+    assert!(
+        events.max_running() <= 1,
+        "bob's quota of 1 held across the cluster: {:?}",
+        events.all()
+    );
+}
+
+#[test]
+fn a_node_paused_past_its_lease_kills_its_own_calls_and_quota_holds() {
+    let _one = one_at_a_time();
+    let nats = NatsCluster::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = nats.config("[pool]\nper_function = 0\n");
+    let a = Daemon::start_on(&data_dir(&tmp, "a"), &cfg);
+    let b = join(&a, &data_dir(&tmp, "b"), &cfg);
+    let bob = nap_for_bob(&a);
     let events = FunctionEvents::start("nap");
     let first = calls_with(&[&a], &bob, "nap", &[b"50\n"]);
     a.wait_until(60, "the first call's container started", || {
@@ -1525,20 +1552,7 @@ fn a_node_paused_past_its_lease_kills_its_own_calls_and_quota_holds() {
         "a reason: {}",
         ended[0]
     );
-    for (id, call) in rest.iter().zip(&ended[1..]) {
-        assert_eq!(call["State"], "FINISHED", "{call}");
-        let (code, body) = other.output(id);
-        assert_eq!(code, 200);
-        assert_eq!(body, b"ok 1\n", "call {id}'s own bytes");
-    }
-    for (id, n) in events.starts() {
-        assert!(n <= 1, "call {id} started {n} times");
-    }
-    assert!(
-        events.max_running() <= 1,
-        "bob's quota of 1 held across the cluster: {:?}",
-        events.all()
-    );
+    naps_held(&events, &other, &rest, &ended[1..]);
     paused.finish();
     other.finish();
 }
@@ -1847,22 +1861,7 @@ fn a_node_cut_off_from_the_cluster_fences_before_it_is_reaped() {
         partition.urls()
     );
     let mut a = Daemon::start_on(&data_dir(&tmp, "a"), &cut_off_cfg);
-    let bob = a.add_user("bob", 1);
-    let out = a.cli_as(
-        &bob,
-        &[
-            "func",
-            "create",
-            "--name",
-            "nap",
-            IMAGE,
-            "sh",
-            "-c",
-            "read t; sleep $t; echo ok $t",
-        ],
-        None,
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    let bob = nap_for_bob(&a);
     let events = FunctionEvents::start("nap");
     // Only A runs: the first call's container is A's.
     let first = calls_with(&[&a], &bob, "nap", &[b"120\n"]);
@@ -1898,12 +1897,7 @@ fn a_node_cut_off_from_the_cluster_fences_before_it_is_reaped() {
     let ended = wait_ended(&b, &rest, 120);
     partition.set(false);
     a.restart();
-    for (id, call) in rest.iter().zip(&ended) {
-        assert_eq!(call["State"], "FINISHED", "{call}");
-        let (code, body) = b.output(id);
-        assert_eq!(code, 200);
-        assert_eq!(body, b"ok 1\n", "call {id}'s own bytes");
-    }
+    naps_held(&events, &b, &rest, &ended);
     a.wait_until(60, "the restarted node is healthy", || a.health().0 == 200);
     assert_eq!(call_state(&a, &first[0])["State"], "FAILED");
     // The first call's container died before any of bob's next ones
@@ -1918,10 +1912,6 @@ fn a_node_cut_off_from_the_cluster_fences_before_it_is_reaped() {
         .position(|(act, c, _)| act == "start" && rest.contains(c))
         .expect("bob's next calls started");
     assert!(died < next, "{all:?}");
-    for (id, n) in events.starts() {
-        assert!(n <= 1, "call {id} started {n} times");
-    }
-    assert!(events.max_running() <= 1, "{all:?}");
     a.finish();
     b.finish();
 }

@@ -61,6 +61,18 @@ pub(super) fn function() -> Function {
     }
 }
 
+/// A user of `max_concurrency`, with a key hash made of `hash`.
+fn quota_user(name: Name, hash: u8, max_concurrency: u32) -> User {
+    User {
+        name,
+        key_hash: [hash; 32],
+        max_concurrency,
+        admin: false,
+        created_ms: 0,
+        limits: Default::default(),
+    }
+}
+
 /// A server and one node's store on it.
 pub(super) async fn open() -> (Server, NatsStore) {
     let dir = tempfile::tempdir().unwrap();
@@ -257,14 +269,7 @@ async fn counters_stay_exact_over_shards_under_concurrent_changes_and_a_purge_re
     let f = function();
     let key = f.key();
     store
-        .create_user(&User {
-            name: f.owner.clone(),
-            key_hash: [7; 32],
-            max_concurrency: 8,
-            admin: false,
-            created_ms: 0,
-            limits: Default::default(),
-        })
+        .create_user(&quota_user(f.owner.clone(), 7, 8))
         .await
         .unwrap();
     store.create_function(&f).await.unwrap();
@@ -400,14 +405,7 @@ async fn a_users_queued_bytes_are_counted_and_their_budget_holds() {
     let key = f.key();
     let owner = f.owner.clone();
     store
-        .create_user(&User {
-            name: owner.clone(),
-            key_hash: [7; 32],
-            max_concurrency: 4,
-            admin: false,
-            created_ms: 0,
-            limits: Default::default(),
-        })
+        .create_user(&quota_user(owner.clone(), 7, 4))
         .await
         .unwrap();
     store.create_function(&f).await.unwrap();
@@ -655,14 +653,7 @@ async fn deleted_keys_leave_no_subject_behind_once_their_markers_expire() {
     let f = function();
     let key = f.key();
     store
-        .create_user(&User {
-            name: f.owner.clone(),
-            key_hash: [9; 32],
-            max_concurrency: 1,
-            admin: false,
-            created_ms: 0,
-            limits: Default::default(),
-        })
+        .create_user(&quota_user(f.owner.clone(), 9, 1))
         .await
         .unwrap();
     store.create_function(&f).await.unwrap();
@@ -731,14 +722,7 @@ async fn a_functions_history_pages_newest_first_over_hours_and_goes_with_retenti
     let mut f = function();
     f.created_ms = crate::model::now_ms() - 5 * 3_600_000;
     store
-        .create_user(&User {
-            name: f.owner.clone(),
-            key_hash: [7; 32],
-            max_concurrency: 100,
-            admin: false,
-            created_ms: 0,
-            limits: Default::default(),
-        })
+        .create_user(&quota_user(f.owner.clone(), 7, 100))
         .await
         .unwrap();
     store.create_function(&f).await.unwrap();
@@ -769,14 +753,7 @@ async fn a_call_waiting_for_its_turn_reads_each_earlier_message_once() {
     let (server, store) = open().await;
     let f = function();
     store
-        .create_user(&User {
-            name: f.owner.clone(),
-            key_hash: [5; 32],
-            max_concurrency: 3,
-            admin: false,
-            created_ms: 0,
-            limits: Default::default(),
-        })
+        .create_user(&quota_user(f.owner.clone(), 5, 3))
         .await
         .unwrap();
     store.create_function(&f).await.unwrap();
@@ -829,14 +806,7 @@ async fn queued_owners_are_those_with_messages_not_every_user() {
     let f = function();
     for (name, hash) in [("alice", 1u8), ("idle", 2)] {
         store
-            .create_user(&User {
-                name: Name::parse(name).unwrap(),
-                key_hash: [hash; 32],
-                max_concurrency: 1,
-                admin: false,
-                created_ms: 0,
-                limits: Default::default(),
-            })
+            .create_user(&quota_user(Name::parse(name).unwrap(), hash, 1))
             .await
             .unwrap();
     }
