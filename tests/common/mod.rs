@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod scope;
+pub mod watchdog;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_hyperfuncd");
 /// Builds the test image once per test process: `FROM scratch` plus the static
 /// busybox of Debian's busybox-static (no registry is reachable).
 pub fn test_image() -> &'static str {
+    watchdog::arm();
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let busybox = ["/bin/busybox", "/usr/bin/busybox"]
@@ -163,6 +165,7 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
+        watchdog::arm();
         let config = self.dir.path().join("config.toml");
         // Keep the port across restarts so call URLs stay valid.
         let listen = match self.endpoint.rsplit(':').next() {
