@@ -328,18 +328,25 @@ async fn scenario(c: &Client, d: &Daemon) -> Result<()> {
     })
     .await?;
     text_of(c, "#fn-charts figcaption", |t| t.starts_with("1 finished")).await?;
+    // The history shows the call this page made without a refresh.
+    text_of(c, "#history-body", |t| {
+        t.contains(&id) && t.contains("FINISHED")
+    })
+    .await?;
     shot(c, "desktop-function").await?;
     js(c, "document.getElementById('logs').scrollIntoView()").await?;
     shot(c, "desktop-logs").await?;
     viewport(c, 390, 844).await?;
     js(c, "document.getElementById('call-result').scrollIntoView()").await?;
     shot(c, "phone-function").await?;
+    fits(c, "function").await?;
     dark(c, true).await?;
     shot(c, "phone-function-dark").await?;
     dark(c, false).await?;
     c.goto(&format!("{}/ui/#/functions", d.endpoint)).await?;
     text_of(c, "#functions-body", |t| t.contains("ui-cat")).await?;
     shot(c, "phone-functions").await?;
+    fits(c, "functions").await?;
     viewport(c, 1280, 800).await?;
     shot(c, "desktop-functions").await?;
 
@@ -466,16 +473,19 @@ async fn scenario(c: &Client, d: &Daemon) -> Result<()> {
     viewport(c, 390, 844).await?;
     js(c, "document.getElementById('fn-history').scrollIntoView()").await?;
     shot(c, "phone-history").await?;
+    fits(c, "history").await?;
     viewport(c, 1280, 800).await?;
     pick_state(c, "FINISHED").await?;
     text_of(c, "#history-empty", |t| t == "calls 1–20").await?;
     click(c, "#history-body tr:first-child button").await?;
     click(c, "#cd-output").await?;
     text_of(c, "#cd-output-text", |t| t == "ok").await?;
-    // Fetched once: asked again, the server says it is gone.
+    // The detail names the image digest that ran.
+    text_of(c, "#cd-details", |t| t.contains("sha256:")).await?;
+    // Fetched once: asked again, the server says it is gone, as a note.
     click(c, "#history-body tr:first-child button").await?;
     click(c, "#cd-output").await?;
-    text_of(c, "#cd-failed", |t| t.starts_with("410 output_gone")).await?;
+    text_of(c, "#cd-failed", |t| t.starts_with("Output already fetched")).await?;
     shot(c, "desktop-history-detail").await?;
     d.ok(&["func", "rm", "--force", "ui-hist"]);
 
@@ -837,6 +847,42 @@ async fn contrast(c: &Client, what: &str) -> Result<()> {
         Some(list) if list.is_empty() => Ok(()),
         _ => bail!("contrast below WCAG AA on the {what} page: {bad}"),
     }
+}
+
+/// Nothing on screen wider than the viewport, unless inside a box that
+/// scrolls or clips it (a table's wrap, a `pre`): a phone shows no sideways
+/// scroll. Returns the widest offenders.
+const FITS_JS: &str = r#"
+const w = document.documentElement.clientWidth;
+const clipped = (el) => {
+  for (let e = el.parentElement; e && e !== document.body; e = e.parentElement) {
+    if (getComputedStyle(e).overflowX !== 'visible') { return true; }
+  }
+  return false;
+};
+const bad = [];
+for (const el of document.querySelectorAll('body *')) {
+  const r = el.getBoundingClientRect();
+  if (r.width === 0 || r.right <= w + 1 || clipped(el)) { continue; }
+  bad.push([r.right, `<${el.tagName.toLowerCase()} id=${el.id} class=${el.className}> ends at ${Math.round(r.right)}px`]);
+}
+const page = document.documentElement.scrollWidth;
+return { page, width: w, bad: bad.sort((a, b) => b[0] - a[0]).slice(0, 6).map(([, d]) => d) };
+"#;
+
+async fn fits(c: &Client, what: &str) -> Result<()> {
+    let v = js(c, FITS_JS).await?;
+    let (page, width) = (
+        v["page"].as_u64().unwrap_or(0),
+        v["width"].as_u64().unwrap_or(0),
+    );
+    if page > width || v["bad"].as_array().is_some_and(|b| !b.is_empty()) {
+        bail!(
+            "the {what} page is wider than the phone's {width}px ({page}px): {}",
+            v["bad"]
+        );
+    }
+    Ok(())
 }
 
 /// Resizes the window so that the page's viewport is `w` x `h`.

@@ -856,6 +856,7 @@ async function callFunction(ev) {
         showFailure(e);
       }
       $('call-result').focus();
+      historyNow();
       return;
     }
     if (!r.ok) {
@@ -865,6 +866,7 @@ async function callFunction(ev) {
     resetCallResult(CallId);
     $('call-state').textContent = 'ACCEPTED';
     $('call-result').focus();
+    historyNow();
     watchCall(CallId);
   } catch (e) {
     showError(e);
@@ -899,6 +901,7 @@ function callState(id, st, since) {
     const ran = since.running === null ? null : (performance.now() - since.running) / 1000;
     $('call-timer').textContent = ran === null ? '' : `ran about ${ran.toFixed(1)} s`;
     getOutput();
+    historyNow();
   }
 }
 
@@ -1061,6 +1064,13 @@ async function loadHistory() {
   }
 }
 
+/** A call of this page began or ended: the newest page shows it. */
+function historyNow() {
+  if (calls.page === 0) {
+    loadHistory();
+  }
+}
+
 function resetHistory() {
   calls.starts = [null];
   calls.page = 0;
@@ -1106,6 +1116,7 @@ async function openCall(id) {
       ...detail('STDIN', bytes(c.StdinBytes)),
       ...detail('STDOUT', c.State === 'FINISHED' ? bytes(c.StdoutBytes) : '—'),
       ...detail('STDERR (start)', c.ShortStderr ? h('code', { class: 'pre', text: c.ShortStderr }) : '—'),
+      ...detail('Image', c.ImageDigest ? h('code', { class: 'img', text: c.ImageDigest }) : '—'),
     );
     $('cd-output').hidden = c.State !== 'FINISHED';
     $('call-detail').hidden = false;
@@ -1135,7 +1146,11 @@ async function callDetailOutput() {
     $('cd-output-text').hidden = false;
     $('cd-output').hidden = true;
   } catch (e) {
-    if (e instanceof ApiError) {
+    if (e instanceof ApiError && e.code === 'output_gone') {
+      $('cd-failed').textContent = `Output already fetched: ${e.message} (an output is fetched once, then deleted on the server).`;
+      $('cd-failed').hidden = false;
+      $('cd-output').hidden = true;
+    } else if (e instanceof ApiError) {
       $('cd-failed').textContent = `${e.status} ${e.code}: ${e.message}`;
       $('cd-failed').hidden = false;
       $('cd-output').hidden = true;
