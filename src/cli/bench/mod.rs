@@ -79,8 +79,11 @@ pub struct BenchArgs {
     /// host's static busybox if it is absent
     #[arg(long)]
     pub image: Option<String>,
-    /// Network mode of every container, hyperfuncd's and docker run's alike
-    #[arg(long, default_value = "none")]
+    /// Network mode of every container, hyperfuncd's and docker run's alike.
+    /// Default: what a daemon on its defaults gives calls, its own bridge
+    /// network (`[container] network_mode`), so the bench measures what
+    /// users run; `none` leaves the network out
+    #[arg(long, default_value = crate::config::DEFAULT_NETWORK)]
     pub network: String,
     /// Sequential sync calls per latency row
     #[arg(long, default_value_t = 20)]
