@@ -135,6 +135,41 @@ impl NatsCluster {
         )
     }
 
+    /// The server that leads `stream` (its raft group), by the servers'
+    /// own monitoring (`/jsz`): server `i` is named `n{i}`.
+    fn leader_of(&self, stream: &str) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            for (_, _, http) in &self.ports {
+                let out = Command::new("curl")
+                    .args(["-s", "--max-time", "5"])
+                    .arg(format!(
+                        "http://127.0.0.1:{http}/jsz?accounts=true&streams=true"
+                    ))
+                    .output()
+                    .expect("curl");
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+                let leader = v["account_details"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|a| a["stream_detail"].as_array().cloned().unwrap_or_default())
+                    .find(|d| d["name"] == stream)
+                    .and_then(|d| d["cluster"]["leader"].as_str().map(str::to_string));
+                if let Some(i) = leader.and_then(|l| l.strip_prefix('n')?.parse().ok()) {
+                    return i;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("no server says which one leads {stream}");
+    }
+
+    /// The pid of server `i`, for SIGSTOP and SIGCONT.
+    fn pid(&self, i: usize) -> u32 {
+        self.servers[i].as_ref().expect("server runs").id()
+    }
+
     fn kill9(&mut self, i: usize) {
         if let Some(mut c) = self.servers[i].take() {
             let _ = c.kill();
@@ -1496,7 +1531,13 @@ fn naps_held(events: &FunctionEvents, node: &Daemon, rest: &[String], ended: &[s
     for (id, call) in rest.iter().zip(ended) {
         assert_eq!(call["State"], "FINISHED", "{call}");
         let (code, body) = node.output(id);
-        assert_eq!(code, 200);
+        assert_eq!(
+            code,
+            200,
+            "call {id}: {}; log:\n{}",
+            String::from_utf8_lossy(&body),
+            node.log()
+        );
         assert_eq!(body, b"ok 1\n", "call {id}'s own bytes");
     }
     for (id, n) in events.starts() {
@@ -1533,7 +1574,8 @@ fn a_node_paused_past_its_lease_kills_its_own_calls_and_quota_holds() {
     let rest = calls_with(&[&other], &bob, "nap", &[b"1\n", b"1\n", b"1\n"]);
     let pid = paused.pid().expect("the paused node runs");
     signal(pid, libc::SIGSTOP);
-    std::thread::sleep(Duration::from_secs(30));
+    // Past its fence (30 s), short of the earliest reap (60 s).
+    std::thread::sleep(Duration::from_secs(40));
     signal(pid, libc::SIGCONT);
     // Its lease lapsed: it kills its container and exits for its
     // supervisor (here the test) to restart it into recovery.
@@ -1880,7 +1922,7 @@ fn a_node_cut_off_from_the_cluster_fences_before_it_is_reaped() {
     let fenced_after = cut_at.elapsed();
     assert_eq!(status.code(), Some(74), "{}", a.log());
     assert!(
-        fenced_after < Duration::from_secs(40),
+        fenced_after < Duration::from_secs(50),
         "fenced within its lease, before anyone may reap it: {fenced_after:?}"
     );
     let log = a.log();
@@ -1912,6 +1954,171 @@ fn a_node_cut_off_from_the_cluster_fences_before_it_is_reaped() {
         .position(|(act, c, _)| act == "start" && rest.contains(c))
         .expect("bob's next calls started");
     assert!(died < next, "{all:?}");
+    a.finish();
+    b.finish();
+}
+
+/// Each call's state as `d` answers it, once every call has ended; an
+/// answer other than 200 (a node still reconnecting) counts as not ended.
+fn ended_through(d: &Daemon, ids: &[String], secs: u64) -> Vec<serde_json::Value> {
+    d.wait_until(secs, "every call to end", || {
+        ids.iter().all(|id| {
+            let (code, v) = d.api(&format!("/v1/calls/{id}"));
+            code == 200 && matches!(v["State"].as_str(), Some("FINISHED" | "FAILED"))
+        })
+    });
+    ids.iter().map(|id| call_state(d, id)).collect()
+}
+
+/// One async call of bob's `nap` through `d`, tried again while the store
+/// answers 503 (nothing stored: the answer says to retry), for up to 60 s.
+fn nap_call(d: &Daemon, bob: &str, body: &[u8]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = d.cli_as(bob, &["func", "call", "nap"], Some(body));
+        if out.status.success() {
+            return stdout(&out)
+                .trim()
+                .trim_start_matches("CallId: ")
+                .to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "intake did not come back: {}; daemon log:\n{}",
+            stderr(&out),
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// No call of `ended` was failed for a lost node or a fence: the store
+/// fault cost no running call.
+fn none_reaped(ended: &[serde_json::Value]) {
+    for c in ended {
+        let why = c["Message"].as_str().unwrap_or_default();
+        assert!(
+            !why.contains("node lost") && !why.contains("fenc"),
+            "a call was failed for the fault: {c}"
+        );
+    }
+}
+
+#[test]
+fn one_nats_server_paused_for_30s_loses_no_call_and_reaps_no_node() {
+    let _one = one_at_a_time();
+    let nats = NatsCluster::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = nats.config("[pool]\nper_function = 0\n");
+    let a = Daemon::start_on(&data_dir(&tmp, "a"), &cfg);
+    let b = join(&a, &data_dir(&tmp, "b"), &cfg);
+    let bob = nap_for_bob(&a);
+    let events = FunctionEvents::start("nap");
+    // A call running and calls queued behind it, through both nodes.
+    let mut ids = calls_with(&[&a, &b], &bob, "nap", &[b"4\n", b"1\n", b"1\n"]);
+    a.wait_until(60, "the first call's container started", || {
+        !events.calls("start").is_empty()
+    });
+    // The hardest server to lose: the leader of the nodes' leases (the
+    // failover every renewal waits out).
+    let frozen = nats.pid(nats.leader_of("KV_hyperfuncd-nodes"));
+    signal(frozen, libc::SIGSTOP);
+    let paused = Instant::now();
+    // Intake and the queue go on while one server of three is frozen.
+    for (i, node) in [&a, &b, &a, &b].into_iter().enumerate() {
+        ids.push(nap_call(node, &bob, b"1\n"));
+        std::thread::sleep(Duration::from_secs(2 + i as u64));
+    }
+    let left = Duration::from_secs(30).saturating_sub(paused.elapsed());
+    std::thread::sleep(left);
+    signal(frozen, libc::SIGCONT);
+    let ended = ended_through(&b, &ids, 150);
+    none_reaped(&ended);
+    assert_eq!(ended[0]["State"], "FINISHED", "{}", ended[0]);
+    let (code, body) = b.output(&ids[0]);
+    assert_eq!(
+        (code, body),
+        (200, b"ok 4\n".to_vec()),
+        "the long call's own bytes"
+    );
+    naps_held(&events, &a, &ids[1..], &ended[1..]);
+    // Neither node fenced: both still run.
+    for d in [&a, &b] {
+        assert_eq!(d.health().0, 200, "{}", d.log());
+    }
+    a.finish();
+    b.finish();
+}
+
+#[test]
+fn all_three_nats_servers_paused_for_40s_run_nothing_twice_and_leave_nothing_stuck() {
+    let _one = one_at_a_time();
+    let nats = NatsCluster::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = nats.config("[pool]\nper_function = 0\n");
+    let mut a = Daemon::start_on(&data_dir(&tmp, "a"), &cfg);
+    let mut b = join(&a, &data_dir(&tmp, "b"), &cfg);
+    let bob = nap_for_bob(&a);
+    let events = FunctionEvents::start("nap");
+    // A call that ends during the outage, one that outlives the fence, and
+    // a queue behind them.
+    let ids = calls_with(&[&a, &b], &bob, "nap", &[b"3\n", b"1\n", b"1\n", b"1\n"]);
+    a.wait_until(60, "the first call's container started", || {
+        !events.calls("start").is_empty()
+    });
+    let pids: Vec<u32> = (0..3).map(|i| nats.pid(i)).collect();
+    for &p in &pids {
+        signal(p, libc::SIGSTOP);
+    }
+    std::thread::sleep(Duration::from_secs(40));
+    for &p in &pids {
+        signal(p, libc::SIGCONT);
+    }
+    // A node whose lease lapsed fences (its containers killed, exit 74 for
+    // its supervisor); the test is the supervisor and restarts it.
+    for d in [&mut a, &mut b] {
+        if d.wait_dead_within(20).is_some() {
+            let log = d.log();
+            assert!(log.contains("fenced"), "{log}");
+            d.restart();
+        }
+    }
+    let ended = ended_through(&a, &ids, 180);
+    // Every call ended, each once: FINISHED with its own bytes, or FAILED
+    // with the reason (a call the fence killed, or whose end the outage
+    // kept from being written).
+    for (id, c) in ids.iter().zip(&ended) {
+        match c["State"].as_str() {
+            Some("FINISHED") => {
+                let (code, body) = a.output(id);
+                assert_eq!(code, 200, "{c}");
+                assert!(body.starts_with(b"ok "), "call {id}'s own bytes: {body:?}");
+            }
+            _ => assert!(
+                !c["Message"].as_str().unwrap_or_default().is_empty(),
+                "a reason: {c}"
+            ),
+        }
+    }
+    for (id, n) in events.starts() {
+        assert!(n <= 1, "call {id} started {n} times");
+    }
+    assert!(
+        events.max_running() <= 1,
+        "bob's quota of 1 held across the cluster: {:?}",
+        events.all()
+    );
+    // Intake works again afterwards.
+    let after = nap_call(&b, &bob, b"1\n");
+    let last = ended_through(&a, &[after.clone()], 90);
+    assert_eq!(last[0]["State"], "FINISHED", "{}", last[0]);
+    eprintln!(
+        "after the outage: {:?}",
+        ended
+            .iter()
+            .map(|c| (c["State"].clone(), c["Message"].clone()))
+            .collect::<Vec<_>>()
+    );
     a.finish();
     b.finish();
 }

@@ -1115,18 +1115,26 @@ impl Daemon {
     /// Waits up to `secs` for the daemon to exit by itself (e.g. a failpoint
     /// made it kill itself) and returns how it ended.
     pub fn wait_dead(&mut self, secs: u64) -> std::process::ExitStatus {
+        self.wait_dead_within(secs).unwrap_or_else(|| {
+            panic!(
+                "hyperfuncd was still alive after {secs} s; daemon log:\n{}",
+                self.log()
+            )
+        })
+    }
+
+    /// How the daemon ended if it exits by itself within `secs`; `None`
+    /// if it still runs then.
+    pub fn wait_dead_within(&mut self, secs: u64) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
             let child = self.child.as_mut().expect("the daemon is not running");
             if let Some(status) = child.try_wait().expect("wait for hyperfuncd") {
                 self.child = None;
-                return status;
+                return Some(status);
             }
             if Instant::now() >= deadline {
-                panic!(
-                    "hyperfuncd was still alive after {secs} s; daemon log:\n{}",
-                    self.log()
-                );
+                return None;
             }
             std::thread::sleep(Duration::from_millis(50));
         }

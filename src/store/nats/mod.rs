@@ -109,13 +109,16 @@ const NODES_BUCKET: &str = "hyperfuncd-nodes";
 const HEARTBEAT: Duration = Duration::from_secs(2);
 /// How long a heartbeat key lives after its last renewal (the bucket's
 /// max age): the lease.
-const NODE_TTL: Duration = Duration::from_secs(20);
+const NODE_TTL: Duration = Duration::from_secs(40);
 /// A node whose lease has not been renewed for this long (measured from
 /// the sending of its last renewal that succeeded) fences itself: it stops
 /// taking work, kills its containers and exits for its supervisor to
 /// restart it into recovery. Below `NODE_TTL`, so it falls before the key
-/// can even expire.
-const FENCE_AFTER: Duration = Duration::from_secs(15);
+/// can even expire. Twice the worst failover measured when one server of
+/// three is frozen (SIGSTOP: its streams' leaders are elected again
+/// elsewhere, writes wait ~13 s on 2 loaded cores), so one frozen server
+/// fences no node.
+const FENCE_AFTER: Duration = Duration::from_secs(30);
 /// How often the fence is checked, apart from the heartbeat.
 const FENCE_CHECK: Duration = Duration::from_millis(500);
 /// A reaper fails another node's calls only once it has seen that node's
@@ -135,8 +138,9 @@ const TAKEOVER_AFTER: Duration = Duration::from_secs(7);
 /// reconnect (async-nats's default is 60 s: minutes on a dead server).
 const PING_INTERVAL: Duration = Duration::from_secs(2);
 /// A queue message not acknowledged for this long is handed out again
-/// (to any node); progress acks keep a running call's message.
-const ACK_WAIT: Duration = Duration::from_secs(15);
+/// (to any node); progress acks keep a running call's message. Past a
+/// failover (see `FENCE_AFTER`), in which no progress ack gets through.
+const ACK_WAIT: Duration = Duration::from_secs(30);
 /// How often held messages get a progress ack, dead nodes are looked for,
 /// and unstarted heads are given back.
 const TICK: Duration = Duration::from_secs(4);
@@ -198,9 +202,20 @@ struct Inner {
     /// The connection the lease is renewed on, reconnected when a renewal
     /// times out (a server that stopped answering but keeps the socket).
     lease_client: async_nats::Client,
+    /// When the lease's connection was last made to reconnect: a new
+    /// connection gets `RECONNECT_SETTLE` to come through a failover
+    /// before it is dropped again (dropped every 2 s, it never did).
+    reconnected: Mutex<Option<Instant>>,
     /// The lease lapsed: no call starts here any more.
     fenced: std::sync::atomic::AtomicBool,
 }
+
+/// How long a reconnected lease connection is left to work before a
+/// timed-out renewal makes it reconnect again: a JetStream failover (one
+/// server of three frozen) takes ~13 s, and renewals on a connection
+/// reconnected every 2 s kept timing out for all of the 30 s a server was
+/// frozen, fencing the node.
+const RECONNECT_SETTLE: Duration = Duration::from_secs(10);
 
 /// The node's heartbeat key as this process holds it: written only by
 /// compare-and-set on `revision`, so a second process (a clone) or a
@@ -304,6 +319,7 @@ impl NatsStore {
             }),
             absent: Mutex::new(HashMap::new()),
             lease_client,
+            reconnected: Mutex::new(None),
             fenced: std::sync::atomic::AtomicBool::new(false),
             queue,
             node,
@@ -503,6 +519,29 @@ fn refused(e: &async_nats::ConnectError, nats: &NatsConfig) -> Option<String> {
     }
 }
 
+/// Brings the nodes bucket made by an earlier release (a shorter lease)
+/// to `NODE_TTL`: a key must not expire before its node fences.
+async fn lease_ttl(js: &jetstream::Context) -> Result<()> {
+    let name = format!("KV_{NODES_BUCKET}");
+    let mut stream = js
+        .get_stream(&name)
+        .await
+        .map_err(|e| unavailable("reading the nodes bucket", e))?;
+    let mut config = stream
+        .info()
+        .await
+        .map_err(|e| unavailable("reading the nodes bucket", e))?
+        .config
+        .clone();
+    if config.max_age != NODE_TTL {
+        config.max_age = NODE_TTL;
+        js.update_stream(config)
+            .await
+            .map_err(|e| unavailable("updating the nodes bucket's lease time", e))?;
+    }
+    Ok(())
+}
+
 /// The records bucket, the nodes bucket and the queue stream, made if missing.
 async fn open_streams(
     js: &jetstream::Context,
@@ -511,7 +550,10 @@ async fn open_streams(
 ) -> Result<(jetstream::kv::Store, jetstream::kv::Store, stream::Stream)> {
     let kv = open_bucket(js, replicas).await?;
     let nodes = match js.get_key_value(NODES_BUCKET).await {
-        Ok(b) => b,
+        Ok(b) => {
+            lease_ttl(js).await?;
+            b
+        }
         Err(_) => js
             .create_key_value(jetstream::kv::Config {
                 bucket: NODES_BUCKET.into(),
@@ -823,7 +865,7 @@ impl Inner {
                 lease.renewed = sent;
             }
             Ok(Err(e)) if e.kind() == jetstream::kv::UpdateErrorKind::WrongLastRevision => {
-                self.fence("this node's lease expired or was taken by another process");
+                self.own_lost_renewal(&nonce).await;
             }
             Ok(Err(e)) => {
                 lock(&self.absent).clear();
@@ -831,15 +873,55 @@ impl Inner {
             }
             Err(_) => {
                 lock(&self.absent).clear();
-                tracing::warn!("NATS heartbeat timed out; reconnecting its connection");
-                // Not awaited here: the reconnect itself waits on a server.
-                let client = self.lease_client.clone();
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(RENEW_WITHIN * 5, client.force_reconnect()).await;
-                });
+                let settled = {
+                    let mut last = lock(&self.reconnected);
+                    let settled = last.is_none_or(|t| t.elapsed() > RECONNECT_SETTLE);
+                    if settled {
+                        *last = Some(Instant::now());
+                    }
+                    settled
+                };
+                if settled {
+                    tracing::warn!("NATS heartbeat timed out; reconnecting its connection");
+                    // Not awaited here: the reconnect itself waits on a server.
+                    let client = self.lease_client.clone();
+                    tokio::spawn(async move {
+                        let _ =
+                            tokio::time::timeout(RENEW_WITHIN * 5, client.force_reconnect()).await;
+                    });
+                } else {
+                    tracing::warn!("NATS heartbeat timed out; its connection was just made again");
+                }
             }
         }
         self.check_lease();
+    }
+
+    /// A renewal refused for its revision: either an earlier renewal whose
+    /// answer was lost (a timeout through a failover) was applied after
+    /// all, and the key holds this process's own nonce at a newer
+    /// revision, which this process takes up (its `renewed` time stays
+    /// that of the last renewal it saw succeed); or the key expired or
+    /// another process wrote it, and this node fences.
+    async fn own_lost_renewal(&self, nonce: &str) {
+        let entry = tokio::time::timeout(RENEW_WITHIN, self.nodes.entry(&self.node)).await;
+        match entry {
+            Ok(Ok(Some(e))) if e.operation == jetstream::kv::Operation::Put => {
+                match dec::<Beat>(&self.node, &e.value) {
+                    Ok(b) if b.nonce == nonce => {
+                        tracing::info!(
+                            "NATS heartbeat: an earlier renewal's answer was lost; it was stored"
+                        );
+                        lock(&self.lease).revision = e.revision;
+                    }
+                    _ => self.fence("this node's lease was taken by another process"),
+                }
+            }
+            Ok(Ok(_)) => self.fence("this node's lease expired"),
+            // Unknown: the next beat asks again (and the fence's clock runs).
+            Ok(Err(e)) => tracing::warn!(error = %e, "NATS heartbeat: reading the lease failed"),
+            Err(_) => tracing::warn!("NATS heartbeat: reading the lease timed out"),
+        }
     }
 
     /// Fences this node once its lease has gone `FENCE_AFTER` without a
