@@ -2110,7 +2110,7 @@ fn all_three_nats_servers_paused_for_40s_run_nothing_twice_and_leave_nothing_stu
     );
     // Intake works again afterwards.
     let after = nap_call(&b, &bob, b"1\n");
-    let last = ended_through(&a, &[after.clone()], 90);
+    let last = ended_through(&a, std::slice::from_ref(&after), 90);
     assert_eq!(last[0]["State"], "FINISHED", "{}", last[0]);
     eprintln!(
         "after the outage: {:?}",
