@@ -87,6 +87,11 @@ pub struct WebhooksConfig {
     /// they are not public: loopback, private, link-local, ... are refused
     /// otherwise, at registration and again at every connection.
     pub allow_private: Vec<String>,
+    /// When not empty, the only hosts webhooks may name: `hooks.example.com`,
+    /// or `.example.com` for every name under it (an egress allow-list;
+    /// a host outside it is refused when the webhook is set, before any
+    /// lookup).
+    pub allow_hosts: Vec<String>,
     /// A PEM file of CA certificates trusted for receivers, besides the
     /// system's (receivers with a private CA).
     pub ca_file: Option<PathBuf>,
@@ -110,6 +115,7 @@ impl Default for WebhooksConfig {
             response_timeout: std::time::Duration::from_secs(10),
             allow_http_hosts: Vec::new(),
             allow_private: Vec::new(),
+            allow_hosts: Vec::new(),
             ca_file: None,
             max_in_flight: 64,
             max_per_host: 4,

@@ -642,9 +642,18 @@ fn schemas_match_the_api_types() {
             stdin_bytes: 0,
             stdout_bytes: 0,
             short_stderr: String::new(),
-            webhook: None,
+            webhook: Some(DeliveryView {
+                state: "DELIVERED".into(),
+                url: "https://example.com/h".into(),
+                webhook_id: "msg_x".into(),
+                attempts: 1,
+                last_status: Some(200),
+                last_error: None,
+                next_attempt: None,
+                ended: None,
+            }),
         },
-        &[],
+        &["Webhook"],
     );
     check_response(
         &spec,

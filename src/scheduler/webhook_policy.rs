@@ -2,7 +2,8 @@
 //! shape (https, or http to `[webhooks] allow_http_hosts`; no credentials,
 //! no fragment), and each address its host resolves to (public, or inside
 //! `[webhooks] allow_private`). `Service` asks it when a webhook is set
-//! and when a call names one; the delivery worker asks it again for every
+//! (the URL and a literal address; a name is not resolved then) and when
+//! a call names one; the delivery worker asks it again for every
 //! address it connects to (`Resolver`), so a name that later resolves
 //! elsewhere (DNS rebinding) reaches nothing it may not. It must never
 //! resolve or connect itself.
@@ -27,6 +28,9 @@ pub struct Target {
 pub struct Policy {
     allow_http_hosts: Vec<String>,
     allow_private: Vec<IpNet>,
+    /// When not empty, the only hosts (`example.com`, or `.example.com`
+    /// for its subdomains) webhooks may name.
+    allow_hosts: Vec<String>,
 }
 
 impl Policy {
@@ -37,14 +41,22 @@ impl Policy {
                 .map(|h| h.trim_matches(['[', ']']).to_ascii_lowercase())
                 .collect(),
             allow_private,
+            allow_hosts: Vec::new(),
         }
     }
 
+    /// Restricts webhooks to these hosts (`[webhooks] allow_hosts`).
+    pub fn only_hosts(mut self, hosts: Vec<String>) -> Policy {
+        self.allow_hosts = hosts
+            .into_iter()
+            .map(|h| h.trim_matches(['[', ']']).to_ascii_lowercase())
+            .collect();
+        self
+    }
+
     pub fn from_config(c: &crate::config::WebhooksConfig) -> Result<Policy, String> {
-        Ok(Policy::new(
-            c.allow_http_hosts.clone(),
-            c.private_networks()?,
-        ))
+        Ok(Policy::new(c.allow_http_hosts.clone(), c.private_networks()?)
+            .only_hosts(c.allow_hosts.clone()))
     }
 
     /// The URL's shape, and its address if it names one.
@@ -62,6 +74,14 @@ impl Policy {
             Some(url::Host::Ipv6(a)) => a.to_string(),
             None => return Err("webhook URL has no host".into()),
         };
+        let listed = |h: &String| {
+            h == &host || (h.starts_with('.') && host.ends_with(h.as_str()))
+        };
+        if !self.allow_hosts.is_empty() && !self.allow_hosts.iter().any(listed) {
+            return Err(format!(
+                "webhook host {host} is not in [webhooks] allow_hosts"
+            ));
+        }
         match parsed.scheme() {
             "https" => {}
             "http" if self.allow_http_hosts.contains(&host) => {}
@@ -84,6 +104,12 @@ impl Policy {
         let literal = host.parse::<IpAddr>().ok();
         if let Some(ip) = literal {
             self.check_addr(ip)?;
+        }
+        // Names that are loopback by definition (RFC 6761), refused as
+        // their addresses would be, without a lookup.
+        if host == "localhost" || host.ends_with(".localhost") {
+            self.check_addr(IpAddr::V4(Ipv4Addr::LOCALHOST))
+                .map_err(|_| format!("webhook host {host} is loopback: not allowed unless [webhooks] allow_private lists 127.0.0.1"))?;
         }
         let receiver = format!("{}://{}:{port}", parsed.scheme(), host);
         Ok(Target {
@@ -109,15 +135,6 @@ impl Policy {
                 "webhook address {ip} is {why}: not allowed unless [webhooks] allow_private lists it"
             )),
         }
-    }
-
-    /// Every address of a resolution must pass (at registration: a name
-    /// with one private address is refused, since a connection may pick it).
-    pub fn check_resolved(&self, addrs: &[IpAddr]) -> Result<(), String> {
-        if addrs.is_empty() {
-            return Err("webhook host resolves to no address".into());
-        }
-        addrs.iter().try_for_each(|a| self.check_addr(*a))
     }
 
     /// The addresses of a resolution a connection may use (at delivery:
@@ -277,9 +294,16 @@ mod tests {
             "https://169.254.169.254/latest/meta-data",
             "https://0x7f.1/",
             "https://2130706433/",
+            "https://localhost:8443/",
+            "https://a.localhost/",
         ] {
             assert!(p.check_url(bad).is_err(), "{bad} passed");
         }
+        let only = Policy::default().only_hosts(vec!["hooks.example.com".into(), ".corp.example".into()]);
+        assert!(only.check_url("https://hooks.example.com/").is_ok());
+        assert!(only.check_url("https://a.corp.example/").is_ok());
+        assert!(only.check_url("https://example.com/").is_err());
+        assert!(only.check_url("https://evilcorp.example/").is_err());
         let long = format!("https://example.com/{}", "a".repeat(3000));
         assert!(p.check_url(&long).is_err());
     }
@@ -287,10 +311,6 @@ mod tests {
     #[test]
     fn resolutions_are_checked_address_by_address() {
         let p = Policy::default();
-        // At registration one bad address refuses the name.
-        assert!(p.check_resolved(&[ip("8.8.8.8"), ip("10.0.0.1")]).is_err());
-        assert!(p.check_resolved(&[]).is_err());
-        assert!(p.check_resolved(&[ip("8.8.8.8")]).is_ok());
         // At connection the bad ones are dropped (a rebinding to metadata).
         assert_eq!(
             p.filter([ip("169.254.169.254"), ip("1.1.1.1"), ip("::1")]),
