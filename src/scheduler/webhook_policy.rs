@@ -55,8 +55,10 @@ impl Policy {
     }
 
     pub fn from_config(c: &crate::config::WebhooksConfig) -> Result<Policy, String> {
-        Ok(Policy::new(c.allow_http_hosts.clone(), c.private_networks()?)
-            .only_hosts(c.allow_hosts.clone()))
+        Ok(
+            Policy::new(c.allow_http_hosts.clone(), c.private_networks()?)
+                .only_hosts(c.allow_hosts.clone()),
+        )
     }
 
     /// The URL's shape, and its address if it names one.
@@ -74,9 +76,7 @@ impl Policy {
             Some(url::Host::Ipv6(a)) => a.to_string(),
             None => return Err("webhook URL has no host".into()),
         };
-        let listed = |h: &String| {
-            h == &host || (h.starts_with('.') && host.ends_with(h.as_str()))
-        };
+        let listed = |h: &String| h == &host || (h.starts_with('.') && host.ends_with(h.as_str()));
         if !self.allow_hosts.is_empty() && !self.allow_hosts.iter().any(listed) {
             return Err(format!(
                 "webhook host {host} is not in [webhooks] allow_hosts"
@@ -299,7 +299,8 @@ mod tests {
         ] {
             assert!(p.check_url(bad).is_err(), "{bad} passed");
         }
-        let only = Policy::default().only_hosts(vec!["hooks.example.com".into(), ".corp.example".into()]);
+        let only =
+            Policy::default().only_hosts(vec!["hooks.example.com".into(), ".corp.example".into()]);
         assert!(only.check_url("https://hooks.example.com/").is_ok());
         assert!(only.check_url("https://a.corp.example/").is_ok());
         assert!(only.check_url("https://example.com/").is_err());
