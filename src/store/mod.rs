@@ -13,6 +13,8 @@ mod embedded;
 #[cfg(test)]
 mod history_check;
 mod nats;
+#[cfg(test)]
+mod webhook_check;
 
 pub use embedded::SledStore;
 pub use nats::{NatsConfig, NatsStore, NODE_LOST};

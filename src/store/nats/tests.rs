@@ -840,3 +840,19 @@ async fn queued_owners_are_those_with_messages_not_every_user() {
     drop(store);
     drop(server);
 }
+
+#[tokio::test]
+async fn webhook_deliveries_keep_the_store_contract() {
+    let (server, store) = open().await;
+    let f = function();
+    store
+        .create_user(&quota_user(f.owner.clone(), 7, 100))
+        .await
+        .unwrap();
+    store.create_function(&f).await.unwrap();
+    crate::store::webhook_check::check(&store, &f).await;
+    assert_eq!(store.inner.bucket.scan("w.").await.unwrap(), Vec::new());
+    assert_eq!(store.inner.bucket.scan("wd.").await.unwrap(), Vec::new());
+    drop(store);
+    drop(server);
+}
