@@ -55,6 +55,86 @@ pub struct Config {
     pub http: HttpConfig,
     pub images: ImagesConfig,
     pub log: LogConfig,
+    pub webhooks: WebhooksConfig,
+}
+
+/// Completion webhooks (`[webhooks]`): how deliveries are retried, where
+/// they may go, and how much of the daemon they may hold.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// How long a delivery is retried after its call ended (or after a
+    /// `func redeliver`), on timeouts, connection errors, 429 and 5xx.
+    #[serde(with = "humantime_secs")]
+    pub retry_for: std::time::Duration,
+    /// The delay before the first retry; each later one doubles it, with
+    /// jitter (half of it random), up to `max_backoff`.
+    #[serde(with = "humantime_secs")]
+    pub min_backoff: std::time::Duration,
+    /// The longest delay between two attempts (a `Retry-After` included).
+    #[serde(with = "humantime_secs")]
+    pub max_backoff: std::time::Duration,
+    /// How long a connection to a receiver may take (TLS included).
+    #[serde(with = "humantime_secs")]
+    pub connect_timeout: std::time::Duration,
+    /// How long a receiver may take to answer, from the request's start.
+    #[serde(with = "humantime_secs")]
+    pub response_timeout: std::time::Duration,
+    /// Hosts (names or addresses as the URL spells them) that webhooks may
+    /// reach over plain `http://`; every other URL must be `https://`.
+    pub allow_http_hosts: Vec<String>,
+    /// Networks (CIDRs, e.g. `10.1.0.0/16`) that webhooks may reach although
+    /// they are not public: loopback, private, link-local, ... are refused
+    /// otherwise, at registration and again at every connection.
+    pub allow_private: Vec<String>,
+    /// When not empty, the only hosts webhooks may name: `hooks.example.com`,
+    /// or `.example.com` for every name under it (an egress allow-list;
+    /// a host outside it is refused when the webhook is set, before any
+    /// lookup).
+    pub allow_hosts: Vec<String>,
+    /// A PEM file of CA certificates trusted for receivers, besides the
+    /// system's (receivers with a private CA).
+    pub ca_file: Option<PathBuf>,
+    /// Deliveries in flight at once, over all receivers.
+    pub max_in_flight: usize,
+    /// Deliveries in flight at once to one receiver (scheme, host and
+    /// port), so a slow receiver holds at most these.
+    pub max_per_host: usize,
+}
+
+pub const DEFAULT_WEBHOOK_RETRY_FOR: std::time::Duration =
+    std::time::Duration::from_secs(24 * 3600);
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            retry_for: DEFAULT_WEBHOOK_RETRY_FOR,
+            min_backoff: std::time::Duration::from_secs(10),
+            max_backoff: std::time::Duration::from_secs(3600),
+            connect_timeout: std::time::Duration::from_secs(5),
+            response_timeout: std::time::Duration::from_secs(10),
+            allow_http_hosts: Vec::new(),
+            allow_private: Vec::new(),
+            allow_hosts: Vec::new(),
+            ca_file: None,
+            max_in_flight: 64,
+            max_per_host: 4,
+        }
+    }
+}
+
+impl WebhooksConfig {
+    /// `allow_private`, parsed.
+    pub fn private_networks(&self) -> Result<Vec<ipnet::IpNet>, String> {
+        self.allow_private
+            .iter()
+            .map(|n| {
+                n.parse::<ipnet::IpNet>()
+                    .or_else(|_| n.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| format!("webhooks.allow_private: {n:?} is not a CIDR network"))
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -740,6 +820,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             images: ImagesConfig::default(),
             log: LogConfig::default(),
+            webhooks: WebhooksConfig::default(),
         }
     }
 }
@@ -771,6 +852,19 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let w = &self.webhooks;
+        w.private_networks().map_err(ConfigError::Invalid)?;
+        if w.min_backoff.is_zero()
+            || w.max_backoff < w.min_backoff
+            || w.connect_timeout.is_zero()
+            || w.response_timeout.is_zero()
+            || w.max_in_flight == 0
+            || w.max_per_host == 0
+        {
+            return Err(ConfigError::Invalid(
+                "webhooks: min_backoff, timeouts, max_in_flight and max_per_host must be above zero, and max_backoff at least min_backoff".into(),
+            ));
+        }
         if self.tls.disable && !self.listen.ip().is_loopback() {
             return Err(ConfigError::Invalid(
                 "tls.disable is only allowed when listen is a loopback address".into(),

@@ -108,6 +108,13 @@ pub fn calls_cancelled(function: &FnKey, count: usize) {
         .increment(count as u64);
 }
 
+/// One attempt of a completion webhook of `owner`'s came to `result`:
+/// `delivered`, `retry` (due again later) or `gave_up`.
+pub fn webhook_delivery(owner: &str, result: &'static str) {
+    counter!("hyperfuncd_webhook_deliveries_total", "owner" => owner.to_string(), "result" => result)
+        .increment(1);
+}
+
 /// A call of `function` took a warm container (`hit`) or, with the pool
 /// on, found none ready.
 pub fn pool_take(owner: &str, function: &str, hit: bool) {
@@ -339,6 +346,10 @@ pub fn describe() {
     describe_counter!(
         "hyperfuncd_calls_accepted_total",
         "Calls accepted (durable, answered 202), per function."
+    );
+    describe_counter!(
+        "hyperfuncd_webhook_deliveries_total",
+        "Completion webhook attempts, per owner, by result (delivered, retry, gave_up)."
     );
     describe_counter!(
         "hyperfuncd_calls_total",

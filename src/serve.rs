@@ -149,7 +149,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Arc::clone(&store),
         Arc::clone(&runtime),
         Arc::clone(&config),
-    );
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
     let killer = Arc::clone(&runtime);
     let svc = Arc::new(Service::new(
         Arc::clone(&store),

@@ -9,6 +9,7 @@ use crate::model::{
     now_ms, ApiKey, Budget, Call, CallId, CallState, EnvVar, Event, FnKey, Function, FunctionSpec,
     Idempotency, IdempotencyKey, Name, OutputState, Secret, User, UserLimits,
 };
+use crate::model::{CallWebhook, Delivery, FunctionWebhook, WebhookOn, WebhookSecret};
 use crate::runtime::{LoginError, PullAuth, Resolved, Runtime, RuntimeError};
 /// How a create or update tells of its image pull: the API streams it.
 pub use crate::runtime::{PullEvent, PullProgress};
@@ -69,6 +70,10 @@ pub enum ServiceError {
     /// An idempotency key resubmitted with another body than its first call's.
     #[error("{0}")]
     IdempotencyKeyReused(String),
+    /// A webhook URL the policy refuses (`scheduler::WebhookPolicy`), or a
+    /// callback a function without a signing secret cannot sign.
+    #[error("{0}")]
+    InvalidWebhook(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -148,6 +153,26 @@ pub struct FunctionUpdate {
     /// Resolve the image again: pull its tag (a newer image, perhaps) and
     /// pin what it names now.
     pub pull: bool,
+    pub webhook: WebhookChange,
+}
+
+/// A webhook change of `func create`/`update`; `None` leaves a part as it is.
+#[derive(Debug, Default, Clone)]
+pub struct WebhookChange {
+    /// `Some(Some(url))` sets the function's webhook, `Some(None)` removes
+    /// it (`--no-webhook`; the secret stays, for calls' own callbacks).
+    pub url: Option<Option<String>>,
+    pub on: Option<WebhookOn>,
+    /// Make a new signing secret (made anyway with a function's first webhook).
+    pub rotate_secret: bool,
+}
+
+/// A create or update done: the function, and the signing secret it made,
+/// if it made one (shown in this answer only, never again).
+#[derive(Debug)]
+pub struct Saved {
+    pub function: Function,
+    pub new_secret: Option<WebhookSecret>,
 }
 
 /// What a `get` of a call's output finds.
@@ -456,9 +481,11 @@ impl Service {
         caller: &User,
         name: Name,
         mut spec: FunctionSpec,
+        webhook: WebhookChange,
         progress: Option<&PullProgress>,
-    ) -> Result<Function> {
+    ) -> Result<Saved> {
         self.check_limits(&mut spec).await?;
+        self.check_webhook_change(&webhook).await?;
         self.check_image(caller, &spec.image).await?;
         // Before the pull, so a refused create costs nothing; the store
         // checks again in the write that creates it.
@@ -488,7 +515,10 @@ impl Service {
             created_ms: now,
             updated_ms: now,
             image_digest: Some(resolved.pinned),
+            webhook: None,
         };
+        let mut f = f;
+        let new_secret = apply_webhook(&mut f, &webhook)?;
         match self.store.create_function_within(&f, max_functions).await {
             Err(StoreError::OverBudget(_)) => {
                 return Err(too_many_functions(&caller.name, max_functions))
@@ -497,7 +527,60 @@ impl Service {
         }
         crate::logging::function_created(caller, &f);
         self.scheduler.function_changed(&f);
-        Ok(f)
+        Ok(Saved {
+            function: f,
+            new_secret,
+        })
+    }
+
+    /// Refuses a webhook URL the policy refuses: its shape, and its host
+    /// if that is an address (or `localhost`). A name is not resolved
+    /// here (no lookup on the request's path, none a client can aim): the
+    /// delivery's resolver refuses every address the policy refuses, at
+    /// every connection.
+    async fn check_webhook_url(&self, url: &str) -> Result<()> {
+        self.scheduler
+            .webhooks()
+            .policy()
+            .check_url(url)
+            .map(|_| ())
+            .map_err(ServiceError::InvalidWebhook)
+    }
+
+    async fn check_webhook_change(&self, change: &WebhookChange) -> Result<()> {
+        if let Some(Some(url)) = &change.url {
+            self.check_webhook_url(url).await?;
+        }
+        Ok(())
+    }
+
+    /// The delivery of call `id`'s webhook, if `scope` may see the call.
+    pub async fn call_webhook(&self, scope: &Scope<'_>, id: &CallId) -> Result<Option<Delivery>> {
+        self.call(scope, id).await?;
+        Ok(self.store.get_webhook(id).await?)
+    }
+
+    /// Sends call `id`'s webhook again (its owner or an admin): due now,
+    /// with a new retry window.
+    pub async fn redeliver(&self, caller: &User, id: &CallId) -> Result<Delivery> {
+        let call = self.call(&Scope::User(caller), id).await?;
+        let d = match self.store.redeliver_webhook(id, now_ms()).await {
+            Err(StoreError::NotFound(_)) => {
+                return Err(ServiceError::NotFound(format!(
+                    "call {} has no webhook delivery{}",
+                    call.id,
+                    if call.state.is_done() {
+                        ""
+                    } else {
+                        " (it has not ended)"
+                    }
+                )))
+            }
+            r => r?,
+        };
+        tracing::info!(target: "hyperfuncd::audit", user = %caller.name, owner = %call.owner, call = %call.id, "webhook redelivery asked");
+        self.scheduler.webhooks().wake();
+        Ok(d)
     }
 
     /// Makes sure the Engine has `image`, pulled with `owner`'s login to its
@@ -900,7 +983,8 @@ impl Service {
         owner: Option<&Name>,
         u: FunctionUpdate,
         progress: Option<&PullProgress>,
-    ) -> Result<Function> {
+    ) -> Result<Saved> {
+        self.check_webhook_change(&u.webhook).await?;
         let mut f = self.function(caller, name, owner).await?;
         let read = f.clone();
         let s = &mut f.spec;
@@ -952,11 +1036,15 @@ impl Service {
         if u.refresh {
             f.secret = Secret::new();
         }
+        let new_secret = apply_webhook(&mut f, &u.webhook)?;
         f.updated_ms = now_ms();
         self.store.update_function(&read, &f).await?;
         crate::logging::function_updated(caller, &f, u.refresh);
         self.scheduler.function_changed(&f);
-        Ok(f)
+        Ok(Saved {
+            function: f,
+            new_secret,
+        })
     }
 
     /// Removes a function. With live calls it is a conflict unless `force`,
@@ -1024,12 +1112,14 @@ impl Service {
         payload: Bytes,
         request_env: Vec<(String, String)>,
         key: Option<IdempotencyKey>,
+        callback: Option<String>,
     ) -> Result<Submitted> {
         if payload.len() as u64 > self.config.limits.max_stdin_bytes {
             return Err(self.too_large());
         }
         // The store assigns the FIFO sequence.
-        let call = Call::new(f.name.clone(), f.owner.clone(), 0, &payload, request_env);
+        let mut call = Call::new(f.name.clone(), f.owner.clone(), 0, &payload, request_env);
+        call.webhook = self.call_target(f, callback).await?;
         let budget = self.budget_of(&f.owner).await?.queue();
         let call = match key {
             None => self.store.accept_within(call, payload, budget).await?,
@@ -1068,6 +1158,37 @@ impl Service {
             id: call.id,
             replayed: false,
         })
+    }
+
+    /// Where a call of `f` delivers its end: its own `X-Callback-Url`
+    /// (checked now, before anything is stored: a refused one costs no
+    /// connection), signed with `f`'s secret, else `f`'s webhook.
+    async fn call_target(
+        &self,
+        f: &Function,
+        callback: Option<String>,
+    ) -> Result<Option<CallWebhook>> {
+        match callback {
+            Some(url) => {
+                self.check_webhook_url(&url).await?;
+                if f.webhook.is_none() {
+                    return Err(ServiceError::InvalidWebhook(format!(
+                        "function {} has no webhook secret to sign a callback with: make one with                          `hyperfuncd func update {} --rotate-webhook-secret` (shown once)",
+                        f.name, f.name
+                    )));
+                }
+                Ok(Some(CallWebhook {
+                    url,
+                    on: WebhookOn::ALL,
+                }))
+            }
+            None => Ok(f.webhook.as_ref().and_then(|w| {
+                w.url.as_ref().map(|url| CallWebhook {
+                    url: url.clone(),
+                    on: w.on,
+                })
+            })),
+        }
     }
 
     /// A request refused by the rate limit of an API key or call URL.
@@ -1325,6 +1446,51 @@ impl Service {
 }
 
 /// Budgets set on a user must leave room for something: 0 is refused.
+/// Applies `change` to `f`'s webhook; answers the secret it made, if any
+/// (a function's first webhook, or a rotation).
+fn apply_webhook(f: &mut Function, change: &WebhookChange) -> Result<Option<WebhookSecret>> {
+    let mut made = None;
+    match (&change.url, f.webhook.as_mut()) {
+        (Some(Some(url)), Some(w)) => w.url = Some(url.clone()),
+        (Some(Some(url)), None) => {
+            let secret = WebhookSecret::new();
+            made = Some(secret.clone());
+            f.webhook = Some(FunctionWebhook {
+                url: Some(url.clone()),
+                on: WebhookOn::ALL,
+                secret,
+            });
+        }
+        (Some(None), Some(w)) => w.url = None,
+        (Some(None), None) | (None, _) => {}
+    }
+    if let Some(on) = change.on {
+        match f.webhook.as_mut() {
+            Some(w) if w.url.is_some() => w.on = on,
+            _ => {
+                return Err(ServiceError::BadRequest(
+                    "webhook events need a webhook: give its URL too".into(),
+                ))
+            }
+        }
+    }
+    if change.rotate_secret {
+        let secret = WebhookSecret::new();
+        made = Some(secret.clone());
+        match f.webhook.as_mut() {
+            Some(w) => w.secret = secret,
+            None => {
+                f.webhook = Some(FunctionWebhook {
+                    url: None,
+                    on: WebhookOn::ALL,
+                    secret,
+                })
+            }
+        }
+    }
+    Ok(made)
+}
+
 fn check_user_limits(l: &UserLimits) -> Result<()> {
     let zero = [
         ("max-queued", l.max_queued == Some(0)),

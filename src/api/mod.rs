@@ -15,7 +15,9 @@ pub mod types;
 pub mod ui;
 
 use crate::model::{CallId, CallState, EnvVar, FunctionSpec, IdempotencyKey, Name};
-use crate::service::{FunctionUpdate, OutputAnswer, Scope, Service, ServiceError};
+use crate::service::{
+    FunctionUpdate, OutputAnswer, Saved, Scope, Service, ServiceError, WebhookChange,
+};
 use bytes::{Buf, Bytes, BytesMut};
 pub use front::{AddressKey, ClientAddr};
 use front::{BodyError, Front, LongPermit};
@@ -118,6 +120,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::IdempotencyKeyReused(_) => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
             }
+            ServiceError::InvalidWebhook(_) => (StatusCode::BAD_REQUEST, "invalid_webhook"),
             ServiceError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             ServiceError::TooManyRequests { .. } => {
                 (StatusCode::TOO_MANY_REQUESTS, "too_many_requests")
@@ -433,15 +436,26 @@ async fn v1(
                 cpus: body.cpus,
                 runtime: body.runtime.filter(|r| r != RUNTIME_DEFAULT),
             };
+            let webhook = WebhookChange {
+                url: body.webhook.map(Some),
+                on: webhook_on(body.webhook_on.as_deref())?,
+                rotate_secret: false,
+            };
             if pull::wanted(&req.headers) {
                 let (s, caller) = (Arc::clone(svc), caller.clone());
                 return pull::answer(svc, StatusCode::CREATED, move |tx| async move {
-                    s.create_function(&caller, name, spec, Some(&tx)).await
+                    s.create_function(&caller, name, spec, webhook, Some(&tx))
+                        .await
                 })
                 .await;
             }
-            let f = svc.create_function(caller, name, spec, None).await?;
-            Ok(json_response(StatusCode::CREATED, &view(svc, &f).await?))
+            let saved = svc
+                .create_function(caller, name, spec, webhook, None)
+                .await?;
+            Ok(json_response(
+                StatusCode::CREATED,
+                &saved_view(svc, &saved).await?,
+            ))
         }
         Op::GetFunction => {
             let f = addressed(svc, caller, p.get("name"), &req.query).await?;
@@ -461,6 +475,20 @@ async fn v1(
                 runtime: body.runtime.map(|r| (r != RUNTIME_DEFAULT).then_some(r)),
                 refresh: body.refresh,
                 pull: body.pull,
+                webhook: WebhookChange {
+                    url: match (body.webhook, body.no_webhook) {
+                        (Some(_), true) => {
+                            return Err(ApiError::bad_request(
+                                "Webhook and NoWebhook together: choose one",
+                            ))
+                        }
+                        (Some(u), false) => Some(Some(u)),
+                        (None, true) => Some(None),
+                        (None, false) => None,
+                    },
+                    on: webhook_on(body.webhook_on.as_deref())?,
+                    rotate_secret: body.rotate_webhook_secret,
+                },
             };
             let name = Name::parse(p.get("name"))?;
             if pull::wanted(&req.headers) {
@@ -471,10 +499,13 @@ async fn v1(
                 })
                 .await;
             }
-            let f = svc
+            let saved = svc
                 .update_function(caller, &name, owner.as_ref(), update, None)
                 .await?;
-            Ok(json_response(StatusCode::OK, &view(svc, &f).await?))
+            Ok(json_response(
+                StatusCode::OK,
+                &saved_view(svc, &saved).await?,
+            ))
         }
         Op::DeleteFunction => {
             let force = flag(&req.query, "force");
@@ -535,7 +566,20 @@ async fn v1(
             let id = CallId::parse(id)
                 .map_err(|_| ApiError::not_found(format!("call {id} not found")))?;
             let call = svc.call(&Scope::User(caller), &id).await?;
-            Ok(json_response(StatusCode::OK, &CallView::from(&call)))
+            let mut v = CallView::from(&call);
+            v.webhook = svc
+                .call_webhook(&Scope::User(caller), &id)
+                .await?
+                .as_ref()
+                .map(DeliveryView::from);
+            Ok(json_response(StatusCode::OK, &v))
+        }
+        Op::RedeliverCall => {
+            let id = p.get("callId");
+            let id = CallId::parse(id)
+                .map_err(|_| ApiError::not_found(format!("call {id} not found")))?;
+            let d = svc.redeliver(caller, &id).await?;
+            Ok(json_response(StatusCode::ACCEPTED, &DeliveryView::from(&d)))
         }
         Op::CallEvents => call_events(svc, caller, p.get("callId"), &req.front).await,
         Op::CallOutput => {
@@ -638,6 +682,22 @@ async fn v1(
     }
 }
 
+/// A create/update answer: the view, with the signing secret if this
+/// made one (the only time it is shown).
+async fn saved_view(svc: &Service, saved: &Saved) -> Result<FunctionView, ApiError> {
+    let mut v = view(svc, &saved.function).await?;
+    v.webhook_secret = saved.new_secret.as_ref().map(|s| s.as_str().to_string());
+    Ok(v)
+}
+
+/// `WebhookOn` words, if given.
+fn webhook_on(words: Option<&[String]>) -> Result<Option<crate::model::WebhookOn>, ApiError> {
+    words
+        .map(|w| crate::model::WebhookOn::parse(w.iter().map(String::as_str)))
+        .transpose()
+        .map_err(ApiError::bad_request)
+}
+
 async fn view(svc: &Service, f: &crate::model::Function) -> Result<FunctionView, ApiError> {
     let cache = CacheUse {
         stats: svc.stats(f).await?,
@@ -684,10 +744,13 @@ async fn bearer_user(svc: &Service, headers: &HeaderMap) -> Result<crate::model:
 async fn accept(svc: &Arc<Service>, f: crate::model::Function, sync: bool, req: Req) -> ApiResult {
     let env = request_env(&req);
     let key = idempotency_key(&req.headers)?;
+    let callback = callback_url(&req.headers)?;
     // Before the body: a sync call that could not wait is not accepted.
     let long = sync.then(|| req.front.long()).transpose()?;
     let payload = read_body(svc, &req.front, &req.headers, req.body).await?;
-    let submitted = svc.accept(&f, payload.bytes.clone(), env, key).await?;
+    let submitted = svc
+        .accept(&f, payload.bytes.clone(), env, key, callback)
+        .await?;
     drop(payload);
     let id = submitted.id;
     let mut answer = if !sync {
@@ -743,6 +806,23 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiErr
         .to_str()
         .map_err(|_| bad(crate::model::BadIdempotencyKey))?;
     IdempotencyKey::parse(text.trim()).map(Some).map_err(bad)
+}
+
+/// The request header naming a call's own webhook.
+pub const CALLBACK_URL_HEADER: &str = "x-callback-url";
+
+/// The `X-Callback-Url` of a call request, if it has one (one value).
+fn callback_url(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let mut values = headers.get_all(CALLBACK_URL_HEADER).iter();
+    let Some(v) = values.next() else {
+        return Ok(None);
+    };
+    let bad = |m: &str| ApiError::new(StatusCode::BAD_REQUEST, "invalid_webhook", m);
+    if values.next().is_some() {
+        return Err(bad("more than one X-Callback-Url header: send one"));
+    }
+    let text = v.to_str().map_err(|_| bad("X-Callback-Url is not a URL"))?;
+    Ok(Some(text.trim().to_string()))
 }
 
 /// A place among the long requests for an output request that waits.

@@ -68,7 +68,8 @@ async fn fixture() -> Fixture {
         Arc::clone(&store),
         Arc::clone(&runtime),
         Arc::clone(&config),
-    );
+    )
+    .expect("scheduler");
     let svc = Arc::new(Service::new(
         store,
         scheduler,
@@ -540,6 +541,8 @@ fn schemas_match_the_api_types() {
             memory: None,
             cpus: None,
             runtime: None,
+            webhook: None,
+            webhook_on: None,
         },
     );
     check_request(&spec, "FunctionPatch", &FunctionPatch::default());
@@ -581,6 +584,35 @@ fn schemas_match_the_api_types() {
             output_cache_budget: 1,
             log_cache_bytes: 0,
             log_cache_budget: 1,
+            webhook: Some(WebhookView {
+                url: Some("https://example.com/h".into()),
+                on: vec!["finished".into()],
+            }),
+            webhook_secret: Some("whsec_x".into()),
+        },
+        &["Webhook", "WebhookSecret"],
+    );
+    check_response(
+        &spec,
+        "WebhookView",
+        &WebhookView {
+            url: None,
+            on: vec![],
+        },
+        &[],
+    );
+    check_response(
+        &spec,
+        "Delivery",
+        &DeliveryView {
+            state: "PENDING".into(),
+            url: "https://example.com/h".into(),
+            webhook_id: "msg_x".into(),
+            attempts: 0,
+            last_status: None,
+            last_error: None,
+            next_attempt: None,
+            ended: None,
         },
         &[],
     );
@@ -610,8 +642,18 @@ fn schemas_match_the_api_types() {
             stdin_bytes: 0,
             stdout_bytes: 0,
             short_stderr: String::new(),
+            webhook: Some(DeliveryView {
+                state: "DELIVERED".into(),
+                url: "https://example.com/h".into(),
+                webhook_id: "msg_x".into(),
+                attempts: 1,
+                last_status: Some(200),
+                last_error: None,
+                next_attempt: None,
+                ended: None,
+            }),
         },
-        &[],
+        &["Webhook"],
     );
     check_response(
         &spec,

@@ -11,10 +11,9 @@
 //! away ends the request as it would without the header (the work is dropped).
 
 use super::types::{ErrorDetail, PullLine, PullProgressView, PullStart};
-use super::{async_stream, json_response, view, with_type, ApiError, ApiResult};
-use crate::model::Function;
+use super::{async_stream, json_response, saved_view, with_type, ApiError, ApiResult};
 use crate::service::{PullEvent, PullProgress};
-use crate::service::{Service, ServiceError};
+use crate::service::{Saved, Service, ServiceError};
 use bytes::Bytes;
 use std::future::Future;
 use std::pin::Pin;
@@ -41,14 +40,14 @@ pub fn wanted(headers: &HeaderMap) -> bool {
         })
 }
 
-type Work = Pin<Box<dyn Future<Output = Result<Function, ServiceError>> + Send>>;
+type Work = Pin<Box<dyn Future<Output = Result<Saved, ServiceError>> + Send>>;
 
 /// Runs `work` (a create or update given the sender of its pull events) and
 /// answers as the module says; `status` is the plain request's success status.
 pub async fn answer<F, Fut>(svc: &Arc<Service>, status: StatusCode, work: F) -> ApiResult
 where
     F: FnOnce(PullProgress) -> Fut,
-    Fut: Future<Output = Result<Function, ServiceError>> + Send + 'static,
+    Fut: Future<Output = Result<Saved, ServiceError>> + Send + 'static,
 {
     let (tx, mut rx) = tokio::sync::mpsc::channel(EVENTS);
     let mut work: Work = Box::pin(work(tx));
@@ -57,8 +56,8 @@ where
         biased;
         e = rx.recv() => e,
         r = &mut work => {
-            let f = r?;
-            return Ok(json_response(status, &view(svc, &f).await?));
+            let saved = r?;
+            return Ok(json_response(status, &saved_view(svc, &saved).await?));
         }
     };
     let mut head = Vec::new();
@@ -89,7 +88,7 @@ where
             push(&mut tail, &line(e));
         }
         let last = match result {
-            Ok(f) => match view(&svc, &f).await {
+            Ok(saved) => match saved_view(&svc, &saved).await {
                 Ok(v) => PullLine {
                     status: Some(status.as_u16()),
                     function: Some(v),

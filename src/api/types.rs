@@ -28,6 +28,13 @@ pub struct FunctionCreate {
     /// The OCI runtime (`runsc`); absent or `default`: the server's default.
     #[serde(default)]
     pub runtime: Option<String>,
+    /// The completion webhook's URL (https; see README "Webhooks"). Its
+    /// signing secret is made and answered once, in `WebhookSecret`.
+    #[serde(default)]
+    pub webhook: Option<String>,
+    /// The ends it is sent for: `finished`, `failed` (default both).
+    #[serde(default)]
+    pub webhook_on: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -60,6 +67,59 @@ pub struct FunctionPatch {
     /// image, perhaps); without it an update keeps the pinned digest.
     #[serde(default)]
     pub pull: bool,
+    /// Sets the completion webhook's URL (a first one makes the secret).
+    #[serde(default)]
+    pub webhook: Option<String>,
+    #[serde(default)]
+    pub webhook_on: Option<Vec<String>>,
+    /// Removes the webhook's URL (the secret stays, for `X-Callback-Url`s).
+    #[serde(default)]
+    pub no_webhook: bool,
+    /// Makes a new signing secret, answered once in `WebhookSecret`.
+    #[serde(default)]
+    pub rotate_webhook_secret: bool,
+}
+
+/// A function's completion webhook as its view shows it (never the secret).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct WebhookView {
+    /// Null when only calls' own `X-Callback-Url`s are delivered.
+    pub url: Option<String>,
+    pub on: Vec<String>,
+}
+
+/// A call's webhook delivery (`GET /v1/calls/{id}`'s `Webhook`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct DeliveryView {
+    /// PENDING, DELIVERED or GAVE_UP.
+    pub state: String,
+    pub url: String,
+    /// The `webhook-id` of every attempt.
+    pub webhook_id: String,
+    pub attempts: u32,
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+    /// While PENDING: when the next attempt is due.
+    pub next_attempt: Option<String>,
+    /// When it was delivered or given up.
+    pub ended: Option<String>,
+}
+
+impl From<&crate::model::Delivery> for DeliveryView {
+    fn from(d: &crate::model::Delivery) -> DeliveryView {
+        DeliveryView {
+            state: d.state.as_str().to_string(),
+            url: d.url.clone(),
+            webhook_id: d.webhook_id(),
+            attempts: d.attempts,
+            last_status: d.last_status,
+            last_error: d.last_error.clone(),
+            next_attempt: d.due_ms().map(format_time),
+            ended: d.ended_ms.map(format_time),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -95,6 +155,12 @@ pub struct FunctionView {
     pub output_cache_budget: u64,
     pub log_cache_bytes: u64,
     pub log_cache_budget: u64,
+    /// Its completion webhook; absent without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookView>,
+    /// The signing secret, in the create/update answer that made it only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_secret: Option<String>,
 }
 
 /// A function's cache occupancy and budgets, for its view.
@@ -138,6 +204,11 @@ impl FunctionView {
             output_cache_budget: cache.output_budget,
             log_cache_bytes: cache.stats.log_bytes,
             log_cache_budget: cache.log_budget,
+            webhook: f.webhook.as_ref().map(|w| WebhookView {
+                url: w.url.clone(),
+                on: w.on.names(),
+            }),
+            webhook_secret: None,
         }
     }
 }
@@ -171,6 +242,10 @@ pub struct CallView {
     /// before this was recorded.
     #[serde(default)]
     pub image_digest: Option<String>,
+    /// Its completion webhook's delivery (`GET /v1/calls/{id}` only);
+    /// absent when it has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<DeliveryView>,
 }
 
 /// A page of `GET /v1/functions/{name}/calls`.
@@ -206,6 +281,7 @@ impl From<&Call> for CallView {
             stdout_bytes: c.stdout_len,
             short_stderr: String::from_utf8_lossy(&c.short_stderr).into_owned(),
             image_digest: c.image_digest.clone(),
+            webhook: None,
         }
     }
 }
@@ -260,6 +336,7 @@ impl EventView {
                 ", ShortStdout: {}, ShortStderr: {}, Message: {}",
                 self.short_stdout, self.short_stderr, self.message
             )),
+            "WEBHOOK" => s.push_str(&format!(", {}", self.message)),
             _ => {}
         }
         terminal_safe(&s)

@@ -309,6 +309,13 @@ pub enum FuncCmd {
         /// Non-admins may choose only the server's default or its allowed_runtimes
         #[arg(long)]
         runtime: Option<String>,
+        /// POST each call's end to this https URL, signed (Standard Webhooks);
+        /// prints the signing secret once
+        #[arg(long, value_name = "URL")]
+        webhook: Option<String>,
+        /// Which ends the webhook is sent for: finished, failed (default both)
+        #[arg(long, value_name = "EVENTS", value_delimiter = ',')]
+        webhook_on: Option<Vec<String>>,
         /// Docker image by name (NAME[:TAG] or NAME@DIGEST; not an image ID),
         /// from an allowed registry; present locally or pulled
         image: String,
@@ -354,6 +361,18 @@ pub enum FuncCmd {
         /// the old and new digest); without it the pinned digest stays
         #[arg(long)]
         pull: bool,
+        /// Set the webhook URL (a first webhook prints its signing secret once)
+        #[arg(long, value_name = "URL", conflicts_with = "no_webhook")]
+        webhook: Option<String>,
+        /// Which ends the webhook is sent for: finished, failed
+        #[arg(long, value_name = "EVENTS", value_delimiter = ',')]
+        webhook_on: Option<Vec<String>>,
+        /// Remove the webhook URL (the secret stays for X-Callback-Url calls)
+        #[arg(long)]
+        no_webhook: bool,
+        /// Make a new webhook signing secret and print it once
+        #[arg(long)]
+        rotate_webhook_secret: bool,
         /// New command and arguments (after --)
         #[arg(last = true)]
         command: Vec<String>,
@@ -394,6 +413,14 @@ pub enum FuncCmd {
         idempotency_key: Option<String>,
         /// The function to call (NAME, or OWNER/NAME for an admin)
         name: String,
+    },
+    /// Send a call's completion webhook again (a new retry window)
+    #[command(
+        after_help = "Example:\n  hyperfuncd func redeliver 0c6f3b5e-0f0c-4d55-8a4b-2b0c3f7a9e21"
+    )]
+    Redeliver {
+        /// The call whose webhook to send again
+        call_id: String,
     },
     /// Print a call's STDOUT (once: it is deleted when fetched)
     #[command(
@@ -561,6 +588,19 @@ pub async fn run_remote(before: RemoteFlags, command: Command) -> anyhow::Result
     }
 }
 
+/// A webhook signing secret the answer carries (made by this create or
+/// update), on a line of its own: the only time it is shown.
+fn print_secret(f: &FunctionView, out: &mut impl Write) -> anyhow::Result<()> {
+    if let Some(secret) = &f.webhook_secret {
+        writeln!(out, "WebhookSecret: {secret}")?;
+        writeln!(
+            out,
+            "(shown only now: keep it where the receiver can read it)"
+        )?;
+    }
+    Ok(())
+}
+
 async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Result<()> {
     match cmd {
         FuncCmd::Create {
@@ -571,6 +611,8 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
             memory,
             cpus,
             runtime,
+            webhook,
+            webhook_on,
             image,
             command,
         } => {
@@ -583,6 +625,8 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
                 memory,
                 cpus,
                 runtime,
+                webhook,
+                webhook_on,
             };
             // The server answers once it has the image, pulling it first
             // if the Engine lacks it: on a terminal, say so while it works.
@@ -600,6 +644,7 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
                 "{} is created with the address of {}",
                 f.name, f.address
             )?;
+            print_secret(&f, out)?;
         }
         FuncCmd::Update {
             name,
@@ -613,9 +658,17 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
             image,
             refresh,
             pull,
+            webhook,
+            webhook_on,
+            no_webhook,
+            rotate_webhook_secret,
             command,
         } => {
             let body = FunctionPatch {
+                webhook,
+                webhook_on,
+                no_webhook,
+                rotate_webhook_secret,
                 image,
                 command: (!command.is_empty()).then_some(command),
                 env: collect_env(env, &env_file)?,
@@ -655,6 +708,7 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
                 "{} is updated with the address of {}",
                 f.name, f.address
             )?;
+            print_secret(&f, out)?;
             if let Some(before) = before {
                 let shown = |d: &Option<String>| d.clone().unwrap_or_else(|| "(not pinned)".into());
                 if before == f.image_digest {
@@ -668,6 +722,13 @@ async fn func(client: &Client, cmd: FuncCmd, out: &mut impl Write) -> anyhow::Re
                     )?;
                 }
             }
+        }
+        FuncCmd::Redeliver { call_id } => {
+            let id = crate::model::CallId::parse(call_id.trim())?;
+            let d: DeliveryView = client
+                .post_json(&format!("/v1/calls/{id}/redeliver"), &serde_json::json!({}))
+                .await?;
+            writeln!(out, "webhook of call {id} queued again for {}", d.url)?;
         }
         FuncCmd::Ls { output } => {
             let list: Vec<FunctionView> = client.get_json("/v1/functions").await?;

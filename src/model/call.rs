@@ -84,6 +84,11 @@ pub struct Call {
     /// `trailing`, so those records read as they are.
     #[serde(default, deserialize_with = "super::trailing")]
     pub image_digest: Option<String>,
+    /// Where its end is delivered (`X-Callback-Url`, else its function's
+    /// webhook when it was accepted); `None`: nowhere. After
+    /// `image_digest`, read with `trailing` like it.
+    #[serde(default, deserialize_with = "super::trailing")]
+    pub webhook: Option<super::CallWebhook>,
 }
 
 impl Call {
@@ -118,6 +123,7 @@ impl Call {
             short_stderr: Vec::new(),
             output: OutputState::NotYet,
             image_digest: None,
+            webhook: None,
         }
     }
 
@@ -240,6 +246,8 @@ pub enum EventKind {
     Running,
     Finished,
     Failed,
+    /// A completion webhook was delivered or given up (`Delivery::event`).
+    Webhook,
 }
 
 impl EventKind {
@@ -254,6 +262,7 @@ impl EventKind {
             EventKind::Running => "RUNNING",
             EventKind::Finished => "FINISHED",
             EventKind::Failed => "FAILED",
+            EventKind::Webhook => "WEBHOOK",
         }
     }
 }

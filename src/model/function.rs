@@ -133,6 +133,11 @@ pub struct Function {
     /// they are.
     #[serde(default, deserialize_with = "super::trailing")]
     pub image_digest: Option<String>,
+    /// Its completion webhook and signing secret (`None`: neither). After
+    /// `image_digest`, read with `trailing` like it: older records read as
+    /// `None`.
+    #[serde(default, deserialize_with = "super::trailing")]
+    pub webhook: Option<super::FunctionWebhook>,
 }
 
 impl Function {

@@ -8,6 +8,7 @@ mod ids;
 mod image;
 mod stats;
 mod user;
+mod webhook;
 
 /// Reads a field appended to a stored record after records were written
 /// without it (`#[serde(default, deserialize_with = "trailing")]`): bincode
@@ -43,6 +44,11 @@ pub use stats::FunctionStats;
 pub use user::{
     hash_key, ApiKey, Budget, QueueBudget, User, UserLimits, UserLimitsV1, UserV1, UserV2,
     API_KEY_PREFIX,
+};
+pub use webhook::{
+    backoff, envelope, sign, Attempt, CallWebhook, Delivery, DeliveryState, Envelope,
+    FunctionWebhook, Lease, RetryRule, WebhookOn, WebhookSecret, WEBHOOK_OUTPUT_MAX,
+    WEBHOOK_URL_MAX,
 };
 
 /// Seconds since the Unix epoch, the timestamp of every record.

@@ -20,6 +20,8 @@ mod pool;
 mod recovery;
 mod share;
 mod shutdown;
+mod webhook_policy;
+mod webhooks;
 
 use crate::config::Config;
 use crate::model::{Call, CallId, CallState, FnKey, Function, Name, Outcome};
@@ -36,6 +38,8 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 pub use images::{note_pulled, ImageUse};
+pub use webhook_policy::{Policy as WebhookPolicy, Target as WebhookTarget};
+pub use webhooks::{Webhooks, CALL_ID_HEADER, EXIT_CODE_HEADER, FUNCTION_HEADER, STATE_HEADER};
 
 type StartSignal = Shared<oneshot::Receiver<()>>;
 
@@ -79,6 +83,8 @@ pub struct Scheduler {
     changes: watch::Sender<u64>,
     state: Mutex<DispatchState>,
     pool: Arc<Pool>,
+    /// The completion webhook worker and its address policy.
+    webhooks: Arc<Webhooks>,
 }
 
 #[derive(Default)]
@@ -165,18 +171,25 @@ impl Scheduler {
         store: Arc<dyn Store>,
         runtime: Arc<Runtime>,
         config: Arc<Config>,
-    ) -> Arc<Scheduler> {
+    ) -> Result<Arc<Scheduler>, String> {
         let pool = Pool::new(Arc::clone(&runtime), config.pool.clone());
-        Arc::new(Scheduler {
+        let webhooks = Webhooks::new(Arc::clone(&store), &config.webhooks)?;
+        Ok(Arc::new(Scheduler {
             store,
             runtime,
             config,
             pool,
+            webhooks,
             wake: Notify::new(),
             prune_now: Notify::new(),
             changes: watch::channel(0).0,
             state: Mutex::new(DispatchState::default()),
-        })
+        }))
+    }
+
+    /// The completion webhook worker (its policy; a wake after a redeliver).
+    pub fn webhooks(&self) -> &Webhooks {
+        &self.webhooks
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, DispatchState> {
@@ -345,6 +358,7 @@ impl Scheduler {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let images = tokio::spawn(Arc::clone(&self).images_loop(shutdown.clone()));
         let upkeep = tokio::spawn(Arc::clone(&self).upkeep());
+        let webhooks = tokio::spawn(Arc::clone(&self.webhooks).run(shutdown.clone()));
         // A shared store: other nodes queue and end calls too. They say so
         // (best effort), and every REMOTE_POLL the queues are looked at anyway.
         // Handled by a task of their own, not between dispatch turns: a turn
@@ -394,6 +408,8 @@ impl Scheduler {
             task.abort();
         }
         images.abort();
+        // A delivery cut short is sent again (at least once).
+        webhooks.abort();
         // A purge under way is a store write on a blocking thread: it
         // finishes; a removal cut short here is the next start's prune's.
         upkeep.abort();

@@ -13,14 +13,16 @@ mod embedded;
 #[cfg(test)]
 mod history_check;
 mod nats;
+#[cfg(test)]
+mod webhook_check;
 
 pub use embedded::SledStore;
 pub use nats::{NatsConfig, NatsStore, NODE_LOST};
 
 pub use crate::model::FunctionStats;
 use crate::model::{
-    Call, CallId, CallState, Event, FnKey, Function, Idempotency, Name, Outcome, PulledImage,
-    QueueBudget, RegistryLogin, User,
+    Call, CallId, CallState, Delivery, Event, FnKey, Function, Idempotency, Name, Outcome,
+    PulledImage, QueueBudget, RegistryLogin, User,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -365,6 +367,33 @@ pub trait Store: Send + Sync {
     /// The sequence of `function`'s newest event, so a follower can skip
     /// what it has already scanned even when its filter matched nothing.
     async fn last_event_seq(&self, function: &FnKey) -> Result<Option<u64>>;
+
+    // ---- completion webhooks ----
+    // A call's delivery is written by the write that ends it (`finish`,
+    // `cancel_queued`, ...: `Delivery::for_end`), and removed with its
+    // record (retention, purge).
+    /// Pending deliveries due at `now_ms` (next attempt and any lease
+    /// passed), soonest first, at most `limit`, with their URLs.
+    async fn due_webhooks(&self, now_ms: u64, limit: usize) -> Result<Vec<(CallId, String)>>;
+    /// Takes delivery `id` for `holder` until `until_ms`, if it is due at
+    /// `now_ms`: one atomic step, so of two holders at most one gets it
+    /// (`None`: not due, settled, taken, or no delivery).
+    async fn claim_webhook(
+        &self,
+        id: &CallId,
+        holder: &str,
+        now_ms: u64,
+        until_ms: u64,
+    ) -> Result<Option<Delivery>>;
+    /// Stores the attempt `holder` recorded in `d` (`Delivery::record`),
+    /// with its `[WEBHOOK]` event in the function's log once it is
+    /// settled; `Conflict` if `holder` no longer holds it (its lease ran
+    /// out and another took it, or it was redelivered meanwhile).
+    async fn webhook_attempted(&self, d: &Delivery, holder: &str) -> Result<()>;
+    async fn get_webhook(&self, id: &CallId) -> Result<Option<Delivery>>;
+    /// Makes call `id`'s delivery due now with a new retry window
+    /// (`Delivery::restart`); `NotFound` if it has none.
+    async fn redeliver_webhook(&self, id: &CallId, now_ms: u64) -> Result<Delivery>;
 
     // ---- container order across nodes (shared stores) ----
     /// Returns once every call of `call.owner` queued before `call` has its

@@ -458,6 +458,8 @@ pub(super) async fn create_function_as(
                 memory: None,
                 cpus: None,
                 runtime: runtime.map(str::to_string),
+                webhook: None,
+                webhook_on: None,
             },
         )
         .await

@@ -440,6 +440,10 @@ impl Inner {
                 None => {}
             }
             t[CALLS].insert(id.as_bytes(), enc(&call)?)?;
+            // The delivery of its webhook, in the end's own commit.
+            if let Some(d) = crate::model::Delivery::for_end(&call, &outcome.stdout) {
+                super::webhooks::store_delivery(t, None, &d)?;
+            }
             stats.count(was, -1);
             stats.count(call.state, 1);
             let kind = if call.state == CallState::Finished {
@@ -550,6 +554,7 @@ impl Inner {
                 if let Some(idem) = t[IDEM_CALLS].remove(id.as_bytes())? {
                     t[IDEM].remove(idem)?;
                 }
+                super::webhooks::drop_delivery(t, &id)?;
                 let Some(v) = t[OUTPUTS].remove(id.as_bytes())? else {
                     return Ok(None);
                 };

@@ -205,6 +205,11 @@ impl Inner {
             w.tree(CALLS).remove(&id)?;
             w.tree(IDEM_CALLS).remove(&id)?;
             let cid = call_id(&id)?;
+            if let Some(v) = w.tree(WEBHOOKS).remove(&id)? {
+                if let Some(due) = decode::<crate::model::Delivery>(&v)?.due_ms() {
+                    w.tree(WEBHOOK_DUE).remove(done_key(due, &cid))?;
+                }
+            }
             for (tree, kind) in [(PAYLOADS, Kind::Payload), (OUTPUTS, Kind::Output)] {
                 if let Some(v) = w.tree(tree).remove(&id)? {
                     if let Marker::File(_) = Marker::decode(&v)? {

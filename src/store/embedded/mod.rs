@@ -25,6 +25,7 @@ mod stage;
 #[cfg(test)]
 mod tests;
 mod trees;
+mod webhooks;
 
 use super::{
     changed_meanwhile, Accepted, FunctionStats, OutputLookup, Result, Started, Store, StoreConfig,
@@ -93,7 +94,10 @@ const PAGE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// 5: users carry budgets (`UserLimits`), and `queued` counts each owner's
 /// queue (`migrate_to_5`).
 /// 6: a user's `UserLimits` ends with `reserved` (`migrate_users_to_6`).
-const SCHEMA: u64 = 7;
+/// 7: function, call and event records end with `image_digest`.
+/// 8: function and call records end with their webhook, events may be
+/// `Webhook`, and `webhooks`/`webhook_due` hold deliveries.
+const SCHEMA: u64 = 8;
 
 // Tree indices of `Inner::trees`, so one transaction can span any of them.
 const USERS: usize = 0; // user name -> User
@@ -117,7 +121,9 @@ const PULLED_IMAGES: usize = 17; // instance\0image id -> PulledImage (a tree of
                                  // Idempotency keys (new trees, no schema change: an older database has none).
 const IDEM: usize = 18; // owner\0name\0KEY -> IdempotencyRecord (the call, its body's digest)
 const IDEM_CALLS: usize = 19; // call id -> its IDEM key, so the call's removal takes the key along
-const TREE_NAMES: [&str; 20] = [
+const WEBHOOKS: usize = 20; // call id -> Delivery: its completion webhook, written with its end
+const WEBHOOK_DUE: usize = 21; // due_ms_be call id -> url: pending deliveries, soonest first
+const TREE_NAMES: [&str; 22] = [
     "users",
     "keys",
     "functions",
@@ -138,6 +144,8 @@ const TREE_NAMES: [&str; 20] = [
     "pulled_images",
     "idempotency",
     "idempotency_calls",
+    "webhooks",
+    "webhook_due",
 ];
 
 /// An owner's queue as `accept` checks it against their budget: kept in
@@ -618,7 +626,9 @@ impl Inner {
         // `image_digest`, which records of 6 lack and read as `None`
         // (`model::trailing`), so nothing is rewritten: the number only
         // stops an older release, which would refuse the longer records
-        // one by one, at open.
+        // one by one, at open. Schema 8 likewise: function and call
+        // records gained a trailing `webhook` (read with `trailing`),
+        // events a `Webhook` kind, and the delivery trees are new.
         self.write_lock()
             .tree(META)
             .insert("schema", encode(&SCHEMA)?)?;
@@ -715,6 +725,20 @@ fn statvfs(path: &Path) -> std::io::Result<libc::statvfs> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(s)
+}
+
+/// Appends `event` to `function`'s log at `seq`, counting its bytes.
+fn log_event(
+    logs: &impl Kv,
+    stats: &mut FunctionStats,
+    function: &FnKey,
+    event: &Event,
+    seq: u64,
+) -> TxResult<()> {
+    let bytes = enc(event)?;
+    stats.log_bytes += bytes.len() as u64;
+    logs.insert(seq_key(function.store_key().as_str(), seq), bytes)?;
+    Ok(())
 }
 
 fn log(
@@ -1221,5 +1245,38 @@ impl Store for SledStore {
     async fn last_event_seq(&self, function: &FnKey) -> Result<Option<u64>> {
         let function = function.clone();
         self.read(move |i| i.last_event_seq(&function)).await
+    }
+    async fn due_webhooks(&self, now_ms: u64, limit: usize) -> Result<Vec<(CallId, String)>> {
+        self.read(move |i| i.due_webhooks(now_ms, limit)).await
+    }
+
+    async fn claim_webhook(
+        &self,
+        id: &CallId,
+        holder: &str,
+        now_ms: u64,
+        until_ms: u64,
+    ) -> Result<Option<crate::model::Delivery>> {
+        let (id, holder) = (*id, holder.to_string());
+        self.write(move |i, fx| i.claim_webhook(&id, &holder, now_ms, until_ms, fx))
+            .await
+    }
+
+    async fn webhook_attempted(&self, d: &crate::model::Delivery, holder: &str) -> Result<()> {
+        let (d, holder) = (d.clone(), holder.to_string());
+        self.write(move |i, fx| i.webhook_attempted(&d, &holder, fx))
+            .await
+    }
+
+    async fn get_webhook(&self, id: &CallId) -> Result<Option<crate::model::Delivery>> {
+        let id = *id;
+        self.read(move |i| get(i.tree(WEBHOOKS), id.as_bytes()))
+            .await
+    }
+
+    async fn redeliver_webhook(&self, id: &CallId, now_ms: u64) -> Result<crate::model::Delivery> {
+        let id = *id;
+        self.write(move |i, fx| i.redeliver_webhook(&id, now_ms, fx))
+            .await
     }
 }

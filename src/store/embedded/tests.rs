@@ -34,6 +34,7 @@ fn reopen(dir: &Path, config: StoreConfig) -> SledStore {
 fn function(n: &str) -> Function {
     Function {
         image_digest: None,
+        webhook: None,
         name: name(n),
         owner: name("alice"),
         spec: FunctionSpec {
@@ -829,4 +830,39 @@ async fn pulled_images_are_kept_per_instance_and_across_a_reopen() {
             .collect::<Vec<_>>(),
         ["sha256:2222"]
     );
+}
+
+#[tokio::test]
+async fn webhook_deliveries_keep_the_store_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), config()).unwrap();
+    let f = function("hooked");
+    store.create_function(&f).await.unwrap();
+    crate::store::webhook_check::check(&store, &f).await;
+    assert_eq!(store.inner.tree(WEBHOOKS).len(), 0);
+    assert_eq!(store.inner.tree(WEBHOOK_DUE).len(), 0);
+    // A delivery pending at a crash is due after the reopen.
+    let mut call = Call::new(f.name.clone(), f.owner.clone(), 0, b"x", Vec::new());
+    call.webhook = Some(crate::model::CallWebhook {
+        url: "https://hooks.example.com/in".into(),
+        on: crate::model::WebhookOn::ALL,
+    });
+    let id = store
+        .accept(call, Bytes::from_static(b"x"))
+        .await
+        .unwrap()
+        .id;
+    store.cancel_queued(&f.key(), "cancelled").await.unwrap();
+    drop(store);
+    let store = SledStore::open(dir.path(), config()).unwrap();
+    let due = store
+        .due_webhooks(crate::model::now_ms(), 10)
+        .await
+        .unwrap();
+    assert_eq!(due.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![id]);
+    // A purge takes it with the call.
+    store.remove_function(&f.key()).await.unwrap();
+    store.purge_function(&f.key()).await.unwrap();
+    assert!(store.get_webhook(&id).await.unwrap().is_none());
+    assert_eq!(store.inner.tree(WEBHOOK_DUE).len(), 0);
 }

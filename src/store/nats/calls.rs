@@ -824,6 +824,10 @@ impl Inner {
                 Op::Del(live_key(&call.fn_key(), id), None),
                 Op::Put(done_key(id), enc(&done)?, None),
             ];
+            // The delivery of its webhook, in the end's own batch.
+            if let Some(d) = crate::model::Delivery::for_end(&call, &outcome.stdout) {
+                ops.extend(super::webhooks::delivery_ops(&d, None)?);
+            }
             if was == CallState::Pending {
                 // Rare (a cancelled or unstartable queued call): read only then.
                 let qshard = queued_key_of(&call);
@@ -1088,12 +1092,10 @@ impl Inner {
     /// Deletes an ended call's record, index entries and any output it holds.
     async fn forget(&self, id: &CallId, function: &FnKey) -> Result<()> {
         // The history entry's key is the record's (its hour).
-        let history = self
-            .bucket
-            .get::<Call>(&call_key(id))
-            .await?
-            .1
-            .map(|c| super::history::history_key(&c));
+        let record = self.bucket.get::<Call>(&call_key(id)).await?.1;
+        let history = record.as_ref().map(super::history::history_key);
+        // Only a call accepted with a webhook can have a delivery.
+        let hooked = record.as_ref().is_none_or(|c| c.webhook.is_some());
         if let Ok(s) = self
             .bucket
             .js
@@ -1105,6 +1107,10 @@ impl Inner {
         let mut ops = vec![Op::Del(call_key(id), None), Op::Del(done_key(id), None)];
         ops.extend(history.map(|k| Op::Del(k, None)));
         ops.extend(self.idem_deletes(id).await?);
+        if hooked {
+            ops.push(Op::Del(super::webhooks::webhook_key(id), None));
+            ops.push(Op::Del(super::webhooks::due_key(id), None));
+        }
         self.bucket.commit(ops).await.map_err(|e| match e {
             Refused::Error(e) => e,
             Refused::Moved => StoreError::Conflict(format!("call {id} changed")),

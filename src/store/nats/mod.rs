@@ -38,6 +38,7 @@ mod kv;
 mod order;
 #[cfg(test)]
 mod tests;
+mod webhooks;
 
 use super::{
     changed_meanwhile, Accepted, FunctionStats, OutputLookup, Result, Started, Store, StoreConfig,
@@ -1688,6 +1689,33 @@ impl Store for NatsStore {
             .stream_bytes(&Inner::log_stream(function))
             .await?;
         Ok((last > 0).then_some(last))
+    }
+
+    // ---- completion webhooks ----
+    async fn due_webhooks(&self, now_ms: u64, limit: usize) -> Result<Vec<(CallId, String)>> {
+        self.inner.due_webhooks(now_ms, limit).await
+    }
+
+    async fn claim_webhook(
+        &self,
+        id: &CallId,
+        holder: &str,
+        now_ms: u64,
+        until_ms: u64,
+    ) -> Result<Option<crate::model::Delivery>> {
+        self.inner.claim_webhook(id, holder, now_ms, until_ms).await
+    }
+
+    async fn webhook_attempted(&self, d: &crate::model::Delivery, holder: &str) -> Result<()> {
+        self.inner.webhook_attempted(d, holder).await
+    }
+
+    async fn get_webhook(&self, id: &CallId) -> Result<Option<crate::model::Delivery>> {
+        self.inner.get_webhook(id).await
+    }
+
+    async fn redeliver_webhook(&self, id: &CallId, now_ms: u64) -> Result<crate::model::Delivery> {
+        self.inner.redeliver_webhook(id, now_ms).await
     }
 
     // ---- container order across nodes ----

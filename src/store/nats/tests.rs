@@ -44,6 +44,7 @@ impl Drop for Server {
 pub(super) fn function() -> Function {
     Function {
         image_digest: None,
+        webhook: None,
         name: Name::parse("f").unwrap(),
         owner: Name::parse("alice").unwrap(),
         spec: FunctionSpec {
@@ -836,6 +837,22 @@ async fn queued_owners_are_those_with_messages_not_every_user() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    drop(store);
+    drop(server);
+}
+
+#[tokio::test]
+async fn webhook_deliveries_keep_the_store_contract() {
+    let (server, store) = open().await;
+    let f = function();
+    store
+        .create_user(&quota_user(f.owner.clone(), 7, 100))
+        .await
+        .unwrap();
+    store.create_function(&f).await.unwrap();
+    crate::store::webhook_check::check(&store, &f).await;
+    assert_eq!(store.inner.bucket.scan("w.").await.unwrap(), Vec::new());
+    assert_eq!(store.inner.bucket.scan("wd.").await.unwrap(), Vec::new());
     drop(store);
     drop(server);
 }
