@@ -488,6 +488,7 @@ impl Service {
             created_ms: now,
             updated_ms: now,
             image_digest: Some(resolved.pinned),
+            schedule: None,
         };
         match self.store.create_function_within(&f, max_functions).await {
             Err(StoreError::OverBudget(_)) => {

@@ -133,6 +133,11 @@ pub struct Function {
     /// they are.
     #[serde(default, deserialize_with = "super::trailing")]
     pub image_digest: Option<String>,
+    /// Its schedule: one call per tick (`scheduler/ticks.rs`). Trailing,
+    /// read with `trailing`: a record stored before schedules reads as
+    /// having none.
+    #[serde(default, deserialize_with = "super::trailing")]
+    pub schedule: Option<super::Schedule>,
 }
 
 impl Function {

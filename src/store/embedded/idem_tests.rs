@@ -27,6 +27,7 @@ fn function(owner: &str, n: &str) -> Function {
         created_ms: 0,
         updated_ms: 0,
         image_digest: None,
+        schedule: None,
     }
 }
 

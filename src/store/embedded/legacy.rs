@@ -48,6 +48,7 @@ impl From<FunctionV2> for Function {
             created_ms: f.created_ms,
             updated_ms: f.updated_ms,
             image_digest: None,
+            schedule: None,
         }
     }
 }
@@ -376,6 +377,7 @@ mod tests {
     fn function_of(owner: &str, name: &str) -> Function {
         Function {
             image_digest: None,
+            schedule: None,
             name: Name::parse(name).unwrap(),
             owner: Name::parse(owner).unwrap(),
             spec: FunctionSpec {

@@ -93,7 +93,9 @@ const PAGE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// 5: users carry budgets (`UserLimits`), and `queued` counts each owner's
 /// queue (`migrate_to_5`).
 /// 6: a user's `UserLimits` ends with `reserved` (`migrate_users_to_6`).
-const SCHEMA: u64 = 7;
+/// 7: function, call and event records end with `image_digest`.
+/// 8: function records end with `schedule`.
+const SCHEMA: u64 = 8;
 
 // Tree indices of `Inner::trees`, so one transaction can span any of them.
 const USERS: usize = 0; // user name -> User
@@ -618,7 +620,8 @@ impl Inner {
         // `image_digest`, which records of 6 lack and read as `None`
         // (`model::trailing`), so nothing is rewritten: the number only
         // stops an older release, which would refuse the longer records
-        // one by one, at open.
+        // one by one, at open. Schema 8: function records gained a
+        // trailing `schedule`, read the same way: again nothing to rewrite.
         self.write_lock()
             .tree(META)
             .insert("schema", encode(&SCHEMA)?)?;

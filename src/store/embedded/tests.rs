@@ -34,6 +34,7 @@ fn reopen(dir: &Path, config: StoreConfig) -> SledStore {
 fn function(n: &str) -> Function {
     Function {
         image_digest: None,
+        schedule: None,
         name: name(n),
         owner: name("alice"),
         spec: FunctionSpec {

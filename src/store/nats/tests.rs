@@ -44,6 +44,7 @@ impl Drop for Server {
 pub(super) fn function() -> Function {
     Function {
         image_digest: None,
+        schedule: None,
         name: Name::parse("f").unwrap(),
         owner: Name::parse("alice").unwrap(),
         spec: FunctionSpec {
