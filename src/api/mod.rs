@@ -15,7 +15,7 @@ pub mod types;
 pub mod ui;
 
 use crate::model::{CallId, CallState, EnvVar, FunctionSpec, IdempotencyKey, Name};
-use crate::service::{FunctionUpdate, OutputAnswer, Scope, Service, ServiceError};
+use crate::service::{FunctionUpdate, OutputAnswer, ScheduleInput, Scope, Service, ServiceError};
 use bytes::{Buf, Bytes, BytesMut};
 pub use front::{AddressKey, ClientAddr};
 use front::{BodyError, Front, LongPermit};
@@ -433,14 +433,18 @@ async fn v1(
                 cpus: body.cpus,
                 runtime: body.runtime.filter(|r| r != RUNTIME_DEFAULT),
             };
+            let schedule = body.schedule.map(schedule_input).transpose()?;
             if pull::wanted(&req.headers) {
                 let (s, caller) = (Arc::clone(svc), caller.clone());
                 return pull::answer(svc, StatusCode::CREATED, move |tx| async move {
-                    s.create_function(&caller, name, spec, Some(&tx)).await
+                    s.create_function(&caller, name, spec, schedule, Some(&tx))
+                        .await
                 })
                 .await;
             }
-            let f = svc.create_function(caller, name, spec, None).await?;
+            let f = svc
+                .create_function(caller, name, spec, schedule, None)
+                .await?;
             Ok(json_response(StatusCode::CREATED, &view(svc, &f).await?))
         }
         Op::GetFunction => {
@@ -461,6 +465,8 @@ async fn v1(
                 runtime: body.runtime.map(|r| (r != RUNTIME_DEFAULT).then_some(r)),
                 refresh: body.refresh,
                 pull: body.pull,
+                schedule: body.schedule.map(schedule_input).transpose()?,
+                no_schedule: body.no_schedule,
             };
             let name = Name::parse(p.get("name"))?;
             if pull::wanted(&req.headers) {
@@ -1132,6 +1138,26 @@ async fn json_body<T: serde::de::DeserializeOwned>(
     }
     serde_json::from_slice(&buf)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+/// A body's schedule for the service: its payload decoded from base64.
+fn schedule_input(b: ScheduleBody) -> Result<ScheduleInput, ApiError> {
+    use base64::Engine as _;
+    let payload = b
+        .payload
+        .map(|p| {
+            base64::engine::general_purpose::STANDARD
+                .decode(p.as_bytes())
+                .map_err(|e| {
+                    ApiError::bad_request(format!("invalid schedule Payload: not base64 ({e})"))
+                })
+        })
+        .transpose()?;
+    Ok(ScheduleInput {
+        expr: b.expression,
+        timezone: b.timezone,
+        payload,
+    })
 }
 
 fn parse_env(vars: &[String]) -> Result<Vec<EnvVar>, ApiError> {

@@ -540,9 +540,11 @@ fn schemas_match_the_api_types() {
             memory: None,
             cpus: None,
             runtime: None,
+            schedule: Some(ScheduleBody::default()),
         },
     );
     check_request(&spec, "FunctionPatch", &FunctionPatch::default());
+    check_request(&spec, "ScheduleBody", &ScheduleBody::default());
     check_request(
         &spec,
         "UserCreate",
@@ -581,6 +583,13 @@ fn schemas_match_the_api_types() {
             output_cache_budget: 1,
             log_cache_bytes: 0,
             log_cache_budget: 1,
+            schedule: Some(ScheduleView {
+                expression: "@every 5m".into(),
+                timezone: "UTC".into(),
+                payload_bytes: 0,
+                since: String::new(),
+                next: vec![],
+            }),
         },
         &[],
     );

@@ -12,7 +12,8 @@
 //! `dispatch.rs` (the loop, one call's run and its conclusion),
 //! `recovery.rs` (recovery, the sweep, pruning, a removed function's
 //! calls), `shutdown.rs` (stopping running calls), `pool.rs` (the warm
-//! pool) and `share.rs` (the reserved slots and who gets a freed one).
+//! pool), `share.rs` (the reserved slots and who gets a freed one) and
+//! `ticks.rs` (the schedules' ticker).
 
 mod dispatch;
 mod images;
@@ -20,6 +21,7 @@ mod pool;
 mod recovery;
 mod share;
 mod shutdown;
+mod ticks;
 
 use crate::config::Config;
 use crate::model::{Call, CallId, CallState, FnKey, Function, Name, Outcome};
@@ -36,6 +38,7 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 pub use images::{note_pulled, ImageUse};
+pub use ticks::{Fired, TickSink};
 
 type StartSignal = Shared<oneshot::Receiver<()>>;
 
@@ -79,6 +82,10 @@ pub struct Scheduler {
     changes: watch::Sender<u64>,
     state: Mutex<DispatchState>,
     pool: Arc<Pool>,
+    /// Where the ticker makes a tick's call (the service, `set_tick_sink`).
+    tick_sink: std::sync::OnceLock<std::sync::Weak<dyn TickSink>>,
+    /// Wakes the ticker: a function changed on this node.
+    ticks_wake: Notify,
 }
 
 #[derive(Default)]
@@ -176,6 +183,8 @@ impl Scheduler {
             prune_now: Notify::new(),
             changes: watch::channel(0).0,
             state: Mutex::new(DispatchState::default()),
+            tick_sink: std::sync::OnceLock::new(),
+            ticks_wake: Notify::new(),
         })
     }
 
@@ -345,6 +354,7 @@ impl Scheduler {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let images = tokio::spawn(Arc::clone(&self).images_loop(shutdown.clone()));
         let upkeep = tokio::spawn(Arc::clone(&self).upkeep());
+        let ticks = tokio::spawn(Arc::clone(&self).ticks(shutdown.clone()));
         // A shared store: other nodes queue and end calls too. They say so
         // (best effort), and every REMOTE_POLL the queues are looked at anyway.
         // Handled by a task of their own, not between dispatch turns: a turn
@@ -397,6 +407,9 @@ impl Scheduler {
         // A purge under way is a store write on a blocking thread: it
         // finishes; a removal cut short here is the next start's prune's.
         upkeep.abort();
+        // A tick being accepted is cut short: its key and call are stored
+        // together or not at all, and the next start fires it if not.
+        ticks.abort();
         self.stop_running().await;
         self.pool.close().await;
     }
@@ -447,6 +460,7 @@ impl Scheduler {
     /// Before recovery the pool waits: recovery removes every container
     /// and then fills the pools itself.
     pub fn function_changed(&self, f: &Function) {
+        self.ticks_changed();
         self.pool.drop_function(&f.key().to_string());
         if self.state().recovered {
             self.pool.fill(&self.warm_spec(f));
@@ -481,6 +495,7 @@ impl Scheduler {
 
     /// `key` was removed: its warm containers go with it.
     pub fn function_removed(&self, key: &FnKey) {
+        self.ticks_changed();
         self.pool.drop_function(&key.to_string());
     }
 

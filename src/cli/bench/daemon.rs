@@ -458,6 +458,7 @@ pub(super) async fn create_function_as(
                 memory: None,
                 cpus: None,
                 runtime: runtime.map(str::to_string),
+                schedule: None,
             },
         )
         .await
