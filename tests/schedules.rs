@@ -36,10 +36,7 @@ fn ticks(d: &Daemon, name: &str) -> Vec<(u64, String)> {
         .map(|v| {
             let m = v["Message"].as_str().expect("a message");
             // "tick 2026-01-01T00:00:02Z of "@every 2s" (UTC)"
-            let at = m
-                .split_whitespace()
-                .nth(1)
-                .unwrap_or_else(|| panic!("{m}"));
+            let at = m.split_whitespace().nth(1).unwrap_or_else(|| panic!("{m}"));
             (
                 epoch_secs(at),
                 v["CallId"].as_str().expect("a call id").to_string(),
@@ -133,7 +130,14 @@ fn every_2s_for_10s_makes_5_calls_each_started_once() {
     let created = Instant::now();
     d.create(
         "tick",
-        &["--schedule", "@every 2s", "--schedule-payload", p, IMAGE, "cat"],
+        &[
+            "--schedule",
+            "@every 2s",
+            "--schedule-payload",
+            p,
+            IMAGE,
+            "cat",
+        ],
     );
     let f = d.inspect("tick");
     assert_eq!(f["Schedule"]["Expression"], "@every 2s", "{f}");
@@ -178,7 +182,9 @@ fn every_2s_for_10s_makes_5_calls_each_started_once() {
     let per_call = starts_per_call(&starts);
     assert_eq!(starts.len(), fired.len(), "{starts:?} vs {fired:?}");
     assert!(
-        fired.iter().all(|(_, c)| per_call.get(c.as_str()) == Some(&1)),
+        fired
+            .iter()
+            .all(|(_, c)| per_call.get(c.as_str()) == Some(&1)),
         "{per_call:?}"
     );
     // Each tick's call got the payload as STDIN.
@@ -195,7 +201,11 @@ fn every_2s_for_10s_makes_5_calls_each_started_once() {
     // Removed: no tick fires any more.
     std::thread::sleep(Duration::from_secs(5));
     let after = ticks(&d, "tick");
-    assert_eq!(after.len(), fired.len(), "ticks after --no-schedule: {after:?}");
+    assert_eq!(
+        after.len(),
+        fired.len(),
+        "ticks after --no-schedule: {after:?}"
+    );
     assert!(after.iter().all(|(t, _)| *t <= stopped));
     d.finish();
 }
@@ -217,10 +227,8 @@ fn kill_9_and_a_pause_of_several_ticks_make_one_catch_up_call_and_no_tick_twice(
     let calls = all_ended(&d, "tick");
     let fired = ticks(&d, "tick");
     one_call_per_tick(&fired, &calls);
-    let (before, after): (Vec<u64>, Vec<u64>) = fired
-        .iter()
-        .map(|(t, _)| *t)
-        .partition(|t| *t <= killed);
+    let (before, after): (Vec<u64>, Vec<u64>) =
+        fired.iter().map(|(t, _)| *t).partition(|t| *t <= killed);
     assert!(before.len() >= 2, "ticks before the kill: {fired:?}");
     assert!(
         before.windows(2).all(|w| w[1] == w[0] + 2),
