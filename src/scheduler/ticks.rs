@@ -120,6 +120,7 @@ impl Scheduler {
         let window = catch_up_window(self.config.limits.call_retention);
         let mut entries: HashMap<FnKey, Entry> = HashMap::new();
         let mut listed: Option<Instant> = None;
+        let mut relisted = false;
         loop {
             let stale = listed.is_none_or(|at| at.elapsed() >= TICKS_REFRESH);
             if stale {
@@ -131,7 +132,17 @@ impl Scheduler {
                     Err(e) => tracing::debug!(error = %e, "listing the scheduled functions failed"),
                 }
             }
-            self.fire_due(&mut entries, window).await;
+            if self.fire_due(&mut entries, window).await {
+                // A schedule changed elsewhere since the listing: list
+                // again at once (once: a store that keeps disagreeing
+                // with itself waits for the next turn).
+                listed = None;
+                if !relisted {
+                    relisted = true;
+                    continue;
+                }
+            }
+            relisted = false;
             let now = now_ms();
             let until_next = entries
                 .values()
@@ -154,32 +165,35 @@ impl Scheduler {
     }
 
     /// Fires every pending tick, each function's at most once a turn.
-    async fn fire_due(&self, entries: &mut HashMap<FnKey, Entry>, window: u64) {
+    /// Answers whether a function was found changed or gone (its entry is
+    /// dropped; the caller lists the functions again).
+    async fn fire_due(&self, entries: &mut HashMap<FnKey, Entry>, window: u64) -> bool {
         let now = now_ms();
         for e in entries.values_mut() {
             if e.next.is_some_and(|n| n <= now) {
                 e.look(now, window);
             }
         }
-        let due: Vec<(FnKey, u64)> = entries
+        let due: Vec<(FnKey, u64, Option<Schedule>)> = entries
             .iter()
-            .filter_map(|(k, e)| e.pending.map(|t| (k.clone(), t)))
+            .filter_map(|(k, e)| e.pending.map(|t| (k.clone(), t, e.schedule().cloned())))
             .collect();
         if due.is_empty() {
-            return;
+            return false;
         }
         let Some(sink) = self.tick_sink.get().and_then(Weak::upgrade) else {
-            return;
+            return false;
         };
         let fired: Vec<(FnKey, u64, Fired)> = futures_util::stream::iter(due)
-            .map(|(key, tick)| {
+            .map(|(key, tick, schedule)| {
                 let sink = Arc::clone(&sink);
                 async move {
                     // Read again just before: another node may have
-                    // changed or removed it since the last listing.
+                    // changed or removed it since the last listing, and
+                    // the tick is the old schedule's.
                     let fired = match self.store.get_function(&key).await {
-                        Ok(Some(f)) => Ok(f),
-                        Ok(None) => Err(Fired::Gone),
+                        Ok(Some(f)) if f.schedule == schedule => Ok(f),
+                        Ok(_) => Err(Fired::Gone),
                         Err(e) => Err(Fired::Refused(e.to_string())),
                     };
                     let fired = match fired {
@@ -192,6 +206,7 @@ impl Scheduler {
             .buffer_unordered(FIRES_AT_ONCE)
             .collect()
             .await;
+        let mut changed = false;
         for (key, tick, fired) in fired {
             let Some(e) = entries.get_mut(&key) else {
                 continue;
@@ -213,9 +228,11 @@ impl Scheduler {
                 }
                 Fired::Gone => {
                     entries.remove(&key);
+                    changed = true;
                 }
             }
         }
+        changed
     }
 
     /// A function was created, changed or removed here: look again now.
