@@ -347,3 +347,127 @@ fn two_nats_nodes_fire_each_tick_once() {
     a.finish();
     b.finish();
 }
+
+#[test]
+fn an_update_changes_only_the_parts_it_names_and_the_api_refuses_what_cannot_be() {
+    let d = Daemon::start();
+    d.create(
+        "weekdays",
+        &[
+            "--schedule",
+            "0 9 * * MON-FRI",
+            "--timezone",
+            "Europe/Paris",
+            IMAGE,
+            "true",
+        ],
+    );
+    let f = d.inspect("weekdays");
+    let s = &f["Schedule"];
+    assert_eq!(
+        (&s["Expression"], &s["Timezone"]),
+        (&"0 9 * * MON-FRI".into(), &"Europe/Paris".into())
+    );
+    // 09:00 in Paris is 07:00 or 08:00 UTC, on weekdays only.
+    for t in s["Next"].as_array().expect("next") {
+        let t = t.as_str().expect("a time");
+        assert!(
+            t.ends_with("T07:00:00Z") || t.ends_with("T08:00:00Z"),
+            "{f}"
+        );
+    }
+    let since = s["Since"].clone();
+    std::thread::sleep(Duration::from_millis(1100));
+    // Set again unchanged: the time it was set stays.
+    d.ok(&[
+        "func",
+        "update",
+        "weekdays",
+        "--schedule",
+        "0 9 * * MON-FRI",
+    ]);
+    assert_eq!(d.inspect("weekdays")["Schedule"]["Since"], since);
+    // Only the zone: the expression stays, the schedule is a new one.
+    d.ok(&[
+        "func",
+        "update",
+        "weekdays",
+        "--timezone",
+        "America/New_York",
+    ]);
+    let s = d.inspect("weekdays")["Schedule"].clone();
+    assert_eq!(s["Expression"], "0 9 * * MON-FRI");
+    assert_eq!(s["Timezone"], "America/New_York");
+    assert_ne!(s["Since"], since);
+    for t in s["Next"].as_array().expect("next") {
+        let t = t.as_str().expect("a time");
+        assert!(
+            t.ends_with("T13:00:00Z") || t.ends_with("T14:00:00Z"),
+            "{s}"
+        );
+    }
+    let ls = d.ok(&["func", "ls"]);
+    assert!(ls.contains("0 9 * * MON-FRI"), "{ls}");
+    let o = d.cli(&[
+        "func",
+        "update",
+        "weekdays",
+        "--no-schedule",
+        "--timezone",
+        "UTC",
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("cannot be used with"),
+        "{}",
+        stderr(&o)
+    );
+
+    // The API: a payload in base64, refusals as 400 with the reason.
+    let key = d.admin_key();
+    let patch = |body: &str| {
+        d.curl(&[
+            "-X",
+            "PATCH",
+            "-H",
+            &format!("Authorization: Bearer {key}"),
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            body,
+            &format!("{}/v1/functions/weekdays", d.endpoint),
+        ])
+    };
+    let (code, body) = patch(r#"{"Schedule": {"Payload": "aGk="}}"#);
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(d.inspect("weekdays")["Schedule"]["PayloadBytes"], 2);
+    for (body, says) in [
+        (r#"{"Schedule": {"Payload": "not base64!"}}"#, "base64"),
+        (
+            r#"{"Schedule": {"Expression": "@every 1m"}, "NoSchedule": true}"#,
+            "both set and removed",
+        ),
+        (
+            r#"{"Schedule": {"Expression": "0 0 30 2 *"}}"#,
+            "never fires",
+        ),
+        (
+            r#"{"Schedule": {"Timezone": "Nowhere/Town"}}"#,
+            "unknown time zone",
+        ),
+    ] {
+        let (code, answer) = patch(body);
+        let answer = String::from_utf8_lossy(&answer);
+        assert_eq!(code, 400, "{body}: {answer}");
+        assert!(answer.contains(says), "{body}: {answer}");
+    }
+    let (code, _) = patch(r#"{"NoSchedule": true}"#);
+    assert_eq!(code, 200);
+    let (code, answer) = patch(r#"{"Schedule": {"Timezone": "UTC"}}"#);
+    assert_eq!(code, 400);
+    assert!(
+        String::from_utf8_lossy(&answer).contains("no schedule to change"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    d.finish();
+}
