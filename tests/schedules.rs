@@ -45,9 +45,14 @@ fn ticks(d: &Daemon, name: &str) -> Vec<(u64, String)> {
         .collect()
 }
 
-/// The calls of `name`'s history (newest first, at most 100).
+/// The calls of `name`'s history (newest first, at most 100); `name` may
+/// be OWNER/NAME.
 fn history(d: &Daemon, name: &str) -> Vec<serde_json::Value> {
-    let (code, v) = d.api(&format!("/v1/functions/{name}/calls?limit=100"));
+    let path = match name.split_once('/') {
+        Some((owner, name)) => format!("/v1/functions/{name}/calls?limit=100&owner={owner}"),
+        None => format!("/v1/functions/{name}/calls?limit=100"),
+    };
+    let (code, v) = d.api(&path);
     assert_eq!(code, 200, "{v}");
     v["Calls"].as_array().expect("calls").clone()
 }
@@ -469,5 +474,58 @@ fn an_update_changes_only_the_parts_it_names_and_the_api_refuses_what_cannot_be(
         "{}",
         String::from_utf8_lossy(&answer)
     );
+    d.finish();
+}
+
+#[test]
+fn a_tick_refused_for_a_full_queue_is_logged_once_and_the_schedule_goes_on() {
+    let d = Daemon::start();
+    let bob = d.add_user("bob", 1);
+    d.ok(&["user", "update", "bob", "--max-queued", "1"]);
+    d.create_as(&bob, "nap", &[IMAGE, "sleep", "6"]);
+    // One nap runs (quota 1), one waits: bob's queue is full for ~6 s.
+    for _ in 0..2 {
+        let o = d.cli_as(&bob, &["func", "call", "nap"], Some(b""));
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    d.create_as(&bob, "beat", &["--schedule", "@every 2s", IMAGE, "true"]);
+    d.wait_until(20, "a refused tick in the log", || {
+        d.log().contains("schedule tick refused")
+    });
+    // The queue drains; the schedule goes on by itself.
+    d.wait_until(40, "a tick's call once the queue has room", || {
+        !ticks(&d, "bob/beat").is_empty()
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    d.ok(&["func", "update", "bob/beat", "--no-schedule"]);
+    let calls = all_ended(&d, "bob/beat");
+    let fired = ticks(&d, "bob/beat");
+    one_call_per_tick(&fired, &calls);
+    // Refused ticks are logged once each, however often they are tried.
+    let refused: Vec<String> = d
+        .log()
+        .lines()
+        .filter(|l| l.contains("schedule tick refused"))
+        .map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("tick="))
+                .unwrap_or_else(|| panic!("{l}"))
+                .to_string()
+        })
+        .collect();
+    let distinct: HashSet<&String> = refused.iter().collect();
+    assert_eq!(distinct.len(), refused.len(), "{refused:?}");
+    let why = d
+        .log()
+        .lines()
+        .find(|l| l.contains("schedule tick refused"))
+        .map(str::to_string)
+        .unwrap_or_default();
+    assert!(why.contains("max_queued 1"), "the refusal says why: {why}");
+    d.wait_until(30, "the naps to end", || {
+        history(&d, "bob/nap")
+            .iter()
+            .all(|c| c["State"] == "FINISHED")
+    });
     d.finish();
 }
