@@ -159,6 +159,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Arc::clone(&config),
         base_url,
     ));
+    // The schedules' ticks are accepted as calls, by the service.
+    let sink: Arc<dyn crate::scheduler::TickSink> = Arc::clone(&svc) as _;
+    scheduler.set_tick_sink(Arc::downgrade(&sink));
     let local_ip = if local.ip().is_unspecified() {
         "127.0.0.1".to_string()
     } else if local.ip().is_ipv6() {

@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::model::RegistryLogin;
 use crate::model::{
     now_ms, ApiKey, Budget, Call, CallId, CallState, EnvVar, Event, FnKey, Function, FunctionSpec,
-    Idempotency, IdempotencyKey, Name, OutputState, Secret, User, UserLimits,
+    Idempotency, IdempotencyKey, Name, OutputState, Schedule, Secret, User, UserLimits,
 };
 use crate::model::{CallWebhook, Delivery, FunctionWebhook, WebhookOn, WebhookSecret};
 use crate::runtime::{LoginError, PullAuth, Resolved, Runtime, RuntimeError};
@@ -154,6 +154,22 @@ pub struct FunctionUpdate {
     /// pin what it names now.
     pub pull: bool,
     pub webhook: WebhookChange,
+    /// Set or change the schedule (absent parts keep the current one's).
+    pub schedule: Option<ScheduleInput>,
+    /// Remove the schedule: its ticks stop.
+    pub no_schedule: bool,
+}
+
+/// A schedule as a create or an update gives it. In an update, a part
+/// left `None` keeps the function's current one; otherwise the time zone
+/// defaults to UTC and the payload to nothing.
+#[derive(Debug, Default, Clone)]
+pub struct ScheduleInput {
+    /// A 5-field cron expression or `@every DURATION`.
+    pub expr: Option<String>,
+    pub timezone: Option<String>,
+    /// The STDIN of each tick's call.
+    pub payload: Option<Vec<u8>>,
 }
 
 /// A webhook change of `func create`/`update`; `None` leaves a part as it is.
@@ -482,10 +498,14 @@ impl Service {
         name: Name,
         mut spec: FunctionSpec,
         webhook: WebhookChange,
+        schedule: Option<ScheduleInput>,
         progress: Option<&PullProgress>,
     ) -> Result<Saved> {
         self.check_limits(&mut spec).await?;
         self.check_webhook_change(&webhook).await?;
+        let schedule = schedule
+            .map(|s| self.schedule_of(None, s, now_ms()))
+            .transpose()?;
         self.check_image(caller, &spec.image).await?;
         // Before the pull, so a refused create costs nothing; the store
         // checks again in the write that creates it.
@@ -516,6 +536,7 @@ impl Service {
             updated_ms: now,
             image_digest: Some(resolved.pinned),
             webhook: None,
+            schedule,
         };
         let mut f = f;
         let new_secret = apply_webhook(&mut f, &webhook)?;
@@ -581,6 +602,48 @@ impl Service {
         tracing::info!(target: "hyperfuncd::audit", user = %caller.name, owner = %call.owner, call = %call.id, "webhook redelivery asked");
         self.scheduler.webhooks().wake();
         Ok(d)
+    }
+
+    /// The schedule `input` makes of `current` (a function's, if it has
+    /// one) at `now`: checked (the expression, the zone, the payload within
+    /// `SCHEDULE_PAYLOAD_MAX` and the STDIN limit). Set again unchanged, a
+    /// schedule keeps the time it was set, so no tick is skipped or redone.
+    fn schedule_of(
+        &self,
+        current: Option<&Schedule>,
+        input: ScheduleInput,
+        now: u64,
+    ) -> Result<Schedule> {
+        let expr = match (input.expr, current) {
+            (Some(e), _) => e,
+            (None, Some(c)) => c.expr.clone(),
+            (None, None) => {
+                return Err(ServiceError::BadRequest(
+                    "the function has no schedule to change: give its expression (--schedule)"
+                        .into(),
+                ))
+            }
+        };
+        let timezone = input
+            .timezone
+            .or_else(|| current.map(|c| c.timezone.clone()));
+        let payload = input
+            .payload
+            .or_else(|| current.map(|c| c.payload.clone()))
+            .unwrap_or_default();
+        let max = self.config.limits.max_stdin_bytes;
+        if payload.len() as u64 > max {
+            return Err(ServiceError::BadRequest(format!(
+                "schedule payload exceeds the STDIN limit of {}",
+                crate::model::human_bytes(max)
+            )));
+        }
+        let mut new = Schedule::new(&expr, timezone.as_deref(), payload, now)
+            .map_err(ServiceError::BadRequest)?;
+        if let Some(c) = current.filter(|c| c.same_as(&new)) {
+            new.since_ms = c.since_ms;
+        }
+        Ok(new)
     }
 
     /// Makes sure the Engine has `image`, pulled with `owner`'s login to its
@@ -1014,6 +1077,16 @@ impl Service {
         if let Some(r) = u.runtime {
             s.runtime = r;
         }
+        if u.no_schedule && u.schedule.is_some() {
+            return Err(ServiceError::BadRequest(
+                "a schedule cannot be both set and removed".into(),
+            ));
+        }
+        if u.no_schedule {
+            f.schedule = None;
+        } else if let Some(input) = u.schedule {
+            f.schedule = Some(self.schedule_of(f.schedule.as_ref(), input, now_ms())?);
+        }
         self.check_limits(s).await?;
         self.check_image(caller, &s.image).await?;
         self.check_runtime(caller, s).await?;
@@ -1120,6 +1193,17 @@ impl Service {
         // The store assigns the FIFO sequence.
         let mut call = Call::new(f.name.clone(), f.owner.clone(), 0, &payload, request_env);
         call.webhook = self.call_target(f, callback).await?;
+        self.accept_call(f, call, payload, key).await
+    }
+
+    /// The accept every call goes through, an HTTP call's or a tick's.
+    async fn accept_call(
+        &self,
+        f: &Function,
+        call: Call,
+        payload: Bytes,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Submitted> {
         let budget = self.budget_of(&f.owner).await?.queue();
         let call = match key {
             None => self.store.accept_within(call, payload, budget).await?,
@@ -1173,7 +1257,7 @@ impl Service {
                 self.check_webhook_url(&url).await?;
                 if f.webhook.is_none() {
                     return Err(ServiceError::InvalidWebhook(format!(
-                        "function {} has no webhook secret to sign a callback with: make one with                          `hyperfuncd func update {} --rotate-webhook-secret` (shown once)",
+                        "function {} has no webhook secret to sign a callback with: make one with `hyperfuncd func update {} --rotate-webhook-secret` (shown once)",
                         f.name, f.name
                     )));
                 }
@@ -1525,5 +1609,37 @@ impl LogFollow {
     /// The next batch of newer events; `None` once the follow has ended.
     pub async fn next(&mut self) -> Option<Vec<(u64, Event)>> {
         self.rx.recv().await
+    }
+}
+
+/// A tick of a schedule makes its call here: the accept of any call (the
+/// owner's budget, the store's durable write), under the tick's
+/// idempotency key, with the tick told in the call's CALL event.
+#[async_trait::async_trait]
+impl crate::scheduler::TickSink for Service {
+    async fn fire(&self, f: &Function, tick_ms: u64) -> crate::scheduler::Fired {
+        use crate::scheduler::Fired;
+        let Some(s) = &f.schedule else {
+            return Fired::Gone;
+        };
+        let payload = Bytes::from(s.payload.clone());
+        let mut call = Call::new(f.name.clone(), f.owner.clone(), 0, &payload, Vec::new());
+        call.message = Some(s.tick_message(tick_ms));
+        // A tick's call delivers its end to the function's webhook.
+        call.webhook = self.call_target(f, None).await.unwrap_or(None);
+        match self
+            .accept_call(f, call, payload, Some(IdempotencyKey::tick(tick_ms)))
+            .await
+        {
+            Ok(Submitted {
+                replayed: false,
+                id,
+            }) => Fired::New(id),
+            // Under this tick's key already: fired (a payload changed since
+            // makes the key's body differ, which is the same tick all the same).
+            Ok(_) | Err(ServiceError::IdempotencyKeyReused(_)) => Fired::Already,
+            Err(ServiceError::NotFound(_)) => Fired::Gone,
+            Err(e) => Fired::Refused(e.to_string()),
+        }
     }
 }

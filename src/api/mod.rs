@@ -16,7 +16,7 @@ pub mod ui;
 
 use crate::model::{CallId, CallState, EnvVar, FunctionSpec, IdempotencyKey, Name};
 use crate::service::{
-    FunctionUpdate, OutputAnswer, Saved, Scope, Service, ServiceError, WebhookChange,
+    FunctionUpdate, OutputAnswer, Saved, ScheduleInput, Scope, Service, ServiceError, WebhookChange,
 };
 use bytes::{Buf, Bytes, BytesMut};
 pub use front::{AddressKey, ClientAddr};
@@ -441,16 +441,17 @@ async fn v1(
                 on: webhook_on(body.webhook_on.as_deref())?,
                 rotate_secret: false,
             };
+            let schedule = body.schedule.map(schedule_input).transpose()?;
             if pull::wanted(&req.headers) {
                 let (s, caller) = (Arc::clone(svc), caller.clone());
                 return pull::answer(svc, StatusCode::CREATED, move |tx| async move {
-                    s.create_function(&caller, name, spec, webhook, Some(&tx))
+                    s.create_function(&caller, name, spec, webhook, schedule, Some(&tx))
                         .await
                 })
                 .await;
             }
             let saved = svc
-                .create_function(caller, name, spec, webhook, None)
+                .create_function(caller, name, spec, webhook, schedule, None)
                 .await?;
             Ok(json_response(
                 StatusCode::CREATED,
@@ -489,6 +490,8 @@ async fn v1(
                     on: webhook_on(body.webhook_on.as_deref())?,
                     rotate_secret: body.rotate_webhook_secret,
                 },
+                schedule: body.schedule.map(schedule_input).transpose()?,
+                no_schedule: body.no_schedule,
             };
             let name = Name::parse(p.get("name"))?;
             if pull::wanted(&req.headers) {
@@ -1212,6 +1215,26 @@ async fn json_body<T: serde::de::DeserializeOwned>(
     }
     serde_json::from_slice(&buf)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+/// A body's schedule for the service: its payload decoded from base64.
+fn schedule_input(b: ScheduleBody) -> Result<ScheduleInput, ApiError> {
+    use base64::Engine as _;
+    let payload = b
+        .payload
+        .map(|p| {
+            base64::engine::general_purpose::STANDARD
+                .decode(p.as_bytes())
+                .map_err(|e| {
+                    ApiError::bad_request(format!("invalid schedule Payload: not base64 ({e})"))
+                })
+        })
+        .transpose()?;
+    Ok(ScheduleInput {
+        expr: b.expression,
+        timezone: b.timezone,
+        payload,
+    })
 }
 
 fn parse_env(vars: &[String]) -> Result<Vec<EnvVar>, ApiError> {

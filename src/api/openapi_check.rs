@@ -543,9 +543,11 @@ fn schemas_match_the_api_types() {
             runtime: None,
             webhook: None,
             webhook_on: None,
+            schedule: Some(ScheduleBody::default()),
         },
     );
     check_request(&spec, "FunctionPatch", &FunctionPatch::default());
+    check_request(&spec, "ScheduleBody", &ScheduleBody::default());
     check_request(
         &spec,
         "UserCreate",
@@ -589,6 +591,13 @@ fn schemas_match_the_api_types() {
                 on: vec!["finished".into()],
             }),
             webhook_secret: Some("whsec_x".into()),
+            schedule: Some(ScheduleView {
+                expression: "@every 5m".into(),
+                timezone: "UTC".into(),
+                payload_bytes: 0,
+                since: String::new(),
+                next: vec![],
+            }),
         },
         &["Webhook", "WebhookSecret"],
     );

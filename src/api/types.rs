@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 /// `Runtime` naming no runtime: the function follows the server's default.
 pub const RUNTIME_DEFAULT: &str = "default";
+/// The `Event` of a call's accept that a schedule's tick made (a CALL
+/// otherwise).
+pub const SCHEDULE_EVENT: &str = "SCHEDULE";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", deny_unknown_fields)]
@@ -35,6 +38,56 @@ pub struct FunctionCreate {
     /// The ends it is sent for: `finished`, `failed` (default both).
     #[serde(default)]
     pub webhook_on: Option<Vec<String>>,
+    /// A schedule: one call per tick (`Expression` required here).
+    #[serde(default)]
+    pub schedule: Option<ScheduleBody>,
+}
+
+/// A schedule in a create or update body. In an update, an absent part
+/// keeps the function's current one.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct ScheduleBody {
+    /// A 5-field cron expression (`*/5 * * * *`) or `@every DURATION`
+    /// (`@every 5m`, at least 1s).
+    #[serde(default)]
+    pub expression: Option<String>,
+    /// The IANA time zone the cron fields are read in; default UTC.
+    #[serde(default)]
+    pub timezone: Option<String>,
+    /// The STDIN of each tick's call, base64 (at most 64 KiB decoded).
+    #[serde(default)]
+    pub payload: Option<String>,
+}
+
+/// A function's schedule as its view shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ScheduleView {
+    pub expression: String,
+    pub timezone: String,
+    /// The size of each tick's STDIN.
+    pub payload_bytes: u64,
+    /// When it was set or last changed: no earlier tick fires.
+    pub since: String,
+    /// Its next three ticks.
+    pub next: Vec<String>,
+}
+
+impl From<&crate::model::Schedule> for ScheduleView {
+    fn from(s: &crate::model::Schedule) -> ScheduleView {
+        let next = s
+            .timetable()
+            .map(|t| t.upcoming(crate::model::now_ms(), 3))
+            .unwrap_or_default();
+        ScheduleView {
+            expression: s.expr.clone(),
+            timezone: s.timezone.clone(),
+            payload_bytes: s.payload.len() as u64,
+            since: format_time(s.since_ms),
+            next: next.into_iter().map(format_time).collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -67,6 +120,12 @@ pub struct FunctionPatch {
     /// image, perhaps); without it an update keeps the pinned digest.
     #[serde(default)]
     pub pull: bool,
+    /// Set the schedule, or change parts of it.
+    #[serde(default)]
+    pub schedule: Option<ScheduleBody>,
+    /// Remove the schedule.
+    #[serde(default)]
+    pub no_schedule: bool,
     /// Sets the completion webhook's URL (a first one makes the secret).
     #[serde(default)]
     pub webhook: Option<String>,
@@ -161,6 +220,9 @@ pub struct FunctionView {
     /// The signing secret, in the create/update answer that made it only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook_secret: Option<String>,
+    /// Its schedule, if it has one. (Absent from a daemon older than the CLI.)
+    #[serde(default)]
+    pub schedule: Option<ScheduleView>,
 }
 
 /// A function's cache occupancy and budgets, for its view.
@@ -209,6 +271,7 @@ impl FunctionView {
                 on: w.on.names(),
             }),
             webhook_secret: None,
+            schedule: f.schedule.as_ref().map(ScheduleView::from),
         }
     }
 }
@@ -310,7 +373,12 @@ impl From<&Event> for EventView {
     fn from(e: &Event) -> EventView {
         EventView {
             time: format_time(e.time_ms),
-            event: e.kind.as_str().to_string(),
+            // A CALL with a message is a tick's (`Schedule::tick_message`).
+            event: if e.kind == crate::model::EventKind::Call && !e.message.is_empty() {
+                SCHEDULE_EVENT.to_string()
+            } else {
+                e.kind.as_str().to_string()
+            },
             call_id: e.call_id.to_string(),
             short_stdin: e.short_stdin.clone(),
             short_stdout: e.short_stdout.clone(),
@@ -328,6 +396,10 @@ impl EventView {
         let mut s = format!("{} [{}] CallId: {}", self.time, self.event, self.call_id);
         match self.event.as_str() {
             "CALL" => s.push_str(&format!(", ShortStdin: {}", self.short_stdin)),
+            SCHEDULE_EVENT => s.push_str(&format!(
+                ", {}, ShortStdin: {}",
+                self.message, self.short_stdin
+            )),
             "FINISHED" => s.push_str(&format!(
                 ", ShortStdout: {}, ShortStderr: {}",
                 self.short_stdout, self.short_stderr
@@ -666,6 +738,12 @@ mod tests {
         assert_eq!(
             event("CALL", "").line(),
             "2026-01-01T00:00:00Z [CALL] CallId: c, ShortStdin: in\\x07"
+        );
+        let mut tick = event(SCHEDULE_EVENT, "");
+        tick.message = "tick 2026-01-01T00:00:00Z of \"@every 2s\" (UTC)".into();
+        assert_eq!(
+            tick.line(),
+            "2026-01-01T00:00:00Z [SCHEDULE] CallId: c, tick 2026-01-01T00:00:00Z of \"@every 2s\" (UTC), ShortStdin: in\\x07"
         );
         // Plain text, including non-ASCII, is left as it is.
         assert_eq!(terminal_safe("héllo wörld ✓"), "héllo wörld ✓");

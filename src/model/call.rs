@@ -200,7 +200,9 @@ impl Call {
             },
             short_stdout,
             short_stderr,
-            message: if kind == EventKind::Failed {
+            // A CALL event's message says which schedule's tick made the
+            // call (`Schedule::tick_message`); other accepts have none.
+            message: if matches!(kind, EventKind::Failed | EventKind::Call) {
                 self.message.clone().unwrap_or_default()
             } else {
                 String::new()

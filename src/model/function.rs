@@ -138,6 +138,11 @@ pub struct Function {
     /// `None`.
     #[serde(default, deserialize_with = "super::trailing")]
     pub webhook: Option<super::FunctionWebhook>,
+    /// Its schedule: one call per tick (`scheduler/ticks.rs`). Trailing,
+    /// read with `trailing`: a record stored before schedules reads as
+    /// having none.
+    #[serde(default, deserialize_with = "super::trailing")]
+    pub schedule: Option<super::Schedule>,
 }
 
 impl Function {
@@ -234,6 +239,51 @@ mod tests {
         }
         .validate()
         .is_err());
+    }
+
+    #[test]
+    fn records_stored_before_schedules_read_without_one() {
+        use bincode::Options;
+        let strict = || {
+            bincode::DefaultOptions::new()
+                .with_fixint_encoding()
+                .with_big_endian()
+        };
+        let f = Function {
+            name: Name::parse("f").unwrap(),
+            owner: Name::parse("alice").unwrap(),
+            spec: FunctionSpec {
+                image: "busybox".into(),
+                command: vec![],
+                env: vec![],
+                timeout_ms: None,
+                memory_bytes: None,
+                cpus: None,
+                runtime: None,
+            },
+            secret: Secret::new(),
+            created_ms: 1,
+            updated_ms: 2,
+            image_digest: Some("busybox@sha256:ab".into()),
+            webhook: None,
+            schedule: Some(
+                crate::model::Schedule::new("@every 5m", None, b"hi".to_vec(), 3).unwrap(),
+            ),
+        };
+        let new = strict().serialize(&f).unwrap();
+        assert_eq!(strict().deserialize::<Function>(&new).unwrap(), f);
+        // A schema-7 record is this one minus its trailing `webhook` and
+        // `schedule` (one tag byte each when both are `None`).
+        let old_shape = Function {
+            schedule: None,
+            ..f.clone()
+        };
+        let none = strict().serialize(&old_shape).unwrap();
+        let read: Function = strict().deserialize(&none[..none.len() - 2]).unwrap();
+        assert_eq!(read, old_shape);
+        let plain = bincode::serialize(&old_shape).unwrap();
+        let read: Function = bincode::deserialize(&plain[..plain.len() - 2]).unwrap();
+        assert_eq!(read, old_shape);
     }
 
     #[test]

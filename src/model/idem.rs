@@ -37,6 +37,13 @@ impl IdempotencyKey {
         &self.0
     }
 
+    /// The key a schedule's tick `tick_ms` is accepted under: `@schedule:`
+    /// and the tick in ms since the epoch. `@` is outside the client
+    /// grammar above, so no caller's key can take (or spoil) a tick's.
+    pub fn tick(tick_ms: u64) -> IdempotencyKey {
+        IdempotencyKey(format!("@schedule:{tick_ms}"))
+    }
+
     /// The key's SHA-256 in hex: a fixed-length spelling made of key-safe
     /// characters only (the NATS store's keys).
     pub fn hashed(&self) -> String {
@@ -103,6 +110,14 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_ticks_key_is_one_no_client_can_send() {
+        let k = IdempotencyKey::tick(1_700_000_000_000);
+        assert_eq!(k.as_str(), "@schedule:1700000000000");
+        assert_eq!(IdempotencyKey::parse(k.as_str()), Err(BadIdempotencyKey));
+        assert_ne!(k, IdempotencyKey::tick(1_700_000_002_000));
     }
 
     #[test]

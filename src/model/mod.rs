@@ -6,6 +6,7 @@ mod function;
 mod idem;
 mod ids;
 mod image;
+mod schedule;
 mod stats;
 mod user;
 mod webhook;
@@ -39,6 +40,9 @@ pub use idem::{
 pub use ids::{CallId, FnKey, IdError, Name, Secret};
 pub use image::{
     normalize_registry, parse_registry_host, ImageRef, PulledImage, RegistryLogin, DOCKER_HUB,
+};
+pub use schedule::{
+    catch_up_window, Schedule, Timetable, DEFAULT_TIMEZONE, EVERY_MIN, SCHEDULE_PAYLOAD_MAX,
 };
 pub use stats::FunctionStats;
 pub use user::{

@@ -12,7 +12,8 @@
 //! `dispatch.rs` (the loop, one call's run and its conclusion),
 //! `recovery.rs` (recovery, the sweep, pruning, a removed function's
 //! calls), `shutdown.rs` (stopping running calls), `pool.rs` (the warm
-//! pool) and `share.rs` (the reserved slots and who gets a freed one).
+//! pool), `share.rs` (the reserved slots and who gets a freed one) and
+//! `ticks.rs` (the schedules' ticker).
 
 mod dispatch;
 mod images;
@@ -20,6 +21,7 @@ mod pool;
 mod recovery;
 mod share;
 mod shutdown;
+mod ticks;
 mod webhook_policy;
 mod webhooks;
 
@@ -38,6 +40,7 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 pub use images::{note_pulled, ImageUse};
+pub use ticks::{Fired, TickSink};
 pub use webhook_policy::{Policy as WebhookPolicy, Target as WebhookTarget};
 pub use webhooks::{Webhooks, CALL_ID_HEADER, EXIT_CODE_HEADER, FUNCTION_HEADER, STATE_HEADER};
 
@@ -85,6 +88,10 @@ pub struct Scheduler {
     pool: Arc<Pool>,
     /// The completion webhook worker and its address policy.
     webhooks: Arc<Webhooks>,
+    /// Where the ticker makes a tick's call (the service, `set_tick_sink`).
+    tick_sink: std::sync::OnceLock<std::sync::Weak<dyn TickSink>>,
+    /// Wakes the ticker: a function changed on this node.
+    ticks_wake: Notify,
 }
 
 #[derive(Default)]
@@ -184,6 +191,8 @@ impl Scheduler {
             prune_now: Notify::new(),
             changes: watch::channel(0).0,
             state: Mutex::new(DispatchState::default()),
+            tick_sink: std::sync::OnceLock::new(),
+            ticks_wake: Notify::new(),
         }))
     }
 
@@ -359,6 +368,7 @@ impl Scheduler {
         let images = tokio::spawn(Arc::clone(&self).images_loop(shutdown.clone()));
         let upkeep = tokio::spawn(Arc::clone(&self).upkeep());
         let webhooks = tokio::spawn(Arc::clone(&self.webhooks).run(shutdown.clone()));
+        let ticks = tokio::spawn(Arc::clone(&self).ticks(shutdown.clone()));
         // A shared store: other nodes queue and end calls too. They say so
         // (best effort), and every REMOTE_POLL the queues are looked at anyway.
         // Handled by a task of their own, not between dispatch turns: a turn
@@ -413,6 +423,9 @@ impl Scheduler {
         // A purge under way is a store write on a blocking thread: it
         // finishes; a removal cut short here is the next start's prune's.
         upkeep.abort();
+        // A tick being accepted is cut short: its key and call are stored
+        // together or not at all, and the next start fires it if not.
+        ticks.abort();
         self.stop_running().await;
         self.pool.close().await;
     }
@@ -463,6 +476,7 @@ impl Scheduler {
     /// Before recovery the pool waits: recovery removes every container
     /// and then fills the pools itself.
     pub fn function_changed(&self, f: &Function) {
+        self.ticks_changed();
         self.pool.drop_function(&f.key().to_string());
         if self.state().recovered {
             self.pool.fill(&self.warm_spec(f));
@@ -497,6 +511,7 @@ impl Scheduler {
 
     /// `key` was removed: its warm containers go with it.
     pub fn function_removed(&self, key: &FnKey) {
+        self.ticks_changed();
         self.pool.drop_function(&key.to_string());
     }
 

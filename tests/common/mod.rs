@@ -3,6 +3,7 @@
 //! the Docker Engine itself (the test image, the label checks).
 #![allow(dead_code)]
 
+pub mod nats;
 pub mod scope;
 pub mod watchdog;
 

@@ -460,6 +460,7 @@ pub(super) async fn create_function_as(
                 runtime: runtime.map(str::to_string),
                 webhook: None,
                 webhook_on: None,
+                schedule: None,
             },
         )
         .await

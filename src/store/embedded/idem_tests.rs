@@ -28,6 +28,7 @@ fn function(owner: &str, n: &str) -> Function {
         updated_ms: 0,
         image_digest: None,
         webhook: None,
+        schedule: None,
     }
 }
 

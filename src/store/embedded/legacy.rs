@@ -49,6 +49,7 @@ impl From<FunctionV2> for Function {
             updated_ms: f.updated_ms,
             image_digest: None,
             webhook: None,
+            schedule: None,
         }
     }
 }
@@ -378,6 +379,7 @@ mod tests {
         Function {
             image_digest: None,
             webhook: None,
+            schedule: None,
             name: Name::parse(name).unwrap(),
             owner: Name::parse(owner).unwrap(),
             spec: FunctionSpec {

@@ -95,8 +95,9 @@ const PAGE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// queue (`migrate_to_5`).
 /// 6: a user's `UserLimits` ends with `reserved` (`migrate_users_to_6`).
 /// 7: function, call and event records end with `image_digest`.
-/// 8: function and call records end with their webhook, events may be
-/// `Webhook`, and `webhooks`/`webhook_due` hold deliveries.
+/// 8: function records end with their webhook, then their `schedule`;
+/// call records with their webhook; events may be `Webhook`, and
+/// `webhooks`/`webhook_due` hold deliveries.
 const SCHEMA: u64 = 8;
 
 // Tree indices of `Inner::trees`, so one transaction can span any of them.
@@ -627,8 +628,9 @@ impl Inner {
         // (`model::trailing`), so nothing is rewritten: the number only
         // stops an older release, which would refuse the longer records
         // one by one, at open. Schema 8 likewise: function and call
-        // records gained a trailing `webhook` (read with `trailing`),
-        // events a `Webhook` kind, and the delivery trees are new.
+        // records gained a trailing `webhook` and function records then a
+        // trailing `schedule` (read with `trailing`), events a `Webhook`
+        // kind, and the delivery trees are new.
         self.write_lock()
             .tree(META)
             .insert("schema", encode(&SCHEMA)?)?;

@@ -35,6 +35,7 @@ fn function(n: &str) -> Function {
     Function {
         image_digest: None,
         webhook: None,
+        schedule: None,
         name: name(n),
         owner: name("alice"),
         spec: FunctionSpec {

@@ -45,6 +45,7 @@ pub(super) fn function() -> Function {
     Function {
         image_digest: None,
         webhook: None,
+        schedule: None,
         name: Name::parse("f").unwrap(),
         owner: Name::parse("alice").unwrap(),
         spec: FunctionSpec {
