@@ -392,8 +392,15 @@ async function createFunction(ev) {
     if (v.runtime.trim()) {
       body.Runtime = v.runtime.trim();
     }
+    if (v.webhook.trim()) {
+      body.Webhook = v.webhook.trim();
+    }
+    if (v.schedule.trim()) {
+      body.Schedule = { Expression: v.schedule.trim(), Timezone: v.timezone.trim() || 'UTC' };
+    }
     flash(`creating ${body.Name} (the image may be pulled)…`);
     const f = await api('POST', '/v1/functions', { json: body });
+    keepSecret(f);
     form.reset();
     $('create').open = false;
     flash(`${f.Name} is created with the address of ${f.Address}`);
@@ -595,6 +602,8 @@ function renderFunction(f, s) {
     ...detail('Environment', f.Env.length ? h('code', { class: 'pre', text: f.Env.join('\n') }) : '—'),
     ...detail('Timeout', f.Timeout ?? 'none'),
     ...detail('Runtime', f.Runtime ?? '(the Engine\'s default)'),
+    ...detail('Webhook', webhookText(f.Webhook)),
+    ...detail('Schedule', scheduleText(f.Schedule)),
     ...detail('Owner', f.Owner),
     ...detail('Calls', h('span', { id: 'fn-status' }, statusText(s))),
     ...detail('Updated', f.Updated),
@@ -602,6 +611,46 @@ function renderFunction(f, s) {
     ...detail('Log cache', meter(f.LogCacheBytes, f.LogCacheBudget)),
   );
   renderExamples(f);
+  // A secret just made shows until this function's page is left.
+  const box = $('fn-secret');
+  if (freshSecret && freshSecret.key === fnHash(f)) {
+    $('fn-secret-text').textContent = freshSecret.secret;
+    box.dataset.key = freshSecret.key;
+    box.hidden = false;
+    freshSecret = null;
+  } else if (box.dataset.key !== fnHash(f)) {
+    $('fn-secret-text').textContent = '';
+    box.dataset.key = '';
+    box.hidden = true;
+  }
+}
+
+/** The signing secret a create or update just made: shown on its
+ * function's page until the page is left, never fetched again. */
+let freshSecret = null;
+function keepSecret(f) {
+  if (f.WebhookSecret) {
+    freshSecret = { key: fnHash(f), secret: f.WebhookSecret };
+  }
+}
+
+function webhookText(w) {
+  if (!w) {
+    return '—';
+  }
+  const where = w.Url ? h('code', { class: 'addr', text: w.Url }) : '(only calls\' own X-Callback-Url)';
+  return [where, ` on ${w.On.join(', ')}`];
+}
+
+function scheduleText(s) {
+  if (!s) {
+    return '—';
+  }
+  return [
+    h('code', { text: s.Expression }),
+    ` (${s.Timezone})`,
+    h('span', { class: 'hint', id: 'fn-next-ticks' }, s.Next.length ? ` next: ${s.Next.join(', ')}` : ''),
+  ];
 }
 
 /** Ready-to-paste ways to call `f` from a shell, each with a copy button. */
@@ -628,6 +677,10 @@ function statusText(s) {
 /** Forgets the function on screen: nothing of it may be acted on. */
 function clearFunction() {
   current = null;
+  // A secret shown for the last function is gone for good.
+  $('fn-secret-text').textContent = '';
+  $('fn-secret').dataset.key = '';
+  $('fn-secret').hidden = true;
   $('fn-body').hidden = true;
   $('fn-missing').hidden = true;
   $('fn-details').replaceChildren();
@@ -713,6 +766,10 @@ function editFunction() {
   form.elements.timeout.value = current.Timeout ?? '';
   form.elements.runtime.value = current.Runtime ?? '';
   form.elements.env.value = current.Env.join('\n');
+  form.elements.webhook.value = current.Webhook?.Url ?? '';
+  form.elements.schedule.value = current.Schedule?.Expression ?? '';
+  form.elements.timezone.value = current.Schedule?.Timezone ?? '';
+  form.elements.rotate.checked = false;
   form.hidden = false;
   form.elements.image.focus();
 }
@@ -740,7 +797,27 @@ async function saveFunction(ev) {
     if (v.runtime.trim() !== (current.Runtime ?? '')) {
       body.Runtime = v.runtime.trim() || 'default';
     }
+    // Webhook and schedule: sent only when changed; emptied, removed.
+    const hook = v.webhook.trim();
+    if (hook !== (current.Webhook?.Url ?? '')) {
+      if (hook) {
+        body.Webhook = hook;
+      } else {
+        body.NoWebhook = true;
+      }
+    }
+    if (v.rotate) {
+      body.RotateWebhookSecret = true;
+    }
+    const expr = v.schedule.trim();
+    const zone = v.timezone.trim() || 'UTC';
+    if (!expr && current.Schedule) {
+      body.NoSchedule = true;
+    } else if (expr && (expr !== current.Schedule?.Expression || zone !== current.Schedule?.Timezone)) {
+      body.Schedule = { Expression: expr, Timezone: zone };
+    }
     const f = await api('PATCH', fnPath(current.Name, '', ownerOf(current)), { json: body });
+    keepSecret(f);
     form.hidden = true;
     flash(`${f.Name} is updated`);
     await refreshFunction();
@@ -1117,7 +1194,9 @@ async function openCall(id) {
       ...detail('STDOUT', c.State === 'FINISHED' ? bytes(c.StdoutBytes) : '—'),
       ...detail('STDERR (start)', c.ShortStderr ? h('code', { class: 'pre', text: c.ShortStderr }) : '—'),
       ...detail('Image', c.ImageDigest ? h('code', { class: 'img', text: c.ImageDigest }) : '—'),
+      ...(c.Webhook ? detail('Webhook', deliveryText(c.Webhook)) : []),
     );
+    $('cd-redeliver').hidden = !c.Webhook;
     $('cd-output').hidden = c.State !== 'FINISHED';
     $('call-detail').hidden = false;
     $('call-detail').focus();
@@ -1126,6 +1205,32 @@ async function openCall(id) {
       showError(e);
     }
   }
+}
+
+/** A call's webhook delivery: where, how it went, what is next. */
+function deliveryText(d) {
+  const tries = `${d.Attempts} attempt${d.Attempts === 1 ? '' : 's'}`;
+  const last = d.LastStatus ? `, last answered ${d.LastStatus}` : '';
+  const why = d.LastError ? `: ${d.LastError}` : '';
+  const next = d.NextAttempt ? `; next at ${d.NextAttempt}` : '';
+  const look = { DELIVERED: 'finished', GAVE_UP: 'failed' }[d.State] ?? 'pending';
+  return h('span', { id: 'cd-webhook' },
+    h('span', { class: `badge ${look}`, text: d.State }),
+    ` ${tries}${last}${why}${next} `,
+    h('code', { class: 'addr', text: d.Url }));
+}
+
+/** Sends the shown call's webhook delivery again (a new retry window). */
+async function redeliver() {
+  const id = calls.shownId;
+  if (!id) {
+    return;
+  }
+  await attempt(async () => {
+    await api('POST', `/v1/calls/${encodeURIComponent(id)}/redeliver`);
+    flash('the webhook delivery is sent again');
+    await openCall(id);
+  });
 }
 
 /** Fetches the shown call's output, which deletes it on the server. */
@@ -1474,6 +1579,9 @@ function wire() {
   $('history-newer').addEventListener('click', () => turnHistory(-1));
   $('history-older').addEventListener('click', () => turnHistory(1));
   $('cd-close').addEventListener('click', closeCall);
+  $('cd-redeliver').addEventListener('click', redeliver);
+  $('fn-secret-copy').addEventListener('click', () =>
+    navigator.clipboard.writeText($('fn-secret-text').textContent).then(() => flash('secret copied'), showError));
   $('cd-output').addEventListener('click', callDetailOutput);
   $('users-refresh').addEventListener('click', loadUsers);
   $('adduser-form').addEventListener('submit', addUser);
