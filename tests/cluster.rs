@@ -1250,6 +1250,28 @@ fn nap_for_bob(d: &Daemon) -> String {
     bob
 }
 
+/// The set-up of the node-fault tests: a three-server cluster, two nodes
+/// on it (no warm pool), bob and his `nap`, and the Engine's events of
+/// bob's containers. Bound in this order, they drop in reverse: the
+/// events and the nodes before the servers.
+fn two_nodes_for_bob() -> (
+    NatsCluster,
+    tempfile::TempDir,
+    Daemon,
+    Daemon,
+    String,
+    FunctionEvents,
+) {
+    let nats = NatsCluster::start();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = nats.config("[pool]\nper_function = 0\n");
+    let a = Daemon::start_on(&data_dir(&tmp, "a"), &cfg);
+    let b = join(&a, &data_dir(&tmp, "b"), &cfg);
+    let bob = nap_for_bob(&a);
+    let events = FunctionEvents::start("nap");
+    (nats, tmp, a, b, bob, events)
+}
+
 /// The verdict on bob's naps after a node fault: the one-second naps
 /// (`rest`, ended as `ended`) FINISHED with their own bytes, read from
 /// `node`; no call started twice; never two of bob's containers at once.
@@ -1279,13 +1301,7 @@ fn naps_held(events: &FunctionEvents, node: &Daemon, rest: &[String], ended: &[s
 #[test]
 fn a_node_paused_past_its_lease_kills_its_own_calls_and_quota_holds() {
     let _one = one_at_a_time();
-    let nats = NatsCluster::start();
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let cfg = nats.config("[pool]\nper_function = 0\n");
-    let a = Daemon::start_on(&data_dir(&tmp, "a"), &cfg);
-    let b = join(&a, &data_dir(&tmp, "b"), &cfg);
-    let bob = nap_for_bob(&a);
-    let events = FunctionEvents::start("nap");
+    let (_nats, _tmp, a, b, bob, events) = two_nodes_for_bob();
     let first = calls_with(&[&a], &bob, "nap", &[b"50\n"]);
     a.wait_until(60, "the first call's container started", || {
         !events.calls("start").is_empty()
@@ -1733,13 +1749,7 @@ fn none_reaped(ended: &[serde_json::Value]) {
 #[test]
 fn one_nats_server_paused_for_30s_loses_no_call_and_reaps_no_node() {
     let _one = one_at_a_time();
-    let nats = NatsCluster::start();
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let cfg = nats.config("[pool]\nper_function = 0\n");
-    let a = Daemon::start_on(&data_dir(&tmp, "a"), &cfg);
-    let b = join(&a, &data_dir(&tmp, "b"), &cfg);
-    let bob = nap_for_bob(&a);
-    let events = FunctionEvents::start("nap");
+    let (nats, _tmp, a, b, bob, events) = two_nodes_for_bob();
     // A call running and calls queued behind it, through both nodes.
     let mut ids = calls_with(&[&a, &b], &bob, "nap", &[b"4\n", b"1\n", b"1\n"]);
     a.wait_until(60, "the first call's container started", || {
@@ -1779,13 +1789,7 @@ fn one_nats_server_paused_for_30s_loses_no_call_and_reaps_no_node() {
 #[test]
 fn all_three_nats_servers_paused_for_40s_run_nothing_twice_and_leave_nothing_stuck() {
     let _one = one_at_a_time();
-    let nats = NatsCluster::start();
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let cfg = nats.config("[pool]\nper_function = 0\n");
-    let mut a = Daemon::start_on(&data_dir(&tmp, "a"), &cfg);
-    let mut b = join(&a, &data_dir(&tmp, "b"), &cfg);
-    let bob = nap_for_bob(&a);
-    let events = FunctionEvents::start("nap");
+    let (nats, _tmp, mut a, mut b, bob, events) = two_nodes_for_bob();
     // A call that ends during the outage, one that outlives the fence, and
     // a queue behind them.
     let ids = calls_with(&[&a, &b], &bob, "nap", &[b"3\n", b"1\n", b"1\n", b"1\n"]);

@@ -158,6 +158,33 @@ impl Function {
     }
 }
 
+#[cfg(test)]
+impl Function {
+    /// A function of the unit tests: `owner/name` running `img`, nothing
+    /// else set.
+    pub(crate) fn for_test(owner: &str, name: &str) -> Function {
+        Function {
+            name: Name::parse(name).expect("test name"),
+            owner: Name::parse(owner).expect("test owner"),
+            spec: FunctionSpec {
+                image: "img".into(),
+                command: vec![],
+                env: vec![],
+                timeout_ms: None,
+                memory_bytes: None,
+                cpus: None,
+                runtime: None,
+            },
+            secret: Secret::new(),
+            created_ms: 0,
+            updated_ms: 0,
+            image_digest: None,
+            webhook: None,
+            schedule: None,
+        }
+    }
+}
+
 /// The digest part of a pinned reference (`repo@sha256:...` or an image
 /// ID `sha256:...`): what the CLI and the dashboard show as `ImageDigest`'s
 /// short form and what images are keyed by.
@@ -250,25 +277,13 @@ mod tests {
                 .with_big_endian()
         };
         let f = Function {
-            name: Name::parse("f").unwrap(),
-            owner: Name::parse("alice").unwrap(),
-            spec: FunctionSpec {
-                image: "busybox".into(),
-                command: vec![],
-                env: vec![],
-                timeout_ms: None,
-                memory_bytes: None,
-                cpus: None,
-                runtime: None,
-            },
-            secret: Secret::new(),
             created_ms: 1,
             updated_ms: 2,
             image_digest: Some("busybox@sha256:ab".into()),
-            webhook: None,
             schedule: Some(
                 crate::model::Schedule::new("@every 5m", None, b"hi".to_vec(), 3).unwrap(),
             ),
+            ..Function::for_test("alice", "f")
         };
         let new = strict().serialize(&f).unwrap();
         assert_eq!(strict().deserialize::<Function>(&new).unwrap(), f);

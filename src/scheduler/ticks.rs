@@ -282,27 +282,11 @@ fn reconcile(entries: &mut HashMap<FnKey, Entry>, all: Vec<Function>, now: u64, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{FunctionSpec, Name, Secret};
 
     fn function(schedule: Option<Schedule>) -> Function {
         Function {
-            name: Name::parse("tick").unwrap(),
-            owner: Name::parse("alice").unwrap(),
-            spec: FunctionSpec {
-                image: "busybox".into(),
-                command: vec![],
-                env: vec![],
-                timeout_ms: None,
-                memory_bytes: None,
-                cpus: None,
-                runtime: None,
-            },
-            secret: Secret::new(),
-            created_ms: 0,
-            updated_ms: 0,
-            image_digest: None,
-            webhook: None,
             schedule,
+            ..Function::for_test("alice", "tick")
         }
     }
 

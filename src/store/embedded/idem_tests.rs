@@ -4,32 +4,14 @@
 //! function created again alone.
 
 use super::*;
-use crate::model::{FunctionSpec, IdempotencyKey, Secret};
+use crate::model::IdempotencyKey;
 
 fn name(s: &str) -> Name {
     Name::parse(s).expect("test name")
 }
 
 fn function(owner: &str, n: &str) -> Function {
-    Function {
-        name: name(n),
-        owner: name(owner),
-        spec: FunctionSpec {
-            image: "img".into(),
-            command: vec![],
-            env: vec![],
-            timeout_ms: None,
-            memory_bytes: None,
-            cpus: None,
-            runtime: None,
-        },
-        secret: Secret::new(),
-        created_ms: 0,
-        updated_ms: 0,
-        image_digest: None,
-        webhook: None,
-        schedule: None,
-    }
+    Function::for_test(owner, n)
 }
 
 fn config() -> StoreConfig {

@@ -1,5 +1,5 @@
 use super::*;
-use crate::model::{FunctionSpec, OutputState, Secret};
+use crate::model::{OutputState, Secret};
 
 fn name(s: &str) -> Name {
     Name::parse(s).unwrap()
@@ -32,25 +32,7 @@ fn reopen(dir: &Path, config: StoreConfig) -> SledStore {
 }
 
 fn function(n: &str) -> Function {
-    Function {
-        image_digest: None,
-        webhook: None,
-        schedule: None,
-        name: name(n),
-        owner: name("alice"),
-        spec: FunctionSpec {
-            image: "img".into(),
-            command: vec![],
-            env: vec![],
-            timeout_ms: None,
-            memory_bytes: None,
-            cpus: None,
-            runtime: None,
-        },
-        secret: Secret::new(),
-        created_ms: 0,
-        updated_ms: 0,
-    }
+    Function::for_test("alice", n)
 }
 
 async fn setup(config: StoreConfig) -> (tempfile::TempDir, SledStore) {

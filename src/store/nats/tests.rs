@@ -2,7 +2,7 @@
 //! scripts/deps installs it), for what needs no daemon around it.
 
 use super::*;
-use crate::model::{FunctionSpec, Secret};
+use crate::model::Secret;
 use calls::Queued;
 use std::process::{Child, Command, Stdio};
 
@@ -42,25 +42,7 @@ impl Drop for Server {
 }
 
 pub(super) fn function() -> Function {
-    Function {
-        image_digest: None,
-        webhook: None,
-        schedule: None,
-        name: Name::parse("f").unwrap(),
-        owner: Name::parse("alice").unwrap(),
-        spec: FunctionSpec {
-            image: "img".into(),
-            command: vec![],
-            env: vec![],
-            timeout_ms: None,
-            memory_bytes: None,
-            cpus: None,
-            runtime: None,
-        },
-        secret: Secret::new(),
-        created_ms: 0,
-        updated_ms: 0,
-    }
+    Function::for_test("alice", "f")
 }
 
 /// A user of `max_concurrency`, with a key hash made of `hash`.
