@@ -1,7 +1,7 @@
 //! A bound on one test binary's run. A test that hangs (a process stuck on
 //! a dead pipe, a wait with no deadline, a FUSE call nobody answers) would
 //! otherwise hold CI until its own timeout, which keeps no output; this
-//! fails the binary after `HYPERFUNCD_TEST_LIMIT_S` (default 900 s, over
+//! fails the binary after `HYPERFUNCD_TEST_LIMIT_S` (default 1500 s, over
 //! twice the slowest binary's run, tests/cluster.rs) with the processes it
 //! started killed, so the log shows which tests were still running
 //! (libtest's "has been running for over 60 seconds" lines).
@@ -11,7 +11,7 @@ use std::io::Write;
 use std::sync::Once;
 use std::time::Duration;
 
-const DEFAULT_LIMIT_S: u64 = 900;
+const DEFAULT_LIMIT_S: u64 = 1500;
 
 /// Starts the watchdog once per test binary; every helper that starts a
 /// process or an image calls it.
