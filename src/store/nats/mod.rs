@@ -814,7 +814,17 @@ impl Inner {
                             return Ok(());
                         }
                         Err(e) if e.kind() == jetstream::kv::UpdateErrorKind::WrongLastRevision => {
-                            Err(clone("it took the lease as this one started"))
+                            // Expired while watched (a predecessor whose
+                            // last renewal was near the lease's end, as after
+                            // a store outage): taken afresh; written by
+                            // another process: a clone.
+                            match self.nodes.entry(&self.node).await {
+                                Ok(None) => continue,
+                                Ok(Some(e)) if e.operation != jetstream::kv::Operation::Put => {
+                                    continue
+                                }
+                                _ => Err(clone("it took the lease as this one started")),
+                            }
                         }
                         Err(e) => Err(unavailable("taking the node's lease", e)),
                     }
