@@ -1250,6 +1250,19 @@ fn nap_for_bob(d: &Daemon) -> String {
     bob
 }
 
+/// No call of bob's started twice, and never two of his containers ran
+/// at once, by the Engine's own events.
+fn once_within_quota(events: &FunctionEvents) {
+    for (id, n) in events.starts() {
+        assert!(n <= 1, "call {id} started {n} times");
+    }
+    assert!(
+        events.max_running() <= 1,
+        "bob's quota of 1 held across the cluster: {:?}",
+        events.all()
+    );
+}
+
 /// The set-up of the node-fault tests: a three-server cluster, two nodes
 /// on it (no warm pool), bob and his `nap`, and the Engine's events of
 /// bob's containers. Bound in this order, they drop in reverse: the
@@ -1288,14 +1301,7 @@ fn naps_held(events: &FunctionEvents, node: &Daemon, rest: &[String], ended: &[s
         );
         assert_eq!(body, b"ok 1\n", "call {id}'s own bytes");
     }
-    for (id, n) in events.starts() {
-        assert!(n <= 1, "call {id} started {n} times");
-    }
-    assert!(
-        events.max_running() <= 1,
-        "bob's quota of 1 held across the cluster: {:?}",
-        events.all()
-    );
+    once_within_quota(events);
 }
 
 #[test]
@@ -1830,14 +1836,7 @@ fn all_three_nats_servers_paused_for_40s_run_nothing_twice_and_leave_nothing_stu
             ),
         }
     }
-    for (id, n) in events.starts() {
-        assert!(n <= 1, "call {id} started {n} times");
-    }
-    assert!(
-        events.max_running() <= 1,
-        "bob's quota of 1 held across the cluster: {:?}",
-        events.all()
-    );
+    once_within_quota(&events);
     // Intake works again afterwards.
     let after = nap_call(&b, &bob, b"1\n");
     let last = ended_through(&a, std::slice::from_ref(&after), 90);

@@ -244,15 +244,7 @@ mod tests {
         ] {
             assert!(validate_runtime_name(bad).is_err(), "{bad:?}");
         }
-        let spec = FunctionSpec {
-            image: "busybox".into(),
-            command: vec![],
-            env: vec![],
-            timeout_ms: None,
-            memory_bytes: None,
-            cpus: None,
-            runtime: None,
-        };
+        let spec = Function::for_test("alice", "f").spec;
         assert_eq!(spec.runtime_or(Some("runsc")), Some("runsc"));
         assert_eq!(spec.runtime_or(None), None);
         let own = FunctionSpec {
